@@ -1,0 +1,1 @@
+"""Propolis services: each folder wires library parts into one deployable process."""
