@@ -1,0 +1,167 @@
+"""Bus: one nats-py connection per process, with back-off, typed publish/subscribe and KV access.
+
+nats-py reconnects by itself once connected; the initial connect is retried
+here with exponential back-off so a service can start before NATS does.
+Handlers never see undecodable payloads: those are logged (what, from which
+subject) and dropped, and the service keeps its last good state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BucketNotFoundError
+
+from propolis.bus import codec, subjects
+from propolis.bus.kv import Kv
+from propolis.errors import PermanentError, TemporaryError
+
+log = logging.getLogger("propolis.bus")
+
+Handler = Callable[[Any, Msg], Awaitable[None]]
+
+
+class Bus:
+    """A NATS connection plus the project's codec. Construct, then ``await connect()``."""
+
+    def __init__(self, url: str, *, name: str, user: str | None = None, password: str | None = None,
+                 connect_timeout: float = 2.0, reconnect_wait: float = 0.5) -> None:
+        self.url = url
+        self.name = name
+        self.user = user
+        self.password = password
+        self.connect_timeout = connect_timeout
+        self.reconnect_wait = reconnect_wait
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self.reconnects = 0
+        self.disconnected = asyncio.Event()
+        self._reconnect_listeners: list[Callable[[], None]] = []
+        self.errors: list[str] = []
+
+    # --- connection ------------------------------------------------------------------
+    async def connect(self, *, max_wait: float | None = None) -> None:
+        """Connect, retrying with back-off (0.1 s doubling to 5 s) until ``max_wait`` elapses."""
+        delay, waited = 0.1, 0.0
+        while True:
+            try:
+                self._nc = await nats.connect(
+                    servers=[self.url], name=self.name, user=self.user, password=self.password,
+                    connect_timeout=self.connect_timeout, allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=self.reconnect_wait,
+                    error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+                self._js = self._nc.jetstream()
+                self.disconnected.clear()
+                return
+            except (OSError, asyncio.TimeoutError, nats.errors.NoServersError) as exc:
+                if max_wait is not None and waited >= max_wait:
+                    raise TemporaryError(f"connect to NATS at {self.url}: {exc or type(exc).__name__}") from exc
+                log.warning("NATS at %s not reachable (%s); retrying in %.1fs", self.url,
+                            exc or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
+
+    async def close(self) -> None:
+        """Drain (deliver what is in flight, flush publishes) then close."""
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.drain(), 5.0)
+            except Exception:  # draining a broken connection: close is what matters
+                await nc.close()
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise TemporaryError("bus not connected")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise TemporaryError("bus not connected")
+        return self._js
+
+    @property
+    def is_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        self._reconnect_listeners.append(listener)
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.errors.append(str(exc))
+        del self.errors[:-20]
+        log.warning("NATS error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        self.disconnected.set()
+        log.warning("NATS disconnected from %s", self.url)
+
+    async def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        self.disconnected.clear()
+        log.info("NATS reconnected to %s", self.url)
+        for listener in list(self._reconnect_listeners):
+            listener()
+
+    # --- messages --------------------------------------------------------------------
+    async def publish(self, subject: str, msg: Any) -> None:
+        await self.nc.publish(subject, codec.encode(msg))
+
+    async def request(self, subject: str, msg: Any, timeout: float = 2.0) -> Any:
+        reply = await self.nc.request(subject, codec.encode(msg), timeout=timeout)
+        return codec.decode(reply.data)
+
+    async def subscribe(self, subject: str, handler: Handler, *, expected: type | None = None,
+                        queue: str = "") -> Any:
+        """Subscribe with decoding; bad payloads are logged and skipped, never passed on."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                obj = codec.decode(msg.data, expected)
+            except PermanentError as exc:
+                log.warning("dropped message on %s: %s", msg.subject, exc)
+                return
+            try:
+                await handler(obj, msg)
+            except Exception:
+                log.exception("handler for %s failed", msg.subject)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    # --- key-value -------------------------------------------------------------------
+    async def kv(self, bucket: str, *, create: bool = False) -> Kv:
+        """Open a KV bucket; ``create`` makes it (config from `subjects.BUCKETS`) if missing.
+
+        Creating needs the admin user; a service user gets TemporaryError until the
+        bucket exists (the sandbox or the chart's bootstrap job creates all buckets)."""
+        try:
+            store = await self.js.key_value(bucket)
+        except BucketNotFoundError:
+            if not create:
+                raise TemporaryError(f"KV bucket {bucket} does not exist yet") from None
+            cfg = subjects.BUCKETS[bucket]
+            config = js_api.KeyValueConfig(bucket=bucket, history=cfg.history, ttl=cfg.ttl_s)
+            try:
+                store = await self.js.create_key_value(config)
+            except nats.js.errors.BadRequestError:
+                store = await self.js.key_value(bucket)  # created concurrently by another replica
+            except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
+                raise TemporaryError(f"create KV bucket {bucket}: {exc}") from exc
+        return Kv(self, bucket, store)
+
+    async def ensure_buckets(self) -> None:
+        """Create every bucket Propolis uses (admin only; idempotent)."""
+        for bucket in subjects.BUCKETS:
+            await self.kv(bucket, create=True)

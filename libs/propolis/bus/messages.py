@@ -1,0 +1,76 @@
+"""Typed message schemas carried on the bus (payloads of subjects and KV values).
+
+One dataclass per schema. Bump the minor version for added optional fields,
+the major version for anything a reader could misread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from propolis.bus.codec import message
+
+
+@message("heartbeat", (1, 0))
+@dataclass
+class Heartbeat:
+    """Published by every service instance every few seconds (subject and KV)."""
+
+    service: str
+    node: str
+    instance: str
+    version: str
+    pid: int
+    started_at: float
+    sent_at: float
+    health: str  # "ok" | "degraded" | "stopped"
+    components: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {state, reason}
+    http: str = ""  # base URL of /healthz, /readyz, /metrics
+    #: What this instance has caught up with, e.g. {"k8s_resource_version": "123", "policy_revision": 7}
+    progress: dict[str, Any] = field(default_factory=dict)
+    #: Feature states this instance knows about (for `propolis status`), e.g. {"KubeProxyReplacement": "True"}
+    features: dict[str, Any] = field(default_factory=dict)
+
+
+@message("event", (1, 0))
+@dataclass
+class Event:
+    """Something an operator should see: a refused policy, an allocation, an error."""
+
+    kind: str  # e.g. "PolicyRefused"
+    object: str  # e.g. "CiliumNetworkPolicy production/api-l7-policy"
+    message: str
+    service: str
+    node: str
+    time: float
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@message("k8s-object", (1, 0))
+@dataclass
+class K8sObject:
+    """A mirrored Kubernetes object, normalized to the fields Propolis uses."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    labels: dict[str, str] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+@message("bench", (1, 0))
+@dataclass
+class BenchProbe:
+    """A benchmark payload shaped like a small flow record."""
+
+    seq: int
+    sent_ns: int
+    node: str
+    src: str
+    dst: str
+    port: int
+    verdict: str

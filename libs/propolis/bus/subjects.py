@@ -1,0 +1,122 @@
+"""Every NATS subject, JetStream KV bucket and key shape Propolis uses — defined here only.
+
+Names carry a version (``propolis.v1.…``, ``PROPOLIS_…_V1``) so a schema change
+can run beside the old one. Each bucket and subject has exactly one owning
+service (`SLICES`); `permissions` turns that table into nats-server users so a
+service cannot write another's slice.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from propolis.errors import ValidationError
+
+PREFIX = "propolis.v1"
+
+# --- KV buckets (desired state, one owner each) -------------------------------------------
+K8S_BUCKET = "PROPOLIS_K8S_V1"              # mirrored Kubernetes objects; owner: k8s-watcher
+IDENTITIES_BUCKET = "PROPOLIS_IDENTITIES_V1"  # identities + endpoint assignments; owner: identity-allocator
+IPCACHE_BUCKET = "PROPOLIS_IPCACHE_V1"        # IP -> identity of each node's endpoints; owner: datapath-writer (per node)
+HEARTBEATS_BUCKET = "PROPOLIS_HEARTBEATS_V1"  # last heartbeat of every service instance; owner: each service, own key
+
+#: Heartbeats expire from the bucket after this many seconds without an update:
+#: an instance that stops beating disappears from `propolis status` on its own.
+HEARTBEAT_TTL_S = 30.0
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """How a bucket is created: history depth and per-entry max age (None = forever)."""
+
+    name: str
+    history: int = 1
+    ttl_s: float | None = None
+
+
+BUCKETS = {
+    K8S_BUCKET: BucketConfig(K8S_BUCKET),
+    IDENTITIES_BUCKET: BucketConfig(IDENTITIES_BUCKET),
+    IPCACHE_BUCKET: BucketConfig(IPCACHE_BUCKET),
+    HEARTBEATS_BUCKET: BucketConfig(HEARTBEATS_BUCKET, ttl_s=HEARTBEAT_TTL_S),
+}
+
+# --- plain subjects (streams that are not state) -------------------------------------------
+HEARTBEAT_ALL = f"{PREFIX}.heartbeat.>"
+FLOWS_ALL = f"{PREFIX}.flows.>"
+EVENTS_ALL = f"{PREFIX}.events.>"
+
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-=]+$")
+_KEY_RE = re.compile(r"^[-/_=\.a-zA-Z0-9]+$")
+
+
+def token(value: str, *, what: str = "token") -> str:
+    """Validate one subject token (no dots, no wildcards, no spaces)."""
+    if not value or not _TOKEN_RE.match(value):
+        raise ValidationError(what, f"invalid NATS subject token {value!r}")
+    return value
+
+
+def key(*parts: str) -> str:
+    """Join KV key parts with dots, validating the result like nats.py's kv.py does."""
+    k = ".".join(parts)
+    if not _KEY_RE.match(k) or k.startswith(".") or k.endswith(".") or ".." in k:
+        raise ValidationError("key", f"invalid KV key {k!r}")
+    return k
+
+
+def heartbeat_subject(service: str, node: str) -> str:
+    return f"{PREFIX}.heartbeat.{token(service, what='service')}.{token(node, what='node')}"
+
+
+def flows_subject(node: str) -> str:
+    return f"{PREFIX}.flows.{token(node, what='node')}"
+
+
+def events_subject(kind: str) -> str:
+    """Operator-visible events, e.g. ``policy`` (refused policies), ``identity``."""
+    return f"{PREFIX}.events.{token(kind, what='event kind')}"
+
+
+def heartbeat_key(service: str, node: str, instance: str) -> str:
+    return key(token(service), token(node), token(instance))
+
+
+def k8s_key(kind: str, namespace: str | None, name: str) -> str:
+    """``pods.production.frontend-1``; cluster-scoped objects use ``_`` as namespace."""
+    return key(kind, namespace or "_", name)
+
+
+def ipcache_key(node: str, ip: str) -> str:
+    return key(token(node, what="node"), ip)
+
+
+# --- who owns what ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Slice:
+    """What one service may write: KV key prefixes per bucket and plain subjects."""
+
+    service: str
+    kv_writes: tuple[tuple[str, str], ...]  # (bucket, key filter) e.g. (K8S_BUCKET, ">")
+    publishes: tuple[str, ...]
+
+
+def slices(node: str = "*") -> dict[str, Slice]:
+    """The ownership table. ``node`` narrows per-node slices to one node (``*`` = any)."""
+    hb = lambda svc: (HEARTBEATS_BUCKET, f"{svc}.>")  # noqa: E731 - tiny local helper
+    return {
+        "k8s-watcher": Slice("k8s-watcher", ((K8S_BUCKET, ">"), hb("k8s-watcher")),
+                             (heartbeat_pattern("k8s-watcher"), f"{PREFIX}.events.policy", f"{PREFIX}.events.k8s")),
+        "identity-allocator": Slice("identity-allocator", ((IDENTITIES_BUCKET, ">"), hb("identity-allocator")),
+                                    (heartbeat_pattern("identity-allocator"), f"{PREFIX}.events.identity")),
+        "datapath-writer": Slice("datapath-writer", ((IPCACHE_BUCKET, f"{node}.>"), hb("datapath-writer")),
+                                 (heartbeat_pattern("datapath-writer"), f"{PREFIX}.events.datapath")),
+        "hubble": Slice("hubble", (hb("hubble"),),
+                        (heartbeat_pattern("hubble"), f"{PREFIX}.flows.{node}", f"{PREFIX}.flows.{node}.>")),
+    }
+
+
+def heartbeat_pattern(service: str) -> str:
+    return f"{PREFIX}.heartbeat.{service}.*"

@@ -1,0 +1,249 @@
+"""The runtime every Propolis service runs in.
+
+``run_service(name, SettingsClass, build)`` parses settings (flags, env),
+sets up JSON logs, serves ``/healthz`` ``/readyz`` ``/metrics`` ``/status``,
+connects the bus (retrying with back-off: a service may start before NATS),
+starts the components in order, publishes a heartbeat every
+``heartbeat_interval`` on ``propolis.v1.heartbeat.<service>.<node>`` and in the
+heartbeats KV bucket, and on SIGTERM/SIGINT stops components in reverse order
+within ``shutdown_timeout``. ``--describe`` prints components, resolved
+settings and start order without starting anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Any, Callable, Coroutine, Sequence, TypeVar
+
+import prometheus_client
+from aiohttp import web
+
+import propolis
+from propolis.bus import subjects
+from propolis.bus.connection import Bus
+from propolis.bus.messages import Heartbeat
+from propolis.errors import PropolisError, TemporaryError, ValidationError
+from propolis.runtime import logs
+from propolis.runtime import settings as settings_mod
+from propolis.runtime.component import Component
+from propolis.runtime.health import Health, State, worst
+
+S = TypeVar("S", bound=settings_mod.CommonSettings)
+log = logging.getLogger("propolis.runtime")
+
+
+class Runtime:
+    """What a component gets at start: settings, bus, metrics registry, guarded tasks, progress."""
+
+    def __init__(self, service: str, settings: settings_mod.CommonSettings, components: Sequence[Component]) -> None:
+        self.service = service
+        self.settings = settings
+        self.components = list(components)
+        self.instance = uuid.uuid4().hex[:8]
+        self.started_at = time.time()
+        self.bus = Bus(settings.nats_url, name=f"{service}@{settings.node_name}",
+                       user=settings.nats_user or None, password=settings.nats_password or None)
+        self.registry = prometheus_client.CollectorRegistry()
+        self.progress: dict[str, Any] = {}
+        self.features: dict[str, Any] = {}
+        self.ready = False
+        self.http_url = ""
+        self._tasks: dict[asyncio.Task[Any], Component | None] = {}
+        self._stopping = asyncio.Event()
+        self._heartbeat_kv: Any = None
+
+    # --- tasks -----------------------------------------------------------------------
+    def spawn(self, name: str, coro: Coroutine[Any, Any, Any], component: Component | None = None) -> asyncio.Task[Any]:
+        """A named, guarded task: if it dies unexpectedly it is logged and its component degraded."""
+        task = asyncio.create_task(coro, name=f"{self.service}:{name}")
+        self._tasks[task] = component
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        component = self._tasks.pop(task, None)
+        if task.cancelled() or self._stopping.is_set():
+            return
+        exc = task.exception()
+        reason = f"task {task.get_name()} {'died: ' + repr(exc) if exc else 'exited'}"
+        if exc:
+            log.error(reason, exc_info=exc)
+        if component is not None:
+            component.set_degraded(reason)
+
+    async def cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    # --- health ----------------------------------------------------------------------
+    def bus_health(self) -> Health:
+        if self.bus.is_connected:
+            return Health.ok()
+        return Health.degraded(f"NATS at {self.settings.nats_url} unreachable")
+
+    def health(self) -> dict[str, Health]:
+        out = {"bus": self.bus_health()}
+        out.update({c.name: c.health for c in self.components})
+        return out
+
+    def overall(self) -> State:
+        return worst(list(self.health().values()))
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            service=self.service, node=self.settings.node_name, instance=self.instance,
+            version=propolis.__version__, pid=os.getpid(), started_at=self.started_at,
+            sent_at=time.time(), health=self.overall().label,
+            components={k: v.as_dict() for k, v in self.health().items()},
+            http=self.http_url, progress=dict(self.progress), features=dict(self.features))
+
+    async def publish_heartbeat(self) -> None:
+        hb = self.heartbeat()
+        await self.bus.publish(subjects.heartbeat_subject(self.service, self.settings.node_name), hb)
+        if self._heartbeat_kv is None:
+            try:
+                self._heartbeat_kv = await self.bus.kv(subjects.HEARTBEATS_BUCKET)
+            except TemporaryError:
+                return  # bucket not bootstrapped yet: the subject still carries it
+        await self._heartbeat_kv.put(
+            subjects.heartbeat_key(self.service, self.settings.node_name, self.instance), hb)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                if self.bus.is_connected:
+                    await self.publish_heartbeat()
+            except Exception as exc:  # a missed beat is not fatal; the next one retries
+                log.debug("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    # --- HTTP ------------------------------------------------------------------------
+    async def _start_http(self) -> web.AppRunner | None:
+        if self.settings.http_port < 0:
+            return None
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/status", self._status)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
+        await site.start()
+        port = runner.addresses[0][1]
+        self.http_url = f"http://{self.settings.http_host}:{port}"
+        return runner
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "service": self.service})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        state = self.overall()
+        ok = self.ready and state is State.OK
+        body = {"ready": ok, "health": state.label,
+                "components": {k: v.as_dict() for k, v in self.health().items()}}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        data = prometheus_client.generate_latest(self.registry)
+        return web.Response(body=data, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    async def _status(self, _: web.Request) -> web.Response:
+        hb = self.heartbeat()
+        return web.json_response({k: getattr(hb, k) for k in hb._FIELDS})  # type: ignore[attr-defined]
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        runner = await self._start_http()
+        started: list[Component] = []
+        code = 0
+        try:
+            connect = asyncio.ensure_future(self.bus.connect())
+            stop_wait = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({connect, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not connect.done():
+                connect.cancel()
+                return 0
+            stop_wait.cancel()
+            for c in self.components:
+                if self._stopping.is_set():
+                    break
+                log.info("starting %s: %s", c.name, c.title)
+                c.health = Health.ok("starting")
+                await c.start(self)
+                started.append(c)
+                if c.health.reason == "starting":
+                    c.set_ok()
+            self.ready = True
+            self.spawn("heartbeat", self._heartbeat_loop())
+            log.info("%s ready", self.service, extra={"http": self.http_url})
+            await self._stopping.wait()
+        except PropolisError as exc:
+            log.error("%s failed: %s", self.service, exc)
+            code = 1
+        finally:
+            self.ready = False
+            self._stopping.set()
+            try:
+                await asyncio.wait_for(self._shutdown(started), self.settings.shutdown_timeout)
+            except asyncio.TimeoutError:
+                log.error("graceful stop exceeded %.1fs", self.settings.shutdown_timeout)
+                code = code or 1
+            if runner is not None:
+                await runner.cleanup()
+        return code
+
+    async def _shutdown(self, started: list[Component]) -> None:
+        await self.cancel_tasks()
+        for c in reversed(started):
+            try:
+                await c.stop()
+            except Exception:
+                log.exception("stopping %s failed", c.name)
+            c.health = Health.stopped()
+        with contextlib.suppress(Exception):
+            await self.bus.close()
+
+
+def run_service(name: str, settings_cls: type[S], build: Callable[[S], Sequence[Component]],
+                argv: Sequence[str] | None = None) -> int:
+    """Entry point body of every service's console script."""
+    parser = argparse.ArgumentParser(prog=f"propolis-{name}", description=f"Propolis {name}")
+    parser.add_argument("--describe", action="store_true",
+                        help="print components, resolved settings and start order, then exit")
+    settings_mod.add_arguments(parser, settings_cls)
+    args = parser.parse_args(argv)
+    try:
+        cfg = settings_mod.load(settings_cls, args)
+    except ValidationError as exc:
+        print(f"propolis-{name}: invalid setting {exc}", file=sys.stderr)
+        return 2
+    components = build(cfg)
+    if args.describe:
+        print(f"service {name}")
+        print("components (start order):")
+        for i, c in enumerate(components, 1):
+            print(f"  {i}. {c.name:<20} {c.title}")
+        print("settings:")
+        for flag, value, help_text in settings_mod.describe(cfg):
+            print(f"  {flag:<24} {value!r:<32} {help_text}")
+        return 0
+    logs.setup(cfg.log_level, service=name, node=cfg.node_name)
+    return asyncio.run(Runtime(name, cfg, components).run())
+

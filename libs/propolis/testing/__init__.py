@@ -1,0 +1,1 @@
+"""pytest fixtures shared by tests/ and integration/: real nats-server, connected buses."""

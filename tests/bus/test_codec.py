@@ -1,0 +1,84 @@
+from dataclasses import dataclass
+
+import msgpack
+import pytest
+
+from propolis.bus import codec, subjects
+from propolis.bus.messages import Heartbeat
+from propolis.errors import SchemaVersionError, ValidationError
+
+
+def _hb(**kw):
+    base = dict(service="k8s-watcher", node="n1", instance="abc", version="0.1.0", pid=1,
+                started_at=1.0, sent_at=2.0, health="ok")
+    base.update(kw)
+    return Heartbeat(**base)
+
+
+def test_round_trip_keeps_every_field():
+    hb = _hb(progress={"k8s_resource_version": "42"}, components={"bus": {"state": "ok", "reason": ""}})
+    assert codec.decode(codec.encode(hb), Heartbeat) == hb
+
+
+def test_newer_minor_version_with_unknown_field_is_read():
+    raw = msgpack.packb({"_s": "heartbeat", "_v": [1, 7], "service": "s", "node": "n", "instance": "i",
+                         "version": "v", "pid": 1, "started_at": 0.0, "sent_at": 0.0, "health": "ok",
+                         "a_field_from_the_future": 1})
+    hb = codec.decode(raw)
+    assert isinstance(hb, Heartbeat) and hb.service == "s"
+
+
+def test_unknown_major_version_is_refused_clearly():
+    raw = msgpack.packb({"_s": "heartbeat", "_v": [2, 0], "service": "s"})
+    with pytest.raises(SchemaVersionError, match="heartbeat.*major 1"):
+        codec.decode(raw)
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xc1\xc1\xc1", "malformed msgpack"),
+    (msgpack.packb([1, 2, 3]), "no schema envelope"),
+    (msgpack.packb({"_s": "nope", "_v": [1, 0]}), "unknown schema 'nope'"),
+])
+def test_bad_payloads_are_refused_with_the_reason(data, message):
+    with pytest.raises(codec.DecodeError, match=message):
+        codec.decode(data)
+
+
+def test_expected_schema_is_enforced():
+    @codec.message("test-other", (1, 0))
+    @dataclass
+    class Other:
+        x: int = 0
+
+    with pytest.raises(codec.DecodeError, match="expected schema 'heartbeat'"):
+        codec.decode(codec.encode(Other(1)), Heartbeat)
+
+
+def test_unregistered_class_cannot_be_encoded():
+    @dataclass
+    class Plain:
+        x: int = 0
+
+    with pytest.raises(TypeError):
+        codec.encode(Plain())
+
+
+def test_subjects_are_validated():
+    assert subjects.heartbeat_subject("hubble", "node-1") == "propolis.v1.heartbeat.hubble.node-1"
+    assert subjects.k8s_key("pods", "production", "web-1") == "pods.production.web-1"
+    assert subjects.k8s_key("nodes", None, "kind-worker") == "nodes._.kind-worker"
+    for bad in ("a.b", "a*", "", "a b", ">"):
+        with pytest.raises(ValidationError):
+            subjects.heartbeat_subject("hubble", bad)
+    for bad in ("a..b", ".a", "a.", "a b", "a*"):
+        with pytest.raises(ValidationError):
+            subjects.key(bad)
+
+
+def test_every_slice_writes_its_own_buckets_only():
+    owners: dict[str, set[str]] = {}
+    for service, sl in subjects.slices().items():
+        for bucket, _ in sl.kv_writes:
+            if bucket != subjects.HEARTBEATS_BUCKET:
+                owners.setdefault(bucket, set()).add(service)
+    assert all(len(v) == 1 for v in owners.values()), owners
