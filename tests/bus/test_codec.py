@@ -21,15 +21,25 @@ def test_round_trip_keeps_every_field():
 
 
 def test_newer_minor_version_with_unknown_field_is_read():
-    raw = msgpack.packb({"_s": "heartbeat", "_v": [1, 7], "service": "s", "node": "n", "instance": "i",
-                         "version": "v", "pid": 1, "started_at": 0.0, "sent_at": 0.0, "health": "ok",
-                         "a_field_from_the_future": 1})
+    fields = ["s", "n", "i", "v", 1, 0.0, 0.0, "ok", {}, "", {}, {}]
+    raw = msgpack.packb(["heartbeat", 1, 7, *fields, "a field from the future"])
     hb = codec.decode(raw)
-    assert isinstance(hb, Heartbeat) and hb.service == "s"
+    assert isinstance(hb, Heartbeat) and hb.service == "s" and hb.features == {}
+
+
+def test_older_minor_version_missing_trailing_fields_gets_defaults():
+    raw = msgpack.packb(["heartbeat", 1, 0, "s", "n", "i", "v", 1, 0.0, 0.0, "ok"])
+    hb = codec.decode(raw)
+    assert hb.components == {} and hb.progress == {} and hb.http == ""
+
+
+def test_to_jsonable_names_the_fields():
+    doc = codec.to_jsonable(codec.encode(_hb()))
+    assert doc["_schema"] == "heartbeat" and doc["service"] == "k8s-watcher" and doc["health"] == "ok"
 
 
 def test_unknown_major_version_is_refused_clearly():
-    raw = msgpack.packb({"_s": "heartbeat", "_v": [2, 0], "service": "s"})
+    raw = msgpack.packb(["heartbeat", 2, 0, "s"])
     with pytest.raises(SchemaVersionError, match="heartbeat.*major 1"):
         codec.decode(raw)
 
@@ -37,7 +47,8 @@ def test_unknown_major_version_is_refused_clearly():
 @pytest.mark.parametrize("data, message", [
     (b"\xc1\xc1\xc1", "malformed msgpack"),
     (msgpack.packb([1, 2, 3]), "no schema envelope"),
-    (msgpack.packb({"_s": "nope", "_v": [1, 0]}), "unknown schema 'nope'"),
+    (msgpack.packb({"_s": "heartbeat"}), "no schema envelope"),
+    (msgpack.packb(["nope", 1, 0]), "unknown schema 'nope'"),
 ])
 def test_bad_payloads_are_refused_with_the_reason(data, message):
     with pytest.raises(codec.DecodeError, match=message):

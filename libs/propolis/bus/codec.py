@@ -1,11 +1,14 @@
 """msgpack codec with a schema name and version on every payload.
 
-A payload is a msgpack map ``{"_s": schema, "_v": [major, minor], ...fields}``.
-A reader accepts any minor version of a major it knows (new optional fields are
-ignored, missing ones take their defaults) and refuses an unknown major with
-`SchemaVersionError` — a clear error instead of silently misreading state.
-Typed messages are dataclasses registered with `@message`; anything shown to a
-person goes through `to_json` (orjson).
+A payload is a msgpack array ``[schema, major, minor, field1, field2, …]``
+with the fields in dataclass declaration order (positional, like protobuf
+field numbers: compact and about twice as fast as a map). A minor version may
+only append fields: a reader ignores trailing values it does not know and
+gives missing trailing fields their defaults. An unknown major version is
+refused with `SchemaVersionError` — a clear error instead of silently
+misreading state. Typed messages are dataclasses registered with `@message`;
+anything shown to a person goes through `to_jsonable`/`to_json` (orjson),
+which puts the field names back.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from propolis.errors import PermanentError, SchemaVersionError
 T = TypeVar("T")
 
 _REGISTRY: dict[str, type] = {}
+_pack = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
 
 
 class DecodeError(PermanentError):
@@ -48,54 +53,67 @@ def encode(obj: Any) -> bytes:
     """Encode a registered message dataclass."""
     cls = type(obj)
     try:
-        schema, version, fields = cls.SCHEMA, cls.VERSION, cls._FIELDS
+        schema, (major, minor) = cls.SCHEMA, cls.VERSION
     except AttributeError:
         raise TypeError(f"{cls.__name__} is not a registered message") from None
-    payload: dict[str, Any] = {"_s": schema, "_v": version}
-    for name in fields:
-        payload[name] = getattr(obj, name)
-    return msgpack.packb(payload, use_bin_type=True)
+    return _pack([schema, major, minor, *obj.__dict__.values()])  # type: ignore[no-any-return]
 
 
-def decode_raw(data: bytes) -> dict[str, Any]:
-    """Decode to a plain dict (schema fields included), validating the envelope only."""
+def _envelope(data: bytes) -> list[Any]:
     try:
-        payload = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        payload = _unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
         raise DecodeError(f"malformed msgpack payload ({len(data)} bytes): {exc}") from exc
-    if not isinstance(payload, dict) or "_s" not in payload or "_v" not in payload:
-        raise DecodeError("payload has no schema envelope (_s/_v)")
-    return payload
+    if (not isinstance(payload, list) or len(payload) < 3 or not isinstance(payload[0], str)
+            or not isinstance(payload[1], int)):
+        raise DecodeError("payload has no schema envelope [schema, major, minor, …]")
+    return payload  # type: ignore[no-any-return]
 
 
 def decode(data: bytes, expected: type[T] | None = None) -> T:
     """Decode to the registered dataclass; ``expected`` pins the schema."""
-    payload = decode_raw(data)
-    schema = payload.pop("_s")
-    version = payload.pop("_v")
+    payload = _envelope(data)
+    schema, major = payload[0], payload[1]
     cls = _REGISTRY.get(schema)
     if cls is None:
         raise DecodeError(f"unknown schema {schema!r}")
     if expected is not None and cls is not expected:
         raise DecodeError(f"expected schema {expected.SCHEMA!r}, got {schema!r}")  # type: ignore[attr-defined]
-    major = version[0] if isinstance(version, (list, tuple)) and version else None
     if major != cls.VERSION[0]:  # type: ignore[attr-defined]
         raise SchemaVersionError(
-            f"schema {schema!r} version {version!r}: this build reads major {cls.VERSION[0]} only"  # type: ignore[attr-defined]
-        )
-    known = cls._FIELDS  # type: ignore[attr-defined]
-    return cls(**{k: v for k, v in payload.items() if k in known})  # type: ignore[no-any-return]
+            f"schema {schema!r} version {major}.{payload[2]}: this build reads major {cls.VERSION[0]} only")  # type: ignore[attr-defined]
+    fields = cls._FIELDS  # type: ignore[attr-defined]
+    values = payload[3:]
+    if len(values) >= len(fields):
+        obj = cls.__new__(cls)  # the common case: skip __init__, drop unknown trailing values
+        obj.__dict__.update(zip(fields, values))
+        return obj  # type: ignore[no-any-return]
+    return cls(**dict(zip(fields, values)))  # type: ignore[no-any-return]
 
 
 def to_jsonable(data: bytes) -> Any:
-    """Best effort view of any payload for a person: msgpack -> python, raw bytes otherwise."""
+    """A view of any payload for a person: named fields when the schema is known."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception:
+        payload = _envelope(data)
+    except DecodeError:
         try:
-            return {"_raw": data.decode()}
-        except UnicodeDecodeError:
-            return {"_raw_hex": data.hex()}
+            return _unpackb(data, raw=False, strict_map_key=False)
+        except Exception:
+            try:
+                return {"_raw": data.decode()}
+            except UnicodeDecodeError:
+                return {"_raw_hex": data.hex()}
+    cls = _REGISTRY.get(payload[0])
+    names = cls._FIELDS if cls is not None else ()  # type: ignore[attr-defined]
+    doc: dict[str, Any] = {"_schema": payload[0], "_version": f"{payload[1]}.{payload[2]}"}
+    for i, value in enumerate(payload[3:]):
+        doc[names[i] if i < len(names) else f"_{i}"] = value
+    return doc
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A message's fields as a plain dict (for JSON output)."""
+    return dict(obj.__dict__)
 
 
 def to_json(obj: Any) -> bytes:

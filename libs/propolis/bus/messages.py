@@ -74,3 +74,59 @@ class BenchProbe:
     dst: str
     port: int
     verdict: str
+
+
+@message("lease", (1, 0))
+@dataclass
+class Lease:
+    """A leadership lease held in the owner's own bucket (see bus/lease.py)."""
+
+    holder: str
+    renewed_at: float
+    duration_s: float
+
+
+@message("identity", (1, 0))
+@dataclass
+class IdentityRecord:
+    """``id.<n>`` in the identities bucket: a numeric security identity and its labels."""
+
+    id: int
+    labels: list[str]
+    reserved: bool = False
+
+
+@message("identity-index", (1, 0))
+@dataclass
+class IdentityIndex:
+    """``labels.<sha256>``: the label set's identity — the compare-and-set point of allocation."""
+
+    id: int
+    labels: list[str]
+
+
+@message("endpoint", (1, 0))
+@dataclass
+class EndpointRecord:
+    """``endpoints.<ns>.<pod>``: a pod's identity assignment, read by every node's datapath."""
+
+    namespace: str
+    name: str
+    node: str
+    ips: list[str]
+    identity: int
+    labels: list[str]
+    named_ports: dict[str, list[Any]] = field(default_factory=dict)  # name -> [protocol, port]
+    service_account: str = ""
+
+
+@message("ipcache-entry", (1, 0))
+@dataclass
+class IpcacheEntry:
+    """``<node>.<ip>`` in the ipcache bucket: an address the node's datapath owns and its identity."""
+
+    ip: str
+    prefix_len: int
+    identity: int
+    node: str
+    node_ip: str = ""

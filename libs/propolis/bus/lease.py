@@ -1,0 +1,87 @@
+"""Leader election through a NATS KV lease (compare-and-set on the lease key's revision).
+
+Replicas of a cluster-wide service (k8s-watcher, identity GC) race to create or
+take over an expired lease; the holder renews it every third of its duration.
+Losing a renewal race (Conflict) or failing to renew before expiry means the
+holder stops acting as leader at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from propolis.bus.kv import Conflict, Kv
+from propolis.bus.messages import Lease
+from propolis.errors import TemporaryError
+
+log = logging.getLogger("propolis.lease")
+
+
+class LeaseElector:
+    def __init__(self, kv: Kv, key: str, holder: str, *, duration: float = 10.0,
+                 on_change: Callable[[bool], None] | None = None) -> None:
+        self.kv = kv
+        self.key = key
+        self.holder = holder
+        self.duration = duration
+        self.on_change = on_change
+        self.is_leader = False
+        self._revision = 0
+        self._expires_local = 0.0
+
+    async def try_acquire(self) -> bool:
+        now = time.time()
+        record = Lease(self.holder, now, self.duration)
+        try:
+            current = await self.kv.get(self.key)
+            if current is None:
+                self._revision = await self.kv.create(self.key, record)
+            elif current.value.holder == self.holder or current.value.renewed_at + current.value.duration_s < now:
+                self._revision = await self.kv.update(self.key, record, current.revision)
+            else:
+                return self._set(False)
+        except (Conflict, TemporaryError) as exc:
+            log.debug("lease %s: %s", self.key, exc)
+            return self._set(False)
+        self._expires_local = time.monotonic() + self.duration
+        return self._set(True)
+
+    async def renew(self) -> bool:
+        if not self.is_leader:
+            return await self.try_acquire()
+        try:
+            self._revision = await self.kv.update(self.key, Lease(self.holder, time.time(), self.duration),
+                                                  self._revision)
+            self._expires_local = time.monotonic() + self.duration
+            return True
+        except Conflict:
+            return self._set(False)
+        except Exception as exc:  # NATS away: we stay leader only while the lease would still hold
+            if time.monotonic() >= self._expires_local:
+                log.warning("lease %s expired while NATS unreachable: %s", self.key, exc)
+                return self._set(False)
+            return True
+
+    async def run(self) -> None:
+        while True:
+            await self.renew()
+            await asyncio.sleep(self.duration / 3)
+
+    async def release(self) -> None:
+        if self.is_leader:
+            try:
+                await self.kv.delete(self.key, self._revision)
+            except Exception:
+                pass
+        self._set(False)
+
+    def _set(self, leader: bool) -> bool:
+        if leader != self.is_leader:
+            self.is_leader = leader
+            log.info("lease %s: %s", self.key, "acquired" if leader else "not leader")
+            if self.on_change:
+                self.on_change(leader)
+        return leader

@@ -1,0 +1,81 @@
+"""`propolis bus tail SUBJECT` and `propolis bus kv BUCKET [KEY]`: the bus, readable by people.
+
+Payloads are msgpack on the wire; these verbs print one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+from propolis.bus import codec
+from propolis.bus.kv import EventType
+from propolis.cli.common import connect_bus, print_json
+from propolis.errors import CliError, TemporaryError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bus = sub.add_parser("bus", help="tail NATS subjects and read KV buckets as JSON")
+    verbs = bus.add_subparsers(dest="bus_command", metavar="VERB", required=True)
+
+    tail = verbs.add_parser("tail", help="print each message on SUBJECT (wildcards allowed) as one JSON line")
+    tail.add_argument("subject", help="e.g. 'propolis.>' or 'propolis.v1.heartbeat.*.*'")
+    tail.add_argument("--count", type=int, default=0, help="stop after N messages (0 = follow)")
+    tail.add_argument("--timeout", type=float, default=0, help="stop after S seconds (0 = never)")
+    tail.set_defaults(func=tail_cmd)
+
+    kv = verbs.add_parser("kv", help="print a KV bucket's current contents (or one key) as JSON")
+    kv.add_argument("bucket")
+    kv.add_argument("key", nargs="?", help="one key, or a filter with wildcards (default: all)")
+    kv.add_argument("--watch", action="store_true", help="keep printing updates")
+    kv.set_defaults(func=kv_cmd)
+
+
+async def tail_cmd(args: argparse.Namespace) -> int:
+    bus = await connect_bus(args, "propolis-bus-tail")
+    done = asyncio.Event()
+    seen = 0
+
+    async def on_msg(msg) -> None:  # raw subscription: show even what the codec would refuse
+        nonlocal seen
+        print_json({"subject": msg.subject, "time": time.time(), "data": codec.to_jsonable(msg.data)})
+        sys.stdout.flush()
+        seen += 1
+        if args.count and seen >= args.count:
+            done.set()
+
+    await bus.nc.subscribe(args.subject, cb=on_msg)
+    try:
+        if args.timeout:
+            try:
+                await asyncio.wait_for(done.wait(), args.timeout)
+            except asyncio.TimeoutError:
+                pass
+        else:
+            await done.wait()
+    finally:
+        await bus.close()
+    return 0
+
+
+async def kv_cmd(args: argparse.Namespace) -> int:
+    bus = await connect_bus(args, "propolis-bus-kv")
+    try:
+        try:
+            kv = await bus.kv(args.bucket)
+        except TemporaryError as exc:
+            raise CliError(str(exc)) from exc
+        keys = args.key or ">"
+        async for ev in kv.watch(keys, follow=args.watch):
+            if ev.type is EventType.SYNCED:
+                if not args.watch:
+                    break
+                continue
+            value = None if ev.value is None else {"_schema": type(ev.value).SCHEMA, **codec.as_dict(ev.value)}
+            print_json({"key": ev.key, "op": ev.type.value, "revision": ev.revision, "value": value})
+            sys.stdout.flush()
+    finally:
+        await bus.close()
+    return 0

@@ -1,0 +1,1 @@
+"""Cluster-wide security identity allocation on NATS KV (the identity-allocator's library)."""

@@ -1,0 +1,201 @@
+"""The one generic reconciler: make actual state (maps, devices, KV) match desired state.
+
+Modelled on cilium/statedb's reconciler. Desired objects are upserted and
+removed by key; each change bumps a revision. A loop applies pending keys
+through a `Target` whose ``update`` is idempotent and whose ``delete`` treats
+"missing" as success. A failing key is retried with per-key exponential
+back-off (100 ms -> 60 s) and counted in health ("N errors") until it heals.
+Pruning — deleting actual objects nobody desires — runs only after
+`mark_synced()` (every input has delivered its initial state), so a
+restarting writer never removes live kernel state too early; then again on
+every periodic refresh, which also repairs drift. ``wait_until_reconciled``
+lets tests and status wait for a revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Generic, Hashable, Iterable, Protocol, TypeVar
+
+from propolis.runtime.health import Health
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+log = logging.getLogger("propolis.reconcile")
+
+
+class Target(Protocol[K, V]):
+    async def update(self, key: K, desired: V) -> None: ...
+    async def delete(self, key: K) -> None: ...
+    async def list_actual(self) -> Iterable[K]: ...
+
+
+class Status(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+    ERROR = "error"
+
+
+@dataclass
+class ObjectStatus:
+    status: Status
+    revision: int
+    error: str = ""
+    attempts: int = 0
+    retry_at: float = 0.0
+
+
+_ABSENT = object()
+
+
+class Reconciler(Generic[K, V]):
+    def __init__(self, name: str, target: Target[K, V], *, refresh_interval: float = 60.0,
+                 backoff_min: float = 0.1, backoff_max: float = 60.0) -> None:
+        self.name = name
+        self.target = target
+        self.refresh_interval = refresh_interval
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.desired: dict[K, V] = {}
+        self.status: dict[K, ObjectStatus] = {}
+        self._pending: dict[K, Any] = {}  # key -> desired value or _ABSENT (delete)
+        self.revision = 0
+        self.synced = False
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._prune_due = False
+        self.reconciled_revision = 0
+
+    # --- desired state ----------------------------------------------------------------
+    def upsert(self, key: K, desired: V) -> int:
+        if key in self.desired and self.desired[key] == desired and key not in self._pending:
+            return self.revision  # unchanged: nothing to do
+        self.revision += 1
+        self.desired[key] = desired
+        self._pending[key] = desired
+        self.status[key] = ObjectStatus(Status.PENDING, self.revision)
+        self._wake.set()
+        return self.revision
+
+    def remove(self, key: K) -> int:
+        if key not in self.desired and key not in self._pending:
+            return self.revision
+        self.revision += 1
+        self.desired.pop(key, None)
+        self._pending[key] = _ABSENT
+        self.status[key] = ObjectStatus(Status.PENDING, self.revision)
+        self._wake.set()
+        return self.revision
+
+    def replace_all(self, desired: dict[K, V]) -> int:
+        """Set the whole desired table: upserts what changed, removes what is gone."""
+        for key in [k for k in self.desired if k not in desired]:
+            self.remove(key)
+        for key, value in desired.items():
+            self.upsert(key, value)
+        return self.revision
+
+    def mark_synced(self) -> None:
+        """All inputs delivered their initial state: pruning is now safe."""
+        if not self.synced:
+            self.synced = True
+            self._prune_due = True
+            self._wake.set()
+
+    # --- observation ------------------------------------------------------------------
+    def errors(self) -> dict[K, str]:
+        return {k: s.error for k, s in self.status.items() if s.status is Status.ERROR}
+
+    def health(self) -> Health:
+        errs = self.errors()
+        if errs:
+            first = next(iter(errs.items()))
+            return Health.degraded(f"{self.name}: {len(errs)} errors (e.g. {first[0]}: {first[1]})")
+        if not self.synced:
+            return Health.ok(f"{self.name}: waiting for inputs to sync")
+        return Health.ok()
+
+    async def wait_until_reconciled(self, revision: int | None = None, timeout: float = 10.0) -> None:
+        target = self.revision if revision is None else revision
+        async with self._progress:
+            await asyncio.wait_for(self._progress.wait_for(lambda: self.reconciled_revision >= target), timeout)
+
+    # --- the loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        next_refresh = time.monotonic() + self.refresh_interval
+        while True:
+            now = time.monotonic()
+            if now >= next_refresh:
+                self._prune_due = self.synced
+                for key, value in self.desired.items():  # repair drift
+                    if key not in self._pending:
+                        self._pending[key] = value
+                next_refresh = now + self.refresh_interval
+            await self.reconcile_once()
+            delay = min([next_refresh - time.monotonic()] +
+                        [max(0.0, s.retry_at - time.monotonic()) for k, s in self.status.items()
+                         if s.status is Status.ERROR and k in self._pending])
+            self._wake.clear()
+            if any(self._due(k) for k in self._pending):
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(delay, 0.01))
+            except asyncio.TimeoutError:
+                pass
+
+    def _due(self, key: K) -> bool:
+        st = self.status.get(key)
+        return st is None or st.status is not Status.ERROR or st.retry_at <= time.monotonic()
+
+    async def reconcile_once(self) -> None:
+        for key in [k for k in list(self._pending) if self._due(k)]:
+            value = self._pending[key]
+            st = self.status.setdefault(key, ObjectStatus(Status.PENDING, self.revision))
+            try:
+                if value is _ABSENT:
+                    await self.target.delete(key)
+                else:
+                    await self.target.update(key, value)
+            except Exception as exc:  # any failure: back off this key, keep going with others
+                st.attempts += 1
+                st.status = Status.ERROR
+                st.error = str(exc) or type(exc).__name__
+                st.retry_at = time.monotonic() + min(self.backoff_max, self.backoff_min * 2 ** (st.attempts - 1))
+                log.warning("%s: %s %r failed (attempt %d): %s", self.name,
+                            "delete" if value is _ABSENT else "update", key, st.attempts, st.error)
+                continue
+            if self._pending.get(key) is value:
+                del self._pending[key]
+                if value is _ABSENT:
+                    self.status.pop(key, None)
+                else:
+                    st.status, st.error, st.attempts = Status.DONE, "", 0
+        if self._prune_due:
+            await self._prune()
+        await self._advance()
+
+    async def _prune(self) -> None:
+        try:
+            actual = list(await self.target.list_actual())
+        except Exception as exc:
+            log.warning("%s: listing actual state failed: %s", self.name, exc)
+            return
+        self._prune_due = False
+        for key in actual:
+            if key not in self.desired and key not in self._pending:
+                self._pending[key] = _ABSENT
+                self.status[key] = ObjectStatus(Status.PENDING, self.revision)
+        if any(v is _ABSENT for v in self._pending.values()):
+            self._wake.set()
+
+    async def _advance(self) -> None:
+        pending_revs = [self.status[k].revision for k in self._pending if k in self.status]
+        reached = (min(pending_revs) - 1) if pending_revs else self.revision
+        if reached != self.reconciled_revision:
+            self.reconciled_revision = max(self.reconciled_revision, reached)
+            async with self._progress:
+                self._progress.notify_all()

@@ -1,0 +1,194 @@
+"""identity-allocator wiring: K8S bucket (pods, namespaces) -> identities and endpoint records.
+
+State: `propolis identity list`, `propolis endpoint list`, or
+`propolis bus kv PROPOLIS_IDENTITIES_V1`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from propolis.bus import subjects
+from propolis.bus.kv import EventType, Kv
+from propolis.bus.lease import LeaseElector
+from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject
+from propolis.identity.allocator import IdentityAllocator
+from propolis.identity.endpoints import endpoint_for_pod
+from propolis.model import identity as idmodel
+from propolis.runtime.component import Component
+from propolis.runtime.service import Runtime, run_service
+from propolis.runtime.settings import CommonSettings, setting
+
+log = logging.getLogger("propolis.identity_allocator")
+SERVICE = "identity-allocator"
+
+
+@dataclass
+class Settings(CommonSettings):
+    identity_gc_grace: float = setting(900.0, "an unused identity is deleted after this long (Cilium: 15 min)",
+                                       unit="s")
+    identity_gc_interval: float = setting(10.0, "how often the lease holder looks for unused identities", unit="s")
+    lease_duration: float = setting(10.0, "GC leader lease duration", unit="s")
+
+
+class Allocator(Component):
+    name, title = "allocator", "allocate identities and write endpoint records from pods and namespaces"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.pods: dict[tuple[str, str], K8sObject] = {}
+        self.namespaces: dict[str, K8sObject] = {}
+        self.endpoints: dict[str, EndpointRecord] = {}  # key -> what we wrote / found in KV
+        self.identities: dict[int, list[str]] = {}  # allocated (non-reserved) identities
+        self.unused_since: dict[int, float] = {}
+        self.synced = False
+        self.queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
+        self.lease: LeaseElector | None = None
+        self.ids_kv: Kv | None = None
+        self.alloc: IdentityAllocator | None = None
+
+    async def start(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.ids_kv = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
+        k8s_kv = await rt.bus.kv(subjects.K8S_BUCKET)
+        self.alloc = IdentityAllocator(self.ids_kv, cluster_id=rt.settings.cluster_id)
+        await self.alloc.ensure_reserved(idmodel.reserved_identity_labels())
+        for key, entry in (await self.ids_kv.items()).items():
+            v = entry.value
+            if isinstance(v, IdentityRecord):
+                self.alloc.note_used(v.id)
+                if not v.reserved:
+                    self.identities[v.id] = v.labels
+            elif isinstance(v, EndpointRecord):
+                self.endpoints[key] = v
+        self.lease = LeaseElector(self.ids_kv, "_lease.identity-gc", f"{rt.settings.node_name}/{rt.instance}",
+                                  duration=self.settings.lease_duration)
+        rt.spawn("watch-k8s", self._watch(k8s_kv), self)
+        rt.spawn("watch-ids", self._watch_ids(), self)
+        rt.spawn("worker", self._worker(), self)
+        rt.spawn("lease", self.lease.run(), self)
+        rt.spawn("gc", self._gc_loop(), self)
+
+    async def _watch(self, kv: Kv) -> None:
+        async for ev in kv.watch(">"):
+            if ev.type is EventType.SYNCED:
+                self.synced = True
+                await self.queue.put(None)  # prune marker
+                continue
+            kind, _, rest = ev.key.partition(".")
+            ns, _, name = rest.partition(".")
+            if kind == "pods":
+                if ev.type is EventType.PUT:
+                    self.pods[(ns, name)] = ev.value
+                else:
+                    self.pods.pop((ns, name), None)
+                await self.queue.put((ns, name))
+            elif kind == "namespaces":
+                if ev.type is EventType.PUT:
+                    self.namespaces[name] = ev.value
+                else:
+                    self.namespaces.pop(name, None)
+                for pod_ns, pod_name in [k for k in self.pods if k[0] == name]:
+                    await self.queue.put((pod_ns, pod_name))
+
+    async def _watch_ids(self) -> None:
+        """Other replicas' allocations: keep the used set current so candidates rarely collide."""
+        assert self.ids_kv is not None and self.alloc is not None
+        async for ev in self.ids_kv.watch("id.>"):
+            if ev.type is EventType.PUT and isinstance(ev.value, IdentityRecord):
+                self.alloc.note_used(ev.value.id)
+                if not ev.value.reserved:
+                    self.identities[ev.value.id] = ev.value.labels
+            elif ev.type is EventType.DELETE:
+                number = int(ev.key.split(".", 1)[1])
+                self.alloc.note_free(number)
+                self.identities.pop(number, None)
+
+    async def _worker(self) -> None:
+        while True:
+            item = await self.queue.get()
+            try:
+                if item is None:
+                    await self._prune()
+                else:
+                    await self._sync_pod(*item)
+                self.rt.progress["endpoints"] = len(self.endpoints)
+                self.rt.progress["identities"] = len(self.identities)
+                self.set_ok() if self.synced else self.set_degraded("waiting for the k8s bucket")
+            except Exception as exc:  # NATS away: retry this item shortly
+                log.warning("sync %s failed: %s; retrying", item, exc)
+                self.set_degraded(f"sync failing: {exc}")
+                await asyncio.sleep(0.5)
+                await self.queue.put(item)
+
+    async def _sync_pod(self, ns: str, name: str) -> None:
+        assert self.ids_kv is not None and self.alloc is not None
+        key = subjects.key("endpoints", ns, name)
+        pod = self.pods.get((ns, name))
+        namespace = self.namespaces.get(ns)
+        labels = endpoint_labels = None
+        if pod is not None and not pod.spec.get("hostNetwork") and (pod.status.get("podIP") or pod.status.get("podIPs")):
+            endpoint_labels = idmodel.pod_security_labels(
+                pod_labels=pod.labels, namespace=ns, namespace_labels=namespace.labels if namespace else {},
+                service_account=pod.spec.get("serviceAccountName") or "default",
+                cluster=self.rt.settings.cluster_name)
+            labels = sorted(str(lbl) for lbl in endpoint_labels)
+        if labels is None:
+            if key in self.endpoints:
+                await self.ids_kv.delete(key)
+                del self.endpoints[key]
+            return
+        number = await self.alloc.allocate(labels)
+        self.identities[number] = labels
+        record = endpoint_for_pod(pod, number, labels)
+        if self.endpoints.get(key) != record:
+            await self.ids_kv.put(key, record)
+            self.endpoints[key] = record
+        self.unused_since.pop(number, None)
+
+    async def _prune(self) -> None:
+        """After the initial sync: endpoint records of pods that no longer exist go."""
+        assert self.ids_kv is not None
+        live = {subjects.key("endpoints", ns, name) for ns, name in self.pods}
+        for key in [k for k in self.endpoints if k not in live]:
+            await self.ids_kv.delete(key)
+            del self.endpoints[key]
+
+    async def _gc_loop(self) -> None:
+        assert self.lease is not None and self.alloc is not None
+        while True:
+            await asyncio.sleep(self.settings.identity_gc_interval)
+            if not (self.synced and self.lease.is_leader):
+                continue
+            in_use = {e.identity for e in self.endpoints.values()}
+            now = time.monotonic()
+            for number, labels in list(self.identities.items()):
+                if number in in_use:
+                    self.unused_since.pop(number, None)
+                    continue
+                since = self.unused_since.setdefault(number, now)
+                if now - since >= self.settings.identity_gc_grace:
+                    if await self.alloc.release(number, labels):
+                        log.info("garbage-collected identity %d (unused for %.0fs)", number, now - since)
+                        self.identities.pop(number, None)
+                        self.unused_since.pop(number, None)
+
+    async def stop(self) -> None:
+        if self.lease is not None:
+            await self.lease.release()
+
+
+def build(settings: Settings) -> list[Component]:
+    return [Allocator(settings)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_service(SERVICE, Settings, build, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""k8s-watcher: mirrors the Kubernetes objects Propolis uses into NATS KV (one watch per kind per cluster)."""

@@ -1,0 +1,121 @@
+"""The generic reconciler against an in-memory target whose failures we control."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from propolis.reconcile import Reconciler, Status
+
+
+class DictTarget:
+    def __init__(self, actual=None):
+        self.actual = dict(actual or {})
+        self.fail: set = set()
+        self.calls: list = []
+
+    async def update(self, key, desired):
+        self.calls.append(("update", key))
+        if key in self.fail:
+            raise OSError(f"cannot write {key}")
+        self.actual[key] = desired
+
+    async def delete(self, key):
+        self.calls.append(("delete", key))
+        if key in self.fail:
+            raise OSError(f"cannot delete {key}")
+        self.actual.pop(key, None)
+
+    async def list_actual(self):
+        return list(self.actual)
+
+
+@pytest.fixture
+async def running():
+    tasks = []
+
+    def start(rec):
+        tasks.append(asyncio.create_task(rec.run()))
+        return rec
+
+    yield start
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_applies_desired_state_and_reports_revision(running):
+    target = DictTarget()
+    rec = running(Reconciler("t", target))
+    rec.upsert("a", 1)
+    rev = rec.upsert("b", 2)
+    await rec.wait_until_reconciled(rev)
+    assert target.actual == {"a": 1, "b": 2}
+    assert rec.status["a"].status is Status.DONE
+
+
+async def test_unchanged_upsert_writes_nothing(running):
+    target = DictTarget()
+    rec = running(Reconciler("t", target))
+    await rec.wait_until_reconciled(rec.upsert("a", 1))
+    rec.upsert("a", 1)
+    await asyncio.sleep(0.05)
+    assert target.calls == [("update", "a")]
+
+
+async def test_no_prune_before_sync_then_prune(running):
+    target = DictTarget({"live": 1, "stale": 2})
+    rec = running(Reconciler("t", target))
+    await rec.wait_until_reconciled(rec.upsert("live", 1))
+    await asyncio.sleep(0.05)
+    assert "stale" in target.actual  # inputs not synced: nothing is deleted
+    rec.mark_synced()
+    for _ in range(100):
+        if "stale" not in target.actual:
+            break
+        await asyncio.sleep(0.01)
+    assert target.actual == {"live": 1}
+
+
+async def test_failures_back_off_degrade_health_and_heal(running):
+    target = DictTarget()
+    target.fail.add("bad")
+    rec = running(Reconciler("t", target, backoff_min=0.01, backoff_max=0.05))
+    rec.upsert("good", 1)
+    rec.upsert("bad", 2)
+    rec.mark_synced()
+    for _ in range(100):
+        if rec.status["bad"].attempts >= 2:
+            break
+        await asyncio.sleep(0.01)
+    assert target.actual == {"good": 1}
+    assert "1 errors" in rec.health().reason and rec.health().state.name == "DEGRADED"
+    assert rec.reconciled_revision < rec.revision  # the failing key holds the revision back
+    target.fail.clear()
+    await rec.wait_until_reconciled(timeout=5)
+    assert target.actual == {"good": 1, "bad": 2} and rec.health().state.name == "OK"
+
+
+async def test_remove_and_replace_all(running):
+    target = DictTarget()
+    rec = running(Reconciler("t", target))
+    rec.replace_all({"a": 1, "b": 2, "c": 3})
+    await rec.wait_until_reconciled()
+    rec.replace_all({"b": 20, "d": 4})
+    await rec.wait_until_reconciled()
+    assert target.actual == {"b": 20, "d": 4}
+
+
+async def test_refresh_repairs_drift(running):
+    target = DictTarget()
+    rec = running(Reconciler("t", target, refresh_interval=0.05))
+    rec.mark_synced()
+    await rec.wait_until_reconciled(rec.upsert("a", 1))
+    target.actual["a"] = "tampered"
+    target.actual["intruder"] = 9
+    for _ in range(100):
+        if target.actual == {"a": 1}:
+            break
+        await asyncio.sleep(0.01)
+    assert target.actual == {"a": 1}
