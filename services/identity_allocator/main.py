@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from propolis.bus import subjects
 from propolis.bus.kv import EventType, Kv
 from propolis.bus.lease import LeaseElector
-from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject
+from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject, Watermark
 from propolis.identity.allocator import IdentityAllocator
 from propolis.identity.endpoints import endpoint_for_pod
 from propolis.model import identity as idmodel
@@ -46,7 +46,7 @@ class Allocator(Component):
         self.identities: dict[int, list[str]] = {}  # allocated (non-reserved) identities
         self.unused_since: dict[int, float] = {}
         self.synced = False
-        self.queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str, str] | Watermark | None] = asyncio.Queue()
         self.lease: LeaseElector | None = None
         self.ids_kv: Kv | None = None
         self.alloc: IdentityAllocator | None = None
@@ -78,6 +78,10 @@ class Allocator(Component):
             if ev.type is EventType.SYNCED:
                 self.synced = True
                 await self.queue.put(None)  # prune marker
+                continue
+            if ev.key == subjects.WATERMARK_KEY:
+                if ev.type is EventType.PUT:
+                    await self.queue.put(ev.value)  # processed after every object it covers
                 continue
             kind, _, rest = ev.key.partition(".")
             ns, _, name = rest.partition(".")
@@ -114,6 +118,10 @@ class Allocator(Component):
             try:
                 if item is None:
                     await self._prune()
+                elif isinstance(item, Watermark):
+                    assert self.ids_kv is not None
+                    await self.ids_kv.put(subjects.WATERMARK_KEY, item)  # pass it on, behind our writes
+                    self.rt.progress["k8s_resource_version"] = str(item.resource_version)
                 else:
                     await self._sync_pod(*item)
                 self.rt.progress["endpoints"] = len(self.endpoints)
@@ -131,7 +139,9 @@ class Allocator(Component):
         pod = self.pods.get((ns, name))
         namespace = self.namespaces.get(ns)
         labels = endpoint_labels = None
-        if pod is not None and not pod.spec.get("hostNetwork") and (pod.status.get("podIP") or pod.status.get("podIPs")):
+        # Every scheduled pod gets its identity before it has an IP, so the datapath can enforce
+        # policy from the first packet (CNI ADD waits for this record).
+        if pod is not None and not pod.spec.get("hostNetwork") and pod.spec.get("nodeName"):
             endpoint_labels = idmodel.pod_security_labels(
                 pod_labels=pod.labels, namespace=ns, namespace_labels=namespace.labels if namespace else {},
                 service_account=pod.spec.get("serviceAccountName") or "default",

@@ -114,6 +114,10 @@ class Mirror(Component):
     async def _progress_loop(self) -> None:
         assert self.rt is not None and self.mirror is not None and self.lease is not None
         while True:
+            try:
+                await self.mirror.write_watermark()
+            except Exception as exc:
+                log.debug("watermark write failed: %s", exc)
             self.rt.progress.update({
                 "k8s_resource_version": str(self.mirror.mirrored_resource_version()),
                 "leader": self.lease.is_leader, "objects": len(self.mirror.desired),
@@ -126,7 +130,7 @@ class Mirror(Component):
                 self.set_degraded(f"waiting for initial list of {', '.join(unsynced)}")
             else:
                 self.set_ok("leader" if self.lease.is_leader else "standby")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
 
     async def _verdict(self, kind: Kind, obj: dict[str, Any], error: ValidationError | None) -> None:
         """Make a refusal visible on the bus and in the object's status (or clear it)."""

@@ -130,3 +130,14 @@ class IpcacheEntry:
     identity: int
     node: str
     node_ip: str = ""
+
+
+@message("watermark", (1, 0))
+@dataclass
+class Watermark:
+    """``_meta._.resourceversion`` in a bucket: everything before this key's latest revision reflects
+    the Kubernetes API up to ``resource_version``. Watermarks travel in KV order behind the objects,
+    so a consumer that has processed the watermark has processed everything it covers."""
+
+    resource_version: int
+    time: float

@@ -88,6 +88,10 @@ def k8s_key(kind: str, namespace: str | None, name: str) -> str:
     return key(kind, namespace or "_", name)
 
 
+#: Key of the Watermark record in the k8s and identities buckets (see messages.Watermark).
+WATERMARK_KEY = "_meta._.resourceversion"
+
+
 def ipcache_key(node: str, ip: str) -> str:
     return key(token(node, what="node"), ip)
 

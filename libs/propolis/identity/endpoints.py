@@ -15,7 +15,7 @@ def named_ports(pod: K8sObject) -> dict[str, list[object]]:
 
 
 def endpoint_for_pod(pod: K8sObject, identity: int, labels: list[str]) -> EndpointRecord:
-    ips = list(pod.status.get("podIPs") or []) or [pod.status["podIP"]]
+    ips = list(pod.status.get("podIPs") or []) or ([pod.status["podIP"]] if pod.status.get("podIP") else [])
     return EndpointRecord(namespace=pod.namespace, name=pod.name, node=pod.spec.get("nodeName", ""),
                           ips=ips, identity=identity, labels=labels, named_ports=named_ports(pod),
                           service_account=pod.spec.get("serviceAccountName") or "default")

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 from propolis.bus import subjects
 from propolis.bus.kv import Kv
-from propolis.bus.messages import K8sObject
+from propolis.bus.messages import K8sObject, Watermark
 from propolis.errors import ValidationError
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
 
@@ -43,12 +44,14 @@ class KvMirror:
         self.refused: dict[str, str] = {}  # key -> error text, for status
         self.writes = 0
         self.dirty = False
+        self.watermark_written = 0
         self._lock = asyncio.Lock()
 
     async def load(self) -> None:
         """What KV already holds (from a previous leader or our previous life)."""
         self.written = {k: e.value for k, e in (await self.kv.items("*.*.*")).items()
                         if isinstance(e.value, K8sObject)}
+        self.watermark_written = 0
 
     # --- Sink protocol ---------------------------------------------------------------
     async def replace(self, kind: Kind, objects: list[dict[str, Any]], resource_version: str) -> None:
@@ -91,6 +94,13 @@ class KvMirror:
         if len(self.watermarks) < len(KINDS):
             return 0
         return min(self.watermarks.values())
+
+    async def write_watermark(self) -> None:
+        """Put the Watermark behind the objects it covers (leader only, when it moved)."""
+        rv = self.mirrored_resource_version()
+        if self.leader and rv > self.watermark_written and not self.dirty:
+            await self.kv.put(subjects.WATERMARK_KEY, Watermark(rv, time.time()))
+            self.watermark_written = rv
 
     # --- leadership and writes -------------------------------------------------------
     async def set_leader(self, leader: bool) -> None:

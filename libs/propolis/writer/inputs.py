@@ -1,0 +1,125 @@
+"""Everything the datapath-writer reads from the bus, as one in-memory view with change tracking.
+
+Two KV watches (the k8s slice and the identities slice) feed tables of
+namespaces, nodes, policies, identities and endpoints. Each change bumps a
+generation and sets an event so the writer recomputes; ``synced`` turns true
+only when both watches delivered their initial values — before that the
+writer must not prune kernel state. Watermarks say which Kubernetes
+resourceVersion the inputs reflect (see messages.Watermark).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from propolis.bus import subjects
+from propolis.bus.kv import EventType, Kv, KvEvent
+from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject, Watermark
+from propolis.k8s.kinds import POLICY_KINDS
+
+log = logging.getLogger("propolis.writer.inputs")
+
+
+@dataclass
+class ClusterInputs:
+    namespaces: dict[str, K8sObject] = field(default_factory=dict)
+    nodes: dict[str, K8sObject] = field(default_factory=dict)
+    pods: dict[tuple[str, str], K8sObject] = field(default_factory=dict)
+    services: dict[tuple[str, str], K8sObject] = field(default_factory=dict)
+    endpointslices: dict[tuple[str, str], K8sObject] = field(default_factory=dict)
+    policies: dict[str, K8sObject] = field(default_factory=dict)  # KV key -> policy object
+    identities: dict[int, list[str]] = field(default_factory=dict)
+    endpoints: dict[tuple[str, str], EndpointRecord] = field(default_factory=dict)
+    k8s_watermark: int = 0
+    identities_watermark: int = 0
+    k8s_synced: bool = False
+    identities_synced: bool = False
+    generation: int = 0
+    policy_generation: int = 0  # bumps only when policies, namespaces or identities change
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def synced(self) -> bool:
+        return self.k8s_synced and self.identities_synced
+
+    @property
+    def watermark(self) -> int:
+        """The Kubernetes resourceVersion both input streams have reached."""
+        return min(self.k8s_watermark, self.identities_watermark)
+
+    def _bump(self, policy: bool = False) -> None:
+        self.generation += 1
+        if policy:
+            self.policy_generation += 1
+        self.changed.set()
+
+    # --- feeding ---------------------------------------------------------------------
+    def apply_k8s(self, ev: KvEvent) -> None:
+        if ev.type is EventType.SYNCED:
+            self.k8s_synced = True
+            self._bump(policy=True)
+            return
+        if ev.key == subjects.WATERMARK_KEY:
+            if isinstance(ev.value, Watermark):
+                self.k8s_watermark = int(ev.value.resource_version)
+                self._bump()
+            return
+        kind, _, rest = ev.key.partition(".")
+        ns, _, name = rest.partition(".")
+        obj = ev.value if ev.type is EventType.PUT else None
+        table: dict  # type: ignore[type-arg]
+        if kind == "namespaces":
+            table, key, policy = self.namespaces, name, True
+        elif kind == "nodes":
+            table, key, policy = self.nodes, name, False
+        elif kind == "pods":
+            table, key, policy = self.pods, (ns, name), False
+        elif kind == "services":
+            table, key, policy = self.services, (ns, name), False
+        elif kind == "endpointslices":
+            table, key, policy = self.endpointslices, (ns, name), False
+        elif kind in POLICY_KINDS:
+            table, key, policy = self.policies, ev.key, True
+        else:
+            return
+        if obj is None:
+            table.pop(key, None)
+        else:
+            table[key] = obj
+        self._bump(policy)
+
+    def apply_identities(self, ev: KvEvent) -> None:
+        if ev.type is EventType.SYNCED:
+            self.identities_synced = True
+            self._bump(policy=True)
+            return
+        if ev.key == subjects.WATERMARK_KEY:
+            if isinstance(ev.value, Watermark):
+                self.identities_watermark = int(ev.value.resource_version)
+                self._bump()
+            return
+        head, _, rest = ev.key.partition(".")
+        if head == "id":
+            number = int(rest)
+            if ev.type is EventType.PUT and isinstance(ev.value, IdentityRecord):
+                self.identities[number] = list(ev.value.labels)
+            else:
+                self.identities.pop(number, None)
+            self._bump(policy=True)
+        elif head == "endpoints":
+            ns, _, name = rest.partition(".")
+            if ev.type is EventType.PUT and isinstance(ev.value, EndpointRecord):
+                self.endpoints[(ns, name)] = ev.value
+            else:
+                self.endpoints.pop((ns, name), None)
+            self._bump()
+
+    async def follow(self, k8s: Kv, identities: Kv) -> None:
+        """Run both watches until cancelled."""
+        async def pump(kv: Kv, apply) -> None:  # type: ignore[no-untyped-def]
+            async for ev in kv.watch(">"):
+                apply(ev)
+
+        await asyncio.gather(pump(k8s, self.apply_k8s), pump(identities, self.apply_identities))
