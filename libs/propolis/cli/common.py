@@ -15,6 +15,7 @@ from propolis.errors import CliError, TemporaryError
 
 RUN_ROOT = Path(os.environ.get("PROPOLIS_RUN_ROOT", "/run/propolis"))
 DEFAULT_SANDBOX = "propolis"
+DEV_RUN_NAME = "dev"  # `propolis dev up` writes its state.json here
 
 
 def sandbox_state(name: str = DEFAULT_SANDBOX) -> dict[str, Any] | None:
@@ -26,11 +27,12 @@ def sandbox_state(name: str = DEFAULT_SANDBOX) -> dict[str, Any] | None:
 
 
 def resolve_nats(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
-    """URL and admin credentials: --nats-url, then $PROPOLIS_NATS_URL, then the running sandbox."""
+    """URL and admin credentials: --nats-url, then $PROPOLIS_NATS_URL, then the running sandbox,
+    then a running `propolis dev up`."""
     url = getattr(args, "nats_url", None) or os.environ.get("PROPOLIS_NATS_URL")
     if url:
         return url, os.environ.get("PROPOLIS_NATS_USER") or None, os.environ.get("PROPOLIS_NATS_PASSWORD") or None
-    state = sandbox_state(getattr(args, "sandbox", None) or DEFAULT_SANDBOX)
+    state = sandbox_state(getattr(args, "sandbox", None) or DEFAULT_SANDBOX) or sandbox_state(DEV_RUN_NAME)
     if state and state.get("nats_url"):
         return state["nats_url"], state.get("nats_user"), state.get("nats_password")
     raise CliError("no NATS server: pass --nats-url, set PROPOLIS_NATS_URL, or start one "

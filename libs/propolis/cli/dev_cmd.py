@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import sys
 import time
@@ -18,14 +19,14 @@ from propolis.bus import permissions, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.messages import Heartbeat
-from propolis.cli.common import RUN_ROOT
+from propolis.cli.common import DEV_RUN_NAME, RUN_ROOT
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     dev = sub.add_parser("dev", help="run NATS and every service locally (no sandbox)")
     verbs = dev.add_subparsers(dest="dev_command", metavar="VERB", required=True)
     up = verbs.add_parser("up", help="start embedded NATS and all services; print heartbeats until Ctrl-C")
-    up.add_argument("--run-dir", type=Path, default=RUN_ROOT / "dev")
+    up.add_argument("--run-dir", type=Path, default=RUN_ROOT / DEV_RUN_NAME)
     up.add_argument("--duration", type=float, default=0, help="stop after S seconds (0 = until Ctrl-C)")
     up.add_argument("--node-name", default="dev-node")
     up.set_defaults(func=dev_up)
@@ -42,8 +43,11 @@ async def dev_up(args: argparse.Namespace) -> int:
     bus = None
     try:
         url = await nats.start()
-        print(f"NATS {url} (JetStream in {run_dir / 'nats'}); try: propolis --nats-url {url} bus tail 'propolis.>'"
-              " (with PROPOLIS_NATS_USER/PASSWORD of the admin in the server config)")
+        print(f"NATS {url} (JetStream in {run_dir / 'nats'}); in another shell try: propolis bus tail 'propolis.>'"
+              " or propolis status")
+        state = run_dir / "state.json"
+        state.write_text(json.dumps({"nats_url": url, "nats_user": admin.user, "nats_password": admin.password}))
+        state.chmod(0o600)
         bus = Bus(url, name="dev-up", user=admin.user, password=admin.password)
         await bus.connect(max_wait=5)
         await bus.ensure_buckets()
@@ -73,5 +77,6 @@ async def dev_up(args: argparse.Namespace) -> int:
         if bus is not None:
             await bus.close()
         await nats.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
         print("stopped every service and NATS")
     return 0

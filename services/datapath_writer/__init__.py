@@ -1,0 +1,1 @@
+"""datapath-writer: one per node; owns the node's BPF programs and maps."""

@@ -1,0 +1,247 @@
+"""datapath-writer wiring: bus inputs + CNI announcements -> this node's BPF maps and tc programs.
+
+Components, in start order:
+1. datapath  — compile bpf_lxc.c once, adopt the node's pinned maps (nothing flushed: the
+   programs already attached keep enforcing the last state while we start — fail closed),
+   re-point every known endpoint's tc filters at the new programs (atomic replace).
+2. inputs    — watch the k8s and identities buckets (ClusterInputs).
+3. endpoints — the CNI socket; ADD answers once the endpoint is programmed.
+4. enforcer  — recompute desired ipcache and per-endpoint policy on every input change and
+   reconcile the maps through the generic reconciler (diffs; prune only after all inputs
+   synced). Progress `k8s_resource_version` = the watermark the kernel state reflects.
+
+State: `propolis bpf endpoint list --node N`, `propolis bpf policy get EP --node N`,
+`propolis bpf ipcache list --node N`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from propolis.bus import subjects
+from propolis.bus.messages import IpcacheEntry as IpcacheRecord
+from propolis.datapath.datapath import Datapath
+from propolis.model.identity import RESERVED_INIT
+from propolis.reconcile import Reconciler
+from propolis.runtime.component import Component
+from propolis.runtime.service import Runtime, run_service
+from propolis.runtime.settings import CommonSettings, setting
+from propolis.writer.desired import DesiredState
+from propolis.writer.endpoint_api import EndpointAnnouncement, EndpointApiServer
+from propolis.writer.endpoints import EndpointTable, LocalEndpoint
+from propolis.writer.inputs import ClusterInputs
+from propolis.writer.targets import EndpointPolicyTarget, IpcacheTarget
+
+log = logging.getLogger("propolis.datapath_writer")
+SERVICE = "datapath-writer"
+
+
+@dataclass
+class Settings(CommonSettings):
+    node_netns: str = setting("", "network namespace of the node's lxc interfaces (empty = this one)")
+    bpf_pin_dir: str = setting("", "bpffs directory of this node's maps (empty = /sys/fs/bpf/propolis/<node>)")
+    datapath_socket: str = setting("/run/propolis/datapath.sock", "unix socket the CNI plugin announces endpoints on")
+    policy_enforcement: str = setting("default", "Cilium's policy enforcement mode",
+                                      choices=("default", "always", "never"))
+    identity_wait: float = setting(3.0, "how long a CNI ADD waits for the pod's identity before the endpoint "
+                                        "starts as deny-all (fail closed)", unit="s")
+    recompute_debounce: float = setting(0.005, "coalesce input changes for this long before recomputing", unit="s")
+
+
+class DatapathComponent(Component):
+    name, title = "datapath", "compile bpf_lxc.c once, adopt pinned maps, re-attach known endpoints"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.dp = Datapath(settings.node_name, settings.bpf_pin_dir or None, netns=settings.node_netns or None)
+
+    async def start(self, rt: Runtime) -> None:
+        await self.dp.load()
+        count = await self.dp.reattach_all()
+        log.info("datapath loaded in %.2fs; %d endpoints re-attached", self.dp.compile_seconds, count)
+        rt.progress["compile_seconds"] = round(self.dp.compile_seconds, 3)
+        rt.features["Policy enforcement"] = {"state": self.settings.policy_enforcement.capitalize(),
+                                             "detail": "L3/L4 in eBPF on every pod veth"}
+
+    async def stop(self) -> None:
+        await self.dp.close()  # programs stay attached, maps stay pinned: enforcement continues
+
+
+class InputsComponent(Component):
+    name, title = "inputs", "watch the k8s and identities buckets"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs = ClusterInputs()
+
+    async def start(self, rt: Runtime) -> None:
+        k8s = await rt.bus.kv(subjects.K8S_BUCKET)
+        ids = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
+        rt.spawn("inputs", self.inputs.follow(k8s, ids), self)
+
+
+class Enforcer(Component):
+    name, title = "enforcer", "reconcile ipcache and per-endpoint policy maps to the desired state"
+
+    def __init__(self, settings: Settings, datapath: DatapathComponent, inputs: InputsComponent) -> None:
+        super().__init__()
+        self.settings = settings
+        self.dp = datapath.dp
+        self.inputs = inputs.inputs
+        self.table = EndpointTable(Path(settings.datapath_socket).with_name(f"endpoints-{settings.node_name}.json"))
+        self.desired = DesiredState(node=settings.node_name, mode=settings.policy_enforcement)
+        self.ipcache = Reconciler("ipcache", IpcacheTarget(self.dp))
+        self.policies = Reconciler("endpoint-policy", EndpointPolicyTarget(self.dp))
+        self.api: EndpointApiServer | None = None
+        self.enforced_watermark = 0
+        self.published: dict[str, IpcacheRecord] = {}
+
+    async def start(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.table.load()
+        known = {e.endpoint_id for e in self.dp.list_endpoints()}
+        for ep_id in [i for i in self.table.by_id if i not in known]:
+            self.table.remove(ep_id)  # its pinned entry is gone (node rebooted): forget it
+        self.ipcache_kv = await rt.bus.kv(subjects.IPCACHE_BUCKET)
+        rt.spawn("ipcache-reconciler", self.ipcache.run(), self)
+        rt.spawn("policy-reconciler", self.policies.run(), self)
+        rt.spawn("recompute", self._recompute_loop(), self)
+        self.api = EndpointApiServer(self.settings.datapath_socket, self.handle_cni)
+        await self.api.start()
+
+    async def stop(self) -> None:
+        if self.api is not None:
+            await self.api.stop()
+
+    # --- CNI ----------------------------------------------------------------------------
+    async def handle_cni(self, req: EndpointAnnouncement) -> dict[str, Any]:
+        if req.op == "EndpointDelete":
+            ep = self.table.find_container(req.container_id) or self.table.find_pod(req.namespace, req.pod)
+            if ep is not None:
+                await self.dp.detach_endpoint(ep.endpoint_id, netns=self.settings.node_netns or None)
+                self.table.remove(ep.endpoint_id)
+                self.policies.remove(ep.endpoint_id)
+                self.inputs.changed.set()
+            return {"ok": True}
+        started = time.perf_counter()
+        ep = self.table.find_container(req.container_id)
+        if ep is None:
+            taken = {e.endpoint_id for e in self.dp.list_endpoints()}
+            ep = LocalEndpoint(endpoint_id=self.table.allocate_id(taken), container_id=req.container_id,
+                               namespace=req.namespace, pod=req.pod, ip=req.ipv4, ifindex=req.host_ifindex,
+                               host_ifname=req.host_ifname, netns=req.netns)
+        ep.ip, ep.ifindex, ep.host_ifname = req.ipv4, req.host_ifindex, req.host_ifname
+        identity = await self._wait_identity(ep)
+        ep.identity = identity or RESERVED_INIT
+        policy = self.desired.endpoint_policy(self.inputs, ep) if identity else None
+        # Fail closed: until its identity and policy are known, an endpoint enforces both directions
+        # with an empty policy map (deny all); the enforcer opens it as soon as they are.
+        await self.dp.attach_endpoint(endpoint_id=ep.endpoint_id, ip=ep.ip, identity=ep.identity,
+                                      ifindex=ep.ifindex, netns=self.settings.node_netns or None,
+                                      ingress_enforced=True, egress_enforced=True)
+        if policy is not None:
+            self.dp.set_policy(ep.endpoint_id, policy.entries)
+            self.dp.set_enforcement(ep.endpoint_id, ingress=policy.ingress_enforced, egress=policy.egress_enforced)
+            self.policies.upsert(ep.endpoint_id, policy)
+        self.table.add(ep)
+        self.inputs.changed.set()  # ipcache and other endpoints' policies may name this pod
+        seconds = time.perf_counter() - started
+        self.rt.progress["last_attach_ms"] = round(seconds * 1000, 2)
+        return {"ok": True, "endpointID": ep.endpoint_id, "identity": ep.identity,
+                "policy": "programmed" if policy else "deny-all until identity is known"}
+
+    async def _wait_identity(self, ep: LocalEndpoint) -> int:
+        deadline = time.monotonic() + self.settings.identity_wait
+        while True:
+            record = self.inputs.endpoints.get((ep.namespace, ep.pod))
+            if record is not None and record.identity and self.inputs.synced:
+                return record.identity
+            if time.monotonic() >= deadline:
+                log.warning("no identity for %s/%s after %.1fs: endpoint starts deny-all",
+                            ep.namespace, ep.pod, self.settings.identity_wait)
+                return 0
+            self.inputs.changed.clear()
+            try:
+                await asyncio.wait_for(self.inputs.changed.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+
+    # --- the loop -------------------------------------------------------------------------
+    async def _recompute_loop(self) -> None:
+        while True:
+            await self.inputs.changed.wait()
+            await asyncio.sleep(self.settings.recompute_debounce)
+            self.inputs.changed.clear()
+            if not self.inputs.synced:
+                self.set_degraded("waiting for k8s and identities buckets to sync")
+                continue
+            watermark = self.inputs.watermark
+            try:
+                await self.recompute()
+            except Exception as exc:
+                log.exception("recompute failed")
+                self.set_degraded(f"recompute failed: {exc}")
+                continue
+            self.ipcache.mark_synced()
+            self.policies.mark_synced()
+            rev_ip, rev_pol = self.ipcache.revision, self.policies.revision
+            await self.ipcache.wait_until_reconciled(rev_ip, timeout=60)
+            await self.policies.wait_until_reconciled(rev_pol, timeout=60)
+            self.enforced_watermark = max(self.enforced_watermark, watermark)
+            self.rt.progress["k8s_resource_version"] = str(self.enforced_watermark)
+            self.rt.progress["endpoints"] = len(self.table.by_id)
+            errors = {**self.ipcache.errors(), **self.policies.errors()}
+            if errors:
+                self.set_degraded(f"{len(errors)} errors: {next(iter(errors.values()))}")
+            else:
+                self.set_ok()
+            await self._publish_ipcache()
+
+    async def recompute(self) -> None:
+        for ep in self.table.by_id.values():
+            record = self.inputs.endpoints.get((ep.namespace, ep.pod))
+            if record is not None and record.identity and record.identity != ep.identity:
+                ep.identity = record.identity
+                self.dp.upsert_endpoint(endpoint_id=ep.endpoint_id, ip=ep.ip, identity=ep.identity,
+                                        ifindex=ep.ifindex)
+                self.table.save()
+        self.desired.update(self.inputs, list(self.table.by_id.values()))
+        self.ipcache.replace_all(self.desired.ipcache)
+        self.policies.replace_all({ep_id: pol for ep_id, pol in self.desired.policies.items()})
+
+    async def _publish_ipcache(self) -> None:
+        """Our endpoints' IP -> identity, for other nodes and clusters (our slice of the ipcache bucket)."""
+        node = self.settings.node_name
+        want = {subjects.ipcache_key(node, ep.ip): IpcacheRecord(ip=ep.ip, prefix_len=32, identity=ep.identity,
+                                                                 node=node)
+                for ep in self.table.by_id.values() if ep.identity and ep.ip}
+        try:
+            for key in [k for k in self.published if k not in want]:
+                await self.ipcache_kv.delete(key)
+                del self.published[key]
+            for key, rec in want.items():
+                if self.published.get(key) != rec:
+                    await self.ipcache_kv.put(key, rec)
+                    self.published[key] = rec
+        except Exception as exc:  # NATS away: next recompute retries
+            log.warning("publishing ipcache entries failed: %s", exc)
+
+
+def build(settings: Settings) -> list[Component]:
+    datapath = DatapathComponent(settings)
+    inputs = InputsComponent()
+    return [datapath, inputs, Enforcer(settings, datapath, inputs)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_service(SERVICE, Settings, build, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
