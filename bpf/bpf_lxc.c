@@ -1,0 +1,168 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * bpf_lxc.c - the programs on each pod's host-side veth (lxc...).
+ *
+ *   cil_from_container  tc INGRESS of the lxc = packets LEAVING the pod:
+ *                       the pod's EGRESS policy.
+ *   cil_to_container    tc EGRESS of the lxc = packets ENTERING the pod:
+ *                       the pod's INGRESS policy.
+ *
+ * Compiled once per node (by libs/propolis/datapath/loader.py, bcc); every
+ * endpoint-specific value (id, identity, enforcement, policy) is read from
+ * the maps, so a new pod costs a few map writes and a tc attach.
+ *
+ * Per packet: parse -> find the local endpoint (bound to this interface) ->
+ * identity of the peer (cilium_lxc, then cilium_ipcache, else world) ->
+ * conntrack; only NEW connections meet the policy map. Every verdict is
+ * counted in cilium_metrics and reported in cilium_events.
+ */
+#include "lib/common.h"
+#include "lib/drop.h"
+#include "lib/maps.h"
+#include "lib/packet.h"
+#include "lib/metrics.h"
+#include "lib/events.h"
+#include "lib/conntrack.h"
+#include "lib/policy.h"
+#include "lib/lb.h"
+
+static __always_inline struct endpoint_info *lookup_ip4_endpoint(__be32 ip)
+{
+	struct endpoint_key key = {};
+
+	key.addr.ip4 = ip;
+	key.family = ENDPOINT_KEY_IPV4;
+	return cilium_lxc.lookup(&key);
+}
+
+/* Security identity of an address: a local endpoint, else the longest
+ * ipcache prefix, else reserved:world. */
+static __always_inline __u32 resolve_identity4(__be32 ip)
+{
+	struct endpoint_info *ep = lookup_ip4_endpoint(ip);
+	struct ipcache_key key = {};
+	struct remote_endpoint_info *info;
+
+	if (ep)
+		return ep->sec_id;
+	key.prefixlen = IPCACHE_PREFIX_STATIC + 32;
+	key.family = ENDPOINT_KEY_IPV4;
+	key.addr.ip4 = ip;
+	info = cilium_ipcache.lookup(&key);
+	if (info && info->sec_identity != ID_UNKNOWN)
+		return info->sec_identity;
+	return ID_WORLD;
+}
+
+/*
+ * The shared body of both programs; `egress` says which side we are.
+ * side_ct: which conntrack side this program creates (CT_EGRESS/CT_INGRESS).
+ */
+static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
+{
+	struct lxc_ctx c = {};
+	struct endpoint_info *ep;
+	struct ct_entry *entry;
+	struct policy_result pol = {};
+	enum ct_status status;
+	__u8 side = egress ? CT_EGRESS : CT_INGRESS;
+	__u8 new_flags = 0;
+	int ret;
+
+	c.dir = egress ? METRIC_DIR_EGRESS : METRIC_DIR_INGRESS;
+	c.ifindex = skb->ifindex;
+	c.p.len = skb->len;
+
+	ret = parse_ipv4(skb, &c.p);
+	if (ret < 0)
+		return send_drop_notify(&c, -ret, POLICY_MATCH_NONE);
+
+	/* The local endpoint must own this interface: a pod cannot send with
+	 * another address (anti-spoofing), nor receive another pod's packets. */
+	ep = lookup_ip4_endpoint(egress ? c.p.saddr : c.p.daddr);
+	if (!ep || ep->ifindex != skb->ifindex)
+		return send_drop_notify(&c, egress ? DROP_INVALID_SIP : DROP_UNKNOWN_TARGET,
+					POLICY_MATCH_NONE);
+	c.ep_id = ep->lxc_id;
+	if (egress) {
+		c.src_id = ep->sec_id;
+		c.dst_id = resolve_identity4(c.p.daddr);
+		c.enforced = (ep->flags & ENDPOINT_F_EGRESS_ENFORCED) != 0;
+	} else {
+		c.src_id = resolve_identity4(c.p.saddr);
+		c.dst_id = ep->sec_id;
+		c.enforced = (ep->flags & ENDPOINT_F_INGRESS_ENFORCED) != 0;
+	}
+
+	/* SERVICE LB HOOK (issue 6): in cil_from_container, before conntrack,
+	 * look up cilium_lb4_services_v2 for (daddr, dport, proto), DNAT to a
+	 * backend with a CT_SERVICE entry; in cil_to_container reverse-NAT
+	 * replies via ct_entry.rev_nat_index. Layouts: lib/lb.h. */
+
+	if (ct_is_related4(&c.p, side)) {
+		send_trace_notify(&c, egress ? TRACE_TO_STACK : TRACE_TO_LXC, TRACE_REASON_RELATED, 0, 1);
+		return CTX_ACT_OK;
+	}
+
+	status = ct_lookup4(&c.p, side, &new_flags, &entry);
+	if (status == CT_ESTABLISHED || status == CT_REPLY) {
+		/* L7 HOOK: an entry with proxy_port != 0 will be redirected here. */
+		send_trace_notify(&c, egress ? TRACE_TO_STACK : TRACE_TO_LXC,
+				  status == CT_REPLY ? TRACE_REASON_REPLY : TRACE_REASON_ESTABLISHED,
+				  new_flags, status == CT_REPLY);
+		return CTX_ACT_OK;
+	}
+
+	/* CT_NEW or CT_REOPENED: the one policy decision of the connection */
+	if (c.enforced) {
+		policy_check(&c, egress ? c.dst_id : c.src_id,
+			     egress ? POLICY_EGRESS : POLICY_INGRESS, &pol);
+		if (pol.verdict < 0) {
+			send_policy_verdict_notify(&c, VERDICT_DROPPED, pol.match_type, 0,
+						   (__u16)(-pol.verdict));
+			return send_drop_notify(&c, (__u8)(-pol.verdict), pol.match_type);
+		}
+		/* L7 HOOK: pol.proxy_port != 0 -> redirect to the L7 proxy
+		 * (TRACE_TO_PROXY, VERDICT_REDIRECTED); until the proxy exists
+		 * the L4 part is allowed and forwarded. */
+		send_policy_verdict_notify(&c, pol.proxy_port ? VERDICT_REDIRECTED : VERDICT_FORWARDED,
+					   pol.match_type, pol.proxy_port, 0);
+	}
+
+	ret = ct_create4(&c, side, pol.proxy_port);
+	if (ret < 0)
+		return send_drop_notify(&c, -ret, pol.match_type);
+
+	/* BANDWIDTH HOOK (later): EDT rate limiting per endpoint (cilium_throttle) on egress. */
+	send_trace_notify(&c, egress ? TRACE_TO_STACK : TRACE_TO_LXC,
+			  status == CT_REOPENED ? TRACE_REASON_REOPENED : TRACE_REASON_NEW,
+			  c.p.tcp_flags, 0);
+	return CTX_ACT_OK;
+}
+
+static __always_inline int handle_l3(struct __sk_buff *skb, int egress)
+{
+	struct lxc_ctx c = {};
+
+	if (skb->protocol == pp_htons(ETH_P_IP))
+		return handle_ipv4(skb, egress);
+	if (skb->protocol == pp_htons(ETH_P_ARP))
+		return CTX_ACT_OK;
+	/* IPv6 and anything else: not supported yet, fail closed */
+	c.dir = egress ? METRIC_DIR_EGRESS : METRIC_DIR_INGRESS;
+	c.ifindex = skb->ifindex;
+	c.p.len = skb->len;
+	return send_drop_notify(&c, DROP_UNKNOWN_L3, POLICY_MATCH_NONE);
+}
+
+/* tc ingress of the lxc: packets leaving the pod (egress policy) */
+int cil_from_container(struct __sk_buff *skb)
+{
+	return handle_l3(skb, 1);
+}
+
+/* tc egress of the lxc: packets entering the pod (ingress policy) */
+int cil_to_container(struct __sk_buff *skb)
+{
+	return handle_l3(skb, 0);
+}

@@ -1,0 +1,15 @@
+"""The node's eBPF datapath: bcc loader (compile once per node), tc attach in the node's
+namespace, and the `Datapath` facade the datapath-writer drives.
+
+Public API: Datapath, DatapathSettings, AttachResult, PolicyEntry, IPCacheEntry,
+PolicyDiff, drop reasons in propolis.datapath.drop. Map layouts: propolis.maps.
+"""
+
+from __future__ import annotations
+
+from propolis.datapath.datapath import AttachResult, Datapath, DatapathSettings, remove_pins
+from propolis.datapath.entries import IPCacheEntry, PolicyEntry
+from propolis.maps.policy import PolicyDiff
+
+__all__ = ["AttachResult", "Datapath", "DatapathSettings", "IPCacheEntry", "PolicyDiff", "PolicyEntry",
+           "remove_pins"]

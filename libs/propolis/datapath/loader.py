@@ -1,0 +1,220 @@
+"""Compile bpf/bpf_lxc.c once per node with bcc, adopting the node's pinned maps.
+
+Why once per node: every endpoint-specific value lives in maps, so one compile (~2 s)
+serves every pod on the node; adding a pod is map writes plus a tc attach.
+Why the include expansion: bcc rewrites map method calls (`map.lookup(&k)`) only in the
+main source text, so bpf/lib/*.h are inlined textually before compiling.
+Pinned maps: bcc reuses a map already pinned at the path (the writer restarts without
+losing conntrack, policy or endpoints) and creates+pins it otherwise; maps whose layout
+changed are refused before compiling, never flushed.
+Pinned programs: the compiled programs are pinned under <pin_dir>/progs/<digest of source
+and flags>/, so a restarted writer with the same build adopts them in milliseconds
+instead of compiling again (only if they still use the node's pinned maps).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from propolis.errors import PermanentError
+from propolis.maps import ALL_SPECS, bpf, events
+from propolis.maps.spec import MapSpec
+
+PROGRAM_FROM_CONTAINER = "cil_from_container"
+PROGRAM_TO_CONTAINER = "cil_to_container"
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
+
+
+def bpf_source_dir() -> Path:
+    """bpf/ of the source tree ($PROPOLIS_BPF_DIR overrides)."""
+    env = os.environ.get("PROPOLIS_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "bpf"
+
+
+def render_source(main: Path, root: Path) -> str:
+    """The program with its quoted #includes expanded once each (in order)."""
+    seen: set[str] = set()
+
+    def expand(path: Path) -> str:
+        out: list[str] = []
+        for line in path.read_text().splitlines(keepends=True):
+            match = _INCLUDE.match(line)
+            if not match:
+                out.append(line)
+                continue
+            name = match.group(1)
+            if name not in seen:
+                seen.add(name)
+                out.append(expand(root / name))
+        return "".join(out)
+
+    return expand(main)
+
+
+def compile_flags(node: str, pin_dir: str, specs: tuple[MapSpec, ...] = ALL_SPECS) -> list[str]:
+    flags = [f'-DPIN_DIR="{pin_dir}"', f'-DNODE_NAME="{node}"']
+    from propolis.maps import policy
+    for spec in (*specs, policy.INNER_SPEC):
+        if spec.size_define:
+            flags.append(f"-D{spec.size_define}={spec.max_entries}")
+    flags.append(f"-DEVENTS_RINGBUF_PAGES={events.RINGBUF_PAGES}")
+    return flags
+
+
+def check_pins(pin_dir: str) -> list[str]:
+    """Refuse pinned maps this build cannot use (layout changed); return the adopted ones."""
+    adopted: list[str] = []
+    for spec in ALL_SPECS:
+        path = spec.path(pin_dir)
+        if not os.path.exists(path):
+            continue
+        fd = bpf.obj_get(path)
+        try:
+            info = bpf.obj_info(fd)
+        finally:
+            os.close(fd)
+        if spec.map_type == bpf.BPF_MAP_TYPE_RINGBUF:
+            expected = (spec.map_type, 0, 0, spec.max_entries)
+        else:
+            expected = (spec.map_type, ctypes.sizeof(spec.key_type), ctypes.sizeof(spec.value_type), spec.max_entries)
+        actual = (info.type, info.key_size, info.value_size, info.max_entries)
+        if actual != expected:
+            raise PermanentError(
+                f"pinned map {path} is (type, key, value, max) {actual}, this build needs {expected}: "
+                "remove the node's pins (propolis bpf pins remove --node NODE) or run the matching build")
+        adopted.append(spec.pin_name)
+    return adopted
+
+
+@dataclass
+class LoadedPrograms:
+    """The programs of one node (kept alive while the writer runs)."""
+
+    module: Any  # bcc.BPF when compiled here, None when adopted from pins
+    from_container_fd: int
+    to_container_fd: int
+    compile_seconds: float
+    adopted_pins: list[str]
+    digest: str = ""
+
+    @property
+    def compiled(self) -> bool:
+        return self.module is not None
+
+    def table(self, c_name: str) -> Any:
+        """bcc's view of a map (Key/Leaf ctypes) — used by the layout test."""
+        if self.module is None:
+            raise PermanentError("programs were adopted from pins: no bcc tables in this process")
+        return self.module[c_name.encode()]
+
+    def close(self) -> None:
+        if self.module is not None:
+            self.module.cleanup()
+            self.module = None
+        else:
+            for fd in (self.from_container_fd, self.to_container_fd):
+                os.close(fd)
+        self.from_container_fd = self.to_container_fd = -1
+
+
+PROGS_DIR = "progs"
+
+
+def source_digest(text: str, flags: list[str]) -> str:
+    return hashlib.sha256("\0".join([text, *flags]).encode()).hexdigest()[:16]
+
+
+def _pinned_map_ids(pin_dir: str) -> set[int]:
+    ids: set[int] = set()
+    for spec in ALL_SPECS:
+        fd = bpf.obj_get(spec.path(pin_dir))
+        try:
+            ids.add(bpf.obj_info(fd).id)
+        finally:
+            os.close(fd)
+    return ids
+
+
+def _adopt_pinned_programs(pin_dir: str, digest: str) -> tuple[int, int] | None:
+    """The pinned programs of this exact build, if they use the node's pinned maps."""
+    prog_dir = os.path.join(pin_dir, PROGS_DIR, digest)
+    try:
+        fds = [bpf.obj_get(os.path.join(prog_dir, name)) for name in (PROGRAM_FROM_CONTAINER, PROGRAM_TO_CONTAINER)]
+    except (FileNotFoundError, bpf.BpfError):
+        return None
+    try:
+        pinned_maps = _pinned_map_ids(pin_dir)
+        uses = set(bpf.prog_map_ids(fds[0])) | set(bpf.prog_map_ids(fds[1]))
+        # the programs must use the pinned maps (the inner-map template is private to them)
+        if len(pinned_maps - uses) == 0:
+            return fds[0], fds[1]
+    except (FileNotFoundError, bpf.BpfError):
+        pass
+    for fd in fds:
+        os.close(fd)
+    return None
+
+
+def _pin_programs(pin_dir: str, digest: str, from_fd: int, to_fd: int) -> None:
+    """Pin this build's programs and drop pins of other builds (attached ones stay attached)."""
+    progs = os.path.join(pin_dir, PROGS_DIR)
+    os.makedirs(progs, exist_ok=True)
+    for other in os.listdir(progs):
+        if other != digest:
+            _unlink_tree(os.path.join(progs, other))
+    target = os.path.join(progs, digest)
+    os.makedirs(target, exist_ok=True)
+    for name, fd in ((PROGRAM_FROM_CONTAINER, from_fd), (PROGRAM_TO_CONTAINER, to_fd)):
+        path = os.path.join(target, name)
+        if os.path.exists(path):
+            os.unlink(path)
+        bpf.obj_pin(fd, path)
+
+
+def _unlink_tree(path: str) -> None:
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            _unlink_tree(os.path.join(path, name))
+        os.rmdir(path)
+    else:
+        os.unlink(path)
+
+
+def compile_programs(node: str, pin_dir: str, *, reuse_pinned: bool = True) -> LoadedPrograms:
+    """Load bpf_lxc.c for `node`, pinning/adopting maps under `pin_dir`.
+
+    Adopts this build's pinned programs when they exist (no compile), else compiles with
+    bcc and pins the result.
+    """
+    os.makedirs(pin_dir, exist_ok=True)
+    adopted = check_pins(pin_dir)
+    root = bpf_source_dir()
+    text = render_source(root / "bpf_lxc.c", root)
+    flags = compile_flags(node, pin_dir)
+    digest = source_digest(text, flags)
+    started = time.perf_counter()
+    if reuse_pinned and len(adopted) == len(ALL_SPECS):
+        fds = _adopt_pinned_programs(pin_dir, digest)
+        if fds is not None:
+            return LoadedPrograms(None, fds[0], fds[1], time.perf_counter() - started, adopted, digest)
+
+    from bcc import BPF  # imported here: the CLI and readers never need bcc
+    try:
+        module = BPF(text=text.encode(), cflags=flags)
+        from_fn = module.load_func(PROGRAM_FROM_CONTAINER.encode(), BPF.SCHED_CLS)
+        to_fn = module.load_func(PROGRAM_TO_CONTAINER.encode(), BPF.SCHED_CLS)
+    except Exception as exc:
+        raise PermanentError(f"compile/load bpf_lxc.c for node {node}: {exc}") from exc
+    elapsed = time.perf_counter() - started
+    _pin_programs(pin_dir, digest, from_fn.fd, to_fn.fd)
+    return LoadedPrograms(module, from_fn.fd, to_fn.fd, elapsed, adopted, digest)
