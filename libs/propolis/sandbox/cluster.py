@@ -1,0 +1,497 @@
+"""Driving a sandbox from outside: up, down, apply/delete, get, probe, wait.
+
+Why separate from the supervisor: these run in the short-lived CLI (and in
+tests), talk to the sandbox only through state.json, the Kubernetes API and
+NATS, and must work when the supervisor is dead (`down` after a crash finds
+everything by name: namespaces `pp-S-…`, pins `/sys/fs/bpf/propolis/S-worker*`,
+processes carrying PROPOLIS_SANDBOX=S).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from propolis.errors import CliError, PermanentError, TemporaryError, ValidationError
+from propolis.sandbox import netns as netns_mod
+from propolis.sandbox.config import (BPF_ROOT, RUN_ROOT, SANDBOX_ENV, SandboxConfig, SandboxState, allocate,
+                                     allocation_lock, existing_sandboxes, load_state, validate_sandbox_name)
+from propolis.sandbox.resources import KINDS, Document, ResourceKind, load_documents, resolve_kind, validate_documents
+
+UP_TIMEOUT_S = 60.0
+
+
+# --- up / down -----------------------------------------------------------------------------
+
+def supervisor_alive(state: SandboxState) -> bool:
+    pid = state.supervisor_pid
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+    except FileNotFoundError:
+        return False
+    return b"propolis.sandbox.daemon" in cmdline and state.sandbox().name.encode() in cmdline
+
+
+def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_cidr: str | None = None,
+       services: str = "all", timeout: float = UP_TIMEOUT_S) -> SandboxState:
+    """Start sandbox `name` in the background and return its ready state. Idempotent."""
+    validate_sandbox_name(name)
+    existing = load_state(name)
+    if existing is not None and supervisor_alive(existing):
+        cfg = existing.sandbox()
+        if existing.status == "ready":
+            if nodes != cfg.nodes:
+                raise ValidationError("nodes", f"sandbox {name!r} is already up with {cfg.nodes} nodes; "
+                                               f"`propolis sandbox down --name {name}` first to change it")
+            return existing
+        return _wait_ready(name, timeout)
+    if existing is not None or _leftovers_exist(name):
+        down(name)  # a dead sandbox's remains: clean before starting afresh
+    with allocation_lock():
+        cfg = allocate(name, nodes, cluster_cidr, service_cidr)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        SandboxState(config=_config_dict(cfg)).save(cfg.state_path)
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.log_dir / "supervisor.log", "ab") as logf:
+        proc = subprocess.Popen(supervisor_command(name, services), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                cwd="/", start_new_session=True, env=dict(os.environ, **{SANDBOX_ENV: name}))
+    try:
+        return _wait_ready(name, timeout, proc)
+    except CliError:
+        down(name)
+        raise
+
+
+def supervisor_command(name: str, services: str) -> list[str]:
+    return [sys.executable, "-m", "propolis.sandbox.daemon", "--name", name, "--services", services]
+
+
+def _config_dict(cfg: SandboxConfig) -> dict[str, Any]:
+    return {"name": cfg.name, "nodes": cfg.nodes, "index": cfg.index, "cluster_cidr": cfg.cluster_cidr,
+            "service_cidr": cfg.service_cidr}
+
+
+def _wait_ready(name: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> SandboxState:
+    deadline = time.monotonic() + timeout
+    log_path = SandboxConfig(name=name).log_dir / "supervisor.log"
+    while time.monotonic() < deadline:
+        state = load_state(name)
+        if state is not None and state.status == "ready":
+            return state
+        if state is not None and state.status == "failed":
+            raise CliError(f"sandbox {name} failed to start: {state.error}\n{_tail(log_path)}")
+        if proc is not None and proc.poll() is not None:
+            raise CliError(f"sandbox {name} supervisor exited with {proc.returncode}\n{_tail(log_path)}")
+        time.sleep(0.05)
+    raise CliError(f"sandbox {name} not ready within {timeout:.0f}s\n{_tail(log_path)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def _other_sandbox_names(name: str) -> list[str]:
+    others = []
+    if RUN_ROOT.is_dir():
+        others = [d.name for d in RUN_ROOT.iterdir() if d.is_dir() and d.name != name]
+    return others
+
+
+def owned_netns(name: str) -> list[str]:
+    """Namespaces of sandbox `name`, by prefix, minus those of another sandbox whose name extends it."""
+    cfg = SandboxConfig(name=name)
+    longer = [SandboxConfig(name=o) for o in _other_sandbox_names(name) if o.startswith(name + "-")]
+    return [ns for ns in netns_mod.list_netns()
+            if cfg.owns_netns(ns) and not any(o.owns_netns(ns) for o in longer)]
+
+
+def owned_pin_dirs(name: str) -> list[Path]:
+    cfg = SandboxConfig(name=name)
+    if not BPF_ROOT.is_dir():
+        return []
+    return [d for d in BPF_ROOT.iterdir() if cfg.owns_pin_dir(d.name)]
+
+
+def _leftovers_exist(name: str) -> bool:
+    return bool(owned_netns(name) or owned_pin_dirs(name) or (RUN_ROOT / name).exists())
+
+
+@dataclass
+class DownReport:
+    processes: list[int] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+    pin_dirs: list[str] = field(default_factory=list)
+    run_dir: str = ""
+
+
+def down(name: str) -> DownReport:
+    """Stop every process and remove every namespace, pin dir and the run dir of sandbox `name`."""
+    validate_sandbox_name(name)
+    report = DownReport()
+    state = load_state(name)
+    if state is not None and supervisor_alive(state):
+        netns_mod.terminate([state.supervisor_pid], timeout=15.0)
+        report.processes.append(state.supervisor_pid)
+    namespaces = owned_netns(name)
+    leftovers = netns_mod.pids_with_env(SANDBOX_ENV, name) + netns_mod.pids_in_netns(namespaces)
+    leftovers = [p for p in set(leftovers) if p != os.getpid()]
+    netns_mod.terminate(leftovers, timeout=5.0)
+    report.processes += leftovers
+    # pods first, then nodes, then the underlay: deleting a pod namespace takes its veth with it
+    cfg = SandboxConfig(name=name)
+    node_like = {cfg.node_netns(n) for n in range(1, 256)} | {cfg.underlay_netns}
+    ordered = [n for n in namespaces if n not in node_like] + [n for n in namespaces if n in node_like]
+    for ns in ordered:
+        netns_mod.delete_netns(ns)
+        report.namespaces.append(ns)
+    for pin in owned_pin_dirs(name):
+        shutil.rmtree(pin, ignore_errors=True)
+        report.pin_dirs.append(str(pin))
+    run_dir = RUN_ROOT / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        report.run_dir = str(run_dir)
+    return report
+
+
+def require_state(name: str) -> SandboxState:
+    state = load_state(name)
+    if state is None:
+        raise CliError(f"sandbox {name!r} is not up (no {RUN_ROOT / name / 'state.json'}); "
+                       f"run `propolis sandbox up --name {name}`")
+    if state.status != "ready":
+        raise CliError(f"sandbox {name!r} is {state.status}{': ' + state.error if state.error else ''}")
+    return state
+
+
+# --- the Kubernetes API, generically --------------------------------------------------------
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class Api:
+    """A small generic client for the sandbox API (any kind in resources.KINDS, by path)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "Api":
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def request(self, method: str, path: str, *, body: Any = None, params: dict[str, str] | None = None,
+                      content_type: str = "application/json") -> dict[str, Any]:
+        assert self.session is not None
+        data = json.dumps(body) if body is not None else None
+        try:
+            async with self.session.request(method, self.base_url + path, data=data, params=params,
+                                            headers={"Content-Type": content_type}) as resp:
+                text = await resp.text()
+                payload = json.loads(text) if text.strip() else {}
+                if resp.status >= 400:
+                    raise ApiError(resp.status, payload.get("message", text[:300]) if isinstance(payload, dict) else text)
+                return payload
+        except aiohttp.ClientError as exc:
+            raise TemporaryError(f"{method} {path}: {exc}") from exc
+
+    async def get(self, kind: ResourceKind, namespace: str | None, name: str) -> dict[str, Any]:
+        return await self.request("GET", kind.path(namespace, name))
+
+    async def list(self, kind: ResourceKind, namespace: str | None = None) -> dict[str, Any]:
+        return await self.request("GET", kind.path(namespace))
+
+    async def resource_version(self) -> str:
+        """The API's latest revision (any list carries it)."""
+        body = await self.list(KINDS["Namespace"])
+        return str(body.get("metadata", {}).get("resourceVersion", ""))
+
+
+# --- apply / delete ------------------------------------------------------------------------
+
+async def apply(state: SandboxState, paths: list[str], *, dry_run_first: bool = True) -> list[str]:
+    """Validate every document first (nothing is applied if one is bad), then create-or-replace each."""
+    docs = load_documents(paths)
+    validate_documents(docs)
+    out: list[str] = []
+    async with Api(state.apiserver_url) as api:
+        namespaces = {d.name for d in docs if d.kind.kind == "Namespace"}
+        missing = set()
+        for ns in sorted({d.namespace for d in docs if d.kind.namespaced} - namespaces):
+            try:
+                await api.get(KINDS["Namespace"], None, ns)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                missing.add(ns)
+        if dry_run_first:
+            for doc in docs:
+                await _dry_run(api, doc)
+        for ns in sorted(missing):
+            await api.request("POST", KINDS["Namespace"].path(None),
+                              body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            out.append(f"namespace/{ns} created (implicitly)")
+        ordered = sorted(docs, key=lambda d: d.kind.apply_order)
+        for doc in ordered:
+            out.append(await _apply_one(api, doc))
+    return out
+
+
+async def _dry_run(api: Api, doc: Document) -> None:
+    """Server-side validation without persisting (dryRun=All); a server that does not know it is skipped."""
+    try:
+        await api.request("POST", doc.kind.path(doc.namespace), body=doc.body, params={"dryRun": "All"})
+    except ApiError as exc:
+        if exc.status in (409, 404):  # exists already (replace later) / namespace created later
+            return
+        if exc.status in (400, 422):
+            raise ValidationError(doc.where, f"refused by the API server: {exc.message}") from None
+        raise
+
+
+async def _apply_one(api: Api, doc: Document) -> str:
+    label = f"{doc.kind.singular}/{doc.name}" + (f" in {doc.namespace}" if doc.kind.namespaced else "")
+    try:
+        await api.request("POST", doc.kind.path(doc.namespace), body=doc.body)
+        return f"{label} created"
+    except ApiError as exc:
+        if exc.status != 409:
+            raise CliError(f"{doc.where}: {exc.message} (documents before it were applied)") from None
+    current = await api.get(doc.kind, doc.namespace, doc.name)
+    body = json.loads(json.dumps(doc.body))
+    body.setdefault("metadata", {})["resourceVersion"] = current.get("metadata", {}).get("resourceVersion", "")
+    if "status" in current and "status" not in body:
+        body["status"] = current["status"]
+    if doc.kind.kind == "Pod":
+        # pods are immutable apart from a few fields in Kubernetes: keep the binding the scheduler made
+        body.setdefault("spec", {}).setdefault("nodeName", current.get("spec", {}).get("nodeName", ""))
+    try:
+        await api.request("PUT", doc.kind.path(doc.namespace, doc.name), body=body)
+    except ApiError as exc:
+        raise CliError(f"{doc.where}: {exc.message}") from None
+    return f"{label} configured"
+
+
+async def delete(state: SandboxState, paths: list[str]) -> list[str]:
+    docs = load_documents(paths)
+    validate_documents(docs)
+    out = []
+    async with Api(state.apiserver_url) as api:
+        for doc in sorted(docs, key=lambda d: -d.kind.apply_order):
+            label = f"{doc.kind.singular}/{doc.name}" + (f" in {doc.namespace}" if doc.kind.namespaced else "")
+            try:
+                await api.request("DELETE", doc.kind.path(doc.namespace, doc.name))
+                out.append(f"{label} deleted")
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise CliError(f"{doc.where}: {exc.message}") from None
+                out.append(f"{label} not found")
+    return out
+
+
+async def get(state: SandboxState, kind_name: str, target: str | None) -> Any:
+    kind = resolve_kind(kind_name)
+    async with Api(state.apiserver_url) as api:
+        if target is None:
+            body = await api.list(kind)
+            return body
+        namespace, name = split_target(target, kind.namespaced)
+        try:
+            return await api.get(kind, namespace, name)
+        except ApiError as exc:
+            raise CliError(f"{kind.singular} {target}: {exc.message}") from None
+
+
+def split_target(target: str, namespaced: bool = True) -> tuple[str | None, str]:
+    if not namespaced:
+        return None, target
+    if "/" in target:
+        ns, _, name = target.partition("/")
+        return ns, name
+    return "default", target
+
+
+# --- probes --------------------------------------------------------------------------------
+
+@dataclass
+class Destination:
+    ip: str
+    label: str
+    ports: dict[str, list[int]]  # protocol -> declared ports (first is the default)
+
+
+async def resolve_destination(api: Api, target: str) -> Destination:
+    """TO of `probe`: ns/pod, ns/service (its ClusterIP), or an IP. DNS names need the DNS proxy (later work)."""
+    try:
+        ipaddress.IPv4Address(target)
+        return Destination(target, target, {})
+    except ValueError:
+        pass
+    if "/" not in target:
+        raise CliError(f"probe target {target!r}: DNS names are not resolved yet (they will be once the "
+                       "DNS proxy exists); use ns/pod, ns/service or an IP")
+    namespace, name = split_target(target)
+    try:
+        pod = await api.get(KINDS["Pod"], namespace, name)
+        ip = pod.get("status", {}).get("podIP", "")
+        if not ip:
+            raise CliError(f"pod {target} has no IP yet (phase {pod.get('status', {}).get('phase', 'Pending')})")
+        return Destination(ip, target, pod_ports(pod))
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+    try:
+        svc = await api.get(KINDS["Service"], namespace, name)
+    except ApiError as exc:
+        if exc.status == 404:
+            raise CliError(f"no pod or service named {target}") from None
+        raise
+    ip = svc.get("spec", {}).get("clusterIP", "")
+    if not ip or ip == "None":
+        raise CliError(f"service {target} has no ClusterIP")
+    ports: dict[str, list[int]] = {}
+    for port in svc.get("spec", {}).get("ports", []) or []:
+        ports.setdefault(str(port.get("protocol", "TCP")).upper(), []).append(int(port["port"]))
+    return Destination(ip, target, ports)
+
+
+def pod_ports(pod: dict[str, Any]) -> dict[str, list[int]]:
+    ports: dict[str, list[int]] = {}
+    for container in pod.get("spec", {}).get("containers", []) or []:
+        for port in container.get("ports", []) or []:
+            ports.setdefault(str(port.get("protocol", "TCP")).upper(), []).append(int(port["containerPort"]))
+    return ports
+
+
+def source_netns(state: SandboxState, source: str) -> str:
+    namespace, name = split_target(source)
+    netns = state.sandbox().pod_netns(namespace or "default", name)
+    if not netns_mod.netns_exists(netns):
+        raise CliError(f"pod {namespace}/{name} has no network namespace in sandbox {state.sandbox().name} "
+                       "(not scheduled or not running yet?)")
+    return netns
+
+
+async def running_pods(api: Api, state: SandboxState) -> list[dict[str, Any]]:
+    body = await api.list(KINDS["Pod"])
+    cfg = state.sandbox()
+    pods = []
+    for pod in body.get("items", []):
+        meta = pod.get("metadata", {})
+        if pod.get("status", {}).get("podIP") and not meta.get("deletionTimestamp") and \
+                netns_mod.netns_exists(cfg.pod_netns(meta.get("namespace", "default"), meta["name"])):
+            pods.append(pod)
+    return sorted(pods, key=lambda p: (p["metadata"].get("namespace", ""), p["metadata"]["name"]))
+
+
+# --- wait ----------------------------------------------------------------------------------
+
+def expected_reporters(state: SandboxState) -> list[tuple[str, str]]:
+    """(service, node) pairs whose heartbeat progress `wait` waits for: kubelets + progress-reporting services."""
+    from propolis.sandbox.services import SANDBOX_SERVICES
+    reporting = {s.name for s in SANDBOX_SERVICES if s.reports_progress}
+    pairs = [("kubelet", n["name"]) for n in state.nodes]
+    pairs += [(s["name"], s["node"]) for s in state.services if s["name"] in reporting]
+    return pairs
+
+
+def rv_at_least(have: Any, want: str) -> bool:
+    have_s = str(have or "")
+    if have_s.isdigit() and want.isdigit():
+        return int(have_s) >= int(want)
+    return have_s == want and bool(want)
+
+
+async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
+    """Block until every expected reporter's heartbeat says it caught up with the API's latest revision."""
+    from propolis.bus import subjects
+    from propolis.bus.connection import Bus
+    from propolis.bus.messages import Heartbeat
+    from propolis.bus import codec
+
+    async with Api(state.apiserver_url) as api:
+        target = await api.resource_version()
+    wanted = expected_reporters(state)
+    bus = Bus(state.nats_url, name="propolis-sandbox-wait")
+    await bus.connect(max_wait=5)
+    try:
+        kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
+        deadline = time.monotonic() + timeout
+        progress: dict[str, str] = {}
+        while True:
+            items = await kv.items()
+            latest: dict[tuple[str, str], tuple[float, str]] = {}
+            reasons: dict[str, str] = {}
+            for entry in items.values():
+                beat = entry.value
+                if isinstance(beat, (bytes, bytearray)):
+                    beat = codec.decode(beat, Heartbeat)
+                if not isinstance(beat, Heartbeat):
+                    continue
+                key = (beat.service, beat.node)
+                rv = str(beat.progress.get("k8s_resource_version", ""))
+                if key not in latest or beat.sent_at > latest[key][0]:
+                    latest[key] = (beat.sent_at, rv)
+                    reasons[f"{beat.service}/{beat.node}"] = "; ".join(
+                        c.get("reason", "") for c in beat.components.values() if c.get("reason"))
+            progress = {f"{s}/{n}": latest.get((s, n), (0.0, ""))[1] for s, n in wanted}
+            behind = [k for k, rv in progress.items() if not rv_at_least(rv, target)]
+            if not behind:
+                return {"resourceVersion": target, **progress}
+            if time.monotonic() > deadline:
+                raise CliError(f"not caught up with resourceVersion {target} within {timeout:.0f}s: " +
+                               ", ".join(f"{k} at {progress[k] or 'nothing'}" +
+                                         (f" ({reasons[k]})" if reasons.get(k) else "") for k in behind))
+            await asyncio.sleep(0.2)
+    finally:
+        await bus.close()
+
+
+def down_all() -> list[DownReport]:
+    """`down --all`: every sandbox with a state file on this machine (not other run dirs like `dev`)."""
+    return [down(name) for name in sorted(existing_sandboxes()) if _is_sandbox_name(name)]
+
+
+def _is_sandbox_name(name: str) -> bool:
+    try:
+        validate_sandbox_name(name)
+        return True
+    except ValidationError:
+        return False
+
+
+def load_state_or_fail(name: str) -> SandboxState:
+    state = load_state(name)
+    if state is None:
+        raise CliError(f"sandbox {name!r} has no state file")
+    return state
+
+
+__all__ = ["up", "down", "down_all", "apply", "delete", "get", "wait", "Api", "ApiError", "require_state",
+           "PermanentError"]

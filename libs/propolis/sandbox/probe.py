@@ -1,0 +1,178 @@
+"""Reachability probes with real packets, sent from inside a pod's network namespace.
+
+Why sockets instead of `ip netns exec nc`: a socket created while the calling
+thread is switched into the pod namespace (setns) stays in that namespace, so
+one asyncio loop in the root namespace can run thousands of probes from any
+pods in parallel (far beyond the 200 probes/s `probe --all` needs) without a
+process per probe.
+
+TCP: connected = the handshake completed; the pod's echo server then names
+itself (`answered_by`). UDP: connected = a reply came back (resent a few times
+within the timeout); an ICMP port unreachable ends the probe early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from propolis.errors import ValidationError
+from propolis.sandbox import netns as netns_mod
+
+PROBE_PAYLOAD = b"propolis-probe\n"
+PROTOCOLS = ("TCP", "UDP")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe: from a pod (its namespace) to an address and port."""
+
+    from_netns: str
+    ip: str
+    port: int
+    protocol: str = "TCP"
+    from_label: str = ""  # "ns/pod" for reports
+    to_label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValidationError("protocol", f"must be TCP or UDP, got {self.protocol!r}")
+        if not 1 <= self.port <= 65535:
+            raise ValidationError("port", f"must be 1..65535, got {self.port}")
+
+
+@dataclass
+class ProbeResult:
+    spec: ProbeSpec
+    connected: bool
+    answered_by: str = ""
+    error: str = ""
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The `probe --all -o json` record: from, to, port, protocol, connected (+ detail)."""
+        return {"from": self.spec.from_label or self.spec.from_netns, "to": self.spec.to_label or self.spec.ip,
+                "port": self.spec.port, "protocol": self.spec.protocol, "connected": self.connected,
+                "ip": self.spec.ip, "answeredBy": self.answered_by, "error": self.error}
+
+
+def _parse_answer(data: bytes) -> str:
+    first = data.split(b" ", 1)[0].split(b"\n", 1)[0]
+    return first.decode(errors="replace")
+
+
+async def _probe_tcp(spec: ProbeSpec, timeout: float) -> ProbeResult:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    sock = netns_mod.socket_in(spec.from_netns, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (spec.ip, spec.port)), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            return ProbeResult(spec, False, error="timeout", elapsed_s=time.monotonic() - started)
+        except OSError as exc:
+            return ProbeResult(spec, False, error=exc.strerror or str(exc), elapsed_s=time.monotonic() - started)
+        answered = ""
+        try:
+            await loop.sock_sendall(sock, PROBE_PAYLOAD)
+            remaining = max(0.05, timeout - (time.monotonic() - started))
+            data = await asyncio.wait_for(loop.sock_recv(sock, 4096), remaining)
+            answered = _parse_answer(data) if data else ""
+        except (OSError, asyncio.TimeoutError, TimeoutError):
+            pass  # connected is about the handshake; the echo is a bonus
+        return ProbeResult(spec, True, answered_by=answered, elapsed_s=time.monotonic() - started)
+    finally:
+        sock.close()
+
+
+async def _probe_udp(spec: ProbeSpec, timeout: float, attempts: int = 3) -> ProbeResult:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    sock = netns_mod.socket_in(spec.from_netns, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        try:
+            sock.connect((spec.ip, spec.port))
+        except OSError as exc:
+            return ProbeResult(spec, False, error=exc.strerror or str(exc))
+        per_try = timeout / attempts
+        for _ in range(attempts):
+            try:
+                sock.send(PROBE_PAYLOAD)
+                data = await asyncio.wait_for(loop.sock_recv(sock, 4096), per_try)
+                return ProbeResult(spec, True, answered_by=_parse_answer(data), elapsed_s=time.monotonic() - started)
+            except (asyncio.TimeoutError, TimeoutError):
+                continue
+            except OSError as exc:  # ICMP unreachable surfaces as ECONNREFUSED
+                return ProbeResult(spec, False, error=exc.strerror or str(exc), elapsed_s=time.monotonic() - started)
+        return ProbeResult(spec, False, error="timeout", elapsed_s=time.monotonic() - started)
+    finally:
+        sock.close()
+
+
+async def probe(spec: ProbeSpec, *, timeout: float = 2.0) -> ProbeResult:
+    """Run one probe; never raises for network outcomes (they are the result)."""
+    if spec.protocol == "TCP":
+        return await _probe_tcp(spec, timeout)
+    return await _probe_udp(spec, timeout)
+
+
+async def probe_all(specs: Iterable[ProbeSpec], *, timeout: float = 1.0, concurrency: int = 256) -> list[ProbeResult]:
+    """Run probes in parallel (bounded), results in the order given."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(spec: ProbeSpec) -> ProbeResult:
+        async with gate:
+            return await probe(spec, timeout=timeout)
+
+    return list(await asyncio.gather(*(one(s) for s in specs)))
+
+
+@dataclass
+class Matrix:
+    """A truth table per (protocol, port), like the Kubernetes network-policy e2e output."""
+
+    pods: list[str] = field(default_factory=list)
+    cells: dict[tuple[str, int], dict[tuple[str, str], bool]] = field(default_factory=dict)
+
+    @classmethod
+    def from_results(cls, results: list[ProbeResult]) -> "Matrix":
+        matrix = cls()
+        seen: dict[str, None] = {}
+        for r in results:
+            seen.setdefault(r.spec.from_label, None)
+            seen.setdefault(r.spec.to_label, None)
+            matrix.cells.setdefault((r.spec.protocol, r.spec.port), {})[(r.spec.from_label, r.spec.to_label)] = r.connected
+        matrix.pods = list(seen)
+        return matrix
+
+    def render(self) -> str:
+        """Rows are sources, columns destinations; `.` connected, `X` not, blank not probed."""
+        out = []
+        width = max([len(p) for p in self.pods] + [7])
+        for (protocol, port), table in sorted(self.cells.items()):
+            columns = [p for p in self.pods if any(to == p for (_, to) in table)]
+            rows = [p for p in self.pods if any(fr == p for (fr, _) in table)]
+            out.append(f"{protocol}/{port}:")
+            out.append(" " * (width + 1) + " ".join(f"{i:>2}" for i in range(len(columns))))
+            for row in rows:
+                marks = []
+                for col in columns:
+                    value = table.get((row, col))
+                    marks.append(" ." if value else (" X" if value is not None else "  "))
+                out.append(f"{row:<{width}} " + " ".join(marks))
+            out.append("  columns: " + ", ".join(f"{i}={c}" for i, c in enumerate(columns)))
+            ok = sum(1 for v in table.values() if v)
+            out.append(f"  {ok}/{len(table)} connected")
+            out.append("")
+        return "\n".join(out).rstrip() + "\n"
+
+
+def results_json(results: list[ProbeResult]) -> list[dict[str, Any]]:
+    return [r.to_json() for r in results]
+
+
+def spec_dict(spec: ProbeSpec) -> dict[str, Any]:
+    return asdict(spec)

@@ -1,0 +1,88 @@
+"""The Propolis services a sandbox runs: one list, per cluster and per node.
+
+Why a list: `propolis sandbox up` must start whatever the suite consists of at
+the time, and later work adds a service by appending one `SandboxService` to
+`SANDBOX_SERVICES` below — nothing else changes. The supervisor starts each
+entry (once, or once per node), restarts it with back-off when it dies,
+records it in state.json, and `propolis sandbox wait` waits for the heartbeat
+progress of every entry with `reports_progress`.
+
+Every process gets the environment of `service_env` (the runtime's settings
+read PROPOLIS_NATS_URL, PROPOLIS_NODE_NAME, PROPOLIS_CLUSTER_NAME; the sandbox
+adds PROPOLIS_KUBECONFIG, PROPOLIS_NODE_NETNS, PROPOLIS_BPF_PIN_DIR,
+PROPOLIS_DATAPATH_SOCKET, PROPOLIS_RUN_DIR and PROPOLIS_SANDBOX). `argv` items
+may use the same values as `{placeholders}`: {sandbox} {node} {node_netns}
+{kubeconfig} {nats_url} {run_dir} {pin_dir} {datapath_socket} {apiserver_url}
+{node_ip} {pod_cidr} {cluster_cidr} {service_cidr}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from propolis.errors import ValidationError
+
+
+@dataclass(frozen=True)
+class SandboxService:
+    """One deployable process of the suite as the sandbox runs it."""
+
+    name: str  # the service name used in heartbeats (e.g. "datapath-writer")
+    scope: str  # "cluster": one instance; "node": one per node (like a DaemonSet)
+    argv: tuple[str, ...]  # command line; {placeholders} filled from the service context
+    #: node scope only: this service answers the CNI plugin on {datapath_socket}; the CNI config then
+    #: names the socket (fail closed) and the kubelet waits for it before wiring pods.
+    serves_datapath_socket: bool = False
+    #: `propolis sandbox wait` waits until its heartbeat progress["k8s_resource_version"] >= the API's latest.
+    reports_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("cluster", "node"):
+            raise ValidationError("scope", f"must be 'cluster' or 'node', got {self.scope!r}")
+        if self.serves_datapath_socket and self.scope != "node":
+            raise ValidationError("serves_datapath_socket", "only a per-node service can serve the datapath socket")
+
+    def command(self, context: dict[str, Any]) -> list[str]:
+        return [part.format(**context) for part in self.argv]
+
+
+#: The suite. Append here (one line per service) as services come to exist, e.g.
+#:   SandboxService("k8s-watcher", "cluster", ("propolis-k8s-watcher",)),
+#:   SandboxService("datapath-writer", "node", ("propolis-datapath-writer",), serves_datapath_socket=True),
+SANDBOX_SERVICES: list[SandboxService] = []
+
+
+def selected(names: str | None) -> list[SandboxService]:
+    """`--services all|none|a,b`: which entries of the list to run (tests of the bare sandbox use none)."""
+    if names in (None, "", "all"):
+        return list(SANDBOX_SERVICES)
+    if names == "none":
+        return []
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {s.name: s for s in SANDBOX_SERVICES}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValidationError("services", f"unknown service(s) {', '.join(unknown)}; known: "
+                                          f"{', '.join(known) or '(none yet)'}")
+    return [known[n] for n in wanted]
+
+
+def service_env(context: dict[str, Any]) -> dict[str, str]:
+    """Environment of a service process (runtime settings + sandbox specifics)."""
+    env = {
+        "PROPOLIS_NATS_URL": context["nats_url"],
+        "PROPOLIS_CLUSTER_NAME": context["sandbox"],
+        "PROPOLIS_KUBECONFIG": context["kubeconfig"],
+        "KUBECONFIG": context["kubeconfig"],
+        "PROPOLIS_RUN_DIR": context["run_dir"],
+        "PROPOLIS_SANDBOX": context["sandbox"],
+    }
+    if context.get("node"):
+        env.update({
+            "PROPOLIS_NODE_NAME": context["node"],
+            "PROPOLIS_NODE_NETNS": context["node_netns"],
+            "PROPOLIS_BPF_PIN_DIR": context["pin_dir"],
+            "PROPOLIS_DATAPATH_SOCKET": context["datapath_socket"],
+        })
+    return env
