@@ -25,6 +25,7 @@
 #include "lib/conntrack.h"
 #include "lib/policy.h"
 #include "lib/lb.h"
+#include "lib/nodeport.h"
 
 static __always_inline struct endpoint_info *lookup_ip4_endpoint(__be32 ip)
 {
@@ -94,10 +95,30 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 		c.enforced = (ep->flags & ENDPOINT_F_INGRESS_ENFORCED) != 0;
 	}
 
-	/* SERVICE LB HOOK (issue 6): in cil_from_container, before conntrack,
-	 * look up cilium_lb4_services_v2 for (daddr, dport, proto), DNAT to a
-	 * backend with a CT_SERVICE entry; in cil_to_container reverse-NAT
-	 * replies via ct_entry.rev_nat_index. Layouts: lib/lb.h. */
+	/* Service load-balancing (lib/lb.h): DNAT before conntrack, so the
+	 * connection is tracked and the policy decided on the backend. */
+	if (egress) {
+		int hairpin = 0;
+
+		if (lb4_hairpin_reply(skb, &c.p)) {
+			send_trace_notify(&c, TRACE_TO_STACK, TRACE_REASON_REPLY, c.p.tcp_flags, 1);
+			return CTX_ACT_OK;
+		}
+		ret = lb4_local(skb, &c.p, &c.rev_nat, &hairpin);
+		if (ret < 0)
+			return send_drop_notify(&c, -ret, POLICY_MATCH_NONE);
+		if (c.rev_nat)
+			c.dst_id = resolve_identity4(c.p.daddr);
+	} else if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_HAIRPIN) {
+		/* a pod reaching itself through a service: tracked by cil_from_container */
+		skb->mark = 0;
+		send_trace_notify(&c, TRACE_TO_LXC, TRACE_REASON_ESTABLISHED, c.p.tcp_flags, 0);
+		return CTX_ACT_OK;
+	} else if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_NODEPORT) {
+		/* DNATed by cil_from_netdev: the reply must get the NodePort frontend back */
+		c.rev_nat = (__u16)(skb->mark & 0xffff);
+		skb->mark = 0;
+	}
 
 	if (ct_is_related4(&c.p, side)) {
 		send_trace_notify(&c, egress ? TRACE_TO_STACK : TRACE_TO_LXC, TRACE_REASON_RELATED, 0, 1);
@@ -107,6 +128,19 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 	status = ct_lookup4(&c.p, side, &new_flags, &entry);
 	if (status == CT_ESTABLISHED || status == CT_REPLY) {
 		/* L7 HOOK: an entry with proxy_port != 0 will be redirected here. */
+		if (status == CT_REPLY && entry && entry->rev_nat_index) {
+			/* reverse NAT: the client sees the service frontend reply */
+			ret = lb4_rev_nat(skb, &c.p, entry->rev_nat_index);
+			if (ret < 0)
+				return send_drop_notify(&c, -ret, POLICY_MATCH_NONE);
+			if (egress) {
+				/* a NodePort reply from a local backend: its source is now
+				 * the node's address, which the stack would take for a
+				 * martian; route it ourselves (lib/nodeport.h) */
+				send_trace_notify(&c, TRACE_TO_STACK, TRACE_REASON_REPLY, new_flags, 1);
+				return nodeport_redirect(skb, &c.p);
+			}
+		}
 		send_trace_notify(&c, egress ? TRACE_TO_STACK : TRACE_TO_LXC,
 				  status == CT_REPLY ? TRACE_REASON_REPLY : TRACE_REASON_ESTABLISHED,
 				  new_flags, status == CT_REPLY);

@@ -196,6 +196,7 @@ static __always_inline int ct_create4(struct lxc_ctx *c, __u8 side, __be16 proxy
 	entry.dst_sec_id = c->dst_id;
 	entry.endpoint_id = c->ep_id;
 	entry.proxy_port = proxy_port;
+	entry.rev_nat_index = c->rev_nat;	/* replies get the service frontend back (lb.h) */
 	if (!is_tcp) {
 		entry.lifetime = bpf_mono_now() + CT_CONNECTION_LIFETIME_NONTCP;
 	} else if (p->tcp_flags & (TCP_FLAG_RST | TCP_FLAG_FIN)) {

@@ -1,39 +1,103 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * lb.h - service load-balancing (kube-proxy replacement): RESERVED for
- * issue 6. Nothing here is compiled into a map yet.
+ * lb.h - service load-balancing (kube-proxy replacement), Cilium's layouts.
  *
- * Where it plugs in: cil_from_container calls the service lookup right
- * after the endpoint lookup and before conntrack (see "SERVICE LB HOOK"
- * in bpf_lxc.c): lookup cilium_lb4_services_v2 {VIP, dport, proto, scope,
- * backend_slot 0}, pick a backend slot (random or Maglev), read
- * cilium_lb4_backends_v3[backend_id], DNAT, create a CT_SERVICE entry
- * carrying rev_nat_index (ct_entry.rev_nat_index exists already) and
- * reverse-NAT replies from cilium_lb4_reverse_nat in cil_to_container.
- * The policy decision then sees the backend address (as Cilium does).
+ * Why maps instead of rule chains: a ClusterIP is one hash lookup whatever
+ * the number of services (kube-proxy's iptables walk KUBE-SERVICES rule by
+ * rule). Mirrored by libs/propolis/maps/lb.py (checked by test_layouts).
  *
- * Layouts below follow Cilium's (bpf/lib/common.h lb4_*), so issue 6 can
- * declare the pinned maps in maps.h with them unchanged.
+ *   cilium_lb4_services_v2  {VIP, dport, proto, slot} -> slot 0: master entry
+ *                           (count of ACTIVE backends, rev_nat_index, flags,
+ *                           affinity timeout in backend_id); slot 1..count:
+ *                           backend ids. Terminating backends are in no slot.
+ *   cilium_lb4_backends_v3  backend id -> {address, port, proto, state}.
+ *                           Terminating backends stay here while their
+ *                           service lists them, so established flows live on.
+ *   cilium_lb4_reverse_nat  rev_nat_index -> the frontend, to restore the
+ *                           source of replies.
+ *   cilium_lb4_affinity     {client IP, rev_nat_index} -> {last used, backend}
+ *                           (sessionAffinity: ClientIP).
+ *   cilium_lb4_maglev       rev_nat_index -> Maglev lookup table of M backend
+ *                           ids (M prime; loadBalancer.algorithm=maglev).
+ *   cilium_snat_v4_external NodePort to a backend on another node: the reply
+ *                           tuple -> the client, to undo the SNAT.
+ *
+ * Flow memory: a CT_SERVICE entry in the conntrack maps keyed by the ORIGINAL
+ * (VIP) tuple holds the chosen backend id in rx_packets (Cilium keeps it in
+ * the same place), so every packet of a flow sticks to its backend; the
+ * translated flow's CT entry carries rev_nat_index for the replies.
+ * Policy is decided after DNAT, on the backend's identity (as Cilium).
  */
 #ifndef __PROPOLIS_LB_H_
 #define __PROPOLIS_LB_H_
 
 #include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/packet.h"
+#include "lib/conntrack.h"
+
+#ifndef LB_SERVICE_MAP_SIZE
+#define LB_SERVICE_MAP_SIZE 65536
+#endif
+#ifndef LB_BACKENDS_MAP_SIZE
+#define LB_BACKENDS_MAP_SIZE 65536
+#endif
+#ifndef LB_REV_NAT_MAP_SIZE
+#define LB_REV_NAT_MAP_SIZE 65536
+#endif
+#ifndef LB_AFFINITY_MAP_SIZE
+#define LB_AFFINITY_MAP_SIZE 65536
+#endif
+#ifndef LB_MAGLEV_MAP_SIZE
+#define LB_MAGLEV_MAP_SIZE 16384
+#endif
+#ifndef LB_MAGLEV_TABLE_SIZE
+#define LB_MAGLEV_TABLE_SIZE 251	/* M, prime (Cilium's smallest allowed maglev.tableSize) */
+#endif
+#ifndef SNAT_MAP_SIZE
+#define SNAT_MAP_SIZE 65536
+#endif
+
+/* service flags (Cilium's SVC_FLAG_* values) */
+#define SVC_FLAG_EXTERNAL_IP	(1 << 0)
+#define SVC_FLAG_NODEPORT	(1 << 1)
+#define SVC_FLAG_EXT_LOCAL_SCOPE (1 << 2)
+#define SVC_FLAG_AFFINITY	(1 << 4)
+#define SVC_FLAG_LOADBALANCER	(1 << 5)
+#define SVC_FLAG_ROUTABLE	(1 << 6)
+/* flags2 */
+#define SVC_FLAG_INT_LOCAL_SCOPE (1 << 4)
+#define SVC_FLAG_MAGLEV		(1 << 7)	/* Propolis: this service selects with Maglev */
+
+/* backend states (Cilium's BE_STATE_*) */
+#define BE_STATE_ACTIVE		0
+#define BE_STATE_TERMINATING	1
+#define BE_STATE_QUARANTINED	2
+#define BE_STATE_MAINTENANCE	3
+
+/* Cilium's IPV4_LOOPBACK: the source a pod sees when it reaches itself through a service */
+#define LB_HAIRPIN_IP		pp_htonl(0xa9fe2a01)	/* 169.254.42.1 */
+
+/* skb->mark set while a packet crosses the node namespace (kept within a netns,
+ * scrubbed when it crosses one, so a pod cannot forge it) */
+#define MARK_MAGIC_MASK		0xffff0000
+#define MARK_MAGIC_HAIRPIN	0x4c480000	/* "LH": hairpin, already tracked */
+#define MARK_MAGIC_NODEPORT	0x4c4e0000	/* "LN": low 16 bits = rev_nat_index */
 
 struct lb4_key {
 	__be32 address;		/* service VIP */
 	__be16 dport;		/* L4 port, network order */
 	__u16 backend_slot;	/* 0 = master entry, 1..count = backends */
-	__u8 proto;		/* L4 protocol, 0 = any */
-	__u8 scope;		/* 0 external, 1 internal (traffic policy Local) */
+	__u8 proto;		/* L4 protocol */
+	__u8 scope;		/* 0 external, 1 internal (unused: per-node maps hold the node's view) */
 	__u8 pad[2];
 };
 
 struct lb4_service {
-	__u32 backend_id;	/* slot > 0: backend; slot 0: affinity timeout */
-	__u16 count;		/* slot 0: number of backends */
+	__u32 backend_id;	/* slot > 0: backend; slot 0: affinity timeout (s) */
+	__u16 count;		/* slot 0: number of ACTIVE backends */
 	__u16 rev_nat_index;
-	__u8 flags;
+	__u8 flags;		/* SVC_FLAG_* */
 	__u8 flags2;
 	__u8 pad[2];
 };
@@ -42,7 +106,7 @@ struct lb4_backend {
 	__be32 address;
 	__be16 port;
 	__u8 proto;
-	__u8 flags;		/* backend state: active, terminating, ... */
+	__u8 flags;		/* BE_STATE_* */
 	__u16 cluster_id;
 	__u8 zone;
 	__u8 pad;
@@ -53,5 +117,314 @@ struct lb4_reverse_nat {
 	__be16 port;
 	__u16 pad;
 };
+
+struct lb4_affinity_key {
+	__be32 client_ip;
+	__u32 client_pad;	/* Cilium: union with the 64-bit socket cookie */
+	__u16 rev_nat_id;
+	__u8 netns_cookie;
+	__u8 pad1;
+	__u32 pad2;
+};
+
+struct lb_affinity_val {
+	__u64 last_used;	/* seconds, bpf_mono_now() */
+	__u32 backend_id;
+	__u32 pad;
+};
+
+struct lb4_maglev {
+	__u32 backend_ids[LB_MAGLEV_TABLE_SIZE];
+};
+
+struct ipv4_nat_entry {
+	__u64 created;
+	__be32 to_addr;		/* the client to restore */
+	__be16 to_port;
+	__u16 rev_nat_index;
+};
+
+BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, lb4_services,
+		 LB_SERVICE_MAP_SIZE, PIN_DIR "/cilium_lb4_services_v2", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct lb4_backend, lb4_backends,
+		 LB_BACKENDS_MAP_SIZE, PIN_DIR "/cilium_lb4_backends_v3", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u16, struct lb4_reverse_nat, lb4_reverse_nat,
+		 LB_REV_NAT_MAP_SIZE, PIN_DIR "/cilium_lb4_reverse_nat", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct lb4_affinity_key, struct lb_affinity_val, lb4_affinity,
+		 LB_AFFINITY_MAP_SIZE, PIN_DIR "/cilium_lb4_affinity");
+BPF_TABLE_PINNED("hash", __u32, struct lb4_maglev, lb4_maglev,
+		 LB_MAGLEV_MAP_SIZE, PIN_DIR "/cilium_lb4_maglev", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct ipv4_ct_tuple, struct ipv4_nat_entry, snat4_external,
+		 SNAT_MAP_SIZE, PIN_DIR "/cilium_snat_v4_external");
+
+/* ---- packet rewriting ---- */
+
+#define LB_REWRITE_SRC 0
+#define LB_REWRITE_DST 1
+
+/* Rewrite the source or destination address+port of a TCP/UDP packet with
+ * incremental checksum updates; keeps c->p in step. 0 or -DROP_INVALID. */
+static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct pkt4 *p, int which,
+				       __be32 new_addr, __be16 new_port)
+{
+	__u8 vihl;
+	__u32 l4_off, csum_off, addr_off, port_off;
+	__be32 old_addr = which == LB_REWRITE_DST ? p->daddr : p->saddr;
+	__be16 old_port = which == LB_REWRITE_DST ? p->dport : p->sport;
+	__u64 l4_flags = BPF_F_PSEUDO_HDR;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &vihl, 1) < 0)
+		return -DROP_INVALID;
+	l4_off = ETH_HLEN + ((__u32)(vihl & 0x0f)) * 4;
+	if (p->protocol == IPPROTO_TCP) {
+		csum_off = l4_off + 16;
+	} else {
+		csum_off = l4_off + 6;
+		l4_flags |= BPF_F_MARK_MANGLED_0;
+	}
+	addr_off = ETH_HLEN + (which == LB_REWRITE_DST ? 16 : 12);
+	port_off = l4_off + (which == LB_REWRITE_DST ? 2 : 0);
+
+	if (old_addr != new_addr) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, l4_flags | 4) < 0 ||
+		    bpf_l3_csum_replace(skb, ETH_HLEN + 10, old_addr, new_addr, 4) < 0 ||
+		    bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) < 0)
+			return -DROP_INVALID;
+	}
+	if (old_port != new_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
+					(l4_flags & BPF_F_MARK_MANGLED_0) | 2) < 0 ||
+		    bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) < 0)
+			return -DROP_INVALID;
+	}
+	if (which == LB_REWRITE_DST) {
+		p->daddr = new_addr;
+		p->dport = new_port;
+		p->policy_port = pp_ntohs(new_port);
+	} else {
+		p->saddr = new_addr;
+		p->sport = new_port;
+	}
+	return 0;
+}
+
+/* Restore the frontend as the source of a reply (reverse NAT). */
+static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt4 *p, __u16 rev_nat_index)
+{
+	struct lb4_reverse_nat *rn = lb4_reverse_nat.lookup(&rev_nat_index);
+
+	if (!rn)
+		return 0;	/* service gone: the reply keeps the backend's address */
+	return lb4_rewrite(skb, p, LB_REWRITE_SRC, rn->address, rn->port);
+}
+
+/* ---- backend selection ---- */
+
+static __always_inline __u32 lb_mix(__u32 h)
+{
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline __u32 lb4_flow_hash(struct pkt4 *p)
+{
+	__u32 h = lb_mix(p->saddr ^ 0x9e3779b9);
+
+	h = lb_mix(h ^ p->daddr);
+	h = lb_mix(h ^ (((__u32)p->sport << 16) | p->dport));
+	return lb_mix(h ^ p->protocol);
+}
+
+static __always_inline __u32 lb4_select_new(struct pkt4 *p, struct lb4_key *key,
+					    struct lb4_service *svc)
+{
+	struct lb4_service *slot;
+	struct lb4_maglev *table;
+	__u32 rev = svc->rev_nat_index, idx;
+
+	if (svc->flags2 & SVC_FLAG_MAGLEV) {
+		table = lb4_maglev.lookup(&rev);
+		if (!table)
+			return 0;
+		idx = lb4_flow_hash(p) % LB_MAGLEV_TABLE_SIZE;
+		asm volatile("" : "+r"(idx));	/* keep the bound check for the verifier */
+		if (idx >= LB_MAGLEV_TABLE_SIZE)
+			return 0;
+		return table->backend_ids[idx];
+	}
+	key->backend_slot = (__u16)(bpf_get_prandom_u32() % svc->count) + 1;
+	slot = lb4_services.lookup(key);
+	key->backend_slot = 0;
+	return slot ? slot->backend_id : 0;
+}
+
+static __always_inline __u32 lb4_affinity_backend(struct pkt4 *p, struct lb4_service *svc, __u32 now)
+{
+	struct lb4_affinity_key akey = {};
+	struct lb_affinity_val *aval;
+	struct lb4_backend *be;
+	__u32 id;
+
+	akey.client_ip = p->saddr;
+	akey.rev_nat_id = svc->rev_nat_index;
+	aval = lb4_affinity.lookup(&akey);
+	if (!aval || aval->last_used + svc->backend_id < now)
+		return 0;
+	id = aval->backend_id;
+	be = lb4_backends.lookup(&id);
+	if (!be || be->flags != BE_STATE_ACTIVE)
+		return 0;
+	return id;
+}
+
+static __always_inline void lb4_affinity_update(struct pkt4 *p, struct lb4_service *svc, __u32 id, __u32 now)
+{
+	struct lb4_affinity_key akey = {};
+	struct lb_affinity_val aval = {};
+
+	akey.client_ip = p->saddr;
+	akey.rev_nat_id = svc->rev_nat_index;
+	aval.last_used = now;
+	aval.backend_id = id;
+	lb4_affinity.update(&akey, &aval);
+}
+
+/* The backend of this flow: the one its CT_SERVICE entry remembers (even a
+ * terminating one), else a new choice among the ACTIVE backends (affinity,
+ * Maglev or random), remembered in a new CT_SERVICE entry. 0 = none. */
+static __always_inline __u32 lb4_backend_of_flow(struct pkt4 *p, struct lb4_key *key,
+						 struct lb4_service *svc, struct lb4_backend **backend)
+{
+	struct ipv4_ct_tuple tuple = {};
+	struct ct_entry entry = {}, *e;
+	__u8 is_tcp = p->protocol == IPPROTO_TCP;
+	__u32 now = bpf_mono_now();
+	__u32 id = 0;
+
+	ct_tuple_of(p, CT_SERVICE, &tuple);
+	e = ct_map_lookup(is_tcp, &tuple);
+	if (e && e->lifetime >= now && e->rev_nat_index == svc->rev_nat_index &&
+	    !(is_tcp && (p->tcp_flags & TCP_FLAG_SYN) && !(p->tcp_flags & TCP_FLAG_ACK) &&
+	      (e->flags & (CT_F_TX_CLOSING | CT_F_RX_CLOSING)))) {
+		id = (__u32)e->rx_packets;
+		*backend = lb4_backends.lookup(&id);
+		if (*backend) {
+			if (svc->flags & SVC_FLAG_AFFINITY)
+				lb4_affinity_update(p, svc, id, now);
+			ct_update_entry(e, p, 0, now);
+			return id;
+		}
+		/* the backend was removed: choose again */
+		id = 0;
+	}
+	if (svc->count == 0)
+		return 0;
+	if (svc->flags & SVC_FLAG_AFFINITY)
+		id = lb4_affinity_backend(p, svc, now);
+	if (!id)
+		id = lb4_select_new(p, key, svc);
+	if (!id)
+		return 0;
+	*backend = lb4_backends.lookup(&id);
+	if (!*backend)
+		return 0;
+	if (svc->flags & SVC_FLAG_AFFINITY)
+		lb4_affinity_update(p, svc, id, now);
+
+	entry.rx_packets = id;		/* Cilium: backend_id shares this slot */
+	entry.rev_nat_index = svc->rev_nat_index;
+	entry.tx_packets = 1;
+	entry.tx_bytes = p->len;
+	entry.tx_flags_seen = p->tcp_flags;
+	if (!is_tcp)
+		entry.lifetime = now + CT_CONNECTION_LIFETIME_NONTCP;
+	else if (p->tcp_flags & TCP_FLAG_SYN)
+		entry.lifetime = now + CT_SYN_TIMEOUT;
+	else {
+		entry.flags = CT_F_SEEN_NON_SYN;
+		entry.lifetime = now + CT_CONNECTION_LIFETIME_TCP;
+	}
+	ct_map_update(is_tcp, &tuple, &entry);
+	return id;
+}
+
+/* The service this packet is addressed to, or NULL. */
+static __always_inline struct lb4_service *lb4_lookup_service(struct pkt4 *p, struct lb4_key *key)
+{
+	if (p->protocol != IPPROTO_TCP && p->protocol != IPPROTO_UDP)
+		return 0;
+	key->address = p->daddr;
+	key->dport = p->dport;
+	key->backend_slot = 0;
+	key->proto = p->protocol;
+	key->scope = 0;
+	return lb4_services.lookup(key);
+}
+
+/*
+ * cil_from_container: DNAT a packet addressed to a service frontend.
+ * Returns 0 (not a service or translated; *rev_nat set when translated,
+ * *hairpin when the pod reached itself) or -DROP_NO_SERVICE.
+ */
+static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, __u16 *rev_nat, int *hairpin)
+{
+	struct lb4_key key = {};
+	struct lb4_service *svc;
+	struct lb4_backend *be = 0;
+	__be32 client;
+	int ret;
+
+	svc = lb4_lookup_service(p, &key);
+	if (!svc)
+		return 0;
+	if (!lb4_backend_of_flow(p, &key, svc, &be) || !be)
+		return -DROP_NO_SERVICE;
+	client = p->saddr;
+	ret = lb4_rewrite(skb, p, LB_REWRITE_DST, be->address, be->port);
+	if (ret < 0)
+		return ret;
+	*rev_nat = svc->rev_nat_index;
+	if (be->address == client) {
+		/* hairpin: the pod would drop its own address as a source */
+		ret = lb4_rewrite(skb, p, LB_REWRITE_SRC, LB_HAIRPIN_IP, p->sport);
+		if (ret < 0)
+			return ret;
+		skb->mark = MARK_MAGIC_HAIRPIN;
+		*hairpin = 1;
+	}
+	return 0;
+}
+
+/*
+ * cil_from_container: a reply of the pod to LB_HAIRPIN_IP belongs to a flow
+ * that reached itself through a service: undo both translations (source =
+ * the frontend, destination = the pod). 1 handled, 0 not a hairpin reply.
+ */
+static __always_inline int lb4_hairpin_reply(struct __sk_buff *skb, struct pkt4 *p)
+{
+	struct ipv4_ct_tuple tuple = {};
+	struct ct_entry *e;
+	__be32 pod = p->saddr;
+	__u8 is_tcp = p->protocol == IPPROTO_TCP;
+	__u32 now = bpf_mono_now();
+
+	if (p->daddr != LB_HAIRPIN_IP)
+		return 0;
+	ct_reverse_tuple_of(p, CT_EGRESS, &tuple);
+	e = ct_map_lookup(is_tcp, &tuple);
+	if (!e || e->lifetime < now || !e->rev_nat_index)
+		return 0;
+	ct_update_entry(e, p, 1, now);
+	if (lb4_rev_nat(skb, p, e->rev_nat_index) < 0)
+		return 0;
+	if (lb4_rewrite(skb, p, LB_REWRITE_DST, pod, p->dport) < 0)
+		return 0;
+	skb->mark = MARK_MAGIC_HAIRPIN;
+	return 1;
+}
 
 #endif /* __PROPOLIS_LB_H_ */

@@ -153,7 +153,7 @@ BPF_TABLE_PINNED("hash_of_maps$policy_tmpl", __u32, int,
  * when created by a packet entering the pod (cil_to_container). */
 #define CT_EGRESS	0
 #define CT_INGRESS	1
-#define CT_SERVICE	4	/* later: service (LB) entries, issue 6 */
+#define CT_SERVICE	4	/* service entries: VIP tuple -> backend (lib/lb.h) */
 
 struct ipv4_ct_tuple {
 	__be32 daddr;
@@ -176,7 +176,7 @@ struct ct_entry {
 	__u64 tx_bytes;
 	__u32 lifetime;		/* expiry, seconds since boot (bpf_ktime_get_ns) */
 	__u16 flags;		/* CT_F_* */
-	__u16 rev_nat_index;	/* later: service reverse NAT, issue 6 */
+	__u16 rev_nat_index;	/* service frontend to restore on replies (lib/lb.h) */
 	__u16 ifindex;		/* lxc interface of the endpoint */
 	__u8 tx_flags_seen;	/* TCP flags seen, original direction */
 	__u8 rx_flags_seen;	/* TCP flags seen, reply direction */

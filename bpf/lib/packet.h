@@ -15,9 +15,11 @@
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define pp_htons(x) ((__be16)__builtin_bswap16((__u16)(x)))
 #define pp_ntohs(x) ((__u16)__builtin_bswap16((__u16)(x)))
+#define pp_htonl(x) ((__be32)__builtin_bswap32((__u32)(x)))
 #else
 #define pp_htons(x) ((__be16)(x))
 #define pp_ntohs(x) ((__u16)(x))
+#define pp_htonl(x) ((__be32)(x))
 #endif
 
 #define TCP_FLAG_FIN 0x01
@@ -59,6 +61,7 @@ struct lxc_ctx {
 	__u16 ep_id;		/* local endpoint id (0 = not known yet) */
 	__u8 dir;		/* METRIC_DIR_INGRESS / _EGRESS */
 	__u8 enforced;		/* policy enforced for this direction */
+	__u16 rev_nat;		/* service frontend of a translated flow (0 = none) */
 };
 
 /* An ICMP error quotes the IP header and 8 bytes of the packet it is about:

@@ -38,6 +38,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     get.add_argument("endpoint_id", type=int, metavar="ENDPOINT_ID")
     add("ct", "list", "connection tracking entries (cilium_ct4_global, cilium_ct_any4_global)", ct_list)
     add("metrics", "list", "packets/bytes per reason and direction (cilium_metrics)", metrics_list)
+    add("lb", "list", "service LB entries (cilium_lb4_services_v2, cilium_lb4_backends_v3)",
+        lambda a: __import__("propolis.cli.service_cmd", fromlist=["bpf_lb_list"]).bpf_lb_list(a))
     remove = add("pins", "remove", "detach a node's programs and remove all its pins", pins_remove)
     remove.add_argument("--netns", help="the node's network namespace (to detach the tc programs)")
 

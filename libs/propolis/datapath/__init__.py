@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from propolis.datapath.datapath import AttachResult, Datapath, DatapathSettings, remove_pins
 from propolis.datapath.entries import IPCacheEntry, PolicyEntry
+from propolis.datapath.services import ServiceDiff, ServiceView
 from propolis.maps.policy import PolicyDiff
 
 __all__ = ["AttachResult", "Datapath", "DatapathSettings", "IPCacheEntry", "PolicyDiff", "PolicyEntry",
+           "ServiceDiff", "ServiceView",
            "remove_pins"]

@@ -29,6 +29,9 @@ from propolis.maps.spec import MapSpec
 
 PROGRAM_FROM_CONTAINER = "cil_from_container"
 PROGRAM_TO_CONTAINER = "cil_to_container"
+PROGRAM_FROM_NETDEV = "cil_from_netdev"  # bpf_host.c: NodePort on the node's underlay interface
+PROGRAM_NAMES = (PROGRAM_FROM_CONTAINER, PROGRAM_TO_CONTAINER, PROGRAM_FROM_NETDEV)
+MAIN_SOURCES = ("bpf_lxc.c", "bpf_host.c")  # one compile unit: shared maps, one compile per node
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
 
@@ -41,9 +44,9 @@ def bpf_source_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "bpf"
 
 
-def render_source(main: Path, root: Path) -> str:
+def render_source(main: Path, root: Path, seen: set[str] | None = None) -> str:
     """The program with its quoted #includes expanded once each (in order)."""
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
 
     def expand(path: Path) -> str:
         out: list[str] = []
@@ -59,6 +62,12 @@ def render_source(main: Path, root: Path) -> str:
         return "".join(out)
 
     return expand(main)
+
+
+def render_program(root: Path) -> str:
+    """Every entry file of the node (MAIN_SOURCES) as one unit, each header once."""
+    seen: set[str] = set()
+    return "".join(render_source(root / name, root, seen) for name in MAIN_SOURCES)
 
 
 def compile_flags(node: str, pin_dir: str, specs: tuple[MapSpec, ...] = ALL_SPECS) -> list[str]:
@@ -106,6 +115,7 @@ class LoadedPrograms:
     compile_seconds: float
     adopted_pins: list[str]
     digest: str = ""
+    from_netdev_fd: int = -1
 
     @property
     def compiled(self) -> bool:
@@ -122,9 +132,10 @@ class LoadedPrograms:
             self.module.cleanup()
             self.module = None
         else:
-            for fd in (self.from_container_fd, self.to_container_fd):
-                os.close(fd)
-        self.from_container_fd = self.to_container_fd = -1
+            for fd in (self.from_container_fd, self.to_container_fd, self.from_netdev_fd):
+                if fd >= 0:
+                    os.close(fd)
+        self.from_container_fd = self.to_container_fd = self.from_netdev_fd = -1
 
 
 PROGS_DIR = "progs"
@@ -145,19 +156,25 @@ def _pinned_map_ids(pin_dir: str) -> set[int]:
     return ids
 
 
-def _adopt_pinned_programs(pin_dir: str, digest: str) -> tuple[int, int] | None:
+def _adopt_pinned_programs(pin_dir: str, digest: str) -> tuple[int, ...] | None:
     """The pinned programs of this exact build, if they use the node's pinned maps."""
     prog_dir = os.path.join(pin_dir, PROGS_DIR, digest)
+    fds: list[int] = []
     try:
-        fds = [bpf.obj_get(os.path.join(prog_dir, name)) for name in (PROGRAM_FROM_CONTAINER, PROGRAM_TO_CONTAINER)]
+        for name in PROGRAM_NAMES:
+            fds.append(bpf.obj_get(os.path.join(prog_dir, name)))
     except (FileNotFoundError, bpf.BpfError):
+        for fd in fds:
+            os.close(fd)
         return None
     try:
         pinned_maps = _pinned_map_ids(pin_dir)
-        uses = set(bpf.prog_map_ids(fds[0])) | set(bpf.prog_map_ids(fds[1]))
+        uses: set[int] = set()
+        for fd in fds:
+            uses |= set(bpf.prog_map_ids(fd))
         # the programs must use the pinned maps (the inner-map template is private to them)
         if len(pinned_maps - uses) == 0:
-            return fds[0], fds[1]
+            return tuple(fds)
     except (FileNotFoundError, bpf.BpfError):
         pass
     for fd in fds:
@@ -165,7 +182,7 @@ def _adopt_pinned_programs(pin_dir: str, digest: str) -> tuple[int, int] | None:
     return None
 
 
-def _pin_programs(pin_dir: str, digest: str, from_fd: int, to_fd: int) -> None:
+def _pin_programs(pin_dir: str, digest: str, fds: tuple[int, ...]) -> None:
     """Pin this build's programs and drop pins of other builds (attached ones stay attached)."""
     progs = os.path.join(pin_dir, PROGS_DIR)
     os.makedirs(progs, exist_ok=True)
@@ -174,7 +191,7 @@ def _pin_programs(pin_dir: str, digest: str, from_fd: int, to_fd: int) -> None:
             _unlink_tree(os.path.join(progs, other))
     target = os.path.join(progs, digest)
     os.makedirs(target, exist_ok=True)
-    for name, fd in ((PROGRAM_FROM_CONTAINER, from_fd), (PROGRAM_TO_CONTAINER, to_fd)):
+    for name, fd in zip(PROGRAM_NAMES, fds):
         path = os.path.join(target, name)
         if os.path.exists(path):
             os.unlink(path)
@@ -199,22 +216,23 @@ def compile_programs(node: str, pin_dir: str, *, reuse_pinned: bool = True) -> L
     os.makedirs(pin_dir, exist_ok=True)
     adopted = check_pins(pin_dir)
     root = bpf_source_dir()
-    text = render_source(root / "bpf_lxc.c", root)
+    text = render_program(root)
     flags = compile_flags(node, pin_dir)
     digest = source_digest(text, flags)
     started = time.perf_counter()
     if reuse_pinned and len(adopted) == len(ALL_SPECS):
         fds = _adopt_pinned_programs(pin_dir, digest)
         if fds is not None:
-            return LoadedPrograms(None, fds[0], fds[1], time.perf_counter() - started, adopted, digest)
+            return LoadedPrograms(None, fds[0], fds[1], time.perf_counter() - started, adopted, digest, fds[2])
 
     from bcc import BPF  # imported here: the CLI and readers never need bcc
     try:
         module = BPF(text=text.encode(), cflags=flags)
         from_fn = module.load_func(PROGRAM_FROM_CONTAINER.encode(), BPF.SCHED_CLS)
         to_fn = module.load_func(PROGRAM_TO_CONTAINER.encode(), BPF.SCHED_CLS)
+        netdev_fn = module.load_func(PROGRAM_FROM_NETDEV.encode(), BPF.SCHED_CLS)
     except Exception as exc:
         raise PermanentError(f"compile/load bpf_lxc.c for node {node}: {exc}") from exc
     elapsed = time.perf_counter() - started
-    _pin_programs(pin_dir, digest, from_fn.fd, to_fn.fd)
-    return LoadedPrograms(module, from_fn.fd, to_fn.fd, elapsed, adopted, digest)
+    _pin_programs(pin_dir, digest, (from_fn.fd, to_fn.fd, netdev_fn.fd))
+    return LoadedPrograms(module, from_fn.fd, to_fn.fd, elapsed, adopted, digest, netdev_fn.fd)

@@ -91,6 +91,21 @@ class TcAttacher:
             except NetlinkError as exc:
                 raise TemporaryError(f"attach {name} on ifindex {ifindex} in {netns}: {exc}") from exc
 
+    async def attach_ingress(self, netns: str | None, ifindex: int, program: tuple[int, str]) -> None:
+        """Put one program on tc ingress only (cil_from_netdev on the node's underlay device)."""
+        ipr = await self._ipr(netns)
+        try:
+            await ipr.tc("add", "clsact", ifindex)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise TemporaryError(f"add clsact on ifindex {ifindex} in {netns}: {exc}") from exc
+        fd, name = program
+        try:
+            await ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, fd=fd, name=name,
+                         parent=PARENT_INGRESS, prio=FILTER_PRIO, classid=1, direct_action=True)
+        except NetlinkError as exc:
+            raise TemporaryError(f"attach {name} on ifindex {ifindex} in {netns}: {exc}") from exc
+
     async def detach(self, netns: str | None, ifindex: int) -> bool:
         """Remove the clsact qdisc (and with it both filters); False if it was not there."""
         ipr = await self._ipr(netns)

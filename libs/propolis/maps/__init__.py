@@ -8,7 +8,7 @@ policy.inner_pin_name). tests/bpf/test_layouts.py checks every layout against bc
 
 from __future__ import annotations
 
-from propolis.maps import config, conntrack, endpoints, events, ipcache, metrics, policy
+from propolis.maps import config, conntrack, endpoints, events, ipcache, lb, metrics, policy
 from propolis.maps.spec import MapSpec, default_pin_dir
 
 ALL_SPECS: tuple[MapSpec, ...] = (
@@ -21,7 +21,8 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     config.SPEC,
     events.SPEC,
     events.LOST_SPEC,
+    *lb.SPECS,
 )
 
 __all__ = ["ALL_SPECS", "MapSpec", "default_pin_dir", "config", "conntrack", "endpoints",
-           "events", "ipcache", "metrics", "policy"]
+           "events", "ipcache", "lb", "metrics", "policy"]
