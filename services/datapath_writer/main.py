@@ -6,9 +6,8 @@ Components, in start order:
    re-point every known endpoint's tc filters at the new programs (atomic replace).
 2. inputs    — watch the k8s and identities buckets (ClusterInputs).
 3. endpoints — the CNI socket; ADD answers once the endpoint is programmed.
-4. enforcer  — recompute desired ipcache and per-endpoint policy on every input change and
-   reconcile the maps through the generic reconciler (diffs; prune only after all inputs
-   synced). Progress `k8s_resource_version` = the watermark the kernel state reflects.
+4. enforcer  — recompute desired ipcache, per-endpoint policy and Service load-balancing on
+   every input change and reconcile the maps (diffs; prune only after all inputs synced). Progress `k8s_resource_version` = the watermark the kernel state reflects.
 
 State: `propolis bpf endpoint list --node N`, `propolis bpf policy get EP --node N`,
 `propolis bpf ipcache list --node N`.
@@ -25,7 +24,7 @@ from typing import Any
 
 from propolis.bus import subjects
 from propolis.bus.messages import IpcacheEntry as IpcacheRecord
-from propolis.datapath.datapath import Datapath
+from propolis.datapath.datapath import Datapath, DatapathSettings
 from propolis.model.identity import RESERVED_INIT
 from propolis.reconcile import Reconciler
 from propolis.runtime.component import Component
@@ -51,6 +50,11 @@ class Settings(CommonSettings):
     identity_wait: float = setting(3.0, "how long a CNI ADD waits for the pod's identity before the endpoint "
                                         "starts as deny-all (fail closed)", unit="s")
     recompute_debounce: float = setting(0.005, "coalesce input changes for this long before recomputing", unit="s")
+    kube_proxy_replacement: bool = setting(True, "Cilium's kubeProxyReplacement: Service load-balancing in eBPF "
+                                                 "(false = left to kube-proxy)")
+    lb_algorithm: str = setting("random", "Cilium's loadBalancer.algorithm", choices=("random", "maglev"))
+    devices: str = setting("", "Cilium's devices: comma-separated node interfaces that get the NodePort "
+                               "program (cil_from_netdev)")
 
 
 class DatapathComponent(Component):
@@ -59,15 +63,28 @@ class DatapathComponent(Component):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
-        self.dp = Datapath(settings.node_name, settings.bpf_pin_dir or None, netns=settings.node_netns or None)
+        self.dp = Datapath(settings.node_name, settings.bpf_pin_dir or None, netns=settings.node_netns or None,
+                           settings=DatapathSettings(kube_proxy_replacement=settings.kube_proxy_replacement,
+                                                     lb_algorithm=settings.lb_algorithm))
 
     async def start(self, rt: Runtime) -> None:
         await self.dp.load()
         count = await self.dp.reattach_all()
         log.info("datapath loaded in %.2fs; %d endpoints re-attached", self.dp.compile_seconds, count)
+        devices = [d.strip() for d in self.settings.devices.split(",") if d.strip()]
+        if self.settings.kube_proxy_replacement:
+            for device in devices:
+                await self.dp.attach_netdev(device)
         rt.progress["compile_seconds"] = round(self.dp.compile_seconds, 3)
         rt.features["Policy enforcement"] = {"state": self.settings.policy_enforcement.capitalize(),
                                              "detail": "L3/L4 in eBPF on every pod veth"}
+        if self.settings.kube_proxy_replacement:
+            rt.features["KubeProxyReplacement"] = {
+                "state": "True", "detail": f"Service load-balancing in eBPF ({self.settings.lb_algorithm}); "
+                                           f"NodePort on {', '.join(devices) or 'no device'}"}
+        else:
+            rt.features["KubeProxyReplacement"] = {"state": "False",
+                                                   "detail": "kubeProxyReplacement=false: kube-proxy routes Services"}
 
     async def stop(self) -> None:
         await self.dp.close()  # programs stay attached, maps stay pinned: enforcement continues
@@ -95,7 +112,8 @@ class Enforcer(Component):
         self.dp = datapath.dp
         self.inputs = inputs.inputs
         self.table = EndpointTable(Path(settings.datapath_socket).with_name(f"endpoints-{settings.node_name}.json"))
-        self.desired = DesiredState(node=settings.node_name, mode=settings.policy_enforcement)
+        self.desired = DesiredState(node=settings.node_name, mode=settings.policy_enforcement,
+                                    cluster_name=settings.cluster_name)
         self.ipcache = Reconciler("ipcache", IpcacheTarget(self.dp))
         self.policies = Reconciler("endpoint-policy", EndpointPolicyTarget(self.dp))
         self.api: EndpointApiServer | None = None
@@ -214,6 +232,12 @@ class Enforcer(Component):
         self.desired.update(self.inputs, list(self.table.by_id.values()))
         self.ipcache.replace_all(self.desired.ipcache)
         self.policies.replace_all({ep_id: pol for ep_id, pol in self.desired.policies.items()})
+        diff = self.dp.set_services(self.desired.services)  # a diff of the LB maps; µs per changed service
+        self.rt.progress["services"] = len(self.desired.services)
+        if diff.enabled and self.desired.service_errors:
+            self.rt.progress["service_errors"] = dict(self.desired.service_errors)
+        else:
+            self.rt.progress.pop("service_errors", None)
 
     async def _publish_ipcache(self) -> None:
         """Our endpoints' IP -> identity, for other nodes and clusters (our slice of the ipcache bucket)."""

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "propolis.cli.identity_cmd",
     "propolis.cli.policy_cmd",
     "propolis.cli.bpf_cmd",
+    "propolis.cli.service_cmd",
     "propolis.cli.status_cmd",
     "propolis.cli.demo_cmd",
 ]

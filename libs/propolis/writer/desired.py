@@ -1,0 +1,112 @@
+"""Desired kernel state of one node, computed from the cluster inputs.
+
+* ipcache: every endpoint in the cluster (IP -> identity), every node's InternalIP (this
+  node -> host, others -> remote-node), and the CIDR identities the policies need.
+* per local endpoint: the compiled policy rows and enforcement per direction.
+* services: this node's load-balancing frontends and backends.
+
+The policy part is delegated to `propolis.policy` (selector cache, compiler) and the
+service part to `propolis.lb`; this module only gathers inputs into their calling
+shapes. CIDR identities stay node-local (allocated from ``1 << 24``, as Cilium does).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from propolis.datapath.entries import IPCacheEntry
+from propolis.errors import ValidationError
+from propolis.lb.desired import SERVICE_NAME_LABEL, LBService, desired_services
+from propolis.model import identity as idmodel
+from propolis.policy.engine import PolicyEngine
+from propolis.writer.targets import EndpointPolicy
+
+if TYPE_CHECKING:
+    from propolis.bus.messages import K8sObject
+    from propolis.writer.endpoints import LocalEndpoint
+    from propolis.writer.inputs import ClusterInputs
+
+log = logging.getLogger("propolis.writer.desired")
+
+
+def node_internal_ip(node_obj: "K8sObject") -> str | None:
+    for addr in node_obj.status.get("addresses") or []:
+        if addr.get("type") == "InternalIP":
+            return str(addr.get("address"))
+    return None
+
+
+@dataclass
+class DesiredState:
+    node: str
+    mode: str = "default"
+    cluster_name: str | None = None
+    ipcache: dict[str, IPCacheEntry] = field(default_factory=dict)
+    policies: dict[int, EndpointPolicy] = field(default_factory=dict)
+    services: list[LBService] = field(default_factory=list)
+    #: "namespace/name" of a Service -> why it could not be programmed (shown in status)
+    service_errors: dict[str, str] = field(default_factory=dict)
+    engine: PolicyEngine = field(init=False)
+    _policy_generation: int = -1
+    _endpoint_ips: dict[int, frozenset[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.engine = PolicyEngine(mode=self.mode, cluster_name=self.cluster_name)
+
+    def _sync_engine(self, inputs: "ClusterInputs") -> None:
+        endpoint_ips: dict[int, set[str]] = {}
+        for rec in inputs.endpoints.values():
+            endpoint_ips.setdefault(rec.identity, set()).update(ip for ip in rec.ips if ":" not in ip)
+        frozen = {n: frozenset(ips) for n, ips in endpoint_ips.items()}
+        if inputs.policy_generation != self._policy_generation or frozen != self._endpoint_ips:
+            self.engine.update(policies=list(inputs.policies.values()), identities=inputs.identities,
+                               named_ports={e.identity: e.named_ports for e in inputs.endpoints.values()},
+                               endpoint_ips=frozen)
+            self._policy_generation = inputs.policy_generation
+            self._endpoint_ips = frozen
+
+    def endpoint_policy(self, inputs: "ClusterInputs", ep: "LocalEndpoint") -> EndpointPolicy:
+        self._sync_engine(inputs)
+        result = self.engine.compile_endpoint(ep.identity, namespace=ep.namespace)
+        return EndpointPolicy(frozenset(result.entries), result.ingress_enforced, result.egress_enforced)
+
+    def update(self, inputs: "ClusterInputs", local: list["LocalEndpoint"]) -> None:
+        self._sync_engine(inputs)
+        ipc: dict[str, IPCacheEntry] = {}
+        for (node_name, obj) in inputs.nodes.items():
+            ip = node_internal_ip(obj)
+            if ip:
+                ident = idmodel.RESERVED_HOST if node_name == self.node else idmodel.RESERVED_REMOTE_NODE
+                ipc[f"{ip}/32"] = IPCacheEntry(f"{ip}/32", ident)
+        for rec in inputs.endpoints.values():
+            for ip in rec.ips:
+                if ":" not in ip:  # the datapath is IPv4-only for now
+                    ipc[f"{ip}/32"] = IPCacheEntry(f"{ip}/32", rec.identity)
+        for prefix, ident in self.engine.cidr_identities().items():
+            if ":" not in prefix:
+                ipc.setdefault(prefix, IPCacheEntry(prefix, ident))
+        self.ipcache = ipc
+        self.policies = {ep.endpoint_id: self.endpoint_policy(inputs, ep) for ep in local if ep.identity}
+        self.services = self._services(inputs)
+
+    def _services(self, inputs: "ClusterInputs") -> list[LBService]:
+        """Per Service, so one invalid Service is reported and skipped instead of stopping all."""
+        own = inputs.nodes.get(self.node)
+        node_ips = [ip for ip in [node_internal_ip(own) if own else None] if ip]
+        slices: dict[tuple[str, str], list["K8sObject"]] = {}
+        for s in inputs.endpointslices.values():
+            slices.setdefault((s.namespace, s.labels.get(SERVICE_NAME_LABEL, "")), []).append(s)
+        out: list[LBService] = []
+        errors: dict[str, str] = {}
+        for (ns, name), svc in sorted(inputs.services.items()):
+            try:
+                out.extend(desired_services([svc], slices.get((ns, name), []), node_name=self.node,
+                                            node_ips=node_ips))
+            except ValidationError as exc:
+                errors[f"{ns}/{name}"] = str(exc)
+        for key in errors.keys() - self.service_errors.keys():
+            log.warning("service %s not programmed: %s", key, errors[key])
+        self.service_errors = errors
+        return out
