@@ -39,6 +39,27 @@ from propolis.runtime.health import Health, State, worst
 S = TypeVar("S", bound=settings_mod.CommonSettings)
 log = logging.getLogger("propolis.runtime")
 
+#: progress keys others wait on (`propolis sandbox wait`): a change sends a heartbeat at once
+PROMPT_PROGRESS_KEYS = frozenset({"k8s_resource_version"})
+
+
+class Progress(dict[str, Any]):
+    """The heartbeat's progress dict; setting a prompt key wakes the heartbeat loop, so waiters
+    learn of progress in milliseconds instead of one heartbeat interval per service hop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Event()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in PROMPT_PROGRESS_KEYS and self.get(key) != value:
+            self.changed.set()
+        super().__setitem__(key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
 
 class Runtime:
     """What a component gets at start: settings, bus, metrics registry, guarded tasks, progress."""
@@ -52,7 +73,7 @@ class Runtime:
         self.bus = Bus(settings.nats_url, name=f"{service}@{settings.node_name}",
                        user=settings.nats_user or None, password=settings.nats_password or None)
         self.registry = prometheus_client.CollectorRegistry()
-        self.progress: dict[str, Any] = {}
+        self.progress = Progress()
         self.features: dict[str, Any] = {}
         self.ready = False
         self.http_url = ""
@@ -128,7 +149,10 @@ class Runtime:
                     await self.publish_heartbeat()
             except Exception as exc:  # a missed beat is not fatal; the next one retries
                 log.debug("heartbeat failed: %s", exc)
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            self.progress.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.progress.changed.wait(), self.settings.heartbeat_interval)
+            await asyncio.sleep(0.02)  # coalesce a burst of progress into one beat
 
     # --- HTTP ------------------------------------------------------------------------
     async def _start_http(self) -> web.AppRunner | None:

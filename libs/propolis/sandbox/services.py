@@ -18,7 +18,9 @@ may use the same values as `{placeholders}`: {sandbox} {node} {node_netns}
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from propolis.errors import ValidationError
@@ -44,13 +46,24 @@ class SandboxService:
             raise ValidationError("serves_datapath_socket", "only a per-node service can serve the datapath socket")
 
     def command(self, context: dict[str, Any]) -> list[str]:
-        return [part.format(**context) for part in self.argv]
+        """argv with placeholders filled; a bare console-script name is taken from this interpreter's
+        bin directory (the venv), so the suite runs without the venv on PATH."""
+        argv = [part.format(**context) for part in self.argv]
+        beside = Path(sys.executable).parent / argv[0]
+        if "/" not in argv[0] and beside.exists():
+            argv[0] = str(beside)
+        return argv
 
 
 #: The suite. Append here (one line per service) as services come to exist, e.g.
 #:   SandboxService("k8s-watcher", "cluster", ("propolis-k8s-watcher",)),
 #:   SandboxService("datapath-writer", "node", ("propolis-datapath-writer",), serves_datapath_socket=True),
-SANDBOX_SERVICES: list[SandboxService] = []
+SANDBOX_SERVICES: list[SandboxService] = [
+    SandboxService("k8s-watcher", "cluster", ("propolis-k8s-watcher",)),
+    SandboxService("identity-allocator", "cluster", ("propolis-identity-allocator",)),
+    SandboxService("datapath-writer", "node", ("propolis-datapath-writer", "--devices", "eth0"),
+                   serves_datapath_socket=True),
+]
 
 
 def selected(names: str | None) -> list[SandboxService]:
