@@ -106,7 +106,8 @@ class Bus:
 
     async def _on_disconnected(self) -> None:
         self.disconnected.set()
-        log.warning("NATS disconnected from %s", self.url)
+        if self._nc is not None:  # not our own close(): worth a warning
+            log.warning("NATS disconnected from %s", self.url)
 
     async def _on_reconnected(self) -> None:
         self.reconnects += 1

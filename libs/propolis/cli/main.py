@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "propolis.cli.bpf_cmd",
     "propolis.cli.service_cmd",
     "propolis.cli.status_cmd",
+    "propolis.cli.connectivity_cmd",
     "propolis.cli.demo_cmd",
 ]
 

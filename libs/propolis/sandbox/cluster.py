@@ -237,7 +237,10 @@ class Api:
 
 async def apply(state: SandboxState, paths: list[str], *, dry_run_first: bool = True) -> list[str]:
     """Validate every document first (nothing is applied if one is bad), then create-or-replace each."""
-    docs = load_documents(paths)
+    return await apply_documents(state, load_documents(paths), dry_run_first=dry_run_first)
+
+
+async def apply_documents(state: SandboxState, docs: list[Document], *, dry_run_first: bool = True) -> list[str]:
     validate_documents(docs)
     out: list[str] = []
     async with Api(state.apiserver_url) as api:
@@ -299,7 +302,10 @@ async def _apply_one(api: Api, doc: Document) -> str:
 
 
 async def delete(state: SandboxState, paths: list[str]) -> list[str]:
-    docs = load_documents(paths)
+    return await delete_documents(state, load_documents(paths))
+
+
+async def delete_documents(state: SandboxState, docs: list[Document]) -> list[str]:
     validate_documents(docs)
     out = []
     async with Api(state.apiserver_url) as api:

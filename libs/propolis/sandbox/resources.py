@@ -116,26 +116,33 @@ def load_documents(paths: list[str]) -> list[Document]:
             raw_docs = list(yaml.safe_load_all(path.read_text()))
         except yaml.YAMLError as exc:
             raise ValidationError(str(path), f"not valid YAML: {exc}") from exc
-        index = 0
-        for raw in raw_docs:
-            if raw is None:
-                continue
-            items = raw.get("items", []) if isinstance(raw, dict) and raw.get("kind") == "List" else [raw]
-            for item in items:
-                index += 1
-                where = f"{path} document {index}"
-                if not isinstance(item, dict):
-                    raise ValidationError(where, "a document must be a mapping")
-                kind_name = item.get("kind")
-                if not isinstance(kind_name, str) or not kind_name:
-                    raise ValidationError(f"{where}: kind", "missing")
-                kind = KINDS.get(kind_name)
-                if kind is None:
-                    raise ValidationError(f"{where}: kind", f"unknown kind {kind_name!r}; the sandbox serves: "
-                                                            f"{', '.join(KINDS)}")
-                docs.append(Document(str(path), index, item, kind))
+        docs += documents_from(str(path), raw_docs)
     if not docs:
         raise ValidationError("-f", f"no documents in {', '.join(paths)}")
+    return docs
+
+
+def documents_from(source: str, raw_docs: list[Any]) -> list[Document]:
+    """Objects already parsed (from a file, or built in code like the connectivity test's) -> Documents."""
+    docs: list[Document] = []
+    index = 0
+    for raw in raw_docs:
+        if raw is None:
+            continue
+        items = raw.get("items", []) if isinstance(raw, dict) and raw.get("kind") == "List" else [raw]
+        for item in items:
+            index += 1
+            where = f"{source} document {index}"
+            if not isinstance(item, dict):
+                raise ValidationError(where, "a document must be a mapping")
+            kind_name = item.get("kind")
+            if not isinstance(kind_name, str) or not kind_name:
+                raise ValidationError(f"{where}: kind", "missing")
+            kind = KINDS.get(kind_name)
+            if kind is None:
+                raise ValidationError(f"{where}: kind", f"unknown kind {kind_name!r}; the sandbox serves: "
+                                                        f"{', '.join(KINDS)}")
+            docs.append(Document(source, index, item, kind))
     return docs
 
 

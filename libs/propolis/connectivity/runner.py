@@ -1,0 +1,209 @@
+"""Runs the connectivity scenarios against a sandbox: deploy, per scenario apply/wait/probe/delete, clean up.
+
+Why waits and not sleeps: after a policy change the runner blocks on `sandbox wait`
+(every service's heartbeat says it enforces the API's latest revision), so a
+probe never races the policy it tests, and a slow machine only makes the run
+slower, not red.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from propolis.connectivity.scenarios import (ALLOWED, ECHO_PORT, ECHO_UDP_PORT, NAMESPACE, Check, Scenario,
+                                             Selection)
+from propolis.errors import CliError
+from propolis.sandbox import cluster, probe
+from propolis.sandbox.config import SandboxState
+from propolis.sandbox.resources import KINDS, documents_from
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+
+@dataclass
+class CheckOutcome:
+    check: Check
+    ok: bool
+    detail: str
+
+
+@dataclass
+class ScenarioOutcome:
+    scenario: Scenario
+    result: str
+    reason: str = ""
+    checks: list[CheckOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.scenario.name, "result": self.result, "reason": self.reason,
+                "seconds": round(self.seconds, 2),
+                "checks": [{"check": c.check.describe(), "expect": c.check.expect, "ok": c.ok, "detail": c.detail}
+                           for c in self.checks]}
+
+
+def workload(state: SandboxState) -> list[dict[str, Any]]:
+    """The test namespace, clients and echo pods (node 1 and the last node), and their Services."""
+    first, last = state.nodes[0]["name"], state.nodes[-1]["name"]
+
+    def pod(name: str, node: str, **extra: str) -> dict[str, Any]:
+        kind = "echo" if name.startswith("echo") else "client"
+        ports = [{"name": "http", "containerPort": ECHO_PORT, "protocol": "TCP"},
+                 {"name": "dns-test", "containerPort": ECHO_UDP_PORT, "protocol": "UDP"}] if kind == "echo" else []
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"kind": kind, "name": name, **extra}},
+                "spec": {"nodeName": node, "containers": [{"name": name, "image": "echo", "ports": ports}]}}
+
+    def service(name: str, svc_type: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NAMESPACE},
+                "spec": {"type": svc_type, "selector": {"name": name},
+                         "ports": [{"name": "http", "port": ECHO_PORT, "targetPort": "http", "protocol": "TCP"}]}}
+
+    return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+            pod("client", first), pod("client2", first, other="client"),
+            pod("echo-same-node", first), pod("echo-other-node", last),
+            service("echo-same-node", "ClusterIP"), service("echo-other-node", "NodePort")]
+
+
+class Runner:
+    def __init__(self, state: SandboxState, *, timeout: float = 1.5, features: dict[str, str] | None = None) -> None:
+        self.state = state
+        self.cfg = state.sandbox()
+        self.timeout = timeout
+        self.features = features or {}  # feature name -> state, from `propolis status`
+        self.pods: dict[str, str] = {}  # name -> IP
+        self.services: dict[str, dict[str, Any]] = {}
+
+    async def deploy(self) -> None:
+        await self.cleanup()  # a previous run that was interrupted
+        await cluster.apply_documents(self.state, documents_from("connectivity-test", workload(self.state)))
+        deadline = time.monotonic() + 60
+        async with cluster.Api(self.state.apiserver_url) as api:
+            while True:
+                pods = (await api.list(KINDS["Pod"], NAMESPACE)).get("items", [])
+                self.pods = {p["metadata"]["name"]: p.get("status", {}).get("podIP", "") for p in pods
+                             if p.get("status", {}).get("phase") == "Running"}
+                if len(self.pods) == 4 and all(self.pods.values()):
+                    break
+                if time.monotonic() > deadline:
+                    raise CliError(f"test pods not running after 60 s: {sorted(self.pods)} of 4")
+                await asyncio.sleep(0.2)
+            for svc in (await api.list(KINDS["Service"], NAMESPACE)).get("items", []):
+                self.services[svc["metadata"]["name"]] = svc["spec"]
+        await cluster.wait(self.state, timeout=60)
+
+    async def cleanup(self, timeout: float = 60.0) -> None:
+        """Delete the test namespace and wait until it is gone (Terminating first, like Kubernetes)."""
+        path = KINDS["Namespace"].path(None, NAMESPACE)
+        deadline = time.monotonic() + timeout
+        async with cluster.Api(self.state.apiserver_url) as api:
+            try:
+                await api.request("DELETE", path)
+                while time.monotonic() < deadline:
+                    await api.request("GET", path)
+                    await asyncio.sleep(0.2)
+            except cluster.ApiError as exc:
+                if exc.status != 404:
+                    raise
+                return
+        raise CliError(f"namespace {NAMESPACE} still terminating after {timeout:.0f} s")
+
+    def _spec(self, check: Check) -> probe.ProbeSpec:
+        if check.source.startswith("node:"):
+            source_netns = self.cfg.node_netns(int(check.source.split(":", 1)[1]))
+        else:
+            source_netns = self.cfg.pod_netns(NAMESPACE, check.source)
+        what, _, name = check.target.partition(":")
+        port = check.port
+        if what == "pod":
+            ip = self.pods[name]
+        elif what == "service":
+            ip = self.services[name]["clusterIP"]
+        elif what == "nodeport":
+            service, _, node = name.partition("@")
+            ip = self.state.nodes[int(node) - 1]["internal_ip"]
+            port = next(p["nodePort"] for p in self.services[service]["ports"] if p["port"] == check.port)
+        else:
+            raise ValueError(f"unknown target {check.target!r}")
+        return probe.ProbeSpec(source_netns, ip, port, check.protocol, check.source, check.target)
+
+    def skip_reason(self, scenario: Scenario) -> str:
+        if scenario.nodes > len(self.state.nodes):
+            return f"needs {scenario.nodes} nodes, the sandbox has {len(self.state.nodes)}"
+        for need in scenario.needs:
+            state = self.features.get(need, "")
+            if not state or state.lower().startswith(("disabled", "false", "off")):
+                return f"needs {need} ({state or 'not built yet'})"
+        return ""
+
+    async def run(self, scenario: Scenario) -> ScenarioOutcome:
+        started = time.monotonic()
+        reason = self.skip_reason(scenario)
+        if reason:
+            return ScenarioOutcome(scenario, SKIP, reason)
+        docs = documents_from(scenario.name, list(scenario.policies))
+        try:
+            if docs:
+                await cluster.apply_documents(self.state, docs)
+                await cluster.wait(self.state, timeout=60)
+            results = await probe.probe_all([self._spec(c) for c in scenario.checks], timeout=self.timeout)
+        finally:
+            if docs:
+                await cluster.delete_documents(self.state, docs)
+                await cluster.wait(self.state, timeout=60)
+        outcomes = []
+        for check, res in zip(scenario.checks, results):
+            allowed = res.connected
+            ok = allowed == (check.expect == ALLOWED)
+            detail = (f"connected, answered by {res.answered_by}" if allowed
+                      else f"not connected ({res.error or 'timeout'})")
+            outcomes.append(CheckOutcome(check, ok, detail))
+        failed = [o for o in outcomes if not o.ok]
+        return ScenarioOutcome(scenario, FAIL if failed else PASS,
+                               f"{len(failed)}/{len(outcomes)} checks failed" if failed else "",
+                               outcomes, time.monotonic() - started)
+
+
+async def run_tests(state: SandboxState, selection: Selection, *, features: dict[str, str] | None = None,
+                    keep: bool = False, progress: Any = None) -> list[ScenarioOutcome]:
+    """Deploy, run every chosen scenario in order, clean up (unless ``keep``). ``progress(outcome)`` per scenario."""
+    unknown = selection.unknown()
+    if unknown:
+        raise CliError(f"unknown test(s): {', '.join(unknown)}")
+    runner = Runner(state, features=features)
+    outcomes: list[ScenarioOutcome] = []
+    try:
+        await runner.deploy()
+        for scenario in selection.chosen():
+            outcome = await runner.run(scenario)
+            outcomes.append(outcome)
+            if progress is not None:
+                progress(outcome)
+    finally:
+        if not keep:
+            await runner.cleanup()
+    return outcomes
+
+
+def render(outcome: ScenarioOutcome, verbose: bool = False) -> str:
+    mark = {PASS: "[PASS]", FAIL: "[FAIL]", SKIP: "[SKIP]"}[outcome.result]
+    head = f"{mark} {outcome.scenario.name:<32}"
+    if outcome.result == SKIP:
+        return f"{head} {outcome.reason}"
+    lines = [f"{head} {len(outcome.checks)} checks, {outcome.seconds:.1f}s" +
+             (f" — {outcome.reason}" if outcome.reason else "")]
+    for c in outcome.checks:
+        if verbose or not c.ok:
+            lines.append(f"    {'ok  ' if c.ok else 'FAIL'} {c.check.describe()} expected {c.check.expect}: {c.detail}")
+    return "\n".join(lines)
+
+
+def summary(outcomes: list[ScenarioOutcome]) -> str:
+    counts = {r: sum(o.result == r for o in outcomes) for r in (PASS, FAIL, SKIP)}
+    ran = counts[PASS] + counts[FAIL]
+    if counts[FAIL]:
+        return f"{counts[FAIL]} of {ran} tests failed, {counts[SKIP]} skipped"
+    return f"All {ran} tests passed, {counts[SKIP]} skipped"
