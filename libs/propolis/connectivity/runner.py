@@ -80,17 +80,9 @@ class Runner:
     async def deploy(self) -> None:
         await self.cleanup()  # a previous run that was interrupted
         await cluster.apply_documents(self.state, documents_from("connectivity-test", workload(self.state)))
-        deadline = time.monotonic() + 60
+        running = await cluster.wait_running(self.state, 4, namespace=NAMESPACE)
+        self.pods = {key.split("/", 1)[1]: ip for key, ip in running.items()}
         async with cluster.Api(self.state.apiserver_url) as api:
-            while True:
-                pods = (await api.list(KINDS["Pod"], NAMESPACE)).get("items", [])
-                self.pods = {p["metadata"]["name"]: p.get("status", {}).get("podIP", "") for p in pods
-                             if p.get("status", {}).get("phase") == "Running"}
-                if len(self.pods) == 4 and all(self.pods.values()):
-                    break
-                if time.monotonic() > deadline:
-                    raise CliError(f"test pods not running after 60 s: {sorted(self.pods)} of 4")
-                await asyncio.sleep(0.2)
             for svc in (await api.list(KINDS["Service"], NAMESPACE)).get("items", []):
                 self.services[svc["metadata"]["name"]] = svc["spec"]
         await cluster.wait(self.state, timeout=60)

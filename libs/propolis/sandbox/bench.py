@@ -31,18 +31,6 @@ def pod_manifests(count: int, namespace: str = "bench") -> list[dict[str, Any]]:
             for i in range(count)]
 
 
-async def _wait_running(state: Any, count: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with cluster.Api(state.apiserver_url) as api:
-        while True:
-            pods = await cluster.running_pods(api, state)
-            if len(pods) >= count:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(pods)}/{count} pods running after {timeout}s")
-            await asyncio.sleep(0.05)
-
-
 async def bench_sandbox(*, nodes: int = 2, pods: int = 20, rounds: int = 3) -> dict[str, Any]:
     """Returns {up_s, pods_ready_s, up_with_pods_s, probes, probe_s, probes_per_s, down_s}."""
     name = "bench" + uuid.uuid4().hex[:6]
@@ -56,7 +44,7 @@ async def bench_sandbox(*, nodes: int = 2, pods: int = 20, rounds: int = 3) -> d
             manifest.write_text(yaml.safe_dump_all(pod_manifests(pods)))
             applied = time.monotonic()
             await cluster.apply(state, [str(manifest)])
-            await _wait_running(state, pods, 60)
+            await cluster.wait_running(state, pods, timeout=60)
         figures["pods_ready_s"] = round(time.monotonic() - applied, 3)
         figures["up_with_pods_s"] = round(time.monotonic() - started, 3)
         cfg = state.sandbox()

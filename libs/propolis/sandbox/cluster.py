@@ -416,6 +416,22 @@ async def running_pods(api: Api, state: SandboxState) -> list[dict[str, Any]]:
     return sorted(pods, key=lambda p: (p["metadata"].get("namespace", ""), p["metadata"]["name"]))
 
 
+async def wait_running(state: SandboxState, count: int, *, namespace: str | None = None,
+                       timeout: float = 60.0) -> dict[str, str]:
+    """Block until ``count`` pods (of ``namespace``, or all) run with an IP; returns "ns/name" -> IP."""
+    deadline = time.monotonic() + timeout
+    async with Api(state.apiserver_url) as api:
+        while True:
+            pods = {f"{p['metadata'].get('namespace', 'default')}/{p['metadata']['name']}": p["status"]["podIP"]
+                    for p in await running_pods(api, state)
+                    if namespace is None or p["metadata"].get("namespace") == namespace}
+            if len(pods) >= count:
+                return pods
+            if time.monotonic() > deadline:
+                raise CliError(f"only {len(pods)}/{count} pods running after {timeout:.0f} s: {sorted(pods)}")
+            await asyncio.sleep(0.05)
+
+
 # --- wait ----------------------------------------------------------------------------------
 
 def expected_reporters(state: SandboxState) -> list[tuple[str, str]]:
