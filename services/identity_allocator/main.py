@@ -141,9 +141,11 @@ class Allocator(Component):
         labels = endpoint_labels = None
         # Every scheduled pod gets its identity before it has an IP, so the datapath can enforce
         # policy from the first packet (CNI ADD waits for this record).
+        if pod is not None and namespace is None:
+            return  # its Namespace is not mirrored yet (kinds stream independently): it re-queues the pod
         if pod is not None and not pod.spec.get("hostNetwork") and pod.spec.get("nodeName"):
             endpoint_labels = idmodel.pod_security_labels(
-                pod_labels=pod.labels, namespace=ns, namespace_labels=namespace.labels if namespace else {},
+                pod_labels=pod.labels, namespace=ns, namespace_labels=namespace.labels,
                 service_account=pod.spec.get("serviceAccountName") or "default",
                 cluster=self.rt.settings.cluster_name)
             labels = sorted(str(lbl) for lbl in endpoint_labels)

@@ -116,6 +116,16 @@ class ClusterInputs:
                 self.endpoints.pop((ns, name), None)
             self._bump()
 
+    @classmethod
+    async def snapshot(cls, k8s: Kv, identities: Kv) -> "ClusterInputs":
+        """The buckets as they are now (CLI tools): initial values only, then synced."""
+        inputs = cls()
+        for kv, apply in ((k8s, inputs.apply_k8s), (identities, inputs.apply_identities)):
+            for key, entry in (await kv.items()).items():
+                apply(KvEvent(EventType.PUT, key, entry.value, entry.revision))
+            apply(KvEvent(EventType.SYNCED))
+        return inputs
+
     async def follow(self, k8s: Kv, identities: Kv) -> None:
         """Run both watches until cancelled."""
         async def pump(kv: Kv, apply) -> None:  # type: ignore[no-untyped-def]
