@@ -64,3 +64,35 @@ def test_selection_include_exclude():
     sel = Selection.parse(["no-policies,deny-all", "!deny-all"])
     assert [s.name for s in sel.chosen()] == ["no-policies"]
     assert Selection.parse(["nope"]).unknown() == ["nope"]
+
+
+async def test_policy_cli_shows_what_a_pod_enforces(sandbox):
+    """`propolis policy get NS/POD -o json` compiles the bus's policies for that pod: the echo pod accepts
+    TCP 8080 from the client's identity only, and the client is selected by nothing."""
+    from propolis.connectivity.scenarios import SCENARIOS
+
+    scenario = next(s for s in SCENARIOS if s.name == "echo-ingress-from-label")
+    r = runner.Runner(sandbox)
+    docs = runner.documents_from("test", list(scenario.policies))
+    env = {**__import__("os").environ, "PROPOLIS_NATS_URL": sandbox.nats_url}
+
+    def policy_get(pod: str) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "propolis.cli.main", "policy", "get", pod, "-o", "json"],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    try:
+        await r.deploy()
+        await cluster.apply_documents(sandbox, docs)
+        await cluster.wait(sandbox)
+        echo = policy_get("propolis-test/echo-same-node")
+        client = policy_get("propolis-test/client")
+    finally:
+        await r.cleanup()
+        await cluster.delete_documents(sandbox, docs)
+    assert echo["ingressEnforced"] and not echo["egressEnforced"]
+    assert echo["policies"] == ["CiliumNetworkPolicy/propolis-test/echo-ingress-from-client"]
+    assert [(e["direction"], e["protocol"], e["port"], e["deny"]) for e in echo["entries"]] == \
+        [("ingress", 6, 8080, False)]
+    assert not client["ingressEnforced"] and client["entries"] == []
