@@ -108,9 +108,14 @@ def teardown(node: Node) -> None:
 
 
 class EchoServers:
-    """TCP and UDP echo servers inside a pod namespace (threads, sockets made in the netns)."""
+    """TCP and UDP servers inside a pod namespace (threads, sockets made in the netns).
 
-    def __init__(self, pod: Pod, tcp_ports: tuple[int, ...], udp_ports: tuple[int, ...]) -> None:
+    They echo what they receive, or answer every message with ``answer`` when given (the LB
+    tests use the pod's name so a client knows which backend it reached)."""
+
+    def __init__(self, pod: Pod, tcp_ports: tuple[int, ...], udp_ports: tuple[int, ...],
+                 answer: bytes | None = None) -> None:
+        self.answer = answer
         self.sockets: list[socket.socket] = []
         self.stopping = threading.Event()
         for port in tcp_ports:
@@ -148,7 +153,7 @@ class EchoServers:
                     return
                 if not data:
                     return
-                conn.sendall(data)
+                conn.sendall(self.answer or data)
 
     def _udp(self, u: socket.socket) -> None:
         while not self.stopping.is_set():
@@ -156,7 +161,7 @@ class EchoServers:
                 data, peer = u.recvfrom(4096)
             except (TimeoutError, OSError):
                 continue
-            u.sendto(data, peer)
+            u.sendto(self.answer or data, peer)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -18,14 +18,12 @@ import secrets
 import socket
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 
 from pyroute2.netns import create_socket
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "datapath"))
-from datapath_topology import Node, Pod, add_pod, sh  # noqa: E402
+from datapath_topology import EchoServers, Node, Pod, add_pod, sh  # noqa: E402
 
 from propolis.datapath import Datapath, IPCacheEntry  # noqa: E402
 
@@ -38,69 +36,10 @@ class Cluster:
     node2: Node
     node1_ip: str
     node2_ip: str
-    servers: list["NameServers"] = field(default_factory=list)
+    servers: list[EchoServers] = field(default_factory=list)
 
     def pod(self, name: str) -> Pod:
         return self.node1.pods.get(name) or self.node2.pods[name]
-
-
-class NameServers:
-    """TCP and UDP servers in a pod that answer every message with the pod's name."""
-
-    def __init__(self, pod: Pod, tcp_ports: tuple[int, ...], udp_ports: tuple[int, ...]) -> None:
-        self.name = pod.name.encode()
-        self.stopping = threading.Event()
-        self.sockets: list[socket.socket] = []
-        for port in tcp_ports:
-            s = create_socket(pod.netns, socket.AF_INET, socket.SOCK_STREAM, flags=0)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((pod.ip, port))
-            s.listen(128)
-            s.settimeout(0.2)
-            self.sockets.append(s)
-            threading.Thread(target=self._accept, args=(s,), daemon=True).start()
-        for port in udp_ports:
-            u = create_socket(pod.netns, socket.AF_INET, socket.SOCK_DGRAM, flags=0)
-            u.bind((pod.ip, port))
-            u.settimeout(0.2)
-            self.sockets.append(u)
-            threading.Thread(target=self._udp, args=(u,), daemon=True).start()
-
-    def _accept(self, s: socket.socket) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = s.accept()
-            except (TimeoutError, OSError):
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(0.2)
-        with conn:
-            while not self.stopping.is_set():
-                try:
-                    data = conn.recv(256)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                conn.sendall(self.name)
-
-    def _udp(self, u: socket.socket) -> None:
-        while not self.stopping.is_set():
-            try:
-                _, peer = u.recvfrom(256)
-            except (TimeoutError, OSError):
-                continue
-            u.sendto(self.name, peer)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        time.sleep(0.25)
-        for s in self.sockets:
-            s.close()
 
 
 def ask_tcp(netns: str, ip: str, port: int, timeout: float = 0.8) -> str | None:
@@ -187,8 +126,9 @@ def build() -> Cluster:
         sh("ip", "-n", n1.netns, "route", "add", f"10.251.{octet}.128/25", "via", cluster.node2_ip)
         sh("ip", "-n", n2.netns, "route", "add", f"10.251.{octet}.0/25", "via", cluster.node1_ip)
         for name in ("b", "c", "d"):
-            cluster.servers.append(NameServers(cluster.pod(name), tcp_ports=(8080,), udp_ports=(5353,)))
-        cluster.servers.append(NameServers(cluster.pod("a"), tcp_ports=(8080,), udp_ports=()))
+            cluster.servers.append(EchoServers(cluster.pod(name), tcp_ports=(8080,), udp_ports=(5353,),
+                                               answer=name.encode()))
+        cluster.servers.append(EchoServers(cluster.pod("a"), tcp_ports=(8080,), udp_ports=(), answer=b"a"))
 
         ipcache = [IPCacheEntry(p.ip, p.identity) for n in (n1, n2) for p in n.pods.values()]
 
