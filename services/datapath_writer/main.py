@@ -232,6 +232,11 @@ class Enforcer(Component):
         self.desired.update(self.inputs, list(self.table.by_id.values()))
         self.ipcache.replace_all(self.desired.ipcache)
         self.policies.replace_all({ep_id: pol for ep_id, pol in self.desired.policies.items()})
+        l7_pending = sum(p.l7_pending for p in self.desired.policies.values())
+        self.rt.features["L7 proxy"] = {
+            "state": "Disabled",
+            "detail": (f"{l7_pending} endpoint(s) have L7 rules: their L4 ports are allowed, HTTP/Kafka/DNS rules "
+                       "are not enforced yet" if l7_pending else "not built yet; no policy has L7 rules")}
         diff = self.dp.set_services(self.desired.services)  # a diff of the LB maps; µs per changed service
         self.rt.progress["services"] = len(self.desired.services)
         if diff.enabled and self.desired.service_errors:

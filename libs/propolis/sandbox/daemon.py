@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kubernetes_asyncio import client, config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -86,8 +86,11 @@ class SupervisedProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.stopping = False
+        self.on_restart: Callable[[], None] | None = None  # the supervisor re-saves state.json (new pid)
+        self.started = 0.0
 
     def start(self) -> None:
+        self.started = time.monotonic()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -105,11 +108,15 @@ class SupervisedProcess:
                 await asyncio.sleep(0.5)
             if self.stopping:
                 return
+            if time.monotonic() - self.started > 60:
+                delay = 0.5  # it ran fine for a while: this is a new failure, not a crash loop
             log.warning("%s on %s exited with %s; restarting in %.1fs", self.name, self.node or "cluster", code, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_BACKOFF_MAX_S)
             self.restarts += 1
             self.start()
+            if self.on_restart is not None:
+                self.on_restart()
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping = True
@@ -285,6 +292,7 @@ class Supervisor:
         label = svc.name + (f"-{node}" if node else "")
         child = SupervisedProcess(svc.name, svc.scope, node or env["PROPOLIS_NODE_NAME"], svc.command(ctx), env,
                                   self.cfg.log_dir / f"{label}.log")
+        child.on_restart = self.save
         child.start()
         self.children.append(child)
 
@@ -302,7 +310,8 @@ class Supervisor:
                                                          "reason": "; ".join(f"{k}: {v}" for k, v in
                                                                              kubelet.status()["errors"].items())[:300]}},
                                  progress={"k8s_resource_version": kubelet.synced_resource_version,
-                                           "pods": len(kubelet.records)})
+                                           "pods": len(kubelet.records)},
+                                 interval=HEARTBEAT_INTERVAL_S)
                 try:
                     await kv.put(subjects.heartbeat_key("kubelet", kubelet.node, self.instance), beat)
                     await self.bus.publish(subjects.heartbeat_subject("kubelet", kubelet.node), beat)

@@ -70,7 +70,8 @@ class DesiredState:
     def endpoint_policy(self, inputs: "ClusterInputs", ep: "LocalEndpoint") -> EndpointPolicy:
         self._sync_engine(inputs)
         result = self.engine.compile_endpoint(ep.identity, namespace=ep.namespace)
-        return EndpointPolicy(frozenset(result.entries), result.ingress_enforced, result.egress_enforced)
+        return EndpointPolicy(frozenset(result.entries), result.ingress_enforced, result.egress_enforced,
+                              l7_pending=not result.l7_enforced)
 
     def update(self, inputs: "ClusterInputs", local: list["LocalEndpoint"]) -> None:
         self._sync_engine(inputs)

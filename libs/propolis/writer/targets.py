@@ -16,6 +16,7 @@ class EndpointPolicy:
     entries: frozenset[PolicyEntry]
     ingress_enforced: bool
     egress_enforced: bool
+    l7_pending: bool = False  # some entry carries L7 rules the (future) L7 proxy would enforce: L4 only now
 
 
 class IpcacheTarget:
