@@ -197,7 +197,7 @@ class Enforcer(Component):
             await asyncio.sleep(self.settings.recompute_debounce)
             self.inputs.changed.clear()
             if not self.inputs.synced:
-                self.set_degraded("waiting for k8s and identities buckets to sync")
+                self.set_degraded("waiting for the k8s and identities buckets (initial values and watermarks)")
                 continue
             watermark = self.inputs.watermark
             try:

@@ -193,6 +193,7 @@ class Supervisor:
         await self.bus.connect(max_wait=10)
         await self.bus.ensure_buckets()
         self.save()
+        self.tasks.append(asyncio.create_task(self._supervise_nats(), name="supervise-nats"))
 
         await self._start_apiserver()
         await self._register_nodes()
@@ -222,6 +223,24 @@ class Supervisor:
         self.tasks.append(asyncio.create_task(self._heartbeats(), name="kubelet-heartbeats"))
         self.save("ready")
         log.info("sandbox %s ready: %s, %s", cfg.name, self.state.kubeconfig, self.state.nats_url)
+
+    async def _supervise_nats(self) -> None:
+        """Restart a dead nats-server on the same port and JetStream store, as its StatefulSet would:
+        the services reconnect and their KV watches re-sync; the kernel keeps enforcing meanwhile."""
+        assert self.nats is not None
+        while True:
+            await asyncio.sleep(0.5)
+            proc = self.nats.proc
+            if proc is None or proc.poll() is None:
+                continue
+            log.warning("nats-server exited with %s; restarting on the same port and store", proc.returncode)
+            try:
+                await asyncio.to_thread(self.nats.restart_sync)
+            except Exception as exc:  # noqa: BLE001 - e.g. the port is briefly busy: next round retries
+                log.warning("restarting nats-server failed: %s", exc)
+                continue
+            self.state.nats_pid = self.nats.proc.pid if self.nats.proc else 0
+            self.save()
 
     async def _start_apiserver(self) -> None:
         cfg = self.cfg

@@ -42,7 +42,13 @@ class ClusterInputs:
 
     @property
     def synced(self) -> bool:
-        return self.k8s_synced and self.identities_synced
+        """Both watches delivered their initial values, and both buckets carry their owner's watermark.
+
+        A bucket without its watermark was wiped (NATS lost its storage) or its owner never ran:
+        acting on it would prune every policy and open the endpoints until the owners refill it,
+        so the kernel keeps its last state instead (fail closed)."""
+        return (self.k8s_synced and self.identities_synced
+                and self.k8s_watermark > 0 and self.identities_watermark > 0)
 
     @property
     def watermark(self) -> int:
@@ -62,9 +68,8 @@ class ClusterInputs:
             self._bump(policy=True)
             return
         if ev.key == subjects.WATERMARK_KEY:
-            if isinstance(ev.value, Watermark):
-                self.k8s_watermark = int(ev.value.resource_version)
-                self._bump()
+            self.k8s_watermark = int(ev.value.resource_version) if isinstance(ev.value, Watermark) else 0
+            self._bump()
             return
         kind, _, rest = ev.key.partition(".")
         ns, _, name = rest.partition(".")
@@ -96,9 +101,8 @@ class ClusterInputs:
             self._bump(policy=True)
             return
         if ev.key == subjects.WATERMARK_KEY:
-            if isinstance(ev.value, Watermark):
-                self.identities_watermark = int(ev.value.resource_version)
-                self._bump()
+            self.identities_watermark = int(ev.value.resource_version) if isinstance(ev.value, Watermark) else 0
+            self._bump()
             return
         head, _, rest = ev.key.partition(".")
         if head == "id":
