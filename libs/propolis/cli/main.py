@@ -16,23 +16,27 @@ from typing import Any
 
 from propolis.errors import CliError
 
+#: In the order `propolis --help` lists them: first what a newcomer runs, then what operators use.
 COMMAND_MODULES = [
+    "propolis.cli.demo_cmd",
+    "propolis.cli.sandbox_cmd",
+    "propolis.cli.status_cmd",
+    "propolis.cli.connectivity_cmd",
+    "propolis.cli.observe_cmd",
+    "propolis.cli.policy_cmd",
+    "propolis.cli.identity_cmd",
+    "propolis.cli.service_cmd",
+    "propolis.cli.bpf_cmd",
     "propolis.cli.bus_cmd",
     "propolis.cli.dev_cmd",
     "propolis.cli.bench_cmd",
-    "propolis.cli.sandbox_cmd",
-    "propolis.cli.identity_cmd",
-    "propolis.cli.policy_cmd",
-    "propolis.cli.bpf_cmd",
-    "propolis.cli.service_cmd",
-    "propolis.cli.status_cmd",
-    "propolis.cli.connectivity_cmd",
-    "propolis.cli.demo_cmd",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="propolis", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="propolis", description="Propolis: eBPF networking, security and observability for Kubernetes. "
+                                     "New here? Run `propolis demo`.")
     parser.add_argument("--nats-url", default=None,
                         help="NATS server URL (default: $PROPOLIS_NATS_URL, else the sandbox's, else an embedded server)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
