@@ -46,7 +46,8 @@ log = logging.getLogger("propolis.sandbox.apiserver")
 
 Obj = dict[str, Any]
 DEFAULT_SERVICE_CIDR = "10.96.0.0/16"
-DEFAULT_BOOKMARK_INTERVAL_S = 1.0  # cheap here; lets `sandbox wait` see every kind catch up within ~1 s
+DEFAULT_BOOKMARK_INTERVAL_S = 10.0
+PROGRESS_CHECK_S = 0.05  # how soon an idle watch hears that the store's revision moved on
 DEFAULT_WATCH_TIMEOUT_S = 1800
 KUBECONFIG_FILE = "kubeconfig"
 URL_FILE = "apiserver.url"
@@ -407,17 +408,26 @@ class ApiServer:
                         await response.write(orjson.dumps({"type": item[0], "object": item[1]}) + b"\n")
                 if bookmarks:
                     await response.write(self._bookmark(resource, {"k8s.io/initial-events-end": "true"}))
+            covered = self.store.rv if initial_events else 0  # revision this client knows it has seen all of
+            last_bookmark = time.monotonic()
             while (left := deadline - time.monotonic()) > 0:
-                wait = min(left, self.bookmark_interval) if bookmarks else left
+                wait = min(left, PROGRESS_CHECK_S) if bookmarks else left
                 try:
                     item = await asyncio.wait_for(watch.queue.get(), timeout=wait)
                 except asyncio.TimeoutError:
-                    if bookmarks and watch.queue.empty() and deadline - time.monotonic() > 0:
+                    now = time.monotonic()
+                    # Progress bookmarks (like etcd's progress notify): once the store moved on and this
+                    # watch has nothing queued, say so within PROGRESS_CHECK_S — consumers waiting for
+                    # "every kind caught up with revision N" then wait milliseconds, not an interval.
+                    if bookmarks and watch.queue.empty() and deadline - now > 0 and (
+                            self.store.rv > covered or now - last_bookmark >= self.bookmark_interval):
+                        covered, last_bookmark = self.store.rv, now
                         await response.write(self._bookmark(resource))
                     continue
                 if item is None:
                     break
                 etype, obj = item
+                covered = max(covered, _int_rv(obj))
                 await response.write(orjson.dumps({"type": etype, "object": obj}) + b"\n")
         except ConnectionResetError:
             return response  # the client went away
@@ -433,6 +443,13 @@ class ApiServer:
             meta["annotations"] = annotations
         return orjson.dumps({"type": "BOOKMARK", "object": {"kind": resource.kind, "apiVersion": resource.api_version,
                                                             "metadata": meta}}) + b"\n"
+
+
+def _int_rv(obj: Obj) -> int:
+    try:
+        return int(obj.get("metadata", {}).get("resourceVersion") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 # --- entry point ------------------------------------------------------------------------------
