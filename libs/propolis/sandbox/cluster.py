@@ -490,7 +490,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
                 raise CliError(f"not caught up with resourceVersion {target} within {timeout:.0f}s: " +
                                ", ".join(f"{k} at {progress[k] or 'nothing'}" +
                                          (f" ({reasons[k]})" if reasons.get(k) else "") for k in behind))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
     finally:
         await bus.close()
 

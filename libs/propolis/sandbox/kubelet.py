@@ -21,6 +21,7 @@ this node was in its desired state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -166,6 +167,8 @@ class Kubelet:
         self.gate = asyncio.Semaphore(MAX_PARALLEL_SANDBOXES)
         self.synced_resource_version = ""
         self.progress_changed = asyncio.Event()
+        #: a BOOKMARK said the API moved on (e.g. a policy changed): re-check progress now, not at the next resync
+        self.api_moved = asyncio.Event()
         self._stopping = False
 
     # --- records ----------------------------------------------------------------------
@@ -240,6 +243,7 @@ class Kubelet:
                         raise TemporaryError(f"watch error: {obj.get('message', obj)}")
                     rv = str(obj.get("metadata", {}).get("resourceVersion", rv))
                     if kind == "BOOKMARK":
+                        self.api_moved.set()
                         continue
                     key = pod_key(obj)
                     if kind == "DELETED":
@@ -283,7 +287,9 @@ class Kubelet:
     async def _resync_loop(self) -> None:
         """Retry failed pods, restart dead servers, and compute the revision this node has caught up with."""
         while True:
-            await asyncio.sleep(RESYNC_INTERVAL_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.api_moved.wait(), RESYNC_INTERVAL_S)
+            self.api_moved.clear()
             now = time.monotonic()
             for key, when in list(self.retry_at.items()):
                 if when <= now and key not in self.running:
