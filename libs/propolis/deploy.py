@@ -1,6 +1,10 @@
-"""The Propolis services and how to launch each: the one list `dev up`, the sandbox and the chart follow.
+"""Launching the suite's processes outside the sandbox (`propolis dev up`, the bus benchmark).
 
-``scope`` says how many run: one per cluster, or one per node (``--node-name``).
+The suite itself is one list, `propolis.sandbox.services.SANDBOX_SERVICES`:
+the sandbox, `dev up` and `propolis status` all follow it, so a
+new service is one line there. Per-node services act on a node's network
+namespace, which only the sandbox (or a real node) provides, so outside it
+only the cluster-scoped part runs.
 """
 
 from __future__ import annotations
@@ -8,35 +12,23 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    name: str
-    module: str
-    scope: str  # "cluster" | "node"
-    needs_kubeconfig: bool = False
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", self.module]
+from propolis.sandbox.services import SANDBOX_SERVICES, SandboxService
 
 
-SERVICES: list[ServiceSpec] = [
-    ServiceSpec("k8s-watcher", "services.k8s_watcher.main", "cluster", needs_kubeconfig=True),
-    ServiceSpec("identity-allocator", "services.identity_allocator.main", "cluster"),
-]
+def without_node() -> list[SandboxService]:
+    """The services that can run without a node network namespace: the cluster-scoped ones."""
+    return [s for s in SANDBOX_SERVICES if s.scope == "cluster"]
 
 
 @dataclass
 class ServiceProcess:
     """One running service process with its log file (stderr+stdout)."""
 
-    spec: ServiceSpec
+    spec: SandboxService
     node: str
     proc: subprocess.Popen[bytes]
     log_path: Path
@@ -45,13 +37,13 @@ class ServiceProcess:
         return self.proc.poll() is None
 
 
-def start_service(spec: ServiceSpec, *, node: str, env: dict[str, str], log_dir: Path) -> ServiceProcess:
+def start_service(spec: SandboxService, *, node: str, env: dict[str, str], log_dir: Path) -> ServiceProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.name}-{node}.log"
-    full_env = {**os.environ, **spec.extra_env, **env, "PROPOLIS_NODE_NAME": node}
+    full_env = {**os.environ, **env, "PROPOLIS_NODE_NAME": node}
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(spec.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                env=full_env, start_new_session=True)
+        proc = subprocess.Popen(spec.command({"node": node}), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, env=full_env, start_new_session=True)
     return ServiceProcess(spec, node, proc, log_path)
 
 

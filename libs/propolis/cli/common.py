@@ -27,12 +27,16 @@ def sandbox_state(name: str = DEFAULT_SANDBOX) -> dict[str, Any] | None:
 
 
 def resolve_nats(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
-    """URL and admin credentials: --nats-url, then $PROPOLIS_NATS_URL, then the running sandbox,
-    then a running `propolis dev up`."""
-    url = getattr(args, "nats_url", None) or os.environ.get("PROPOLIS_NATS_URL")
+    """URL and admin credentials: --nats-url, then the sandbox named by ``args.sandbox`` (``--name``; a flag
+    beats the environment), then $PROPOLIS_NATS_URL, then the default sandbox, then a running `propolis dev up`."""
+    named = getattr(args, "sandbox", None)
+    url = getattr(args, "nats_url", None) or (None if named else os.environ.get("PROPOLIS_NATS_URL"))
     if url:
         return url, os.environ.get("PROPOLIS_NATS_USER") or None, os.environ.get("PROPOLIS_NATS_PASSWORD") or None
-    state = sandbox_state(getattr(args, "sandbox", None) or DEFAULT_SANDBOX) or sandbox_state(DEV_RUN_NAME)
+    state = sandbox_state(named) if named else sandbox_state(DEFAULT_SANDBOX) or sandbox_state(DEV_RUN_NAME)
+    if named and not state:
+        raise CliError(f"no sandbox {named!r} (no {RUN_ROOT / named / 'state.json'}): "
+                       f"`propolis sandbox up --name {named}`")
     if state and state.get("nats_url"):
         return state["nats_url"], state.get("nats_user"), state.get("nats_password")
     raise CliError("no NATS server: pass --nats-url, set PROPOLIS_NATS_URL, or start one "

@@ -1,7 +1,8 @@
 """`propolis dev up`: embedded NATS (with per-service users) and every service, locally, showing heartbeats.
 
 The quickest way to see the suite run without a sandbox: no namespaces, no
-Kubernetes API (the k8s-watcher reports itself degraded and says why).
+Kubernetes API (the k8s-watcher reports itself degraded and says why), so only
+the cluster-scoped services of the suite list run (`deploy.without_node`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ async def dev_up(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    names = [s.name for s in deploy.SERVICES]
+    specs = deploy.without_node()
+    names = [s.name for s in specs]
     admin, users = permissions.generate_credentials(names)
     nats = EmbeddedNats(run_dir / "nats", config_text=permissions.server_config(users, admin=admin))
     procs: list[deploy.ServiceProcess] = []
@@ -51,7 +53,7 @@ async def dev_up(args: argparse.Namespace) -> int:
         bus = Bus(url, name="dev-up", user=admin.user, password=admin.password)
         await bus.connect(max_wait=5)
         await bus.ensure_buckets()
-        for spec in deploy.SERVICES:
+        for spec in specs:
             env = {"PROPOLIS_NATS_URL": url, "PROPOLIS_NATS_USER": users[spec.name].user,
                    "PROPOLIS_NATS_PASSWORD": users[spec.name].password}
             procs.append(deploy.start_service(spec, node=args.node_name, env=env, log_dir=run_dir / "logs"))

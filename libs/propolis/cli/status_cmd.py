@@ -1,21 +1,29 @@
-"""`propolis status`: one screen that says whether the cluster is healthy (like `cilium status`)."""
+"""`propolis status`: one screen that says whether the cluster is healthy (like `cilium status`).
+
+Exit code 0 when healthy, 1 when anything is unhealthy (after ``--wait``, when
+it gave up), so scripts and CI can gate on it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import time
+from typing import Any
 
-from propolis.cli.common import add_output_flag, connect_bus, print_json
+from propolis.cli.common import add_output_flag, connect_bus, print_json, print_table
 from propolis.status import StatusReport, collect
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("status", help="health of every service, NATS, Kubernetes and every feature")
+    st.add_argument("--name", dest="sandbox", default=None, metavar="NAME",
+                    help="sandbox whose NATS to ask (default: propolis, else a running `dev up`)")
     st.add_argument("--wait", action="store_true", help="block until healthy (see --wait-duration)")
-    st.add_argument("--wait-duration", type=float, default=120.0, help="give up waiting after S seconds")
-    st.add_argument("--stale-after", type=float, default=10.0,
-                    help="an instance without a heartbeat for S seconds is unhealthy")
+    st.add_argument("--wait-duration", type=float, default=120.0, metavar="S", help="give up waiting after S seconds")
+    st.add_argument("--stale-after", type=float, default=None, metavar="S",
+                    help="an instance without a heartbeat for S seconds is unhealthy "
+                         "(default: 3 of its own heartbeat intervals)")
     add_output_flag(st)
     st.set_defaults(func=status_cmd)
 
@@ -38,26 +46,45 @@ async def status_cmd(args: argparse.Namespace) -> int:
     return 0 if rep.healthy else 1
 
 
+def duration(seconds: float) -> str:
+    """Uptime as people read it: 42s, 5m12s, 3h04m, 2d03h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _line(label: str, state: str, detail: Any = "") -> None:
+    print(f"{label + ':':<22}{state}{'   ' + str(detail) if detail else ''}")
+
+
 def render(rep: StatusReport) -> None:
-    ok = "OK" if rep.healthy else "UNHEALTHY"
-    js = rep.nats.get("jetstream", {})
-    print(f"Cluster:            {ok}")
-    print(f"NATS:               {'OK' if rep.nats.get('connected') else 'Disconnected'}   {rep.nats.get('url')}  "
-          f"server {rep.nats.get('server_version')}, JetStream {js.get('streams')} streams")
+    _line("Cluster", "OK" if rep.healthy else f"UNHEALTHY ({len(rep.problems)} problem{'s' * (len(rep.problems) > 1)})")
+    n, js = rep.nats, rep.nats.get("jetstream", {})
+    _line("NATS", "OK" if n.get("connected") else "Disconnected", f"{n.get('url')}  server {n.get('server_version')}")
+    _line("JetStream", js.get("state", "?"), js.get("reason") or
+          f"{js.get('streams')} streams, {js.get('consumers')} consumers, "
+          f"{(js.get('storage_bytes') or 0) / 1024:.0f} KiB stored")
     k = rep.kubernetes
-    print(f"Kubernetes:         {'OK' if k.get('watchers') else 'no k8s-watcher'}   nodes: "
-          f"{', '.join(k.get('nodes') or []) or '-'}   mirrored resourceVersion {k.get('resource_version')}")
+    nodes = k.get("nodes") or []
+    _line("Kubernetes", k.get("state", "?"),
+          k.get("reason") or f"{len(nodes)} nodes ({', '.join(nodes) or '-'}), "
+                             f"mirrored resourceVersion {k.get('resource_version') or '-'}")
     for name, f in rep.features.items():
-        detail = f.get("reason") or f.get("detail") or ""
-        print(f"{name + ':':<20}{f.get('state', '?')}{'   ' + detail if detail else ''}")
-    missing = [f"{n} ({v['detail']})" for n, v in rep.kernel.items() if not v["available"]]
+        _line(name, f.get("state", "?"), f.get("reason") or f.get("detail") or "")
+    missing = [v["detail"] for v in rep.kernel.values() if not v["available"]]
     if missing:
-        print(f"{'Kernel lacks:':<20}{'; '.join(missing)}")
+        _line("Kernel lacks", "; ".join(missing))
     print()
-    print(f"{'SERVICE':<20} {'NODE':<22} {'VERSION':<8} {'UPTIME':>8}  HEALTH")
-    for s in rep.services:
-        print(f"{s['service']:<20} {s['node']:<22} {s['version']:<8} {s['uptime_s']:>7.0f}s  {s['health']}"
-              + (f"  ({'; '.join(s['reasons'])})" if s["reasons"] else ""))
+    print_table(["SERVICE", "NODE", "VERSION", "UPTIME", "HEALTH"],
+                [[s["service"], s["node"] or "-", s.get("version", "-"),
+                  duration(s["uptime_s"]) if "uptime_s" in s else "-",
+                  s["health"] + (f" ({'; '.join(s['reasons'])})" if s["reasons"] else "")]
+                 for s in rep.services])
     if rep.problems:
         print()
         print("Problems:")

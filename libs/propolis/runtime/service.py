@@ -129,7 +129,8 @@ class Runtime:
             version=propolis.__version__, pid=os.getpid(), started_at=self.started_at,
             sent_at=time.time(), health=self.overall().label,
             components={k: v.as_dict() for k, v in self.health().items()},
-            http=self.http_url, progress=dict(self.progress), features=dict(self.features))
+            http=self.http_url, progress=dict(self.progress), features=dict(self.features),
+            interval=self.settings.heartbeat_interval)
 
     async def publish_heartbeat(self) -> None:
         hb = self.heartbeat()
@@ -214,6 +215,9 @@ class Runtime:
                 started.append(c)
                 if c.health.reason == "starting":
                     c.set_ok()
+            if self._stopping.is_set():
+                log.info("%s stopping before it was ready (stop requested during start)", self.service)
+                return code
             self.ready = True
             self.spawn("heartbeat", self._heartbeat_loop())
             log.info("%s ready", self.service, extra={"http": self.http_url})

@@ -456,6 +456,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
     from propolis.bus.connection import Bus
     from propolis.bus.messages import Heartbeat
     from propolis.bus import codec
+    from propolis.status import is_live
 
     async with Api(state.apiserver_url) as api:
         target = await api.resource_version()
@@ -474,8 +475,8 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
                 beat = entry.value
                 if isinstance(beat, (bytes, bytearray)):
                     beat = codec.decode(beat, Heartbeat)
-                if not isinstance(beat, Heartbeat):
-                    continue
+                if not isinstance(beat, Heartbeat) or not is_live(beat, time.time()):
+                    continue  # a dead instance's last beat says nothing about now
                 key = (beat.service, beat.node)
                 rv = str(beat.progress.get("k8s_resource_version", ""))
                 if key not in latest or beat.sent_at > latest[key][0]:
