@@ -12,7 +12,7 @@ from typing import Any
 from propolis.bus.codec import message
 
 
-@message("heartbeat", (1, 0))
+@message("heartbeat", (1, 1))
 @dataclass
 class Heartbeat:
     """Published by every service instance every few seconds (subject and KV)."""
@@ -31,6 +31,8 @@ class Heartbeat:
     progress: dict[str, Any] = field(default_factory=dict)
     #: Feature states this instance knows about (for `propolis status`), e.g. {"KubeProxyReplacement": "True"}
     features: dict[str, Any] = field(default_factory=dict)
+    #: 1.1: the longest gap between two beats; `propolis status` calls an instance stale after a few missed
+    interval: float = 0.0
 
 
 @message("event", (1, 0))
@@ -141,3 +143,61 @@ class Watermark:
 
     resource_version: int
     time: float
+
+
+@message("flow", (1, 0))
+@dataclass
+class FlowMessage:
+    """One Hubble flow on ``propolis.v1.flows.<node>.<verdict>.<src ns>.<dst ns>``.
+
+    ``seq`` counts the node observer's flows from 1 (per observer instance, named by ``instance``),
+    so a subscriber sees exactly how many it missed between the observer and itself."""
+
+    node: str
+    instance: str
+    seq: int
+    flow: dict[str, Any]
+
+
+@message("lost-events", (1, 0))
+@dataclass
+class LostEvents:
+    """Hubble's LostEvent: ``source`` PERF_EVENT_RING_BUFFER (the BPF ring was full),
+    OBSERVER_EVENTS_QUEUE, HUBBLE_RING_BUFFER (a reader was overrun) or NATS_SUBSCRIBER (a bus
+    subscriber missed published flows); ``num_events_lost`` since the previous report."""
+
+    source: str
+    num_events_lost: int
+    node: str
+    time: str
+    cpu: int = -1
+
+
+@message("flow-query", (1, 0))
+@dataclass
+class FlowQuery:
+    """A historic query to the nodes' observers (``propolis.v1.hubble.query``, answered in FlowBatch chunks)."""
+
+    whitelist: list[dict[str, Any]] = field(default_factory=list)
+    blacklist: list[dict[str, Any]] = field(default_factory=list)
+    number: int = 0  # 0 = all matching
+    first: bool = False  # oldest N instead of newest N
+    since: str = ""  # RFC 3339 bounds (compared as text: fixed-width UTC)
+    until: str = ""
+    nodes: list[str] = field(default_factory=list)  # empty = every node answers
+
+
+@message("flow-batch", (1, 0))
+@dataclass
+class FlowBatch:
+    """A chunk of a query's answer; the last chunk of a node has ``done`` set."""
+
+    node: str
+    flows: list[list[Any]]  # [seq, flow] pairs, oldest first
+    done: bool = False
+    num_flows: int = 0  # ring occupancy (the node's status)
+    max_flows: int = 0
+    seen_flows: int = 0
+    error: str = ""
+    instance: str = ""  # the observer instance and its last sequence number at answer time:
+    last_seq: int = 0   # a follower continues after it without duplicates or holes

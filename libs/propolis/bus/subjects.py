@@ -71,7 +71,24 @@ def heartbeat_subject(service: str, node: str) -> str:
 
 
 def flows_subject(node: str) -> str:
+    """The prefix of one node's flow subjects: subscribe to ``flows_subject(node) + ".>"``."""
     return f"{PREFIX}.flows.{token(node, what='node')}"
+
+
+def flow_subject(node: str, verdict: str, src_namespace: str, dst_namespace: str) -> str:
+    """Where a node's observer publishes one flow: ``propolis.v1.flows.<node>.<VERDICT>.<src ns>.<dst ns>``
+    (``_`` = no namespace, e.g. world), so operators narrow server-side, e.g.
+    ``propolis bus tail 'propolis.v1.flows.*.DROPPED.production.>'``."""
+    return f"{PREFIX}.flows.{node}.{verdict}.{src_namespace or '_'}.{dst_namespace or '_'}"
+
+
+def lost_events_subject(node: str) -> str:
+    """Hubble's lost-event notices of a node: ``propolis.v1.flows.<node>.lost``."""
+    return f"{PREFIX}.flows.{token(node, what='node')}.lost"
+
+
+#: Historic flow queries, to every node's observer at once (each answers the reply inbox in chunks).
+HUBBLE_QUERY = f"{PREFIX}.hubble.query"
 
 
 def events_subject(kind: str) -> str:
@@ -119,6 +136,8 @@ def slices(node: str = "*") -> dict[str, Slice]:
                                  (heartbeat_pattern("datapath-writer"), f"{PREFIX}.events.datapath")),
         "hubble": Slice("hubble", (hb("hubble"),),
                         (heartbeat_pattern("hubble"), f"{PREFIX}.flows.{node}", f"{PREFIX}.flows.{node}.>")),
+        "hubble-relay": Slice("hubble-relay", (hb("hubble-relay"),),
+                              (heartbeat_pattern("hubble-relay"), HUBBLE_QUERY)),
     }
 
 

@@ -1,4 +1,7 @@
-"""The Propolis services a sandbox runs: one list, per cluster and per node.
+"""The Propolis suite: one list of its services, per cluster and per node.
+
+The sandbox runs it, `propolis dev up` runs its cluster-scoped part
+(`deploy.without_node`) and `propolis status` expects every entry to heartbeat.
 
 Why a list: `propolis sandbox up` must start whatever the suite consists of at
 the time, and later work adds a service by appending one `SandboxService` to
@@ -63,6 +66,9 @@ SANDBOX_SERVICES: list[SandboxService] = [
     SandboxService("identity-allocator", "cluster", ("propolis-identity-allocator",)),
     SandboxService("datapath-writer", "node", ("propolis-datapath-writer", "--devices", "eth0"),
                    serves_datapath_socket=True),
+    SandboxService("hubble", "node", ("propolis-hubble",), reports_progress=False),
+    SandboxService("hubble-relay", "cluster", ("propolis-hubble-relay", "--hubble-relay-listen-address",
+                                               "127.0.0.1:0"), reports_progress=False),
 ]
 
 
