@@ -12,14 +12,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes_asyncio import config as k8s_config
-from kubernetes_asyncio.client import ApiClient, Configuration
-
 from propolis.bus import subjects
 from propolis.bus.lease import LeaseElector
 from propolis.bus.messages import Event
 from propolis.errors import ValidationError
+from propolis.k8s import kubeclient
 from propolis.k8s.kinds import KINDS, Kind
+from propolis.k8s.kubeclient import ApiClient, Configuration
 from propolis.k8s.mirror import KvMirror
 from propolis.k8s.reflector import Reflector
 from propolis.k8s.status import patch_policy_status
@@ -51,10 +50,10 @@ class KubeClient(Component):
         conf = Configuration()
         try:
             if self.settings.kubeconfig:
-                await k8s_config.load_kube_config(config_file=self.settings.kubeconfig, client_configuration=conf)
+                await kubeclient.load_kube_config(config_file=self.settings.kubeconfig, client_configuration=conf)
             else:
-                k8s_config.load_incluster_config(client_configuration=conf)
-        except (k8s_config.ConfigException, OSError) as exc:
+                kubeclient.load_incluster_config(client_configuration=conf)
+        except (kubeclient.ConfigException, OSError) as exc:
             # No API to watch (e.g. `propolis dev up`): stay up, say why, mirror nothing.
             self.set_degraded(f"no Kubernetes API configured: {exc}")
             return

@@ -7,7 +7,9 @@ Keys in PROPOLIS_IDENTITIES_V1 (the identity-allocator's slice):
 * ``endpoints.<ns>.<pod>`` -> EndpointRecord
 
 Allocation: read ``labels.<hash>``; if absent, claim a free number with a
-create-only write of ``id.<n>`` (a lost race just moves to the next number),
+create-only write of ``id.<n>`` (a lost race just moves to the next number;
+each replica starts its search at a random number, as Cilium picks random free
+IDs, so replicas rarely contend for the same number),
 then create ``labels.<hash>``. If another replica created the index first,
 release our number and use theirs — every replica ends with the same answer.
 Numbers are cluster-local 256..65535 ORed with ``cluster_id << 16`` like
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 from typing import Iterable
 
 from propolis.bus.kv import Conflict, Kv
@@ -39,7 +42,7 @@ class IdentityAllocator:
         self.kv = kv
         self.cluster_id = cluster_id
         self.used: set[int] = set()
-        self._cursor = MIN_CLUSTER_LOCAL
+        self._cursor = random.randint(MIN_CLUSTER_LOCAL, MAX_CLUSTER_LOCAL)
         self.allocations = 0
         self.conflicts = 0
 

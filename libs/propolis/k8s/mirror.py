@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from propolis.bus import subjects
 from propolis.bus.kv import Kv
@@ -54,11 +54,12 @@ class KvMirror:
         self.watermark_written = 0
 
     # --- Sink protocol ---------------------------------------------------------------
-    async def replace(self, kind: Kind, objects: list[dict[str, Any]], resource_version: str) -> None:
+    async def replace(self, kind: Kind, pages: AsyncIterator[list[dict[str, Any]]]) -> None:
         keys = set()
-        for obj in objects:
-            keys.add(record_key(kind, obj))
-            await self.apply(kind, "ADDED", obj)
+        async for objects in pages:
+            for obj in objects:
+                keys.add(record_key(kind, obj))
+                await self.apply(kind, "ADDED", obj)
         prefix = kind.plural + "."
         for key in [k for k in self.desired if k.startswith(prefix) and k not in keys]:
             await self._set(key, None)
@@ -96,28 +97,41 @@ class KvMirror:
         return min(self.watermarks.values())
 
     async def write_watermark(self) -> None:
-        """Put the Watermark behind the objects it covers (leader only, when it moved)."""
-        rv = self.mirrored_resource_version()
-        if self.leader and rv > self.watermark_written and not self.dirty:
-            await self.kv.put(subjects.WATERMARK_KEY, Watermark(rv, time.time()))
-            self.watermark_written = rv
+        """Put the Watermark behind the objects it covers (leader only, when it moved).
+
+        Under the write lock and only when nothing is pending (`dirty`): a watermark written
+        while a new leader's first flush is still running would tell consumers "KV holds
+        everything up to rv" when it does not."""
+        async with self._lock:
+            rv = self.mirrored_resource_version()
+            if self.leader and rv > self.watermark_written and not self.dirty:
+                await self.kv.put(subjects.WATERMARK_KEY, Watermark(rv, time.time()))
+                self.watermark_written = rv
 
     # --- leadership and writes -------------------------------------------------------
     async def set_leader(self, leader: bool) -> None:
-        self.leader = leader
-        if leader:
+        if not leader:
+            self.leader = False
+            return
+        self.dirty = True  # until the first flush has written everything desired
+        async with self._lock:
+            self.leader = True
             await self.load()
-            await self.flush()
+        await self.flush()
 
     async def flush(self) -> None:
         """Write every difference between desired and KV (leader only)."""
-        self.dirty = False
         async with self._lock:
-            for key in [k for k in self.written if k not in self.desired]:
-                await self._write(key, None)
-            for key, rec in list(self.desired.items()):
-                if self.written.get(key) != rec:
-                    await self._write(key, rec)
+            self.dirty = False
+            try:
+                for key in [k for k in self.written if k not in self.desired]:
+                    await self._write(key, None)
+                for key, rec in list(self.desired.items()):
+                    if self.written.get(key) != rec:
+                        await self._write(key, rec)
+            except Exception:
+                self.dirty = True  # the flush loop retries; no watermark meanwhile
+                raise
 
     async def _set(self, key: str, rec: K8sObject | None) -> None:
         if rec is None:

@@ -3,22 +3,24 @@
 Resume from the last resourceVersion; ask for bookmarks; on ``410 Gone``
 relist; on a broken connection reconnect with back-off and resume. A relist
 hands the sink the complete set, so deletes missed while disconnected are
-found. Objects are read as raw JSON (orjson) rather than typed models: CRDs
-have none, and the sink keeps only a few fields anyway.
+found. Lists are paged (``limit``/``continue``, 500 a page like client-go), so
+only one page of raw JSON is in memory at a time: a 10,000-pod list parsed at
+once left the watcher ~30 MB bigger for good (freed objects fragment the heap). Objects are read as raw JSON (orjson) rather than typed models: CRDs
+have none, and the sink keeps only a few fields anyway (so `k8s.kubeclient`
+imports kubernetes-asyncio without its generated models).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 import aiohttp
 import orjson
-from kubernetes_asyncio.client import ApiClient
-from kubernetes_asyncio.client.rest import ApiException
 
 from propolis.k8s.kinds import Kind
+from propolis.k8s.kubeclient import ApiClient, ApiException
 
 log = logging.getLogger("propolis.k8s.reflector")
 
@@ -27,20 +29,25 @@ class Gone(Exception):
     """The API compacted past our resourceVersion: relist."""
 
 
+LIST_PAGE_SIZE = 500
+
+
 class Sink(Protocol):
-    async def replace(self, kind: Kind, objects: list[dict[str, Any]], resource_version: str) -> None: ...
+    async def replace(self, kind: Kind, pages: AsyncIterator[list[dict[str, Any]]]) -> None:
+        """The complete set, page by page; only after the last page may what is absent be pruned."""
     async def apply(self, kind: Kind, event_type: str, obj: dict[str, Any]) -> None: ...
     def progress(self, kind: Kind, resource_version: str) -> None: ...
 
 
 class Reflector:
     def __init__(self, api: ApiClient, kind: Kind, sink: Sink, *, watch_timeout: int = 300,
-                 backoff_max: float = 5.0) -> None:
+                 backoff_max: float = 5.0, page_size: int = LIST_PAGE_SIZE) -> None:
         self.api = api
         self.kind = kind
         self.sink = sink
         self.watch_timeout = watch_timeout
         self.backoff_max = backoff_max
+        self.page_size = page_size
         self.resource_version: str | None = None
         self.synced = asyncio.Event()
         self.relists = 0
@@ -76,13 +83,28 @@ class Reflector:
             _request_timeout=timeout)
 
     async def _list(self) -> None:
-        resp = await self._request([], 30)
-        body = orjson.loads(await resp.read())
-        rv = str((body.get("metadata") or {}).get("resourceVersion", ""))
-        await self.sink.replace(self.kind, body.get("items") or [], rv)
-        self.resource_version = rv
+        listed_rv = ""
+
+        async def pages() -> AsyncIterator[list[dict[str, Any]]]:
+            nonlocal listed_rv
+            token = ""
+            while True:
+                query: list[tuple[str, Any]] = [("limit", self.page_size)]
+                if token:
+                    query.append(("continue", token))
+                resp = await self._request(query, 30)
+                body = orjson.loads(await resp.read())
+                meta = body.get("metadata") or {}
+                listed_rv = listed_rv or str(meta.get("resourceVersion", ""))  # the first page's: the list's
+                yield body.pop("items", None) or []
+                token = meta.get("continue") or ""
+                if not token:
+                    return
+
+        await self.sink.replace(self.kind, pages())
+        self.resource_version = listed_rv
         self.relists += 1
-        self.sink.progress(self.kind, rv)
+        self.sink.progress(self.kind, listed_rv)
         self.synced.set()
 
     async def _watch(self) -> None:

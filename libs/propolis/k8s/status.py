@@ -6,10 +6,10 @@ import time
 from typing import Any
 
 import orjson
-from kubernetes_asyncio.client import ApiClient
 
 from propolis.errors import ValidationError
 from propolis.k8s.kinds import Kind
+from propolis.k8s.kubeclient import ApiClient
 
 
 def valid_condition(error: ValidationError | None) -> dict[str, Any]:
