@@ -93,6 +93,7 @@ async def test_policy_cli_shows_what_a_pod_enforces(sandbox):
         await cluster.delete_documents(sandbox, docs)
     assert echo["ingressEnforced"] and not echo["egressEnforced"]
     assert echo["policies"] == ["CiliumNetworkPolicy/propolis-test/echo-ingress-from-client"]
-    assert [(e["direction"], e["protocol"], e["port"], e["deny"]) for e in echo["entries"]] == \
-        [("ingress", 6, 8080, False)]
+    rows = sorted((e["direction"], e["identity"] == 1, e["protocol"], e["port"], e["deny"]) for e in echo["entries"])
+    # the client's TCP 8080, and (allow-localhost) its own node on anything
+    assert rows == [("ingress", False, 6, 8080, False), ("ingress", True, 0, 0, False)]
     assert not client["ingressEnforced"] and client["entries"] == []

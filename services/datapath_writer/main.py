@@ -47,6 +47,9 @@ class Settings(CommonSettings):
     datapath_socket: str = setting("/run/propolis/datapath.sock", "unix socket the CNI plugin announces endpoints on")
     policy_enforcement: str = setting("default", "Cilium's policy enforcement mode",
                                       choices=("default", "always", "never"))
+    allow_localhost: str = setting("always", "Cilium's allow-localhost: 'always' = a pod's own node reaches it "
+                                             "whatever the ingress policy (kubelet probes), 'policy' = only if "
+                                             "a rule allows the host", choices=("always", "policy"))
     identity_wait: float = setting(3.0, "how long a CNI ADD waits for the pod's identity before the endpoint "
                                         "starts as deny-all (fail closed)", unit="s")
     recompute_debounce: float = setting(0.005, "coalesce input changes for this long before recomputing", unit="s")
@@ -71,6 +74,9 @@ class DatapathComponent(Component):
         await self.dp.load()
         count = await self.dp.reattach_all()
         log.info("datapath loaded in %.2fs; %d endpoints re-attached", self.dp.compile_seconds, count)
+        if self.dp.removed_on_reattach:
+            log.warning("endpoints %s removed: their interfaces are gone (pods deleted while no writer ran)",
+                        self.dp.removed_on_reattach)
         devices = [d.strip() for d in self.settings.devices.split(",") if d.strip()]
         if self.settings.kube_proxy_replacement:
             for device in devices:
@@ -113,7 +119,8 @@ class Enforcer(Component):
         self.inputs = inputs.inputs
         self.table = EndpointTable(Path(settings.datapath_socket).with_name(f"endpoints-{settings.node_name}.json"))
         self.desired = DesiredState(node=settings.node_name, mode=settings.policy_enforcement,
-                                    cluster_name=settings.cluster_name)
+                                    cluster_name=settings.cluster_name,
+                                    allow_localhost=settings.allow_localhost == "always")
         self.ipcache = Reconciler("ipcache", IpcacheTarget(self.dp))
         self.policies = Reconciler("endpoint-policy", EndpointPolicyTarget(self.dp))
         self.api: EndpointApiServer | None = None
@@ -126,7 +133,13 @@ class Enforcer(Component):
         known = {e.endpoint_id for e in self.dp.list_endpoints()}
         for ep_id in [i for i in self.table.by_id if i not in known]:
             self.table.remove(ep_id)  # its pinned entry is gone (node rebooted): forget it
+        # CIDR identities keep the numbers the kernel already uses (no renumbering across a restart)
+        self.desired.engine.adopt_cidr_identities({e.cidr: e.identity for e in self.dp.list_ipcache()})
         self.ipcache_kv = await rt.bus.kv(subjects.IPCACHE_BUCKET)
+        # what a previous instance published: entries of endpoints gone meanwhile get deleted by the
+        # next publish (starting from nothing, they stayed in every node's ipcache for good)
+        mine = await self.ipcache_kv.items(subjects.token(self.settings.node_name, what="node") + ".>")
+        self.published = {k: e.value for k, e in mine.items() if isinstance(e.value, IpcacheRecord)}
         rt.spawn("ipcache-reconciler", self.ipcache.run(), self)
         rt.spawn("policy-reconciler", self.policies.run(), self)
         rt.spawn("recompute", self._recompute_loop(), self)

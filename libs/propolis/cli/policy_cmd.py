@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for p in (get, sel):
         p.add_argument("--cluster-name", default=os.environ.get("PROPOLIS_CLUSTER_NAME"),
                        help="cluster name for the `cluster` entity (default $PROPOLIS_CLUSTER_NAME)")
+        p.add_argument("--allow-localhost", choices=("always", "policy"), default="always",
+                       help="as the datapath-writer's setting (default %(default)s: a pod's node always reaches it)")
 
 
 async def _engine(args: argparse.Namespace) -> tuple[PolicyEngine, ClusterInputs]:
@@ -44,7 +46,7 @@ async def _engine(args: argparse.Namespace) -> tuple[PolicyEngine, ClusterInputs
         inputs = await ClusterInputs.snapshot(k8s, ids)
     finally:
         await bus.close()
-    engine = PolicyEngine(cluster_name=args.cluster_name)
+    engine = PolicyEngine(cluster_name=args.cluster_name, allow_localhost=args.allow_localhost == "always")
     engine.update(policies=list(inputs.policies.values()), identities=inputs.identities,
                   named_ports={e.identity: e.named_ports for e in inputs.endpoints.values()})
     return engine, inputs

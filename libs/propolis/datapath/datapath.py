@@ -30,7 +30,7 @@ from propolis.maps.spec import default_pin_dir
 from propolis.datapath.loader import (PROGRAM_FROM_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_CONTAINER,
                                       LoadedPrograms, compile_programs)
 from propolis.datapath.services import LB_ALGORITHMS, ServiceDiff, ServiceMaps, ServiceView, read_services
-from propolis.datapath.tc import TcAttacher
+from propolis.datapath.tc import InterfaceGone, TcAttacher
 from propolis.lb.desired import LBService
 from propolis.maps import lb as lbmaps
 
@@ -91,6 +91,7 @@ class Datapath:
         self.settings = settings or DatapathSettings()
         self.programs: LoadedPrograms | None = None
         self._tc = TcAttacher()
+        self.removed_on_reattach: list[int] = []  # endpoints whose interface was gone at reattach_all()
         self._maps: dict[str, bpf.BpfMap[Any, Any]] = {}
         self._endpoints: dict[int, _EndpointState] = {}
         # what this process last wrote to each policy map (it is the only writer): diffs
@@ -283,13 +284,23 @@ class Datapath:
         """Point every known endpoint's filters at this process's programs (after an upgrade).
 
         Atomic per interface (tc replace). Returns how many endpoints were re-attached.
+        An endpoint whose interface is gone (its pod was deleted while no writer answered the CNI
+        DEL) is removed instead, like Cilium drops endpoints it cannot restore: failing here made
+        every later start fail the same way, and the node never got a working writer again.
+        Their ids are in ``removed_on_reattach``.
         """
         programs = self._programs()
         count = 0
-        for state in self._endpoints.values():
-            await self._tc.attach(state.netns, state.ifindex,
-                                  from_container=(programs.from_container_fd, PROGRAM_FROM_CONTAINER),
-                                  to_container=(programs.to_container_fd, PROGRAM_TO_CONTAINER))
+        self.removed_on_reattach = []
+        for endpoint_id, state in list(self._endpoints.items()):
+            try:
+                await self._tc.attach(state.netns, state.ifindex,
+                                      from_container=(programs.from_container_fd, PROGRAM_FROM_CONTAINER),
+                                      to_container=(programs.to_container_fd, PROGRAM_TO_CONTAINER))
+            except InterfaceGone:
+                await self.detach_endpoint(endpoint_id, netns=state.netns)
+                self.removed_on_reattach.append(endpoint_id)
+                continue
             count += 1
         return count
 

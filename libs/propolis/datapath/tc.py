@@ -17,6 +17,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any
 
+import pyroute2.config
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -27,6 +28,17 @@ PARENT_EGRESS = 0xFFFFFFF3   # clsact egress: packets to the pod (cil_to_contain
 FILTER_PRIO = 1
 FILTER_HANDLE = 1
 _GONE = {errno.ENOENT, errno.ENODEV, errno.EINVAL}
+
+# A netns socket is made by a forked helper that pyroute2 ends with SIGTERM. The fork inherits
+# asyncio's signal handler and wakeup fd, so a SIGTERM reaching the helper before it exits was
+# written to *our* event loop as if we had been told to stop: the datapath-writer shut down
+# (exit 0) right after its first attach in about one start out of three. With this setting the
+# helper resets SIGTERM to its default before it answers, so the parent's SIGTERM just ends it.
+pyroute2.config.disable_mp_signal = True
+
+
+class InterfaceGone(TemporaryError):
+    """The interface to attach to does not exist (any more) in its namespace."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,8 @@ class TcAttacher:
         try:
             await ipr.tc("add", "clsact", ifindex)
         except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                raise InterfaceGone(f"add clsact on ifindex {ifindex} in {netns}: {exc}") from exc
             if exc.code != errno.EEXIST:
                 raise TemporaryError(f"add clsact on ifindex {ifindex} in {netns}: {exc}") from exc
         for parent, (fd, name) in ((PARENT_INGRESS, from_container), (PARENT_EGRESS, to_container)):
@@ -89,7 +103,8 @@ class TcAttacher:
                 await ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, fd=fd, name=name,
                              parent=parent, prio=FILTER_PRIO, classid=1, direct_action=True)
             except NetlinkError as exc:
-                raise TemporaryError(f"attach {name} on ifindex {ifindex} in {netns}: {exc}") from exc
+                error = InterfaceGone if exc.code == errno.ENODEV else TemporaryError
+                raise error(f"attach {name} on ifindex {ifindex} in {netns}: {exc}") from exc
 
     async def attach_ingress(self, netns: str | None, ifindex: int, program: tuple[int, str]) -> None:
         """Put one program on tc ingress only (cil_from_netdev on the node's underlay device)."""

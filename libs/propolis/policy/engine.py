@@ -105,6 +105,21 @@ class LocalIdentityAllocator:
         if number is not None:
             self._free.append(number)
 
+    def adopt(self, prefix: str, number: int) -> bool:
+        """Keep the number a previous process gave `prefix` (read back from the pinned ipcache).
+
+        Why: numbers depend on allocation history, so a restarted writer allocating afresh could
+        swap two prefixes' numbers; the ipcache and the policy maps are reconciled separately, and
+        in between a denied prefix would be classified as an allowed one. False if not adoptable.
+        """
+        if not idm.MIN_LOCAL_IDENTITY <= number <= idm.MAX_LOCAL_IDENTITY or prefix in self.by_prefix \
+                or number in self.by_prefix.values():
+            return False
+        self.by_prefix[prefix] = number
+        self._next = max(self._next, number + 1)
+        self._free = [n for n in self._free if n != number]
+        return True
+
 
 @dataclass(frozen=True)
 class CompileResult:
@@ -154,10 +169,14 @@ class PolicyEngine:
 
     def __init__(self, *, mode: str = "default", cluster_name: str | None = None,
                  cidr_allocator: Callable[[str], int] | None = None,
-                 cidr_release: Callable[[str], None] | None = None) -> None:
+                 cidr_release: Callable[[str], None] | None = None, allow_localhost: bool = False) -> None:
         if mode not in MODES:
             raise ValidationError("mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
+        #: Cilium's allow-localhost=always (and Kubernetes' "traffic from the node a pod runs on is always
+        #: allowed"): an ingress-enforcing endpoint also allows its own node (reserved:host), so kubelet
+        #: probes keep working under a default deny. A deny rule naming the host still wins.
+        self.allow_localhost = allow_localhost
         self.cluster_name = cluster_name
         self._local_alloc = LocalIdentityAllocator()
         self._alloc = cidr_allocator or self._local_alloc.allocate
@@ -357,6 +376,13 @@ class PolicyEngine:
             self.cache.upsert_identity(number, cidr_labels(prefix))
         self._cidr_selection.clear()
         return True
+
+    def adopt_cidr_identities(self, numbers: dict[str, int]) -> int:
+        """Prefix -> node-local identity a previous instance used (its pinned ipcache): allocate those
+        prefixes the same numbers again (default allocator only). Call before the first `update`."""
+        if self._alloc != self._local_alloc.allocate:
+            return 0
+        return sum(self._local_alloc.adopt(prefix, number) for prefix, number in sorted(numbers.items()))
 
     def cidr_identities(self) -> dict[str, int]:
         """Every CIDR prefix the policies need -> its node-local identity (for the ipcache)."""
@@ -587,6 +613,9 @@ class PolicyEngine:
                                 slot = merged[(direction, is_deny, row_key)] = (entry, [])
                             if ann is not None and ann not in slot[1]:
                                 slot[1].append(ann)
+        if self.allow_localhost and enforced.get("ingress"):
+            merged.setdefault(("ingress", False, "allow-localhost"),
+                              (PolicyEntry("ingress", identity=idm.RESERVED_HOST), []))
         l7 = {e: tuple(a) for e, a in merged.values() if a}
         if l7:
             kinds = sorted({a.kind for anns in l7.values() for a in anns})

@@ -43,6 +43,7 @@ class DesiredState:
     node: str
     mode: str = "default"
     cluster_name: str | None = None
+    allow_localhost: bool = False  # Cilium's allow-localhost=always (the writer's default) vs =policy
     ipcache: dict[str, IPCacheEntry] = field(default_factory=dict)
     policies: dict[int, EndpointPolicy] = field(default_factory=dict)
     services: list[LBService] = field(default_factory=list)
@@ -53,7 +54,8 @@ class DesiredState:
     _endpoint_ips: dict[int, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.engine = PolicyEngine(mode=self.mode, cluster_name=self.cluster_name)
+        self.engine = PolicyEngine(mode=self.mode, cluster_name=self.cluster_name,
+                                   allow_localhost=self.allow_localhost)
 
     def _sync_engine(self, inputs: "ClusterInputs") -> None:
         endpoint_ips: dict[int, set[str]] = {}
