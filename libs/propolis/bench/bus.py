@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from propolis import deploy
-from propolis.bench.common import percentile, report
+from propolis.bench.common import idle_rss, percentile, report
 from propolis.bus import codec, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
@@ -91,25 +90,6 @@ async def _kv(bus: Bus, n: int) -> tuple[list[float], list[float]]:
     return puts, deliveries
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-async def _idle_rss(url: str, settle: float) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="propolis-bench-") as tmp:
-        procs = [deploy.start_service(s, node="bench-node", env={"PROPOLIS_NATS_URL": url}, log_dir=Path(tmp))
-                 for s in deploy.SERVICES]
-        try:
-            await asyncio.sleep(settle)
-            return [{"service": p.spec.name, "idle_rss_mb": _rss_mb(p.proc.pid) if p.alive() else float("nan"),
-                     "target_mb": 60} for p in procs]
-        finally:
-            deploy.stop_services(procs)
-
-
 async def run(messages: int = 100_000, samples: int = 2000, nats_url: str | None = None, rss_settle: float = 5.0) -> int:
     with tempfile.TemporaryDirectory(prefix="propolis-bench-") as tmp:
         server = None
@@ -140,7 +120,7 @@ async def run(messages: int = 100_000, samples: int = 2000, nats_url: str | None
                          "p99_ms": percentile(deliveries, 99), "vs_raw": "target p99 < 2 ms"})
             report("bus", rows, ["path", "msgs_per_s", "p50_ms", "p99_ms", "vs_raw"],
                    {"messages": messages, "samples": samples})
-            rss = await _idle_rss(nats_url, rss_settle)
+            rss = await idle_rss({"PROPOLIS_NATS_URL": nats_url}, rss_settle)
             report("service-idle-rss", rss, ["service", "idle_rss_mb", "target_mb"])
         finally:
             await bus.close()

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import platform
 import subprocess
 import sys
+import tempfile
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Sequence
 
+from propolis import deploy
 from propolis.bus.embedded import nats_server_binary
+
+RSS_TARGET_MB = 60  # issue 2: every service's idle RSS
 
 
 def percentile(samples: Sequence[float], p: float) -> float:
@@ -20,9 +26,29 @@ def percentile(samples: Sequence[float], p: float) -> float:
     return ordered[k]
 
 
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, in MB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def idle_rss(env: dict[str, str], settle: float) -> list[dict[str, Any]]:
+    """Start every cluster-scoped service as its own process with ``env``, let it settle, read its RSS."""
+    with tempfile.TemporaryDirectory(prefix="propolis-bench-") as tmp:
+        procs = [deploy.start_service(s, node="bench-node", env=env, log_dir=Path(tmp)) for s in deploy.without_node()]
+        try:
+            await asyncio.sleep(settle)
+            return [{"service": p.spec.name, "idle_rss_mb": rss_mb(p.proc.pid) if p.alive() else float("nan"),
+                     "target_mb": RSS_TARGET_MB} for p in procs]
+        finally:
+            deploy.stop_services(procs)
+
+
 def versions() -> dict[str, str]:
     out = {"kernel": platform.release(), "python": platform.python_version()}
-    for pkg in ("nats-py", "msgpack", "pyroute2", "aiohttp"):
+    for pkg in ("nats-py", "msgpack", "pyroute2", "aiohttp", "kubernetes_asyncio"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

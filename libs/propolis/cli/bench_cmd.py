@@ -6,6 +6,7 @@ import argparse
 import importlib
 import inspect
 import json
+import sys
 from typing import Any
 
 
@@ -27,11 +28,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     sandbox.add_argument("--pods", type=int, default=20)
     sandbox.set_defaults(func=lambda a: _print(importlib.import_module("propolis.sandbox.bench").bench_sandbox(
         nodes=a.nodes, pods=a.pods)))
-    policy = verbs.add_parser("policy", help="policy compiler: full compute, one policy change, one new identity")
+    flows = verbs.add_parser("flows", help="Hubble: flows/s from the BPF ring through the observer to a NATS "
+                                           "subscriber, lost events counted where lost")
+    flows.add_argument("--rates", default="5000,30000", help="target events/s, comma-separated")
+    flows.add_argument("--seconds", type=float, default=10.0, help="how long each rate is sustained")
+    flows.add_argument("--follow-rate", type=int, default=2000,
+                       help="one more run at this rate through hubble-relay to an `observe --follow` client "
+                            "(0 = skip)")
+    flows.set_defaults(func=lambda a: _print(importlib.import_module("propolis.hubble.bench").run(
+        [int(r) for r in a.rates.split(",") if r.strip()], a.seconds, a.nats_url, a.follow_rate)))
+    policy = verbs.add_parser("policy", help="policy: compiler + map reconcile, apply->enforced on a sandbox, "
+                                             "per-packet cost, per-pod attach (issue 5)")
+    policy.add_argument("--parts", default="1,2,3,4",
+                        help="1 compiler+maps, 2 apply->enforced (sandbox), 3 per-packet, 4 pod attach (sandbox)")
     policy.add_argument("--policies", type=int, default=1000)
     policy.add_argument("--identities", type=int, default=1000)
-    policy.set_defaults(func=lambda a: _print(importlib.import_module("propolis.policy.bench").measure(
-        policies=a.policies, identities=a.identities, local_endpoints=a.identities)))
+    policy.add_argument("--changes", type=int, default=20, help="part 1: incremental policy changes timed")
+    policy.add_argument("--rounds", type=int, default=3, help="part 1: full computes and full map writes timed")
+    policy.add_argument("--map-endpoints", type=int, default=110,
+                        help="part 1: endpoints whose policy maps are written (110 = kubelet's default maxPods)")
+    policy.add_argument("--updates", type=int, default=100, help="part 2: policy updates (allowed<->denied)")
+    policy.add_argument("--attach-pods", type=int, default=6, help="part 4: pods created per node")
+    policy.add_argument("--packet-repeat", type=int, default=100_000, help="part 3: BPF_PROG_TEST_RUN repeat")
+    policy.add_argument("--packet-rounds", type=int, default=5, help="part 3: runs per figure (p50/p99 over them)")
+    policy.set_defaults(func=_bench_policy)
+    watcher = verbs.add_parser("watcher", help="k8s-watcher initial sync + event->KV latency, racing identity "
+                                               "allocators, service RSS (issue 4)")
+    watcher.add_argument("--pods", type=int, default=10_000)
+    watcher.add_argument("--services", type=int, default=1_000)
+    watcher.add_argument("--namespaces", type=int, default=10)
+    watcher.add_argument("--updates", type=int, default=1_000, help="pod label patches for the latency figure")
+    watcher.add_argument("--rate", type=float, default=100.0, help="label patches per second (fixed rate)")
+    watcher.add_argument("--allocations", type=int, default=2_000, help="label sets raced by two allocators")
+    watcher.add_argument("--concurrency", type=int, default=16, help="allocations in flight per allocator")
+    watcher.add_argument("--rss-settle", type=float, default=5.0, help="seconds idle services run before RSS")
+    watcher.set_defaults(func=_bench_watcher)
+
+
+def _bench_policy(a: argparse.Namespace) -> Any:
+    mod = importlib.import_module("propolis.bench.policy")
+    opt = mod.Options(parts=mod.parse_parts(a.parts), policies=a.policies, identities=a.identities,
+                      changes=a.changes, rounds=a.rounds, map_endpoints=a.map_endpoints, updates=a.updates,
+                      attach_pods=a.attach_pods, packet_repeat=a.packet_repeat, packet_rounds=a.packet_rounds)
+    command = "propolis " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "propolis bench policy"
+    return mod.run(opt, command)
+
+
+def _bench_watcher(a: argparse.Namespace) -> Any:
+    mod = importlib.import_module("propolis.bench.watcher")
+    opt = mod.Options(pods=a.pods, services=a.services, namespaces=a.namespaces, updates=a.updates, rate=a.rate,
+                      allocations=a.allocations, concurrency=a.concurrency, rss_settle=a.rss_settle)
+    command = "propolis " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "propolis bench watcher"
+    return mod.run(opt, command)
 
 
 async def _print(figures: Any) -> int:
