@@ -14,6 +14,7 @@ connectivity, observe), so the demo shows the real interface, not a special path
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -60,10 +61,26 @@ def step(n: int, title: str) -> None:
     say(f"== {n}. {title}")
 
 
-def cli(*args: str) -> int:
-    """Run a `propolis …` command as a person would, its output inline."""
+def cli(state: SandboxState, *args: str) -> int:
+    """Run a `propolis …` command as a person would, its output inline (pointed at this sandbox's NATS)."""
     say(f"$ propolis {' '.join(args)}")
-    return subprocess.run([sys.executable, "-m", "propolis.cli.main", *args], check=False).returncode
+    env = dict(os.environ, PROPOLIS_NATS_URL=state.nats_url)
+    return subprocess.run([sys.executable, "-m", "propolis.cli.main", *args], check=False, env=env).returncode
+
+
+async def relay_url(state: SandboxState) -> str:
+    """The hubble-relay's URL (its heartbeat announces it), or "" when none runs."""
+    from propolis.bus import subjects
+    from propolis.bus.connection import Bus
+
+    bus = Bus(state.nats_url, name="propolis-demo")
+    await bus.connect(max_wait=5)
+    try:
+        beats = await (await bus.kv(subjects.HEARTBEATS_BUCKET)).items()
+    finally:
+        await bus.close()
+    urls = [getattr(e.value, "progress", {}).get("relay_url", "") for e in beats.values()]
+    return next((u for u in urls if u), "")
 
 
 async def _targets(state: SandboxState) -> dict[str, str]:
@@ -128,24 +145,28 @@ async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = Tr
     policy_ok = await _try_flows(state, with_policy=True)
 
     step(6, "Cluster health")
-    cli("status", "--name", name)
+    cli(state, "status", "--name", name)
 
     connectivity_rc = 0
     if connectivity:
         step(7, "Connectivity test: Cilium's scenarios in their own namespace (cleaned up afterwards)")
-        connectivity_rc = cli("connectivity", "test", "--name", name)
+        connectivity_rc = cli(state, "connectivity", "test", "--name", name)
 
     step(8, "The last flows (Hubble): what the datapath saw, with identities and verdicts")
-    if _has_command("observe"):
-        cli("observe", "--name", name, "--last", "20")
-    else:
-        say("   (Hubble is not built yet: flows will show here once it is)")
+    say("   Dropped flows towards the api, then the last forwarded ones in production:")
+    cli(state, "observe", "--to-pod", "production/api", "--verdict", "DROPPED", "--last", "8")
+    cli(state, "observe", "--namespace", "production", "--verdict", "FORWARDED", "--last", "6")
+    ui = await relay_url(state)
 
     say()
     say(f"Done in {time.monotonic() - started:.0f} s. The sandbox '{name}' keeps running; explore it:")
+    if name != "propolis":
+        say(f"   export PROPOLIS_NATS_URL={state.nats_url}   # bus commands find the default sandbox by itself")
     say(f"   propolis sandbox probe --name {name} default/outsider production/api   # try a connection")
-    say(f"   propolis observe --name {name} --follow                                  # watch flows live")
-    say(f"   propolis bus tail 'propolis.>'                                           # every message on NATS")
+    say("   propolis observe --follow                                              # watch flows live")
+    if ui:
+        say(f"   {ui:<70} # the service map (Hubble UI), in a browser")
+    say("   propolis bus tail 'propolis.v1.flows.*.DROPPED.>'                      # dropped flows on NATS")
     say(f"   propolis bpf endpoint list --node {state.nodes[0]['name']}               # endpoints in the kernel's maps")
     say(f"   propolis status --name {name}")
     say(f"Stop it and remove everything it created: propolis sandbox down --name {name}")
@@ -153,10 +174,3 @@ async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = Tr
     if not healthy:
         say("Something did not behave as expected (marked (!) above).")
     return 0 if healthy else 1
-
-
-def _has_command(verb: str) -> bool:
-    from propolis.cli.main import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return verb in getattr(sub, "choices", {})
