@@ -353,15 +353,21 @@ class Destination:
 
 
 async def resolve_destination(api: Api, target: str) -> Destination:
-    """TO of `probe`: ns/pod, ns/service (its ClusterIP), or an IP. DNS names need the DNS proxy (later work)."""
+    """TO of `probe`: ns/pod, ns/service (its ClusterIP), an IP, or a Service's cluster DNS name
+    (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`), answered from the API as cluster DNS would."""
     try:
         ipaddress.IPv4Address(target)
         return Destination(target, target, {})
     except ValueError:
         pass
     if "/" not in target:
-        raise CliError(f"probe target {target!r}: DNS names are not resolved yet (they will be once the "
-                       "DNS proxy exists); use ns/pod, ns/service or an IP")
+        parts = target.rstrip(".").split(".")
+        if len(parts) < 2 or parts[2:] not in ([], ["svc"], ["svc", "cluster", "local"]):
+            raise CliError(f"probe target {target!r}: only cluster Service names resolve here (svc.ns, "
+                           "svc.ns.svc[.cluster.local]); nothing leaves the sandbox. Or use ns/pod, ns/service, an IP")
+        return await _service_destination(api, parts[1], parts[0], target, not_found=(
+            f"{target}: no Service {parts[0]} in namespace {parts[1]} (only cluster Service names resolve here; "
+            "nothing leaves the sandbox)"))
     namespace, name = split_target(target)
     try:
         pod = await api.get(KINDS["Pod"], namespace, name)
@@ -372,11 +378,16 @@ async def resolve_destination(api: Api, target: str) -> Destination:
     except ApiError as exc:
         if exc.status != 404:
             raise
+    return await _service_destination(api, namespace, name, target)
+
+
+async def _service_destination(api: Api, namespace: str | None, name: str, target: str, *,
+                               not_found: str = "") -> Destination:
     try:
         svc = await api.get(KINDS["Service"], namespace, name)
     except ApiError as exc:
         if exc.status == 404:
-            raise CliError(f"no pod or service named {target}") from None
+            raise CliError(not_found or f"no pod or service named {target}") from None
         raise
     ip = svc.get("spec", {}).get("clusterIP", "")
     if not ip or ip == "None":
