@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import time
@@ -29,6 +28,7 @@ import pytest
 import yaml
 
 from policy_workload import NO, OK, Case, PodDef, Workload, ccnp, cnp, lanes, netpol, run_in_lanes, sel
+from propolis import demo
 from propolis.bus import codec, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.messages import Heartbeat
@@ -366,25 +366,10 @@ async def test_ciliumnetworkpolicy(sandbox):
         await run_in_lanes(ws, cases, cluster_wide)
 
 
-SEED = Path(__file__).resolve().parents[3] / "shared" / "seed" / "cilium-deep-dive.txt"
-
-
-def seed_manifest(name: str) -> dict:
-    """The YAML document named `name` in the seed text, verbatim (it ends where the prose starts again)."""
-    lines = SEED.read_text().splitlines()
-    at = next(i for i, line in enumerate(lines) if line.strip() == f"name: {name}")
-    start = max(i for i in range(at) if lines[i].startswith("apiVersion:"))
-    end = start + 1
-    while end < len(lines) and not (lines[end] and not lines[end][0].isspace() and lines[end][0] != "-"
-                                    and not re.match(r"^[A-Za-z][\w-]*:(\s|$)", lines[end])):
-        end += 1
-    return yaml.safe_load("\n".join(lines[start:end]))
-
-
-@pytest.mark.skipif(not SEED.exists(), reason=f"{SEED} not there")
 async def test_seed_examples_verbatim(sandbox):
     """`allow-frontend` (NetworkPolicy) and the L4 part of `api-l7-policy` (CNP; its HTTP rules are not
-    enforced yet, so the port is allowed) from the seed text, unchanged, in namespace `production`."""
+    enforced yet, so the port is allowed) from the seed text, unchanged, in namespace `production`
+    (the demo's copies; tests/test_demo_manifests.py checks they equal the seed's)."""
     ports = (("http", 8080, "TCP"), ("metrics", 9090, "TCP"))
     pods = [PodDef("production/api", 1, {"app": "api"}, server=True, ports=ports),
             PodDef("production/frontend", 2, {"app": "frontend"}, server=True, ports=ports),
@@ -393,7 +378,7 @@ async def test_seed_examples_verbatim(sandbox):
               ("production/frontend", "production/api", 9090, "TCP", NO),
               ("production/other", "production/api", 8080, "TCP", NO),
               ("production/api", "production/frontend", 8080, "TCP", OK)]
-    allow_frontend, api_l7 = seed_manifest("allow-frontend"), seed_manifest("api-l7-policy")
+    allow_frontend, api_l7 = (yaml.safe_load(p.read_text()) for p in demo.POLICIES)
     assert allow_frontend["kind"] == "NetworkPolicy" and api_l7["spec"]["ingress"][0]["toPorts"][0]["rules"]
     async with Workload(sandbox, "seed", {"production": {}}, pods, exact_names=True) as w:
         failures = await w.step("allow-frontend", checks, apply=[allow_frontend])
