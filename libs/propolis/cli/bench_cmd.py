@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     flows.set_defaults(func=lambda a: _print(importlib.import_module("propolis.hubble.bench").run(
         [int(r) for r in a.rates.split(",") if r.strip()], a.seconds, a.nats_url, a.follow_rate)))
     policy = verbs.add_parser("policy", help="policy: compiler + map reconcile, apply->enforced on a sandbox, "
-                                             "per-packet cost, per-pod attach (issue 5)")
+                                             "per-packet cost, per-pod attach")
     policy.add_argument("--parts", default="1,2,3,4",
                         help="1 compiler+maps, 2 apply->enforced (sandbox), 3 per-packet, 4 pod attach (sandbox)")
     policy.add_argument("--policies", type=int, default=1000)
