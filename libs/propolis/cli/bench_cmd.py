@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     policy.add_argument("--packet-rounds", type=int, default=5, help="part 3: runs per figure (p50/p99 over them)")
     policy.set_defaults(func=_bench_policy)
     watcher = verbs.add_parser("watcher", help="k8s-watcher initial sync + event->KV latency, racing identity "
-                                               "allocators, service RSS (issue 4)")
+                                               "allocators, service RSS")
     watcher.add_argument("--pods", type=int, default=10_000)
     watcher.add_argument("--services", type=int, default=1_000)
     watcher.add_argument("--namespaces", type=int, default=10)
