@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from propolis.connectivity import runner
-from propolis.connectivity.scenarios import DROPPED, Check, Scenario, Selection
+from propolis.connectivity.scenarios import DROPPED, WORLD_IP, Check, Scenario, Selection
 from propolis.sandbox import cluster
 from propolis.sandbox.fixture import running_sandbox
 from propolis.sandbox.resources import KINDS
@@ -32,6 +32,7 @@ def test_every_scenario_passes_and_cleans_up(sandbox):
     results = {t["name"]: t["result"] for t in report["tests"]}
     assert proc.returncode == 0, report
     assert results["no-policies"] == "pass" and results["deny-beats-allow"] == "pass"
+    assert results["to-world-denied"] == "pass"  # Hubble runs in the sandbox and saw the policy drop
     assert all(r in ("pass", "skip") for r in results.values()), results
     assert results["echo-ingress-l7"] == "skip"  # needs the L7 proxy, not built yet
 
@@ -49,8 +50,9 @@ def test_every_scenario_passes_and_cleans_up(sandbox):
 
 async def test_a_wrong_expectation_fails(sandbox):
     """Without policies echo answers: a check expecting a drop must fail (the runner can say no)."""
-    wrong = Scenario("wrong", "expects a drop that no policy causes",
-                     checks=(Check("client", "pod:echo-same-node", DROPPED),))
+    wrong = Scenario("wrong", "expects drops that no policy causes",
+                     checks=(Check("client", "pod:echo-same-node", DROPPED),
+                             Check("client", f"world:{WORLD_IP}", DROPPED, port=80)))
     r = runner.Runner(sandbox)
     try:
         await r.deploy()
@@ -58,6 +60,8 @@ async def test_a_wrong_expectation_fails(sandbox):
     finally:
         await r.cleanup()
     assert outcome.result == runner.FAIL and "connected" in outcome.checks[0].detail
+    # nothing answers in the world either, but without a policy Hubble shows no POLICY_DENIED drop
+    assert not outcome.checks[1].ok and "no POLICY_DENIED flow" in outcome.checks[1].detail
 
 
 def test_selection_include_exclude():

@@ -9,6 +9,9 @@ slower, not red.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,6 +117,8 @@ class Runner:
             ip = self.pods[name]
         elif what == "service":
             ip = self.services[name]["clusterIP"]
+        elif what == "world":
+            ip = name
         elif what == "nodeport":
             service, _, node = name.partition("@")
             ip = self.state.nodes[int(node) - 1]["internal_ip"]
@@ -121,6 +126,27 @@ class Runner:
         else:
             raise ValueError(f"unknown target {check.target!r}")
         return probe.ProbeSpec(source_netns, ip, port, check.protocol, check.source, check.target)
+
+    async def _policy_drop_seen(self, spec: probe.ProbeSpec, since: float) -> tuple[bool, str]:
+        """Did Hubble see this probe dropped by policy? Asks `propolis observe`, as an operator would."""
+        argv = [sys.executable, "-m", "propolis.cli.main", "observe", "--to-ip", spec.ip, "--to-port", str(spec.port),
+                "--verdict", "DROPPED", "--since", f"{max(1, int(time.monotonic() - since) + 2)}s", "-o", "json"]
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE,
+                                                    env=dict(os.environ, PROPOLIS_NATS_URL=self.state.nats_url))
+        out, err = await proc.communicate()
+        reasons = set()
+        for line in out.decode().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            flow = doc.get("flow", doc)  # -o json prints flows; jsonpb wraps them in {"flow": …}
+            reasons.add(flow.get("drop_reason_desc", ""))
+        if "POLICY_DENIED" in reasons:
+            return True, "dropped by policy (Hubble: POLICY_DENIED)"
+        return False, (f"no POLICY_DENIED flow to {spec.ip}:{spec.port} in Hubble (saw {sorted(reasons) or 'none'}"
+                       f"{'; ' + err.decode().strip()[:200] if err.strip() else ''})")
 
     def skip_reason(self, scenario: Scenario) -> str:
         if scenario.nodes > len(self.state.nodes):
@@ -152,6 +178,8 @@ class Runner:
             ok = allowed == (check.expect == ALLOWED)
             detail = (f"connected, answered by {res.answered_by}" if allowed
                       else f"not connected ({res.error or 'timeout'})")
+            if ok and check.target.startswith("world:"):
+                ok, detail = await self._policy_drop_seen(res.spec, started)
             outcomes.append(CheckOutcome(check, ok, detail))
         failed = [o for o in outcomes if not o.ok]
         return ScenarioOutcome(scenario, FAIL if failed else PASS,

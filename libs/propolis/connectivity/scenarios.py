@@ -23,6 +23,7 @@ NAMESPACE = "propolis-test"
 ECHO_PORT = 8080
 ECHO_UDP_PORT = 5353
 ALLOWED, DROPPED = "allowed", "dropped"
+WORLD_IP = "192.0.2.10"  # TEST-NET-1: never routed; the sandbox nodes have no route out anyway
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ class Check:
     """One connection and what must happen to it.
 
     ``source``: a pod name of the workload, or ``node:<n>`` (1-based) for a node's own namespace.
-    ``target``: ``pod:<name>``, ``service:<name>`` (ClusterIP), ``nodeport:<service>@<n>`` (node n's IP).
+    ``target``: ``pod:<name>``, ``service:<name>`` (ClusterIP), ``nodeport:<service>@<n>`` (node n's IP),
+    ``world:<ip>`` (outside the cluster; nothing there answers, so a DROPPED expectation is proven by
+    Hubble: a flow to that IP with drop reason POLICY_DENIED, not merely by the missing answer).
     """
 
     source: str
@@ -108,6 +111,14 @@ SCENARIOS: tuple[Scenario, ...] = (
                      Check("client", "pod:echo-other-node"),
                      Check("client", "service:echo-other-node")),
              nodes=2),
+    Scenario("to-world-denied", "clients limited to the cluster entity: a packet to the world is dropped by "
+                                "policy at the pod (proven with Hubble: a POLICY_DENIED flow), cluster still works",
+             policies=(cnp("client-egress-to-cluster-only", {
+                 "endpointSelector": labels(kind="client"),
+                 "egress": [{"toEntities": ["cluster"]}]}),),
+             checks=(Check("client", f"world:{WORLD_IP}", DROPPED, port=80),
+                     Check("client", "pod:echo-same-node")),
+             needs=("Hubble",)),
     Scenario("deny-all", "an empty ingress and egress rule on every pod: nothing connects",
              policies=(cnp("deny-all", {"endpointSelector": {}, "ingress": [{}], "egress": [{}]}),),
              checks=(Check("client", "pod:echo-same-node", DROPPED),
