@@ -242,7 +242,7 @@ BPF_TABLE_PINNED("array", __u32, struct runtime_config,
 /* the events that could not be reserved (PERCPU_ARRAY[1])             */
 /* ------------------------------------------------------------------ */
 #ifndef EVENTS_RINGBUF_PAGES
-#define EVENTS_RINGBUF_PAGES 256	/* 1 MiB with 4 KiB pages, power of two */
+#define EVENTS_RINGBUF_PAGES 1024	/* 4 MiB with 4 KiB pages, power of two */
 #endif
 
 /* message types (Cilium pkg/monitor/api) */

@@ -79,7 +79,7 @@ class FlowEventRecord(ctypes.Structure):
     ]
 
 
-RINGBUF_PAGES = 256
+RINGBUF_PAGES = 1024
 SPEC = MapSpec(
     pin_name="cilium_events",
     c_name="cilium_events",
@@ -87,7 +87,7 @@ SPEC = MapSpec(
     key_type=ctypes.c_int,
     value_type=ctypes.c_uint32,
     max_entries=RINGBUF_PAGES * 4096,
-    why_size="1 MiB holds ~13k events of 80 bytes: seconds of bursts before the observer must read",
+    why_size="4 MiB holds ~50k events of 80 bytes: over a second at 30k flows/s before the observer must read",
     size_define=None,  # -DEVENTS_RINGBUF_PAGES (pages, power of two)
     c_value_struct="flow_event",
     extra={"record": FlowEventRecord},
