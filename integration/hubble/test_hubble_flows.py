@@ -294,15 +294,16 @@ def test_overload_counts_lost_events_evicts_ring_and_rotates_export(hub: Hub):
         time.sleep(1.5)  # the follower subscribes
         lost_before = _datapath_lost(hub)
         metric_before = metric_sum(metrics(hub), "hubble_lost_events_total", source="PERF_EVENT_RING_BUFFER")
-        hubble.send_signal(signal.SIGSTOP)  # the observer stops reading: the 1 MiB BPF ring fills up
+        hubble.send_signal(signal.SIGSTOP)  # the observer stops reading: the BPF ring fills up
+        overflow = 2 * ev.SPEC.max_entries // ctypes.sizeof(ev.FlowEventRecord)  # twice a ring of packets, 2+ events each
         s = create_socket(a.netns, socket.AF_INET, socket.SOCK_DGRAM, flags=0)
         try:
-            for i in range(30_000):
+            for i in range(overflow):
                 s.sendto(b"x", (b.ip, 5353))
         finally:
             s.close()
         time.sleep(1.0)  # the echo server's replies are events too: let them land (and be lost)
-        assert _datapath_lost(hub) - lost_before > 0, "30k packets x 2+ events must overflow a ring of ~13k"
+        assert _datapath_lost(hub) - lost_before > 0, f"{overflow} packets x 2+ events must overflow the ring"
         hubble.send_signal(signal.SIGCONT)
 
         def counted():  # every event the datapath lost, counted once by hubble
@@ -340,8 +341,9 @@ def test_overload_counts_lost_events_evicts_ring_and_rotates_export(hub: Hub):
         hub.procs["hubble"].send_signal(signal.SIGCONT)
         export = hub.export_file
         assert wait_for(lambda: (export.parent / "flows.json.2").exists(), 10)
-        names = sorted(p.name for p in export.parent.iterdir())
-        assert names == ["flows.json", "flows.json.1", "flows.json.2"]
+        # (rotation renames, then creates the new file: wait out that instant instead of racing it)
+        assert wait_for(lambda: sorted(p.name for p in export.parent.iterdir()) ==
+                        ["flows.json", "flows.json.1", "flows.json.2"], 10)
         for p in export.parent.iterdir():
             assert p.stat().st_size <= EXPORT_MB * 1024 * 1024
         first = orjson.loads((export.parent / "flows.json.1").read_bytes().splitlines()[0])
