@@ -29,13 +29,14 @@ import yaml
 
 from policy_workload import NO, OK, Case, PodDef, Workload, ccnp, cnp, lanes, netpol, run_in_lanes, sel
 from propolis import demo
-from propolis.bus import codec, subjects
+from propolis.bus import subjects
 from propolis.bus.connection import Bus
 from propolis.bus.messages import Heartbeat
 from propolis.sandbox import cluster
 from propolis.sandbox import netns as netns_mod
 from propolis.sandbox.config import load_state
 from propolis.sandbox.fixture import running_sandbox
+from propolis.status import newest, read_heartbeats
 
 pytestmark = pytest.mark.root
 
@@ -394,16 +395,7 @@ async def writer_beat(state, node: str) -> Heartbeat | None:
     bus = Bus(state.nats_url, name="policy-test-beats")
     await bus.connect(max_wait=5)
     try:
-        kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
-        newest = None
-        for entry in (await kv.items()).values():
-            beat = entry.value
-            if isinstance(beat, (bytes, bytearray)):
-                beat = codec.decode(beat, Heartbeat)
-            if isinstance(beat, Heartbeat) and beat.service == "datapath-writer" and beat.node == node:
-                if newest is None or beat.sent_at > newest.sent_at:
-                    newest = beat
-        return newest
+        return newest(await read_heartbeats(bus), "datapath-writer", node)
     finally:
         await bus.close()
 

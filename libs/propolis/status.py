@@ -198,14 +198,25 @@ def build_report(heartbeats: Iterable[Heartbeat], *, now: float, nodes: Sequence
     return rep
 
 
+async def read_heartbeats(bus: Bus) -> list[Heartbeat]:
+    """Every instance's last heartbeat (KV `PROPOLIS_HEARTBEATS_V1`), live or not: callers judge with `is_live`."""
+    kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
+    return [e.value for e in (await kv.items()).values() if isinstance(e.value, Heartbeat)]
+
+
+def newest(heartbeats: Iterable[Heartbeat], service: str, node: str | None = None) -> Heartbeat | None:
+    """The latest heartbeat of `service` (on `node`, when given)."""
+    mine = [hb for hb in heartbeats if hb.service == service and node in (None, hb.node)]
+    return max(mine, key=lambda hb: hb.sent_at, default=None)
+
+
 async def collect(bus: Bus, *, stale_after: float | None = None, probe_kernel: bool = True,
                   suite: Sequence[SandboxService] | None = None) -> StatusReport:
     """Read heartbeats and mirrored Nodes from the bus, probe the kernel, and judge (`build_report`)."""
     problems: list[str] = []
     heartbeats: list[Heartbeat] = []
     try:
-        hb_kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
-        heartbeats = [e.value for e in (await hb_kv.items()).values() if isinstance(e.value, Heartbeat)]
+        heartbeats = await read_heartbeats(bus)
     except Exception as exc:  # noqa: BLE001 - reported, not raised: status must always print
         problems.append(f"heartbeats bucket unreadable: {exc}")
     nodes: list[str] = []

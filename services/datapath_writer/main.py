@@ -125,6 +125,7 @@ class Enforcer(Component):
         self.policies = Reconciler("endpoint-policy", EndpointPolicyTarget(self.dp))
         self.api: EndpointApiServer | None = None
         self.enforced_watermark = 0
+        self.services_written = -1  # desired.services_generation last written to the LB maps
         self.published: dict[str, IpcacheRecord] = {}
 
     async def start(self, rt: Runtime) -> None:
@@ -250,12 +251,14 @@ class Enforcer(Component):
             "state": "Disabled",
             "detail": (f"{l7_pending} endpoint(s) have L7 rules: their L4 ports are allowed, HTTP/Kafka/DNS rules "
                        "are not enforced yet" if l7_pending else "not built yet; no policy has L7 rules")}
-        diff = self.dp.set_services(self.desired.services)  # a diff of the LB maps; µs per changed service
-        self.rt.progress["services"] = len(self.desired.services)
-        if diff.enabled and self.desired.service_errors:
-            self.rt.progress["service_errors"] = dict(self.desired.service_errors)
-        else:
-            self.rt.progress.pop("service_errors", None)
+        if self.desired.services_generation != self.services_written:
+            diff = self.dp.set_services(self.desired.services)  # a diff of the LB maps
+            self.services_written = self.desired.services_generation
+            self.rt.progress["services"] = len(self.desired.services)
+            if diff.enabled and self.desired.service_errors:
+                self.rt.progress["service_errors"] = dict(self.desired.service_errors)
+            else:
+                self.rt.progress.pop("service_errors", None)
 
     async def _publish_ipcache(self) -> None:
         """Our endpoints' IP -> identity, for other nodes and clusters (our slice of the ipcache bucket)."""

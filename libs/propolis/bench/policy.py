@@ -153,17 +153,8 @@ class SandboxBench:
             await self.api.__aexit__(*exc)
 
     async def writer_progress(self, node: str) -> dict[str, Any]:
-        from propolis.bus import codec, subjects
-        from propolis.bus.messages import Heartbeat
-        kv = await self.bus.kv(subjects.HEARTBEATS_BUCKET)
-        best: Heartbeat | None = None
-        for entry in (await kv.items()).values():
-            beat = entry.value
-            if isinstance(beat, (bytes, bytearray)):
-                beat = codec.decode(beat, Heartbeat)
-            if isinstance(beat, Heartbeat) and beat.service == "datapath-writer" and beat.node == node:
-                if best is None or beat.sent_at > best.sent_at:
-                    best = beat
+        from propolis.status import newest, read_heartbeats
+        best = newest(await read_heartbeats(self.bus), "datapath-writer", node)
         return dict(best.progress) if best else {}
 
     async def create_pod(self, name: str, node: str, labels: dict[str, str], port: int | None = None) -> str:
@@ -314,7 +305,7 @@ async def part_apply(sb: SandboxBench, opt: Options) -> tuple[list[dict[str, Any
         _row(2, "apply -> enforced (probe flip allowed<->denied)", fl["n"], fl["p50"], fl["p99"], "ms",
              TARGETS["apply_enforced"], "probe started every 5 ms"),
         _row(2, "apply -> enforced (sandbox wait)", wt["n"], wt["p50"], wt["p99"], "ms", TARGETS["apply_enforced"],
-             "wait polls heartbeats every 200 ms, new NATS connection each"),
+             "wait polls heartbeats every 50 ms, new NATS connection each"),
     ]
     return rows, {"apply": {"updates": opt.updates, "missed": missed, "event_map_ms": em, "probe_flip_ms": fl,
                             "sandbox_wait_ms": wt, "client_identity": client.identity,

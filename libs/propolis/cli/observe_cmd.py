@@ -17,11 +17,10 @@ from typing import Any, AsyncIterator
 import aiohttp
 import orjson
 
-from propolis.bus import subjects
 from propolis.bus.messages import FlowQuery
 from propolis.cli.common import connect_bus
 from propolis.errors import CliError, ValidationError
-from propolis.hubble.client import BusFlowSource, parse_time
+from propolis.hubble.client import BusFlowSource, announced_relay, parse_time
 from propolis.hubble.filters import FlowMatcher
 from propolis.hubble.observe_args import add_filter_flags, build_filters
 from propolis.hubble.printer import FORMATS, Printer
@@ -75,15 +74,11 @@ async def _relay_url(args: argparse.Namespace) -> str:
     except CliError:
         return ""
     try:
-        kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
-        for key, entry in (await kv.items()).items():
-            if key.startswith("hubble-relay.") and entry.value.progress.get("relay_url"):
-                return str(entry.value.progress["relay_url"])
+        return await announced_relay(bus)
     except Exception:  # no heartbeats bucket or no permission: fall back to NATS
         return ""
     finally:
         await bus.close()
-    return ""
 
 
 async def _from_relay(url: str, doc: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -67,6 +67,9 @@ def labels(**match: str) -> dict[str, Any]:
 
 
 ECHO_TCP = [{"ports": [{"port": str(ECHO_PORT), "protocol": "TCP"}]}]
+#: clients may talk to the cluster entity only (two scenarios: what it allows, and what it drops)
+CLIENT_EGRESS_TO_CLUSTER = cnp("client-egress-to-cluster", {"endpointSelector": labels(kind="client"),
+                                                            "egress": [{"toEntities": ["cluster"]}]})
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("no-policies", "without policies everything connects: pod to pod on the same node and across "
@@ -104,18 +107,14 @@ SCENARIOS: tuple[Scenario, ...] = (
              checks=(Check("client", "pod:echo-same-node"),
                      Check("client2", "pod:echo-same-node", DROPPED))),
     Scenario("allow-all-except-world", "clients may reach the cluster (entity cluster) but not the world",
-             policies=(cnp("client-egress-to-cluster", {
-                 "endpointSelector": labels(kind="client"),
-                 "egress": [{"toEntities": ["cluster"]}]}),),
+             policies=(CLIENT_EGRESS_TO_CLUSTER,),
              checks=(Check("client", "pod:echo-same-node"),
                      Check("client", "pod:echo-other-node"),
                      Check("client", "service:echo-other-node")),
              nodes=2),
     Scenario("to-world-denied", "clients limited to the cluster entity: a packet to the world is dropped by "
                                 "policy at the pod (proven with Hubble: a POLICY_DENIED flow), cluster still works",
-             policies=(cnp("client-egress-to-cluster-only", {
-                 "endpointSelector": labels(kind="client"),
-                 "egress": [{"toEntities": ["cluster"]}]}),),
+             policies=(CLIENT_EGRESS_TO_CLUSTER,),
              checks=(Check("client", f"world:{WORLD_IP}", DROPPED, port=80),
                      Check("client", "pod:echo-same-node")),
              needs=("Hubble",)),

@@ -70,17 +70,15 @@ def cli(state: SandboxState, *args: str) -> int:
 
 async def relay_url(state: SandboxState) -> str:
     """The hubble-relay's URL (its heartbeat announces it), or "" when none runs."""
-    from propolis.bus import subjects
     from propolis.bus.connection import Bus
+    from propolis.hubble.client import announced_relay
 
     bus = Bus(state.nats_url, name="propolis-demo")
     await bus.connect(max_wait=5)
     try:
-        beats = await (await bus.kv(subjects.HEARTBEATS_BUCKET)).items()
+        return await announced_relay(bus)
     finally:
         await bus.close()
-    urls = [getattr(e.value, "progress", {}).get("relay_url", "") for e in beats.values()]
-    return next((u for u in urls if u), "")
 
 
 async def _targets(state: SandboxState) -> dict[str, str]:

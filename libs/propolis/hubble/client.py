@@ -49,6 +49,15 @@ def select(per_node: list[list[Response]], number: int, first: bool) -> list[Res
     return merged
 
 
+async def announced_relay(bus: Bus) -> str:
+    """The URL a live hubble-relay announces in its heartbeat (`progress.relay_url`), or ""."""
+    from propolis.status import is_live, newest, read_heartbeats
+
+    now = time.time()
+    relay = newest([hb for hb in await read_heartbeats(bus) if is_live(hb, now)], "hubble-relay")
+    return str(relay.progress.get("relay_url", "")) if relay else ""
+
+
 class BusFlowSource:
     def __init__(self, bus: Bus, *, timeout: float = 3.0, quiet: float = 0.5) -> None:
         self.bus = bus

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 from propolis.errors import CliError, PermanentError, TemporaryError, ValidationError
 from propolis.sandbox import netns as netns_mod
@@ -463,11 +462,8 @@ def rv_at_least(have: Any, want: str) -> bool:
 
 async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
     """Block until every expected reporter's heartbeat says it caught up with the API's latest revision."""
-    from propolis.bus import subjects
     from propolis.bus.connection import Bus
-    from propolis.bus.messages import Heartbeat
-    from propolis.bus import codec
-    from propolis.status import is_live
+    from propolis.status import is_live, newest, read_heartbeats
 
     async with Api(state.apiserver_url) as api:
         target = await api.resource_version()
@@ -475,26 +471,16 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
     bus = Bus(state.nats_url, name="propolis-sandbox-wait")
     await bus.connect(max_wait=5)
     try:
-        kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
         deadline = time.monotonic() + timeout
         progress: dict[str, str] = {}
         while True:
-            items = await kv.items()
-            latest: dict[tuple[str, str], tuple[float, str]] = {}
-            reasons: dict[str, str] = {}
-            for entry in items.values():
-                beat = entry.value
-                if isinstance(beat, (bytes, bytearray)):
-                    beat = codec.decode(beat, Heartbeat)
-                if not isinstance(beat, Heartbeat) or not is_live(beat, time.time()):
-                    continue  # a dead instance's last beat says nothing about now
-                key = (beat.service, beat.node)
-                rv = str(beat.progress.get("k8s_resource_version", ""))
-                if key not in latest or beat.sent_at > latest[key][0]:
-                    latest[key] = (beat.sent_at, rv)
-                    reasons[f"{beat.service}/{beat.node}"] = "; ".join(
-                        c.get("reason", "") for c in beat.components.values() if c.get("reason"))
-            progress = {f"{s}/{n}": latest.get((s, n), (0.0, ""))[1] for s, n in wanted}
+            now = time.time()
+            live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now)]  # a dead instance says nothing
+            latest = {(s, n): newest(live, s, n) for s, n in wanted}
+            reasons = {f"{s}/{n}": "; ".join(c.get("reason", "") for c in hb.components.values() if c.get("reason"))
+                       for (s, n), hb in latest.items() if hb is not None}
+            progress = {f"{s}/{n}": str(hb.progress.get("k8s_resource_version", "")) if hb else ""
+                        for (s, n), hb in latest.items()}
             behind = [k for k, rv in progress.items() if not rv_at_least(rv, target)]
             if not behind:
                 return {"resourceVersion": target, **progress}

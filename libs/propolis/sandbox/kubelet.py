@@ -21,7 +21,6 @@ this node was in its desired state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -167,8 +166,8 @@ class Kubelet:
         self.gate = asyncio.Semaphore(MAX_PARALLEL_SANDBOXES)
         self.synced_resource_version = ""
         self.progress_changed = asyncio.Event()
-        #: a BOOKMARK said the API moved on (e.g. a policy changed): re-check progress now, not at the next resync
-        self.api_moved = asyncio.Event()
+        #: the revision the pod watch has delivered everything up to (events and bookmarks)
+        self.watch_rv = ""
         self._stopping = False
 
     # --- records ----------------------------------------------------------------------
@@ -242,8 +241,10 @@ class Kubelet:
                     if kind == "ERROR":
                         raise TemporaryError(f"watch error: {obj.get('message', obj)}")
                     rv = str(obj.get("metadata", {}).get("resourceVersion", rv))
+                    self.watch_rv = rv
                     if kind == "BOOKMARK":
-                        self.api_moved.set()
+                        # the API moved on (e.g. a policy changed): this node is caught up if its pods are
+                        self.publish_progress(self.cache, rv)
                         continue
                     key = pod_key(obj)
                     if kind == "DELETED":
@@ -283,13 +284,13 @@ class Kubelet:
             self.running.pop(key, None)
             if key in self.dirty and not self._stopping:
                 self._start_sync(key)
+            elif self.watch_rv:
+                self.publish_progress(self.cache, self.watch_rv)
 
     async def _resync_loop(self) -> None:
         """Retry failed pods, restart dead servers, and compute the revision this node has caught up with."""
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.api_moved.wait(), RESYNC_INTERVAL_S)
-            self.api_moved.clear()
+            await asyncio.sleep(RESYNC_INTERVAL_S)
             now = time.monotonic()
             for key, when in list(self.retry_at.items()):
                 if when <= now and key not in self.running:
@@ -312,6 +313,13 @@ class Kubelet:
         rv = str(body.get("metadata", {}).get("resourceVersion", ""))
         wanted = {pod_key(item): item for item in body.get("items", [])}
         self._catch_up(wanted, rv)
+        self.publish_progress(wanted, rv)
+
+    def publish_progress(self, wanted: dict[tuple[str, str], dict[str, Any]], rv: str) -> None:
+        """`synced_resource_version` = rv when every pod of `wanted` (this node's, as of rv) is as wanted.
+
+        Called with the watch's view on every bookmark and after every pod sync (milliseconds after a
+        change), and with a fresh list by the periodic resync (the safety net)."""
         if self.running or self.dirty or self.retry_at:
             return
         for key, item in wanted.items():

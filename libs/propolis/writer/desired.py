@@ -51,6 +51,8 @@ class DesiredState:
     service_errors: dict[str, str] = field(default_factory=dict)
     engine: PolicyEngine = field(init=False)
     _policy_generation: int = -1
+    #: inputs.services_generation the `services` list reflects: a pod or policy change costs no LB work
+    services_generation: int = -1
     _endpoint_ips: dict[int, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,7 +94,9 @@ class DesiredState:
                 ipc.setdefault(prefix, IPCacheEntry(prefix, ident))
         self.ipcache = ipc
         self.policies = {ep.endpoint_id: self.endpoint_policy(inputs, ep) for ep in local if ep.identity}
-        self.services = self._services(inputs)
+        if inputs.services_generation != self.services_generation:
+            self.services = self._services(inputs)
+            self.services_generation = inputs.services_generation
 
     def _services(self, inputs: "ClusterInputs") -> list[LBService]:
         """Per Service, so one invalid Service is reported and skipped instead of stopping all."""

@@ -38,6 +38,7 @@ class ClusterInputs:
     identities_synced: bool = False
     generation: int = 0
     policy_generation: int = 0  # bumps only when policies, namespaces or identities change
+    services_generation: int = 0  # bumps only when Services, EndpointSlices or Nodes change
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -55,10 +56,12 @@ class ClusterInputs:
         """The Kubernetes resourceVersion both input streams have reached."""
         return min(self.k8s_watermark, self.identities_watermark)
 
-    def _bump(self, policy: bool = False) -> None:
+    def _bump(self, policy: bool = False, services: bool = False) -> None:
         self.generation += 1
         if policy:
             self.policy_generation += 1
+        if services:
+            self.services_generation += 1
         self.changed.set()
 
     # --- feeding ---------------------------------------------------------------------
@@ -93,7 +96,7 @@ class ClusterInputs:
             table.pop(key, None)
         else:
             table[key] = obj
-        self._bump(policy)
+        self._bump(policy, services=kind in ("services", "endpointslices", "nodes"))
 
     def apply_identities(self, ev: KvEvent) -> None:
         if ev.type is EventType.SYNCED:
