@@ -98,7 +98,8 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str 
 
 @pytest.fixture
 async def cluster(tmp_path: Path, nats_server, bus) -> AsyncIterator[dict[str, Any]]:
-    async with ApiServer(run_dir=tmp_path / "api", bookmark_interval=0.2) as srv:
+    # the watcher's refusal path needs an invalid policy to reach it: only the CRD schema checks policies here
+    async with ApiServer(run_dir=tmp_path / "api", bookmark_interval=0.2, validate_policies=False) as srv:
         api = Api(srv.url)
         common = dict(nats_url=nats_server.url, node_name="n1", http_port=-1, heartbeat_interval=0.2,
                       cluster_name="test")

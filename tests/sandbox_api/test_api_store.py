@@ -68,7 +68,8 @@ def test_pod_required_fields(store: Store) -> None:
     assert "spec.containers: Required value" in err.value.message
 
 
-def test_cilium_policies_structural_check_only(store: Store) -> None:
+def test_cilium_policies_structural_check_only_when_policy_validation_is_off(store: Store) -> None:
+    store.validate_policies = False
     store.create(CNP, "default", {"metadata": {"name": "p"}, "spec": {"anything": ["goes"]}})
     store.create(CCNP, None, {"metadata": {"name": "c"}, "specs": [{"endpointSelector": {}}]})
     with pytest.raises(ApiStatusError) as err:
@@ -224,7 +225,7 @@ async def test_graceful_pod_deletion_on_an_existing_node(store: Store) -> None:
 def test_namespace_deletion_removes_contents(store: Store) -> None:
     store.create(NS, None, {"metadata": {"name": "team"}})
     store.create(POD, "team", pod("a"))
-    store.create(CNP, "team", {"metadata": {"name": "p"}, "spec": {}})
+    store.create(CNP, "team", {"metadata": {"name": "p"}, "spec": {"endpointSelector": {}}})
     store.delete(NS, None, "team")  # outside an event loop the namespace controller runs at once
     assert store.find(NS, None, "team") is None and list(store.all_objects(CNP)) == []
     assert list(store.all_objects(POD)) == []

@@ -12,7 +12,8 @@ short form of ``reserved:host``.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping, NamedTuple
+import re
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 from propolis.errors import ValidationError
 
@@ -66,6 +67,73 @@ def parse_label(text: str, *, default_source: str = SOURCE_UNSPEC) -> Label:
     if not key:
         raise ValidationError("label", f"label {text!r} has an empty key")
     return Label(source or default_source, key, value)
+
+
+# --- Kubernetes metadata.labels (apimachinery's IsQualifiedName / IsValidLabelValue) -------------
+LABEL_VALUE_MAX = 63
+LABEL_PREFIX_MAX = 253
+ECHO_MAX = 40  # longer values are echoed truncated: an error must not repeat 10 KB of input
+_NAME_PART = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+_NAME_PART_RE = re.compile(rf"^{_NAME_PART}$")
+_VALUE_RE = re.compile(rf"^({_NAME_PART})?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_NAME_PART_FORMAT = ("name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end "
+                     "with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for "
+                     f"validation is '{_NAME_PART}')")
+_VALUE_FORMAT = ("a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and "
+                 "must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', "
+                 f"regex used for validation is '({_NAME_PART})?')")
+
+
+def echo(value: Any) -> str:
+    """A value as an error message shows it: quoted, and cut to ECHO_MAX characters with its length."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > ECHO_MAX:
+        text = f"{text[:ECHO_MAX]}...({len(text)} characters)"
+    return f'"{text}"' if isinstance(value, str) else text
+
+
+def label_key_problems(key: str) -> list[str]:
+    """Why `key` is not a Kubernetes label key (optional DNS-subdomain prefix + '/' + name), in kube's words."""
+    prefix, slash, name = key.rpartition("/")
+    problems = []
+    if slash and not prefix:
+        problems.append("prefix part must be non-empty")
+    elif slash and (len(prefix) > LABEL_PREFIX_MAX or not _DNS_SUBDOMAIN_RE.match(prefix)):
+        problems.append("prefix part a lowercase RFC 1123 subdomain must consist of lower case alphanumeric "
+                        "characters, '-' or '.', and must start and end with an alphanumeric character")
+    if not name:
+        problems.append("name part must be non-empty")
+    else:
+        if len(name) > LABEL_VALUE_MAX:
+            problems.append(f"name part must be no more than {LABEL_VALUE_MAX} characters")
+        if not _NAME_PART_RE.match(name):
+            problems.append(_NAME_PART_FORMAT)
+    return problems
+
+
+def label_value_problems(value: str) -> list[str]:
+    """Why `value` is not a Kubernetes label value, in kube's words (the length limit first)."""
+    problems = []
+    if len(value) > LABEL_VALUE_MAX:
+        problems.append(f"must be no more than {LABEL_VALUE_MAX} characters")
+    if not _VALUE_RE.match(value):
+        problems.append(_VALUE_FORMAT)
+    return problems
+
+
+def kubernetes_label_errors(labels: Any, field: str = "metadata.labels") -> list[ValidationError]:
+    """Every problem of a `metadata.labels` map, as kube-apiserver words them (long values echoed cut)."""
+    if not isinstance(labels, Mapping):
+        return [ValidationError(field, f"Invalid value: {echo(labels)}: must be a map of strings")]
+    errors = []
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            errors.append(ValidationError(field, f"Invalid value: {echo(value)}: must be a map of strings"))
+            continue
+        errors += [ValidationError(field, f"Invalid value: {echo(key)}: {p}") for p in label_key_problems(key)]
+        errors += [ValidationError(field, f"Invalid value: {echo(value)}: {p}") for p in label_value_problems(value)]
+    return errors
 
 
 def parse_select_label(text: str) -> Label:

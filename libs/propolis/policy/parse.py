@@ -193,9 +193,14 @@ def _port_value(doc: Any, where: str) -> tuple[int, str]:
     return number, ""
 
 
-def _port_protocol(doc: Any, where: str, *, protocols: tuple[str, ...], default: str) -> PortProtocol:
+def _port_protocol(doc: Any, where: str, *, protocols: tuple[str, ...], default: str,
+                   zero_means_all: bool = True) -> PortProtocol:
+    """`zero_means_all`: Cilium's port "0" = every port (for the rule's own peers); a NetworkPolicy's port
+    must be 1-65535 when numeric (Kubernetes refuses 0), and an absent port already means every port."""
     d = _mapping(doc, where, ("port", "endPort", "protocol"))
     number, name = _port_value(d.get("port"), f"{where}.port")
+    if not zero_means_all and d.get("port") not in (None, "") and not name and number == 0:
+        raise ValidationError(f"{where}.port", "Invalid value: 0: must be between 1 and 65535, inclusive")
     protocol = _enum(d.get("protocol"), f"{where}.protocol", protocols, default=default)
     end = d.get("endPort")
     end_port = 0
@@ -541,7 +546,8 @@ def _np_rule(doc: Any, where: str, direction: str, namespace: str) -> PeerRule:
     peers_key = "from" if direction == "ingress" else "to"
     d = _mapping(doc, where, (peers_key, "ports"))
     ports = _items(d.get("ports"), f"{where}.ports",
-                   lambda p, at: _port_protocol(p, at, protocols=NP_PROTOCOLS, default="TCP"))
+                   lambda p, at: _port_protocol(p, at, protocols=NP_PROTOCOLS, default="TCP",
+                                                zero_means_all=False))
     to_ports = (PortRule(ports=ports),) if ports else ()
     peers = _list(d.get(peers_key), f"{where}.{peers_key}")
     if not peers:  # missing or empty: every peer, inside the cluster or not

@@ -13,11 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from propolis.errors import ValidationError
+from propolis.model.labels import echo, label_key_problems, label_value_problems
 
-_KEY = r"(?:[a-z0-9]([-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
-_VALUE = r"(?:[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?"
-_KEY_RE = re.compile(rf"^{_KEY}$")
-_VALUE_RE = re.compile(rf"^{_VALUE}$")
 _EQUALITY_RE = re.compile(r"^\s*([^\s!=]+)\s*(==|!=|=)\s*(.*?)\s*$")
 _SET_RE = re.compile(r"^\s*([^\s!=(]+)\s+(in|notin)\s*\((.*)\)\s*$")
 
@@ -72,16 +69,14 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def check_label_key(key: str, field: str) -> str:
-    if not _KEY_RE.match(key) or len(key.split("/")[-1]) > 63:
-        raise ValidationError(field, f"invalid label key {key!r}: name part must consist of alphanumeric "
-                                     "characters, '-', '_' or '.', and must start and end with an alphanumeric character")
+    if problems := label_key_problems(key):
+        raise ValidationError(field, f"invalid label key {echo(key)}: {problems[0]}")
     return key
 
 
 def check_label_value(value: str, field: str) -> str:
-    if not _VALUE_RE.match(value) or len(value) > 63:
-        raise ValidationError(field, f"invalid label value {value!r}: must be 63 characters or less and consist of "
-                                     "alphanumeric characters, '-', '_' or '.'")
+    if problems := label_value_problems(value):
+        raise ValidationError(field, f"invalid label value {echo(value)}: {problems[0]}")
     return value
 
 

@@ -30,12 +30,14 @@ import orjson
 
 from propolis.errors import ValidationError
 from propolis.sandbox.api_resources import RESOURCES, Resource
-from propolis.sandbox.api_selectors import FieldSelector, LabelSelector, check_label_key, check_label_value
+from propolis.k8s import validate
+from propolis.sandbox.api_selectors import FieldSelector, LabelSelector
 
 log = logging.getLogger("propolis.sandbox.api")
 
 Obj = dict[str, Any]
 DEFAULT_HISTORY_LIMIT = 5000
+MAX_OBJECT_BYTES = 1536 * 1024  # etcd's default request limit (--max-request-bytes 1.5 MiB)
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 
@@ -93,6 +95,13 @@ def bad_request(message: str) -> ApiStatusError:
 
 def expired(requested: int, oldest: int) -> ApiStatusError:
     return ApiStatusError(410, "Expired", f"too old resource version: {requested} ({oldest})")
+
+
+def too_large(resource: Resource, name: str, size: int) -> ApiStatusError:
+    """What kube-apiserver answers when etcd refuses an object over its request limit."""
+    return ApiStatusError(413, "RequestEntityTooLarge", f'{resource.qualified()} "{name}" is too large: {size} bytes, '
+                                                        f"the limit is {MAX_OBJECT_BYTES} bytes (etcd's request limit)",
+                          _details(resource, name))
 
 
 def unprocessable(resource: Resource, name: str, errors: list[ValidationError]) -> ApiStatusError:
@@ -174,8 +183,11 @@ class Admission:
 class Store:
     """Objects of every served resource, keyed by (namespace, name), plus history and watches."""
 
-    def __init__(self, *, history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
+    def __init__(self, *, history_limit: int = DEFAULT_HISTORY_LIMIT, validate_policies: bool = True) -> None:
         self.rv = 0
+        # False: policies get only their CRD's structural check, as on a cluster without Propolis' validation
+        # (tests of the k8s-watcher's own refusal path need an invalid policy to reach it)
+        self.validate_policies = validate_policies
         self.objects: dict[tuple[str, str], dict[tuple[str, str], Obj]] = {r.key: {} for r in RESOURCES}
         self.history: collections.deque[WatchEvent] = collections.deque()
         self.history_limit = history_limit
@@ -290,17 +302,21 @@ class Store:
         return meta
 
     def _validate(self, resource: Resource, obj: Obj) -> None:
+        """The kind's structure (api_resources), then the validators the k8s-watcher uses (k8s/validate.py)."""
         meta = obj["metadata"]
         name = meta.get("name", "")
+        size = len(orjson.dumps(obj))
+        if size > MAX_OBJECT_BYTES:
+            raise too_large(resource, name, size)
         errors = resource.name_check("metadata.name", name) if name else []
-        for section in ("labels", "annotations"):
-            value = meta.get(section)
-            if value is not None and (not isinstance(value, dict)
-                                      or not all(isinstance(v, str) for v in value.values())):
-                errors.append(ValidationError(f"metadata.{section}", "Invalid value: must be a map of strings"))
-            elif section == "labels" and value:
-                errors += _label_errors(value)
+        annotations = meta.get("annotations")
+        if annotations is not None and (not isinstance(annotations, dict)
+                                        or not all(isinstance(v, str) for v in annotations.values())):
+            errors.append(ValidationError("metadata.annotations", "Invalid value: must be a map of strings"))
+        errors += validate.label_errors(obj)
         errors += resource.validate(obj)
+        if not errors and self.validate_policies:
+            errors += validate.policy_errors(resource.kind, obj)
         if errors:
             raise unprocessable(resource, name, errors)
 
@@ -509,26 +525,6 @@ class Store:
         """The stored objects themselves (no copy): for in-process readers that never mutate them."""
         return [o for o in self._bucket(resource).values()
                 if namespace is None or o["metadata"].get("namespace") == namespace]
-
-
-def _label_errors(labels: dict[str, str]) -> list[ValidationError]:
-    """Label keys (optional DNS prefix + name) and values, with kube-apiserver's wording."""
-    errors = []
-    for key, value in labels.items():
-        try:
-            check_label_key(key, "metadata.labels")
-        except ValidationError:
-            errors.append(ValidationError("metadata.labels", f'Invalid value: "{key}": name part must consist of '
-                                          "alphanumeric characters, '-', '_' or '.', and must start and end with an "
-                                          "alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc')"))
-        try:
-            check_label_value(value, "metadata.labels")
-        except ValidationError:
-            errors.append(ValidationError("metadata.labels", f'Invalid value: "{value}": a valid label must be an '
-                                          "empty string or consist of alphanumeric characters, '-', '_' or '.', and "
-                                          "must start and end with an alphanumeric character (e.g. 'MyValue',  or "
-                                          "'my_value',  or '12345')"))
-    return errors
 
 
 def _spec_of(obj: Obj, resource: Resource) -> Obj:

@@ -53,6 +53,7 @@ KUBECONFIG_FILE = "kubeconfig"
 URL_FILE = "apiserver.url"
 SANDBOX_TOKEN = "propolis-sandbox"
 SUBRESOURCES = ("status", "binding")
+MAX_REQUEST_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit; objects over 1.5 MiB are refused by the store
 
 
 def _not_found_path() -> ApiStatusError:
@@ -76,13 +77,14 @@ class ApiServer:
 
     def __init__(self, *, run_dir: str | Path | None = None, host: str = "127.0.0.1", port: int = 0,
                  service_cidr: str = DEFAULT_SERVICE_CIDR, bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL_S,
-                 history_limit: int = DEFAULT_HISTORY_LIMIT, cluster_name: str = "propolis-sandbox") -> None:
+                 history_limit: int = DEFAULT_HISTORY_LIMIT, cluster_name: str = "propolis-sandbox",
+                 validate_policies: bool = True) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.host = host
         self.requested_port = port
         self.bookmark_interval = bookmark_interval
         self.cluster_name = cluster_name
-        self.store = Store(history_limit=history_limit)
+        self.store = Store(history_limit=history_limit, validate_policies=validate_policies)
         self.allocator = ServiceAllocator(self.store, service_cidr)
         self.store.admissions += [self.allocator, PodUpdateRules()]
         self.endpointslices = EndpointSliceController(self.store)
@@ -109,7 +111,7 @@ class ApiServer:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="propolis-apiserver-")
             self.run_dir = Path(self._tmpdir.name)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        app = web.Application(middlewares=[self._errors], client_max_size=16 * 1024 * 1024)
+        app = web.Application(middlewares=[self._errors], client_max_size=MAX_REQUEST_BODY_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -174,6 +176,9 @@ class ApiServer:
             return _json(exc.status(), exc.code)
         except ValidationError as exc:
             return _json(bad_request(str(exc)).status(), 400)
+        except web.HTTPRequestEntityTooLarge:
+            return _json(ApiStatusError(413, "RequestEntityTooLarge", f"Request entity too large: limit is "
+                                                                      f"{MAX_REQUEST_BODY_BYTES}").status(), 413)
         except web.HTTPException:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must still answer as a Status, and be logged

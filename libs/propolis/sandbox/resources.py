@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from propolis.errors import ValidationError
+from propolis.k8s import validate
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,8 @@ def validate_document(doc: Document) -> None:
         if value is not None and (not isinstance(value, dict) or
                                   not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
             raise ValidationError(f"metadata.{field_name}", "must map strings to strings")
+    for error in validate.label_errors(body):
+        raise error
     validator = _VALIDATORS.get(doc.kind.kind)
     if validator is not None:
         validator(body)
@@ -305,18 +308,10 @@ def validate_spec_mapping(body: dict[str, Any]) -> None:
 
 
 def validate_policy(body: dict[str, Any]) -> None:
-    """Policies go through the project's own policy parser (the one the datapath compiles from), once it exists."""
+    """Policies: the validators the API server and the k8s-watcher use (k8s/validate.py)."""
     validate_spec_mapping(body)
-    import importlib.util
-    try:
-        if importlib.util.find_spec("propolis.policy.parse") is None:
-            return  # the policy package is not built yet
-    except ModuleNotFoundError:
-        return
-    from propolis.policy import parse
-    parser = getattr(parse, "parse_policy_object", None)
-    if parser is not None:
-        parser(str(body.get("kind")), body)
+    for error in validate.policy_errors(str(body.get("kind")), body):
+        raise error
 
 
 _VALIDATORS = {
