@@ -97,7 +97,7 @@ class Mirror(Component):
 
     def _leadership(self, leader: bool) -> None:
         assert self.rt is not None and self.mirror is not None
-        self.rt.spawn("leadership", self.mirror.set_leader(leader), self)
+        self.rt.spawn("leadership", self.mirror.set_leader(leader), self, one_shot=True)
 
     async def _flush_loop(self) -> None:
         assert self.mirror is not None

@@ -21,7 +21,7 @@ def test_round_trip_keeps_every_field():
 
 
 def test_newer_minor_version_with_unknown_field_is_read():
-    fields = ["s", "n", "i", "v", 1, 0.0, 0.0, "ok", {}, "", {}, {}]
+    fields = ["s", "n", "i", "v", 1, 0.0, 0.0, "ok", {}, "", {}, {}, 5.0]
     raw = msgpack.packb(["heartbeat", 1, 7, *fields, "a field from the future"])
     hb = codec.decode(raw)
     assert isinstance(hb, Heartbeat) and hb.service == "s" and hb.features == {}

@@ -6,7 +6,11 @@ field numbers: compact and about twice as fast as a map). A minor version may
 only append fields: a reader ignores trailing values it does not know and
 gives missing trailing fields their defaults. An unknown major version is
 refused with `SchemaVersionError` — a clear error instead of silently
-misreading state. Typed messages are dataclasses registered with `@message`;
+misreading state. Decoding also checks every field against the dataclass's
+type annotations (one generic check, here): a payload whose `ips` is a
+string where a list is declared is a `DecodeError` naming the field, so
+poison data is refused where it enters instead of crashing a consumer.
+Typed messages are dataclasses registered with `@message`;
 anything shown to a person goes through `to_jsonable`/`to_json` (orjson),
 which puts the field names back.
 """
@@ -14,6 +18,8 @@ which puts the field names back.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, Callable, TypeVar
 
 import msgpack
@@ -43,10 +49,70 @@ def message(schema: str, version: tuple[int, int] = (1, 0)) -> Callable[[type[T]
         cls.SCHEMA = schema  # type: ignore[attr-defined]
         cls.VERSION = version  # type: ignore[attr-defined]
         cls._FIELDS = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[attr-defined,arg-type]
+        cls._CHECKS = _field_checks(cls)  # type: ignore[attr-defined]
         _REGISTRY[schema] = cls
         return cls
 
     return wrap
+
+
+Check = Callable[[Any], bool]
+
+
+def _type_check(tp: Any) -> Check | None:
+    """A predicate for values of annotation ``tp`` as msgpack decodes them; None = anything goes."""
+    if tp is Any or tp is object:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        alternatives = [_type_check(a) for a in args]
+        if any(a is None for a in alternatives):
+            return None
+        return lambda v: any(a(v) for a in alternatives)  # type: ignore[misc]
+    if origin in (list, tuple, set, frozenset):  # every sequence travels as a msgpack array
+        homogeneous = origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)
+        item = _type_check(args[0]) if args and homogeneous else None
+        if item is None:
+            return lambda v: isinstance(v, list)
+        return lambda v: isinstance(v, list) and all(item(x) for x in v)
+    if origin is dict:
+        key, value = (_type_check(args[0]), _type_check(args[1])) if args else (None, None)
+        if key is None and value is None:
+            return lambda v: isinstance(v, dict)
+        return lambda v: isinstance(v, dict) and all((key is None or key(k)) and (value is None or value(x))
+                                                     for k, x in v.items())
+    if tp is float:
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is int:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(tp, type):
+        return lambda v: isinstance(v, tp)
+    return None
+
+
+def _field_checks(cls: type) -> tuple[tuple[str, str, Check], ...]:
+    """(field, declared type as text, predicate) for every field whose type can be checked."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # annotations naming something unresolvable: decode unchecked
+        return ()
+    out = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        check = _type_check(hints.get(f.name, Any))
+        if check is not None:
+            shown = getattr(hints[f.name], "__name__", None) if typing.get_origin(hints[f.name]) is None else None
+            out.append((f.name, shown or str(hints[f.name]).replace("typing.", ""), check))
+    return tuple(out)
+
+
+def _checked(cls: type, obj: Any) -> Any:
+    values = obj.__dict__
+    for name, declared, check in cls._CHECKS:  # type: ignore[attr-defined]
+        if not check(values[name]):
+            shown = repr(values[name])
+            raise DecodeError(f"{cls.SCHEMA} field {name!r}: expected {declared}, got "  # type: ignore[attr-defined]
+                              f"{type(values[name]).__name__} {shown[:60]}{'…' if len(shown) > 60 else ''}")
+    return obj
 
 
 def encode(obj: Any) -> bytes:
@@ -87,8 +153,12 @@ def decode(data: bytes, expected: type[T] | None = None) -> T:
     if len(values) >= len(fields):
         obj = cls.__new__(cls)  # the common case: skip __init__, drop unknown trailing values
         obj.__dict__.update(zip(fields, values))
-        return obj  # type: ignore[no-any-return]
-    return cls(**dict(zip(fields, values)))  # type: ignore[no-any-return]
+        return _checked(cls, obj)  # type: ignore[no-any-return]
+    missing = [f.name for f in dataclasses.fields(cls)[len(values):]  # type: ignore[arg-type]
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise DecodeError(f"{schema} {major}.{payload[2]} payload lacks required fields {', '.join(missing)}")
+    return _checked(cls, cls(**dict(zip(fields, values))))  # type: ignore[no-any-return]
 
 
 def to_jsonable(data: bytes) -> Any:

@@ -7,6 +7,12 @@ up). When the connection comes back after an outage the watch is re-created
 and diffed against what it already delivered, so a consumer sees exactly the
 puts and deletes it missed — no lost delete, no stale value — followed by a
 fresh SYNCED.
+
+Poison (a value that does not decode, or decodes with wrong field types) is a
+per-key error, never a dead watch: the watch skips it, so the consumer keeps
+the key's last good value; it is logged once per key, counted in
+``propolis_bus_undecodable_values_total{bucket}`` and shown in the service's
+health (`UNDECODABLE`) until the key gets a good value or is deleted.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 import nats
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
@@ -55,6 +62,48 @@ class KvEvent:
 
 
 SYNCED = KvEvent(EventType.SYNCED)
+
+
+class UndecodableValues:
+    """Which KV values this process refused, per bucket and key (process-wide, like a metric)."""
+
+    def __init__(self) -> None:
+        self.total: Counter[str] = Counter()  # bucket -> poisoned revisions seen
+        self.current: dict[tuple[str, str], tuple[int, str]] = {}  # (bucket, key) -> (revision, reason)
+
+    def refused(self, bucket: str, key: str, revision: int, reason: str) -> None:
+        known = self.current.get((bucket, key))
+        if known is not None and known[0] == revision:
+            return  # another watch (or a re-sync) met the same revision: already counted
+        self.current[(bucket, key)] = (revision, reason)
+        self.total[bucket] += 1
+        if known is None:
+            log.error("KV %s/%s revision %d undecodable, keeping its last good value: %s",
+                      bucket, key, revision, reason)
+
+    def healed(self, bucket: str, key: str) -> None:
+        if self.current.pop((bucket, key), None) is not None:
+            log.info("KV %s/%s readable again", bucket, key)
+
+    def summary(self) -> str:
+        """One line for health, empty when nothing is poisoned now."""
+        if not self.current:
+            return ""
+        (bucket, key), (_, reason) = next(iter(self.current.items()))
+        return (f"{len(self.current)} undecodable KV value(s), last good kept "
+                f"(e.g. {bucket}/{key}: {reason[:160]})")
+
+    def collect(self) -> Iterator[Any]:
+        """prometheus-client collector: ``propolis_bus_undecodable_values_total{bucket}``."""
+        from prometheus_client.core import CounterMetricFamily
+        family = CounterMetricFamily("propolis_bus_undecodable_values", "KV values refused by a watch "
+                                     "(malformed or wrong field types), per bucket", labels=["bucket"])
+        for bucket, n in sorted(self.total.items()):
+            family.add_metric([bucket], n)
+        yield family
+
+
+UNDECODABLE = UndecodableValues()
 
 
 class Kv:
@@ -143,6 +192,7 @@ class Kv:
                     if initial:
                         seen.add(key)
                     if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
+                        UNDECODABLE.healed(self.bucket, key)
                         if delivered.pop(key, None) is not None:
                             yield KvEvent(EventType.DELETE, key, None, rev)
                         continue
@@ -150,10 +200,10 @@ class Kv:
                         continue
                     try:
                         value = codec.decode(entry.value)
-                    except PermanentError as exc:
-                        log.error("KV %s/%s revision %d unreadable, keeping last good value: %s",
-                                  self.bucket, key, rev, exc)
+                    except PermanentError as exc:  # poison: a per-key error, the watch goes on
+                        UNDECODABLE.refused(self.bucket, key, rev, str(exc))
                         continue
+                    UNDECODABLE.healed(self.bucket, key)
                     delivered[key] = rev
                     yield KvEvent(EventType.PUT, key, value, rev)
             finally:

@@ -62,12 +62,21 @@ class Relay:
         self.source = BusFlowSource(bus, timeout=timeout)
         self.map = ServiceMap()
         self.streams = 0
+        self.malformed_flows = 0  # flows the service map could not read (logged once, then counted)
 
     async def feed_map(self) -> None:
-        """Run forever: the service map starts with the rings' contents, then follows."""
+        """Run forever: the service map starts with the rings' contents, then follows. A malformed flow
+        (an observer's bug, a forged message) is skipped and counted: it never ends the map."""
         async for resp in self.source.stream(FlowQuery(since=rfc3339(0)), follow=True):
-            if "flow" in resp:
+            if "flow" not in resp:
+                continue
+            try:
                 self.map.add(resp["flow"])
+            except Exception as exc:  # noqa: BLE001 - one bad flow, not a dead map
+                self.malformed_flows += 1
+                if self.malformed_flows == 1:
+                    log.warning("service map skips malformed flows (counted in /healthz); first: %r: %s",
+                                str(resp["flow"])[:200], exc)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -80,7 +89,8 @@ class Relay:
         return app
 
     async def healthz(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "alive", "follow_streams": self.streams})
+        return web.json_response({"status": "alive", "follow_streams": self.streams,
+                                  "malformed_flows": self.malformed_flows})
 
     async def flows(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -3,7 +3,8 @@
 A component has a name, a one-line title, and start/stop. Constructors do no
 I/O. The runtime starts components in list order and stops them in reverse —
 only those that started. Long-running work is spawned with `Runtime.spawn`
-so a task that dies is logged and turns its component Degraded.
+so a task that dies is logged, turns its component Failed (sticky: no later
+`set_ok` erases it) and ends the process non-zero for its supervisor to restart.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ class Component:
     title: str = ""
 
     def __init__(self) -> None:
-        self.health: Health = Health.stopped("not started")
+        self._health: Health = Health.stopped("not started")
+        self.failure = ""  # set by the runtime when a guarded task of this component died
+
+    @property
+    def health(self) -> Health:
+        """What the component says, unless one of its tasks died: that wins until the process exits."""
+        return Health.failed(self.failure) if self.failure else self._health
+
+    @health.setter
+    def health(self, value: Health) -> None:
+        self._health = value
 
     async def start(self, rt: "Runtime") -> None:
         """Acquire resources and spawn tasks; return once the component can serve."""

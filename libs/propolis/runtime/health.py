@@ -1,6 +1,8 @@
-"""Health is OK / Degraded(reason) / Stopped per component; the service's health is the worst.
+"""Health is OK / Degraded(reason) / Stopped / Failed(reason) per component; the service's health is the worst.
 
-`/readyz`, the heartbeat and `propolis status` all read this one model.
+Failed means a guarded task died: the process is about to exit non-zero so its supervisor restarts it
+(nothing stays degraded forever). `/readyz`, `/healthz`, the heartbeat and `propolis status` all read
+this one model.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ class State(enum.IntEnum):
     OK = 0
     DEGRADED = 1
     STOPPED = 2
+    FAILED = 3
 
     @property
     def label(self) -> str:
@@ -35,6 +38,10 @@ class Health:
     @classmethod
     def stopped(cls, reason: str = "") -> "Health":
         return cls(State.STOPPED, reason)
+
+    @classmethod
+    def failed(cls, reason: str) -> "Health":
+        return cls(State.FAILED, reason)
 
     def as_dict(self) -> dict[str, str]:
         return {"state": self.state.label, "reason": self.reason}

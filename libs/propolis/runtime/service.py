@@ -8,6 +8,10 @@ starts the components in order, publishes a heartbeat every
 heartbeats KV bucket, and on SIGTERM/SIGINT stops components in reverse order
 within ``shutdown_timeout``. ``--describe`` prints components, resolved
 settings and start order without starting anything.
+
+Supervision: a guarded task (`Runtime.spawn`) that dies fails ``/healthz``,
+marks its component Failed, publishes a last heartbeat saying why, and the
+process exits 1 — its supervisor (the sandbox, Kubernetes) restarts it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import prometheus_client
 from aiohttp import web
 
 import propolis
-from propolis.bus import subjects
+from propolis.bus import kv, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.messages import Heartbeat
 from propolis.errors import PropolisError, TemporaryError, ValidationError
@@ -73,32 +77,47 @@ class Runtime:
         self.bus = Bus(settings.nats_url, name=f"{service}@{settings.node_name}",
                        user=settings.nats_user or None, password=settings.nats_password or None)
         self.registry = prometheus_client.CollectorRegistry()
+        self.registry.register(kv.UNDECODABLE)  # type: ignore[arg-type]
         self.progress = Progress()
         self.features: dict[str, Any] = {}
         self.ready = False
         self.http_url = ""
-        self._tasks: dict[asyncio.Task[Any], Component | None] = {}
+        self._tasks: dict[asyncio.Task[Any], tuple[Component | None, bool]] = {}  # -> (component, one_shot)
+        self.failed = ""  # why the service is going down (a guarded task died); empty while healthy
         self._stopping = asyncio.Event()
         self._heartbeat_kv: Any = None
 
     # --- tasks -----------------------------------------------------------------------
-    def spawn(self, name: str, coro: Coroutine[Any, Any, Any], component: Component | None = None) -> asyncio.Task[Any]:
-        """A named, guarded task: if it dies unexpectedly it is logged and its component degraded."""
+    def spawn(self, name: str, coro: Coroutine[Any, Any, Any], component: Component | None = None, *,
+              one_shot: bool = False) -> asyncio.Task[Any]:
+        """A named, guarded task. Long-running unless ``one_shot`` (work meant to finish, e.g. taking
+        over leadership). If it raises, or a long-running one returns, the service has lost a part it
+        cannot run without: `fail` ends the process non-zero so its supervisor restarts it."""
         task = asyncio.create_task(coro, name=f"{self.service}:{name}")
-        self._tasks[task] = component
+        self._tasks[task] = (component, one_shot)
         task.add_done_callback(self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        component = self._tasks.pop(task, None)
+        component, one_shot = self._tasks.pop(task, (None, False))
         if task.cancelled() or self._stopping.is_set():
             return
         exc = task.exception()
-        reason = f"task {task.get_name()} {'died: ' + repr(exc) if exc else 'exited'}"
-        if exc:
-            log.error(reason, exc_info=exc)
+        if exc is None and one_shot:
+            return
+        self.fail(f"task {task.get_name()} {'died: ' + repr(exc) if exc else 'exited'}", exc, component)
+
+    def fail(self, reason: str, exc: BaseException | None = None, component: Component | None = None) -> None:
+        """A part of the service is dead: report it everywhere (log, /healthz, the last heartbeat) and
+        stop with exit code 1. Sticky: no health update can turn a dead task back into OK."""
+        if self.failed:
+            return
+        self.failed = reason
+        log.critical("%s; exiting with code 1 so the supervisor restarts %s", reason, self.service,
+                     exc_info=exc, extra={"task_failure": reason})
         if component is not None:
-            component.set_degraded(reason)
+            component.failure = reason
+        self.request_stop()
 
     async def cancel_tasks(self) -> None:
         tasks = list(self._tasks)
@@ -111,13 +130,16 @@ class Runtime:
 
     # --- health ----------------------------------------------------------------------
     def bus_health(self) -> Health:
-        if self.bus.is_connected:
-            return Health.ok()
-        return Health.degraded(f"NATS at {self.settings.nats_url} unreachable")
+        if not self.bus.is_connected:
+            return Health.degraded(f"NATS at {self.settings.nats_url} unreachable")
+        poisoned = kv.UNDECODABLE.summary()
+        return Health.degraded(poisoned) if poisoned else Health.ok()
 
     def health(self) -> dict[str, Health]:
         out = {"bus": self.bus_health()}
         out.update({c.name: c.health for c in self.components})
+        if self.failed and not any(h.state is State.FAILED for h in out.values()):
+            out["runtime"] = Health.failed(self.failed)  # a task no component owns (e.g. the heartbeat)
         return out
 
     def overall(self) -> State:
@@ -173,6 +195,10 @@ class Runtime:
         return runner
 
     async def _healthz(self, _: web.Request) -> web.Response:
+        """Liveness: fails once a guarded task died (the process is exiting; a kubelet would restart it)."""
+        if self.failed:
+            return web.json_response({"status": "failed", "service": self.service, "reason": self.failed},
+                                     status=503)
         return web.json_response({"status": "alive", "service": self.service})
 
     async def _readyz(self, _: web.Request) -> web.Response:
@@ -217,17 +243,21 @@ class Runtime:
                     c.set_ok()
             if self._stopping.is_set():
                 log.info("%s stopping before it was ready (stop requested during start)", self.service)
-                return code
-            self.ready = True
-            self.spawn("heartbeat", self._heartbeat_loop())
-            log.info("%s ready", self.service, extra={"http": self.http_url})
-            await self._stopping.wait()
+            else:
+                self.ready = True
+                self.spawn("heartbeat", self._heartbeat_loop())
+                log.info("%s ready", self.service, extra={"http": self.http_url})
+                await self._stopping.wait()
         except PropolisError as exc:
             log.error("%s failed: %s", self.service, exc)
             code = 1
         finally:
             self.ready = False
             self._stopping.set()
+            if self.failed:
+                code = 1
+                with contextlib.suppress(Exception):  # status shows why until the restarted instance beats
+                    await asyncio.wait_for(self.publish_heartbeat(), 1.0)
             try:
                 await asyncio.wait_for(self._shutdown(started), self.settings.shutdown_timeout)
             except asyncio.TimeoutError:

@@ -1,0 +1,98 @@
+"""Poison bus data is a per-key error: refused at decode (the codec checks every field's declared type),
+skipped by the KV watch (the consumer keeps the last good value, the watch stays alive), counted and
+shown in health. Through a real nats-server: the poison is put with an admin connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+
+from propolis.bus import codec, kv as kv_mod, subjects
+from propolis.bus.connection import Bus
+from propolis.bus.kv import EventType
+from propolis.bus.messages import EndpointRecord, Heartbeat, K8sObject, Watermark
+
+#: (what, payload, the field the error must name)
+POISON = [
+    ("truncated k8s-object", msgpack.packb(["k8s-object", 1, 0]), "lacks required fields kind"),
+    ("watermark 'abc'", msgpack.packb(["watermark", 1, 0, "abc", 1.0]), "'resource_version': expected int"),
+    ("endpoint ips a string", msgpack.packb(["endpoint", 1, 0, "ns", "pod", "n1", "10.0.0.1", 7, []]),
+     "'ips': expected list[str], got str"),
+    ("endpoint ips with a number", msgpack.packb(["endpoint", 1, 0, "ns", "pod", "n1", ["10.0.0.1", 5], 7, []]),
+     "'ips': expected list[str]"),
+    ("policy spec a string", msgpack.packb(["k8s-object", 1, 0, "NetworkPolicy", "ns", "p", "u", "1", {}, "spec"]),
+     "'spec': expected dict[str, Any], got str"),
+    ("heartbeat components not dicts", msgpack.packb(["heartbeat", 1, 1, "s", "n", "i", "v", 1, 0.0, 0.0, "ok",
+                                                       {"bus": "ok"}]), "'components': expected dict[str, dict"),
+    ("heartbeat pid a bool", msgpack.packb(["heartbeat", 1, 1, "s", "n", "i", "v", True, 0.0, 0.0, "ok"]),
+     "'pid': expected int, got bool"),
+    ("not msgpack", b"abc", "malformed msgpack"),
+]
+
+
+@pytest.mark.parametrize("what, payload, reason", POISON, ids=[p[0] for p in POISON])
+def test_poison_is_refused_at_decode_naming_the_field(what, payload, reason):
+    with pytest.raises(codec.DecodeError, match=reason.replace("[", r"\[").replace("(", r"\(")):
+        codec.decode(payload)
+
+
+def test_well_typed_values_decode_and_floats_accept_ints():
+    wm = codec.decode(msgpack.packb(["watermark", 1, 0, 42, 3]))  # an int time is a fine float
+    assert isinstance(wm, Watermark) and wm.resource_version == 42
+    rec = EndpointRecord("ns", "pod", "n1", ["10.0.0.1"], 7, ["k8s:app=x"], {"http": ["TCP", 80]})
+    assert codec.decode(codec.encode(rec)) == rec
+
+
+def _policy(name: str, spec: dict) -> K8sObject:
+    return K8sObject(kind="NetworkPolicy", namespace="ns", name=name, uid="u", resource_version="1", spec=spec)
+
+
+async def _next(watch, timeout: float = 5.0):
+    return await asyncio.wait_for(watch.__anext__(), timeout)
+
+
+async def test_watch_keeps_the_last_good_value_and_stays_alive(bus: Bus):
+    kv = await bus.kv(subjects.K8S_BUCKET)
+    key = "networkpolicies.ns.deny"
+    good = _policy("deny", {"podSelector": {}})
+    await kv.put(key, good)
+    before = kv_mod.UNDECODABLE.total[subjects.K8S_BUCKET]
+    watch = kv.watch(">")
+    first = await _next(watch)
+    assert (first.type, first.key, first.value) == (EventType.PUT, key, good)
+    assert (await _next(watch)).type is EventType.SYNCED
+    for _, payload, _ in POISON:  # every poison, raw, over the good value
+        await kv.store.put(key, payload)
+    later = _policy("later", {"podSelector": {"matchLabels": {"app": "x"}}})
+    await kv.put("networkpolicies.ns.later", later)
+    ev = await _next(watch)  # the poison never reached the consumer: its last good value stands
+    assert (ev.type, ev.key, ev.value) == (EventType.PUT, "networkpolicies.ns.later", later)
+    assert kv_mod.UNDECODABLE.total[subjects.K8S_BUCKET] - before == len(POISON)
+    assert f"{subjects.K8S_BUCKET}/{key}" in kv_mod.UNDECODABLE.summary()
+    healed = _policy("deny", {"podSelector": {}, "policyTypes": ["Ingress"]})
+    await kv.put(key, healed)
+    ev = await _next(watch)
+    assert (ev.key, ev.value) == (key, healed)
+    assert kv_mod.UNDECODABLE.summary() == ""
+    await watch.aclose()
+
+
+async def test_a_watch_starting_on_poison_skips_it_and_resyncs(bus: Bus):
+    kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
+    await kv.store.put("datapath-writer.n1.bad", POISON[5][1])
+    ok = Heartbeat(service="s", node="n1", instance="ok", version="v", pid=1, started_at=0.0, sent_at=0.0,
+                   health="ok")
+    await kv.put("s.n1.ok", ok)
+    watch = kv.watch(">")
+    assert (await _next(watch)).value == ok
+    assert (await _next(watch)).type is EventType.SYNCED
+    assert "datapath-writer.n1.bad" in kv_mod.UNDECODABLE.summary()
+    assert set(await kv.items()) == {"s.n1.ok"}  # a snapshot leaves it out too
+    await kv.delete("datapath-writer.n1.bad")  # never delivered, so no DELETE event; but healed
+    await kv.put("s.n1.ok", ok)
+    ev = await _next(watch)
+    assert (ev.type, ev.key) == (EventType.PUT, "s.n1.ok")
+    assert kv_mod.UNDECODABLE.summary() == ""
+    await watch.aclose()
