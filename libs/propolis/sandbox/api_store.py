@@ -32,6 +32,7 @@ from propolis.errors import ValidationError
 from propolis.sandbox.api_resources import RESOURCES, Resource
 from propolis.k8s import validate
 from propolis.sandbox.api_selectors import FieldSelector, LabelSelector
+from propolis.sandbox.api_wal import Wal
 
 log = logging.getLogger("propolis.sandbox.api")
 
@@ -197,6 +198,50 @@ class Store:
         self._grace_timers: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
         self.namespace_finalize_delay = 0.5  # seconds a deleted namespace stays Terminating before its contents go
         self.hooks: list[Callable[[WatchEvent], None]] = []  # in-process controllers, called after each commit
+        self.wal: Wal | None = None  # the store on disk (api_wal.py); None: in memory only
+
+    # --- on disk -------------------------------------------------------------------------
+
+    def attach_wal(self, wal: Wal) -> None:
+        """Load what `wal` holds (objects and the revision they reached) and log every commit to it from now.
+
+        The watch history starts empty: a watch from an older resourceVersion gets 410 Expired and relists,
+        and resourceVersions continue upward from the last one committed. Call with the event loop running, so
+        pods that were terminating and namespaces being finalized get their timers again."""
+        assert self.rv == 0, "attach the store on disk before the first write"
+        rv, objects = wal.load()
+        by_key = {r.key: r for r in RESOURCES}
+        for resource_key, bucket in objects.items():
+            if resource_key not in by_key:
+                log.warning("stored objects of an unknown resource %s/%s are ignored", *resource_key)
+                continue
+            self.objects[resource_key].update(bucket)
+        self.rv = self.floor = rv
+        wal.start(lambda: (self.rv, [(key, obj) for key, bucket in self.objects.items() for obj in bucket.values()]))
+        self.wal = wal
+        self._resume_timers()
+
+    def _resume_timers(self) -> None:
+        """Timers die with the process: re-arm pod GC for terminating pods and namespace finalization."""
+        pods = next(r for r in RESOURCES if r.plural == "pods")
+        namespaces = next(r for r in RESOURCES if r.plural == "namespaces")
+        now = datetime.now(timezone.utc)
+        for pod in self.stored(pods):
+            meta = pod["metadata"]
+            if meta.get("deletionTimestamp"):
+                left = (datetime.strptime(meta["deletionTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
+                        .replace(tzinfo=timezone.utc) - now).total_seconds()
+                self._schedule_forced_delete(pods, meta.get("namespace"), meta["name"], max(int(left), 0))
+        for ns in self.stored(namespaces):
+            name = ns["metadata"]["name"]
+            if ns["metadata"].get("deletionTimestamp"):
+                self._schedule(("namespaces", "", name), self.namespace_finalize_delay,
+                               lambda n=name: self._finalize_namespace(namespaces, n), run_without_loop=False)
+
+    async def sync(self) -> None:
+        """Return once every commit so far is on disk (group commit; immediate without a store on disk)."""
+        if self.wal is not None:
+            await self.wal.sync()
 
     # --- reading -------------------------------------------------------------------------
 
@@ -255,6 +300,8 @@ class Store:
             obj["metadata"]["resourceVersion"] = str(self.rv)
             self._bucket(resource).pop(self._key(resource, obj["metadata"].get("namespace"),
                                                  obj["metadata"]["name"]), None)
+        if self.wal is not None:
+            self.wal.append(self.rv, resource.key, etype, obj)
         event = WatchEvent(self.rv, resource, etype, clone(obj), old)
         self.history.append(event)
         while len(self.history) > self.history_limit:
@@ -511,6 +558,9 @@ class Store:
         return self.rv
 
     def close(self) -> None:
+        if self.wal is not None:
+            self.wal.close()
+            self.wal = None
         for w in list(self.watches):
             w.queue.put_nowait(None)
         self.watches.clear()

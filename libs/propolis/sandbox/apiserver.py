@@ -9,8 +9,11 @@ from `api_store.Store` (one global resourceVersion, bounded watch history,
 ClusterIP/NodePort allocators running in the same process.
 
 Run: `python -m propolis.sandbox.apiserver --run-dir DIR [--host 127.0.0.1] [--port 0]
-[--service-cidr 10.96.0.0/16] [--bookmark-interval S] [--history-limit N]`; it writes
-`DIR/kubeconfig` then `DIR/apiserver.url` and serves until SIGTERM. In tests:
+[--service-cidr 10.96.0.0/16] [--bookmark-interval S] [--history-limit N] [--data-dir D]`; it
+loads its store from `DIR/apiserver-store` (api_wal.py: objects and resourceVersion survive a kill),
+writes `DIR/kubeconfig` then `DIR/apiserver.url` and serves until SIGTERM. Writes are answered once on
+disk; objects are validated with the k8s-watcher's validators (k8s/validate.py: 422 Invalid naming the
+field) and refused over 1.5 MiB (413). In tests (store in memory unless `data_dir` is given):
 `async with ApiServer(run_dir=…) as srv: srv.url, srv.kubeconfig_path`.
 Admin: `POST /_sandbox/compact` forgets the watch history (watches from an older
 resourceVersion then get 410). Inspect with `kubectl --kubeconfig DIR/kubeconfig get pods -A`.
@@ -41,6 +44,7 @@ from propolis.sandbox.api_patch import APPLY_PATCH, apply_patch
 from propolis.sandbox.api_resources import BY_KIND, BY_PATH, Resource
 from propolis.sandbox.api_selectors import parse_field_selector, parse_label_selector
 from propolis.sandbox.api_store import DEFAULT_HISTORY_LIMIT, ApiStatusError, Store, bad_request, clone
+from propolis.sandbox.api_wal import Wal
 
 log = logging.getLogger("propolis.sandbox.apiserver")
 
@@ -51,6 +55,7 @@ PROGRESS_CHECK_S = 0.05  # how soon an idle watch hears that the store's revisio
 DEFAULT_WATCH_TIMEOUT_S = 1800
 KUBECONFIG_FILE = "kubeconfig"
 URL_FILE = "apiserver.url"
+DATA_DIR = "apiserver-store"  # under the run dir: the store on disk (api_wal.py)
 SANDBOX_TOKEN = "propolis-sandbox"
 SUBRESOURCES = ("status", "binding")
 MAX_REQUEST_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit; objects over 1.5 MiB are refused by the store
@@ -78,8 +83,9 @@ class ApiServer:
     def __init__(self, *, run_dir: str | Path | None = None, host: str = "127.0.0.1", port: int = 0,
                  service_cidr: str = DEFAULT_SERVICE_CIDR, bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL_S,
                  history_limit: int = DEFAULT_HISTORY_LIMIT, cluster_name: str = "propolis-sandbox",
-                 validate_policies: bool = True) -> None:
+                 validate_policies: bool = True, data_dir: str | Path | None = None) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.data_dir = Path(data_dir) if data_dir is not None else None  # None: the store lives in memory only
         self.host = host
         self.requested_port = port
         self.bookmark_interval = bookmark_interval
@@ -92,8 +98,6 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
-        for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
-            self.store.create(BY_KIND["Namespace"], None, {"metadata": {"name": ns}})
 
     @property
     def url(self) -> str:
@@ -111,6 +115,11 @@ class ApiServer:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="propolis-apiserver-")
             self.run_dir = Path(self._tmpdir.name)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.data_dir is not None:
+            self.store.attach_wal(Wal(self.data_dir))
+        for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
+            if self.store.find(BY_KIND["Namespace"], None, ns) is None:
+                self.store.create(BY_KIND["Namespace"], None, {"metadata": {"name": ns}})
         app = web.Application(middlewares=[self._errors], client_max_size=MAX_REQUEST_BODY_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
@@ -171,7 +180,10 @@ class ApiServer:
     async def _errors(self, request: web.Request,
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         try:
-            return await handler(request)
+            response = await handler(request)
+            if request.method not in ("GET", "HEAD"):
+                await self.store.sync()  # answer a write only once it is on disk, as etcd does
+            return response
         except ApiStatusError as exc:
             return _json(exc.status(), exc.code)
         except ValidationError as exc:
@@ -470,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--history-limit", type=int, default=DEFAULT_HISTORY_LIMIT,
                         help="watch events kept for resuming; older resourceVersions get 410 Gone")
     parser.add_argument("--cluster-name", default="propolis-sandbox", help="cluster/context name in the kubeconfig")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"where the store is kept on disk (default RUN_DIR/{DATA_DIR}); a restart resumes it")
     return parser
 
 
@@ -480,7 +494,7 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with ApiServer(run_dir=args.run_dir, host=args.host, port=args.port, service_cidr=args.service_cidr,
                          bookmark_interval=args.bookmark_interval, history_limit=args.history_limit,
-                         cluster_name=args.cluster_name):
+                         cluster_name=args.cluster_name, data_dir=args.data_dir or Path(args.run_dir) / DATA_DIR):
         await stop.wait()
 
 

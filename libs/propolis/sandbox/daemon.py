@@ -259,11 +259,21 @@ class Supervisor:
             await asyncio.sleep(0.05)
         self.state.apiserver_url = url_file.read_text().strip()
         self.state.apiserver_pid = self.apiserver.pid
+        # A restart must answer on the same URL (state.json, kubeconfig, every client keep it) with the same
+        # store (it loads <run dir>/apiserver-store), like a static kube-apiserver pod on its host port.
+        self.apiserver.argv += ["--port", self.state.apiserver_url.rsplit(":", 1)[1]]
+        self.apiserver.on_restart = self._apiserver_restarted
         self.state.kubeconfig = str(cfg.run_dir / "kubeconfig")
         configuration = client.Configuration()
         await kube_config.load_kube_config(config_file=self.state.kubeconfig, client_configuration=configuration)
         self.api = client.ApiClient(configuration)
         self.tasks.append(asyncio.create_task(self.apiserver.supervise(), name="supervise-apiserver"))
+
+    def _apiserver_restarted(self) -> None:
+        assert self.apiserver is not None
+        log.warning("API server restarted (pid %d) on %s with its store", self.apiserver.pid, self.state.apiserver_url)
+        self.state.apiserver_pid = self.apiserver.pid
+        self.save()
 
     async def _register_nodes(self) -> None:
         """Node objects with spec.podCIDR, InternalIP and a Ready condition, as a kubelet registers them."""
