@@ -36,6 +36,10 @@ class Settings(CommonSettings):
     kubeconfig: str = setting("", "kubeconfig path (empty = in-cluster config)")
     lease_duration: float = setting(10.0, "leader lease duration; the holder renews every third", unit="s")
     watch_timeout: int = setting(300, "server-side timeout of one watch request before resuming", unit="s")
+    kv_repair_interval: float = setting(10.0, "how often the leader compares the whole bucket with what it wrote "
+                                              "(its watermark is checked every second)", unit="s")
+    store_reset_settle: float = setting(10.0, "after the API's store went back (restore, loss), wait this long "
+                                              "before re-listing every kind and replacing the bucket", unit="s")
 
 
 class KubeClient(Component):
@@ -79,7 +83,9 @@ class Mirror(Component):
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
         kv = await rt.bus.kv(subjects.K8S_BUCKET)
-        self.mirror = KvMirror(kv, validate=validate_object, on_verdict=self._verdict)
+        self.mirror = KvMirror(kv, validate=validate_object, on_verdict=self._verdict,
+                               repair_interval=self.settings.kv_repair_interval,
+                               store_reset_settle=self.settings.store_reset_settle)
         holder = f"{rt.settings.node_name}/{rt.instance}"
         self.lease = LeaseElector(kv, "_lease.k8s-watcher._", holder, duration=self.settings.lease_duration,
                                   on_change=self._leadership)
@@ -91,9 +97,11 @@ class Mirror(Component):
             r = Reflector(self.client.api, kind, self.mirror, watch_timeout=self.settings.watch_timeout)
             self.reflectors.append(r)
             rt.spawn(f"reflect-{kind.plural}", r.run(), self)
+        self.mirror.reflectors = list(self.reflectors)
         rt.spawn("lease", self.lease.run(), self)
         rt.spawn("flush", self._flush_loop(), self)
         rt.spawn("progress", self._progress_loop(), self)
+        rt.spawn("guard", self._guard_loop(), self)
 
     def _leadership(self, leader: bool) -> None:
         assert self.rt is not None and self.mirror is not None
@@ -110,6 +118,16 @@ class Mirror(Component):
                     self.mirror.dirty = True
                     log.warning("flush to KV failed: %s", exc)
 
+    async def _guard_loop(self) -> None:
+        """Store resets, a new leader's store check, and repair of the bucket (KvMirror.guard_step)."""
+        assert self.mirror is not None
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                await self.mirror.guard_step()
+            except Exception as exc:  # NATS or the API away: the next round retries
+                log.warning("bucket guard: %s", exc)
+
     async def _progress_loop(self) -> None:
         assert self.rt is not None and self.mirror is not None and self.lease is not None
         while True:
@@ -120,10 +138,15 @@ class Mirror(Component):
             self.rt.progress.update({
                 "k8s_resource_version": str(self.mirror.mirrored_resource_version()),
                 "leader": self.lease.is_leader, "objects": len(self.mirror.desired),
-                "refused_policies": len(self.mirror.refused)})
+                "refused_policies": len(self.mirror.refused), "bucket_epoch": self.mirror.epoch,
+                "bucket_repairs": self.mirror.repairs, "store_resets": self.mirror.store_resets,
+                "store_reset": self.mirror.store_reset})
             unsynced = [r.kind.plural for r in self.reflectors if not r.synced.is_set()]
             failing = [f"{r.kind.plural}: {r.error}" for r in self.reflectors if r.error]
-            if failing:
+            if self.mirror.store_reset:
+                self.set_degraded(f"API store reset ({self.mirror.store_reset}): holding the mirrored state, "
+                                  "re-listing every kind before replacing it")
+            elif failing:
                 self.set_degraded("; ".join(failing)[:300])
             elif unsynced:
                 self.set_degraded(f"waiting for initial list of {', '.join(unsynced)}")

@@ -10,8 +10,8 @@ from propolis.writer.inputs import ClusterInputs
 SYNCED = KvEvent(EventType.SYNCED)
 
 
-def watermark(rv: int) -> KvEvent:
-    return KvEvent(EventType.PUT, subjects.WATERMARK_KEY, Watermark(rv, 0.0), rv)
+def watermark(rv: int, epoch: str = "e1") -> KvEvent:
+    return KvEvent(EventType.PUT, subjects.WATERMARK_KEY, Watermark(rv, 0.0, epoch), rv)
 
 
 def test_synced_needs_initial_values_and_both_watermarks():
@@ -34,4 +34,6 @@ def test_a_wiped_bucket_stops_acting_until_its_owner_refills_it():
     inputs.apply_k8s(KvEvent(EventType.DELETE, subjects.WATERMARK_KEY))  # NATS lost its storage
     assert not inputs.synced  # keep the kernel's last state (fail closed)
     inputs.apply_k8s(watermark(10))
+    assert not inputs.synced  # the lost epoch's watermark does not say the bucket was refilled
+    inputs.apply_k8s(watermark(10, epoch="e2"))
     assert inputs.synced and inputs.watermark == 9

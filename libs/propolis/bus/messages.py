@@ -134,15 +134,20 @@ class IpcacheEntry:
     node_ip: str = ""
 
 
-@message("watermark", (1, 0))
+@message("watermark", (1, 1))
 @dataclass
 class Watermark:
     """``_meta._.resourceversion`` in a bucket: everything before this key's latest revision reflects
     the Kubernetes API up to ``resource_version``. Watermarks travel in KV order behind the objects,
-    so a consumer that has processed the watermark has processed everything it covers."""
+    so a consumer that has processed the watermark has processed everything it covers.
+
+    1.1 ``epoch``: a random id the owner picks whenever it (re)fills its bucket (new leader, repair
+    after a purge, a new API store). A consumer that saw the watermark vanish waits for a new epoch
+    before it acts again: losing the bucket's contents is never read as "delete everything"."""
 
     resource_version: int
     time: float
+    epoch: str = ""
 
 
 @message("flow", (1, 0))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, AsyncIterator, Protocol
 
 import aiohttp
@@ -37,6 +38,9 @@ class Sink(Protocol):
         """The complete set, page by page; only after the last page may what is absent be pruned."""
     async def apply(self, kind: Kind, event_type: str, obj: dict[str, Any]) -> None: ...
     def progress(self, kind: Kind, resource_version: str) -> None: ...
+    def resource_version_regressed(self, kind: Kind, previous: int, current: int) -> None:
+        """A list or watch event is behind what this reflector saw: the API serves another store.
+        Called before anything from that list or event reaches the sink."""
 
 
 class Reflector:
@@ -52,13 +56,22 @@ class Reflector:
         self.synced = asyncio.Event()
         self.relists = 0
         self.error = ""
+        self.highest_resource_version = 0  # the newest this reflector saw (a store never goes back)
+        self.list_started_at = 0.0  # monotonic times of the last list (see relist)
+        self.list_finished_at = 0.0
+        self._relist_requested = False
+        self._watch_response: Any = None
+        self._watch_closed_by_relist = False
 
     async def run(self) -> None:
         delay = 0.1
         while True:
             try:
-                if self.resource_version is None:
+                if self.resource_version is None or self._relist_requested:
+                    self._relist_requested = False
                     await self._list()
+                if self._relist_requested:
+                    continue
                 await self._watch()
                 delay = 0.1
                 self.error = ""
@@ -67,6 +80,9 @@ class Reflector:
                          self.resource_version)
                 self.resource_version = None
             except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                if self._watch_closed_by_relist:
+                    self._watch_closed_by_relist = False
+                    continue
                 status = getattr(exc, "status", None)
                 if status == 410:
                     self.resource_version = None
@@ -76,6 +92,30 @@ class Reflector:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
 
+    def relist(self) -> None:
+        """List again now (a new API store): ends the current watch; the run loop lists next."""
+        self._relist_requested = True
+        if self._watch_response is not None:
+            self._watch_closed_by_relist = True
+            self._watch_response.close()
+
+    async def api_resource_version(self) -> int:
+        """The API's current resourceVersion (a one-item list: a consistent read, as etcd's revision)."""
+        resp = await self._request([("limit", 1)], 10)
+        body = orjson.loads(await resp.read())
+        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
+
+    def _observe(self, resource_version: str) -> None:
+        try:
+            value = int(resource_version)
+        except ValueError:
+            return
+        if value < self.highest_resource_version:
+            log.error("%s: resourceVersion went back from %d to %d", self.kind.plural,
+                      self.highest_resource_version, value)
+            self.sink.resource_version_regressed(self.kind, self.highest_resource_version, value)
+        self.highest_resource_version = value
+
     async def _request(self, query: list[tuple[str, Any]], timeout: float | None) -> Any:
         return await self.api.call_api(
             self.kind.list_path(), "GET", query_params=query, auth_settings=["BearerToken"],
@@ -84,6 +124,8 @@ class Reflector:
 
     async def _list(self) -> None:
         listed_rv = ""
+        self.list_started_at = time.monotonic()
+        self._watch_closed_by_relist = False
 
         async def pages() -> AsyncIterator[list[dict[str, Any]]]:
             nonlocal listed_rv
@@ -95,7 +137,9 @@ class Reflector:
                 resp = await self._request(query, 30)
                 body = orjson.loads(await resp.read())
                 meta = body.get("metadata") or {}
-                listed_rv = listed_rv or str(meta.get("resourceVersion", ""))  # the first page's: the list's
+                if not listed_rv:
+                    listed_rv = str(meta.get("resourceVersion", ""))  # the first page's: the list's
+                    self._observe(listed_rv)
                 yield body.pop("items", None) or []
                 token = meta.get("continue") or ""
                 if not token:
@@ -105,14 +149,16 @@ class Reflector:
         self.resource_version = listed_rv
         self.relists += 1
         self.sink.progress(self.kind, listed_rv)
+        self.list_finished_at = time.monotonic()
         self.synced.set()
 
     async def _watch(self) -> None:
         query = [("watch", "true"), ("allowWatchBookmarks", "true"),
                  ("resourceVersion", self.resource_version), ("timeoutSeconds", self.watch_timeout)]
         resp = await self._request(query, self.watch_timeout + 30)
+        self._watch_response = resp
         try:
-            while True:
+            while not self._relist_requested:
                 line = await resp.content.readline()
                 if not line:
                     return  # server closed the watch (timeout): resume from resource_version
@@ -125,10 +171,13 @@ class Reflector:
                         raise Gone()
                     raise ApiException(status=obj.get("code"), reason=obj.get("message"))
                 rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+                if rv:
+                    self._observe(rv)
                 if etype != "BOOKMARK":
                     await self.sink.apply(self.kind, etype, obj)
                 if rv:
                     self.resource_version = rv
                     self.sink.progress(self.kind, rv)
         finally:
+            self._watch_response = None
             resp.release()

@@ -1,11 +1,12 @@
 """Everything the datapath-writer reads from the bus, as one in-memory view with change tracking.
 
 Two KV watches (the k8s slice and the identities slice) feed tables of
-namespaces, nodes, policies, identities and endpoints. Each change bumps a
-generation and sets an event so the writer recomputes; ``synced`` turns true
-only when both watches delivered their initial values — before that the
-writer must not prune kernel state. Watermarks say which Kubernetes
-resourceVersion the inputs reflect (see messages.Watermark).
+namespaces, nodes, policies, identities and endpoints. Each bucket goes through a
+``WatermarkGate``: a change reaches the tables only once its owner's watermark covers it, and a
+bucket that lost its watermark (purged, store lost) freezes the tables until its owner refilled
+it under a new epoch. Each released change bumps a generation and sets an event so the writer
+recomputes; ``synced`` turns true only when both gates are ready — before that the writer must
+not prune kernel state. Watermarks say which Kubernetes resourceVersion the inputs reflect.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import logging
 from dataclasses import dataclass, field
 
 from propolis.bus import subjects
-from propolis.bus.kv import EventType, Kv, KvEvent
-from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject, Watermark
+from propolis.bus.codec import DecodeError
+from propolis.bus.kv import UNDECODABLE, EventType, Kv, KvEvent
+from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject
+from propolis.bus.watermark import WatermarkGate
 from propolis.k8s.kinds import POLICY_KINDS
 
 log = logging.getLogger("propolis.writer.inputs")
@@ -32,10 +35,8 @@ class ClusterInputs:
     policies: dict[str, K8sObject] = field(default_factory=dict)  # KV key -> policy object
     identities: dict[int, list[str]] = field(default_factory=dict)
     endpoints: dict[tuple[str, str], EndpointRecord] = field(default_factory=dict)
-    k8s_watermark: int = 0
-    identities_watermark: int = 0
-    k8s_synced: bool = False
-    identities_synced: bool = False
+    k8s_gate: WatermarkGate = field(default_factory=lambda: WatermarkGate(subjects.K8S_BUCKET))
+    identities_gate: WatermarkGate = field(default_factory=lambda: WatermarkGate(subjects.IDENTITIES_BUCKET))
     generation: int = 0
     policy_generation: int = 0  # bumps only when policies, namespaces or identities change
     services_generation: int = 0  # bumps only when Services, EndpointSlices or Nodes change
@@ -45,11 +46,18 @@ class ClusterInputs:
     def synced(self) -> bool:
         """Both watches delivered their initial values, and both buckets carry their owner's watermark.
 
-        A bucket without its watermark was wiped (NATS lost its storage) or its owner never ran:
-        acting on it would prune every policy and open the endpoints until the owners refill it,
+        A bucket without its watermark was wiped (purged, NATS lost its storage) or its owner never
+        ran: acting on it would prune every policy and open the endpoints until the owners refill it,
         so the kernel keeps its last state instead (fail closed)."""
-        return (self.k8s_synced and self.identities_synced
-                and self.k8s_watermark > 0 and self.identities_watermark > 0)
+        return self.k8s_gate.ready and self.identities_gate.ready
+
+    @property
+    def k8s_watermark(self) -> int:
+        return self.k8s_gate.resource_version
+
+    @property
+    def identities_watermark(self) -> int:
+        return self.identities_gate.resource_version
 
     @property
     def watermark(self) -> int:
@@ -66,17 +74,28 @@ class ClusterInputs:
 
     # --- feeding ---------------------------------------------------------------------
     def apply_k8s(self, ev: KvEvent) -> None:
-        if ev.type is EventType.SYNCED:
-            self.k8s_synced = True
-            self._bump(policy=True)
-            return
-        if ev.key == subjects.WATERMARK_KEY:
-            self.k8s_watermark = int(ev.value.resource_version) if isinstance(ev.value, Watermark) else 0
-            self._bump()
-            return
+        self._through(self.k8s_gate, ev, self._k8s_change)
+
+    def apply_identities(self, ev: KvEvent) -> None:
+        self._through(self.identities_gate, ev, self._identities_change)
+
+    def _through(self, gate: WatermarkGate, ev: KvEvent, apply) -> None:  # type: ignore[no-untyped-def]
+        was_ready = gate.ready
+        released = gate.feed(ev)
+        for change in released or ():
+            try:
+                apply(change)
+            except Exception as exc:  # noqa: BLE001 - a key or value we cannot use: per key, the rest goes on
+                UNDECODABLE.refused(gate.bucket, change.key, change.revision, f"{type(exc).__name__}: {exc}")
+        if released is not None or gate.ready != was_ready:
+            self._bump(policy=gate.ready != was_ready)
+
+    def _k8s_change(self, ev: KvEvent) -> None:
         kind, _, rest = ev.key.partition(".")
         ns, _, name = rest.partition(".")
         obj = ev.value if ev.type is EventType.PUT else None
+        if obj is not None and not isinstance(obj, K8sObject):
+            raise DecodeError(f"{ev.key}: expected a k8s-object, got {type(obj).__name__}")
         table: dict  # type: ignore[type-arg]
         if kind == "namespaces":
             table, key, policy = self.namespaces, name, True
@@ -98,16 +117,11 @@ class ClusterInputs:
             table[key] = obj
         self._bump(policy, services=kind in ("services", "endpointslices", "nodes"))
 
-    def apply_identities(self, ev: KvEvent) -> None:
-        if ev.type is EventType.SYNCED:
-            self.identities_synced = True
-            self._bump(policy=True)
-            return
-        if ev.key == subjects.WATERMARK_KEY:
-            self.identities_watermark = int(ev.value.resource_version) if isinstance(ev.value, Watermark) else 0
-            self._bump()
-            return
+    def _identities_change(self, ev: KvEvent) -> None:
         head, _, rest = ev.key.partition(".")
+        expected = {"id": IdentityRecord, "endpoints": EndpointRecord}.get(head)
+        if expected is not None and ev.type is EventType.PUT and not isinstance(ev.value, expected):
+            raise DecodeError(f"{ev.key}: expected {expected.SCHEMA}, got {type(ev.value).__name__}")  # type: ignore[attr-defined]
         if head == "id":
             number = int(rest)
             if ev.type is EventType.PUT and isinstance(ev.value, IdentityRecord):
@@ -127,10 +141,14 @@ class ClusterInputs:
     async def snapshot(cls, k8s: Kv, identities: Kv) -> "ClusterInputs":
         """The buckets as they are now (CLI tools): initial values only, then synced."""
         inputs = cls()
-        for kv, apply in ((k8s, inputs.apply_k8s), (identities, inputs.apply_identities)):
+        for kv, gate, apply in ((k8s, inputs.k8s_gate, inputs._k8s_change),
+                                (identities, inputs.identities_gate, inputs._identities_change)):
             for key, entry in (await kv.items()).items():
-                apply(KvEvent(EventType.PUT, key, entry.value, entry.revision))
-            apply(KvEvent(EventType.SYNCED))
+                gate.feed(KvEvent(EventType.PUT, key, entry.value, entry.revision))
+            gate.feed(KvEvent(EventType.SYNCED))
+            for change in gate.release_unconfirmed():
+                apply(change)
+        inputs._bump(policy=True)
         return inputs
 
     async def follow(self, k8s: Kv, identities: Kv) -> None:
