@@ -13,7 +13,7 @@
  * from cil_from_container, CT_INGRESS from cil_to_container), so two pods
  * on the same node each keep their own entry for one connection.
  * Lifetimes (seconds, Cilium's defaults): TCP established 8000, SYN 60,
- * closing (FIN/RST seen) 10, non-TCP 60. Expired entries count as absent;
+ * closed (FIN both ways, or RST) 10, non-TCP 60. Expired entries count as absent;
  * LRU eviction and the agent's GC remove them.
  */
 #ifndef __PROPOLIS_CONNTRACK_H_
@@ -80,6 +80,26 @@ static __always_inline void ct_reverse_tuple_of(struct pkt4 *p, __u8 side, struc
 	t->pad = 0;
 }
 
+/* TCP: fold one packet's flags into an entry's CT_F_* flags and return its new
+ * expiry. The close timeout applies only once BOTH directions closed (FIN each
+ * way, or a RST), as Cilium: a half-closed connection (shutdown(SHUT_WR)) still
+ * waits for its answer. Shared with the NodePort SNAT entries (lib/nodeport.h). */
+static __always_inline __u32 ct_tcp_lifetime(__u16 *ct_flags, __u8 tcp_flags, int is_reply, __u32 now)
+{
+	__u16 f = *ct_flags;
+
+	if (tcp_flags & TCP_FLAG_RST)
+		f |= CT_F_TX_CLOSING | CT_F_RX_CLOSING;
+	else if (tcp_flags & TCP_FLAG_FIN)
+		f |= is_reply ? CT_F_RX_CLOSING : CT_F_TX_CLOSING;
+	if (!(tcp_flags & TCP_FLAG_SYN))
+		f |= CT_F_SEEN_NON_SYN;
+	*ct_flags = f;
+	if ((f & (CT_F_TX_CLOSING | CT_F_RX_CLOSING)) == (CT_F_TX_CLOSING | CT_F_RX_CLOSING))
+		return now + CT_CLOSE_TIMEOUT;
+	return now + ((f & CT_F_SEEN_NON_SYN) ? CT_CONNECTION_LIFETIME_TCP : CT_SYN_TIMEOUT);
+}
+
 /* Refresh an entry for one packet; returns the TCP flags seen for the
  * first time in this direction (for trace aggregation). */
 static __always_inline __u8 ct_update_entry(struct ct_entry *e, struct pkt4 *p, int is_reply,
@@ -106,19 +126,7 @@ static __always_inline __u8 ct_update_entry(struct ct_entry *e, struct pkt4 *p, 
 		e->lifetime = now + CT_CONNECTION_LIFETIME_NONTCP;
 		return new_flags;
 	}
-	if (flags & TCP_FLAG_RST) {
-		e->flags |= CT_F_TX_CLOSING | CT_F_RX_CLOSING;
-	} else if (flags & TCP_FLAG_FIN) {
-		e->flags |= is_reply ? CT_F_RX_CLOSING : CT_F_TX_CLOSING;
-	}
-	if (e->flags & (CT_F_TX_CLOSING | CT_F_RX_CLOSING)) {
-		e->lifetime = now + CT_CLOSE_TIMEOUT;
-	} else {
-		if (!(flags & TCP_FLAG_SYN))
-			e->flags |= CT_F_SEEN_NON_SYN;
-		e->lifetime = now + ((e->flags & CT_F_SEEN_NON_SYN) ?
-				     CT_CONNECTION_LIFETIME_TCP : CT_SYN_TIMEOUT);
-	}
+	e->lifetime = ct_tcp_lifetime(&e->flags, flags, is_reply, now);
 	return new_flags;
 }
 
@@ -156,18 +164,33 @@ static __always_inline enum ct_status ct_lookup4(struct pkt4 *p, __u8 side, __u8
 	return CT_NEW;
 }
 
-/* An ICMP error about a packet of a tracked connection passes as RELATED.
- * The quoted packet travelled the other way: sent by the local pod when the
- * error comes in (look up CT_EGRESS), received by it when the error goes
- * out (CT_INGRESS). */
+/* An ICMP error passes as RELATED only when it is about a tracked connection
+ * AND travels between that connection's two ends (as Cilium ties RELATED to
+ * the connection's own addresses): the error goes back to whoever sent the
+ * quoted packet, from whoever it was sent to. Checking the quoted tuple alone
+ * let a pod with egress deny-all send errors (~1.4 KB of payload) anywhere by
+ * quoting one of its own flows, and let any host push ICMP into a pod by
+ * quoting someone else's flow.
+ *
+ * The quoted packet was sent by the local pod when the error comes in (side
+ * CT_INGRESS) and received by it when the error goes out (CT_EGRESS). It is
+ * either an original-direction packet of the connection (key = the quoted
+ * tuple, created by the side that saw it) or a reply (key = the quoted tuple
+ * reversed, created by our side), as ct_lookup4 finds ESTABLISHED and REPLY.
+ * Errors from routers in between (TTL exceeded, fragmentation needed) are not
+ * RELATED: policy decides them like any ICMP. */
 static __always_inline int ct_is_related4(struct pkt4 *p, __u8 side)
 {
 	struct ipv4_ct_tuple tuple = {};
 	struct ct_entry *e;
 	__u8 is_tcp = p->inner_protocol == IPPROTO_TCP;
+	__u32 now;
 
 	if (!p->has_inner)
 		return 0;
+	if (p->inner_saddr != p->daddr || p->inner_daddr != p->saddr)
+		return 0;	/* not between the quoted connection's two ends */
+	now = bpf_mono_now();
 	tuple.daddr = p->inner_daddr;
 	tuple.saddr = p->inner_saddr;
 	tuple.dport = p->inner_dport;
@@ -175,7 +198,15 @@ static __always_inline int ct_is_related4(struct pkt4 *p, __u8 side)
 	tuple.nexthdr = p->inner_protocol;
 	tuple.flags = side == CT_EGRESS ? CT_INGRESS : CT_EGRESS;
 	e = ct_map_lookup(is_tcp, &tuple);
-	return e && e->lifetime >= bpf_mono_now();
+	if (e && e->lifetime >= now)
+		return 1;
+	tuple.daddr = p->inner_saddr;
+	tuple.saddr = p->inner_daddr;
+	tuple.dport = p->inner_sport;
+	tuple.sport = p->inner_dport;
+	tuple.flags = side;
+	e = ct_map_lookup(is_tcp, &tuple);
+	return e && e->lifetime >= now;
 }
 
 /* Create (or replace an expired/reopened) entry for an allowed new packet.
@@ -197,18 +228,10 @@ static __always_inline int ct_create4(struct lxc_ctx *c, __u8 side, __be16 proxy
 	entry.endpoint_id = c->ep_id;
 	entry.proxy_port = proxy_port;
 	entry.rev_nat_index = c->rev_nat;	/* replies get the service frontend back (lb.h) */
-	if (!is_tcp) {
+	if (!is_tcp)
 		entry.lifetime = bpf_mono_now() + CT_CONNECTION_LIFETIME_NONTCP;
-	} else if (p->tcp_flags & (TCP_FLAG_RST | TCP_FLAG_FIN)) {
-		entry.flags = CT_F_TX_CLOSING | ((p->tcp_flags & TCP_FLAG_RST) ? CT_F_RX_CLOSING : 0);
-		entry.lifetime = bpf_mono_now() + CT_CLOSE_TIMEOUT;
-	} else if (p->tcp_flags & TCP_FLAG_SYN) {
-		entry.lifetime = bpf_mono_now() + CT_SYN_TIMEOUT;
-	} else {
-		/* mid-stream (e.g. CT entry evicted): allowed by policy, established */
-		entry.flags = CT_F_SEEN_NON_SYN;
-		entry.lifetime = bpf_mono_now() + CT_CONNECTION_LIFETIME_TCP;
-	}
+	else	/* SYN: 60 s; mid-stream (entry evicted, allowed by policy): established */
+		entry.lifetime = ct_tcp_lifetime(&entry.flags, p->tcp_flags, 0, bpf_mono_now());
 	if (ct_map_update(is_tcp, &tuple, &entry) < 0)
 		return -DROP_CT_CREATE_FAILED;
 	return 0;

@@ -19,12 +19,13 @@
  *                           (sessionAffinity: ClientIP).
  *   cilium_lb4_maglev       rev_nat_index -> Maglev lookup table of M backend
  *                           ids (M prime; loadBalancer.algorithm=maglev).
- *   cilium_snat_v4_external NodePort to a backend on another node: the reply
- *                           tuple -> the client, to undo the SNAT.
+ *   cilium_snat_v4_external NodePort to a backend on another node: the port
+ *                           allocated to each client flow, both directions.
  *
  * Flow memory: a CT_SERVICE entry in the conntrack maps keyed by the ORIGINAL
  * (VIP) tuple holds the chosen backend id in rx_packets (Cilium keeps it in
- * the same place), so every packet of a flow sticks to its backend; the
+ * the same place) and its address:port in rx_bytes (checked on every packet),
+ * so every packet of a flow sticks to its backend; the
  * translated flow's CT entry carries rev_nat_index for the replies.
  * Policy is decided after DNAT, on the backend's identity (as Cilium).
  */
@@ -137,10 +138,19 @@ struct lb4_maglev {
 	__u32 backend_ids[LB_MAGLEV_TABLE_SIZE];
 };
 
+/* cilium_snat_v4_external holds both directions of a NodePort flow SNATed to
+ * a backend on another node (lib/nodeport.h):
+ *   forward {client -> backend, CT_EGRESS} -> {frontend, allocated port}
+ *   reverse {backend -> frontend:allocated port, CT_INGRESS} -> {client, its port}
+ * The reverse entry is the one that counts: its lifetime (refreshed by both
+ * directions) says whether the port is taken, and a forward entry is used only
+ * while its reverse entry still maps back to the same client. */
 struct ipv4_nat_entry {
-	__u64 created;
-	__be32 to_addr;		/* the client to restore */
-	__be16 to_port;
+	__u32 lifetime;		/* expiry, seconds (bpf_mono_now), as ct_entry.lifetime */
+	__u16 flags;		/* CT_F_* of the flow: TCP close tracking */
+	__u16 pad;
+	__be32 to_addr;		/* reverse: the client to restore; forward: the frontend */
+	__be16 to_port;		/* reverse: the client's port; forward: the allocated port */
 	__u16 rev_nat_index;
 };
 
@@ -293,9 +303,18 @@ static __always_inline void lb4_affinity_update(struct pkt4 *p, struct lb4_servi
 	lb4_affinity.update(&akey, &aval);
 }
 
+/* What a CT_SERVICE entry remembers of its backend besides the id (in
+ * rx_bytes): address and port. Backend ids are renumbered when the writer
+ * restarts, so an id alone could send an old flow to another Service's backend. */
+static __always_inline __u64 lb4_backend_tag(struct lb4_backend *be)
+{
+	return ((__u64)be->port << 32) | be->address;
+}
+
 /* The backend of this flow: the one its CT_SERVICE entry remembers (even a
- * terminating one), else a new choice among the ACTIVE backends (affinity,
- * Maglev or random), remembered in a new CT_SERVICE entry. 0 = none. */
+ * terminating one) if that id still names the same address and port, else a
+ * new choice among the ACTIVE backends (affinity, Maglev or random),
+ * remembered in a new CT_SERVICE entry. 0 = none. */
 static __always_inline __u32 lb4_backend_of_flow(struct pkt4 *p, struct lb4_key *key,
 						 struct lb4_service *svc, struct lb4_backend **backend)
 {
@@ -312,14 +331,15 @@ static __always_inline __u32 lb4_backend_of_flow(struct pkt4 *p, struct lb4_key 
 	      (e->flags & (CT_F_TX_CLOSING | CT_F_RX_CLOSING)))) {
 		id = (__u32)e->rx_packets;
 		*backend = lb4_backends.lookup(&id);
-		if (*backend) {
+		if (*backend && e->rx_bytes == lb4_backend_tag(*backend)) {
 			if (svc->flags & SVC_FLAG_AFFINITY)
 				lb4_affinity_update(p, svc, id, now);
 			ct_update_entry(e, p, 0, now);
 			return id;
 		}
-		/* the backend was removed: choose again */
+		/* the backend was removed, or its id now names another: choose again */
 		id = 0;
+		*backend = 0;
 	}
 	if (svc->count == 0)
 		return 0;
@@ -336,18 +356,15 @@ static __always_inline __u32 lb4_backend_of_flow(struct pkt4 *p, struct lb4_key 
 		lb4_affinity_update(p, svc, id, now);
 
 	entry.rx_packets = id;		/* Cilium: backend_id shares this slot */
+	entry.rx_bytes = lb4_backend_tag(*backend);
 	entry.rev_nat_index = svc->rev_nat_index;
 	entry.tx_packets = 1;
 	entry.tx_bytes = p->len;
 	entry.tx_flags_seen = p->tcp_flags;
 	if (!is_tcp)
 		entry.lifetime = now + CT_CONNECTION_LIFETIME_NONTCP;
-	else if (p->tcp_flags & TCP_FLAG_SYN)
-		entry.lifetime = now + CT_SYN_TIMEOUT;
-	else {
-		entry.flags = CT_F_SEEN_NON_SYN;
-		entry.lifetime = now + CT_CONNECTION_LIFETIME_TCP;
-	}
+	else
+		entry.lifetime = ct_tcp_lifetime(&entry.flags, p->tcp_flags, 0, now);
 	ct_map_update(is_tcp, &tuple, &entry);
 	return id;
 }

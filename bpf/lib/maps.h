@@ -170,8 +170,8 @@ struct ipv4_ct_tuple {
 #define CT_F_SEEN_NON_SYN	(1 << 2)
 
 struct ct_entry {
-	__u64 rx_packets;	/* reply direction */
-	__u64 rx_bytes;
+	__u64 rx_packets;	/* reply direction (CT_SERVICE entries: the backend id) */
+	__u64 rx_bytes;		/* (CT_SERVICE entries: backend address | port << 32) */
 	__u64 tx_packets;	/* original direction */
 	__u64 tx_bytes;
 	__u32 lifetime;		/* expiry, seconds since boot (bpf_ktime_get_ns) */

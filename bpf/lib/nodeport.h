@@ -10,8 +10,8 @@
  * real address (externalTrafficPolicy: Local keeps only such backends) and
  * remembers the frontend for the reply. A backend on ANOTHER node
  * (externalTrafficPolicy: Cluster) also gets its source rewritten to the
- * frontend address (SNAT, the client's port kept; cilium_snat_v4_external
- * remembers the client) so the reply comes back through this node.
+ * frontend address and a port allocated for the flow (SNAT, below), so the
+ * reply comes back through this node.
  *
  * Packets whose source became a local address are routed here with
  * bpf_fib_lookup + bpf_redirect_neigh: the stack would drop them as martians.
@@ -50,6 +50,90 @@ static __always_inline int nodeport_redirect(struct __sk_buff *skb, struct pkt4 
 	return pp_redirect_neigh(fib.ifindex, 0, 0, 0);
 }
 
+/* SNAT port range and collision retries, Cilium's NODEPORT_PORT_MIN_NAT /
+ * NODEPORT_PORT_MAX_NAT / SNAT_COLLISION_RETRIES (overridable with -D). */
+#ifndef NODEPORT_PORT_MIN_NAT
+#define NODEPORT_PORT_MIN_NAT	32768
+#endif
+#ifndef NODEPORT_PORT_MAX_NAT
+#define NODEPORT_PORT_MAX_NAT	65535
+#endif
+#ifndef SNAT_COLLISION_RETRIES
+#define SNAT_COLLISION_RETRIES	128
+#endif
+
+/* Refresh a SNAT entry for one packet of its flow: conntrack's lifetimes and
+ * TCP close tracking; a client's new SYN on its old tuple starts afresh. */
+static __always_inline __u32 snat4_lifetime(struct ipv4_nat_entry *e, struct pkt4 *p, int is_reply,
+					    __u32 now)
+{
+	if (p->protocol != IPPROTO_TCP)
+		return now + CT_CONNECTION_LIFETIME_NONTCP;
+	if (!is_reply && (p->tcp_flags & TCP_FLAG_SYN) && !(p->tcp_flags & TCP_FLAG_ACK))
+		e->flags = 0;
+	return ct_tcp_lifetime(&e->flags, p->tcp_flags, is_reply, now);
+}
+
+/*
+ * The SNAT port of a flow to a backend on another node (p: already DNATed,
+ * source still the client). Why allocate: keeping the client's port made two
+ * clients with the same source port share one reply tuple, so one client got
+ * the other's replies (UDP) or a reset (TCP). The flow keeps the port its
+ * forward entry names while the reverse entry still maps back to this client;
+ * else the client's own port if it is in the NAT range and free, else random
+ * ports in the range, SNAT_COLLISION_RETRIES times. Expired entries are free.
+ * Network-order port, 0 when none is free (drop NAT_NO_MAPPING, as Cilium).
+ */
+static __always_inline __be16 snat4_port(struct pkt4 *p, __be32 frontend, __u16 rev_nat_index, __u32 now)
+{
+	struct ipv4_ct_tuple fkey = {}, rkey = {};
+	struct ipv4_nat_entry fwd = {}, rev = {}, *f, *r;
+	__u16 port = pp_ntohs(p->sport);
+	int i;
+
+	ct_tuple_of(p, CT_EGRESS, &fkey);
+	rkey.saddr = p->daddr;
+	rkey.daddr = frontend;
+	rkey.sport = p->dport;
+	rkey.nexthdr = p->protocol;
+	rkey.flags = CT_INGRESS;
+	f = snat4_external.lookup(&fkey);
+	if (f) {
+		rkey.dport = f->to_port;
+		r = snat4_external.lookup(&rkey);
+		if (r && r->lifetime >= now && r->to_addr == p->saddr && r->to_port == p->sport) {
+			r->lifetime = snat4_lifetime(r, p, 0, now);
+			return rkey.dport;
+		}
+	}
+	rev.to_addr = p->saddr;
+	rev.to_port = p->sport;
+	rev.rev_nat_index = rev_nat_index;
+	rev.lifetime = snat4_lifetime(&rev, p, 0, now);
+	for (i = 0; i < SNAT_COLLISION_RETRIES; i++) {
+		if (i > 0 || port < NODEPORT_PORT_MIN_NAT || port > NODEPORT_PORT_MAX_NAT)
+			port = NODEPORT_PORT_MIN_NAT + (__u16)(bpf_get_prandom_u32() %
+				(NODEPORT_PORT_MAX_NAT - NODEPORT_PORT_MIN_NAT + 1));
+		rkey.dport = pp_htons(port);
+		r = snat4_external.lookup(&rkey);
+		if (!r) {
+			if (snat4_external.insert(&rkey, &rev) == 0)
+				goto found;
+		} else if (r->lifetime < now) {
+			snat4_external.update(&rkey, &rev);
+			goto found;
+		}
+	}
+	return 0;
+found:
+	fwd.to_addr = frontend;
+	fwd.to_port = rkey.dport;
+	fwd.rev_nat_index = rev_nat_index;
+	fwd.lifetime = rev.lifetime;
+	snat4_external.update(&fkey, &fwd);
+	return rkey.dport;
+}
+
 /* The reply of a SNATed NodePort flow: restore client and frontend. 1 = done. */
 static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, struct pkt4 *p)
 {
@@ -58,11 +142,13 @@ static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, struct pkt4 
 	__be32 client;
 	__be16 client_port;
 	__u16 rev_nat;
+	__u32 now = bpf_mono_now();
 
 	ct_tuple_of(p, CT_INGRESS, &tuple);
 	nat = snat4_external.lookup(&tuple);
-	if (!nat)
-		return 0;
+	if (!nat || nat->lifetime < now)
+		return 0;	/* expired: the port may belong to another client by now */
+	nat->lifetime = snat4_lifetime(nat, p, 1, now);
 	client = nat->to_addr;
 	client_port = nat->to_port;
 	rev_nat = nat->rev_nat_index;
@@ -77,13 +163,11 @@ static __always_inline int nodeport_lb4(struct __sk_buff *skb)
 {
 	struct lxc_ctx c = {};
 	struct lb4_key key = {};
-	struct ipv4_ct_tuple tuple = {};
-	struct ipv4_nat_entry nat = {};
 	struct endpoint_key epkey = {};
 	struct lb4_service *svc;
 	struct lb4_backend *be = 0;
-	__be32 frontend, client;
-	__be16 client_port;
+	__be32 frontend;
+	__be16 snat_port;
 
 	if (skb->protocol != pp_htons(ETH_P_IP))
 		return CTX_ACT_OK;
@@ -104,8 +188,6 @@ static __always_inline int nodeport_lb4(struct __sk_buff *skb)
 	if (!lb4_backend_of_flow(&c.p, &key, svc, &be) || !be)
 		return send_drop_notify(&c, DROP_NO_SERVICE, POLICY_MATCH_NONE);
 	frontend = c.p.daddr;
-	client = c.p.saddr;
-	client_port = c.p.sport;
 	if (lb4_rewrite(skb, &c.p, LB_REWRITE_DST, be->address, be->port) < 0)
 		return send_drop_notify(&c, DROP_INVALID, POLICY_MATCH_NONE);
 
@@ -117,14 +199,11 @@ static __always_inline int nodeport_lb4(struct __sk_buff *skb)
 	}
 
 	/* backend on another node: SNAT to the frontend so the reply returns here */
-	if (lb4_rewrite(skb, &c.p, LB_REWRITE_SRC, frontend, client_port) < 0)
+	snat_port = snat4_port(&c.p, frontend, svc->rev_nat_index, bpf_mono_now());
+	if (!snat_port)
+		return send_drop_notify(&c, DROP_NAT_NO_MAPPING, POLICY_MATCH_NONE);
+	if (lb4_rewrite(skb, &c.p, LB_REWRITE_SRC, frontend, snat_port) < 0)
 		return send_drop_notify(&c, DROP_INVALID, POLICY_MATCH_NONE);
-	ct_reverse_tuple_of(&c.p, CT_INGRESS, &tuple);
-	nat.created = bpf_mono_now();
-	nat.to_addr = client;
-	nat.to_port = client_port;
-	nat.rev_nat_index = svc->rev_nat_index;
-	snat4_external.update(&tuple, &nat);
 	return nodeport_redirect(skb, &c.p);
 }
 

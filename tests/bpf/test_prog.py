@@ -143,10 +143,14 @@ def test_replies_pass_and_new_connections_stop_after_deny(harness):
     # an unsolicited packet into the pod is not a reply
     assert h.ingress(pk.tcp(REMOTE, 81, POD_A, 41000, pk.TCP_ACK)) == TC_ACT_SHOT
 
-    # FIN shortens the lifetime; a new SYN on the closing tuple is decided again (and denied)
+    # one FIN (a half-close) keeps the lifetime, the peer's FIN shortens it (Cilium: both closed);
+    # a new SYN on the closing tuple is decided again (and denied)
     assert h.egress(pk.tcp(POD_A, 41000, REMOTE, 80, pk.TCP_FIN | pk.TCP_ACK)) == TC_ACT_OK
     entry = [r for r in h.dp.conntrack() if r.dport == 80 and r.sport == 41000][0]
-    assert entry.closing and entry.expires_in <= conntrack.CT_CLOSE_TIMEOUT
+    assert entry.closing and entry.expires_in > conntrack.CT_SYN_TIMEOUT
+    assert h.ingress(pk.tcp(REMOTE, 80, POD_A, 41000, pk.TCP_FIN | pk.TCP_ACK)) == TC_ACT_OK
+    entry = [r for r in h.dp.conntrack() if r.dport == 80 and r.sport == 41000][0]
+    assert entry.expires_in <= conntrack.CT_CLOSE_TIMEOUT
     assert h.egress(pk.tcp(POD_A, 41000, REMOTE, 80, pk.TCP_SYN)) == TC_ACT_SHOT
 
 

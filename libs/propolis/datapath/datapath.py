@@ -224,6 +224,8 @@ class Datapath:
         if existing is not None and existing.lxc_id != endpoint_id:
             raise ValidationError("ip", f"{ip} already belongs to endpoint {existing.lxc_id}")
         created = self._ensure_policy_map(endpoint_id)
+        if existing is None:  # a new endpoint on this address inherits no flow of an earlier one
+            self.scrub_conntrack(ip)
         old = endpoints.decode(key, existing) if existing is not None else None
         entry = endpoints.EndpointEntry(
             ip=ip, endpoint_id=endpoint_id, identity=identity, ifindex=ifindex,
@@ -263,7 +265,7 @@ class Datapath:
         return AttachResult(endpoint_id, ifindex, elapsed, created)
 
     async def detach_endpoint(self, endpoint_id: int, *, netns: str | None = None) -> None:
-        """Remove a pod's programs, endpoint entry and policy map. Missing parts are fine."""
+        """Remove a pod's programs, endpoint entry, conntrack entries and policy map. Missing parts are fine."""
         state = self._endpoints.pop(endpoint_id, None)
         self._policy_rows.pop(endpoint_id, None)
         lxc = self._map(endpoints.SPEC.pin_name)
@@ -274,6 +276,7 @@ class Datapath:
         if state is not None:
             await self._tc.detach(netns if netns is not None else state.netns, state.ifindex)
             lxc.delete(endpoints.make_key(state.ip))
+            self.scrub_conntrack(state.ip)
         self._map(policy.OUTER_SPEC.pin_name).delete(ctypes.c_uint32(endpoint_id))
         try:
             os.unlink(os.path.join(self.pin_dir, policy.inner_pin_name(endpoint_id)))
@@ -425,6 +428,23 @@ class Datapath:
     def conntrack(self) -> list[conntrack.CtRow]:
         return (conntrack.dump(self._map(conntrack.TCP_SPEC.pin_name))
                 + conntrack.dump(self._map(conntrack.ANY_SPEC.pin_name)))
+
+    def scrub_conntrack(self, ip: str) -> int:
+        """Delete every conntrack entry (both maps, service entries too) with `ip` at either end.
+
+        Why: entries outlive their endpoint, and lookups key on addresses only, so a new pod that
+        gets a deleted pod's IP would inherit its ESTABLISHED flows and skip policy for a reused
+        tuple. Cilium scrubs on endpoint delete and create; so do detach_endpoint and
+        upsert_endpoint (for an address new to cilium_lxc). Batch syscalls, keys scanned in C.
+        """
+        removed = 0
+        for spec in (conntrack.TCP_SPEC, conntrack.ANY_SPEC):
+            ct = self._map(spec.pin_name)
+            doomed = [key for raw_keys, _, _ in lbmaps.raw_batches(ct) for key in conntrack.keys_naming(raw_keys, ip)]
+            if doomed:
+                lbmaps.delete_batch(ct, b"".join(doomed), len(doomed))
+            removed += len(doomed)
+        return removed
 
     def ct_gc(self) -> int:
         return (conntrack.gc(self._map(conntrack.TCP_SPEC.pin_name))

@@ -35,6 +35,7 @@ _REASONS = (
     DropReason(163, "DROP_UNKNOWN_CT", "Unknown connection tracking state", "UNKNOWN_CONNECTION_TRACKING_STATE"),
     DropReason(165, "DROP_NO_CONFIG", "No configuration available to perform policy decision",
                "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION"),
+    DropReason(167, "DROP_NAT_NO_MAPPING", "No mapping for NAT masquerade", "NO_MAPPING_FOR_NAT_MASQUERADE"),
     DropReason(171, "DROP_INVALID_IDENTITY", "Invalid identity", "INVALID_IDENTITY"),
     DropReason(172, "DROP_UNKNOWN_SENDER", "Unknown sender", "UNKNOWN_SENDER"),
     DropReason(180, "DROP_PROXY_UNSUPP_PROTO", "Proxy redirection not supported for protocol",
@@ -51,6 +52,7 @@ DROP_INVALID_SIP = 132
 DROP_UNKNOWN_TARGET = 150
 DROP_FRAG_NOSUPPORT = 157
 DROP_NO_CONFIG = 165
+DROP_NAT_NO_MAPPING = 167
 DROP_UNKNOWN_L3 = 139
 
 

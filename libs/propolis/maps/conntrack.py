@@ -10,12 +10,13 @@ Show it: `propolis bpf ct list`.
 from __future__ import annotations
 
 import ctypes
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from propolis.maps import bpf
-from propolis.maps.spec import MapSpec, be32_to_ip4, ntohs
+from propolis.maps.spec import MapSpec, be32_to_ip4, ip4_to_be32, ntohs
 
 CT_EGRESS = 0
 CT_INGRESS = 1
@@ -153,6 +154,21 @@ def decode(key: CtTuple4, value: CtEntry, now: int | None = None) -> CtRow:
 def dump(bpf_map: bpf.BpfMap[Any, Any]) -> list[CtRow]:
     now = now_seconds()
     return [decode(k, v, now) for k, v in bpf_map.items()]
+
+
+def keys_naming(raw_keys: bytes, ip: str) -> list[bytes]:
+    """The `ipv4_ct_tuple` keys, packed back to back in `raw_keys`, that have `ip` as source or
+    destination (endpoint scrub). bytes.find does the scanning: 50k keys in well under a ms."""
+    addr = struct.pack("=I", ip4_to_be32(ip))
+    size = ctypes.sizeof(CtTuple4)
+    found: dict[int, bytes] = {}
+    pos = raw_keys.find(addr)
+    while pos >= 0:
+        start, offset = divmod(pos, size)
+        if offset in (0, 4):  # daddr, saddr
+            found[start] = raw_keys[start * size:(start + 1) * size]
+        pos = raw_keys.find(addr, pos + 1)
+    return list(found.values())
 
 
 def gc(bpf_map: bpf.BpfMap[Any, Any]) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,8 +82,8 @@ class Lb4Maglev(ctypes.Structure):
 
 class Ipv4NatEntry(ctypes.Structure):
     C_STRUCT = "ipv4_nat_entry"
-    _fields_ = [("created", ctypes.c_uint64), ("to_addr", ctypes.c_uint32), ("to_port", ctypes.c_uint16),
-                ("rev_nat_index", ctypes.c_uint16)]
+    _fields_ = [("lifetime", ctypes.c_uint32), ("flags", ctypes.c_uint16), ("pad", ctypes.c_uint16),
+                ("to_addr", ctypes.c_uint32), ("to_port", ctypes.c_uint16), ("rev_nat_index", ctypes.c_uint16)]
 
 
 def _spec(pin: str, c_name: str, mtype: int, key: type[Any], value: type[Any], size: int, define: str,
@@ -246,10 +246,19 @@ def items_batch(bpf_map: bpf.BpfMap[Any, Any]) -> list[tuple[Any, Any]]:
 def raw_items_batch(bpf_map: bpf.BpfMap[Any, Any]) -> list[tuple[bytes, bytes]]:
     """Every entry as packed (key, value) bytes with BPF_MAP_LOOKUP_BATCH (a restart's read-back
     of 100k entries is a few syscalls and slices); falls back to key iteration."""
+    ksz, vsz = ctypes.sizeof(bpf_map.key_type), ctypes.sizeof(bpf_map.value_type)
+    out: list[tuple[bytes, bytes]] = []
+    for raw_k, raw_v, n in raw_batches(bpf_map):
+        out.extend(zip([raw_k[i:i + ksz] for i in range(0, n * ksz, ksz)],
+                       [raw_v[i:i + vsz] for i in range(0, n * vsz, vsz)]))
+    return out
+
+
+def raw_batches(bpf_map: bpf.BpfMap[Any, Any], chunk: int = 4096) -> Iterator[tuple[bytes, bytes, int]]:
+    """The map's entries in chunks: (packed keys, packed values, count), BPF_MAP_LOOKUP_BATCH;
+    key iteration as one chunk where the kernel has no batch lookup for the map type."""
     ktype, vtype = bpf_map.key_type, bpf_map.value_type
     ksz, vsz = ctypes.sizeof(ktype), ctypes.sizeof(vtype)
-    out: list[tuple[bytes, bytes]] = []
-    chunk = 4096
     kbuf = ctypes.create_string_buffer(ksz * chunk)
     vbuf = ctypes.create_string_buffer(vsz * chunk)
     token = ctypes.create_string_buffer(max(ksz, 8))
@@ -264,15 +273,16 @@ def raw_items_batch(bpf_map: bpf.BpfMap[Any, Any]) -> list[tuple[bytes, bytes]]:
             if exc.errno == errno.ENOENT:
                 finished = True
             elif exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, 524) and first:  # 524: ENOTSUPP
-                return [(bytes(k), bytes(v)) for k, v in bpf_map.items()]
+                items = list(bpf_map.items())
+                yield b"".join(bytes(k) for k, _ in items), b"".join(bytes(v) for _, v in items), len(items)
+                return
             else:
                 raise
         n, = struct.unpack_from("=I", attr, 32)
-        raw_k, raw_v = kbuf.raw, vbuf.raw
-        out.extend(zip([raw_k[i:i + ksz] for i in range(0, n * ksz, ksz)],
-                       [raw_v[i:i + vsz] for i in range(0, n * vsz, vsz)]))
+        if n:
+            yield kbuf.raw[:n * ksz], vbuf.raw[:n * vsz], n
         if finished:
-            return out
+            return
         first = False
 
 
