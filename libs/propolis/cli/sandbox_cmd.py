@@ -148,8 +148,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 @_user_errors
 async def cmd_apply(args: argparse.Namespace) -> int:
+    """Every document's outcome as kubectl prints it; exit 1 (failures on stderr) if any was not applied."""
     from propolis.sandbox import cluster
-    for line in await cluster.apply(cluster.require_state(args.name), args.filename):
+    try:
+        lines = await cluster.apply(cluster.require_state(args.name), args.filename)
+    except cluster.ApplyFailed as exc:
+        for line in exc.lines:
+            print(line)
+        raise
+    for line in lines:
         print(line)
     return 0
 

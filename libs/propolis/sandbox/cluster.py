@@ -234,12 +234,27 @@ class Api:
 
 # --- apply / delete ------------------------------------------------------------------------
 
+class ApplyFailed(CliError):
+    """Some documents were not applied: `lines` holds every document's outcome, as `kubectl apply` prints them;
+    the message names each failure with the API's own words."""
+
+    def __init__(self, lines: list[str], failures: list[str], *, nothing_applied: bool = False) -> None:
+        what = "nothing was applied" if nothing_applied else f"{len(failures)} of them failed"
+        super().__init__(f"{what}:\n  " + "\n  ".join(failures))
+        self.lines = lines
+        self.failures = failures
+
+
 async def apply(state: SandboxState, paths: list[str], *, dry_run_first: bool = True) -> list[str]:
     """Validate every document first (nothing is applied if one is bad), then create-or-replace each."""
     return await apply_documents(state, load_documents(paths), dry_run_first=dry_run_first)
 
 
 async def apply_documents(state: SandboxState, docs: list[Document], *, dry_run_first: bool = True) -> list[str]:
+    """kubectl apply's outcome per document (`networkpolicy.networking.k8s.io/foo created|configured|unchanged`).
+
+    A document the API refuses at write time does not stop the others (as kubectl); ApplyFailed then carries
+    every outcome. One refused by the dry run stops everything before the first write."""
     validate_documents(docs)
     out: list[str] = []
     async with Api(state.apiserver_url) as api:
@@ -253,51 +268,62 @@ async def apply_documents(state: SandboxState, docs: list[Document], *, dry_run_
                     raise
                 missing.add(ns)
         if dry_run_first:
-            for doc in docs:
-                await _dry_run(api, doc)
+            refused = [f"{doc.where}: {message}" for doc in docs if (message := await _dry_run(api, doc))]
+            if refused:
+                raise ApplyFailed([], refused, nothing_applied=True)
         for ns in sorted(missing):
             await api.request("POST", KINDS["Namespace"].path(None),
                               body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
             out.append(f"namespace/{ns} created (implicitly)")
-        ordered = sorted(docs, key=lambda d: d.kind.apply_order)
-        for doc in ordered:
-            out.append(await _apply_one(api, doc))
+        failures = []
+        for doc in sorted(docs, key=lambda d: d.kind.apply_order):
+            try:
+                out.append(f"{kubectl_name(doc)} {await _apply_one(api, doc)}")
+            except ApiError as exc:
+                failures.append(f"{doc.where}: {exc.message}")
+        if failures:
+            raise ApplyFailed(out, failures)
     return out
 
 
-async def _dry_run(api: Api, doc: Document) -> None:
-    """Server-side validation without persisting (dryRun=All); a server that does not know it is skipped."""
+def kubectl_name(doc: Document) -> str:
+    """`pod/web`, `networkpolicy.networking.k8s.io/foo`: how kubectl names an object in its output."""
+    group = doc.kind.api_version.rpartition("/")[0]
+    return f"{doc.kind.singular}{'.' + group if group else ''}/{doc.name}"
+
+
+async def _dry_run(api: Api, doc: Document) -> str:
+    """Server-side validation without persisting (dryRun=All): the API's refusal, or "" when accepted."""
     try:
         await api.request("POST", doc.kind.path(doc.namespace), body=doc.body, params={"dryRun": "All"})
     except ApiError as exc:
         if exc.status in (409, 404):  # exists already (replace later) / namespace created later
-            return
-        if exc.status in (400, 422):
-            raise ValidationError(doc.where, f"refused by the API server: {exc.message}") from None
+            return ""
+        if exc.status in (400, 413, 422):
+            return f"refused by the API server: {exc.message}"
         raise
+    return ""
 
 
 async def _apply_one(api: Api, doc: Document) -> str:
-    label = f"{doc.kind.singular}/{doc.name}" + (f" in {doc.namespace}" if doc.kind.namespaced else "")
+    """created, configured or unchanged (a replace the API found identical keeps its resourceVersion)."""
     try:
         await api.request("POST", doc.kind.path(doc.namespace), body=doc.body)
-        return f"{label} created"
+        return "created"
     except ApiError as exc:
         if exc.status != 409:
-            raise CliError(f"{doc.where}: {exc.message} (documents before it were applied)") from None
+            raise
     current = await api.get(doc.kind, doc.namespace, doc.name)
+    current_rv = current.get("metadata", {}).get("resourceVersion", "")
     body = json.loads(json.dumps(doc.body))
-    body.setdefault("metadata", {})["resourceVersion"] = current.get("metadata", {}).get("resourceVersion", "")
+    body.setdefault("metadata", {})["resourceVersion"] = current_rv
     if "status" in current and "status" not in body:
         body["status"] = current["status"]
     if doc.kind.kind == "Pod":
         # pods are immutable apart from a few fields in Kubernetes: keep the binding the scheduler made
         body.setdefault("spec", {}).setdefault("nodeName", current.get("spec", {}).get("nodeName", ""))
-    try:
-        await api.request("PUT", doc.kind.path(doc.namespace, doc.name), body=body)
-    except ApiError as exc:
-        raise CliError(f"{doc.where}: {exc.message}") from None
-    return f"{label} configured"
+    replaced = await api.request("PUT", doc.kind.path(doc.namespace, doc.name), body=body)
+    return "unchanged" if replaced.get("metadata", {}).get("resourceVersion") == current_rv else "configured"
 
 
 async def delete(state: SandboxState, paths: list[str]) -> list[str]:
