@@ -48,6 +48,8 @@ def suite_beats(now: float = NOW, **overrides: Heartbeat) -> list[Heartbeat]:
     """A fresh heartbeat from every instance of the suite list on NODES, plus the sandbox's kubelets."""
     beats = {("kubelet", n): beat("kubelet", n, now=now) for n in NODES}
     for spec in SANDBOX_SERVICES:
+        if spec.enabled_by:  # optional services (wireguard-keymgr) run only when their option is on
+            continue
         for node in NODES if spec.scope == "node" else ("s-control-plane",):
             features = DATAPATH_FEATURES if spec.name == "datapath-writer" else None
             beats[(spec.name, node)] = beat(spec.name, node, features=features, now=now)

@@ -206,3 +206,15 @@ class FlowBatch:
     error: str = ""
     instance: str = ""  # the observer instance and its last sequence number at answer time:
     last_seq: int = 0   # a follower continues after it without duplicates or holes
+
+
+@message("wireguard-node-key", (1, 0))
+@dataclass
+class WireguardNodeKey:
+    """``<node>`` in ``PROPOLIS_WIREGUARD_V1``: the node's WireGuard public key (base64), written by its
+    wireguard-keymgr only (the private key never leaves the node)."""
+
+    node: str
+    public_key: str
+    listen_port: int
+    rotated_at: float = 0.0  # when this key replaced the previous one (0 = first key)

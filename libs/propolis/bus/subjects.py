@@ -20,6 +20,7 @@ K8S_BUCKET = "PROPOLIS_K8S_V1"              # mirrored Kubernetes objects; owner
 IDENTITIES_BUCKET = "PROPOLIS_IDENTITIES_V1"  # identities + endpoint assignments; owner: identity-allocator
 IPCACHE_BUCKET = "PROPOLIS_IPCACHE_V1"        # IP -> identity of each node's endpoints; owner: datapath-writer (per node)
 HEARTBEATS_BUCKET = "PROPOLIS_HEARTBEATS_V1"  # last heartbeat of every service instance; owner: each service, own key
+WIREGUARD_BUCKET = "PROPOLIS_WIREGUARD_V1"    # WireGuard public key per node (key = node name); owner: wireguard-keymgr (per node)
 
 #: Heartbeats expire from the bucket after this many seconds without an update:
 #: an instance that stops beating disappears from `propolis status` on its own.
@@ -40,6 +41,7 @@ BUCKETS = {
     IDENTITIES_BUCKET: BucketConfig(IDENTITIES_BUCKET),
     IPCACHE_BUCKET: BucketConfig(IPCACHE_BUCKET),
     HEARTBEATS_BUCKET: BucketConfig(HEARTBEATS_BUCKET, ttl_s=HEARTBEAT_TTL_S),
+    WIREGUARD_BUCKET: BucketConfig(WIREGUARD_BUCKET),
 }
 
 # --- plain subjects (streams that are not state) -------------------------------------------
@@ -113,6 +115,16 @@ def ipcache_key(node: str, ip: str) -> str:
     return key(token(node, what="node"), ip)
 
 
+def wireguard_key(node: str) -> str:
+    """A node's public key in ``PROPOLIS_WIREGUARD_V1``: the key is the node name."""
+    return key(token(node, what="node"))
+
+
+def encryption_rotate_subject(node: str) -> str:
+    """``propolis encrypt rotate-key`` asks a node's wireguard-keymgr here (request/reply)."""
+    return f"{PREFIX}.encryption.rotate.{token(node, what='node')}"
+
+
 # --- who owns what ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -138,6 +150,8 @@ def slices(node: str = "*") -> dict[str, Slice]:
                         (heartbeat_pattern("hubble"), f"{PREFIX}.flows.{node}", f"{PREFIX}.flows.{node}.>")),
         "hubble-relay": Slice("hubble-relay", (hb("hubble-relay"),),
                               (heartbeat_pattern("hubble-relay"), HUBBLE_QUERY)),
+        "wireguard-keymgr": Slice("wireguard-keymgr", ((WIREGUARD_BUCKET, node), hb("wireguard-keymgr")),
+                                  (heartbeat_pattern("wireguard-keymgr"), f"{PREFIX}.events.encryption")),
     }
 
 

@@ -35,6 +35,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--services", default="all",
                    help="Propolis services to run: all, none, or a comma list (default %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ready")
+    p.add_argument("--encryption", choices=("wireguard",), default="",
+                   help="transparent encryption of cross-node pod traffic (Cilium's encryption.type); default off")
     p.set_defaults(func=cmd_up)
 
     p = verbs.add_parser("down", help="stop everything and remove every namespace, veth, pin and run dir")
@@ -117,7 +119,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise CliError("the sandbox creates network namespaces: run as root")
     state = cluster.up(args.name, nodes=args.nodes, cluster_cidr=args.cluster_cidr, service_cidr=args.service_cidr,
-                       services=args.services, timeout=args.timeout)
+                       services=args.services, timeout=args.timeout, encryption=args.encryption)
     cfg = state.sandbox()
     print(f"sandbox {cfg.name} ready: {cfg.nodes} nodes, cluster CIDR {cfg.cluster_cidr}")
     print(f"kubeconfig: {state.kubeconfig}")

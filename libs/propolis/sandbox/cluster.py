@@ -47,7 +47,7 @@ def supervisor_alive(state: SandboxState) -> bool:
 
 
 def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_cidr: str | None = None,
-       services: str = "all", timeout: float = UP_TIMEOUT_S) -> SandboxState:
+       services: str = "all", timeout: float = UP_TIMEOUT_S, encryption: str = "") -> SandboxState:
     """Start sandbox `name` in the background and return its ready state. Idempotent."""
     validate_sandbox_name(name)
     existing = load_state(name)
@@ -57,12 +57,18 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
             if nodes != cfg.nodes:
                 raise ValidationError("nodes", f"sandbox {name!r} is already up with {cfg.nodes} nodes; "
                                                f"`propolis sandbox down --name {name}` first to change it")
+            if encryption != cfg.encryption:
+                raise ValidationError("encryption", f"sandbox {name!r} is already up with encryption "
+                                                    f"{cfg.encryption or 'off'}; `propolis sandbox down --name {name}` "
+                                                    "first to change it")
             return existing
         return _wait_ready(name, timeout)
     if existing is not None or _leftovers_exist(name):
         down(name)  # a dead sandbox's remains: clean before starting afresh
     with allocation_lock():
         cfg = allocate(name, nodes, cluster_cidr, service_cidr)
+        cfg.encryption = encryption
+        cfg.__post_init__()  # validates the encryption type
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         SandboxState(config=_config_dict(cfg)).save(cfg.state_path)
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
@@ -81,8 +87,11 @@ def supervisor_command(name: str, services: str) -> list[str]:
 
 
 def _config_dict(cfg: SandboxConfig) -> dict[str, Any]:
-    return {"name": cfg.name, "nodes": cfg.nodes, "index": cfg.index, "cluster_cidr": cfg.cluster_cidr,
-            "service_cidr": cfg.service_cidr}
+    out: dict[str, Any] = {"name": cfg.name, "nodes": cfg.nodes, "index": cfg.index,
+                           "cluster_cidr": cfg.cluster_cidr, "service_cidr": cfg.service_cidr}
+    if cfg.encryption:  # only when on: state.json of an unencrypted sandbox stays as it was
+        out["encryption"] = cfg.encryption
+    return out
 
 
 def _wait_ready(name: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> SandboxState:

@@ -38,6 +38,8 @@ NETNS_PREFIX = "pp-"
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+#: `sandbox up --encryption`: "" = off; IPsec is absent (this kernel has no ESP to test it with).
+ENCRYPTION_TYPES = ("", "wireguard")
 
 
 def validate_sandbox_name(name: str) -> str:
@@ -69,9 +71,14 @@ class SandboxConfig:
 
     def __post_init__(self) -> None:
         validate_sandbox_name(self.name)
+    #: transparent encryption between nodes: "" (off) or "wireguard" (`sandbox up --encryption wireguard`)
+    encryption: str = ""
         if not 1 <= self.nodes <= MAX_NODES:
             raise ValidationError("nodes", f"must be between 1 and {MAX_NODES}, got {self.nodes}")
         if not 1 <= self.index <= 254:
+        if self.encryption not in ENCRYPTION_TYPES:
+            raise ValidationError("encryption", f"must be one of {', '.join(t or '(none)' for t in ENCRYPTION_TYPES)}, "
+                                                f"got {self.encryption!r}")
             raise ValidationError("index", f"sandbox index must be 1..254, got {self.index}")
         for fname in ("cluster_cidr", "service_cidr"):
             try:

@@ -141,7 +141,7 @@ class Supervisor:
         self.state_path = SandboxConfig(name=name).state_path
         self.state = SandboxState.load(self.state_path)
         self.cfg = self.state.sandbox()
-        self.service_defs: list[SandboxService] = selected(services)
+        self.service_defs: list[SandboxService] = [s for s in selected(services) if s.runs_in(self.cfg)]
         self.nats: EmbeddedNats | None = None
         self.bus: Bus | None = None
         self.apiserver: SupervisedProcess | None = None

@@ -35,10 +35,10 @@ def leftovers(name: str) -> dict[str, list[str]]:
 
 @contextmanager
 def running_sandbox(*, nodes: int = 2, services: str = "none", name: str | None = None,
-                    cluster_cidr: str | None = None) -> Iterator[SandboxState]:
+                    cluster_cidr: str | None = None, encryption: str = "") -> Iterator[SandboxState]:
     name = name or unique_name()
     try:
-        yield cluster.up(name, nodes=nodes, services=services, cluster_cidr=cluster_cidr)
+        yield cluster.up(name, nodes=nodes, services=services, cluster_cidr=cluster_cidr, encryption=encryption)
     finally:
         cluster.down(name)
         left = leftovers(name)

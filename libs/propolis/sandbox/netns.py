@@ -252,7 +252,12 @@ def build_node(cfg: SandboxConfig, n: int) -> None:
 
 
 def route_pod_cidrs(cfg: SandboxConfig, n: int) -> None:
-    """Native routing: on node n, every other node's podCIDR via that node's InternalIP."""
+    """Native routing: on node n, every other node's podCIDR via that node's InternalIP.
+
+    With encryption on there is no native route at all: the wireguard-keymgr routes every other node's podCIDR
+    through `cilium_wg0`, and until it has, cross-node pod traffic has no route (never cleartext)."""
+    if cfg.encryption:
+        return
     with iproute_in(cfg.node_netns(n)) as ipr:
         for m in range(1, cfg.nodes + 1):
             if m != n:

@@ -41,6 +41,13 @@ class SandboxService:
     serves_datapath_socket: bool = False
     #: `propolis sandbox wait` waits until its heartbeat progress["k8s_resource_version"] >= the API's latest.
     reports_progress: bool = True
+    #: a `SandboxConfig` option this service needs on (e.g. "encryption"): without it the sandbox does not start
+    #: the service and `propolis status` expects it only where it runs.
+    enabled_by: str = ""
+
+    def runs_in(self, cfg: Any) -> bool:
+        """Whether a sandbox with config `cfg` (a `SandboxConfig`) runs this service."""
+        return not self.enabled_by or bool(getattr(cfg, self.enabled_by, ""))
 
     def __post_init__(self) -> None:
         if self.scope not in ("cluster", "node"):
@@ -69,6 +76,8 @@ SANDBOX_SERVICES: list[SandboxService] = [
     SandboxService("hubble", "node", ("propolis-hubble",), reports_progress=False),
     SandboxService("hubble-relay", "cluster", ("propolis-hubble-relay", "--hubble-relay-listen-address",
                                                "127.0.0.1:0"), reports_progress=False),
+    SandboxService("wireguard-keymgr", "node", ("propolis-wireguard-keymgr",), reports_progress=False,
+                   enabled_by="encryption"),
 ]
 
 

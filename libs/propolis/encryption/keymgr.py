@@ -1,0 +1,264 @@
+"""The per-node WireGuard key manager: key pair, device, publication, peers and routes.
+
+Components (started in this order, stopped in reverse):
+
+* `DeviceComponent` — the node's key pair (generated on first start, private key
+  in a root-only file under the state directory) and `cilium_wg0` listening on
+  UDP 51871: adopted when a wireguard-go from an earlier run still answers, so a
+  restart never tears the tunnel down.
+* `PublisherComponent` — the public key into ``PROPOLIS_WIREGUARD_V1`` (key = node
+  name; only this node's keymgr may write it) and the Node annotation
+  ``network.cilium.io/wg-pub-key``; answers ``propolis encrypt rotate-key``.
+* `PeersComponent` — watches Nodes (k8s bucket) and keys (wireguard bucket),
+  computes the desired device (`desired.compute`) and hands peers and routes to
+  two `Reconciler`s; pruning waits until both watches delivered their initial
+  state. Refused nodes are logged (naming the node) once per reason and sent as
+  events on ``propolis.v1.events.encryption``.
+
+`propolis encrypt status` shows it all; the heartbeat's ``features.Encryption``
+is what `propolis status` prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from propolis.bus import subjects
+from propolis.bus.kv import EventType
+from propolis.bus.messages import Event, K8sObject, WireguardNodeKey
+from propolis.encryption import keys
+from propolis.encryption.backend import DEVICE, WireguardBackend, select_backend
+from propolis.encryption.desired import NodeInfo, compute, node_info
+from propolis.encryption.targets import PeerTarget, RouteTarget, set_link_up
+from propolis.encryption.uapi import PeerConfig
+from propolis.reconcile import Reconciler
+from propolis.runtime.component import Component
+from propolis.runtime.service import Runtime
+
+log = logging.getLogger("propolis.encryption.keymgr")
+
+SERVICE = "wireguard-keymgr"
+WG_PUBKEY_ANNOTATION = "network.cilium.io/wg-pub-key"
+PRIVATE_KEY_FILE = f"{DEVICE}.key"
+
+
+class DeviceComponent(Component):
+    name, title = "device", f"key pair and the {DEVICE} device (wireguard-go or kernel)"
+
+    def __init__(self, *, node: str, netns: str | None, state_dir: Path, listen_port: int, backend: str) -> None:
+        super().__init__()
+        self.node, self.netns, self.state_dir, self.listen_port = node, netns, state_dir, listen_port
+        self.backend_choice = backend
+        self.backend: WireguardBackend | None = None
+        self.private_key = ""
+        self.public_key = ""
+        self.adopted = False
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / PRIVATE_KEY_FILE
+
+    async def start(self, rt: Runtime) -> None:
+        self.private_key, created = keys.load_or_create(self.key_path)
+        self.public_key = keys.public_key(self.private_key)
+        log.info("%s key pair for %s (public %s, private key in %s)", "generated" if created else "loaded",
+                 self.node, self.public_key, self.key_path)
+        self.backend = select_backend(self.backend_choice, state_dir=self.state_dir, netns=self.netns)
+        self.adopted = await self.backend.ensure_device(private_key=self.private_key, listen_port=self.listen_port)
+        await asyncio.to_thread(set_link_up, self.netns)
+        rt.progress["wireguard"] = {"public_key": self.public_key, **self.backend.describe()}
+        self.set_ok()
+
+    async def rotate(self) -> str:
+        """New key pair: file first (a crash after this keeps the new key), then the device."""
+        assert self.backend is not None
+        new = keys.generate_private_key()
+        keys.write_private_key(self.key_path, new)
+        await self.backend.ensure_device(private_key=new, listen_port=self.listen_port)
+        self.private_key, self.public_key = new, keys.public_key(new)
+        log.info("rotated the key of %s: new public key %s", self.node, self.public_key)
+        return self.public_key
+
+
+class PublisherComponent(Component):
+    name, title = "publish", "public key on the bus and as Node annotation; answers rotate-key"
+
+    def __init__(self, device: DeviceComponent, *, kubeconfig: str) -> None:
+        super().__init__()
+        self.device = device
+        self.kubeconfig = kubeconfig
+        self.annotated = ""
+        self._annotate_wake = asyncio.Event()
+        self._sub: Any = None
+        self.rotated_at = 0.0
+
+    async def start(self, rt: Runtime) -> None:
+        self.kv = await rt.bus.kv(subjects.WIREGUARD_BUCKET)
+        current = await self.kv.get(subjects.wireguard_key(self.device.node))
+        if current is not None and isinstance(current.value, WireguardNodeKey):
+            self.rotated_at = current.value.rotated_at
+        await self.publish()
+        self._sub = await rt.bus.subscribe(subjects.encryption_rotate_subject(self.device.node), self._on_rotate)
+        rt.spawn("annotate-node", self._annotate_loop(), self)
+        self.set_ok()
+
+    async def publish(self) -> None:
+        d = self.device
+        await self.kv.put(subjects.wireguard_key(d.node),
+                          WireguardNodeKey(d.node, d.public_key, d.listen_port, self.rotated_at))
+        self._annotate_wake.set()
+
+    async def _on_rotate(self, _request: Any, msg: Any) -> None:
+        await self.device.rotate()
+        self.rotated_at = time.time()
+        await self.publish()
+        d = self.device
+        if msg.reply:
+            from propolis.bus import codec
+            await msg.respond(codec.encode(WireguardNodeKey(d.node, d.public_key, d.listen_port, self.rotated_at)))
+
+    async def _annotate_loop(self) -> None:
+        """Keep ``network.cilium.io/wg-pub-key`` on our Node equal to the current key (retries until the API
+        answers; no kubeconfig = nothing to annotate)."""
+        if not self.kubeconfig:
+            return
+        from propolis.k8s import kubeclient
+        conf = kubeclient.Configuration()
+        await kubeclient.load_kube_config(config_file=self.kubeconfig, client_configuration=conf)
+        api = kubeclient.ApiClient(configuration=conf)
+        delay = 0.5
+        try:
+            while True:
+                await self._annotate_wake.wait()
+                self._annotate_wake.clear()
+                want = self.device.public_key
+                if want == self.annotated:
+                    continue
+                try:
+                    await api.call_api(f"/api/v1/nodes/{self.device.node}", "PATCH",
+                                       header_params={"Content-Type": "application/merge-patch+json",
+                                                      "Accept": "application/json"},
+                                       body={"metadata": {"annotations": {WG_PUBKEY_ANNOTATION: want}}},
+                                       auth_settings=["BearerToken"], _preload_content=False,
+                                       _return_http_data_only=True, _request_timeout=5)
+                    self.annotated, delay = want, 0.5
+                except Exception as exc:  # noqa: BLE001 - API down or Node not registered yet: retry
+                    log.warning("annotating Node %s with %s failed: %s", self.device.node, WG_PUBKEY_ANNOTATION, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    self._annotate_wake.set()
+        finally:
+            await api.close()
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+
+class PeersComponent(Component):
+    name, title = "peers", f"one {DEVICE} peer per other node and routes of their pod CIDRs, from the bus"
+
+    def __init__(self, device: DeviceComponent, *, persistent_keepalive: int, node_encryption: bool,
+                 debounce: float = 0.005) -> None:
+        super().__init__()
+        self.device = device
+        self.persistent_keepalive = persistent_keepalive
+        self.node_encryption = node_encryption
+        self.debounce = debounce
+        self.nodes: dict[str, NodeInfo] = {}
+        self.node_keys: dict[str, Any] = {}
+        self.synced: set[str] = set()
+        self.refused: dict[str, str] = {}
+        self.changed = asyncio.Event()
+
+    async def start(self, rt: Runtime) -> None:
+        assert self.device.backend is not None
+        self.rt = rt
+        self.peers: Reconciler[str, PeerConfig] = Reconciler("wireguard-peers", PeerTarget(self.device.backend),
+                                                              refresh_interval=30.0)
+        self.routes: Reconciler[str, str] = Reconciler("wireguard-routes", RouteTarget(self.device.netns),
+                                                       refresh_interval=30.0)
+        rt.spawn("peer-reconciler", self.peers.run(), self)
+        rt.spawn("route-reconciler", self.routes.run(), self)
+        rt.spawn("watch-nodes", self._watch(subjects.K8S_BUCKET, "nodes.>"), self)
+        rt.spawn("watch-keys", self._watch(subjects.WIREGUARD_BUCKET, ">"), self)
+        rt.spawn("compute", self._compute_loop(), self)
+        rt.spawn("report", self._report_loop(), self)
+
+    async def _watch(self, bucket: str, keys_filter: str) -> None:
+        kv = await self.rt.bus.kv(bucket)
+        async for ev in kv.watch(keys_filter):
+            if ev.type is EventType.SYNCED:
+                self.synced.add(bucket)
+            elif bucket == subjects.K8S_BUCKET:
+                name = ev.key.split(".")[-1]
+                if ev.type is EventType.PUT and isinstance(ev.value, K8sObject):
+                    self.nodes[name] = node_info(ev.value)
+                else:
+                    self.nodes.pop(name, None)
+            elif ev.type is EventType.PUT:
+                self.node_keys[ev.key] = ev.value
+            else:
+                self.node_keys.pop(ev.key, None)
+            self.changed.set()
+
+    async def _compute_loop(self) -> None:
+        while True:
+            await self.changed.wait()
+            await asyncio.sleep(self.debounce)
+            self.changed.clear()
+            self.recompute()
+
+    def recompute(self) -> None:
+        want = compute(own_node=self.device.node, nodes=self.nodes, node_keys=self.node_keys,
+                       persistent_keepalive=self.persistent_keepalive)
+        for node, why in want.refused.items():
+            if self.refused.get(node) != why:
+                log.warning("node %s refused as WireGuard peer: %s", node, why)
+                self.rt.spawn(f"event-{node}", self._event(node, why))
+        self.refused = want.refused
+        self.peers.replace_all(want.peers)
+        self.routes.replace_all(want.routes)
+        if self.synced >= {subjects.K8S_BUCKET, subjects.WIREGUARD_BUCKET}:
+            self.peers.mark_synced()
+            self.routes.mark_synced()
+
+    async def _event(self, node: str, why: str) -> None:
+        try:
+            await self.rt.bus.publish(subjects.events_subject("encryption"),
+                                      Event("WireguardPeerRefused", f"Node {node}", why, SERVICE,
+                                            self.device.node, time.time()))
+        except Exception as exc:  # noqa: BLE001 - the log line above already says it
+            log.debug("event for %s not sent: %s", node, exc)
+
+    async def _report_loop(self) -> None:
+        """Health, the `status` feature line and the progress `propolis encrypt status` reads."""
+        while True:
+            errors = {**self.peers.errors(), **self.routes.errors()}
+            if errors:
+                self.set_degraded(f"{len(errors)} errors: " + "; ".join(f"{k}: {v}" for k, v in errors.items())[:300])
+            elif self.refused:
+                self.set_degraded("refused: " + "; ".join(f"{n}: {w}" for n, w in sorted(self.refused.items()))[:300])
+            else:
+                self.set_ok()
+            d = self.device
+            npeers = len(self.peers.desired)
+            self.rt.features["Encryption"] = {
+                "state": "Wireguard",
+                "detail": f"[NodeEncryption: {'Enabled' if self.node_encryption else 'Disabled'}, "
+                          f"{DEVICE} (Pubkey: {d.public_key}, Port: {d.listen_port}, Peers: {npeers})]"}
+            self.rt.progress["wireguard"] = {
+                "public_key": d.public_key, "listen_port": d.listen_port, "peers": npeers,
+                "peers_reconciled": self.peers.reconciled_revision >= self.peers.revision,
+                "routes": sorted(self.routes.desired), "refused": dict(self.refused),
+                **(d.backend.describe() if d.backend else {})}
+            await asyncio.sleep(0.5)
+
+
+def describe_peer(peer: PeerConfig) -> dict[str, Any]:
+    return asdict(peer)
