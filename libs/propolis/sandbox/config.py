@@ -35,11 +35,11 @@ POD_GATEWAY = "169.254.1.1"
 SANDBOX_ENV = "PROPOLIS_SANDBOX"
 MAX_NODES = 250
 NETNS_PREFIX = "pp-"
+#: `sandbox up --encryption`: "" = off; IPsec is absent (this kernel has no ESP to test it with).
+ENCRYPTION_TYPES = ("", "wireguard")
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 _DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-#: `sandbox up --encryption`: "" = off; IPsec is absent (this kernel has no ESP to test it with).
-ENCRYPTION_TYPES = ("", "wireguard")
 
 
 def validate_sandbox_name(name: str) -> str:
@@ -68,17 +68,17 @@ class SandboxConfig:
     index: int = 1
     cluster_cidr: str = DEFAULT_CLUSTER_CIDR
     service_cidr: str = DEFAULT_SERVICE_CIDR
+    #: transparent encryption between nodes: "" (off) or "wireguard" (`sandbox up --encryption wireguard`)
+    encryption: str = ""
 
     def __post_init__(self) -> None:
         validate_sandbox_name(self.name)
-    #: transparent encryption between nodes: "" (off) or "wireguard" (`sandbox up --encryption wireguard`)
-    encryption: str = ""
-        if not 1 <= self.nodes <= MAX_NODES:
-            raise ValidationError("nodes", f"must be between 1 and {MAX_NODES}, got {self.nodes}")
-        if not 1 <= self.index <= 254:
         if self.encryption not in ENCRYPTION_TYPES:
             raise ValidationError("encryption", f"must be one of {', '.join(t or '(none)' for t in ENCRYPTION_TYPES)}, "
                                                 f"got {self.encryption!r}")
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise ValidationError("nodes", f"must be between 1 and {MAX_NODES}, got {self.nodes}")
+        if not 1 <= self.index <= 254:
             raise ValidationError("index", f"sandbox index must be 1..254, got {self.index}")
         for fname in ("cluster_cidr", "service_cidr"):
             try:
