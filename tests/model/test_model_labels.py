@@ -129,3 +129,32 @@ def test_namespace_label_kept_when_set():
 def test_identity_labels_reserved_override():
     assert idm.identity_labels(1, ["whatever"]).strings() == ["reserved:host"]
     assert idm.identity_labels(300, ["k8s:a=b"]).strings() == ["k8s:a=b"]
+
+
+# --- Kubernetes metadata.labels (the rules the sandbox API and the k8s-watcher share) ----------------
+def test_a_long_label_value_names_the_limit_without_echoing_it():
+    from propolis.model.labels import kubernetes_label_errors
+    errors = kubernetes_label_errors({"app": "a" * 10_000})
+    assert [e.field for e in errors] == ["metadata.labels"]
+    assert "must be no more than 63 characters" in errors[0].reason
+    assert "(10000 characters)" in errors[0].reason and len(errors[0].reason) < 200
+
+
+@pytest.mark.parametrize("labels, problem", [
+    ({"app": "a" * 63}, None),
+    ({"app": ""}, None),
+    ({"example.com/app": "x"}, None),
+    ({"app": "has space"}, "a valid label must be an empty string"),
+    ({"app": "-x"}, "a valid label must be an empty string"),
+    ({"a" * 64: "x"}, "name part must be no more than 63 characters"),
+    ({"/app": "x"}, "prefix part must be non-empty"),
+    ({"Bad_Prefix/app": "x"}, "prefix part a lowercase RFC 1123 subdomain"),
+    ({"app": 3}, "must be a map of strings"),
+])
+def test_kubernetes_label_rules(labels, problem):
+    from propolis.model.labels import kubernetes_label_errors
+    errors = kubernetes_label_errors(labels)
+    if problem is None:
+        assert errors == []
+    else:
+        assert errors and problem in errors[0].reason

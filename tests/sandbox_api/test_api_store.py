@@ -235,3 +235,44 @@ def test_bad_label_value_is_refused(store: Store) -> None:
     with pytest.raises(ApiStatusError) as err:
         store.create(POD, "default", pod("l", {"app": "has space"}))
     assert err.value.details["causes"][0]["field"] == "metadata.labels" and '"has space"' in err.value.message
+
+
+def test_a_10k_label_value_is_refused_naming_the_limit_not_echoing_it(store: Store) -> None:
+    with pytest.raises(ApiStatusError) as err:
+        store.create(POD, "default", pod("l", {"app": "v" * 10_000}))
+    assert err.value.code == 422 and "must be no more than 63 characters" in err.value.message
+    assert len(err.value.message) < 500
+
+
+def test_policies_get_the_watchers_validation_422_naming_the_field(store: Store) -> None:
+    np = {"metadata": {"name": "np"},
+          "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}],
+                                                   "ports": [{"port": 0}]}]}}
+    with pytest.raises(ApiStatusError) as err:
+        store.create(BY_KIND["NetworkPolicy"], "default", np)
+    status = err.value.status()
+    assert (status["kind"], status["status"], status["reason"], status["code"]) == ("Status", "Failure", "Invalid", 422)
+    assert status["details"]["causes"][0]["field"] == "spec.ingress[0].ports[0].port"
+    np["spec"]["ingress"][0]["ports"] = [{"port": 80}]
+    with pytest.raises(ApiStatusError) as err:
+        store.create(BY_KIND["NetworkPolicy"], "default", np)
+    assert err.value.details["causes"][0]["field"] == "spec.ingress[0].from[0].ipBlock.cidr"
+    with pytest.raises(ApiStatusError) as err:
+        store.create(CNP, "default", {"metadata": {"name": "c"}, "spec": {
+            "endpointSelector": {}, "ingress": [{"fromEndpoints": [{}], "fromCIDR": ["10.0.0.0/8"]}]}})
+    assert err.value.details["causes"][0]["field"] == "spec.ingress[0].fromCIDR"
+    assert list(store.all_objects(CNP)) == [] and list(store.all_objects(BY_KIND["NetworkPolicy"])) == []
+
+
+def test_objects_over_etcds_request_limit_are_refused_with_413(store: Store) -> None:
+    big = pod("big")
+    big["metadata"]["annotations"] = {"blob": "x" * (1536 * 1024)}
+    with pytest.raises(ApiStatusError) as err:
+        store.create(POD, "default", big)
+    assert err.value.code == 413 and err.value.reason == "RequestEntityTooLarge"
+    store.create(POD, "default", pod("small"))
+    grown = store.get(POD, "default", "small")
+    grown["metadata"]["annotations"] = {"blob": "x" * (1536 * 1024)}
+    with pytest.raises(ApiStatusError) as err:
+        store.update(POD, "default", "small", grown)
+    assert err.value.code == 413

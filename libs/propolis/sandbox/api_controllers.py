@@ -249,6 +249,8 @@ class EndpointSliceController:
         self.store.hooks.append(self.on_event)
         for svc in self.store.all_objects(self.services):
             self.dirty.add((svc["metadata"]["namespace"], svc["metadata"]["name"]))
+        if self.dirty:
+            self.wakeup.set()  # a store loaded from disk: a change may have been killed before its slices followed
         try:
             while True:
                 await self.wakeup.wait()
