@@ -71,12 +71,12 @@ class Bus:
                 waited += delay
                 delay = min(delay * 2, 5.0)
 
-    async def close(self) -> None:
-        """Drain (deliver what is in flight, flush publishes) then close."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Drain (deliver what is in flight, flush publishes) for up to ``timeout`` seconds, then close."""
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             try:
-                await asyncio.wait_for(nc.drain(), 5.0)
+                await asyncio.wait_for(nc.drain(), timeout)
             except Exception:  # draining a broken connection: close is what matters
                 await nc.close()
 
@@ -153,7 +153,7 @@ class Bus:
             if not create:
                 raise TemporaryError(f"KV bucket {bucket} does not exist yet") from None
             cfg = subjects.BUCKETS[bucket]
-            config = js_api.KeyValueConfig(bucket=bucket, history=cfg.history, ttl=cfg.ttl_s)
+            config = js_api.KeyValueConfig(bucket=bucket, history=cfg.history, ttl=cfg.ttl_s, direct=True)
             try:
                 store = await self.js.create_key_value(config)
             except nats.js.errors.BadRequestError:
@@ -163,6 +163,10 @@ class Bus:
         return Kv(self, bucket, store)
 
     async def ensure_buckets(self) -> None:
-        """Create every bucket Propolis uses (admin only; idempotent)."""
+        """Create every bucket Propolis uses, with direct gets allowed (admin only; idempotent)."""
         for bucket in subjects.BUCKETS:
             await self.kv(bucket, create=True)
+            info = await self.js.stream_info(f"KV_{bucket}")
+            if not info.config.allow_direct:  # created by an older version: snapshots need direct gets
+                info.config.allow_direct = True
+                await self.js.update_stream(info.config)

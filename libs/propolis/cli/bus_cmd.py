@@ -12,7 +12,7 @@ import time
 
 from propolis.bus import codec
 from propolis.bus.kv import EventType
-from propolis.cli.common import connect_bus, print_json
+from propolis.cli.common import add_sandbox_flag, connect_bus, print_json
 from propolis.errors import CliError, TemporaryError
 
 
@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     kv.add_argument("key", nargs="?", help="one key, or a filter with wildcards (default: all)")
     kv.add_argument("--watch", action="store_true", help="keep printing updates")
     kv.set_defaults(func=kv_cmd)
+    for p in (tail, kv):
+        add_sandbox_flag(p)
 
 
 async def tail_cmd(args: argparse.Namespace) -> int:

@@ -1,0 +1,66 @@
+{{/* Names, labels and shared pieces of the Propolis chart. */}}
+
+{{- define "propolis.labels" -}}
+app.kubernetes.io/part-of: propolis
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{- define "propolis.image" -}}
+{{- $img := .Values.image -}}
+{{- if and $img.useDigest $img.digest -}}
+{{ $img.repository }}@{{ $img.digest }}
+{{- else -}}
+{{ $img.repository }}:{{ $img.tag | default .Chart.AppVersion }}
+{{- end }}
+{{- end }}
+
+{{/* kubeProxyReplacement as Cilium accepts it: "true"/"false" or a boolean. */}}
+{{- define "propolis.kubeProxyReplacement" -}}
+{{- if eq (toString .Values.kubeProxyReplacement) "true" }}true{{ else }}false{{ end }}
+{{- end }}
+
+{{- define "propolis.natsName" -}}{{ .Release.Name }}-nats{{- end }}
+{{- define "propolis.natsAuthSecret" -}}{{ .Release.Name }}-nats-auth{{- end }}
+
+{{/* Services reach NATS through its ClusterIP from the service environment variables Kubernetes injects
+     (no cluster DNS needed: the per-node services run before any pod has a network). */}}
+{{- define "propolis.natsUrl" -}}
+{{- $host := printf "$(%s_SERVICE_HOST)" (include "propolis.natsName" . | upper | replace "-" "_") -}}
+{{ if .Values.nats.tls.enabled }}tls{{ else }}nats{{ end }}://{{ $host }}:4222
+{{- end }}
+
+{{/* The NATS users' passwords: kept across upgrades (lookup), random on first install. */}}
+{{- define "propolis.natsPasswords" -}}
+{{- $existing := (lookup "v1" "Secret" .Release.Namespace (include "propolis.natsAuthSecret" .)) | default dict -}}
+{{- $data := $existing.data | default dict -}}
+{{- $out := dict -}}
+{{- $users := list "admin" -}}
+{{- range $sub := .Subcharts }}{{ $users = append $users $sub.Values.name }}{{ end -}}
+{{- range $user := $users -}}
+{{- $key := printf "password-%s" $user -}}
+{{- $_ := set $out $user (get $data $key | b64dec | default (randAlphaNum 32)) -}}
+{{- end -}}
+{{ toJson $out }}
+{{- end }}
+
+{{/* Host paths a service definition's `mounts` may name. */}}
+{{- define "propolis.hostMounts" -}}
+bpffs: {hostPath: /sys/fs/bpf, mountPath: /sys/fs/bpf, type: DirectoryOrCreate, propagation: HostToContainer}
+run: {hostPath: /var/run/propolis, mountPath: /var/run/propolis, type: DirectoryOrCreate}
+lib-modules: {hostPath: /lib/modules, mountPath: /lib/modules, type: Directory, readOnly: true}
+usr-src: {hostPath: /usr/src, mountPath: /usr/src, type: Directory, readOnly: true}
+hubble-export: {hostPath: /var/run/cilium/hubble, mountPath: /var/run/cilium/hubble, type: DirectoryOrCreate}
+wireguard-state: {hostPath: /var/lib/propolis/wireguard, mountPath: /var/lib/propolis/wireguard, type: DirectoryOrCreate}
+cni-bin: {hostPath: /opt/cni/bin, mountPath: /host/opt/cni/bin, type: DirectoryOrCreate}
+cni-conf: {hostPath: /etc/cni/net.d, mountPath: /host/etc/cni/net.d, type: DirectoryOrCreate}
+{{- end }}
+
+{{/* Features with their own service: "feature on but its service is not in this chart" goes to NOTES. */}}
+{{- define "propolis.featureServices" -}}
+wireguard-keymgr: {{ and .Values.encryption.enabled (eq .Values.encryption.type "wireguard") }}
+clustermesh-apiserver: {{ .Values.clustermesh.useAPIServer }}
+l7-proxy: {{ .Values.l7Proxy }}
+dns-proxy: {{ .Values.l7Proxy }}
+{{- end }}

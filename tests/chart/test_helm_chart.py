@@ -1,0 +1,177 @@
+"""The Helm chart: lint, renders, Kubernetes schemas, values schema, generated parts, per-service wiring."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import subprocess
+
+import kubernetes_validate
+import pytest
+
+from conftest import ALL_FEATURES, CHART, helm, load_generator, render, tool, workloads
+from propolis.bus import permissions
+from propolis.maps import conntrack, lb, policy
+from propolis.runtime import settings as settings_mod
+from propolis.sandbox import services as suite
+
+K8S_VERSION = "1.33.0"  # validated against this release's schemas (kubernetes-validate ships them offline)
+
+
+def test_generated_parts_are_current_and_every_service_has_a_subchart() -> None:
+    assert load_generator().problems() == []
+
+
+def test_a_service_without_subchart_is_reported(tmp_path) -> None:
+    gen = load_generator()
+    copy = tmp_path / "propolis"
+    shutil.copytree(CHART, copy)
+    shutil.rmtree(copy / "charts" / "hubble-relay")
+    gen.CHART, gen.PERMISSIONS_FILE = copy, copy / "files" / "nats-permissions.json"
+    assert any("service hubble-relay" in p and "no subchart" in p for p in gen.problems())
+
+
+@pytest.mark.parametrize("sets", [[], ALL_FEATURES], ids=["defaults", "all-features"])
+def test_helm_lint(sets: list[str]) -> None:
+    args = ["lint", str(CHART), "--strict"]
+    for s in sets:
+        args += ["--set", s]
+    helm(*args)
+
+
+@pytest.mark.parametrize("sets", [[], ALL_FEATURES], ids=["defaults", "all-features"])
+def test_every_rendered_object_is_valid_kubernetes(sets: list[str]) -> None:
+    docs = render(*sets)
+    assert len(docs) > 10
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+def test_all_features_renders_every_service_of_the_suite() -> None:
+    rendered = workloads(render(*ALL_FEATURES))
+    for service in suite.SANDBOX_SERVICES:
+        kind = "DaemonSet" if service.scope == "node" else "Deployment"
+        assert rendered[service.name]["kind"] == kind, service.name
+        pod = rendered[service.name]["spec"]["template"]["spec"]
+        assert pod.get("hostNetwork", False) == (service.scope == "node")
+        assert pod["containers"][0]["command"] == [service.argv[0]]
+    assert rendered["k8s-watcher"]["spec"]["replicas"] == 2
+    assert rendered["identity-allocator"]["spec"]["replicas"] == 2
+
+
+def test_services_whose_features_are_off_are_not_rendered() -> None:
+    names = set(workloads(render()))
+    assert "hubble-relay" not in names and "wireguard-keymgr" not in names
+    assert "hubble" not in workloads(render("hubble.enabled=false"))
+    assert {"k8s-watcher", "identity-allocator", "datapath-writer", "hubble"} <= names
+
+
+def expected_rules(service: suite.SandboxService) -> list[dict[str, object]]:
+    """What a service may do on the Kubernetes API, derived from what its code reads and writes."""
+    source = (CHART.parents[1] / "services" / service.name.replace("-", "_") / "main.py").read_text()
+    rules: dict[tuple[str, str], set[str]] = {}
+    if "Reflector(" in source:  # one list+watch per mirrored kind, Valid conditions on cilium.io policies
+        from propolis.k8s.kinds import KINDS
+        for kind in KINDS.values():
+            group = kind.group_version[0]
+            rules.setdefault((group, "list,watch"), set()).add(kind.plural)
+            if "patch_policy_status" in source and group == "cilium.io":
+                rules.setdefault((group, "patch"), set()).add(f"{kind.plural}/status")
+    if service.serves_datapath_socket:  # its install-cni step reads the Node's podCIDR
+        rules.setdefault(("", "get"), set()).add("nodes")
+    return [{"apiGroups": [g], "resources": sorted(r), "verbs": v.split(",")} for (g, v), r in sorted(rules.items())]
+
+
+def test_rbac_is_exactly_what_each_service_uses() -> None:
+    docs = render(*ALL_FEATURES)
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    for service in suite.SANDBOX_SERVICES:
+        name = f"propolis-{service.name}"
+        want = expected_rules(service)
+        got = roles[name]["rules"] if name in roles else []
+        normalized = sorted(({"apiGroups": r["apiGroups"], "resources": sorted(r["resources"]),
+                              "verbs": sorted(r["verbs"])} for r in got), key=json.dumps)
+        assert normalized == sorted(({**r, "verbs": sorted(r["verbs"])} for r in want), key=json.dumps), service.name
+        assert accounts[name]["automountServiceAccountToken"] == bool(want), service.name
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+
+
+def settings_class(service: str) -> type:
+    return importlib.import_module(f"services.{service.replace('-', '_')}.main").Settings  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("sets", [[], ALL_FEATURES], ids=["defaults", "all-features"])
+def test_every_flag_and_env_var_is_one_the_service_accepts(sets: list[str]) -> None:
+    for name, workload in workloads(render(*sets)).items():
+        cls = settings_class(name)
+        container = workload["spec"]["template"]["spec"]["containers"][0]
+        flags = {settings_mod.flag_name(f) for f in cls.__dataclass_fields__}
+        envs = {settings_mod.env_name(f) for f in cls.__dataclass_fields__}
+        args = container.get("args", [])
+        unknown = [a for a in args if a.split("=", 1)[0] not in flags]
+        assert not unknown, f"{name}: flags its Settings do not have: {unknown}"
+        env = {}
+        for e in container["env"]:
+            if e["name"].startswith("PROPOLIS_"):
+                assert e["name"] in envs, f"{name}: env {e['name']} is not a setting"
+                env[e["name"]] = e.get("value", "from-a-secret-or-the-node")
+        parser = argparse.ArgumentParser()
+        settings_mod.add_arguments(parser, cls)
+        loaded = settings_mod.load(cls, parser.parse_args(args), env)  # converts and validates every value
+        assert loaded.nats_user == name
+
+
+def test_values_schema_rejects_unknown_keys_and_wrong_types() -> None:
+    for sets, message in [("hubbel.enabled=true", "additional properties 'hubbel' not allowed"),
+                          ("hubble.relay.enabled=yes", "/hubble/relay/enabled"),
+                          ("nats.replicas=2", "/nats/replicas"),
+                          ("bpf.policyMapMax=1024", "value must be 16384"),
+                          ("policyEnforcementMode=strict", "/policyEnforcementMode")]:
+        proc = helm("template", "propolis", str(CHART), "--set", sets, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (sets, proc.stderr)
+
+
+def test_bpf_map_values_are_the_datapath_sizes() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["bpf"]["properties"]
+    assert schema["lbMapMax"]["const"] == lb.SERVICES_SPEC.max_entries
+    assert schema["policyMapMax"]["const"] == policy.INNER_SPEC.max_entries
+    assert schema["ctTcpMax"]["const"] == conntrack.TCP_SPEC.max_entries
+    assert schema["ctAnyMax"]["const"] == conntrack.ANY_SPEC.max_entries
+
+
+def test_nats_users_secret_is_the_permission_table(tmp_path) -> None:
+    docs = render(*ALL_FEATURES)
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "propolis-nats-auth")
+    data = secret["stringData"]
+    text = data["auth.conf"]
+    rendered = json.loads(text.removeprefix("authorization "))
+    admin = permissions.Credentials("admin", data["password-admin"])
+    users = {s.name: permissions.Credentials(s.name, data[f"password-{s.name}"]) for s in suite.SANDBOX_SERVICES}
+    expected = json.loads(permissions.server_config(users, admin=admin).removeprefix("authorization "))
+    assert rendered == expected
+    # and nats-server itself accepts the rendered configuration
+    (tmp_path / "auth.conf").write_text(text)
+    (tmp_path / "nats.conf").write_text(f"port: -1\njetstream {{ store_dir: {tmp_path}/js }}\ninclude ./auth.conf\n")
+    proc = subprocess.run([tool("nats-server"), "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_nats_cluster_and_bucket_replicas_follow_nats_replicas() -> None:
+    for replicas in (1, 3):
+        docs = render(f"nats.replicas={replicas}")
+        sts = next(d for d in docs if d["kind"] == "StatefulSet")
+        assert sts["spec"]["replicas"] == replicas
+        assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+        conf = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "propolis-nats")
+        assert ("cluster {" in conf["data"]["nats.conf"]) == (replicas > 1)
+        assert conf["data"]["nats.conf"].count("nats-route://") == (replicas if replicas > 1 else 0)
+        job = next(d for d in docs if d["kind"] == "Job")
+        command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[:3] == ["propolis", "bus", "bootstrap"] and command[command.index("--replicas") + 1] == str(replicas)
