@@ -78,7 +78,7 @@ async def test_policy_cli_shows_what_a_pod_enforces(sandbox):
     scenario = next(s for s in SCENARIOS if s.name == "echo-ingress-from-label")
     r = runner.Runner(sandbox)
     docs = runner.documents_from("test", list(scenario.policies))
-    env = {**__import__("os").environ, "PROPOLIS_NATS_URL": sandbox.nats_url}
+    env = {**__import__("os").environ, "PROPOLIS_SANDBOX_NAME": sandbox.config["name"]}
 
     def policy_get(pod: str) -> dict:
         proc = subprocess.run([sys.executable, "-m", "propolis.cli.main", "policy", "get", pod, "-o", "json"],

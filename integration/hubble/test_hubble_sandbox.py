@@ -21,7 +21,7 @@ pytestmark = pytest.mark.root
 def observe(state, *args: str) -> list[dict]:
     proc = subprocess.run([sys.executable, "-m", "propolis.cli.main", "observe", "-o", "json", *args],
                           capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PROPOLIS_NATS_URL": state.nats_url})
+                          env={**os.environ, "PROPOLIS_SANDBOX_NAME": state.config["name"]})
     assert proc.returncode == 0, proc.stderr
     return [orjson.loads(line) for line in proc.stdout.splitlines()]
 
@@ -63,7 +63,7 @@ async def test_probes_become_flows_with_identities_and_drop_reasons(sandbox):
                                                               "--verdict", "DROPPED", "--last", "50"))
         status = subprocess.run([sys.executable, "-m", "propolis.cli.main", "hubble", "status", "-o", "json"],
                                 capture_output=True, text=True, timeout=60,
-                                env={**os.environ, "PROPOLIS_NATS_URL": sandbox.nats_url})
+                                env={**os.environ, "PROPOLIS_SANDBOX_NAME": sandbox.config["name"]})
         st = orjson.loads(status.stdout)
         assert st["via"].startswith("http://") and st["num_connected_nodes"] == 2, st  # the relay, from its heartbeat
         assert st["max_flows"] == 2 * 4095 and st["seen_flows"] >= len(flows)

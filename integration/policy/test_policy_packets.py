@@ -30,7 +30,6 @@ import yaml
 from policy_workload import NO, OK, Case, PodDef, Workload, ccnp, cnp, lanes, netpol, run_in_lanes, sel
 from propolis import demo
 from propolis.bus import subjects
-from propolis.bus.connection import Bus
 from propolis.bus.messages import Heartbeat
 from propolis.sandbox import cluster
 from propolis.sandbox import netns as netns_mod
@@ -392,7 +391,7 @@ async def test_seed_examples_verbatim(sandbox):
 
 async def writer_beat(state, node: str) -> Heartbeat | None:
     """The newest heartbeat of `node`'s datapath-writer (None if there is none)."""
-    bus = Bus(state.nats_url, name="policy-test-beats")
+    bus = state.admin_bus("policy-test-beats")
     await bus.connect(max_wait=5)
     try:
         return newest(await read_heartbeats(bus), "datapath-writer", node)
@@ -567,7 +566,7 @@ async def restart_under_traffic(sandbox, w: Workload, node: str, how: str, strea
 
 async def ipcache_keys(state) -> set[str]:
     """Keys of the ipcache bucket (`<node>.<ip>`, each node's writer publishes its endpoints)."""
-    bus = Bus(state.nats_url, name="policy-test-ipcache")
+    bus = state.admin_bus("policy-test-ipcache")
     await bus.connect(max_wait=5)
     try:
         return set(await (await bus.kv(subjects.IPCACHE_BUCKET)).items())

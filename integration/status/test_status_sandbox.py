@@ -18,7 +18,6 @@ import time
 
 import pytest
 
-from propolis.bus.connection import Bus
 from propolis.sandbox import cluster
 from propolis.sandbox.config import SandboxConfig, SandboxState
 from propolis.sandbox.fixture import running_sandbox
@@ -83,7 +82,7 @@ def test_status_reports_every_running_service_and_the_features(sandbox):
 
 async def test_a_killed_service_is_unhealthy_within_its_heartbeat_timeout(sandbox):
     victim = next(s for s in current(sandbox).services if s["name"] == "identity-allocator")
-    bus = Bus(sandbox.nats_url, name="status-test")
+    bus = sandbox.admin_bus("status-test")
     await bus.connect(max_wait=5)
     os.kill(sandbox.supervisor_pid, signal.SIGSTOP)  # no restart while we look
     try:

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import prometheus_client as prom
+
 from propolis.bus import subjects
 from propolis.bus.kv import EventType
 from propolis.errors import TemporaryError, ValidationError
@@ -127,6 +129,10 @@ class ObserverComponent(Component):
         self.observer = Observer(s.node_name, instance=rt.instance, enricher=self.enricher.enricher,
                                  capacity=s.hubble_event_buffer_capacity, sinks=sinks, publish=rt.bus.nc.publish)
         self.observer.on_lost.append(metrics.count_lost)
+        unpublished = prom.Counter("hubble_flows_publish_failures_total",
+                                   "Flows (and lost-event notices) not published on the bus: NATS was away",
+                                   registry=rt.registry)
+        self.observer.on_publish_failure.append(unpublished.inc)
         if self.exporter is not None:
             exporter = self.exporter
             self.observer.on_lost.append(lambda src, n: exporter.lost(src, n, s.node_name, rfc3339(time.time())))

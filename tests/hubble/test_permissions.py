@@ -16,10 +16,10 @@ from propolis.hubble.observer import Observer
 
 
 async def test_observer_and_relay_stay_in_their_slices(tmp_path):
-    admin, users = permissions.generate_credentials(["hubble", "hubble-relay"])
-    conf = permissions.server_config(users, admin=admin, nodes={"hubble": ["n1"]})
+    admin, users = permissions.generate_credentials(["hubble", "hubble-relay"], nodes={"hubble": ["n1"]})
+    conf = permissions.server_config(users, admin=admin)
     async with EmbeddedNats(tmp_path / "nats", config_text=conf) as server:
-        node = Bus(server.url, name="hubble", user="hubble@n1", password=users["hubble"].password)
+        node = Bus(server.url, name="hubble", user="hubble@n1", password=users["hubble@n1"].password)
         relay = Bus(server.url, name="relay", user="hubble-relay", password=users["hubble-relay"].password)
         await node.connect(max_wait=5)
         await relay.connect(max_wait=5)

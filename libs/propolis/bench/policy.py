@@ -138,9 +138,8 @@ class SandboxBench:
         self.created = 0  # pods in NAMESPACE
 
     async def __aenter__(self) -> "SandboxBench":
-        from propolis.bus.connection import Bus
         self.api = await self.cluster.Api(self.state.apiserver_url).__aenter__()
-        self.bus = Bus(self.state.nats_url, name="propolis-bench-policy")
+        self.bus = self.state.admin_bus("propolis-bench-policy")
         await self.bus.connect(max_wait=5)
         await self.api.request("POST", KINDS["Namespace"].path(None), body={"apiVersion": "v1", "kind": "Namespace",
                                                                    "metadata": {"name": NAMESPACE}})

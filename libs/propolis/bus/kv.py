@@ -148,14 +148,9 @@ class Kv:
             raise Conflict(f"{self.bucket}/{key} changed since revision {revision}") from exc
 
     async def items(self, keys: str = ">") -> dict[str, Entry]:
-        """A snapshot of the bucket (the initial values of a watch)."""
-        out: dict[str, Entry] = {}
-        async for ev in self.watch(keys):
-            if ev.type is EventType.SYNCED:
-                return out
-            if ev.type is EventType.PUT:
-                out[ev.key] = Entry(ev.key, ev.value, ev.revision)
-        return out
+        """A snapshot of the bucket, read with direct gets (no consumer left behind: `bus/snapshot.py`)."""
+        from propolis.bus.snapshot import kv_snapshot
+        return await kv_snapshot(self.bus, self.bucket, keys)
 
     async def watch(self, keys: str = ">", *, follow: bool = True) -> AsyncIterator[KvEvent]:
         """Initial values, SYNCED, then updates; survives reconnects (see module doc)."""

@@ -5,29 +5,35 @@ direct-get APIs on every bucket); writing a KV bucket means publishing to
 ``$KV.<bucket>.<key>``, so a user may publish only under the keys of its own
 slice (from `subjects.slices`). Creating or deleting streams is the admin's
 alone (the admin user is what the CLI, the sandbox supervisor and bucket
-bootstrap use). A compromised DNS proxy therefore cannot rewrite policy.
+bootstrap use). A compromised DNS proxy therefore cannot rewrite policy, and
+a process without credentials cannot connect at all.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from propolis.bus import subjects
+from propolis.errors import ValidationError
 
-#: JetStream API calls any reader needs: account info, consumers, message gets, stream info.
+#: JetStream API calls any reader needs: account and stream info, message gets, and its own consumers.
+#: Consumers: only `CONSUMER.CREATE.<stream>` (no name token), so the server names every consumer a
+#: service creates and no service can create, update or take over a named one; no DELETE, no durables,
+#: no pull (MSG.NEXT): a service cannot delete or drain another's consumers. Its own ephemeral
+#: consumers (KV watches) go away after their inactive threshold; snapshots use direct gets and
+#: create none (`bus/snapshot.py`).
 READER_API = [
     "$JS.API.INFO",
     "$JS.API.STREAM.INFO.*",
     "$JS.API.STREAM.NAMES",
     "$JS.API.STREAM.MSG.GET.*",
     "$JS.API.DIRECT.GET.>",
-    "$JS.API.CONSUMER.CREATE.>",
-    "$JS.API.CONSUMER.DURABLE.CREATE.>",
+    "$JS.API.CONSUMER.CREATE.*",
     "$JS.API.CONSUMER.INFO.>",
-    "$JS.API.CONSUMER.DELETE.>",
-    "$JS.API.CONSUMER.MSG.NEXT.>",
     "$JS.FC.>",
     "$JS.ACK.>",
     "_INBOX.>",
@@ -45,33 +51,68 @@ def user_name(service: str, node: str | None = None) -> str:
     return f"{service}@{node}" if node else service
 
 
+def service_of(user: str) -> tuple[str, str | None]:
+    """``hubble@n1`` -> (``hubble``, ``n1``); ``k8s-watcher`` -> (``k8s-watcher``, None)."""
+    service, _, node = user.partition("@")
+    return service, node or None
+
+
 def publish_allow(service: str, node: str = "*") -> list[str]:
     """The subjects ``service`` (on ``node``) may publish to."""
-    sl = subjects.slices(node)[service]
+    try:
+        sl = subjects.slices(node)[service]
+    except KeyError:
+        raise ValidationError("service", f"{service!r} has no slice in bus/subjects.py `slices`: "
+                                         "say what it may write before it gets a NATS user") from None
     allow = list(READER_API)
     allow += [f"$KV.{bucket}.{keys}" for bucket, keys in sl.kv_writes]
     allow += list(sl.publishes)
     return allow
 
 
-def server_config(users: dict[str, Credentials], *, admin: Credentials,
-                  nodes: dict[str, list[str]] | None = None) -> str:
-    """nats-server config text. ``users`` maps service name -> credentials; a service listed in
-    ``nodes`` gets one user per node (``service@node``) whose per-node slices name that node."""
+def server_config(users: dict[str, Credentials], *, admin: Credentials) -> str:
+    """nats-server config text. ``users`` maps user name (``service``, or ``service@node`` for one
+    node's instance, whose per-node slices then name that node) -> credentials. Connections without
+    valid credentials are refused."""
     entries: list[dict[str, object]] = [
         {"user": admin.user, "password": admin.password},  # admin: everything
     ]
-    for service, cred in users.items():
-        for node in (nodes or {}).get(service, [None]):  # type: ignore[list-item]
-            entries.append({
-                "user": user_name(cred.user, node), "password": cred.password,
-                "permissions": {"publish": {"allow": publish_allow(service, node or "*")},
-                                "subscribe": {"allow": [">"]}},
-            })
+    for name, cred in users.items():
+        service, node = service_of(name)
+        entries.append({
+            "user": cred.user, "password": cred.password,
+            "permissions": {"publish": {"allow": publish_allow(service, node or "*")},
+                            "subscribe": {"allow": [">"]}},
+        })
     # JSON is valid nats-server config syntax.
     return "authorization " + json.dumps({"users": entries}, indent=2) + "\n"
 
 
-def generate_credentials(services: list[str]) -> tuple[Credentials, dict[str, Credentials]]:
+def generate_credentials(services: list[str], nodes: dict[str, list[str]] | None = None
+                         ) -> tuple[Credentials, dict[str, Credentials]]:
+    """The admin plus one user per service; a service listed in ``nodes`` gets one user (and
+    password) per node instead, so one node's instance cannot act as another node's."""
     admin = Credentials("admin", secrets.token_hex(16))
-    return admin, {s: Credentials(s, secrets.token_hex(16)) for s in services}
+    users: dict[str, Credentials] = {}
+    for service in services:
+        for node in (nodes or {}).get(service, [None]):  # type: ignore[list-item]
+            name = user_name(service, node)
+            users[name] = Credentials(name, secrets.token_hex(16))
+    return admin, users
+
+
+def save_credentials(path: Path, admin: Credentials, users: dict[str, Credentials]) -> None:
+    """Write every password to ``path``, readable by root only (0600 from creation on)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"admin": asdict(admin), "users": {name: asdict(c) for name, c in users.items()}}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_credentials(path: Path | str) -> tuple[Credentials, dict[str, Credentials]]:
+    """What `save_credentials` wrote: (admin, users by name)."""
+    data = json.loads(Path(path).read_text())
+    return Credentials(**data["admin"]), {name: Credentials(**c) for name, c in data["users"].items()}

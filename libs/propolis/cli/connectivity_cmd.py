@@ -57,10 +57,9 @@ async def cmd_test(args: argparse.Namespace) -> int:
 
 async def _feature_states(state: Any) -> dict[str, str]:
     """Feature name -> state as the running services report them in their heartbeats."""
-    from propolis.bus.connection import Bus
     from propolis.status import collect
 
-    bus = Bus(state.nats_url, name="propolis-connectivity")
+    bus = state.admin_bus("propolis-connectivity")
     await bus.connect(max_wait=5)
     try:
         report = await collect(bus, probe_kernel=False)

@@ -47,9 +47,9 @@ async def dev_up(args: argparse.Namespace) -> int:
         url = await nats.start()
         print(f"NATS {url} (JetStream in {run_dir / 'nats'}); in another shell try: propolis bus tail 'propolis.>'"
               " or propolis status")
-        state = run_dir / "state.json"
-        state.write_text(json.dumps({"nats_url": url, "nats_user": admin.user, "nats_password": admin.password}))
-        state.chmod(0o600)
+        credentials = run_dir / "nats" / "credentials.json"
+        permissions.save_credentials(credentials, admin, users)
+        (run_dir / "state.json").write_text(json.dumps({"nats_url": url, "nats_credentials": str(credentials)}))
         bus = Bus(url, name="dev-up", user=admin.user, password=admin.password)
         await bus.connect(max_wait=5)
         await bus.ensure_buckets()

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from propolis.bus.messages import FlowQuery
-from propolis.cli.common import connect_bus, print_json, print_table
+from propolis.cli.common import add_sandbox_flag, connect_bus, print_json, print_table
 from propolis.cli.observe_cmd import relay_for
 from propolis.errors import CliError
 from propolis.hubble.client import BusFlowSource
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--server", default=os.environ.get("PROPOLIS_HUBBLE_SERVER", ""),
                        help="hubble-relay URL ('nats' = ask the observers over NATS)")
         p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+        add_sandbox_flag(p)
         p.set_defaults(func=func)
 
 

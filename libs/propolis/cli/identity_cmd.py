@@ -7,7 +7,7 @@ from collections import Counter
 
 from propolis.bus import subjects
 from propolis.bus.messages import EndpointRecord, IdentityRecord
-from propolis.cli.common import add_output_flag, connect_bus, print_json, print_table
+from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json, print_table
 from propolis.errors import CliError, TemporaryError
 
 
@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     els = everbs.add_parser("list", help="pod, IP, node, identity")
     add_output_flag(els)
     els.set_defaults(func=endpoint_list)
+    for p in (ls, get, els):
+        add_sandbox_flag(p)
 
 
 async def _load(args: argparse.Namespace) -> tuple[dict[int, IdentityRecord], list[EndpointRecord]]:

@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 
 from propolis.bus.messages import FlowQuery
-from propolis.cli.common import connect_bus
+from propolis.cli.common import add_sandbox_flag, connect_bus
 from propolis.errors import CliError, ValidationError
 from propolis.hubble.client import BusFlowSource, announced_relay, parse_time
 from propolis.hubble.filters import FlowMatcher
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="hubble-relay URL ($PROPOLIS_HUBBLE_SERVER; 'nats' = ask the observers over NATS; "
                         "default: the relay announced on the bus, else NATS)")
     p.add_argument("--timeout", type=float, default=0, help="stop following after S seconds (0 = never)")
+    add_sandbox_flag(p)
     p.set_defaults(func=observe_cmd)
 
 

@@ -11,7 +11,7 @@ import argparse
 import os
 
 from propolis.bus import subjects
-from propolis.cli.common import add_output_flag, connect_bus, print_json, print_table
+from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json, print_table
 from propolis.errors import CliError, TemporaryError
 from propolis.policy.engine import PolicyEngine
 from propolis.policy.entries import PROTOCOL_NAMES
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output_flag(sel)
     sel.set_defaults(func=policy_selectors)
     for p in (get, sel):
+        add_sandbox_flag(p)
         p.add_argument("--cluster-name", default=os.environ.get("PROPOLIS_CLUSTER_NAME"),
                        help="cluster name for the `cluster` entity (default $PROPOLIS_CLUSTER_NAME)")
         p.add_argument("--allow-localhost", choices=("always", "policy"), default="always",

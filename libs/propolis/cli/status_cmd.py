@@ -11,16 +11,18 @@ import asyncio
 import time
 from typing import Any
 
-from propolis.cli.common import add_output_flag, connect_bus, print_json, print_table
+from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json, print_table
+from propolis.errors import CliError
 from propolis.status import StatusReport, collect
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("status", help="health of every service, NATS, Kubernetes and every feature")
-    st.add_argument("--name", dest="sandbox", default=None, metavar="NAME",
-                    help="sandbox whose NATS to ask (default: propolis, else a running `dev up`)")
+    add_sandbox_flag(st)
     st.add_argument("--wait", action="store_true", help="block until healthy (see --wait-duration)")
     st.add_argument("--wait-duration", type=float, default=120.0, metavar="S", help="give up waiting after S seconds")
+    st.add_argument("--timeout", type=float, default=20.0, metavar="S",
+                    help="fail when NATS does not answer one report within S seconds (a hard limit)")
     st.add_argument("--stale-after", type=float, default=None, metavar="S",
                     help="an instance without a heartbeat for S seconds is unhealthy "
                          "(default: 3 of its own heartbeat intervals)")
@@ -33,12 +35,15 @@ async def status_cmd(args: argparse.Namespace) -> int:
     try:
         deadline = time.monotonic() + args.wait_duration
         while True:
-            rep = await collect(bus, stale_after=args.stale_after)
+            try:
+                rep = await asyncio.wait_for(collect(bus, stale_after=args.stale_after), args.timeout)
+            except asyncio.TimeoutError:
+                raise CliError(f"NATS at {bus.url} did not answer within {args.timeout:g}s (--timeout)") from None
             if rep.healthy or not args.wait or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(1.0)
     finally:
-        await bus.close()
+        await bus.close(timeout=1.0)
     if args.output == "json":
         print_json(rep.as_dict())
     else:

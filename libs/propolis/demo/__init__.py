@@ -70,10 +70,9 @@ def cli(state: SandboxState, *args: str) -> int:
 
 async def relay_url(state: SandboxState) -> str:
     """The hubble-relay's URL (its heartbeat announces it), or "" when none runs."""
-    from propolis.bus.connection import Bus
     from propolis.hubble.client import announced_relay
 
-    bus = Bus(state.nats_url, name="propolis-demo")
+    bus = state.admin_bus("propolis-demo")
     await bus.connect(max_wait=5)
     try:
         return await announced_relay(bus)

@@ -102,6 +102,10 @@ class Observer:
         self.lost: dict[str, int] = {}
         self.on_lost: list[Callable[[str, int], None]] = []
         self._datapath_lost_base: int | None = None
+        #: publishes that failed (NATS away): logged once per outage, each counted (metric in services/hubble)
+        self.publish_failures = 0
+        self.on_publish_failure: list[Callable[[], None]] = []
+        self._failing_since = 0  # publish_failures when the current outage began; 0 = publishing fine
 
     async def handle(self, event: ev.FlowEvent) -> Flow:
         return await self.add(to_flow(event, node=self.node, enricher=self.enricher))
@@ -115,8 +119,29 @@ class Observer:
         if self.publish is not None:
             subject = subjects.flow_subject(self.node, flow["verdict"], flow["source"].get("namespace", ""),
                                             flow["destination"].get("namespace", ""))
-            await self.publish(subject, codec.encode(FlowMessage(self.node, self.instance, self.seq, flow)))
+            await self._publish(subject, codec.encode(FlowMessage(self.node, self.instance, self.seq, flow)))
         return flow
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        """Publish; while NATS is away the flow still reaches the ring and sinks, and a failed publish is
+        counted, not logged: one line when publishing starts failing, one when it works again."""
+        assert self.publish is not None
+        try:
+            await self.publish(subject, data)
+        except Exception as exc:  # noqa: BLE001 - NATS down or its buffer full: every flow would fail alike
+            self.publish_failures += 1
+            for listener in self.on_publish_failure:
+                listener()
+            if not self._failing_since:
+                self._failing_since = self.publish_failures
+                log.warning("publishing flows failed (%s: %s); counting failures in "
+                            "hubble_flows_publish_failures_total until NATS takes them again",
+                            type(exc).__name__, exc)
+            return
+        if self._failing_since:
+            log.info("publishing flows again; %d flows were not published meanwhile",
+                     self.publish_failures - self._failing_since + 1)
+            self._failing_since = 0
 
     async def count_lost(self, source: str, n: int) -> None:
         if n <= 0:
@@ -125,8 +150,8 @@ class Observer:
         for listener in self.on_lost:
             listener(source, n)
         if self.publish is not None:
-            await self.publish(subjects.lost_events_subject(self.node),
-                         codec.encode(LostEvents(source, n, self.node, rfc3339(time.time()))))
+            await self._publish(subjects.lost_events_subject(self.node),
+                                codec.encode(LostEvents(source, n, self.node, rfc3339(time.time()))))
 
     async def datapath_lost(self, total: int) -> int:
         """Feed the datapath's cilium_events_lost total; counts (and returns) what is new since the

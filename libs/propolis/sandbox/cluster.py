@@ -496,36 +496,43 @@ def rv_at_least(have: Any, want: str) -> bool:
 
 
 async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
-    """Block until every expected reporter's heartbeat says it caught up with the API's latest revision."""
-    from propolis.bus.connection import Bus
+    """Block until every expected reporter's heartbeat says it caught up with the API's latest revision.
+
+    ``timeout`` is a hard limit on the whole call (API, NATS connect and every read included), so a slow
+    or stuck NATS fails it on time, saying how far each reporter got."""
     from propolis.status import is_live, newest, read_heartbeats
 
-    async with Api(state.apiserver_url) as api:
-        target = await api.resource_version()
-    wanted = expected_reporters(state)
-    bus = Bus(state.nats_url, name="propolis-sandbox-wait")
-    await bus.connect(max_wait=5)
-    try:
-        deadline = time.monotonic() + timeout
-        progress: dict[str, str] = {}
+    seen: dict[str, Any] = {"target": "?", "progress": {}, "reasons": {}}
+    bus = state.admin_bus("propolis-sandbox-wait")
+
+    async def caught_up() -> dict[str, str]:
+        async with Api(state.apiserver_url) as api:
+            target = seen["target"] = await api.resource_version()
+        wanted = expected_reporters(state)
+        await bus.connect(max_wait=timeout)
         while True:
             now = time.time()
             live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now)]  # a dead instance says nothing
             latest = {(s, n): newest(live, s, n) for s, n in wanted}
-            reasons = {f"{s}/{n}": "; ".join(c.get("reason", "") for c in hb.components.values() if c.get("reason"))
-                       for (s, n), hb in latest.items() if hb is not None}
-            progress = {f"{s}/{n}": str(hb.progress.get("k8s_resource_version", "")) if hb else ""
-                        for (s, n), hb in latest.items()}
-            behind = [k for k, rv in progress.items() if not rv_at_least(rv, target)]
-            if not behind:
+            seen["reasons"] = {f"{s}/{n}": "; ".join(c.get("reason", "") for c in hb.components.values()
+                                                    if c.get("reason"))
+                               for (s, n), hb in latest.items() if hb is not None}
+            progress = seen["progress"] = {f"{s}/{n}": str(hb.progress.get("k8s_resource_version", "")) if hb else ""
+                                           for (s, n), hb in latest.items()}
+            if all(rv_at_least(rv, target) for rv in progress.values()):
                 return {"resourceVersion": target, **progress}
-            if time.monotonic() > deadline:
-                raise CliError(f"not caught up with resourceVersion {target} within {timeout:.0f}s: " +
-                               ", ".join(f"{k} at {progress[k] or 'nothing'}" +
-                                         (f" ({reasons[k]})" if reasons.get(k) else "") for k in behind))
             await asyncio.sleep(0.05)
+
+    try:
+        return await asyncio.wait_for(caught_up(), timeout)
+    except (asyncio.TimeoutError, TemporaryError) as exc:
+        progress, reasons = seen["progress"], seen["reasons"]
+        behind = [k for k, rv in progress.items() if not rv_at_least(rv, seen["target"])]
+        detail = (", ".join(f"{k} at {progress[k] or 'nothing'}" + (f" ({reasons[k]})" if reasons.get(k) else "")
+                            for k in behind) if progress else f"no heartbeats read ({exc or 'NATS too slow'})")
+        raise CliError(f"not caught up with resourceVersion {seen['target']} within {timeout:.0f}s: {detail}") from None
     finally:
-        await bus.close()
+        await bus.close(timeout=0.5)
 
 
 def down_all() -> list[DownReport]:

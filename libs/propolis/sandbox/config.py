@@ -17,9 +17,12 @@ import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from propolis.errors import ValidationError
+from propolis.errors import PermanentError, ValidationError
+
+if TYPE_CHECKING:
+    from propolis.bus.connection import Bus
 
 RUN_ROOT = Path(os.environ.get("PROPOLIS_RUN_ROOT", "/run/propolis"))
 NETNS_DIR = Path("/run/netns")
@@ -102,6 +105,15 @@ class SandboxConfig:
     @property
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
+
+    @property
+    def nats_dir(self) -> Path:
+        return self.run_dir / "nats"
+
+    @property
+    def nats_credentials(self) -> Path:
+        """Every NATS user's password (admin, one per service and node): root-only, 0600."""
+        return self.nats_dir / "credentials.json"
 
     @property
     def ipam_dir(self) -> Path:
@@ -196,12 +208,25 @@ class SandboxState:
     apiserver_url: str = ""
     apiserver_pid: int = 0
     kubeconfig: str = ""
+    nats_credentials: str = ""  # path of the credentials file (permissions.save_credentials), root-only
     nodes: list[dict[str, Any]] = field(default_factory=list)  # {name, netns, internal_ip, pod_cidr, pin_dir, datapath_socket}
     services: list[dict[str, Any]] = field(default_factory=list)  # ServiceState as dicts
     started_at: float = 0.0
 
     def sandbox(self) -> SandboxConfig:
         return SandboxConfig(**self.config)
+
+    def admin_bus(self, name: str) -> "Bus":
+        """A (not yet connected) bus to this sandbox's NATS as its admin user: the supervisor, the CLI
+        and tests; services connect as their own users. Reading the credentials needs root."""
+        from propolis.bus.connection import Bus
+        from propolis.bus.permissions import load_credentials
+        try:
+            admin, _ = load_credentials(self.nats_credentials)
+        except (OSError, ValueError, KeyError) as exc:
+            raise PermanentError(f"NATS credentials of sandbox {self.config.get('name')!r} unreadable "
+                                 f"({self.nats_credentials or 'not recorded in state.json'}): {exc}") from exc
+        return Bus(self.nats_url, name=name, user=admin.user, password=admin.password)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from kubernetes_asyncio import client, config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 import propolis
-from propolis.bus import subjects
+from propolis.bus import permissions, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.messages import Heartbeat
@@ -88,11 +88,13 @@ class SupervisedProcess:
         self.stopping = False
         self.on_restart: Callable[[], None] | None = None  # the supervisor re-saves state.json (new pid)
         self.started = 0.0
+        self.log_offset = 0  # where this run's output starts in the log file
 
     def start(self) -> None:
         self.started = time.monotonic()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
+            self.log_offset = logf.tell()
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                          env=dict(os.environ, **self.env), start_new_session=True)
 
@@ -110,13 +112,25 @@ class SupervisedProcess:
                 return
             if time.monotonic() - self.started > 60:
                 delay = 0.5  # it ran fine for a while: this is a new failure, not a crash loop
-            log.warning("%s on %s exited with %s; restarting in %.1fs", self.name, self.node or "cluster", code, delay)
+            log.warning("%s on %s exited with %s: %s; restarting in %.1fs", self.name, self.node or "cluster", code,
+                        self.exit_reason(), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_BACKOFF_MAX_S)
             self.restarts += 1
             self.start()
             if self.on_restart is not None:
                 self.on_restart()
+
+    def exit_reason(self, lines: int = 5, limit: int = 600) -> str:
+        """The last lines this run wrote (its stderr shares the log file): why it died, in the restart log."""
+        try:
+            with open(self.log_path, "rb") as logf:
+                logf.seek(max(self.log_offset, logf.seek(0, os.SEEK_END) - 64 * 1024))
+                tail = logf.read().decode(errors="replace").strip().splitlines()[-lines:]
+        except OSError as exc:
+            return f"(log {self.log_path} unreadable: {exc})"
+        text = " | ".join(line.strip() for line in tail if line.strip())
+        return (text[-limit:] if text else f"(no output; see {self.log_path})")
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping = True
@@ -143,6 +157,7 @@ class Supervisor:
         self.cfg = self.state.sandbox()
         self.service_defs: list[SandboxService] = [s for s in selected(services) if s.runs_in(self.cfg)]
         self.nats: EmbeddedNats | None = None
+        self.nats_users: dict[str, permissions.Credentials] = {}  # service user name -> credentials
         self.bus: Bus | None = None
         self.apiserver: SupervisedProcess | None = None
         self.children: list[SupervisedProcess] = []
@@ -186,10 +201,15 @@ class Supervisor:
             cfg.node_dir(node).mkdir(parents=True, exist_ok=True)
         self.save()
 
-        self.nats = EmbeddedNats(cfg.run_dir / "nats")
+        admin, self.nats_users = permissions.generate_credentials(
+            [s.name for s in self.service_defs],
+            nodes={s.name: cfg.node_names() for s in self.service_defs if s.scope == "node"})
+        permissions.save_credentials(cfg.nats_credentials, admin, self.nats_users)
+        self.state.nats_credentials = str(cfg.nats_credentials)
+        self.nats = EmbeddedNats(cfg.nats_dir, config_text=permissions.server_config(self.nats_users, admin=admin))
         self.state.nats_url = await self.nats.start()
         self.state.nats_pid = self.nats.proc.pid if self.nats.proc else 0
-        self.bus = Bus(self.state.nats_url, name=f"sandbox-supervisor@{cfg.name}")
+        self.bus = self.state.admin_bus(f"sandbox-supervisor@{cfg.name}")
         await self.bus.connect(max_wait=10)
         await self.bus.ensure_buckets()
         self.save()
@@ -318,6 +338,8 @@ class Supervisor:
         env = service_env(ctx)
         if not node:
             env["PROPOLIS_NODE_NAME"] = f"{self.cfg.name}-control-plane"
+        nats_user = self.nats_users[permissions.user_name(svc.name, node or None)]  # as in production
+        env.update(PROPOLIS_NATS_USER=nats_user.user, PROPOLIS_NATS_PASSWORD=nats_user.password)
         label = svc.name + (f"-{node}" if node else "")
         child = SupervisedProcess(svc.name, svc.scope, node or env["PROPOLIS_NODE_NAME"], svc.command(ctx), env,
                                   self.cfg.log_dir / f"{label}.log")
