@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from propolis.errors import ValidationError
 from propolis.reconcile import Reconciler, Status
 
 
@@ -91,10 +92,45 @@ async def test_failures_back_off_degrade_health_and_heal(running):
         await asyncio.sleep(0.01)
     assert target.actual == {"good": 1}
     assert "1 errors" in rec.health().reason and rec.health().state.name == "DEGRADED"
-    assert rec.reconciled_revision < rec.revision  # the failing key holds the revision back
+    # every change was attempted: a waiter learns which keys failed instead of waiting forever
+    assert await rec.wait_until_reconciled(timeout=1) == {"bad": "cannot write bad"}
     target.fail.clear()
-    await rec.wait_until_reconciled(timeout=5)
+    for _ in range(100):  # the back-off retries it
+        if rec.health().state.name == "OK":
+            break
+        await asyncio.sleep(0.01)
     assert target.actual == {"good": 1, "bad": 2} and rec.health().state.name == "OK"
+
+
+class MapFull(DictTarget):
+    """A target refusing values over a size, like a policy map with more rows than it holds."""
+
+    async def update(self, key, desired):
+        self.calls.append(("update", key))
+        if desired > 100:
+            raise ValidationError("entries", f"{desired} rows exceed the policy map size 100")
+        self.actual[key] = desired
+
+
+async def test_permanent_error_fails_the_key_until_it_changes_and_never_blocks_others(running):
+    target = MapFull({"big": 5})
+    rec = running(Reconciler("endpoint-policy", target, backoff_min=0.01, refresh_interval=0.05))
+    rec.mark_synced()
+    rev = rec.upsert("big", 170)
+    rec.upsert("small", 7)
+    failed = await rec.wait_until_reconciled(rev, timeout=2)
+    assert failed == {"big": "entries: 170 rows exceed the policy map size 100"}
+    assert target.actual == {"big": 5, "small": 7}  # the failed key keeps what it had: never more open
+    assert rec.status["big"].status is Status.FAILED
+    assert "1 failed (e.g. big: entries: 170 rows" in rec.health().reason
+    await asyncio.sleep(0.2)  # several refresh intervals: a failed key is not retried
+    assert target.calls.count(("update", "big")) == 1
+    rec.upsert("big", 170)  # the same value again: still not retried
+    later = rec.upsert("other", 1)
+    assert await rec.wait_until_reconciled(later, timeout=2) == {"big": failed["big"]}
+    assert target.calls.count(("update", "big")) == 1
+    await rec.wait_until_reconciled(rec.upsert("big", 90), timeout=2)  # a change is tried at once
+    assert target.actual["big"] == 90 and rec.health().state.name == "OK"
 
 
 async def test_remove_and_replace_all(running):

@@ -3,13 +3,18 @@
 Modelled on cilium/statedb's reconciler. Desired objects are upserted and
 removed by key; each change bumps a revision. A loop applies pending keys
 through a `Target` whose ``update`` is idempotent and whose ``delete`` treats
-"missing" as success. A failing key is retried with per-key exponential
-back-off (100 ms -> 60 s) and counted in health ("N errors") until it heals.
+"missing" as success. A key failing with `PermanentError` (bad input, map
+full) is marked FAILED with its reason and not retried until its desired
+value changes (health: "N failed"); any other failure is retried with
+per-key exponential back-off (100 ms -> 60 s) and counted in health
+("N errors") until it heals. One key's failure never holds back the others.
 Pruning — deleting actual objects nobody desires — runs only after
 `mark_synced()` (every input has delivered its initial state), so a
 restarting writer never removes live kernel state too early; then again on
 every periodic refresh, which also repairs drift. ``wait_until_reconciled``
-lets tests and status wait for a revision.
+returns once every change up to a revision was *attempted* (statedb's
+contract), with the keys that failed — so a caller never waits forever on
+an object that cannot be applied.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Generic, Hashable, Iterable, Protocol, TypeVar
 
+from propolis.errors import PermanentError
 from propolis.runtime.health import Health
 
 K = TypeVar("K", bound=Hashable)
@@ -35,9 +41,10 @@ class Target(Protocol[K, V]):
 
 
 class Status(enum.Enum):
-    PENDING = "pending"
+    PENDING = "pending"  # changed, not attempted yet
     DONE = "done"
-    ERROR = "error"
+    ERROR = "error"  # attempted, failed, retried with back-off
+    FAILED = "failed"  # attempted, failed permanently: retried only when the desired value changes
 
 
 @dataclass
@@ -108,21 +115,31 @@ class Reconciler(Generic[K, V]):
 
     # --- observation ------------------------------------------------------------------
     def errors(self) -> dict[K, str]:
-        return {k: s.error for k, s in self.status.items() if s.status is Status.ERROR}
+        """Every key whose last attempt failed (retrying or failed for good), with the reason."""
+        return {k: s.error for k, s in self.status.items() if s.status in (Status.ERROR, Status.FAILED)}
+
+    def failed(self) -> dict[K, str]:
+        """Keys failed permanently: not retried until their desired value changes."""
+        return {k: s.error for k, s in self.status.items() if s.status is Status.FAILED}
 
     def health(self) -> Health:
-        errs = self.errors()
-        if errs:
-            first = next(iter(errs.items()))
-            return Health.degraded(f"{self.name}: {len(errs)} errors (e.g. {first[0]}: {first[1]})")
+        failed = self.failed()
+        retrying = {k: e for k, e in self.errors().items() if k not in failed}
+        parts = [f"{len(d)} {what} (e.g. {next(iter(d))}: {next(iter(d.values()))})"
+                 for d, what in ((failed, "failed"), (retrying, "errors")) if d]
+        if parts:
+            return Health.degraded(f"{self.name}: {'; '.join(parts)}")
         if not self.synced:
             return Health.ok(f"{self.name}: waiting for inputs to sync")
         return Health.ok()
 
-    async def wait_until_reconciled(self, revision: int | None = None, timeout: float = 10.0) -> None:
+    async def wait_until_reconciled(self, revision: int | None = None, timeout: float = 10.0) -> dict[K, str]:
+        """Wait until every change up to ``revision`` (default: the latest) was attempted; returns the
+        keys whose attempt failed, with the reason. Raises TimeoutError after ``timeout`` seconds."""
         target = self.revision if revision is None else revision
         async with self._progress:
             await asyncio.wait_for(self._progress.wait_for(lambda: self.reconciled_revision >= target), timeout)
+        return self.errors()
 
     # --- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -131,8 +148,9 @@ class Reconciler(Generic[K, V]):
             now = time.monotonic()
             if now >= next_refresh:
                 self._prune_due = self.synced
-                for key, value in self.desired.items():  # repair drift
-                    if key not in self._pending:
+                for key, value in self.desired.items():  # repair drift (a failed key waits for a change)
+                    st = self.status.get(key)
+                    if key not in self._pending and (st is None or st.status is not Status.FAILED):
                         self._pending[key] = value
                 next_refresh = now + self.refresh_interval
             await self.reconcile_once()
@@ -160,13 +178,19 @@ class Reconciler(Generic[K, V]):
                     await self.target.delete(key)
                 else:
                     await self.target.update(key, value)
-            except Exception as exc:  # any failure: back off this key, keep going with others
+            except Exception as exc:  # any failure: this key only, keep going with the others
                 st.attempts += 1
-                st.status = Status.ERROR
                 st.error = str(exc) or type(exc).__name__
+                what = "delete" if value is _ABSENT else "update"
+                if isinstance(exc, PermanentError) and value is not _ABSENT:
+                    st.status = Status.FAILED  # retrying will not help: wait for a new desired value
+                    if self._pending.get(key) is value:
+                        del self._pending[key]
+                    log.error("%s: %s %r failed permanently: %s", self.name, what, key, st.error)
+                    continue
+                st.status = Status.ERROR
                 st.retry_at = time.monotonic() + min(self.backoff_max, self.backoff_min * 2 ** (st.attempts - 1))
-                log.warning("%s: %s %r failed (attempt %d): %s", self.name,
-                            "delete" if value is _ABSENT else "update", key, st.attempts, st.error)
+                log.warning("%s: %s %r failed (attempt %d): %s", self.name, what, key, st.attempts, st.error)
                 continue
             if self._pending.get(key) is value:
                 del self._pending[key]
@@ -193,7 +217,9 @@ class Reconciler(Generic[K, V]):
             self._wake.set()
 
     async def _advance(self) -> None:
-        pending_revs = [self.status[k].revision for k in self._pending if k in self.status]
+        """Move `reconciled_revision` up to just before the oldest change not attempted yet."""
+        pending_revs = [self.status[k].revision for k in self._pending
+                        if k in self.status and self.status[k].status is Status.PENDING]
         reached = (min(pending_revs) - 1) if pending_revs else self.revision
         if reached != self.reconciled_revision:
             self.reconciled_revision = max(self.reconciled_revision, reached)

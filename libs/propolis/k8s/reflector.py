@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Protocol
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import LineTooLong
 
 from propolis.k8s.kinds import Kind
 from propolis.k8s.kubeclient import ApiClient, ApiException
@@ -31,6 +32,10 @@ class Gone(Exception):
 
 
 LIST_PAGE_SIZE = 500
+#: The longest watch event line read. A real API server sends objects up to etcd's request limit (1.5 MiB by
+#: default; clusters raise it) wrapped in an event; aiohttp's default (its read buffer, 4 MiB here) let one
+#: 15 MB annotation kill the reflector. A longer line is not parsed: the kind is listed again instead.
+MAX_WATCH_EVENT_BYTES = 64 * 1024 * 1024
 
 
 class Sink(Protocol):
@@ -79,6 +84,11 @@ class Reflector:
                 log.info("%s: resourceVersion %s expired (410 Gone); relisting", self.kind.plural,
                          self.resource_version)
                 self.resource_version = None
+            except LineTooLong as exc:  # one oversized object: never a dead reflector (lists read whole pages)
+                self.error = f"watch event over {MAX_WATCH_EVENT_BYTES} bytes after resourceVersion " \
+                             f"{self.resource_version}: relisted"
+                log.error("%s: %s (%s)", self.kind.plural, self.error, exc)
+                self._relist_requested = True
             except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                 if self._watch_closed_by_relist:
                     self._watch_closed_by_relist = False
@@ -159,7 +169,7 @@ class Reflector:
         self._watch_response = resp
         try:
             while not self._relist_requested:
-                line = await resp.content.readline()
+                line = await resp.content.readline(max_line_length=MAX_WATCH_EVENT_BYTES)
                 if not line:
                     return  # server closed the watch (timeout): resume from resource_version
                 if not line.strip():

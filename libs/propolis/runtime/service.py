@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 import prometheus_client
@@ -42,6 +43,11 @@ from propolis.runtime.health import Health, State, worst
 
 S = TypeVar("S", bound=settings_mod.CommonSettings)
 log = logging.getLogger("propolis.runtime")
+
+#: Fault injection for the supervision tests (integration/faults): with this set to a directory, a guarded
+#: task raises once the file ``<service>@<node>:<task>`` appears there. Only the first step is staged:
+#: the death, /healthz, exit code and the supervisor's restart that follow are the real ones.
+FAULT_DIR_ENV = "PROPOLIS_FAULT_DIR"
 
 #: progress keys others wait on (`propolis sandbox wait`): a change sends a heartbeat at once
 PROMPT_PROGRESS_KEYS = frozenset({"k8s_resource_version"})
@@ -93,6 +99,9 @@ class Runtime:
         """A named, guarded task. Long-running unless ``one_shot`` (work meant to finish, e.g. taking
         over leadership). If it raises, or a long-running one returns, the service has lost a part it
         cannot run without: `fail` ends the process non-zero so its supervisor restarts it."""
+        fault_dir = os.environ.get(FAULT_DIR_ENV)
+        if fault_dir:
+            coro = _fault_injectable(coro, Path(fault_dir) / f"{self.service}@{self.settings.node_name}:{name}")
         task = asyncio.create_task(coro, name=f"{self.service}:{name}")
         self._tasks[task] = (component, one_shot)
         task.add_done_callback(self._task_done)
@@ -277,6 +286,21 @@ class Runtime:
             c.health = Health.stopped()
         with contextlib.suppress(Exception):
             await self.bus.close()
+
+
+async def _fault_injectable(coro: Coroutine[Any, Any, Any], trigger: Path) -> Any:
+    """Run ``coro``; raise instead once ``trigger`` exists (consumed, so a restarted instance runs clean)."""
+    inner = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({inner}, timeout=0.1)
+            if done:
+                return inner.result()
+            if trigger.exists():
+                trigger.unlink(missing_ok=True)
+                raise RuntimeError(f"fault injected through {trigger}")
+    finally:
+        inner.cancel()
 
 
 def run_service(name: str, settings_cls: type[S], build: Callable[[S], Sequence[Component]],
