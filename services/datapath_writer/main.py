@@ -28,6 +28,7 @@ from propolis.datapath.datapath import Datapath, DatapathSettings
 from propolis.model.identity import RESERVED_INIT
 from propolis.reconcile import Reconciler
 from propolis.runtime.component import Component
+from propolis.runtime.health import Health, State
 from propolis.runtime.service import Runtime, run_service
 from propolis.runtime.settings import CommonSettings, setting
 from propolis.writer.desired import DesiredState
@@ -38,6 +39,8 @@ from propolis.writer.targets import EndpointPolicyTarget, IpcacheTarget
 
 log = logging.getLogger("propolis.datapath_writer")
 SERVICE = "datapath-writer"
+#: how long a recompute waits for its changes to be attempted before it reports and retries
+RECONCILE_WAIT = 30.0
 
 
 @dataclass
@@ -177,16 +180,21 @@ class Enforcer(Component):
         await self.dp.attach_endpoint(endpoint_id=ep.endpoint_id, ip=ep.ip, identity=ep.identity,
                                       ifindex=ep.ifindex, netns=self.settings.node_netns or None,
                                       ingress_enforced=True, egress_enforced=True)
-        if policy is not None:
-            self.dp.set_policy(ep.endpoint_id, policy.entries)
-            self.dp.set_enforcement(ep.endpoint_id, ingress=policy.ingress_enforced, egress=policy.egress_enforced)
-            self.policies.upsert(ep.endpoint_id, policy)
         self.table.add(ep)
+        failure = ""
+        if policy is not None:  # through the reconciler: the one writer of policy maps
+            try:
+                failed = await self.policies.wait_until_reconciled(self.policies.upsert(ep.endpoint_id, policy),
+                                                                   timeout=self.settings.identity_wait)
+                failure = failed.get(ep.endpoint_id, "")
+            except asyncio.TimeoutError:
+                failure = "policy not written yet"
         self.inputs.changed.set()  # ipcache and other endpoints' policies may name this pod
         seconds = time.perf_counter() - started
         self.rt.progress["last_attach_ms"] = round(seconds * 1000, 2)
-        return {"ok": True, "endpointID": ep.endpoint_id, "identity": ep.identity,
-                "policy": "programmed" if policy else "deny-all until identity is known"}
+        state = ("deny-all until identity is known" if policy is None else
+                 f"deny-all: {failure}" if failure else "programmed")
+        return {"ok": True, "endpointID": ep.endpoint_id, "identity": ep.identity, "policy": state}
 
     async def _wait_identity(self, ep: LocalEndpoint) -> int:
         deadline = time.monotonic() + self.settings.identity_wait
@@ -206,6 +214,8 @@ class Enforcer(Component):
 
     # --- the loop -------------------------------------------------------------------------
     async def _recompute_loop(self) -> None:
+        """Never ends on a bad input: a failing object is the reconciler's per-key error (shown in health),
+        a failing pass is retried on the next change; the loop itself only stops when cancelled."""
         while True:
             await self.inputs.changed.wait()
             await asyncio.sleep(self.settings.recompute_debounce)
@@ -213,27 +223,51 @@ class Enforcer(Component):
             if not self.inputs.synced:
                 self.set_degraded("waiting for the k8s and identities buckets (initial values and watermarks)")
                 continue
-            watermark = self.inputs.watermark
             try:
-                await self.recompute()
-            except Exception as exc:
+                await self._recompute_pass()
+            except Exception as exc:  # noqa: BLE001 - a bug or a kernel hiccup: report, retry on the next change
                 log.exception("recompute failed")
                 self.set_degraded(f"recompute failed: {exc}")
-                continue
-            self.ipcache.mark_synced()
-            self.policies.mark_synced()
-            rev_ip, rev_pol = self.ipcache.revision, self.policies.revision
-            await self.ipcache.wait_until_reconciled(rev_ip, timeout=60)
-            await self.policies.wait_until_reconciled(rev_pol, timeout=60)
-            self.enforced_watermark = max(self.enforced_watermark, watermark)
-            self.rt.progress["k8s_resource_version"] = str(self.enforced_watermark)
-            self.rt.progress["endpoints"] = len(self.table.by_id)
-            errors = {**self.ipcache.errors(), **self.policies.errors()}
-            if errors:
-                self.set_degraded(f"{len(errors)} errors: {next(iter(errors.values()))}")
-            else:
-                self.set_ok()
             await self._publish_ipcache()
+
+    async def _recompute_pass(self) -> None:
+        """Desired state -> reconcilers; once every change was attempted, report the watermark it reflects."""
+        watermark = self.inputs.watermark
+        await self.recompute()
+        self.ipcache.mark_synced()
+        self.policies.mark_synced()
+        rev_ip, rev_pol = self.ipcache.revision, self.policies.revision
+        try:
+            await self.ipcache.wait_until_reconciled(rev_ip, timeout=RECONCILE_WAIT)
+            await self.policies.wait_until_reconciled(rev_pol, timeout=RECONCILE_WAIT)
+        except asyncio.TimeoutError:  # the kernel is slow, not wrong: the reconcilers keep going
+            self.set_degraded(f"changes not applied within {RECONCILE_WAIT:.0f}s; retrying")
+            self.inputs.changed.set()
+            return
+        self.enforced_watermark = max(self.enforced_watermark, watermark)
+        self.rt.progress["k8s_resource_version"] = str(self.enforced_watermark)
+        self.rt.progress["endpoints"] = len(self.table.by_id)
+        self.health = self.reconcile_health()
+
+    def reconcile_health(self) -> Health:
+        """OK, or what failed: ipcache rows, and endpoints (named by pod) whose policy is not enforced."""
+        failed = self.policies.errors()
+        if self.desired.policy_errors:
+            failed = {**self.desired.policy_errors, **failed}
+        self.rt.progress["endpoint_policy_failures"] = {self.endpoint_name(k): v for k, v in failed.items()}
+        parts = []
+        if failed:
+            ep, why = next(iter(failed.items()))
+            parts.append(f"{len(failed)} failed endpoint policies, last enforced state kept "
+                         f"(e.g. {self.endpoint_name(ep)}: {why})")
+        ipcache = self.ipcache.health()
+        if ipcache.state is not State.OK:
+            parts.append(ipcache.reason)
+        return Health.degraded("; ".join(parts)) if parts else Health.ok()
+
+    def endpoint_name(self, endpoint_id: int) -> str:
+        ep = self.table.by_id.get(endpoint_id)
+        return f"endpoint {endpoint_id} ({ep.namespace}/{ep.pod})" if ep else f"endpoint {endpoint_id}"
 
     async def recompute(self) -> None:
         for ep in self.table.by_id.values():

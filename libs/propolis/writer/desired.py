@@ -49,6 +49,8 @@ class DesiredState:
     services: list[LBService] = field(default_factory=list)
     #: "namespace/name" of a Service -> why it could not be programmed (shown in status)
     service_errors: dict[str, str] = field(default_factory=dict)
+    #: endpoint id -> why its policy could not be computed (it keeps its previous desired policy)
+    policy_errors: dict[int, str] = field(default_factory=dict)
     engine: PolicyEngine = field(init=False)
     _policy_generation: int = -1
     #: inputs.services_generation the `services` list reflects: a pod or policy change costs no LB work
@@ -93,10 +95,30 @@ class DesiredState:
             if ":" not in prefix:
                 ipc.setdefault(prefix, IPCacheEntry(prefix, ident))
         self.ipcache = ipc
-        self.policies = {ep.endpoint_id: self.endpoint_policy(inputs, ep) for ep in local if ep.identity}
+        self.policies, self.policy_errors = self._policies(inputs, local)
         if inputs.services_generation != self.services_generation:
             self.services = self._services(inputs)
             self.services_generation = inputs.services_generation
+
+    def _policies(self, inputs: "ClusterInputs",
+                  local: list["LocalEndpoint"]) -> tuple[dict[int, EndpointPolicy], dict[int, str]]:
+        """Per endpoint, so one that cannot be computed keeps its previous policy (never more open) and is
+        reported, while every other endpoint gets its changes."""
+        policies: dict[int, EndpointPolicy] = {}
+        errors: dict[int, str] = {}
+        for ep in local:
+            if not ep.identity:
+                continue
+            try:
+                policies[ep.endpoint_id] = self.endpoint_policy(inputs, ep)
+            except Exception as exc:  # noqa: BLE001 - this endpoint only
+                errors[ep.endpoint_id] = f"{type(exc).__name__}: {exc}"
+                if ep.endpoint_id not in self.policy_errors:
+                    log.error("policy of endpoint %d (%s/%s) not computed, previous kept: %s",
+                              ep.endpoint_id, ep.namespace, ep.pod, errors[ep.endpoint_id])
+                if ep.endpoint_id in self.policies:
+                    policies[ep.endpoint_id] = self.policies[ep.endpoint_id]
+        return policies, errors
 
     def _services(self, inputs: "ClusterInputs") -> list[LBService]:
         """Per Service, so one invalid Service is reported and skipped instead of stopping all."""
