@@ -2,6 +2,12 @@
 
 State: `propolis identity list`, `propolis endpoint list`, or
 `propolis bus kv PROPOLIS_IDENTITIES_V1`.
+
+Losing state is not deleting it: the k8s bucket is read through a ``WatermarkGate``, so a purged
+k8s bucket freezes what the allocator knows (no endpoint record is deleted) until the k8s-watcher
+refilled it under a new epoch. Its own bucket carries its own epoch in the watermark it passes
+on, and the GC lease holder repairs it (endpoint records and the identities they use re-written,
+new epoch) when its watermark vanished or, every ``kv_repair_interval``, when it differs.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ import time
 from dataclasses import dataclass
 
 from propolis.bus import subjects
-from propolis.bus.kv import EventType, Kv
+from propolis.bus.kv import Conflict, EventType, Kv, KvEvent
 from propolis.bus.lease import LeaseElector
-from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject, Watermark
-from propolis.identity.allocator import IdentityAllocator
+from propolis.bus.messages import EndpointRecord, IdentityIndex, IdentityRecord, K8sObject, Watermark
+from propolis.bus.watermark import WatermarkGate, new_epoch
+from propolis.identity.allocator import IdentityAllocator, labels_hash
 from propolis.identity.endpoints import endpoint_for_pod
 from propolis.model import identity as idmodel
 from propolis.runtime.component import Component
@@ -32,6 +39,8 @@ class Settings(CommonSettings):
                                        unit="s")
     identity_gc_interval: float = setting(10.0, "how often the lease holder looks for unused identities", unit="s")
     lease_duration: float = setting(10.0, "GC leader lease duration", unit="s")
+    kv_repair_interval: float = setting(10.0, "how often the lease holder compares its whole bucket with what it "
+                                              "wrote (its watermark is checked every second)", unit="s")
 
 
 class Allocator(Component):
@@ -45,8 +54,12 @@ class Allocator(Component):
         self.endpoints: dict[str, EndpointRecord] = {}  # key -> what we wrote / found in KV
         self.identities: dict[int, list[str]] = {}  # allocated (non-reserved) identities
         self.unused_since: dict[int, float] = {}
-        self.synced = False
-        self.queue: asyncio.Queue[tuple[str, str] | Watermark | None] = asyncio.Queue()
+        self.k8s_gate = WatermarkGate(subjects.K8S_BUCKET)
+        self.prune_due = False  # after (re)delivery of the k8s bucket: prune once its gate is ready
+        self.epoch = new_epoch()  # of our bucket's contents (changes when repaired)
+        self.last_watermark: Watermark | None = None  # the k8s watermark last passed on
+        self.repairs = 0
+        self.queue: asyncio.Queue[tuple[str, str] | Watermark | object | None] = asyncio.Queue()
         self.lease: LeaseElector | None = None
         self.ids_kv: Kv | None = None
         self.alloc: IdentityAllocator | None = None
@@ -72,32 +85,50 @@ class Allocator(Component):
         rt.spawn("worker", self._worker(), self)
         rt.spawn("lease", self.lease.run(), self)
         rt.spawn("gc", self._gc_loop(), self)
+        rt.spawn("repair", self._repair_loop(), self)
 
     async def _watch(self, kv: Kv) -> None:
+        """The k8s bucket through its gate: changes only once the watcher's watermark covers them."""
         async for ev in kv.watch(">"):
+            was_ready = self.k8s_gate.ready
+            released = self.k8s_gate.feed(ev)
             if ev.type is EventType.SYNCED:
-                self.synced = True
-                await self.queue.put(None)  # prune marker
-                continue
-            if ev.key == subjects.WATERMARK_KEY:
-                if ev.type is EventType.PUT:
-                    await self.queue.put(ev.value)  # processed after every object it covers
-                continue
-            kind, _, rest = ev.key.partition(".")
-            ns, _, name = rest.partition(".")
-            if kind == "pods":
-                if ev.type is EventType.PUT:
-                    self.pods[(ns, name)] = ev.value
-                else:
-                    self.pods.pop((ns, name), None)
-                await self.queue.put((ns, name))
-            elif kind == "namespaces":
-                if ev.type is EventType.PUT:
-                    self.namespaces[name] = ev.value
-                else:
-                    self.namespaces.pop(name, None)
-                for pod_ns, pod_name in [k for k in self.pods if k[0] == name]:
-                    await self.queue.put((pod_ns, pod_name))
+                self.prune_due = True
+            for change in released or ():
+                await self._k8s_change(change)
+            if self.prune_due and self.k8s_gate.ready:
+                self.prune_due = False
+                await self.queue.put(None)  # prune marker, behind every pod it judges
+            if released is not None:
+                await self.queue.put(self.k8s_gate.watermark)  # processed after every object it covers
+            if was_ready != self.k8s_gate.ready:
+                self._report()
+
+    def _report(self) -> None:
+        if self.k8s_gate.ready:
+            self.set_ok()
+        elif self.k8s_gate.lost:
+            self.set_degraded("the k8s bucket lost its watermark (purged?): keeping every endpoint record, "
+                              "waiting for the k8s-watcher to refill it")
+        else:
+            self.set_degraded("waiting for the k8s bucket")
+
+    async def _k8s_change(self, ev: KvEvent) -> None:
+        kind, _, rest = ev.key.partition(".")
+        ns, _, name = rest.partition(".")
+        if kind == "pods":
+            if ev.type is EventType.PUT:
+                self.pods[(ns, name)] = ev.value
+            else:
+                self.pods.pop((ns, name), None)
+            await self.queue.put((ns, name))
+        elif kind == "namespaces":
+            if ev.type is EventType.PUT:
+                self.namespaces[name] = ev.value
+            else:
+                self.namespaces.pop(name, None)
+            for pod_ns, pod_name in [k for k in self.pods if k[0] == name]:
+                await self.queue.put((pod_ns, pod_name))
 
     async def _watch_ids(self) -> None:
         """Other replicas' allocations: keep the used set current so candidates rarely collide."""
@@ -119,19 +150,79 @@ class Allocator(Component):
                 if item is None:
                     await self._prune()
                 elif isinstance(item, Watermark):
-                    assert self.ids_kv is not None
-                    await self.ids_kv.put(subjects.WATERMARK_KEY, item)  # pass it on, behind our writes
-                    self.rt.progress["k8s_resource_version"] = str(item.resource_version)
+                    await self._pass_on(item)
+                elif item is _REPAIR:
+                    await self._repair()
                 else:
-                    await self._sync_pod(*item)
+                    await self._sync_pod(*item)  # type: ignore[misc]
                 self.rt.progress["endpoints"] = len(self.endpoints)
                 self.rt.progress["identities"] = len(self.identities)
-                self.set_ok() if self.synced else self.set_degraded("waiting for the k8s bucket")
+                self.rt.progress["bucket_epoch"] = self.epoch
+                self.rt.progress["bucket_repairs"] = self.repairs
+                self._report()
             except Exception as exc:  # NATS away: retry this item shortly
                 log.warning("sync %s failed: %s; retrying", item, exc)
                 self.set_degraded(f"sync failing: {exc}")
                 await asyncio.sleep(0.5)
                 await self.queue.put(item)
+
+    async def _pass_on(self, k8s_mark: Watermark) -> None:
+        """The k8s watermark into our bucket, behind our writes, stamped with our own epoch."""
+        assert self.ids_kv is not None
+        await self.ids_kv.put(subjects.WATERMARK_KEY, Watermark(k8s_mark.resource_version, time.time(), self.epoch))
+        self.last_watermark = k8s_mark
+        self.rt.progress["k8s_resource_version"] = str(k8s_mark.resource_version)
+
+    async def _repair_loop(self) -> None:
+        """Probe our watermark every second, compare the whole bucket every kv_repair_interval (lease holder)."""
+        assert self.lease is not None and self.ids_kv is not None
+        next_full = time.monotonic() + self.settings.kv_repair_interval
+        while True:
+            await asyncio.sleep(1.0)
+            if not (self.lease.is_leader and self.k8s_gate.ready and self.last_watermark is not None):
+                continue
+            try:
+                full = time.monotonic() >= next_full
+                if full:
+                    next_full = time.monotonic() + self.settings.kv_repair_interval
+                if full or await self.ids_kv.get(subjects.WATERMARK_KEY) is None:
+                    await self.queue.put(_REPAIR)  # serialized with the worker's writes
+            except Exception as exc:  # NATS away: next round
+                log.debug("repair probe: %s", exc)
+
+    async def _repair(self) -> None:
+        """Re-write what our bucket lost: endpoint records, the identities they use, the watermark."""
+        assert self.ids_kv is not None and self.alloc is not None and self.last_watermark is not None
+        actual = await self.ids_kv.items()
+        endpoints = [k for k, rec in self.endpoints.items() if getattr(actual.get(k), "value", None) != rec]
+        in_use = {rec.identity: sorted(rec.labels) for rec in self.endpoints.values() if rec.identity}
+        ids = [n for n in in_use if f"id.{n}" not in actual]
+        index = [n for n, labels in in_use.items() if f"labels.{labels_hash(labels)}" not in actual]
+        if not (endpoints or ids or index or subjects.WATERMARK_KEY not in actual):
+            return
+        self.repairs += 1
+        self.epoch = new_epoch()
+        log.error("bucket %s lost contents: %d endpoint records, %d identities, %d label indexes missing or changed, "
+                  "watermark %s: re-writing them under epoch %s", subjects.IDENTITIES_BUCKET, len(endpoints),
+                  len(ids), len(index), "gone" if subjects.WATERMARK_KEY not in actual else "intact", self.epoch)
+        await self.alloc.ensure_reserved(idmodel.reserved_identity_labels())
+        for number in ids:
+            await self._recreate(f"id.{number}", IdentityRecord(number, in_use[number]))
+        for number in index:
+            await self._recreate(f"labels.{labels_hash(in_use[number])}", IdentityIndex(number, in_use[number]))
+        for number, labels in in_use.items():
+            self.alloc.note_used(number)
+            self.identities[number] = labels
+        for key in endpoints:
+            await self.ids_kv.put(key, self.endpoints[key])
+        await self._pass_on(self.last_watermark)
+
+    async def _recreate(self, key: str, record: IdentityRecord | IdentityIndex) -> None:
+        assert self.ids_kv is not None
+        try:
+            await self.ids_kv.create(key, record)
+        except Conflict:
+            log.warning("repair: %s was re-created by another replica meanwhile", key)
 
     async def _sync_pod(self, ns: str, name: str) -> None:
         assert self.ids_kv is not None and self.alloc is not None
@@ -174,7 +265,7 @@ class Allocator(Component):
         assert self.lease is not None and self.alloc is not None
         while True:
             await asyncio.sleep(self.settings.identity_gc_interval)
-            if not (self.synced and self.lease.is_leader):
+            if not (self.k8s_gate.ready and self.lease.is_leader):
                 continue
             in_use = {e.identity for e in self.endpoints.values()}
             now = time.monotonic()
@@ -192,6 +283,9 @@ class Allocator(Component):
     async def stop(self) -> None:
         if self.lease is not None:
             await self.lease.release()
+
+
+_REPAIR = object()  # worker item: compare our bucket with what we wrote
 
 
 def build(settings: Settings) -> list[Component]:

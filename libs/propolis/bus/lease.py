@@ -3,17 +3,20 @@
 Replicas of a cluster-wide service (k8s-watcher, identity GC) race to create or
 take over an expired lease; the holder renews it every third of its duration.
 Losing a renewal race (Conflict) or failing to renew before expiry means the
-holder stops acting as leader at once.
+holder stops acting as leader at once. A holder that stops deletes the lease
+(``release``), and standbys watch the key, so a restarted instance or a standby
+takes over at once instead of waiting for the lease to expire.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Callable
 
-from propolis.bus.kv import Conflict, Kv
+from propolis.bus.kv import Conflict, EventType, Kv
 from propolis.bus.messages import Lease
 from propolis.errors import TemporaryError
 
@@ -66,16 +69,42 @@ class LeaseElector:
             return True
 
     async def run(self) -> None:
+        released = asyncio.Event()
+        watch = asyncio.ensure_future(self._watch_release(released))
+        try:
+            while True:
+                released.clear()
+                await self.renew()
+                try:
+                    await asyncio.wait_for(released.wait(), self.duration / 3)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            watch.cancel()
+            with contextlib.suppress(BaseException):
+                await watch
+
+    async def _watch_release(self, released: asyncio.Event) -> None:
+        """Wake a standby the moment the holder releases (deletes) the lease."""
         while True:
-            await self.renew()
-            await asyncio.sleep(self.duration / 3)
+            try:
+                async for ev in self.kv.watch(self.key):
+                    if ev.type is EventType.DELETE and not self.is_leader:
+                        released.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: polling still works; watch again shortly
+                log.debug("lease %s watch: %s", self.key, exc)
+                await asyncio.sleep(1.0)
 
     async def release(self) -> None:
+        """Give the lease up (on shutdown) so the next holder need not wait for it to expire."""
         if self.is_leader:
             try:
                 await self.kv.delete(self.key, self._revision)
-            except Exception:
-                pass
+                log.info("lease %s released", self.key)
+            except Exception as exc:
+                log.warning("lease %s not released (it expires in %.0fs): %s", self.key, self.duration, exc)
         self._set(False)
 
     def _set(self, leader: bool) -> bool:

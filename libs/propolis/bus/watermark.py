@@ -17,6 +17,7 @@ watermark (same epoch) and goes through.
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,11 @@ from propolis.bus.messages import Watermark
 log = logging.getLogger("propolis.bus.watermark")
 
 _ABSENT = object()
+
+
+def new_epoch() -> str:
+    """A bucket owner's epoch: picked whenever it (re)fills its bucket (see messages.Watermark)."""
+    return secrets.token_hex(8)
 
 
 @dataclass

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from propolis.bus import subjects
 from propolis.bus.kv import Conflict, Kv
 from propolis.bus.messages import K8sObject, Watermark
+from propolis.bus.watermark import new_epoch
 from propolis.errors import ValidationError
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
 
@@ -50,10 +50,6 @@ def record_key(kind: Kind, obj: dict[str, Any]) -> str:
 
 #: The API store's identity: a new (not restored) store creates kube-system with a new uid.
 KUBE_SYSTEM_KEY = subjects.k8s_key("namespaces", None, "kube-system")
-
-
-def new_epoch() -> str:
-    return secrets.token_hex(8)
 
 
 class Relistable(Protocol):

@@ -92,6 +92,8 @@ class ClusterInputs:
 
     def _k8s_change(self, ev: KvEvent) -> None:
         kind, _, rest = ev.key.partition(".")
+        if kind.startswith("_"):
+            return  # the owner's own keys (its lease): not Kubernetes objects
         ns, _, name = rest.partition(".")
         obj = ev.value if ev.type is EventType.PUT else None
         if obj is not None and not isinstance(obj, K8sObject):

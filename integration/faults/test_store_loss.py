@@ -1,0 +1,263 @@
+"""Fail-open scenarios 1 (the watcher's half) and 2 of issue 11: losing state is not deleting it.
+
+In-process (real nats-server, the sandbox API server, the k8s-watcher and identity-allocator through the
+real runtime, the datapath-writer's inputs):
+
+* the k8s bucket purged while everything runs (whole stream; key by key with the watermark last): the
+  writer's inputs never drop a policy, the identity-allocator deletes no endpoint record, the watcher
+  refills its bucket by itself under a new epoch within seconds, later changes and deletes still flow;
+* an API whose store went back (the API server replaced on the same address by one with a fresh store:
+  resourceVersion back to a few, another kube-system uid), under a restarted and under a running watcher:
+  the bucket is held as it was (reported in the heartbeat) until every kind was re-listed, then replaced.
+  The sandbox API offers no "reset" (its store now survives restarts), so the new store is a second API
+  server we start on the same port.
+
+In a 2-node sandbox (root): the same purges while a denied pair is probed in a loop: 0 denied connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "watcher"))  # its API client and service helpers
+
+from test_k8s_watcher import CNP_VALID, Api, eventually, pod, start_service, stop_service  # noqa: E402
+
+from propolis.bus import subjects  # noqa: E402
+from propolis.bus.kv import EventType  # noqa: E402
+from propolis.bus.messages import K8sObject, Watermark  # noqa: E402
+from propolis.sandbox.apiserver import ApiServer  # noqa: E402
+from propolis.writer.inputs import ClusterInputs  # noqa: E402
+from services.identity_allocator import main as allocator_main  # noqa: E402
+from services.k8s_watcher import main as watcher_main  # noqa: E402
+
+POLICY_KEY = "ciliumnetworkpolicies.prod.api-policy"
+STREAM = f"KV_{subjects.K8S_BUCKET}"
+
+
+def cnp(name: str) -> dict[str, Any]:
+    return {**CNP_VALID, "metadata": {"name": name}}
+
+
+async def k8s_keys(bus: Any) -> dict[str, Any]:
+    return {k: e.value for k, e in (await (await bus.kv(subjects.K8S_BUCKET)).items()).items()}
+
+
+async def watermark(bus: Any) -> Watermark | None:
+    entry = await (await bus.kv(subjects.K8S_BUCKET)).get(subjects.WATERMARK_KEY)
+    return entry.value if entry is not None else None
+
+
+class InputsRecorder:
+    """The datapath-writer's inputs following both buckets; records what the writer could act on."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+        self.inputs = ClusterInputs()
+        self.acted_on: list[tuple[int, int]] = []  # (policies, endpoints) whenever synced
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> "InputsRecorder":
+        k8s, ids = await self.bus.kv(subjects.K8S_BUCKET), await self.bus.kv(subjects.IDENTITIES_BUCKET)
+        self._tasks = [asyncio.create_task(self.inputs.follow(k8s, ids)), asyncio.create_task(self._record())]
+        return self
+
+    async def _record(self) -> None:
+        while True:
+            await self.inputs.changed.wait()
+            self.inputs.changed.clear()
+            if self.inputs.synced:
+                self.acted_on.append((len(self.inputs.policies), len(self.inputs.endpoints)))
+
+    async def __aexit__(self, *exc: Any) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def api_cluster(tmp_path: Path, nats_server, bus) -> AsyncIterator[dict[str, Any]]:
+    srv = ApiServer(run_dir=tmp_path / "api", bookmark_interval=0.2)
+    await srv.start()
+    kubeconfig = tmp_path / "kubeconfig"
+    shutil.copy(srv.kubeconfig_path, kubeconfig)
+    api = Api(srv.url)
+    common = dict(nats_url=nats_server.url, node_name="n1", http_port=-1, heartbeat_interval=0.2, cluster_name="test")
+    state = {"srv": srv, "api": api, "bus": bus, "tmp": tmp_path, "kubeconfig": str(kubeconfig),
+             "watcher": {**common, "kubeconfig": str(kubeconfig), "kv_repair_interval": 2.0,
+                         "store_reset_settle": 1.5},
+             "allocator": {**common, "kv_repair_interval": 2.0}}
+    try:
+        yield state
+    finally:
+        await api.close()
+        await state["srv"].stop()
+
+
+async def replace_api_store(state: dict[str, Any]) -> None:
+    """The API comes back on the same address with another store (as after a restore or a loss)."""
+    port = state["srv"].port
+    await state["srv"].stop()
+    srv = ApiServer(run_dir=state["tmp"] / "api2", port=port, bookmark_interval=0.2)
+    await srv.start()
+    state["srv"] = srv
+
+
+async def test_purged_k8s_bucket_heals_and_nothing_is_pruned(api_cluster):
+    api, bus = api_cluster["api"], api_cluster["bus"]
+    await api.create("/api/v1/namespaces", {"metadata": {"name": "prod"}})
+    await api.create("/api/v1/namespaces/prod/pods", pod("api-1", {"app": "api"}, ip="10.244.1.12"))
+    await api.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", CNP_VALID)
+    ids = await bus.kv(subjects.IDENTITIES_BUCKET)
+    endpoint_deletes: list[str] = []
+
+    async def watch_endpoint_deletes() -> None:
+        async for ev in ids.watch("endpoints.>"):
+            if ev.type is EventType.DELETE:
+                endpoint_deletes.append(ev.key)
+
+    w = await start_service(watcher_main, api_cluster["watcher"])
+    a = await start_service(allocator_main, api_cluster["allocator"])
+    deletes = asyncio.create_task(watch_endpoint_deletes())
+    try:
+        async with InputsRecorder(bus) as rec:
+            await eventually(lambda: _async(rec.inputs.synced and POLICY_KEY in rec.inputs.policies
+                                            and ("prod", "api-1") in rec.inputs.endpoints), what="initial sync")
+            for how in ("stream purge", "keys purged, the watermark last"):
+                before = await watermark(bus)
+                if how == "stream purge":
+                    await bus.js.purge_stream(STREAM)
+                else:
+                    k8s = await bus.kv(subjects.K8S_BUCKET)
+                    for key in [k for k in await k8s_keys(bus) if k != subjects.WATERMARK_KEY]:
+                        await k8s.store.purge(key)
+                    await k8s.store.purge(subjects.WATERMARK_KEY)
+                purged_at = time.monotonic()
+                # the watcher refills its bucket by itself, under a new epoch
+                await eventually(lambda: _refilled(bus, before), timeout=5, what=f"bucket refilled after {how}")
+                print(f"{how}: refilled in {time.monotonic() - purged_at:.2f}s")
+                await eventually(lambda: _async(rec.inputs.synced), what=f"inputs re-synced after {how}")
+                assert POLICY_KEY in rec.inputs.policies and ("prod", "api-1") in rec.inputs.endpoints
+            assert endpoint_deletes == [], "the identity-allocator deleted endpoint records of a purged bucket"
+            assert all(p >= 1 and e >= 1 for p, e in rec.acted_on), "the writer could act on a pruned view"
+            assert int(w[0].progress["bucket_repairs"]) >= 2
+            # later changes and normal deletes still flow
+            await api.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", cnp("later"))
+            await eventually(lambda: _async("ciliumnetworkpolicies.prod.later" in rec.inputs.policies),
+                             what="a later policy reaches the writer's inputs")
+            await api.delete("/api/v1/namespaces/prod/pods/api-1")
+            await eventually(lambda: _async(("prod", "api-1") not in rec.inputs.endpoints),
+                             what="a deleted pod's endpoint record goes")
+            assert endpoint_deletes == ["endpoints.prod.api-1"]
+    finally:
+        deletes.cancel()
+        await asyncio.gather(deletes, return_exceptions=True)
+        await stop_service(*a)
+        await stop_service(*w)
+
+
+async def test_restarted_watcher_holds_the_bucket_when_the_api_store_went_back(api_cluster):
+    api, bus = api_cluster["api"], api_cluster["bus"]
+    await api.create("/api/v1/namespaces", {"metadata": {"name": "prod"}})
+    await api.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", CNP_VALID)
+    for i in range(20):  # move the resourceVersion well past what a fresh store starts at
+        await api.create("/api/v1/namespaces/prod/pods", pod(f"p{i}", {"app": "x"}))
+    w = await start_service(watcher_main, api_cluster["watcher"])
+    try:
+        await eventually(lambda: _has_key(bus, POLICY_KEY), what="policy mirrored")
+        await eventually(lambda: _mark_epoch_is(bus, w), what="watermark of this leader's epoch")
+        old_mark = await watermark(bus)
+    finally:
+        await stop_service(*w)
+    assert await (await bus.kv(subjects.K8S_BUCKET)).get("_lease.k8s-watcher._") is None, "lease not released"
+
+    await replace_api_store(api_cluster)
+    api2 = Api(api_cluster["srv"].url)
+    try:
+        await api2.create("/api/v1/namespaces", {"metadata": {"name": "prod"}})
+        await api2.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", cnp("new-store"))
+        started = time.monotonic()
+        w = await start_service(watcher_main, api_cluster["watcher"])
+        try:
+            await eventually(lambda: _async(bool(w[0].progress.get("store_reset"))), what="store reset reported")
+            assert time.monotonic() - started < 1.0, "the restarted watcher waited for its old lease"
+            component = w[0].components[-1]
+            assert component.health.state.value != "ok" and "store reset" in component.health.reason
+            # held: the old contents stay, the watermark is not moved
+            keys = await k8s_keys(bus)
+            assert POLICY_KEY in keys and "pods.prod.p19" in keys
+            assert (await watermark(bus)) == old_mark
+            # after the settle time and a full re-list: replaced under a new epoch
+            await eventually(lambda: _async(not w[0].progress.get("store_reset")), timeout=10, what="reset done")
+            await eventually(lambda: _has_key(bus, "ciliumnetworkpolicies.prod.new-store"), what="new store mirrored")
+            keys = await k8s_keys(bus)
+            assert POLICY_KEY not in keys and "pods.prod.p19" not in keys
+            mark = await watermark(bus)
+            assert mark.epoch != old_mark.epoch and mark.resource_version < old_mark.resource_version
+        finally:
+            await stop_service(*w)
+    finally:
+        await api2.close()
+
+
+async def test_running_watcher_holds_the_bucket_when_the_api_store_goes_back(api_cluster):
+    api, bus = api_cluster["api"], api_cluster["bus"]
+    await api.create("/api/v1/namespaces", {"metadata": {"name": "prod"}})
+    await api.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", CNP_VALID)
+    for i in range(20):
+        await api.create("/api/v1/namespaces/prod/pods", pod(f"p{i}", {"app": "x"}))
+    w = await start_service(watcher_main, api_cluster["watcher"])
+    a = await start_service(allocator_main, api_cluster["allocator"])  # the identities bucket's watermark
+    api2 = None
+    try:
+        async with InputsRecorder(bus) as rec:
+            await eventually(lambda: _async(rec.inputs.synced and POLICY_KEY in rec.inputs.policies),
+                             what="initial sync")
+            old_epoch = w[0].progress["bucket_epoch"]
+            await replace_api_store(api_cluster)
+            api2 = Api(api_cluster["srv"].url)
+            await api2.create("/api/v1/namespaces", {"metadata": {"name": "prod"}})
+            await eventually(lambda: _async(bool(w[0].progress.get("store_reset"))), what="store reset detected")
+            assert POLICY_KEY in await k8s_keys(bus) and POLICY_KEY in rec.inputs.policies
+            await eventually(lambda: _async(not w[0].progress.get("store_reset")), timeout=10, what="reset done")
+            await eventually(lambda: _async(POLICY_KEY not in rec.inputs.policies), what="replaced")
+            assert w[0].progress["bucket_epoch"] != old_epoch and int(w[0].progress["store_resets"]) == 1
+            # the policy was there, uninterrupted, until the full re-list replaced the bucket
+            first_without = next(i for i, (p, _) in enumerate(rec.acted_on) if p == 0)
+            assert all(p == 1 for p, _ in rec.acted_on[:first_without])
+            # and it follows the new store from then on
+            await api2.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", cnp("after"))
+            await eventually(lambda: _async("ciliumnetworkpolicies.prod.after" in rec.inputs.policies),
+                             what="a change on the new store")
+    finally:
+        await stop_service(*a)
+        await stop_service(*w)
+        if api2 is not None:
+            await api2.close()
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+async def _has_key(bus: Any, key: str) -> bool:
+    return key in await k8s_keys(bus)
+
+
+async def _mark_epoch_is(bus: Any, w: Any) -> bool:
+    mark = await watermark(bus)
+    return mark is not None and mark.epoch == w[0].progress.get("bucket_epoch")
+
+
+async def _refilled(bus: Any, before: Watermark | None) -> bool:
+    keys = await k8s_keys(bus)
+    mark = keys.get(subjects.WATERMARK_KEY)
+    return (POLICY_KEY in keys and isinstance(keys.get("pods.prod.api-1"), K8sObject)
+            and isinstance(mark, Watermark) and before is not None and mark.epoch != before.epoch)
