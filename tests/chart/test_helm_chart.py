@@ -11,7 +11,7 @@ import subprocess
 import kubernetes_validate
 import pytest
 
-from conftest import ALL_FEATURES, CHART, helm, load_generator, render, tool, workloads
+from chart_render import ALL_FEATURES, CHART, helm, load_generator, render, tool, workloads
 from propolis.bus import permissions
 from propolis.maps import conntrack, lb, policy
 from propolis.runtime import settings as settings_mod
