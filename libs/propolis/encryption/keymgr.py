@@ -104,7 +104,8 @@ class PublisherComponent(Component):
             self.rotated_at = current.value.rotated_at
         await self.publish()
         self._sub = await rt.bus.subscribe(subjects.encryption_rotate_subject(self.device.node), self._on_rotate)
-        rt.spawn("annotate-node", self._annotate_loop(), self)
+        if self.kubeconfig:  # no API, no Node to annotate
+            rt.spawn("annotate-node", self._annotate_loop(), self)
         self.set_ok()
 
     async def publish(self) -> None:
@@ -124,9 +125,7 @@ class PublisherComponent(Component):
 
     async def _annotate_loop(self) -> None:
         """Keep ``network.cilium.io/wg-pub-key`` on our Node equal to the current key (retries until the API
-        answers; no kubeconfig = nothing to annotate)."""
-        if not self.kubeconfig:
-            return
+        answers)."""
         from propolis.k8s import kubeclient
         conf = kubeclient.Configuration()
         await kubeclient.load_kube_config(config_file=self.kubeconfig, client_configuration=conf)
@@ -212,21 +211,21 @@ class PeersComponent(Component):
             await self.changed.wait()
             await asyncio.sleep(self.debounce)
             self.changed.clear()
-            self.recompute()
+            await self.recompute()
 
-    def recompute(self) -> None:
+    async def recompute(self) -> None:
         want = compute(own_node=self.device.node, nodes=self.nodes, node_keys=self.node_keys,
                        persistent_keepalive=self.persistent_keepalive)
-        for node, why in want.refused.items():
-            if self.refused.get(node) != why:
-                log.warning("node %s refused as WireGuard peer: %s", node, why)
-                self.rt.spawn(f"event-{node}", self._event(node, why))
+        news = {node: why for node, why in want.refused.items() if self.refused.get(node) != why}
         self.refused = want.refused
         self.peers.replace_all(want.peers)
         self.routes.replace_all(want.routes)
         if self.synced >= {subjects.K8S_BUCKET, subjects.WIREGUARD_BUCKET}:
             self.peers.mark_synced()
             self.routes.mark_synced()
+        for node, why in news.items():
+            log.warning("node %s refused as WireGuard peer: %s", node, why)
+            await self._event(node, why)
 
     async def _event(self, node: str, why: str) -> None:
         try:

@@ -1,0 +1,162 @@
+"""Helpers of the encryption tests: an underlay capture, pod TCP streams, key manager state."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from propolis.bus.connection import Bus
+from propolis.sandbox import cluster
+from propolis.sandbox.config import SandboxState
+from propolis.sandbox.netns import entered, socket_in
+from propolis.status import newest, read_heartbeats
+
+ETH_P_ALL = 0x0003
+WG_PORT = 51871
+
+
+@dataclass
+class Frame:
+    proto: int  # IP protocol number (0 = not IPv4)
+    sport: int
+    dport: int
+    data: bytes
+
+
+@dataclass
+class Capture:
+    """Every frame on every port of the underlay bridge (AF_PACKET, all interfaces of the underlay namespace)."""
+
+    netns: str
+    frames: list[Frame] = field(default_factory=list)
+
+    def __enter__(self) -> "Capture":
+        with entered(self.netns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="underlay-capture", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.frames.append(parse(data))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+    def contains(self, payload: bytes) -> bool:
+        return any(payload in f.data for f in self.frames)
+
+    def count(self, proto: int, port: int) -> int:
+        return sum(1 for f in self.frames if f.proto == proto and port in (f.sport, f.dport))
+
+
+def parse(frame: bytes) -> Frame:
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        return Frame(0, 0, 0, frame)
+    ihl = (frame[14] & 0x0F) * 4
+    proto = frame[23]
+    l4 = 14 + ihl
+    sport, dport = struct.unpack("!HH", frame[l4:l4 + 4]) if len(frame) >= l4 + 4 else (0, 0)
+    return Frame(proto, sport, dport, frame)
+
+
+class PodStream:
+    """A long-lived TCP connection from a pod to an echo server: each line comes back as `ns/pod line`."""
+
+    def __init__(self, state: SandboxState, source: str, ip: str, port: int = 8080) -> None:
+        ns, name = source.split("/")
+        self.netns = state.sandbox().pod_netns(ns, name)
+        self.addr = (ip, port)
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    async def connect(self, timeout: float = 2.0) -> None:
+        self.sock = socket_in(self.netns, socket.AF_INET, socket.SOCK_STREAM)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(self.sock, self.addr), timeout)
+
+    async def echo(self, line: bytes, timeout: float = 2.0) -> bytes:
+        assert self.sock is not None
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(self.sock, line + b"\n")
+        while b"\n" not in self.buf:
+            chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), timeout)
+            if not chunk:
+                raise ConnectionResetError("stream closed by the peer")
+            self.buf += chunk
+        answer, self.buf = self.buf.split(b"\n", 1)
+        return answer
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+async def connect_with_retry(state: SandboxState, source: str, ip: str, *, deadline_s: float = 15.0) -> PodStream:
+    """The first packet to a peer starts the WireGuard handshake: retry until it went through."""
+    end = time.monotonic() + deadline_s
+    while True:
+        stream = PodStream(state, source, ip)
+        try:
+            await stream.connect(timeout=1.0)
+            await stream.echo(b"hello", timeout=2.0)
+            return stream
+        except (OSError, asyncio.TimeoutError):
+            stream.close()
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def can_connect(state: SandboxState, source: str, ip: str, timeout: float = 1.5) -> bool:
+    stream = PodStream(state, source, ip)
+    try:
+        await stream.connect(timeout=timeout)
+        await stream.echo(b"probe", timeout=timeout)
+        return True
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        stream.close()
+
+
+async def pod_ip(state: SandboxState, target: str) -> str:
+    pod = await cluster.get(state, "pods", target)
+    return str(pod["status"]["podIP"])
+
+
+def admin_bus(state: SandboxState, name: str) -> Bus:
+    make = getattr(state, "admin_bus", None)
+    return make(name) if make else Bus(state.nats_url, name=name)
+
+
+async def keymgr_progress(bus: Bus, node: str) -> dict[str, Any]:
+    hb = newest(await read_heartbeats(bus), "wireguard-keymgr", node)
+    return dict(hb.progress.get("wireguard", {})) if hb else {}
+
+
+def keymgr_state_dir(state: SandboxState, node: str) -> Path:
+    return state.sandbox().run_dir / node / "wireguard"
+
+
+def service_pid(state: SandboxState, name: str, node: str) -> int:
+    from propolis.sandbox.config import load_state
+    fresh = load_state(state.sandbox().name)
+    assert fresh is not None
+    return next(int(s["pid"]) for s in fresh.services if s["name"] == name and s["node"] == node)
