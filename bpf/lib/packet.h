@@ -32,13 +32,18 @@
 #define ICMP_ECHOREPLY_ 0
 #define ICMP_ECHO_ 8
 
+/* An ICMP type in the policy key's dport: bit 8 set, so type 0 (EchoReply) is a
+ * type and never port 0 = "any" (Cilium stores the bare type and a rule for
+ * EchoReply matches every ICMP type). Mirror: propolis.policy.entries.icmp_type_port. */
+#define ICMP_TYPE_POLICY_PORT(type) ((__u16)(0x100 | (type)))
+
 /* One IPv4 packet as the datapath sees it. */
 struct pkt4 {
 	__be32 saddr;
 	__be32 daddr;
 	__be16 sport;		/* CT tuple ports (ICMP echo: the identifier) */
 	__be16 dport;
-	__u16 policy_port;	/* host order; TCP/UDP/SCTP: dport, ICMP: type */
+	__u16 policy_port;	/* host order; TCP/UDP/SCTP: dport, ICMP: ICMP_TYPE_POLICY_PORT(type) */
 	__u8 protocol;
 	__u8 tcp_flags;
 	__u8 icmp_type;
@@ -140,7 +145,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt4 *p)
 			return -DROP_CT_INVALID_HDR;
 		p->icmp_type = icmp[0];
 		p->icmp_code = icmp[1];
-		p->policy_port = icmp[0];
+		p->policy_port = ICMP_TYPE_POLICY_PORT(icmp[0]);
 		/* Echo request/reply share a tuple through the identifier:
 		 * request (id, 0), reply (0, id), so the reply is the reverse. */
 		if (icmp[0] == ICMP_ECHO_)

@@ -2,7 +2,7 @@
 ICMP errors are RELATED only between the two ends of the quoted connection, a service flow's
 remembered backend is re-checked against its address, a new endpoint on a reused IP inherits no
 conntrack, NodePort SNAT allocates a port per client flow (or drops with NAT_NO_MAPPING) and its
-entries expire, and a half-closed TCP connection keeps its lifetime."""
+entries expire, and an ICMP rule for type 0 (EchoReply) is not "any type"."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from propolis.datapath import IPCacheEntry, PolicyEntry
 from propolis.datapath import drop
 from propolis.datapath import packets as pk
 from propolis.lb import Backend
-from propolis.maps import conntrack, endpoints, events
+from propolis.maps import conntrack, endpoints, events, policy
 from propolis.maps import lb as lbmaps
 from propolis.maps.spec import htons, ip4_to_be32
+from propolis.policy.entries import icmp_type_port
 
 pytestmark = pytest.mark.root
 
@@ -193,3 +194,23 @@ def test_nodeport_snat_tcp_port_is_kept_across_the_connection(lb):
     entry = lb.dp._map(lbmaps.SNAT_SPEC.pin_name).lookup(rev)
     assert entry.lifetime - conntrack.now_seconds() <= conntrack.CT_CLOSE_TIMEOUT
 
+
+
+# ------------------------------------------------------------------ 9. ICMP type 0
+def test_an_echo_reply_rule_matches_echo_replies_only(harness):
+    h = harness
+    h.endpoint(EP_B, POD_B, ID_B, ingress=True)
+    h.dp.set_ipcache([IPCacheEntry(REMOTE, ID_REMOTE)])
+    h.dp.set_policy(EP_B, [PolicyEntry("ingress", identity=ID_REMOTE, protocol=1, port=icmp_type_port(0))])
+    assert h.ingress(pk.icmp(REMOTE, POD_B, 0, ident=1)) == OK       # EchoReply: the rule's type
+    assert h.ingress(pk.icmp(REMOTE, POD_B, 8, ident=2)) == SHOT     # Echo: another type
+    assert h.ingress(pk.icmp(REMOTE, POD_B, 13, ident=3)) == SHOT    # Timestamp
+    # protocol ICMP without a type still means every type
+    h.dp.set_policy(EP_B, [PolicyEntry("ingress", identity=ID_REMOTE, protocol=1)])
+    assert h.ingress(pk.icmp(REMOTE, POD_B, 8, ident=4)) == OK
+    assert h.ingress(pk.icmp(REMOTE, POD_B, 13, ident=5)) == OK
+    rows = [policy.describe_row(k, v) for k, (v, _, _) in h.dp.get_policy(EP_B).items()]
+    assert [r["port_protocol"] for r in rows] == ["ANY/ICMP"]
+    h.dp.set_policy(EP_B, [PolicyEntry("ingress", identity=ID_REMOTE, protocol=1, port=icmp_type_port(0))])
+    rows = [policy.describe_row(k, v) for k, (v, _, _) in h.dp.get_policy(EP_B).items()]
+    assert [r["port_protocol"] for r in rows] == ["0/ICMP"]

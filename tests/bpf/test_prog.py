@@ -10,6 +10,7 @@ from propolis.datapath import IPCacheEntry, PolicyEntry
 from propolis.datapath import drop
 from propolis.datapath import packets as pk
 from propolis.maps import conntrack, events
+from propolis.policy.entries import icmp_type_port
 
 pytestmark = pytest.mark.root
 
@@ -159,7 +160,7 @@ def test_udp_and_icmp_replies(harness):
     h.endpoint(EP_A, POD_A, ID_A, egress=True, ingress=True)
     setup_ipcache(h)
     h.dp.set_policy(EP_A, [PolicyEntry("egress", identity=ID_REMOTE, protocol=17, port=53),
-                           PolicyEntry("egress", identity=ID_REMOTE, protocol=1, port=8)])
+                           PolicyEntry("egress", identity=ID_REMOTE, protocol=1, port=icmp_type_port(8))])
     assert h.egress(pk.udp(POD_A, 33000, REMOTE, 53)) == TC_ACT_OK
     assert h.ingress(pk.udp(REMOTE, 53, POD_A, 33000)) == TC_ACT_OK
     assert h.ingress(pk.udp(REMOTE, 53, POD_A, 33001)) == TC_ACT_SHOT

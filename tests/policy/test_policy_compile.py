@@ -10,7 +10,7 @@ import pytest
 from propolis.bus.messages import K8sObject
 from propolis.model import identity as idm
 from propolis.policy.engine import PolicyEngine
-from propolis.policy.entries import PolicyEntry
+from propolis.policy.entries import PolicyEntry, icmp_type_port
 
 NS_LABELS = {"production": {"env": "prod"}, "other": {"team": "a"}, "kube-system": {}}
 
@@ -199,7 +199,7 @@ CNP_SCENARIOS = [
     ("icmps", [cnp({"endpointSelector": APP_API, "ingress": [
         {"fromEndpoints": [{"matchLabels": {"app": "frontend"}}], "icmps": [{"fields": [{"type": 8, "family": "IPv4"},
                                                                                        {"type": "EchoRequest", "family": "IPv6"}]}]}]})],
-     API, (True, False), allow(I, [FRONT], ICMP, 8) | allow(I, [FRONT], 58, 128)),
+     API, (True, False), allow(I, [FRONT], ICMP, icmp_type_port(8)) | allow(I, [FRONT], 58, icmp_type_port(128))),
     ("entity world", [cnp({"endpointSelector": APP_API, "egress": [{"toEntities": ["world"]}]})],
      API, (False, True), allow(E, WORLD)),
     ("entity cluster", [cnp({"endpointSelector": APP_API, "egress": [{"toEntities": ["cluster"]}]})],

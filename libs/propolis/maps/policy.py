@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from propolis.errors import ValidationError
 from propolis.maps import bpf
 from propolis.maps.spec import MapSpec, htons, ntohs
+from propolis.policy.entries import ICMP_TYPE_PORT_FLAG
 
 POLICY_PREFIX_STATIC = 40   # sec_label (32) + egress (8): always exact
 POLICY_PREFIX_PROTO = 8
@@ -341,6 +342,8 @@ def describe_row(key: PolicyRowKey, value: PolicyRowValue, packets: int = 0, nby
         port = f"ANY/{PROTOCOL_NAMES.get(key.protocol, key.protocol)}"
     else:
         first, last = port_range
+        if key.protocol in (1, 58) and first == last and first & ICMP_TYPE_PORT_FLAG:
+            first = last = first & 0xFF  # an ICMP type (icmp_type_port), shown as Cilium does: 8/ICMP
         ports = str(first) if first == last else f"{first}-{last}"
         port = f"{ports}/{PROTOCOL_NAMES.get(key.protocol, key.protocol)}"
     return {

@@ -44,7 +44,7 @@ from propolis.model import identity as idm
 from propolis.model.labels import SOURCE_CIDR, SOURCE_FQDN, SOURCE_K8S, SOURCE_RESERVED, Label, LabelSet
 from propolis.model.selectors import LabelSelector, Requirement, equals, exists
 from propolis.policy.entries import (PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTOCOL_NUMBERS,
-                                     L7Annotation, PolicyEntry)
+                                     L7Annotation, PolicyEntry, icmp_type_port)
 from propolis.policy.parse import policy_from_record
 from propolis.policy.rules import CIDRRule, PeerRule, Policy, PortProtocol, PortRule, Rule
 from propolis.policy.selectorcache import SelectorCache
@@ -139,7 +139,7 @@ class CompileResult:
 
     def allows(self, direction: str, peer: int, protocol: int, port: int) -> bool:
         """The verdict the datapath gives a new connection: a matching deny wins, then default deny
-        (when enforced) unless an allow matches. ``port`` is the ICMP type for ICMP."""
+        (when enforced) unless an allow matches. ``port`` is `icmp_type_port(type)` for ICMP."""
         allowed = False
         for e in self.entries:
             if (e.direction != direction or e.identity not in (0, peer) or e.protocol not in (0, protocol)
@@ -523,7 +523,7 @@ class PolicyEngine:
         if peer.icmps:
             for f in peer.icmps:
                 for ident in peers:
-                    emit(ident, PROTO_ICMP if f.family == "IPv4" else PROTO_ICMPV6, f.type, 0, None)
+                    emit(ident, PROTO_ICMP if f.family == "IPv4" else PROTO_ICMPV6, icmp_type_port(f.type), 0, None)
             return rows
         if not peer.to_ports:
             for ident in peers:

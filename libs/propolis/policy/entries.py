@@ -23,13 +23,22 @@ PROTOCOL_NUMBERS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP, "ICM
                     "ICMPv6": PROTO_ICMPV6, "ANY": PROTO_ANY}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOL_NUMBERS.items()}
 
+ICMP_TYPE_PORT_FLAG = 0x100
+
+
+def icmp_type_port(icmp_type: int) -> int:
+    """`PolicyEntry.port` of a rule for one ICMP type: the type with bit 8 set, so type 0
+    (EchoReply) is a type and not port 0 = any (Cilium's open bug: an EchoReply rule matches
+    every type). The datapath puts ICMP packets in the policy key the same way (bpf/lib/packet.h)."""
+    return ICMP_TYPE_PORT_FLAG | icmp_type
+
 
 @dataclass(frozen=True, order=True)
 class PolicyEntry:
     """One allow/deny row for an endpoint.
 
     identity 0 = any peer; protocol 0 = any (6 TCP, 17 UDP, 132 SCTP, 1 ICMP, 58 ICMPv6);
-    port 0 = any port (ICMP: the ICMP type); end_port 0 = single port, else the last
+    port 0 = any port (ICMP: `icmp_type_port(type)`); end_port 0 = single port, else the last
     port of the range; proxy_port != 0 = allow and redirect to that L7 proxy port (later).
     """
 
@@ -44,7 +53,10 @@ class PolicyEntry:
     def describe(self) -> str:
         peer = "any" if self.identity == 0 else str(self.identity)
         proto = PROTOCOL_NAMES.get(self.protocol, str(self.protocol))
-        port = "*" if self.port == 0 and self.protocol != PROTO_ICMP else str(self.port)
+        if self.protocol in (PROTO_ICMP, PROTO_ICMPV6) and self.port & ICMP_TYPE_PORT_FLAG:
+            port = f"type-{self.port & 0xff}"
+        else:
+            port = "*" if self.port == 0 else str(self.port)
         if self.end_port:
             port += f"-{self.end_port}"
         verdict = "deny" if self.deny else ("redirect:%d" % self.proxy_port if self.proxy_port else "allow")
