@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +246,11 @@ class PeersComponent(Component):
                 self.set_ok()
             d = self.device
             npeers = len(self.peers.desired)
+            try:
+                actual = (await d.backend.device()).peers if d.backend else {}
+            except Exception as exc:  # noqa: BLE001 - the device is the peers reconciler's to report on
+                log.debug("device state unreadable: %s", exc)
+                actual = {}
             self.rt.features["Encryption"] = {
                 "state": "Wireguard",
                 "detail": f"[NodeEncryption: {'Enabled' if self.node_encryption else 'Disabled'}, "
@@ -255,9 +259,14 @@ class PeersComponent(Component):
                 "public_key": d.public_key, "listen_port": d.listen_port, "peers": npeers,
                 "peers_reconciled": self.peers.reconciled_revision >= self.peers.revision,
                 "routes": sorted(self.routes.desired), "refused": dict(self.refused),
+                "peer_list": [{"node": p.node, "public_key": k, "endpoint": p.endpoint,
+                               "allowed_ips": list(p.allowed_ips),
+                               "last_handshake": actual[k].last_handshake if k in actual else 0.0,
+                               "rx_bytes": actual[k].rx_bytes if k in actual else 0,
+                               "tx_bytes": actual[k].tx_bytes if k in actual else 0,
+                               "configured": k in actual}
+                              for k, p in sorted(self.peers.desired.items(), key=lambda kv: kv[1].node)],
                 **(d.backend.describe() if d.backend else {})}
             await asyncio.sleep(0.5)
 
 
-def describe_peer(peer: PeerConfig) -> dict[str, Any]:
-    return asdict(peer)
