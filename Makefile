@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit integration bench clean
+.PHONY: setup demo test unit integration bench clean kind-up
 
 setup:
 	@bash scripts/setup.sh
@@ -22,6 +22,13 @@ integration: setup
 
 bench: setup
 	$(VENV)/bin/propolis bench bus
+
+# A kind cluster for the chart and Tilt (tilt/kind.yaml: no default CNI, no kube-proxy, two workers).
+# Needs docker and kind, which the development machines here do not have.
+kind-up:
+	@command -v kind >/dev/null || { echo "kind-up: kind is not installed (and needs docker)"; exit 1; }
+	@kind get clusters 2>/dev/null | grep -qx propolis || kind create cluster --config tilt/kind.yaml
+	@echo "kind cluster 'propolis' is up (context kind-propolis); next: tilt up -f tilt/Tiltfile"
 
 clean:
 	-$(VENV)/bin/propolis sandbox down --all 2>/dev/null
