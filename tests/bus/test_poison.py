@@ -96,3 +96,14 @@ async def test_a_watch_starting_on_poison_skips_it_and_resyncs(bus: Bus):
     assert (ev.type, ev.key) == (EventType.PUT, "s.n1.ok")
     assert kv_mod.UNDECODABLE.summary() == ""
     await watch.aclose()
+
+
+async def test_get_reads_poison_as_absent_and_create_repairs_it(bus: Bus):
+    kv = await bus.kv(subjects.K8S_BUCKET)
+    await kv.store.put(subjects.WATERMARK_KEY, msgpack.packb(["watermark", 1, 0, "abc", 0.0]))
+    assert await kv.get(subjects.WATERMARK_KEY) is None
+    good = Watermark(resource_version=12, time=1.0)
+    await kv.create(subjects.WATERMARK_KEY, good)  # the owner's create replaces what nobody can read
+    assert (await kv.get(subjects.WATERMARK_KEY)).value.resource_version == 12
+    with pytest.raises(kv_mod.Conflict):  # a readable value is never overwritten by create
+        await kv.create(subjects.WATERMARK_KEY, good)

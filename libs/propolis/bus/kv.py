@@ -12,7 +12,8 @@ Poison (a value that does not decode, or decodes with wrong field types) is a
 per-key error, never a dead watch: the watch skips it, so the consumer keeps
 the key's last good value; it is logged once per key, counted in
 ``propolis_bus_undecodable_values_total{bucket}`` and shown in the service's
-health (`UNDECODABLE`) until the key gets a good value or is deleted.
+health (`UNDECODABLE`) until the key gets a good value or is deleted. `get`
+reads poison as absent and `create` replaces it, so an owner repairs it.
 """
 
 from __future__ import annotations
@@ -121,17 +122,41 @@ class Kv:
             return None
         if e.value is None or e.operation in (KV_DEL, KV_PURGE):
             return None
-        return Entry(key, codec.decode(e.value), e.revision or 0)
+        try:
+            return Entry(key, codec.decode(e.value), e.revision or 0)
+        except PermanentError as exc:  # poison reads as absent: its owner's `create` replaces it
+            log.warning("KV %s/%s revision %s undecodable, read as absent: %s", self.bucket, key, e.revision, exc)
+            return None
 
     async def put(self, key: str, value: Any) -> int:
         return await self.store.put(key, codec.encode(value))
 
     async def create(self, key: str, value: Any) -> int:
-        """Write only if absent (also after a delete); raises Conflict if present."""
+        """Write only if absent (also after a delete) or undecodable (poison: nobody can use it, so the
+        writer repairs it, compare-and-set on its revision); raises Conflict if a readable value is there."""
+        data = codec.encode(value)
         try:
-            return await self.store.create(key, codec.encode(value))
+            return await self.store.create(key, data)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise Conflict(f"{self.bucket}/{key} exists") from exc
+            present = await self._undecodable_revision(key)
+            if present is None:
+                raise Conflict(f"{self.bucket}/{key} exists") from exc
+        log.error("KV %s/%s: replacing an undecodable value (revision %d)", self.bucket, key, present)
+        return await self.update(key, value, present)
+
+    async def _undecodable_revision(self, key: str) -> int | None:
+        """The revision of ``key`` if it holds a value that does not decode, else None."""
+        try:
+            e = await self.store.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if e.value is None or e.operation in (KV_DEL, KV_PURGE):
+            return None
+        try:
+            codec.decode(e.value)
+        except PermanentError:
+            return e.revision or 0
+        return None
 
     async def update(self, key: str, value: Any, revision: int) -> int:
         """Compare-and-set against ``revision``; raises Conflict when it moved."""
