@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 import nats
@@ -48,27 +49,35 @@ class Bus:
 
     # --- connection ------------------------------------------------------------------
     async def connect(self, *, max_wait: float | None = None) -> None:
-        """Connect, retrying with back-off (0.1 s doubling to 5 s) until ``max_wait`` elapses."""
-        delay, waited = 0.1, 0.0
+        """Connect, retrying with back-off (0.1 s doubling to 5 s); ``max_wait`` bounds the whole call
+        (a server that accepts TCP but never answers included). Refused credentials are a PermanentError
+        once ``max_wait`` is over (nats-py itself retries them)."""
+        delay = 0.1
+        deadline = None if max_wait is None else time.monotonic() + max_wait
         while True:
+            left = None if deadline is None else max(0.05, deadline - time.monotonic())
             try:
-                self._nc = await nats.connect(
+                self._nc = await asyncio.wait_for(nats.connect(
                     servers=[self.url], name=self.name, user=self.user, password=self.password,
-                    connect_timeout=self.connect_timeout, allow_reconnect=True,
+                    connect_timeout=min(self.connect_timeout, left or self.connect_timeout), allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=self.reconnect_wait,
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
-                )
+                ), left)
                 self._js = self._nc.jetstream()
                 self.disconnected.clear()
                 return
             except (OSError, asyncio.TimeoutError, nats.errors.NoServersError) as exc:
-                if max_wait is not None and waited >= max_wait:
-                    raise TemporaryError(f"connect to NATS at {self.url}: {exc or type(exc).__name__}") from exc
+                refused = next((e for e in self.errors if "authorization violation" in e.lower()), "")
+                if refused:
+                    who = f"user {self.user!r}" if self.user else "a connection without credentials"
+                    raise PermanentError(f"NATS at {self.url} refused {who}: {refused}") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TemporaryError(f"connect to NATS at {self.url}: {exc or type(exc).__name__} "
+                                         f"(gave up after {max_wait:g}s)") from exc
                 log.warning("NATS at %s not reachable (%s); retrying in %.1fs", self.url,
                             exc or type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                waited += delay
+                await asyncio.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 5.0)
 
     async def close(self, timeout: float = 5.0) -> None:

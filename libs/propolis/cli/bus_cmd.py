@@ -70,14 +70,19 @@ async def kv_cmd(args: argparse.Namespace) -> int:
         except TemporaryError as exc:
             raise CliError(str(exc)) from exc
         keys = args.key or ">"
-        async for ev in kv.watch(keys, follow=args.watch):
-            if ev.type is EventType.SYNCED:
-                if not args.watch:
-                    break
-                continue
-            value = None if ev.value is None else {"_schema": type(ev.value).SCHEMA, **codec.as_dict(ev.value)}
-            print_json({"key": ev.key, "op": ev.type.value, "revision": ev.revision, "value": value})
+
+        def show(key: str, op: EventType, revision: int, value: object) -> None:
+            shown = None if value is None else {"_schema": type(value).SCHEMA, **codec.as_dict(value)}
+            print_json({"key": key, "op": op.value, "revision": revision, "value": shown})
             sys.stdout.flush()
+
+        if not args.watch:  # a snapshot: direct gets, no consumer left behind
+            for key, entry in sorted((await kv.items(keys)).items()):
+                show(key, EventType.PUT, entry.revision, entry.value)
+            return 0
+        async for ev in kv.watch(keys):
+            if ev.type is not EventType.SYNCED:
+                show(ev.key, ev.type, ev.revision, ev.value)
     finally:
         await bus.close()
     return 0

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 
 from propolis.bus.codec import to_json
 from propolis.bus.connection import Bus
-from propolis.errors import CliError, TemporaryError
+from propolis.errors import CliError, PermanentError, TemporaryError
 
 RUN_ROOT = Path(os.environ.get("PROPOLIS_RUN_ROOT", "/run/propolis"))
 DEFAULT_SANDBOX = "propolis"
@@ -85,7 +85,7 @@ async def connect_bus(args: argparse.Namespace, name: str = "propolis-cli") -> B
     bus = Bus(url, name=name, user=user, password=password)
     try:
         await bus.connect(max_wait=3)
-    except TemporaryError as exc:
+    except (TemporaryError, PermanentError) as exc:
         raise CliError(str(exc)) from exc
     return bus
 

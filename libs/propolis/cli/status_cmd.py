@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
+from propolis.bus.connection import Bus
 from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json, print_table
 from propolis.errors import CliError
 from propolis.status import StatusReport, collect
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,17 +34,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 async def status_cmd(args: argparse.Namespace) -> int:
-    bus = await connect_bus(args, "propolis-status")
+    async def first() -> tuple[Bus, StatusReport]:
+        bus = await connect_bus(args, "propolis-status")
+        try:
+            return bus, await collect(bus, stale_after=args.stale_after)
+        except BaseException:
+            await bus.close(timeout=0.5)
+            raise
+
+    deadline = time.monotonic() + args.wait_duration
+    bus, rep = await _within(args.timeout, first())  # --timeout bounds connect + report, then each --wait round
     try:
-        deadline = time.monotonic() + args.wait_duration
-        while True:
-            try:
-                rep = await asyncio.wait_for(collect(bus, stale_after=args.stale_after), args.timeout)
-            except asyncio.TimeoutError:
-                raise CliError(f"NATS at {bus.url} did not answer within {args.timeout:g}s (--timeout)") from None
-            if rep.healthy or not args.wait or time.monotonic() >= deadline:
-                break
+        while args.wait and not rep.healthy and time.monotonic() < deadline:
             await asyncio.sleep(1.0)
+            rep = await _within(args.timeout, collect(bus, stale_after=args.stale_after))
     finally:
         await bus.close(timeout=1.0)
     if args.output == "json":
@@ -49,6 +55,13 @@ async def status_cmd(args: argparse.Namespace) -> int:
     else:
         render(rep)
     return 0 if rep.healthy else 1
+
+
+async def _within(seconds: float, work: Awaitable[T]) -> T:
+    try:
+        return await asyncio.wait_for(work, seconds)
+    except asyncio.TimeoutError:
+        raise CliError(f"NATS did not answer within {seconds:g}s (--timeout)") from None
 
 
 def duration(seconds: float) -> str:
