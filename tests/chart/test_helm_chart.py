@@ -175,3 +175,34 @@ def test_nats_cluster_and_bucket_replicas_follow_nats_replicas() -> None:
         job = next(d for d in docs if d["kind"] == "Job")
         command = job["spec"]["template"]["spec"]["containers"][0]["command"]
         assert command[:3] == ["propolis", "bus", "bootstrap"] and command[command.index("--replicas") + 1] == str(replicas)
+
+
+def test_rendered_objects_the_sandbox_api_serves_are_accepted_by_it() -> None:
+    from propolis.sandbox.api_controllers import ServiceAllocator
+    from propolis.sandbox.api_resources import BY_KIND
+    from propolis.sandbox.api_store import Store
+
+    store = Store(history_limit=50)
+    store.admissions.append(ServiceAllocator(store, "10.96.0.0/16"))
+    store.create(BY_KIND["Namespace"], None, {"metadata": {"name": "kube-system"}})
+    served = [d for d in render(*ALL_FEATURES) if d["kind"] in BY_KIND]
+    assert {d["kind"] for d in served} == {"Service"}
+    for doc in served:
+        resource = BY_KIND[doc["kind"]]
+        created = store.create(resource, doc["metadata"].get("namespace") if resource.namespaced else None, doc)
+        assert created["metadata"]["resourceVersion"]
+
+
+def test_host_network_pods_do_not_share_a_port() -> None:
+    """Every per-node service and NATS listen in the host namespace: one port each."""
+    owners: dict[int, str] = {}
+    for doc in render(*ALL_FEATURES):
+        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        if not pod.get("hostNetwork") or doc["kind"] == "Job":
+            continue
+        for container in pod["containers"]:
+            for port in container.get("ports", []):
+                number = port["containerPort"]
+                assert number not in owners, f"{doc['metadata']['name']} and {owners[number]} both use {number}"
+                owners[number] = doc["metadata"]["name"]
+    assert len(owners) >= 6
