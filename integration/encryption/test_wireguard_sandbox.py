@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from propolis.bus import subjects
-from propolis.bus.messages import WireguardNodeKey
+from propolis.bus.messages import Event, WireguardNodeKey
 from propolis.encryption import keys
 from propolis.encryption.backend import DEVICE
-from propolis.encryption.uapi import UapiClient
+from propolis.encryption.uapi import UapiClient, set_device_request
 from propolis.sandbox import cluster
 from propolis.sandbox.fixture import running_sandbox
 from propolis.sandbox.netns import iproute_in
@@ -234,3 +234,64 @@ async def test_bad_node_keys_are_refused_by_name_and_peers_follow_nodes(sandbox,
         await kv.delete(subjects.wireguard_key(fake))
         await cluster.delete(sandbox, [path])
         await bus.close()
+
+
+async def test_rotate_key_under_a_tcp_stream_no_reset_gap_measured(sandbox, ips):
+    cfg = sandbox.sandbox()
+    node = cfg.node_name(1)
+    stream = await connect_with_retry(sandbox, f"{NS}/a", ips["b"])
+    bus = admin_bus(sandbox, "wg-test-rotate")
+    await bus.connect(max_wait=5)
+    try:
+        before = (keymgr_state_dir(sandbox, node) / f"{DEVICE}.key").read_text().strip()
+        times: list[float] = []
+        for i in range(10):  # steady state first
+            await stream.echo(b"before %d" % i)
+            times.append(time.monotonic())
+            await asyncio.sleep(0.02)
+        reply = await bus.request(subjects.encryption_rotate_subject(node),
+                                  Event("RotateKey", f"Node {node}", "test", "test", node, time.time()), timeout=5)
+        rotated_at = time.monotonic()
+        assert isinstance(reply, WireguardNodeKey) and reply.public_key != keys.public_key(before)
+        while time.monotonic() - rotated_at < 3 or len(times) < 40:
+            n = len(times)
+            assert await stream.echo(b"rotating %d" % n, timeout=20) == f"{NS}/b rotating {n}".encode()
+            times.append(time.monotonic())
+            await asyncio.sleep(0.02)
+        gap = max(b - a for a, b in zip(times, times[1:]))
+        print(f"\nkey rotation under a TCP stream: longest pause {gap * 1000:.0f} ms, no reset")
+        after = (keymgr_state_dir(sandbox, node) / f"{DEVICE}.key").read_text().strip()
+        assert keys.public_key(after) == reply.public_key
+        peer_dev = await UapiClient(keymgr_state_dir(sandbox, cfg.node_name(2)) / "sock" / f"{DEVICE}.sock").get()
+        assert list(peer_dev.peers) == [reply.public_key]
+        assert gap < 10.0
+    finally:
+        stream.close()
+        await bus.close()
+
+
+async def test_a_peer_with_a_wrong_key_fails_closed_never_cleartext(sandbox, ips):
+    """Node 2's device takes a key node 1 does not know (as if node 1 held a stale key for it): traffic
+    between them stops — encrypted or dropped, never cleartext — and resumes once the keys agree again."""
+    cfg = sandbox.sandbox()
+    node2 = cfg.node_name(2)
+    uapi2 = UapiClient(keymgr_state_dir(sandbox, node2) / "sock" / f"{DEVICE}.sock")
+    right = (keymgr_state_dir(sandbox, node2) / f"{DEVICE}.key").read_text().strip()
+    stream = await connect_with_retry(sandbox, f"{NS}/a", ips["b"])
+    marker = f"propolis-wrongkey-{uuid.uuid4().hex}".encode()
+    try:
+        await uapi2.set(set_device_request(private_key=keys.generate_private_key(), listen_port=WG_PORT),
+                        what="wrong key on node 2")
+        with Capture(cfg.underlay_netns) as cap:
+            with pytest.raises(asyncio.TimeoutError):
+                await stream.echo(marker, timeout=2.0)
+            assert not await can_connect(sandbox, f"{NS}/c", ips["b"], timeout=1.0)
+        assert not cap.contains(marker)
+        assert cap.count(6, 8080) == 0 and cap.count(17, WG_PORT) > 0
+    finally:
+        await uapi2.set(set_device_request(private_key=right, listen_port=WG_PORT), what="right key on node 2")
+    try:  # the keys agree again: the same stream resumes (TCP retransmits what was dropped)
+        answer = await stream.echo(b"after", timeout=20.0)
+        assert answer in (f"{NS}/b ".encode() + marker, f"{NS}/b after".encode())
+    finally:
+        stream.close()
