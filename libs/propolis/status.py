@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from propolis.bus import subjects
 from propolis.bus.connection import Bus
@@ -133,6 +133,17 @@ def instance_rows(heartbeats: Iterable[Heartbeat], now: float, override: float |
     return rows
 
 
+def malformed_rows(malformed: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Heartbeats nobody can read (truncated, wrong field types), by their key `<service>.<node>.<instance>`:
+    reported as that instance, malformed, instead of a traceback."""
+    rows = []
+    for key, reason in sorted(malformed.items()):
+        service, node, instance = (key.split(".", 2) + ["", ""])[:3]
+        rows.append({"service": service, "node": node, "instance": instance, "health": "malformed",
+                     "reasons": [f"heartbeat unreadable: {reason}"]})
+    return rows
+
+
 def missing_rows(rows: list[dict[str, Any]], suite: Sequence[SandboxService], nodes: Sequence[str]) -> list[dict[str, Any]]:
     """Rows for expected instances that never heartbeat: every cluster service once, every node service per node."""
     seen = {(r["service"], r["node"]) for r in rows}
@@ -171,11 +182,12 @@ def feature_state(name: str, live: Sequence[Heartbeat], kernel: dict[str, dict[s
 
 def build_report(heartbeats: Iterable[Heartbeat], *, now: float, nodes: Sequence[str] = (),
                  kernel: dict[str, dict[str, Any]] | None = None, suite: Sequence[SandboxService] | None = None,
-                 stale_override: float | None = None) -> StatusReport:
-    """Services, Kubernetes and features from heartbeats: the rules of `propolis status`, without I/O."""
+                 stale_override: float | None = None, malformed: Mapping[str, str] | None = None) -> StatusReport:
+    """Services, Kubernetes and features from heartbeats (and heartbeat keys that did not decode, with why):
+    the rules of `propolis status`, without I/O."""
     rep = StatusReport(kernel=kernel or {})
     heartbeats = list(heartbeats)
-    rows = instance_rows(heartbeats, now, stale_override)
+    rows = instance_rows(heartbeats, now, stale_override) + malformed_rows(malformed or {})
     nodes = sorted(set(nodes) | {r["node"] for r in rows if r["service"] == "kubelet"})
     rep.services = sorted(rows + missing_rows(rows, SANDBOX_SERVICES if suite is None else suite, nodes),
                           key=lambda r: (r["node"], r["service"]))
@@ -200,10 +212,11 @@ def build_report(heartbeats: Iterable[Heartbeat], *, now: float, nodes: Sequence
     return rep
 
 
-async def read_heartbeats(bus: Bus) -> list[Heartbeat]:
-    """Every instance's last heartbeat (KV `PROPOLIS_HEARTBEATS_V1`), live or not: callers judge with `is_live`."""
+async def read_heartbeats(bus: Bus, malformed: dict[str, str] | None = None) -> list[Heartbeat]:
+    """Every instance's last heartbeat (KV `PROPOLIS_HEARTBEATS_V1`), live or not: callers judge with `is_live`.
+    One that does not decode is left out (and named in ``malformed``, key -> why, when given)."""
     kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
-    return [e.value for e in (await kv.items()).values() if isinstance(e.value, Heartbeat)]
+    return [e.value for e in (await kv.items(refused=malformed)).values() if isinstance(e.value, Heartbeat)]
 
 
 def newest(heartbeats: Iterable[Heartbeat], service: str, node: str | None = None) -> Heartbeat | None:
@@ -217,8 +230,9 @@ async def collect(bus: Bus, *, stale_after: float | None = None, probe_kernel: b
     """Read heartbeats and mirrored Nodes from the bus, probe the kernel, and judge (`build_report`)."""
     problems: list[str] = []
     heartbeats: list[Heartbeat] = []
+    malformed: dict[str, str] = {}
     try:
-        heartbeats = await read_heartbeats(bus)
+        heartbeats = await read_heartbeats(bus, malformed)
     except Exception as exc:  # noqa: BLE001 - reported, not raised: status must always print
         problems.append(f"heartbeats bucket unreadable: {exc}")
     nodes: list[str] = []
@@ -229,7 +243,7 @@ async def collect(bus: Bus, *, stale_after: float | None = None, probe_kernel: b
         pass
     kernel = {f.name: {"available": f.available, "detail": f.detail} for f in probe_all()} if probe_kernel else {}
     rep = build_report(heartbeats, now=time.time(), nodes=nodes, kernel=kernel, suite=suite,
-                       stale_override=stale_after)
+                       stale_override=stale_after, malformed=malformed)
     rep.nats = await nats_status(bus, problems)
     for p in problems:
         rep.problem(p)

@@ -172,10 +172,11 @@ class Kv:
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise Conflict(f"{self.bucket}/{key} changed since revision {revision}") from exc
 
-    async def items(self, keys: str = ">") -> dict[str, Entry]:
-        """A snapshot of the bucket, read with direct gets (no consumer left behind: `bus/snapshot.py`)."""
+    async def items(self, keys: str = ">", *, refused: dict[str, str] | None = None) -> dict[str, Entry]:
+        """A snapshot of the bucket, read with direct gets (no consumer left behind: `bus/snapshot.py`);
+        undecodable values are left out (and named in ``refused``, when given)."""
         from propolis.bus.snapshot import kv_snapshot
-        return await kv_snapshot(self.bus, self.bucket, keys)
+        return await kv_snapshot(self.bus, self.bucket, keys, refused=refused)
 
     async def watch(self, keys: str = ">", *, follow: bool = True) -> AsyncIterator[KvEvent]:
         """Initial values, SYNCED, then updates; survives reconnects (see module doc)."""

@@ -39,8 +39,10 @@ def stream_name(bucket: str) -> str:
     return f"KV_{bucket}"
 
 
-async def kv_snapshot(bus: "Bus", bucket: str, keys: str = ">", *, timeout: float = 5.0) -> dict[str, "Entry"]:
-    """Every live key under ``keys`` with its decoded value; an undecodable value is logged and left out.
+async def kv_snapshot(bus: "Bus", bucket: str, keys: str = ">", *, timeout: float = 5.0,
+                      refused: dict[str, str] | None = None) -> dict[str, "Entry"]:
+    """Every live key under ``keys`` with its decoded value; an undecodable value is logged and left out
+    (in ``refused``, when given: key -> why, so a reader can report it).
 
     Raises TemporaryError when the server does not answer a page within ``timeout`` seconds."""
     from propolis.bus.kv import Entry  # kv.py imports this module's caller; import late
@@ -67,6 +69,8 @@ async def kv_snapshot(bus: "Bus", bucket: str, keys: str = ">", *, timeout: floa
             out[key] = Entry(key, codec.decode(data), rev)
         except PermanentError as exc:
             log.error("KV %s/%s revision %d unreadable, left out of the snapshot: %s", bucket, key, rev, exc)
+            if refused is not None:
+                refused[key] = str(exc)
     return out
 
 
