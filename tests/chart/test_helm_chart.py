@@ -206,3 +206,13 @@ def test_host_network_pods_do_not_share_a_port() -> None:
                 assert number not in owners, f"{doc['metadata']['name']} and {owners[number]} both use {number}"
                 owners[number] = doc["metadata"]["name"]
     assert len(owners) >= 6
+
+
+def test_install_notes_name_what_was_asked_for_but_not_deployed() -> None:
+    proc = helm("install", "propolis", str(CHART), "--dry-run=client", "--set", "clustermesh.useAPIServer=true",
+                "--set", "l7Proxy=false", "--set", "hostFirewall.enabled=true")
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "nothing was deployed for them): clustermesh-apiserver." in notes
+    assert "not built yet (ignored): hostFirewall.enabled." in notes
+    quiet = helm("install", "propolis", str(CHART), "--dry-run=client", "--set", "l7Proxy=false").stdout
+    assert "Requested but not" not in quiet and "not built yet" not in quiet
