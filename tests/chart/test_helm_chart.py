@@ -216,3 +216,16 @@ def test_install_notes_name_what_was_asked_for_but_not_deployed() -> None:
     assert "not built yet (ignored): hostFirewall.enabled." in notes
     quiet = helm("install", "propolis", str(CHART), "--dry-run=client", "--set", "l7Proxy=false").stdout
     assert "Requested but not" not in quiet and "not built yet" not in quiet
+
+
+def test_nats_server_accepts_the_rendered_configuration(tmp_path) -> None:
+    docs = render("nats.replicas=3")
+    conf = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "propolis-nats")
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "propolis-nats-auth")
+    (tmp_path / "auth").mkdir()
+    (tmp_path / "auth" / "auth.conf").write_text(secret["stringData"]["auth.conf"])
+    text = conf["data"]["nats.conf"].replace("/data/jetstream", str(tmp_path / "js"))
+    (tmp_path / "nats.conf").write_text(text)
+    proc = subprocess.run([tool("nats-server"), "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True,
+                          text=True, timeout=30, env={"POD_NAME": "propolis-nats-0"})
+    assert proc.returncode == 0, proc.stderr + proc.stdout
