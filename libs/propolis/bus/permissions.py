@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from propolis.bus import subjects
-from propolis.errors import ValidationError
 
 #: JetStream API calls any reader needs: account and stream info, message gets, and its own consumers.
 #: Consumers: only `CONSUMER.CREATE.<stream>` (no name token), so the server names every consumer a
@@ -58,13 +57,12 @@ def service_of(user: str) -> tuple[str, str | None]:
 
 
 def publish_allow(service: str, node: str = "*") -> list[str]:
-    """The subjects ``service`` (on ``node``) may publish to."""
-    try:
-        sl = subjects.slices(node)[service]
-    except KeyError:
-        raise ValidationError("service", f"{service!r} has no slice in bus/subjects.py `slices`: "
-                                         "say what it may write before it gets a NATS user") from None
+    """The subjects ``service`` (on ``node``) may publish to. A service the ownership table
+    (`subjects.slices`) does not name may read and write nothing, not even its heartbeat."""
+    sl = subjects.slices(node).get(service)
     allow = list(READER_API)
+    if sl is None:
+        return allow
     allow += [f"$KV.{bucket}.{keys}" for bucket, keys in sl.kv_writes]
     allow += list(sl.publishes)
     return allow

@@ -205,6 +205,9 @@ class Supervisor:
             [s.name for s in self.service_defs],
             nodes={s.name: cfg.node_names() for s in self.service_defs if s.scope == "node"})
         permissions.save_credentials(cfg.nats_credentials, admin, self.nats_users)
+        for svc in self.service_defs:
+            if svc.name not in subjects.slices():
+                log.warning("%s has no slice in bus/subjects.py: its NATS user may read but write nothing", svc.name)
         self.state.nats_credentials = str(cfg.nats_credentials)
         self.nats = EmbeddedNats(cfg.nats_dir, config_text=permissions.server_config(self.nats_users, admin=admin))
         self.state.nats_url = await self.nats.start()
