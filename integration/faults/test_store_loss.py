@@ -28,12 +28,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "watcher"))  # its API client and service helpers
 
+from fault_probe import NO, OK, PodDef, Prober, Workload, beat, cnp, sel  # noqa: E402
 from test_k8s_watcher import CNP_VALID, Api, eventually, pod, start_service, stop_service  # noqa: E402
 
 from propolis.bus import subjects  # noqa: E402
 from propolis.bus.kv import EventType  # noqa: E402
 from propolis.bus.messages import K8sObject, Watermark  # noqa: E402
+from propolis.sandbox import cluster  # noqa: E402
 from propolis.sandbox.apiserver import ApiServer  # noqa: E402
+from propolis.sandbox.fixture import running_sandbox  # noqa: E402
 from propolis.writer.inputs import ClusterInputs  # noqa: E402
 from services.identity_allocator import main as allocator_main  # noqa: E402
 from services.k8s_watcher import main as watcher_main  # noqa: E402
@@ -42,7 +45,7 @@ POLICY_KEY = "ciliumnetworkpolicies.prod.api-policy"
 STREAM = f"KV_{subjects.K8S_BUCKET}"
 
 
-def cnp(name: str) -> dict[str, Any]:
+def named_cnp(name: str) -> dict[str, Any]:
     return {**CNP_VALID, "metadata": {"name": name}}
 
 
@@ -149,7 +152,7 @@ async def test_purged_k8s_bucket_heals_and_nothing_is_pruned(api_cluster):
             assert all(p >= 1 and e >= 1 for p, e in rec.acted_on), "the writer could act on a pruned view"
             assert int(w[0].progress["bucket_repairs"]) >= 2
             # later changes and normal deletes still flow
-            await api.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", cnp("later"))
+            await api.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", named_cnp("later"))
             await eventually(lambda: _async("ciliumnetworkpolicies.prod.later" in rec.inputs.policies),
                              what="a later policy reaches the writer's inputs")
             await api.delete("/api/v1/namespaces/prod/pods/api-1")
@@ -182,7 +185,7 @@ async def test_restarted_watcher_holds_the_bucket_when_the_api_store_went_back(a
     api2 = Api(api_cluster["srv"].url)
     try:
         await api2.create("/api/v1/namespaces", {"metadata": {"name": "prod"}})
-        await api2.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", cnp("new-store"))
+        await api2.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", named_cnp("new-store"))
         started = time.monotonic()
         w = await start_service(watcher_main, api_cluster["watcher"])
         try:
@@ -233,7 +236,7 @@ async def test_running_watcher_holds_the_bucket_when_the_api_store_goes_back(api
             first_without = next(i for i, (p, _) in enumerate(rec.acted_on) if p == 0)
             assert all(p == 1 for p, _ in rec.acted_on[:first_without])
             # and it follows the new store from then on
-            await api2.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", cnp("after"))
+            await api2.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", named_cnp("after"))
             await eventually(lambda: _async("ciliumnetworkpolicies.prod.after" in rec.inputs.policies),
                              what="a change on the new store")
     finally:
@@ -261,3 +264,107 @@ async def _refilled(bus: Any, before: Watermark | None) -> bool:
     mark = keys.get(subjects.WATERMARK_KEY)
     return (POLICY_KEY in keys and isinstance(keys.get("pods.prod.api-1"), K8sObject)
             and isinstance(mark, Watermark) and before is not None and mark.epoch != before.epoch)
+
+
+# --- in a 2-node sandbox, with packets -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with running_sandbox(nodes=2, services="all") as state:
+        asyncio.run(cluster.wait(state, timeout=60))
+        yield state
+
+
+async def purge_k8s_bucket(state: Any, how: str) -> Watermark | None:
+    """Purge PROPOLIS_K8S_V1 as an operator with admin rights would; returns the watermark it had."""
+    bus = state.admin_bus("fault-test-purge")
+    await bus.connect(max_wait=5)
+    try:
+        kv = await bus.kv(subjects.K8S_BUCKET)
+        before = await kv.get(subjects.WATERMARK_KEY)
+        if how == "stream purge":
+            await bus.js.purge_stream(STREAM)
+        else:
+            for key in [k for k in await kv.items() if k != subjects.WATERMARK_KEY]:
+                await kv.store.purge(key)
+            await kv.store.purge(subjects.WATERMARK_KEY)
+        return before.value if before is not None else None
+    finally:
+        await bus.close()
+
+
+async def wait_refilled(state: Any, before: Watermark | None, policy_key: str, timeout: float = 10.0) -> float:
+    """Until the bucket holds `policy_key` again under a watermark of a new epoch; returns the seconds."""
+    bus = state.admin_bus("fault-test-refill")
+    await bus.connect(max_wait=5)
+    started = time.monotonic()
+    try:
+        kv = await bus.kv(subjects.K8S_BUCKET)
+        while True:
+            mark = await kv.get(subjects.WATERMARK_KEY)
+            if mark is not None and await kv.get(policy_key) is not None and \
+                    (before is None or mark.value.epoch != before.epoch):
+                return time.monotonic() - started
+            assert time.monotonic() - started < timeout, f"PROPOLIS_K8S_V1 not refilled within {timeout:.0f}s"
+            await asyncio.sleep(0.05)
+    finally:
+        await bus.close()
+
+
+async def watcher_reports_bucket_epoch(state: Any, timeout: float = 15.0) -> Any:
+    """Until the k8s-watcher's heartbeat is ok and names the epoch of its bucket's watermark."""
+    bus = state.admin_bus("fault-test-epoch")
+    await bus.connect(max_wait=5)
+    deadline = time.monotonic() + timeout
+    try:
+        kv = await bus.kv(subjects.K8S_BUCKET)
+        while True:
+            mark, hb = await kv.get(subjects.WATERMARK_KEY), await beat(state, "k8s-watcher")
+            if mark is not None and hb is not None and hb.health == "ok" and \
+                    hb.progress.get("bucket_epoch") == mark.value.epoch:
+                return hb
+            assert time.monotonic() < deadline, f"k8s-watcher heartbeat {hb and hb.progress} vs watermark {mark}"
+            await asyncio.sleep(0.2)
+    finally:
+        await bus.close()
+
+
+@pytest.mark.root
+async def test_sandbox_bucket_purges_let_no_denied_connection_through(sandbox):
+    pods = [PodDef("a/server", 1, {"app": "server"}, server=True),
+            PodDef("a/client", 2, {"app": "client"}, server=True),
+            PodDef("a/other", 1, {"app": "other"}, server=True),
+            PodDef("a/other2", 2, {"app": "other"}, server=True)]
+    policy = [cnp("server", {"endpointSelector": sel(app="server"),
+                             "ingress": [{"fromEndpoints": [sel(app="client")],
+                                          "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]})]
+    denied = [(src, "a/server", 8080, "TCP", NO) for src in ("a/other", "a/other2")]
+    allowed = [("a/client", "a/server", 8080, "TCP", OK)]
+    async with Workload(sandbox, "purge", {"a": {"team": "a"}}, pods) as w:
+        failures = await w.step("before", allowed + denied, apply=policy)
+        assert not failures, "\n" + "\n".join(failures)
+        policy_key = f"ciliumnetworkpolicies.{w.ns('a')}.server"
+        async with Prober(w, allowed + denied, loops=3) as prober:
+            await asyncio.sleep(0.5)
+            for i, how in enumerate(("stream purge", "keys purged, the watermark last")):
+                before = await purge_k8s_bucket(sandbox, how)
+                # an unrelated API change right away: it used to write a fresh watermark over the empty bucket
+                unrelated = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"unrelated-{i}"},
+                             "spec": {"selector": {"app": "nothing"}, "ports": [{"port": 80}]}}
+                await cluster.apply_documents(sandbox, w.documents([unrelated], "unrelated"))
+                seconds = await wait_refilled(sandbox, before, policy_key)
+                print(f"{how}: PROPOLIS_K8S_V1 refilled by the k8s-watcher in {seconds:.2f}s")
+                await asyncio.sleep(1.0)  # the writers re-sync under the new epoch: keep probing through it
+        print(f"probe rounds: {prober.rounds}")
+        assert prober.rounds > 5, prober.rounds
+        assert not prober.failures, "\n" + "\n".join(prober.failures[:20])
+        # the watcher is healthy again and reports the epoch its bucket's watermark carries
+        reported = await watcher_reports_bucket_epoch(sandbox)
+        print(f"k8s-watcher progress: {reported.progress}")
+        # a later policy change is still enforced: the client is denied too
+        deny_client = [cnp("deny-client", {"endpointSelector": sel(app="server"),
+                                           "ingressDeny": [{"fromEndpoints": [sel(app="client")]}]})]
+        failures = await w.step("policy change after the purges",
+                                [("a/client", "a/server", 8080, "TCP", NO)] + denied, apply=deny_client)
+        assert not failures, "\n" + "\n".join(failures)

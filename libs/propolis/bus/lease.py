@@ -60,8 +60,9 @@ class LeaseElector:
                                                   self._revision)
             self._expires_local = time.monotonic() + self.duration
             return True
-        except Conflict:
-            return self._set(False)
+        except Conflict:  # somebody else holds it now, or the key vanished (bucket purged): take it if free
+            self._set(False)
+            return await self.try_acquire()
         except Exception as exc:  # NATS away: we stay leader only while the lease would still hold
             if time.monotonic() >= self._expires_local:
                 log.warning("lease %s expired while NATS unreachable: %s", self.key, exc)
