@@ -71,16 +71,6 @@ async def refused(bus: Bus, attempt, what: str, timeout: float = 3.0) -> str:
     raise AssertionError(f"{bus.name}: {what} failed without a permissions violation: {bus.errors[before:]}")
 
 
-def test_every_service_runs_within_its_permissions(sandbox):
-    """The converged sandbox (fixture) proves each service did its work; none was refused anything."""
-    state = sandbox
-    running = {permissions.user_name(s["name"], s["node"] if s["scope"] == "node" else None) for s in state.services}
-    assert running == set(users(state))  # one user per service, per node for node-scoped ones
-    for log in Path(state.sandbox().log_dir).glob("*.log"):
-        text = log.read_text(errors="replace").lower()
-        assert "permissions violation" not in text and "authorization violation" not in text, log
-
-
 def test_credentials_are_root_only_and_required(sandbox):
     state = sandbox
     for path in (Path(state.nats_credentials), state.sandbox().nats_dir / "nats-server.conf"):
@@ -174,3 +164,15 @@ async def test_a_service_cannot_delete_another_services_consumers(sandbox):
     finally:
         await hubble.close()
         await admin.close()
+
+
+def test_every_service_runs_within_its_permissions(sandbox):
+    """Last in this module, after the workload ran: the sandbox converged for every change (each service did
+    its work: mirrored, allocated, wrote its node's ipcache rows and maps, published flows), and no service
+    was refused anything."""
+    state = sandbox
+    running = {permissions.user_name(s["name"], s["node"] if s["scope"] == "node" else None) for s in state.services}
+    assert running == set(users(state))  # one user per service, per node for node-scoped ones
+    for log in Path(state.sandbox().log_dir).glob("*.log"):
+        text = log.read_text(errors="replace").lower()
+        assert "permissions violation" not in text and "authorization violation" not in text, log

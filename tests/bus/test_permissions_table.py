@@ -24,6 +24,7 @@ def test_each_node_user_writes_only_its_own_node():
     assert allow["admin"] == ["<everything>"]
     assert f"$KV.{subjects.IPCACHE_BUCKET}.n1.>" in allow["datapath-writer@n1"]
     assert not any(".n2." in s or s.endswith(".n2") for s in allow["datapath-writer@n1"] + allow["hubble@n1"])
+    assert f"$KV.{subjects.HEARTBEATS_BUCKET}.hubble.n1.>" in allow["hubble@n1"]  # beats only as its node
     assert f"$KV.{subjects.IDENTITIES_BUCKET}.>" in allow["identity-allocator"]
     assert not any(subjects.IDENTITIES_BUCKET in s for u, a in allow.items() if u != "identity-allocator"
                    and u != "admin" for s in a)

@@ -139,19 +139,22 @@ class Slice:
 def slices(node: str = "*") -> dict[str, Slice]:
     """The ownership table. ``node`` narrows per-node slices to one node (``*`` = any)."""
     hb = lambda svc: (HEARTBEATS_BUCKET, f"{svc}.>")  # noqa: E731 - tiny local helper
+    # a per-node instance beats only as its own node (key `<svc>.<node>.<instance>`, subject `…<svc>.<node>`)
+    node_hb = lambda svc: hb(svc) if node == "*" else (HEARTBEATS_BUCKET, f"{svc}.{node}.>")  # noqa: E731
+    node_hb_subject = lambda svc: heartbeat_pattern(svc) if node == "*" else f"{PREFIX}.heartbeat.{svc}.{node}"  # noqa: E731,E501
     return {
         "k8s-watcher": Slice("k8s-watcher", ((K8S_BUCKET, ">"), hb("k8s-watcher")),
                              (heartbeat_pattern("k8s-watcher"), f"{PREFIX}.events.policy", f"{PREFIX}.events.k8s")),
         "identity-allocator": Slice("identity-allocator", ((IDENTITIES_BUCKET, ">"), hb("identity-allocator")),
                                     (heartbeat_pattern("identity-allocator"), f"{PREFIX}.events.identity")),
-        "datapath-writer": Slice("datapath-writer", ((IPCACHE_BUCKET, f"{node}.>"), hb("datapath-writer")),
-                                 (heartbeat_pattern("datapath-writer"), f"{PREFIX}.events.datapath")),
-        "hubble": Slice("hubble", (hb("hubble"),),
-                        (heartbeat_pattern("hubble"), f"{PREFIX}.flows.{node}", f"{PREFIX}.flows.{node}.>")),
+        "datapath-writer": Slice("datapath-writer", ((IPCACHE_BUCKET, f"{node}.>"), node_hb("datapath-writer")),
+                                 (node_hb_subject("datapath-writer"), f"{PREFIX}.events.datapath")),
+        "hubble": Slice("hubble", (node_hb("hubble"),),
+                        (node_hb_subject("hubble"), f"{PREFIX}.flows.{node}", f"{PREFIX}.flows.{node}.>")),
         "hubble-relay": Slice("hubble-relay", (hb("hubble-relay"),),
                               (heartbeat_pattern("hubble-relay"), HUBBLE_QUERY)),
-        "wireguard-keymgr": Slice("wireguard-keymgr", ((WIREGUARD_BUCKET, node), hb("wireguard-keymgr")),
-                                  (heartbeat_pattern("wireguard-keymgr"), f"{PREFIX}.events.encryption")),
+        "wireguard-keymgr": Slice("wireguard-keymgr", ((WIREGUARD_BUCKET, node), node_hb("wireguard-keymgr")),
+                                  (node_hb_subject("wireguard-keymgr"), f"{PREFIX}.events.encryption")),
     }
 
 
