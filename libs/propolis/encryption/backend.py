@@ -132,7 +132,7 @@ class UserspaceBackend:
         netns_path = None
         if self.netns:
             netns_path = self.netns if self.netns.startswith("/") else f"/run/netns/{self.netns}"
-        env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error", **self.extra_env)
+        env = {**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error", **self.extra_env}
         with open(self.state_dir / "wireguard-go.log", "ab") as logf:
             # Own session: the device process outlives this key manager (a restart adopts it).
             proc = subprocess.Popen([binary, "-f", self.device_name], stdin=subprocess.DEVNULL, stdout=logf,

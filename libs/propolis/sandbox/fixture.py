@@ -11,12 +11,17 @@ or wrap it in a pytest fixture of the scope you need.
 
 from __future__ import annotations
 
+import os
 import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
 from propolis.sandbox import cluster, netns
 from propolis.sandbox.config import BPF_ROOT, RUN_ROOT, SANDBOX_ENV, SandboxState
+
+
+#: Set to "wireguard" to run the full-suite test sandboxes with transparent encryption.
+TEST_ENCRYPTION_ENV = "PROPOLIS_TEST_ENCRYPTION"
 
 
 def unique_name(prefix: str = "t") -> str:
@@ -35,8 +40,12 @@ def leftovers(name: str) -> dict[str, list[str]]:
 
 @contextmanager
 def running_sandbox(*, nodes: int = 2, services: str = "none", name: str | None = None,
-                    cluster_cidr: str | None = None, encryption: str = "") -> Iterator[SandboxState]:
+                    cluster_cidr: str | None = None, encryption: str | None = None) -> Iterator[SandboxState]:
+    """``encryption=None``: a full-suite sandbox (services "all") follows $PROPOLIS_TEST_ENCRYPTION, so CI can
+    run every cross-node packet test both ways (`PROPOLIS_TEST_ENCRYPTION=wireguard pytest integration`)."""
     name = name or unique_name()
+    if encryption is None:
+        encryption = os.environ.get(TEST_ENCRYPTION_ENV, "") if services == "all" else ""
     try:
         yield cluster.up(name, nodes=nodes, services=services, cluster_cidr=cluster_cidr, encryption=encryption)
     finally:
