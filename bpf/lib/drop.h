@@ -27,8 +27,10 @@
 #define DROP_UNKNOWN_CT		163	/* "Unknown connection tracking state" UNKNOWN_CONNECTION_TRACKING_STATE */
 #define DROP_NO_CONFIG		165	/* "No configuration available to perform policy decision" NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION */
 #define DROP_NAT_NO_MAPPING	167	/* "No mapping for NAT masquerade" NO_MAPPING_FOR_NAT_MASQUERADE */
+#define DROP_FIB_LOOKUP		169	/* "FIB lookup failed" FIB_LOOKUP_FAILED */
 #define DROP_INVALID_IDENTITY	171	/* "Invalid identity" INVALID_IDENTITY */
 #define DROP_UNKNOWN_SENDER	172	/* "Unknown sender" UNKNOWN_SENDER */
+#define DROP_FRAG_NOT_FOUND	175	/* "First logical datagram fragment not found" FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND */
 #define DROP_PROXY_UNSUPP_PROTO	180	/* "Proxy redirection not supported for protocol" PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL */
 #define DROP_POLICY_DENY	181	/* "Policy denied by denylist" POLICY_DENY */
 #define DROP_EP_NOT_READY	203	/* "Endpoint policy program not available" DROP_EP_NOT_READY */

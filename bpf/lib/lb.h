@@ -196,12 +196,14 @@ static __always_inline int lb4_rewrite(struct __sk_buff *skb, struct pkt4 *p, in
 	port_off = l4_off + (which == LB_REWRITE_DST ? 2 : 0);
 
 	if (old_addr != new_addr) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, l4_flags | 4) < 0 ||
+		/* a non-first fragment has no L4 header: its first fragment's
+		 * checksum update covers the whole datagram */
+		if ((!p->no_l4 && bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, l4_flags | 4) < 0) ||
 		    bpf_l3_csum_replace(skb, ETH_HLEN + 10, old_addr, new_addr, 4) < 0 ||
 		    bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) < 0)
 			return -DROP_INVALID;
 	}
-	if (old_port != new_port) {
+	if (old_port != new_port && !p->no_l4) {
 		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
 					(l4_flags & BPF_F_MARK_MANGLED_0) | 2) < 0 ||
 		    bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) < 0)

@@ -194,6 +194,28 @@ BPF_TABLE_PINNED("lru_hash", struct ipv4_ct_tuple, struct ct_entry,
 		 ct_any4_global, CT_MAP_SIZE_ANY, PIN_DIR "/cilium_ct_any4_global");
 
 /* ------------------------------------------------------------------ */
+/* cilium_ipv4_frag_datagrams: fragment id -> the datagram's L4 ports  */
+/* (LRU_HASH), so non-first fragments meet conntrack and policy too    */
+/* ------------------------------------------------------------------ */
+#ifndef FRAG_MAP_SIZE
+#define FRAG_MAP_SIZE 8192
+#endif
+struct ipv4_frag_id {
+	__be32 daddr;
+	__be32 saddr;
+	__be16 id;		/* IP identification of the datagram */
+	__u8 proto;
+	__u8 pad;
+};
+struct ipv4_frag_l4ports {
+	__be16 sport;
+	__be16 dport;
+	__u16 policy_port;	/* Propolis: pkt4.policy_port of the first fragment (ICMP types) */
+	__u16 pad;
+};
+BPF_TABLE_PINNED("lru_hash", struct ipv4_frag_id, struct ipv4_frag_l4ports,
+		 frag4_datagrams, FRAG_MAP_SIZE, PIN_DIR "/cilium_ipv4_frag_datagrams");
+/* ------------------------------------------------------------------ */
 /* cilium_metrics: (reason, direction) -> packets, bytes (PERCPU_HASH) */
 /* ------------------------------------------------------------------ */
 #ifndef METRICS_MAP_SIZE

@@ -11,6 +11,7 @@
 
 #include "lib/common.h"
 #include "lib/drop.h"
+#include "lib/maps.h"
 
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define pp_htons(x) ((__be16)__builtin_bswap16((__u16)(x)))
@@ -50,6 +51,8 @@ struct pkt4 {
 	__u8 icmp_code;
 	__u8 has_inner;		/* ICMP error carrying the packet it is about */
 	__u8 inner_protocol;
+	__u8 no_l4;		/* a non-first fragment: no L4 header, ports from the first */
+	__u8 pad0[3];
 	__u32 len;
 	__be32 inner_saddr;	/* the offending packet as it was sent */
 	__be32 inner_daddr;
@@ -94,26 +97,63 @@ static __always_inline void parse_icmp_inner(struct __sk_buff *skb, __u32 off, s
 	p->has_inner = 1;
 }
 
+/* Fragments (Cilium's ipv4_handle_fragmentation): the first fragment carries
+ * the L4 header; its ports (and policy port) are remembered under the
+ * datagram's id in cilium_ipv4_frag_datagrams, so every later fragment meets
+ * conntrack and policy as the same flow. A non-first fragment whose first was
+ * never seen cannot be judged: dropped (FRAG_NOT_FOUND). Returns 1 when the
+ * packet is a non-first fragment whose ports were filled in, 0 otherwise. */
+static __always_inline int ipv4_frag_ports(struct iphdr *iph, struct pkt4 *p, int first_done)
+{
+	struct ipv4_frag_id id = {};
+	struct ipv4_frag_l4ports ports = {}, *found;
+
+	id.daddr = iph->daddr;
+	id.saddr = iph->saddr;
+	id.id = iph->id;
+	id.proto = iph->protocol;
+	if (first_done) {
+		ports.sport = p->sport;
+		ports.dport = p->dport;
+		ports.policy_port = p->policy_port;
+		frag4_datagrams.update(&id, &ports);
+		return 0;
+	}
+	found = frag4_datagrams.lookup(&id);
+	if (!found)
+		return -DROP_FRAG_NOT_FOUND;
+	p->sport = found->sport;
+	p->dport = found->dport;
+	p->policy_port = found->policy_port;
+	p->no_l4 = 1;
+	return 1;
+}
+
 /* 0 on success, -DROP_* when the packet cannot be handled. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt4 *p)
 {
 	struct iphdr iph;
 	__u32 l4_off;
+	__u16 frag;
+	int ret;
 
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &iph, sizeof(iph)) < 0)
 		return -DROP_INVALID;
 	if (iph.ihl < 5 || iph.version != 4)
 		return -DROP_INVALID;
-	/* MF set or a non-zero offset: no fragment tracking yet (Cilium's
-	 * cilium_ipv4_frag_datagrams would go here). */
-	if (iph.frag_off & pp_htons(0x3fff))
-		return -DROP_FRAG_NOSUPPORT;
 
 	p->saddr = iph.saddr;
 	p->daddr = iph.daddr;
 	p->protocol = iph.protocol;
 	p->len = skb->len;
 	l4_off = ETH_HLEN + ((__u32)iph.ihl) * 4;
+
+	/* MF set or a non-zero offset: a fragment */
+	frag = iph.frag_off & pp_htons(0x3fff);
+	if (frag & pp_htons(0x1fff)) {
+		ret = ipv4_frag_ports(&iph, p, 0);
+		return ret < 0 ? ret : 0;
+	}
 
 	switch (iph.protocol) {
 	case IPPROTO_TCP: {
@@ -161,6 +201,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt4 *p)
 		/* other protocols: ports 0, policy can still match protocol or "any" */
 		break;
 	}
+	if (frag)	/* the first fragment of a datagram (MF set, offset 0) */
+		ipv4_frag_ports(&iph, p, 1);
 	return 0;
 }
 

@@ -36,8 +36,11 @@ _REASONS = (
     DropReason(165, "DROP_NO_CONFIG", "No configuration available to perform policy decision",
                "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION"),
     DropReason(167, "DROP_NAT_NO_MAPPING", "No mapping for NAT masquerade", "NO_MAPPING_FOR_NAT_MASQUERADE"),
+    DropReason(169, "DROP_FIB_LOOKUP", "FIB lookup failed", "FIB_LOOKUP_FAILED"),
     DropReason(171, "DROP_INVALID_IDENTITY", "Invalid identity", "INVALID_IDENTITY"),
     DropReason(172, "DROP_UNKNOWN_SENDER", "Unknown sender", "UNKNOWN_SENDER"),
+    DropReason(175, "DROP_FRAG_NOT_FOUND", "First logical datagram fragment not found",
+               "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND"),
     DropReason(180, "DROP_PROXY_UNSUPP_PROTO", "Proxy redirection not supported for protocol",
                "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL"),
     DropReason(181, "DROP_POLICY_DENY", "Policy denied by denylist", "POLICY_DENY"),
@@ -53,6 +56,8 @@ DROP_UNKNOWN_TARGET = 150
 DROP_FRAG_NOSUPPORT = 157
 DROP_NO_CONFIG = 165
 DROP_NAT_NO_MAPPING = 167
+DROP_FIB_LOOKUP = 169
+DROP_FRAG_NOT_FOUND = 175
 DROP_UNKNOWN_L3 = 139
 
 

@@ -69,6 +69,11 @@ def udp_fragment(src: str, sport: int, dst: str, dport: int) -> bytes:
     return ethernet(ipv4(src, dst, socket.IPPROTO_UDP, datagram, frag_off=0x2000))  # MF set
 
 
+def udp_later_fragment(src: str, dst: str, payload: bytes = b"z" * 16, *, more: bool = False) -> bytes:
+    """A non-first fragment (offset 24 bytes) of the datagram `udp_fragment` starts: no UDP header."""
+    return ethernet(ipv4(src, dst, socket.IPPROTO_UDP, payload, frag_off=(0x2000 if more else 0) | 3))
+
+
 def ipv6_stub() -> bytes:
     return ethernet(b"\x60" + b"\0" * 39, ETH_P_IPV6)
 

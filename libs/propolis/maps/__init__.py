@@ -8,7 +8,7 @@ policy.inner_pin_name). tests/bpf/test_layouts.py checks every layout against bc
 
 from __future__ import annotations
 
-from propolis.maps import config, conntrack, endpoints, events, ipcache, lb, metrics, policy
+from propolis.maps import config, conntrack, endpoints, events, fragments, ipcache, lb, metrics, policy
 from propolis.maps.spec import MapSpec, default_pin_dir
 
 ALL_SPECS: tuple[MapSpec, ...] = (
@@ -17,6 +17,7 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     policy.OUTER_SPEC,
     conntrack.TCP_SPEC,
     conntrack.ANY_SPEC,
+    fragments.SPEC,
     metrics.SPEC,
     config.SPEC,
     events.SPEC,
@@ -25,4 +26,4 @@ ALL_SPECS: tuple[MapSpec, ...] = (
 )
 
 __all__ = ["ALL_SPECS", "MapSpec", "default_pin_dir", "config", "conntrack", "endpoints",
-           "events", "ipcache", "lb", "metrics", "policy"]
+           "events", "fragments", "ipcache", "lb", "metrics", "policy"]
