@@ -28,7 +28,14 @@ log = logging.getLogger("propolis.k8s.reflector")
 
 
 class Gone(Exception):
-    """The API compacted past our resourceVersion: relist."""
+    """The API compacted past our resourceVersion, or is behind it (a new store): relist."""
+
+
+def _too_large_resource_version(status: dict[str, Any]) -> bool:
+    """kube-apiserver's answer to a watch from a resourceVersion it has not reached (client-go relists)."""
+    causes = (status.get("details") or {}).get("causes") or []
+    return any(c.get("reason") == "ResourceVersionTooLarge" for c in causes) or \
+        "Too large resource version" in str(status.get("message", ""))
 
 
 LIST_PAGE_SIZE = 500
@@ -94,7 +101,7 @@ class Reflector:
                     self._watch_closed_by_relist = False
                     continue
                 status = getattr(exc, "status", None)
-                if status == 410:
+                if status == 410 or "Too large resource version" in str(getattr(exc, "body", "") or ""):
                     self.resource_version = None
                     continue
                 self.error = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
@@ -177,8 +184,8 @@ class Reflector:
                 event = orjson.loads(line)
                 etype, obj = event.get("type"), event.get("object") or {}
                 if etype == "ERROR":
-                    if obj.get("code") == 410:
-                        raise Gone()
+                    if obj.get("code") == 410 or _too_large_resource_version(obj):
+                        raise Gone()  # relist; a list behind what we saw is then reported as a store reset
                     raise ApiException(status=obj.get("code"), reason=obj.get("message"))
                 rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
                 if rv:
