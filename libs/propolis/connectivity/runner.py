@@ -133,7 +133,7 @@ class Runner:
                 "--verdict", "DROPPED", "--since", f"{max(1, int(time.monotonic() - since) + 2)}s", "-o", "json"]
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.PIPE,
-                                                    env=dict(os.environ, PROPOLIS_NATS_URL=self.state.nats_url))
+                                                    env=dict(os.environ, PROPOLIS_SANDBOX_NAME=self.state.config["name"]))
         out, err = await proc.communicate()
         reasons = set()
         for line in out.decode().splitlines():

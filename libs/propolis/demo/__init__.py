@@ -62,9 +62,9 @@ def step(n: int, title: str) -> None:
 
 
 def cli(state: SandboxState, *args: str) -> int:
-    """Run a `propolis …` command as a person would, its output inline (pointed at this sandbox's NATS)."""
+    """Run a `propolis …` command as a person would, its output inline (pointed at this sandbox)."""
     say(f"$ propolis {' '.join(args)}")
-    env = dict(os.environ, PROPOLIS_NATS_URL=state.nats_url)
+    env = dict(os.environ, PROPOLIS_SANDBOX_NAME=state.config["name"])
     return subprocess.run([sys.executable, "-m", "propolis.cli.main", *args], check=False, env=env).returncode
 
 
@@ -158,7 +158,7 @@ async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = Tr
     say()
     say(f"Done in {time.monotonic() - started:.0f} s. The sandbox '{name}' keeps running; explore it:")
     if name != "propolis":
-        say(f"   export PROPOLIS_NATS_URL={state.nats_url}   # bus commands find the default sandbox by itself")
+        say(f"   export PROPOLIS_SANDBOX_NAME={name}   # or --name {name}; bus commands read 'propolis' by default")
     say(f"   propolis sandbox probe --name {name} default/outsider production/api   # try a connection")
     say("   propolis observe --follow                                              # watch flows live")
     if ui:

@@ -146,7 +146,8 @@ class ClusterInputs:
         for kv, gate, apply in ((k8s, inputs.k8s_gate, inputs._k8s_change),
                                 (identities, inputs.identities_gate, inputs._identities_change)):
             for key, entry in (await kv.items()).items():
-                gate.feed(KvEvent(EventType.PUT, key, entry.value, entry.revision))
+                for change in gate.feed(KvEvent(EventType.PUT, key, entry.value, entry.revision)) or ():
+                    apply(change)  # what the watermark released (keys written before it)
             gate.feed(KvEvent(EventType.SYNCED))
             for change in gate.release_unconfirmed():
                 apply(change)
