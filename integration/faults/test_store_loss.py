@@ -166,6 +166,37 @@ async def test_purged_k8s_bucket_heals_and_nothing_is_pruned(api_cluster):
         await stop_service(*w)
 
 
+async def test_purged_identities_bucket_is_repaired_by_its_owner(api_cluster):
+    api, bus = api_cluster["api"], api_cluster["bus"]
+    await api.create("/api/v1/namespaces", {"metadata": {"name": "prod"}})
+    await api.create("/api/v1/namespaces/prod/pods", pod("api-1", {"app": "api"}, ip="10.244.1.12"))
+    w = await start_service(watcher_main, api_cluster["watcher"])
+    a = await start_service(allocator_main, api_cluster["allocator"])
+    ids = await bus.kv(subjects.IDENTITIES_BUCKET)
+    try:
+        async with InputsRecorder(bus) as rec:
+            await eventually(lambda: _async(rec.inputs.synced and ("prod", "api-1") in rec.inputs.endpoints),
+                             what="initial sync")
+            record = rec.inputs.endpoints[("prod", "api-1")]
+            epoch = (await ids.get(subjects.WATERMARK_KEY)).value.epoch
+            await bus.js.purge_stream(f"KV_{subjects.IDENTITIES_BUCKET}")
+            await eventually(lambda: _ids_repaired(ids, record.identity, epoch), timeout=5, what="ids repaired")
+            assert (await ids.get("endpoints.prod.api-1")).value == record
+            await eventually(lambda: _async(rec.inputs.synced), what="inputs re-synced")
+            assert rec.inputs.endpoints[("prod", "api-1")] == record and record.identity in rec.inputs.identities
+            assert all(e >= 1 for _, e in rec.acted_on), "the writer could act without the endpoint"
+            assert int(a[0].progress["bucket_repairs"]) >= 1
+    finally:
+        await stop_service(*a)
+        await stop_service(*w)
+
+
+async def _ids_repaired(ids: Any, identity: int, old_epoch: str) -> bool:
+    mark, ident, ep = (await ids.get(subjects.WATERMARK_KEY), await ids.get(f"id.{identity}"),
+                       await ids.get("endpoints.prod.api-1"))
+    return mark is not None and mark.value.epoch != old_epoch and ident is not None and ep is not None
+
+
 async def test_restarted_watcher_holds_the_bucket_when_the_api_store_went_back(api_cluster):
     api, bus = api_cluster["api"], api_cluster["bus"]
     await api.create("/api/v1/namespaces", {"metadata": {"name": "prod"}})

@@ -121,7 +121,7 @@ class KvMirror:
 
     async def apply(self, kind: Kind, event_type: str, obj: dict[str, Any]) -> None:
         key = record_key(kind, obj)
-        if key == KUBE_SYSTEM_KEY and event_type != "DELETED":
+        if key == KUBE_SYSTEM_KEY and event_type != "DELETED" and not self.store_reset:
             self._check_store_identity(self.desired.get(key), (obj.get("metadata") or {}).get("uid", ""))
         if event_type == "DELETED":
             self.refused.pop(key, None)
@@ -136,7 +136,8 @@ class KvMirror:
                 if self.leader and self.on_verdict:
                     await self.on_verdict(kind, obj, exc)
                 return
-            if self.refused.pop(key, None) is not None and self.leader and self.on_verdict:
+            self.refused.pop(key, None)
+            if self.leader and self.on_verdict:  # valid: the hook clears a refusal, names unenforced fields
                 await self.on_verdict(kind, obj, None)
         await self._set(key, kind.to_record(obj))
 
