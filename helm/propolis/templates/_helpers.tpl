@@ -24,11 +24,22 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 {{- define "propolis.natsName" -}}{{ .Release.Name }}-nats{{- end }}
 {{- define "propolis.natsAuthSecret" -}}{{ .Release.Name }}-nats-auth{{- end }}
 
-{{/* Services reach NATS through its ClusterIP from the service environment variables Kubernetes injects
-     (no cluster DNS needed: the per-node services run before any pod has a network). */}}
+{{/* Services reach NATS through its ClusterIP, from the service environment variables Kubernetes injects
+     (no cluster DNS needed). Known gap (docs/architecture.md, Delivery): from the host's network the
+     ClusterIP needs kube-proxy, or the datapath that is still starting with kubeProxyReplacement. */}}
 {{- define "propolis.natsUrl" -}}
 {{- $host := printf "$(%s_SERVICE_HOST)" (include "propolis.natsName" . | upper | replace "-" "_") -}}
 {{ if .Values.nats.tls.enabled }}tls{{ else }}nats{{ end }}://{{ $host }}:4222
+{{- end }}
+
+{{/* Containers that call the Kubernetes API: its address when there is no kube-proxy (k8sServiceHost). */}}
+{{- define "propolis.apiServerEnv" -}}
+{{- with .Values.k8sServiceHost }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ . | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ $.Values.k8sServicePort | quote }}
+{{- end }}
 {{- end }}
 
 {{/* The NATS users' passwords: kept across upgrades (lookup), random on first install. */}}
