@@ -41,6 +41,8 @@ log = logging.getLogger("propolis.datapath_writer")
 SERVICE = "datapath-writer"
 #: how long a recompute waits for its changes to be attempted before it reports and retries
 RECONCILE_WAIT = 30.0
+#: a recompute pass that raised is tried again after this long, even without a new input change
+RECOMPUTE_RETRY = 1.0
 
 
 @dataclass
@@ -215,7 +217,7 @@ class Enforcer(Component):
     # --- the loop -------------------------------------------------------------------------
     async def _recompute_loop(self) -> None:
         """Never ends on a bad input: a failing object is the reconciler's per-key error (shown in health),
-        a failing pass is retried on the next change; the loop itself only stops when cancelled."""
+        a failing pass is reported and retried; the loop itself only stops when cancelled."""
         while True:
             await self.inputs.changed.wait()
             await asyncio.sleep(self.settings.recompute_debounce)
@@ -225,9 +227,10 @@ class Enforcer(Component):
                 continue
             try:
                 await self._recompute_pass()
-            except Exception as exc:  # noqa: BLE001 - a bug or a kernel hiccup: report, retry on the next change
+            except Exception as exc:  # noqa: BLE001 - a bug or a kernel hiccup: report, retry in a second
                 log.exception("recompute failed")
                 self.set_degraded(f"recompute failed: {exc}")
+                asyncio.get_running_loop().call_later(RECOMPUTE_RETRY, self.inputs.changed.set)
             await self._publish_ipcache()
 
     async def _recompute_pass(self) -> None:
