@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 from typing import Any
 
 import starlark
@@ -99,7 +102,7 @@ def test_every_image_of_the_chart_is_built_and_live_updated() -> None:
         assert "/tmp/.restart-proc" in by_kind["run"]["args"][0]
         # the chart's wrapper watches that file, and every service runs under it in development
         wrapper = (ROOT / "helm/propolis/files/restart-on-sync.sh").read_text()
-        assert "TRIGGER=/tmp/.restart-proc" in wrapper
+        assert "TRIGGER=${RESTART_TRIGGER:-/tmp/.restart-proc}" in wrapper
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "WORKDIR /opt/propolis/src" in dockerfile and "--editable /opt/propolis/src" in dockerfile
     for obj in tilt.rendered:
@@ -119,3 +122,34 @@ def test_nats_comes_first_then_the_bootstrap_then_every_service() -> None:
     assert len(workloads) >= 5
     for name in workloads:
         assert resources[name]["resource_deps"] == [nats, job], name
+
+
+def test_the_restart_wrapper_restarts_the_service_when_live_update_touches_the_trigger(tmp_path) -> None:
+    """files/restart-on-sync.sh for real: a touch restarts the child in place; a child that exits ends it."""
+    trigger, starts = tmp_path / "restart-proc", tmp_path / "starts"
+    child = f"trap 'echo stopped >> {starts}; exit 0' TERM; echo started >> {starts}; while :; do sleep 0.1; done"
+    env = {"RESTART_TRIGGER": str(trigger), "PATH": "/usr/bin:/bin"}
+    wrapper = subprocess.Popen(["sh", str(ROOT / "helm/propolis/files/restart-on-sync.sh"), "sh", "-c", child],
+                               env=env, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def wait_starts(n: int) -> None:
+            deadline = time.monotonic() + 10
+            while not (starts.exists() and starts.read_text().count("started") >= n):
+                assert time.monotonic() < deadline and wrapper.poll() is None, f"{n} starts expected"
+                time.sleep(0.05)
+        wait_starts(1)
+        trigger.write_text("1")  # what the Tiltfile's run() step does after syncing
+        wait_starts(2)
+        trigger.write_text("2")
+        wait_starts(3)
+        assert wrapper.poll() is None
+        wrapper.terminate()  # the kubelet stopping the container: the service gets TERM and stops
+        assert wrapper.wait(timeout=10) == 0
+        assert starts.read_text().count("stopped") == 3  # two restarts and the stop, each a TERM
+    finally:
+        if wrapper.poll() is None:
+            os.killpg(wrapper.pid, signal.SIGKILL)
+            wrapper.wait(timeout=10)
+    stopped = subprocess.run(["sh", str(ROOT / "helm/propolis/files/restart-on-sync.sh"), "sh", "-c", "exit 3"],
+                             env=env, timeout=10)
+    assert stopped.returncode == 3  # the kubelet sees the service's own exit
