@@ -81,6 +81,11 @@ def norm_policy(obj: Obj) -> tuple[Obj, Obj]:
     return spec, {}
 
 
+def norm_cidr_group(obj: Obj) -> tuple[Obj, Obj]:
+    """CiliumCIDRGroup: the CIDRs a policy's cidrGroupRef / cidrGroupSelector stands for."""
+    return {"externalCIDRs": list((obj.get("spec") or {}).get("externalCIDRs") or [])}, {}
+
+
 @dataclass(frozen=True)
 class Kind:
     plural: str
@@ -121,6 +126,7 @@ KINDS: dict[str, Kind] = {k.plural: k for k in (
     Kind("networkpolicies", "NetworkPolicy", "networking.k8s.io/v1", True, norm_policy),
     Kind("ciliumnetworkpolicies", "CiliumNetworkPolicy", "cilium.io/v2", True, norm_policy),
     Kind("ciliumclusterwidenetworkpolicies", "CiliumClusterwideNetworkPolicy", "cilium.io/v2", False, norm_policy),
+    Kind("ciliumcidrgroups", "CiliumCIDRGroup", "cilium.io/v2", False, norm_cidr_group),
 )}
 
 POLICY_KINDS = ("networkpolicies", "ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies")

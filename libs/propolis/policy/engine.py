@@ -27,6 +27,16 @@ Semantics (Cilium, policyEnforcementMode):
   each destination identity's.
 * L7 ``rules``: the L4 port is allowed now; the entry carries an `L7Annotation` and
   the result says ``l7_enforced=False`` until the L7 proxy sets proxy ports.
+* Peers resolved through cluster objects (`PeerTables`): ``toServices`` selects the identities
+  of the Service's EndpointSlice addresses (a pod's identity, else a /32 CIDR identity);
+  ``cidrGroupRef``/``cidrGroupSelector`` the CIDR identities of the CiliumCIDRGroups'
+  ``externalCIDRs``; a labelled ``fromNodes``/``toNodes`` selector the matching nodes: this node
+  is ``reserved:host``, another node gets a node-local identity (Cilium's node-selector labels:
+  ``reserved:remote-node`` plus its labels with source ``node``, numbered from ``1 << 25``)
+  which the writer puts on that node's addresses in the ipcache.
+* ``authentication.mode`` required/test-always-fail: mutual auth is not implemented, so such a
+  rule allows nothing (fail closed; Cilium drops with AUTH_REQUIRED until authenticated).
+  What stays accepted but not enforced is listed in `propolis.policy.unenforced`.
 
 Shown by the CLI verbs ``propolis policy get`` (`CompileResult.to_json`) and
 ``propolis policy selectors`` (`PolicyEngine.selections`).
@@ -46,10 +56,35 @@ from propolis.model.selectors import LabelSelector, Requirement, equals, exists
 from propolis.policy.entries import (PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTOCOL_NUMBERS,
                                      L7Annotation, PolicyEntry, icmp_type_port)
 from propolis.policy.parse import policy_from_record
-from propolis.policy.rules import CIDRRule, PeerRule, Policy, PortProtocol, PortRule, Rule
+from propolis.policy.rules import CIDRRule, PeerRule, Policy, PortProtocol, PortRule, Rule, ServiceSelector
 from propolis.policy.selectorcache import SelectorCache
 
 log = logging.getLogger("propolis.policy")
+
+SOURCE_NODE = "node"  # Cilium's labels.LabelSourceNode: node labels on node identities
+NODE_IDENTITY_BASE = 1 << 25  # Cilium's remote-node node-local identity range
+AUTH_ENFORCING_MODES = ("required", "test-always-fail")
+
+
+@dataclass(frozen=True)
+class PeerObject:
+    """A cluster object a peer field resolves through: its labels and its addresses (IPs or CIDRs)."""
+
+    labels: Mapping[str, str]
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PeerTables:
+    """The cluster objects behind toServices, labelled toNodes/fromNodes and CIDR groups.
+
+    ``nodes``: name -> InternalIPs; ``services``: (namespace, name) -> EndpointSlice addresses;
+    ``cidr_groups``: name -> externalCIDRs; ``local_node`` is the node compiling (its node is host)."""
+
+    local_node: str = ""
+    nodes: Mapping[str, PeerObject] = field(default_factory=dict)
+    services: Mapping[tuple[str, str], PeerObject] = field(default_factory=dict)
+    cidr_groups: Mapping[str, PeerObject] = field(default_factory=dict)
 
 MODES = ("default", "always", "never")
 NAMED_EGRESS = "named-ports:egress"  # row-cache dependency marker: egress rows resolved named ports
@@ -198,6 +233,9 @@ class PolicyEngine:
         self._cidr_selection: dict[CIDRRule, frozenset[int]] = {}
         self.endpoint_ips: dict[int, frozenset[str]] = {}
         self._ipblock_selection: dict[CIDRRule, frozenset[int]] = {}
+        self.peer_tables = PeerTables()
+        self._peer_fingerprint: Any = None
+        self._node_ids: dict[str, int] = {}  # remote node name -> node-local identity
         self.revision = 0
         self._batch = False
         for number in idm.RESERVED_NAMES:
@@ -216,7 +254,7 @@ class PolicyEngine:
     def _policy_changed(self, old: Policy | None, new: Policy | None) -> None:
         """Only endpoints selected by the old or new rules can change (unless CIDR identities moved)."""
         self.revision += 1
-        if not self._batch and self._sync_cidrs():
+        if not self._batch and self._sync_peer_objects():
             self._changed()
             return
         for policy in (old, new):
@@ -285,7 +323,8 @@ class PolicyEngine:
                identities: Mapping[int, Iterable[str] | LabelSet] | None = None,
                namespaces: Mapping[str, Mapping[str, str]] | None = None,
                named_ports: Mapping[int, Mapping[str, Any]] | None = None,
-               endpoint_ips: Mapping[int, Iterable[str]] | None = None) -> None:
+               endpoint_ips: Mapping[int, Iterable[str]] | None = None,
+               peer_tables: PeerTables | None = None) -> None:
         """Bring the engine to these whole tables; unchanged entries cost a comparison only.
 
         ``policies``: K8sObject records, raw k8s dicts or Policy objects (a list, or key -> object);
@@ -293,13 +332,18 @@ class PolicyEngine:
         ``namespaces`` is accepted for symmetry (namespace labels already live in identities).
         ``endpoint_ips``: identity -> IPs of all its endpoints; turns on Kubernetes ipBlock semantics for
         pods (see `_select_ipblock_pods`).
+        ``peer_tables``: what toServices, labelled nodes and CIDR groups resolve through.
         """
+        peers_moved = False
+        if peer_tables is not None:
+            self.peer_tables = peer_tables
         if endpoint_ips is not None:
             ips = {n: frozenset(v) for n, v in endpoint_ips.items()}
             if ips != self.endpoint_ips:
                 self.endpoint_ips = ips
                 self._ipblock_selection.clear()
                 self._changed()
+                peers_moved = True
         if identities is not None:
             wanted = {n: labels for n, labels in identities.items()}
             for number in [n for n in self._raw_identities if n not in wanted]:
@@ -324,8 +368,8 @@ class PolicyEngine:
                 self._update_policies(policies)
             finally:
                 self._batch = False
-            if self._sync_cidrs():
-                self._changed()
+        if (policies is not None or peers_moved or peer_tables is not None) and self._sync_peer_objects():
+            self._changed()
 
     def _update_policies(self, policies: Iterable[Any] | Mapping[str, Any]) -> None:
         items = policies.items() if isinstance(policies, Mapping) else ((self._key_of(p), p) for p in policies)
@@ -349,18 +393,111 @@ class PolicyEngine:
             return f"{obj.get('kind')}/{meta.get('namespace', '')}/{meta.get('name', '')}"
         return f"{obj.kind}/{obj.namespace}/{obj.name}"
 
+    # --- peers resolved through cluster objects -----------------------------------------------
+    def _all_peers(self) -> Iterable[PeerRule]:
+        for policy in self.policies.values():
+            for rule in policy.rules:
+                for section in (rule.ingress, rule.ingress_deny, rule.egress, rule.egress_deny):
+                    yield from section
+
+    def _group_cidrs(self, rule: CIDRRule) -> list[str]:
+        """The externalCIDRs of the CiliumCIDRGroups a cidrGroupRef / cidrGroupSelector names."""
+        groups = self.peer_tables.cidr_groups
+        if rule.cidr_group_ref:
+            found = groups.get(rule.cidr_group_ref)
+            return list(found.addresses) if found else []
+        if rule.cidr_group_selector is not None:
+            sel = rule.cidr_group_selector
+            return [c for _, g in sorted(groups.items()) if sel.matches(LabelSet.from_map(g.labels))
+                    for c in g.addresses]
+        return []
+
+    def _service_addresses(self, svc: ServiceSelector) -> list[str]:
+        out = []
+        for (ns, name), obj in sorted(self.peer_tables.services.items()):
+            if svc.namespace and ns != svc.namespace:
+                continue
+            if (svc.name and name == svc.name) or (svc.selector is not None and
+                                                     svc.selector.matches(LabelSet.from_map(obj.labels))):
+                out.extend(a for a in obj.addresses if ":" not in a)
+        return out
+
+    def _pod_identity_by_ip(self) -> dict[str, int]:
+        return {ip.split("/")[0]: n for n, ips in self.endpoint_ips.items() for ip in ips}
+
+    def _nodes_matching(self, sel: LabelSelector) -> list[str]:
+        return [name for name, obj in sorted(self.peer_tables.nodes.items())
+                if sel.matches(LabelSet.from_map(obj.labels, SOURCE_NODE))]
+
+    def _sync_peer_objects(self) -> bool:
+        """Node identities and CIDR identities for what the policies name; True if anything moved."""
+        uses_services = uses_nodes = uses_groups = False
+        for peer in self._all_peers():
+            uses_services |= bool(peer.services)
+            uses_nodes |= any(not sel.is_wildcard for sel in peer.nodes or ())
+            uses_groups |= any(c.cidr_group_ref or c.cidr_group_selector for c in peer.cidrs or ())
+        t = self.peer_tables
+        fingerprint = (t.local_node, dict(t.services) if uses_services else None,
+                       dict(t.nodes) if uses_nodes else None, dict(t.cidr_groups) if uses_groups else None,
+                       self.endpoint_ips if uses_services else None)
+        moved = fingerprint != self._peer_fingerprint
+        self._peer_fingerprint = fingerprint
+        if moved:
+            self._cidr_selection.clear()
+        return self._sync_nodes() | self._sync_cidrs() | moved
+
+    def _sync_nodes(self) -> bool:
+        """Give every other node a labelled node selector matches its node-local identity."""
+        wanted: dict[str, int] = {}
+        taken: set[int] = set()
+        for peer in self._all_peers():
+            for sel in peer.nodes or ():
+                if sel.is_wildcard:
+                    continue
+                for name in self._nodes_matching(sel):
+                    if name == self.peer_tables.local_node or name in wanted:
+                        continue
+                    ips = [a for a in self.peer_tables.nodes[name].addresses if ":" not in a]
+                    if not ips:
+                        continue
+                    number = NODE_IDENTITY_BASE | (int(ipaddress.ip_address(ips[0])) & 0xFFFFFF)
+                    if number in taken:  # two nodes alike in their address's low 24 bits: the later stays out
+                        log.warning("node %s: node identity %d already taken; labelled node selectors skip it",
+                                    name, number)
+                        continue
+                    taken.add(number)
+                    wanted[name] = number
+        moved = wanted != self._node_ids
+        for name, number in self._node_ids.items():
+            if wanted.get(name) != number:
+                self.cache.remove_identity(number)
+        for name, number in wanted.items():
+            labels = LabelSet([Label(SOURCE_RESERVED, "remote-node")]).union(
+                LabelSet.from_map(self.peer_tables.nodes[name].labels, SOURCE_NODE))
+            moved |= self.cache.identities.get(number) != labels
+            self.cache.upsert_identity(number, labels)
+        self._node_ids = wanted
+        return moved
+
+    def node_identities(self) -> dict[str, int]:
+        """IPv4 address of another node -> its node-local identity (for the ipcache), when a policy needs it."""
+        return {a: number for name, number in self._node_ids.items()
+                for a in self.peer_tables.nodes[name].addresses if ":" not in a}
+
     # --- CIDR identities ----------------------------------------------------------------
     def _sync_cidrs(self) -> bool:
         """Allocate/release CIDR identities for the prefixes the policies name; True if they changed."""
         wanted: set[str] = set()
-        for policy in self.policies.values():
-            for rule in policy.rules:
-                for section in (rule.ingress, rule.ingress_deny, rule.egress, rule.egress_deny):
-                    for peer in section:
-                        for c in peer.cidrs or ():
-                            if c.cidr:
-                                wanted.add(c.cidr)
-                                wanted.update(c.except_)
+        pod_ips = None
+        for peer in self._all_peers():
+            for c in peer.cidrs or ():
+                if c.cidr:
+                    wanted.add(c.cidr)
+                    wanted.update(c.except_)
+                wanted.update(str(ipaddress.ip_network(g, strict=False)) for g in self._group_cidrs(c))
+            for svc in peer.services or ():
+                pod_ips = self._pod_identity_by_ip() if pod_ips is None else pod_ips
+                wanted.update(f"{a}/32" for a in self._service_addresses(svc) if a not in pod_ips)
         if wanted == set(self._cidr_ids):
             return False
         for prefix in [p for p in self._cidr_ids if p not in wanted]:
@@ -393,6 +530,8 @@ class PolicyEngine:
         if cached is not None:
             return cached
         ids: set[int] = set()
+        for group_cidr in self._group_cidrs(rule):
+            ids |= self._select_cidr(CIDRRule(str(ipaddress.ip_network(group_cidr, strict=False))))
         if rule.cidr:
             net = ipaddress.ip_network(rule.cidr)
             holes = [ipaddress.ip_network(e) for e in rule.except_]
@@ -460,6 +599,9 @@ class PolicyEngine:
     def _peers(self, peer: PeerRule, requires: tuple[Requirement, ...], notes: set[str],
                deps: set[Any]) -> set[int]:
         """Identities a peer rule names; {0} = every peer. ``deps`` collects the selectors used."""
+        if peer.authentication in AUTH_ENFORCING_MODES:
+            notes.add(f"authentication mode {peer.authentication} is not implemented: the rule allows nothing")
+            return set()
         if not peer.has_l3:
             return {0} if (peer.to_ports or peer.icmps) else set()
         ids: set[int] = set()
@@ -476,21 +618,29 @@ class PolicyEngine:
             for sel in entity_selectors(entity, self.cluster_name):
                 ids |= select(sel)
         for c in peer.cidrs or ():
-            if c.cidr_group_ref:
-                notes.add(f"CIDR groups ({c.cidr_group_ref}) are not resolved yet: they select nothing")
             ids |= self._select_cidr(c)
             if peer.k8s_ipblock and self.endpoint_ips:
                 ids |= self._select_ipblock_pods(c)
         for sel in peer.nodes or ():
             if sel.is_wildcard:
                 ids |= {idm.RESERVED_HOST, idm.RESERVED_REMOTE_NODE, idm.RESERVED_KUBE_APISERVER}
-            else:
-                notes.add("fromNodes/toNodes with labels need node identities (not yet): they select nothing")
+                ids |= set(self._node_ids.values())
+                continue
+            for name in self._nodes_matching(sel):
+                if name == self.peer_tables.local_node:
+                    ids.add(idm.RESERVED_HOST)
+                elif name in self._node_ids:
+                    ids.add(self._node_ids[name])
+        if peer.services:
+            pod_ips = self._pod_identity_by_ip()
+            for svc in peer.services:
+                for addr in self._service_addresses(svc):
+                    number = pod_ips.get(addr, self._cidr_ids.get(f"{addr}/32"))
+                    if number is not None:
+                        ids.add(number)
         for fq in peer.fqdns or ():
             ids |= select(LabelSelector((exists(SOURCE_FQDN, fq.match_name or fq.match_pattern),)))
             notes.add("toFQDNs selects only identities learned by the DNS proxy (not yet running)")
-        if peer.services:
-            notes.add("toServices is not resolved yet: it selects nothing")
         if peer.groups:
             notes.add("toGroups (cloud groups) is not supported: it selects nothing")
         return ids

@@ -23,7 +23,8 @@ from propolis.model import identity as idm
 from propolis.model.labels import SOURCE_ANY, SOURCE_K8S, SOURCE_RESERVED
 from propolis.model.selectors import (LabelSelector, Requirement, equals, exists, parse_label_selector)
 from propolis.policy.rules import (CIDRRule, DNSRule, HeaderMatch, HTTPRule, ICMPField, KafkaRule, L7Rules,
-                                   PeerRule, Policy, PortProtocol, PortRule, Rule)
+                                   PeerRule, Policy, PortProtocol, PortRule, Rule,
+                                   ServiceSelector)
 
 KIND_NP = "NetworkPolicy"
 KIND_CNP = "CiliumNetworkPolicy"
@@ -166,8 +167,8 @@ def _cidr_set(doc: Any, where: str) -> CIDRRule:
     if "cidr" in present:
         return _cidr_rule(d["cidr"], d.get("except"), where, "cidr", "except")
     if "cidrGroupSelector" in present:
-        parse_label_selector(d["cidrGroupSelector"], f"{where}.cidrGroupSelector")
-        return CIDRRule("", (), "selector:" + str(d["cidrGroupSelector"]))
+        return CIDRRule("", (), cidr_group_selector=parse_label_selector(d["cidrGroupSelector"],
+                                                                         f"{where}.cidrGroupSelector"))
     return CIDRRule("", (), _string(d["cidrGroupRef"], f"{where}.cidrGroupRef"))
 
 
@@ -361,21 +362,22 @@ def _icmp_rule(doc: Any, where: str) -> tuple[ICMPField, ...]:
     return tuple(out)
 
 
-def _service_selector(doc: Any, where: str) -> Any:
+def _service_selector(doc: Any, where: str, namespace: str) -> ServiceSelector:
+    """Like Cilium's ParseToCiliumRule, an empty namespace is the policy's own (any, for a CCNP)."""
     d = _mapping(doc, where, ("k8sService", "k8sServiceSelector"))
     if bool(d.get("k8sService")) == bool(d.get("k8sServiceSelector")):
         raise ValidationError(where, "exactly one of k8sService or k8sServiceSelector is required")
     if d.get("k8sService"):
         s = _mapping(d["k8sService"], f"{where}.k8sService", ("serviceName", "namespace"))
-        _string(s.get("serviceName"), f"{where}.k8sService.serviceName")
-        _string(s.get("namespace"), f"{where}.k8sService.namespace")
-    else:
-        s = _mapping(d["k8sServiceSelector"], f"{where}.k8sServiceSelector", ("selector", "namespace"))
-        if "selector" not in s:
-            raise ValidationError(f"{where}.k8sServiceSelector.selector", "required")
-        parse_label_selector(s["selector"], f"{where}.k8sServiceSelector.selector")
-        _string(s.get("namespace"), f"{where}.k8sServiceSelector.namespace")
-    return _frozen(d)
+        return ServiceSelector(
+            namespace=_string(s.get("namespace"), f"{where}.k8sService.namespace") or namespace,
+            name=_string(s.get("serviceName"), f"{where}.k8sService.serviceName"))
+    s = _mapping(d["k8sServiceSelector"], f"{where}.k8sServiceSelector", ("selector", "namespace"))
+    if "selector" not in s:
+        raise ValidationError(f"{where}.k8sServiceSelector.selector", "required")
+    return ServiceSelector(namespace=_string(s.get("namespace"), f"{where}.k8sServiceSelector.namespace") or namespace,
+                           selector=parse_label_selector(s["selector"], f"{where}.k8sServiceSelector.selector",
+                                                         default_source=SOURCE_K8S))
 
 
 def _group(doc: Any, where: str) -> Any:
@@ -457,7 +459,8 @@ def _peer_rule(doc: Any, where: str, direction: str, deny: bool, scope: _Scope) 
         a = _mapping(d["authentication"], f"{where}.authentication", ("mode",))
         auth = _enum(a.get("mode"), f"{where}.authentication.mode", AUTH_MODES)
     fqdns = _items(d.get("toFQDNs"), f"{where}.toFQDNs", _fqdn_selector) if d.get("toFQDNs") else None
-    services = _items(d.get("toServices"), f"{where}.toServices", _service_selector) if d.get("toServices") else None
+    services = _items(d.get("toServices"), f"{where}.toServices",
+                      lambda x, at: _service_selector(x, at, scope.namespace)) if d.get("toServices") else None
     groups = _items(d.get(f"{p}Groups"), f"{where}.{p}Groups", _group) if d.get(f"{p}Groups") else None
     return PeerRule(endpoints=selectors(f"{p}Endpoints"),
                     requires=selectors(f"{p}Requires", skip_reserved=False) or (),

@@ -20,7 +20,19 @@ class CIDRRule:
 
     cidr: str
     except_: tuple[str, ...] = ()
-    cidr_group_ref: str = ""
+    cidr_group_ref: str = ""  # a CiliumCIDRGroup by name: its externalCIDRs
+    cidr_group_selector: LabelSelector | None = None  # CiliumCIDRGroups by their labels
+
+
+@dataclass(frozen=True)
+class ServiceSelector:
+    """One ``toServices`` item: ``k8sService`` (name set) or ``k8sServiceSelector`` (selector set).
+
+    ``namespace`` "" = any namespace (a clusterwide policy's selector without one)."""
+
+    namespace: str
+    name: str = ""
+    selector: LabelSelector | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +135,7 @@ class PeerRule:
     cidrs: tuple[CIDRRule, ...] | None = None
     nodes: tuple[LabelSelector, ...] | None = None
     fqdns: tuple[DNSRule, ...] | None = None
-    services: tuple[Any, ...] | None = None
+    services: tuple[ServiceSelector, ...] | None = None
     groups: tuple[Any, ...] | None = None
     to_ports: tuple[PortRule, ...] = ()
     icmps: tuple[ICMPField, ...] = ()

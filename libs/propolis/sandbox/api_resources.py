@@ -12,6 +12,7 @@ Propolis' own policy validator does the deep check elsewhere.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -277,6 +278,18 @@ def validate_cilium_policy(obj: Obj) -> list[ValidationError]:
     return errors
 
 
+def validate_cidr_group(obj: Obj) -> list[ValidationError]:
+    """CiliumCIDRGroup: `spec.externalCIDRs` a list of CIDRs (what fromCIDRSet.cidrGroupRef names)."""
+    errors: list[ValidationError] = []
+    spec = _as_dict(obj, "spec", "spec", errors)
+    for i, cidr in enumerate(_as_list(spec, "externalCIDRs", "spec.externalCIDRs", errors)):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except (TypeError, ValueError):
+            errors.append(invalid(f"spec.externalCIDRs[{i}]", str(cidr)[:60], "must be a valid CIDR"))
+    return errors
+
+
 def validate_namespace(obj: Obj) -> list[ValidationError]:
     return []
 
@@ -428,6 +441,8 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("cilium.io", "v2", "CiliumClusterwideNetworkPolicy", "ciliumclusterwidenetworkpolicies", False,
              ("ccnp",), validate_cilium_policy, _no_defaults, has_status=True,
              categories=("cilium", "ciliumpolicy"), spec_keys=("specs",)),
+    Resource("cilium.io", "v2", "CiliumCIDRGroup", "ciliumcidrgroups", False, ("ccg",), validate_cidr_group,
+             _no_defaults, categories=("cilium",)),
 )
 
 BY_PATH: dict[tuple[str, str, str], Resource] = {(r.group, r.version, r.plural): r for r in RESOURCES}

@@ -52,6 +52,7 @@ KINDS: dict[str, ResourceKind] = {k.kind: k for k in (
                  ("cnp", "ciliumnetworkpolicy")),
     ResourceKind("CiliumClusterwideNetworkPolicy", "cilium.io/v2", "ciliumclusterwidenetworkpolicies", False,
                  ("ccnp", "ciliumclusterwidenetworkpolicy")),
+    ResourceKind("CiliumCIDRGroup", "cilium.io/v2", "ciliumcidrgroups", False, ("ccg", "ciliumcidrgroup")),
 )}
 
 

@@ -1,7 +1,11 @@
 """Desired kernel state of one node, computed from the cluster inputs.
 
 * ipcache: every endpoint in the cluster (IP -> identity), every node's InternalIP (this
-  node -> host, others -> remote-node), and the CIDR identities the policies need.
+  node -> host, others -> remote-node, or the node identity a labelled toNodes/fromNodes needs),
+  the API server's addresses (the ``default/kubernetes`` Service's EndpointSlices, as Cilium
+  reads them) -> kube-apiserver (7) unless it is this node's own address (host), each node's
+  health address (annotation ``network.cilium.io/ipv4-health-ip``) -> health (4), and the CIDR
+  identities the policies need (CIDRs, CIDR groups, toServices addresses outside the cluster).
 * per local endpoint: the compiled policy rows and enforcement per direction.
 * services: this node's load-balancing frontends and backends.
 
@@ -20,7 +24,7 @@ from propolis.datapath.entries import IPCacheEntry
 from propolis.errors import ValidationError
 from propolis.lb.desired import SERVICE_NAME_LABEL, LBService, desired_services
 from propolis.model import identity as idmodel
-from propolis.policy.engine import PolicyEngine
+from propolis.policy.engine import PeerObject, PeerTables, PolicyEngine
 from propolis.writer.targets import EndpointPolicy
 
 if TYPE_CHECKING:
@@ -31,11 +35,32 @@ if TYPE_CHECKING:
 log = logging.getLogger("propolis.writer.desired")
 
 
+HEALTH_IP_ANNOTATION = "network.cilium.io/ipv4-health-ip"  # Cilium's annotation for a node's health endpoint
+KUBE_APISERVER_SERVICE = ("default", "kubernetes")
+
+
 def node_internal_ip(node_obj: "K8sObject") -> str | None:
     for addr in node_obj.status.get("addresses") or []:
         if addr.get("type") == "InternalIP":
             return str(addr.get("address"))
     return None
+
+
+def peer_tables(inputs: "ClusterInputs", node: str) -> PeerTables:
+    """Nodes, Services (their EndpointSlice addresses) and CIDR groups, as `node` resolves policy peers."""
+    addresses: dict[tuple[str, str], list[str]] = {}
+    for s in inputs.endpointslices.values():
+        target = addresses.setdefault((s.namespace, s.labels.get(SERVICE_NAME_LABEL, "")), [])
+        for ep in s.spec.get("endpoints") or []:
+            target.extend(str(a) for a in ep.get("addresses") or [])
+    return PeerTables(
+        local_node=node,
+        nodes={name: PeerObject(dict(obj.labels), tuple(ip for ip in [node_internal_ip(obj)] if ip))
+               for name, obj in inputs.nodes.items()},
+        services={key: PeerObject(dict(svc.labels), tuple(sorted(set(addresses.get(key, [])))))
+                  for key, svc in inputs.services.items()},
+        cidr_groups={name: PeerObject(dict(obj.labels), tuple(str(c) for c in obj.spec.get("externalCIDRs") or []))
+                     for name, obj in inputs.cidr_groups.items()})
 
 
 @dataclass
@@ -56,6 +81,7 @@ class DesiredState:
     #: inputs.services_generation the `services` list reflects: a pod or policy change costs no LB work
     services_generation: int = -1
     _endpoint_ips: dict[int, frozenset[str]] = field(default_factory=dict)
+    _peer_tables: PeerTables | None = None
 
     def __post_init__(self) -> None:
         self.engine = PolicyEngine(mode=self.mode, cluster_name=self.cluster_name,
@@ -66,12 +92,29 @@ class DesiredState:
         for rec in inputs.endpoints.values():
             endpoint_ips.setdefault(rec.identity, set()).update(ip for ip in rec.ips if ":" not in ip)
         frozen = {n: frozenset(ips) for n, ips in endpoint_ips.items()}
-        if inputs.policy_generation != self._policy_generation or frozen != self._endpoint_ips:
+        tables = peer_tables(inputs, self.node)
+        if inputs.policy_generation != self._policy_generation or frozen != self._endpoint_ips or \
+                tables != self._peer_tables:
             self.engine.update(policies=list(inputs.policies.values()), identities=inputs.identities,
                                named_ports={e.identity: e.named_ports for e in inputs.endpoints.values()},
-                               endpoint_ips=frozen)
+                               endpoint_ips=frozen, peer_tables=tables)
             self._policy_generation = inputs.policy_generation
             self._endpoint_ips = frozen
+            self._peer_tables = tables
+
+    def _reserved_addresses(self, inputs: "ClusterInputs") -> dict[str, int]:
+        """IPv4 -> reserved identity for the API server (7) and the nodes' health endpoints (4)."""
+        out: dict[str, int] = {}
+        for (ns, _), s in inputs.endpointslices.items():
+            if (ns, s.labels.get(SERVICE_NAME_LABEL, "")) == KUBE_APISERVER_SERVICE:
+                for ep in s.spec.get("endpoints") or []:
+                    out.update((str(a), idmodel.RESERVED_KUBE_APISERVER) for a in ep.get("addresses") or []
+                               if ":" not in str(a))
+        for obj in inputs.nodes.values():
+            health = (obj.spec.get("annotations") or {}).get(HEALTH_IP_ANNOTATION)
+            if health and ":" not in str(health):
+                out[str(health)] = idmodel.RESERVED_HEALTH
+        return out
 
     def endpoint_policy(self, inputs: "ClusterInputs", ep: "LocalEndpoint") -> EndpointPolicy:
         self._sync_engine(inputs)
@@ -82,10 +125,16 @@ class DesiredState:
     def update(self, inputs: "ClusterInputs", local: list["LocalEndpoint"]) -> None:
         self._sync_engine(inputs)
         ipc: dict[str, IPCacheEntry] = {}
+        node_ids = self.engine.node_identities()
         for (node_name, obj) in inputs.nodes.items():
             ip = node_internal_ip(obj)
             if ip:
-                ident = idmodel.RESERVED_HOST if node_name == self.node else idmodel.RESERVED_REMOTE_NODE
+                ident = idmodel.RESERVED_HOST if node_name == self.node else \
+                    node_ids.get(ip, idmodel.RESERVED_REMOTE_NODE)
+                ipc[f"{ip}/32"] = IPCacheEntry(f"{ip}/32", ident)
+        for ip, ident in self._reserved_addresses(inputs).items():
+            node_row = ipc.get(f"{ip}/32")
+            if node_row is None or node_row.identity != idmodel.RESERVED_HOST:  # this node's own address stays host
                 ipc[f"{ip}/32"] = IPCacheEntry(f"{ip}/32", ident)
         for rec in inputs.endpoints.values():
             for ip in rec.ips:

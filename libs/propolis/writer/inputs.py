@@ -33,6 +33,7 @@ class ClusterInputs:
     services: dict[tuple[str, str], K8sObject] = field(default_factory=dict)
     endpointslices: dict[tuple[str, str], K8sObject] = field(default_factory=dict)
     policies: dict[str, K8sObject] = field(default_factory=dict)  # KV key -> policy object
+    cidr_groups: dict[str, K8sObject] = field(default_factory=dict)  # CiliumCIDRGroup name -> object
     identities: dict[int, list[str]] = field(default_factory=dict)
     endpoints: dict[tuple[str, str], EndpointRecord] = field(default_factory=dict)
     k8s_gate: WatermarkGate = field(default_factory=lambda: WatermarkGate(subjects.K8S_BUCKET))
@@ -111,6 +112,8 @@ class ClusterInputs:
             table, key, policy = self.endpointslices, (ns, name), False
         elif kind in POLICY_KINDS:
             table, key, policy = self.policies, ev.key, True
+        elif kind == "ciliumcidrgroups":
+            table, key, policy = self.cidr_groups, name, True
         else:
             return
         if obj is None:
