@@ -136,9 +136,12 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 			if (egress) {
 				/* a NodePort reply from a local backend: its source is now
 				 * the node's address, which the stack would take for a
-				 * martian; route it ourselves (lib/nodeport.h) */
-				send_trace_notify(&c, TRACE_TO_STACK, TRACE_REASON_REPLY, new_flags, 1);
-				return nodeport_redirect(skb, &c.p);
+				 * martian; route it ourselves (lib/nodeport.h), and
+				 * trace it only once it is on its way */
+				ret = nodeport_redirect(skb, &c);
+				if (ret != CTX_ACT_DROP)
+					send_trace_notify(&c, TRACE_TO_STACK, TRACE_REASON_REPLY, new_flags, 1);
+				return ret;
 			}
 		}
 		send_trace_notify(&c, egress ? TRACE_TO_STACK : TRACE_TO_LXC,

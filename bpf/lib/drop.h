@@ -15,6 +15,7 @@
 #define DROP_POLICY		133	/* "Policy denied" POLICY_DENIED */
 #define DROP_INVALID		134	/* "Invalid packet" INVALID_PACKET_DROPPED */
 #define DROP_CT_INVALID_HDR	135	/* "CT: Truncated or invalid header" CT_TRUNCATED_OR_INVALID_HEADER */
+#define DROP_FRAG_NEEDED	136	/* "Fragmentation needed" FRAGMENTATION_NEEDED */
 #define DROP_CT_UNKNOWN_PROTO	137	/* "CT: Unknown L4 protocol" CT_UNKNOWN_L4_PROTOCOL */
 #define DROP_UNKNOWN_L3		139	/* "Unsupported L3 protocol" UNSUPPORTED_L3_PROTOCOL */
 #define DROP_UNKNOWN_L4		142	/* "Unknown L4 protocol" UNKNOWN_L4_PROTOCOL */

@@ -30,23 +30,32 @@
 static long (*pp_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
 	(void *)BPF_FUNC_redirect_neigh;
 
-/* Route a translated packet out of the interface the FIB picks. */
-static __always_inline int nodeport_redirect(struct __sk_buff *skb, struct pkt4 *p)
+/* Route a translated packet out of the interface the FIB picks; a failed
+ * lookup is a reported drop. Why tot_len stays 0: the kernel then checks the
+ * skb against the egress MTU GSO-aware (is_skb_forwardable); with
+ * tot_len = skb->len every GSO/GRO packet above the MTU was FRAG_NEEDED,
+ * went back to the stack already translated and died there as a martian,
+ * so large NodePort transfers stalled. NOT_FWDED (a local destination) is
+ * the stack's to deliver. */
+static __always_inline int nodeport_redirect(struct __sk_buff *skb, struct lxc_ctx *c)
 {
 	struct bpf_fib_lookup fib = {};
 	int ret;
 
 	fib.family = AF_INET;
-	fib.l4_protocol = p->protocol;
-	fib.sport = p->sport;
-	fib.dport = p->dport;
-	fib.tot_len = (__u16)(skb->len - ETH_HLEN);
-	fib.ipv4_src = p->saddr;
-	fib.ipv4_dst = p->daddr;
+	fib.l4_protocol = c->p.protocol;
+	fib.sport = c->p.sport;
+	fib.dport = c->p.dport;
+	fib.ipv4_src = c->p.saddr;
+	fib.ipv4_dst = c->p.daddr;
 	fib.ifindex = skb->ifindex;
 	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (ret == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return CTX_ACT_OK;
+	if (ret == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return send_drop_notify(c, DROP_FRAG_NEEDED, POLICY_MATCH_NONE);
 	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
-		return CTX_ACT_OK;	/* let the stack decide (and count it) */
+		return send_drop_notify(c, DROP_FIB_LOOKUP, POLICY_MATCH_NONE);
 	return pp_redirect_neigh(fib.ifindex, 0, 0, 0);
 }
 
@@ -179,7 +188,7 @@ static __always_inline int nodeport_lb4(struct __sk_buff *skb)
 	if (c.p.protocol != IPPROTO_TCP && c.p.protocol != IPPROTO_UDP)
 		return CTX_ACT_OK;
 	if (nodeport_rev_snat(skb, &c.p))
-		return nodeport_redirect(skb, &c.p);
+		return nodeport_redirect(skb, &c);
 
 	svc = lb4_lookup_service(&c.p, &key);
 	if (!svc || !(svc->flags & (SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOADBALANCER)))
@@ -204,7 +213,7 @@ static __always_inline int nodeport_lb4(struct __sk_buff *skb)
 		return send_drop_notify(&c, DROP_NAT_NO_MAPPING, POLICY_MATCH_NONE);
 	if (lb4_rewrite(skb, &c.p, LB_REWRITE_SRC, frontend, snat_port) < 0)
 		return send_drop_notify(&c, DROP_INVALID, POLICY_MATCH_NONE);
-	return nodeport_redirect(skb, &c.p);
+	return nodeport_redirect(skb, &c);
 }
 
 #endif /* __PROPOLIS_NODEPORT_H_ */

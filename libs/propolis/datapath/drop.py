@@ -23,6 +23,7 @@ _REASONS = (
     DropReason(133, "DROP_POLICY", "Policy denied", "POLICY_DENIED"),
     DropReason(134, "DROP_INVALID", "Invalid packet", "INVALID_PACKET_DROPPED"),
     DropReason(135, "DROP_CT_INVALID_HDR", "CT: Truncated or invalid header", "CT_TRUNCATED_OR_INVALID_HEADER"),
+    DropReason(136, "DROP_FRAG_NEEDED", "Fragmentation needed", "FRAGMENTATION_NEEDED"),
     DropReason(137, "DROP_CT_UNKNOWN_PROTO", "CT: Unknown L4 protocol", "CT_UNKNOWN_L4_PROTOCOL"),
     DropReason(139, "DROP_UNKNOWN_L3", "Unsupported L3 protocol", "UNSUPPORTED_L3_PROTOCOL"),
     DropReason(142, "DROP_UNKNOWN_L4", "Unknown L4 protocol", "UNKNOWN_L4_PROTOCOL"),
@@ -57,6 +58,7 @@ DROP_FRAG_NOSUPPORT = 157
 DROP_NO_CONFIG = 165
 DROP_NAT_NO_MAPPING = 167
 DROP_FIB_LOOKUP = 169
+DROP_FRAG_NEEDED = 136
 DROP_FRAG_NOT_FOUND = 175
 DROP_UNKNOWN_L3 = 139
 
