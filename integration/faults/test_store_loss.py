@@ -307,8 +307,10 @@ def sandbox():
         yield state
 
 
-async def purge_k8s_bucket(state: Any, how: str) -> Watermark | None:
-    """Purge PROPOLIS_K8S_V1 as an operator with admin rights would; returns the watermark it had."""
+async def purge_k8s_bucket(state: Any, how: str, between: Any) -> Watermark | None:
+    """Purge PROPOLIS_K8S_V1 as an operator with admin rights would, awaiting `between()` in the middle
+    (the whole stream, then `between`; or every key, `between`, the watermark last); returns the
+    watermark it had."""
     bus = state.admin_bus("fault-test-purge")
     await bus.connect(max_wait=5)
     try:
@@ -316,9 +318,11 @@ async def purge_k8s_bucket(state: Any, how: str) -> Watermark | None:
         before = await kv.get(subjects.WATERMARK_KEY)
         if how == "stream purge":
             await bus.js.purge_stream(STREAM)
+            await between()
         else:
             for key in [k for k in await kv.items() if k != subjects.WATERMARK_KEY]:
                 await kv.store.purge(key)
+            await between()
             await kv.store.purge(subjects.WATERMARK_KEY)
         return before.value if before is not None else None
     finally:
@@ -379,11 +383,16 @@ async def test_sandbox_bucket_purges_let_no_denied_connection_through(sandbox):
         async with Prober(w, allowed + denied, loops=3) as prober:
             await asyncio.sleep(0.5)
             for i, how in enumerate(("stream purge", "keys purged, the watermark last")):
-                before = await purge_k8s_bucket(sandbox, how)
-                # an unrelated API change right away: it used to write a fresh watermark over the empty bucket
+                # an unrelated API change in the middle: it used to write a fresh watermark over the empty
+                # bucket (and, with the watermark purged last, one the purge had not reached yet)
                 unrelated = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"unrelated-{i}"},
                              "spec": {"selector": {"app": "nothing"}, "ports": [{"port": 80}]}}
-                await cluster.apply_documents(sandbox, w.documents([unrelated], "unrelated"))
+
+                async def unrelated_change() -> None:
+                    await cluster.apply_documents(sandbox, w.documents([unrelated], "unrelated"))
+                    await asyncio.sleep(0.5)
+
+                before = await purge_k8s_bucket(sandbox, how, unrelated_change)
                 seconds = await wait_refilled(sandbox, before, policy_key)
                 print(f"{how}: PROPOLIS_K8S_V1 refilled by the k8s-watcher in {seconds:.2f}s")
                 await asyncio.sleep(1.0)  # the writers re-sync under the new epoch: keep probing through it

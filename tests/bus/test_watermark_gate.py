@@ -153,3 +153,20 @@ async def test_writer_inputs_keep_their_state_while_the_k8s_bucket_is_purged(bus
         for task in (follow, recorder):
             task.cancel()
         await asyncio.gather(follow, recorder, return_exceptions=True)
+
+
+def purged(key: str) -> KvEvent:
+    return KvEvent(EventType.DELETE, key, None, 0, purged=True)
+
+
+def test_a_purged_key_is_held_even_when_a_watermark_of_the_same_epoch_follows():
+    gate = WatermarkGate("B")
+    feed(gate, put("a", 1), put("b", 2), mark(5), SYNCED)
+    # the purge reached a, then the owner wrote c and its watermark before the purge reached the watermark
+    assert [e.key for e in feed(gate, purged("a"), put("c", 3), mark(6))] == ["c"]
+    assert gate.released == {"a": 1, "b": 2, "c": 3} and gate.ready
+    # the owner rewrites a (its repair): nothing changes; a later watermark of a new epoch releases no delete
+    assert feed(gate, put("a", 1), mark(7)) == []
+    # purged and not rewritten by the owner's refill under a new epoch: gone
+    released = feed(gate, purged("b"), mark(8, epoch="e2"))
+    assert [(e.type, e.key) for e in released] == [(EventType.DELETE, "b")]

@@ -60,6 +60,7 @@ class KvEvent:
     key: str = ""
     value: Any = None
     revision: int = 0
+    purged: bool = False  # a DELETE by purge (an operator's tool; owners delete): see bus/watermark.py
 
 
 SYNCED = KvEvent(EventType.SYNCED)
@@ -215,7 +216,7 @@ class Kv:
                     if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
                         UNDECODABLE.healed(self.bucket, key)
                         if delivered.pop(key, None) is not None:
-                            yield KvEvent(EventType.DELETE, key, None, rev)
+                            yield KvEvent(EventType.DELETE, key, None, rev, purged=entry.operation == KV_PURGE)
                         continue
                     if delivered.get(key) == rev:
                         continue

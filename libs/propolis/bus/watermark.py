@@ -7,6 +7,10 @@ act on a change when it arrives: the owner writes its ``Watermark`` behind its o
 the gate holds every change until a watermark arrives after it, then releases them (the latest
 value per key, diffed against what it released before).
 
+A key *purged* (rather than deleted: owners delete, purges come from an operator's tool) is held
+back until the owner rewrites it or writes a watermark of a new epoch, so a bucket purged key by
+key is not acted on even if an owner's watermark slips in before the purge reaches it.
+
 A watermark that disappears means the bucket lost its contents: the gate shuts (``lost``) and
 releases nothing until the owner writes a watermark with a *new epoch*, which it does only after
 refilling the whole bucket; what was released before stays in force meanwhile, and the refill
@@ -40,6 +44,7 @@ class WatermarkGate:
     bucket: str
     released: dict[str, Any] = field(default_factory=dict)  # key -> value the consumer acts on
     pending: dict[str, KvEvent] = field(default_factory=dict)  # key -> its latest event since
+    held: dict[str, KvEvent] = field(default_factory=dict)  # purged keys: released only by a new epoch
     watermark: Watermark | None = None  # the last released watermark
     lost: bool = False  # the watermark vanished: waiting for the owner's new epoch
     synced: bool = False  # the watch delivered its initial values
@@ -62,11 +67,18 @@ class WatermarkGate:
             return None
         if ev.key == subjects.WATERMARK_KEY:
             return self._on_watermark(ev)
-        self.pending[ev.key] = ev
+        if ev.type is EventType.DELETE and ev.purged:
+            self.pending.pop(ev.key, None)
+            self.held[ev.key] = ev
+        else:
+            self.held.pop(ev.key, None)
+            self.pending[ev.key] = ev
         return None
 
     def release_unconfirmed(self) -> list[KvEvent]:
         """Everything the bucket holds, watermark or not (read-only tools showing the bucket)."""
+        self.pending.update(self.held)
+        self.held.clear()
         return self._release()
 
     def _on_watermark(self, ev: KvEvent) -> list[KvEvent] | None:
@@ -86,6 +98,9 @@ class WatermarkGate:
                         self.bucket, mark.resource_version, mark.epoch)
             return None
         was_lost, previous = self.lost, self.watermark
+        if previous is None or previous.epoch != mark.epoch:
+            self.pending.update(self.held)  # the owner refilled its bucket: what it did not rewrite is gone
+            self.held.clear()
         changes = self._release()
         self.watermark, self.lost = mark, False
         if was_lost:
