@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from propolis.bus import subjects
 from propolis.bus.connection import Bus
 from propolis.bus.messages import Heartbeat, K8sObject
+from propolis.k8s.kinds import POLICY_KINDS
 from propolis.kernel_probe import probe_all
 from propolis.runtime.settings import CommonSettings
 from propolis.sandbox.services import SANDBOX_SERVICES, SandboxService
@@ -65,6 +66,8 @@ class StatusReport:
     services: list[dict[str, Any]] = field(default_factory=list)
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
     kernel: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: policies in force, accepted-but-not-enforced (policy -> fields and why), refused, endpoints failing
+    policies: dict[str, Any] = field(default_factory=dict)
 
     def problem(self, text: str) -> None:
         self.healthy = False
@@ -212,6 +215,25 @@ def build_report(heartbeats: Iterable[Heartbeat], *, now: float, nodes: Sequence
     return rep
 
 
+def policy_summary(policies: Iterable[K8sObject], heartbeats: Iterable[Heartbeat]) -> dict[str, Any]:
+    """What `status` says about policies: how many are in force, which are accepted but have fields not
+    enforced (and why), how many the k8s-watcher refused, and which endpoints' policy failed on which node."""
+    from propolis.policy.unenforced import not_enforced
+
+    policies = list(policies)
+    unenforced = {f"{p.kind}/{p.namespace + '/' if p.namespace else ''}{p.name}": [str(i) for i in items]
+                  for p in policies for items in [not_enforced(p.spec)] if items}
+    beats = list(heartbeats)
+    watcher = next((hb for hb in sorted(beats, key=lambda h: -h.sent_at)
+                    if hb.service == "k8s-watcher" and hb.progress.get("leader")), None)
+    failed = {hb.node: dict(hb.progress["endpoint_policy_failures"]) for hb in beats
+              if hb.service == "datapath-writer" and isinstance(hb.progress.get("endpoint_policy_failures"), dict)
+              and hb.progress["endpoint_policy_failures"]}
+    return {"in_force": len(policies), "not_enforced": dict(sorted(unenforced.items())),
+            "refused": int(watcher.progress.get("refused_policies") or 0) if watcher else 0,
+            "failed_endpoints": failed}
+
+
 async def read_heartbeats(bus: Bus, malformed: dict[str, str] | None = None) -> list[Heartbeat]:
     """Every instance's last heartbeat (KV `PROPOLIS_HEARTBEATS_V1`), live or not: callers judge with `is_live`.
     One that does not decode is left out (and named in ``malformed``, key -> why, when given)."""
@@ -236,14 +258,19 @@ async def collect(bus: Bus, *, stale_after: float | None = None, probe_kernel: b
     except Exception as exc:  # noqa: BLE001 - reported, not raised: status must always print
         problems.append(f"heartbeats bucket unreadable: {exc}")
     nodes: list[str] = []
+    policies: list[K8sObject] = []
     try:
         k8s_kv = await bus.kv(subjects.K8S_BUCKET)
         nodes = [e.value.name for e in (await k8s_kv.items("nodes.>")).values() if isinstance(e.value, K8sObject)]
+        for plural in POLICY_KINDS:
+            policies += [e.value for e in (await k8s_kv.items(f"{plural}.>")).values()
+                         if isinstance(e.value, K8sObject)]
     except Exception:  # noqa: BLE001 - no mirror yet: the k8s-watcher row says why
         pass
     kernel = {f.name: {"available": f.available, "detail": f.detail} for f in probe_all()} if probe_kernel else {}
     rep = build_report(heartbeats, now=time.time(), nodes=nodes, kernel=kernel, suite=suite,
                        stale_override=stale_after, malformed=malformed)
+    rep.policies = policy_summary(policies, heartbeats)
     rep.nats = await nats_status(bus, problems)
     for p in problems:
         rep.problem(p)

@@ -15,6 +15,8 @@ from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, 
 from propolis.errors import CliError, TemporaryError
 from propolis.policy.engine import PolicyEngine
 from propolis.policy.entries import PROTOCOL_NAMES
+from propolis.policy.unenforced import not_enforced
+from propolis.writer.desired import peer_tables
 from propolis.writer.inputs import ClusterInputs
 
 
@@ -36,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="as the datapath-writer's setting (default %(default)s: a pod's node always reaches it)")
 
 
-async def _engine(args: argparse.Namespace) -> tuple[PolicyEngine, ClusterInputs]:
+async def _engine(args: argparse.Namespace, node: str = "") -> tuple[PolicyEngine, ClusterInputs]:
+    """The engine a datapath-writer on `node` runs (its node is `host` for labelled toNodes)."""
     bus = await connect_bus(args)
     try:
         try:
@@ -48,29 +51,52 @@ async def _engine(args: argparse.Namespace) -> tuple[PolicyEngine, ClusterInputs
     finally:
         await bus.close()
     engine = PolicyEngine(cluster_name=args.cluster_name, allow_localhost=args.allow_localhost == "always")
+    endpoint_ips: dict[int, set[str]] = {}
+    for rec in inputs.endpoints.values():
+        endpoint_ips.setdefault(rec.identity, set()).update(ip for ip in rec.ips if ":" not in ip)
     engine.update(policies=list(inputs.policies.values()), identities=inputs.identities,
-                  named_ports={e.identity: e.named_ports for e in inputs.endpoints.values()})
+                  named_ports={e.identity: e.named_ports for e in inputs.endpoints.values()},
+                  endpoint_ips=endpoint_ips, peer_tables=peer_tables(inputs, node))
     return engine, inputs
 
 
+def not_enforced_by_policy(inputs: ClusterInputs) -> dict[str, list[str]]:
+    """Policy (kind/namespace/name) -> its accepted-but-not-enforced fields, each with why."""
+    out = {}
+    for rec in inputs.policies.values():
+        items = not_enforced(rec.spec)
+        if items:
+            out[f"{rec.kind}/{rec.namespace + '/' if rec.namespace else ''}{rec.name}"] = [str(i) for i in items]
+    return dict(sorted(out.items()))
+
+
 async def policy_get(args: argparse.Namespace) -> int:
-    engine, inputs = await _engine(args)
     if args.pod:
+        namespace, _, name = args.pod.partition("/")
+        engine, inputs = await _engine(args)
+        endpoint = inputs.endpoints.get((namespace, name))
+        if endpoint is not None and endpoint.node:  # labelled toNodes resolve as the pod's own node does
+            engine.update(peer_tables=peer_tables(inputs, endpoint.node))
         return _pod_rules(engine, inputs, args)
+    engine, inputs = await _engine(args)
     rows = []
     for key, policy in sorted(engine.policies.items()):
         sections = {d: sum(len(getattr(r, d, ())) for r in policy.rules)
                     for d in ("ingress", "ingress_deny", "egress", "egress_deny")}
         rows.append({"policy": key, "rules": len(policy.rules), **sections})
     refused = {key: str(err) for key, err in sorted(engine.errors.items())}
+    unenforced = not_enforced_by_policy(inputs)
     if args.output == "json":
-        print_json({"policies": rows, "refused": refused, "revision": engine.revision})
+        print_json({"policies": rows, "refused": refused, "notEnforced": unenforced, "revision": engine.revision})
         return 0
     print_table(("POLICY", "RULES", "INGRESS", "INGRESS-DENY", "EGRESS", "EGRESS-DENY"),
                 [(r["policy"], r["rules"], r["ingress"], r["ingress_deny"], r["egress"], r["egress_deny"])
                  for r in rows])
     for key, err in refused.items():
         print(f"refused {key}: {err}")
+    for key, items in unenforced.items():
+        for item in items:
+            print(f"accepted, not enforced {key}: {item}")
     return 0
 
 
@@ -88,6 +114,8 @@ def _pod_rules(engine: PolicyEngine, inputs: ClusterInputs, args: argparse.Names
           f"{'default-deny' if result.egress_enforced else 'allow-all'}"
           + ("" if result.l7_enforced else "; L7 rules present: L4 port allowed, L7 not enforced yet"))
     print(f"selected by: {', '.join(result.origins) or 'no policy'}")
+    for note in result.notes:
+        print(f"note: {note}")
 
     def peer(identity: int) -> str:
         if identity == 0:

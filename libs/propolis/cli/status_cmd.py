@@ -94,6 +94,19 @@ def render(rep: StatusReport) -> None:
                              f"mirrored resourceVersion {k.get('resource_version') or '-'}")
     for name, f in rep.features.items():
         _line(name, f.get("state", "?"), f.get("reason") or f.get("detail") or "")
+    pol = rep.policies
+    if pol:
+        unenforced = pol.get("not_enforced") or {}
+        failed = sum(len(v) for v in (pol.get("failed_endpoints") or {}).values())
+        _line("Policies", f"{pol.get('in_force', 0)} in force",
+              f"{len(unenforced)} accepted with fields not enforced, {pol.get('refused', 0)} refused, "
+              f"{failed} endpoint policies failed")
+        for key, items in unenforced.items():
+            for item in items:
+                print(f"{'':<22}accepted, not enforced: {key} {item}")
+        for node, eps in (pol.get("failed_endpoints") or {}).items():
+            for ep, why in eps.items():
+                print(f"{'':<22}failed on {node}: {ep}: {why}")
     missing = [v["detail"] for v in rep.kernel.values() if not v["available"]]
     if missing:
         _line("Kernel lacks", "; ".join(missing))
