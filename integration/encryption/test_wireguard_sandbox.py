@@ -112,12 +112,12 @@ async def test_cross_node_traffic_is_only_udp_51871_on_the_underlay(sandbox, ips
         stream.close()
         same.close()
 
-    def routes() -> tuple[int, int, int]:
+    def tunnel_routes() -> set[str]:
         with iproute_in(cfg.node_netns(1)) as ipr:  # pyroute2's sync API: off the event loop
-            return (ipr.link_lookup(ifname=DEVICE)[0], ipr.route("get", dst=ips["c"])[0].get_attr("RTA_OIF"),
-                    ipr.route("get", dst=ips["b"])[0].get_attr("RTA_OIF"))
-    wg_index, to_c, to_b = await asyncio.to_thread(routes)
-    assert to_c != wg_index and to_b == wg_index  # same-node pods go to their lxc, never the tunnel
+            wg_index = ipr.link_lookup(ifname=DEVICE)[0]
+            return {f"{r.get_attr('RTA_DST')}/{r['dst_len']}" for r in ipr.get_routes(family=2, table=254)
+                    if r.get_attr("RTA_OIF") == wg_index}
+    assert await asyncio.to_thread(tunnel_routes) == {cfg.pod_cidr(2)}  # node 1's own pods never enter it
 
 
 async def test_policy_still_applies_to_decrypted_traffic(sandbox, ips, tmp_path):
@@ -295,3 +295,34 @@ async def test_a_peer_with_a_wrong_key_fails_closed_never_cleartext(sandbox, ips
         assert answer in (f"{NS}/b ".encode() + marker, f"{NS}/b after".encode())
     finally:
         stream.close()
+
+
+async def test_an_overwritten_or_deleted_node_key_is_written_back(sandbox):
+    cfg = sandbox.sandbox()
+    node = cfg.node_name(2)
+    right = keys.public_key((keymgr_state_dir(sandbox, node) / f"{DEVICE}.key").read_text().strip())
+    bus = admin_bus(sandbox, "wg-test-reassert")
+    await bus.connect(max_wait=5)
+    kv = await bus.kv(subjects.WIREGUARD_BUCKET)
+    try:
+        for damage in ("overwrite", "delete"):
+            if damage == "overwrite":
+                await kv.put(subjects.wireguard_key(node),
+                             WireguardNodeKey(node, keys.public_key(keys.generate_private_key()), WG_PORT))
+            else:
+                await kv.delete(subjects.wireguard_key(node))
+            deadline = time.monotonic() + 3
+            while True:
+                entry = await kv.get(subjects.wireguard_key(node))
+                if entry is not None and entry.value.public_key == right:
+                    break
+                assert time.monotonic() < deadline, f"{damage}: entry of {node} not written back: {entry}"
+                await asyncio.sleep(0.05)
+        dev1 = await UapiClient(keymgr_state_dir(sandbox, cfg.node_name(1)) / "sock" / f"{DEVICE}.sock").get()
+        deadline = time.monotonic() + 3
+        while list(dev1.peers) != [right]:
+            assert time.monotonic() < deadline, f"node 1 peers {list(dev1.peers)}, want [{right}]"
+            await asyncio.sleep(0.05)
+            dev1 = await UapiClient(keymgr_state_dir(sandbox, cfg.node_name(1)) / "sock" / f"{DEVICE}.sock").get()
+    finally:
+        await bus.close()

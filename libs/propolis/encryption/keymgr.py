@@ -105,7 +105,22 @@ class PublisherComponent(Component):
         self._sub = await rt.bus.subscribe(subjects.encryption_rotate_subject(self.device.node), self._on_rotate)
         if self.kubeconfig:  # no API, no Node to annotate
             rt.spawn("annotate-node", self._annotate_loop(), self)
+        rt.spawn("reassert-key", self._reassert_loop(), self)
         self.set_ok()
+
+    async def _reassert_loop(self) -> None:
+        """The node's entry is this keymgr's slice: overwritten or deleted (an admin's mistake, a bucket that
+        lost its store) it is written back at once, so the other nodes never keep a wrong key for long."""
+        key = subjects.wireguard_key(self.device.node)
+        async for ev in self.kv.watch(key):
+            if ev.type is EventType.SYNCED:
+                continue
+            value = ev.value if ev.type is EventType.PUT else None
+            if not (isinstance(value, WireguardNodeKey) and value.public_key == self.device.public_key
+                    and value.node == self.device.node and value.listen_port == self.device.listen_port):
+                log.warning("entry %s of %s is %s, not this node's key: writing it back", key,
+                            subjects.WIREGUARD_BUCKET, "gone" if value is None else repr(value)[:120])
+                await self.publish()
 
     async def publish(self) -> None:
         d = self.device

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from dataclasses import replace
 from typing import Any, Iterable
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -21,11 +22,19 @@ from propolis.encryption.uapi import PeerConfig
 from propolis.errors import TemporaryError
 
 
+#: Keepalive (s) set for a moment on a new peer: WireGuard sends a keepalive at once when keepalive is turned
+#: on, which starts the handshake now instead of with the first packet. After a key rotation the node that
+#: learned the new key is the one that can complete a handshake, so it must be the one to start it.
+HANDSHAKE_KICK_KEEPALIVE_S = 25
+
+
 class PeerTarget:
     def __init__(self, backend: WireguardBackend) -> None:
         self.backend = backend
 
     async def update(self, key: str, desired: PeerConfig) -> None:
+        if desired.persistent_keepalive == 0 and key not in (await self.backend.device()).peers:
+            await self.backend.set_peer(replace(desired, persistent_keepalive=HANDSHAKE_KICK_KEEPALIVE_S))
         await self.backend.set_peer(desired)
 
     async def delete(self, key: str) -> None:

@@ -38,6 +38,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _ROOT_NETNS_FD = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
 UNDERLAY_BRIDGE = "br0"
+#: Encrypted sandbox: the native pod-CIDR routes for node-originated traffic only (see `route_pod_cidrs`).
+NODE_TRAFFIC_TABLE = 202
+NODE_TRAFFIC_RULE_PRIORITY = 100
 NODE_UPLINK = "eth0"
 
 
@@ -254,11 +257,21 @@ def build_node(cfg: SandboxConfig, n: int) -> None:
 def route_pod_cidrs(cfg: SandboxConfig, n: int) -> None:
     """Native routing: on node n, every other node's podCIDR via that node's InternalIP.
 
-    With encryption on there is no native route at all: the wireguard-keymgr routes every other node's podCIDR
-    through `cilium_wg0`, and until it has, cross-node pod traffic has no route (never cleartext)."""
-    if cfg.encryption:
-        return
+    With encryption on, pod traffic finds no native route: the wireguard-keymgr routes every other node's podCIDR
+    through `cilium_wg0` (main table), and until it has, cross-node pod traffic has no route (never cleartext).
+    Only traffic the node itself originates keeps the native routes (table `NODE_TRAFFIC_TABLE`, rule `iif lo`):
+    like Cilium without `encryption.nodeEncryption`, node-to-pod traffic is not encrypted."""
     with iproute_in(cfg.node_netns(n)) as ipr:
+        if cfg.encryption:
+            try:
+                ipr.rule("add", iifname="lo", table=NODE_TRAFFIC_TABLE, priority=NODE_TRAFFIC_RULE_PRIORITY)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+            for m in range(1, cfg.nodes + 1):
+                if m != n:
+                    ipr.route("replace", dst=cfg.pod_cidr(m), gateway=cfg.node_ip(m), table=NODE_TRAFFIC_TABLE)
+            return
         for m in range(1, cfg.nodes + 1):
             if m != n:
                 ipr.route("replace", dst=cfg.pod_cidr(m), gateway=cfg.node_ip(m))
