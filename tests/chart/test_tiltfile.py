@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from functools import lru_cache
 from typing import Any
 
 import starlark
@@ -47,6 +48,7 @@ class FakeTilt:
         return [(a, k) for n, a, k in self.calls if n == builtin]
 
 
+@lru_cache(maxsize=1)
 def run_tiltfile() -> FakeTilt:
     tilt = FakeTilt()
     module = starlark.Module()
