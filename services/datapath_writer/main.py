@@ -31,6 +31,7 @@ from propolis.runtime.component import Component
 from propolis.runtime.health import Health, State
 from propolis.runtime.service import Runtime, run_service
 from propolis.runtime.settings import CommonSettings, setting
+from propolis.writer import endpoint_state
 from propolis.writer.desired import DesiredState
 from propolis.writer.endpoint_api import EndpointAnnouncement, EndpointApiServer
 from propolis.writer.endpoints import EndpointTable, LocalEndpoint
@@ -258,6 +259,7 @@ class Enforcer(Component):
         if self.desired.policy_errors:
             failed = {**self.desired.policy_errors, **failed}
         self.rt.progress["endpoint_policy_failures"] = {self.endpoint_name(k): v for k, v in failed.items()}
+        self.publish_endpoint_states()
         parts = []
         if failed:
             ep, why = next(iter(failed.items()))
@@ -267,6 +269,11 @@ class Enforcer(Component):
         if ipcache.state is not State.OK:
             parts.append(ipcache.reason)
         return Health.degraded("; ".join(parts)) if parts else Health.ok()
+
+    def publish_endpoint_states(self) -> None:
+        """Per endpoint: ready / regenerating / not-ready (why), for `propolis endpoint list`."""
+        self.rt.progress[endpoint_state.PROGRESS_KEY] = endpoint_state.endpoint_states(
+            self.table.by_id.values(), self.desired.policies, self.policies.status, self.desired.policy_errors)
 
     def endpoint_name(self, endpoint_id: int) -> str:
         ep = self.table.by_id.get(endpoint_id)
@@ -283,6 +290,7 @@ class Enforcer(Component):
         self.desired.update(self.inputs, list(self.table.by_id.values()))
         self.ipcache.replace_all(self.desired.ipcache)
         self.policies.replace_all({ep_id: pol for ep_id, pol in self.desired.policies.items()})
+        self.publish_endpoint_states()
         l7_pending = sum(p.l7_pending for p in self.desired.policies.values())
         self.rt.features["L7 proxy"] = {
             "state": "Disabled",
