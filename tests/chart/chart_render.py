@@ -44,12 +44,23 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML as the API server decodes it (strict): a key twice in one mapping is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key(s) {twice}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 @lru_cache(maxsize=None)
 def _render(sets: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
     args = ["template", "propolis", str(CHART), "--namespace", "kube-system", "--include-crds"]
     for s in sets:
         args += ["--set", s]
-    return tuple(d for d in yaml.safe_load_all(helm(*args).stdout) if d)
+    return tuple(d for d in yaml.load_all(helm(*args).stdout, Loader=StrictLoader) if d)
 
 
 def render(*sets: str) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from typing import Any
 import starlark
 import yaml
 
-from chart_render import ROOT, tool
+from chart_render import ROOT, StrictLoader, tool
 
 TILT = ROOT / "tilt"
 
@@ -38,7 +38,7 @@ class FakeTilt:
             args += ["--values", str((TILT / v).resolve())]
         proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, f"the chart does not render with the Tiltfile's values:\n{proc.stderr}"
-        self.rendered = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        self.rendered = [d for d in yaml.load_all(proc.stdout, Loader=StrictLoader) if d]
         return proc.stdout
 
     def decode_yaml_stream(self, text: str) -> list[Any]:
