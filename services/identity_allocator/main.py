@@ -59,6 +59,7 @@ class Allocator(Component):
         self.epoch = new_epoch()  # of our bucket's contents (changes when repaired)
         self.last_watermark: Watermark | None = None  # the k8s watermark last passed on
         self.repairs = 0
+        self.repair_queued = False
         self.queue: asyncio.Queue[tuple[str, str] | Watermark | object | None] = asyncio.Queue()
         self.lease: LeaseElector | None = None
         self.ids_kv: Kv | None = None
@@ -152,6 +153,7 @@ class Allocator(Component):
                 elif isinstance(item, Watermark):
                     await self._pass_on(item)
                 elif item is _REPAIR:
+                    self.repair_queued = False
                     await self._repair()
                 else:
                     await self._sync_pod(*item)  # type: ignore[misc]
@@ -185,7 +187,8 @@ class Allocator(Component):
                 full = time.monotonic() >= next_full
                 if full:
                     next_full = time.monotonic() + self.settings.kv_repair_interval
-                if full or await self.ids_kv.get(subjects.WATERMARK_KEY) is None:
+                if not self.repair_queued and (full or await self.ids_kv.get(subjects.WATERMARK_KEY) is None):
+                    self.repair_queued = True
                     await self.queue.put(_REPAIR)  # serialized with the worker's writes
             except Exception as exc:  # NATS away: next round
                 log.debug("repair probe: %s", exc)
