@@ -131,3 +131,18 @@ async def test_a_line_over_the_bound_relists_and_the_reflector_lives_on(monkeypa
         assert not task.done()
     finally:
         await stop()
+
+
+class Chunks:
+    """A response body arriving in the given pieces."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+
+    async def readany(self) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+async def test_event_lines_split_across_and_within_chunks():
+    lines = reflector_mod.EventLines(Chunks(b'{"a"', b':1}\n{"b":2}\n{"c"', b":3}\n", b"tail"), limit=100)
+    assert [await lines.next() for _ in range(5)] == [b'{"a":1}\n', b'{"b":2}\n', b'{"c":3}\n', b"tail", b""]

@@ -19,7 +19,6 @@ from typing import Any, AsyncIterator, Protocol
 
 import aiohttp
 import orjson
-from aiohttp.http_exceptions import LineTooLong
 
 from propolis.k8s.kinds import Kind
 from propolis.k8s.kubeclient import ApiClient, ApiException
@@ -40,9 +39,41 @@ def _too_large_resource_version(status: dict[str, Any]) -> bool:
 
 LIST_PAGE_SIZE = 500
 #: The longest watch event line read. A real API server sends objects up to etcd's request limit (1.5 MiB by
-#: default; clusters raise it) wrapped in an event; aiohttp's default (its read buffer, 4 MiB here) let one
-#: 15 MB annotation kill the reflector. A longer line is not parsed: the kind is listed again instead.
+#: default; clusters raise it) wrapped in an event; aiohttp's readline (bounded by its read buffer, 4 MiB
+#: here) let one 15 MB annotation kill the reflector. A longer line is not parsed: the kind is listed again.
 MAX_WATCH_EVENT_BYTES = 64 * 1024 * 1024
+
+
+class EventTooLarge(Exception):
+    """A watch event line over MAX_WATCH_EVENT_BYTES: relist (a list reads whole pages, no line bound)."""
+
+
+class EventLines:
+    """Newline-delimited watch events with our own bound (aiohttp's readline limit is its buffer size,
+    and older versions take no limit); each byte is scanned once, however long the line."""
+
+    def __init__(self, content: Any, limit: int) -> None:
+        self.content, self.limit = content, limit
+        self.buf = bytearray()
+        self.scanned = 0
+
+    async def next(self) -> bytes:
+        """The next line with its newline; what is left at the end of the stream; b"" at the end."""
+        while True:
+            end = self.buf.find(b"\n", self.scanned)
+            if end >= 0:
+                line = bytes(self.buf[:end + 1])
+                del self.buf[:end + 1]
+                self.scanned = 0
+                return line
+            self.scanned = len(self.buf)
+            if self.scanned > self.limit:
+                raise EventTooLarge(f"watch event over {self.limit} bytes")
+            chunk = await self.content.readany()
+            if not chunk:
+                line, self.buf = bytes(self.buf), bytearray()
+                return line
+            self.buf += chunk
 
 
 class Sink(Protocol):
@@ -91,10 +122,9 @@ class Reflector:
                 log.info("%s: resourceVersion %s expired (410 Gone); relisting", self.kind.plural,
                          self.resource_version)
                 self.resource_version = None
-            except LineTooLong as exc:  # one oversized object: never a dead reflector (lists read whole pages)
-                self.error = f"watch event over {MAX_WATCH_EVENT_BYTES} bytes after resourceVersion " \
-                             f"{self.resource_version}: relisted"
-                log.error("%s: %s (%s)", self.kind.plural, self.error, exc)
+            except EventTooLarge as exc:  # one oversized object: never a dead reflector (lists read whole pages)
+                self.error = f"{exc} after resourceVersion {self.resource_version}: relisted"
+                log.error("%s: %s", self.kind.plural, self.error)
                 self._relist_requested = True
             except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                 if self._watch_closed_by_relist:
@@ -174,9 +204,10 @@ class Reflector:
                  ("resourceVersion", self.resource_version), ("timeoutSeconds", self.watch_timeout)]
         resp = await self._request(query, self.watch_timeout + 30)
         self._watch_response = resp
+        lines = EventLines(resp.content, MAX_WATCH_EVENT_BYTES)
         try:
             while not self._relist_requested:
-                line = await resp.content.readline(max_line_length=MAX_WATCH_EVENT_BYTES)
+                line = await lines.next()
                 if not line:
                     return  # server closed the watch (timeout): resume from resource_version
                 if not line.strip():
