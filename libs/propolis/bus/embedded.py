@@ -58,9 +58,10 @@ class EmbeddedNats:
         cmd = [nats_server_binary(), "-a", self.host, "-p", str(self.port),
                "--ports_file_dir", str(self.run_dir), "-js", "-sd", str(store)]
         if self.config_text is not None:
-            conf = self.run_dir / "nats-server.conf"
-            conf.write_text(self.config_text)
-            os.chmod(conf, 0o600)
+            conf = self.run_dir / "nats-server.conf"  # holds every password: root-only from creation on
+            conf.unlink(missing_ok=True)
+            with os.fdopen(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(self.config_text)
             cmd += ["-c", str(conf)]
         if self.log_file:
             cmd += ["-l", str(self.run_dir / self.log_file)]
