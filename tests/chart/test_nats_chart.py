@@ -44,6 +44,7 @@ def test_servers_cluster_and_buckets_replicate_as_nats_replicas_says() -> None:
         sts = next(d for d in docs if d["kind"] == "StatefulSet")
         assert sts["spec"]["replicas"] == replicas
         assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+        assert "data" not in {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
         assert ("cluster {" in conf) == (replicas > 1)
         assert conf.count("nats-route://") == (replicas if replicas > 1 else 0)
         job = next(d for d in docs if d["kind"] == "Job")
@@ -114,3 +115,10 @@ async def test_the_rendered_server_enforces_each_services_slice(rendered_server)
             await bus.js.add_stream(name="ROGUE", subjects=["rogue.>"], timeout=1)  # streams are the admin's
     finally:
         await bus.close()
+
+
+def test_without_persistent_storage_the_store_is_an_empty_dir() -> None:
+    _, _, docs = nats_objects("nats.storage.persistent=false")
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    assert "volumeClaimTemplates" not in sts["spec"]
+    assert {"name": "data", "emptyDir": {}} in sts["spec"]["template"]["spec"]["volumes"]
