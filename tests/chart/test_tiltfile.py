@@ -84,6 +84,16 @@ def test_tiltfile_renders_the_chart_with_development_values_on_kind() -> None:
     assert helm_kwargs["values"] == ["values-dev.yaml"]
     dev = yaml.safe_load((TILT / "values-dev.yaml").read_text())
     assert dev["dev"]["liveUpdate"] is True and dev["nats"]["replicas"] == 1
+    # on kind without kube-proxy, services reach NATS by the control-plane node's name, where it runs
+    control_plane = f"{kind['name']}-control-plane"
+    sts = next(o for o in tilt.rendered if o["kind"] == "StatefulSet")
+    assert sts["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/hostname": control_plane}
+    for obj in tilt.rendered:
+        for c in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            for e in c.get("env", []):
+                if e["name"] == "PROPOLIS_NATS_URL":
+                    assert e["value"] == f"nats://{control_plane}:4222", obj["metadata"]["name"]
+    assert dev["k8sServiceHost"] == control_plane
     (yaml_args, _), = tilt.named("k8s_yaml")
     assert isinstance(yaml_args[0], str) and "kind: StatefulSet" in yaml_args[0]
 

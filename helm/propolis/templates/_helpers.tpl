@@ -25,11 +25,16 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 {{- define "propolis.natsAuthSecret" -}}{{ .Release.Name }}-nats-auth{{- end }}
 
 {{/* Services reach NATS through its ClusterIP, from the service environment variables Kubernetes injects
-     (no cluster DNS needed). Known gap (docs/architecture.md, Delivery): from the host's network the
-     ClusterIP needs kube-proxy, or the datapath that is still starting with kubeProxyReplacement. */}}
+     (no cluster DNS needed), unless nats.url names an address. Known gap (docs/architecture.md, Delivery):
+     from the host's network the ClusterIP needs kube-proxy, or the datapath that is still starting with
+     kubeProxyReplacement; nats.url with nats.nodeSelector avoids it (tilt/values-dev.yaml). */}}
 {{- define "propolis.natsUrl" -}}
+{{- if .Values.nats.url -}}
+{{ .Values.nats.url }}
+{{- else -}}
 {{- $host := printf "$(%s_SERVICE_HOST)" (include "propolis.natsName" . | upper | replace "-" "_") -}}
 {{ if .Values.nats.tls.enabled }}tls{{ else }}nats{{ end }}://{{ $host }}:4222
+{{- end }}
 {{- end }}
 
 {{/* Containers that call the Kubernetes API: its address when there is no kube-proxy (k8sServiceHost). */}}
