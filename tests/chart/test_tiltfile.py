@@ -81,8 +81,8 @@ def test_tiltfile_renders_the_chart_with_development_values_on_kind() -> None:
     assert kind["networking"]["disableDefaultCNI"] is True and kind["networking"]["kubeProxyMode"] == "none"
     assert [n["role"] for n in kind["nodes"]].count("worker") == 2
     (_, helm_kwargs), = tilt.named("helm")
-    assert helm_kwargs["values"] == ["values-dev.yaml"]
-    dev = yaml.safe_load((TILT / "values-dev.yaml").read_text())
+    assert helm_kwargs["values"] == ["values-kind.yaml", "values-dev.yaml"]
+    dev = yaml.safe_load((TILT / "values-kind.yaml").read_text()) | yaml.safe_load((TILT / "values-dev.yaml").read_text())
     assert dev["dev"]["liveUpdate"] is True and dev["nats"]["replicas"] == 1
     # on kind without kube-proxy, services reach NATS by the control-plane node's name, where it runs
     control_plane = f"{kind['name']}-control-plane"

@@ -27,7 +27,7 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 {{/* Services reach NATS through its ClusterIP, from the service environment variables Kubernetes injects
      (no cluster DNS needed), unless nats.url names an address. Known gap (docs/architecture.md, Delivery):
      from the host's network the ClusterIP needs kube-proxy, or the datapath that is still starting with
-     kubeProxyReplacement; nats.url with nats.nodeSelector avoids it (tilt/values-dev.yaml). */}}
+     kubeProxyReplacement; nats.url with nats.nodeSelector avoids it (tilt/values-kind.yaml). */}}
 {{- define "propolis.natsUrl" -}}
 {{- if .Values.nats.url -}}
 {{ .Values.nats.url }}
