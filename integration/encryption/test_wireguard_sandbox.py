@@ -264,7 +264,7 @@ async def test_rotate_key_under_a_tcp_stream_no_reset_gap_measured(sandbox, ips)
         assert keys.public_key(after) == reply.public_key
         peer_dev = await UapiClient(keymgr_state_dir(sandbox, cfg.node_name(2)) / "sock" / f"{DEVICE}.sock").get()
         assert list(peer_dev.peers) == [reply.public_key]
-        assert gap < 10.0
+        assert gap < 3.0, "the handshake kick should beat WireGuard's 5 s REKEY_TIMEOUT"
     finally:
         stream.close()
         await bus.close()
@@ -326,3 +326,26 @@ async def test_an_overwritten_or_deleted_node_key_is_written_back(sandbox):
             dev1 = await UapiClient(keymgr_state_dir(sandbox, cfg.node_name(1)) / "sock" / f"{DEVICE}.sock").get()
     finally:
         await bus.close()
+
+
+async def test_a_killed_device_is_recreated_with_its_peers_and_routes(sandbox, ips):
+    cfg = sandbox.sandbox()
+    node = cfg.node_name(1)
+    pid_file = keymgr_state_dir(sandbox, node) / "wireguard-go.pid"
+    old = int(pid_file.read_text())
+    peer_key = keys.public_key((keymgr_state_dir(sandbox, cfg.node_name(2)) / f"{DEVICE}.key").read_text().strip())
+    os.kill(old, signal.SIGKILL)
+    t0 = time.monotonic()
+    uapi = UapiClient(keymgr_state_dir(sandbox, node) / "sock" / f"{DEVICE}.sock")
+    while True:
+        try:
+            dev = await uapi.get()
+            if peer_key in dev.peers and int(pid_file.read_text()) != old:
+                break
+        except Exception:  # noqa: BLE001 - not back yet
+            pass
+        assert time.monotonic() - t0 < 10, "device not recreated with its peer within 10 s"
+        await asyncio.sleep(0.05)
+    stream = await connect_with_retry(sandbox, f"{NS}/a", ips["b"], deadline_s=10)
+    print(f"\nwireguard-go killed: device and peers back after {time.monotonic() - t0:.1f}s")
+    stream.close()

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from propolis.bus import subjects
 from propolis.bus.kv import EventType
@@ -44,6 +44,8 @@ log = logging.getLogger("propolis.encryption.keymgr")
 SERVICE = "wireguard-keymgr"
 WG_PUBKEY_ANNOTATION = "network.cilium.io/wg-pub-key"
 PRIVATE_KEY_FILE = f"{DEVICE}.key"
+#: How often the keymgr checks that its device still answers (two misses in a row = recreate it).
+DEVICE_CHECK_INTERVAL_S = 0.5
 
 
 class DeviceComponent(Component):
@@ -57,6 +59,8 @@ class DeviceComponent(Component):
         self.private_key = ""
         self.public_key = ""
         self.adopted = False
+        self.recreated = 0  # times the watchdog had to recreate the device
+        self.on_recreated: list[Callable[[], None]] = []
 
     @property
     def key_path(self) -> Path:
@@ -71,7 +75,38 @@ class DeviceComponent(Component):
         self.adopted = await self.backend.ensure_device(private_key=self.private_key, listen_port=self.listen_port)
         await asyncio.to_thread(set_link_up, self.netns)
         rt.progress["wireguard"] = {"public_key": self.public_key, **self.backend.describe()}
+        rt.spawn("device-watchdog", self._watchdog(), self)
         self.set_ok()
+
+    async def _watchdog(self) -> None:
+        """A dead device (wireguard-go crashed or was killed) is recreated, and whoever registered in
+        `on_recreated` re-applies peers and routes (they went with the device)."""
+        assert self.backend is not None
+        while True:
+            await asyncio.sleep(DEVICE_CHECK_INTERVAL_S)
+            try:
+                await self.backend.device()
+                continue
+            except Exception as exc:  # noqa: BLE001 - any failure to answer: check again, then recreate
+                reason = str(exc)
+            await asyncio.sleep(DEVICE_CHECK_INTERVAL_S)  # one more chance (a slow answer is not a death)
+            try:
+                await self.backend.device()
+                continue
+            except Exception:  # noqa: BLE001
+                pass
+            log.warning("%s on %s does not answer (%s): recreating it", DEVICE, self.node, reason)
+            self.set_degraded(f"{DEVICE} recreated after: {reason}")
+            try:
+                await self.backend.ensure_device(private_key=self.private_key, listen_port=self.listen_port)
+                await asyncio.to_thread(set_link_up, self.netns)
+            except Exception as exc:  # noqa: BLE001 - stays degraded; next round retries
+                log.warning("recreating %s failed: %s", DEVICE, exc)
+                continue
+            self.recreated += 1
+            for callback in self.on_recreated:
+                callback()
+            self.set_ok()
 
     async def rotate(self) -> str:
         """New key pair: file first (a crash after this keeps the new key), then the device."""
@@ -196,12 +231,20 @@ class PeersComponent(Component):
                                                               refresh_interval=30.0)
         self.routes: Reconciler[str, str] = Reconciler("wireguard-routes", RouteTarget(self.device.netns),
                                                        refresh_interval=30.0)
+        self.device.on_recreated.append(self._reapply)
         rt.spawn("peer-reconciler", self.peers.run(), self)
         rt.spawn("route-reconciler", self.routes.run(), self)
         rt.spawn("watch-nodes", self._watch(subjects.K8S_BUCKET, "nodes.>"), self)
         rt.spawn("watch-keys", self._watch(subjects.WIREGUARD_BUCKET, ">"), self)
         rt.spawn("compute", self._compute_loop(), self)
         rt.spawn("report", self._report_loop(), self)
+
+    def _reapply(self) -> None:
+        """The device was recreated empty: remove-then-add every peer and route so the reconcilers redo them."""
+        for rec in (self.peers, self.routes):
+            desired = dict(rec.desired)
+            rec.replace_all({})
+            rec.replace_all(desired)
 
     async def _watch(self, bucket: str, keys_filter: str) -> None:
         kv = await self.rt.bus.kv(bucket)
@@ -274,6 +317,7 @@ class PeersComponent(Component):
                 "public_key": d.public_key, "listen_port": d.listen_port, "peers": npeers,
                 "peers_reconciled": self.peers.reconciled_revision >= self.peers.revision,
                 "routes": sorted(self.routes.desired), "refused": dict(self.refused),
+                "device_recreated": d.recreated,
                 "peer_list": [{"node": p.node, "public_key": k, "endpoint": p.endpoint,
                                "allowed_ips": list(p.allowed_ips),
                                "last_handshake": actual[k].last_handshake if k in actual else 0.0,
