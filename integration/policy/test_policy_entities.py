@@ -198,3 +198,47 @@ async def test_l7_rules_are_accepted_and_named_not_enforced_on_the_object(sandbo
                     break
                 await asyncio.sleep(0.2)
         assert types == ["Valid"]
+
+
+async def cnp_conditions(sandbox, namespace: str, name: str, done, timeout: float = 20.0) -> list[dict]:
+    """The policy's status.conditions once `done(conditions)` holds (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    async with cluster.Api(sandbox.apiserver_url) as api:
+        while True:
+            obj = await api.request("GET", KINDS["CiliumNetworkPolicy"].path(namespace, name))
+            conditions = (obj.get("status") or {}).get("conditions") or []
+            if done(conditions) or time.monotonic() > deadline:
+                return conditions
+            await asyncio.sleep(0.3)
+
+
+async def test_a_policy_a_node_cannot_enforce_gets_a_failure_condition_and_the_endpoint_shows_it(sandbox):
+    async with workload(sandbox, "big") as w:
+        small = cnp("server", {"endpointSelector": sel(app="server"), "ingress": [
+            {"fromEndpoints": [sel(app="client")], "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]}]})
+        checks = [("a/client", "a/server", 8080, "TCP", OK), ("a/other", "a/server", 8080, "TCP", NO)]
+        assert await w.step("small policy", checks, apply=[small]) == []
+        # 425 rules x 40 ports from one peer: 17,000 rows (+ allow-localhost) for a 16,384-row map
+        big = cnp("server", {"endpointSelector": sel(app="server"), "ingress": [
+            {"fromEndpoints": [sel(app="client")],
+             "toPorts": [{"ports": [{"port": str(10000 + 40 * i + j), "protocol": "TCP"} for j in range(40)]}]}
+            for i in range(425)] + small["spec"]["ingress"]})
+        assert await w.step("too large: the last enforced state stays", checks, apply=[big]) == []
+
+        failed = await cnp_conditions(sandbox, w.ns("a"), "server", lambda cs: any(c["type"] == "Enforced" for c in cs))
+        enforced = next((c for c in failed if c["type"] == "Enforced"), None)
+        assert enforced is not None, failed
+        node1 = sandbox.nodes[0]["name"]
+        assert enforced["status"] == "False" and enforced["reason"] == "EnforcementFailed"
+        assert f"node {node1}: endpoint {w.ns('a')}/server:" in enforced["message"] and "16384" in enforced["message"]
+        assert failed[0]["type"] == "Valid" and failed[0]["status"] == "True"
+        rows = await endpoint_list(sandbox)
+        server = rows[(w.ns("a"), "server")]
+        assert server["state"] == "not-ready" and "16384" in server["reason"], server
+        assert rows[(w.ns("a"), "client")]["state"] == "ready"
+
+        # Back to a policy the map holds: enforced again, the condition goes.
+        assert await w.step("fits again", checks, apply=[small]) == []
+        cleared = await cnp_conditions(sandbox, w.ns("a"), "server", lambda cs: [c["type"] for c in cs] == ["Valid"])
+        assert [c["type"] for c in cleared] == ["Valid"], cleared
+        assert (await endpoint_list(sandbox))[(w.ns("a"), "server")]["state"] == "ready"

@@ -274,6 +274,8 @@ class Enforcer(Component):
         """Per endpoint: ready / regenerating / not-ready (why), for `propolis endpoint list`."""
         self.rt.progress[endpoint_state.PROGRESS_KEY] = endpoint_state.endpoint_states(
             self.table.by_id.values(), self.desired.policies, self.policies.status, self.desired.policy_errors)
+        self.rt.progress[endpoint_state.POLICY_FAILURES_KEY] = endpoint_state.policy_failures(
+            self.table.by_id.values(), self.desired.engine, {**self.desired.policy_errors, **self.policies.errors()})
 
     def endpoint_name(self, endpoint_id: int) -> str:
         ep = self.table.by_id.get(endpoint_id)

@@ -14,14 +14,14 @@ from typing import Any
 
 from propolis.bus import subjects
 from propolis.bus.lease import LeaseElector
-from propolis.bus.messages import Event
+from propolis.bus.messages import Event, Heartbeat
 from propolis.errors import ValidationError
 from propolis.k8s import kubeclient
 from propolis.k8s.kinds import KINDS, Kind
 from propolis.k8s.kubeclient import ApiClient, Configuration
 from propolis.k8s.mirror import KvMirror
 from propolis.k8s.reflector import Reflector
-from propolis.k8s.status import patch_policy_status
+from propolis.k8s.status import PolicyFailureReporter, patch_policy_status
 from propolis.k8s.validate import validate_object
 from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime, run_service
@@ -79,6 +79,7 @@ class Mirror(Component):
         self.mirror: KvMirror | None = None
         self.lease: LeaseElector | None = None
         self.rt: Runtime | None = None
+        self.failures = PolicyFailureReporter()
 
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
@@ -102,6 +103,7 @@ class Mirror(Component):
         rt.spawn("flush", self._flush_loop(), self)
         rt.spawn("progress", self._progress_loop(), self)
         rt.spawn("guard", self._guard_loop(), self)
+        rt.spawn("policy-failures", self._failures_loop(), self)
 
     def _leadership(self, leader: bool) -> None:
         assert self.rt is not None and self.mirror is not None
@@ -127,6 +129,21 @@ class Mirror(Component):
                 await self.mirror.guard_step()
             except Exception as exc:  # NATS or the API away: the next round retries
                 log.warning("bucket guard: %s", exc)
+
+    async def _failures_loop(self) -> None:
+        """The nodes' policy enforcement failures (datapath-writer heartbeats) onto each policy's status."""
+        assert self.rt is not None and self.client.api is not None and self.lease is not None
+        beats = await self.rt.bus.kv(subjects.HEARTBEATS_BUCKET)
+        while True:
+            await asyncio.sleep(1.0)
+            if not self.lease.is_leader:
+                continue
+            try:
+                writers = [e.value for e in (await beats.items("datapath-writer.>")).values()
+                           if isinstance(e.value, Heartbeat)]
+                await self.failures.step(self.client.api, writers)
+            except Exception as exc:  # NATS or the API away: the next round retries
+                log.warning("policy enforcement status: %s", exc)
 
     async def _progress_loop(self) -> None:
         assert self.rt is not None and self.mirror is not None and self.lease is not None
@@ -167,7 +184,7 @@ class Mirror(Component):
             except Exception as exc:
                 log.warning("could not publish refusal of %s: %s", ref, exc)
         try:
-            await patch_policy_status(self.client.api, kind, obj, error)
+            await patch_policy_status(self.client.api, kind, obj, error, self.failures.for_object(kind, obj))
         except Exception as exc:
             log.warning("could not update status of %s: %s", ref, exc)
 

@@ -54,3 +54,35 @@ def test_rows_join_records_with_the_live_writer_of_each_node():
     assert rows["web"]["policyEnforcement"] == {"ingress": "Enabled", "egress": "Enabled"}
     assert rows["db"]["state"] == NOT_READY and "not written" in rows["db"]["reason"]
     assert rows["far"]["state"] == NOT_READY and "no live datapath-writer on node w2" in rows["far"]["reason"]
+
+
+def test_policy_failures_name_every_policy_selecting_a_failed_endpoint_and_gather_per_node():
+    from propolis.k8s.kinds import KINDS
+    from propolis.k8s.status import gather_failures, origin_of, policy_conditions
+    from propolis.model import identity as idm
+    from propolis.policy.engine import PolicyEngine
+    from propolis.writer.endpoint_state import policy_failures
+
+    web = idm.pod_security_labels(pod_labels={"app": "web"}, namespace="prod", cluster="c1").strings()
+    pol = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "web", "namespace": "prod"},
+           "spec": {"endpointSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"fromEndpoints": [{}]}]}}
+    engine = PolicyEngine(cluster_name="c1")
+    engine.update(policies=[pol], identities={300: web, 301: web})
+    eps = [local(1, "web", 300), local(2, "web2", 301), local(3, "idle", 0)]
+    failures = policy_failures(eps, engine, {1: "entries: 17001 rows exceed the policy map size 16384", 3: "x"})
+    assert failures == {"CiliumNetworkPolicy/prod/web": {"prod/web": "entries: 17001 rows exceed the policy map size 16384"}}
+
+    now = time.time()
+
+    def beat(node: str, sent: float, reported: dict) -> Heartbeat:
+        return Heartbeat(service="datapath-writer", node=node, instance=f"{node}-{sent}", version="0", pid=1,
+                         started_at=sent, sent_at=sent, health="ok", components={},
+                         progress={"policy_failures": reported}, interval=2.0)
+
+    gathered = gather_failures([beat("w1", now - 30, failures), beat("w1", now, failures),
+                                beat("w2", now - 30, failures), beat("w2", now, {})])  # w2 recovered
+    kind = KINDS["ciliumnetworkpolicies"]
+    assert gathered == {origin_of(kind, pol): {"w1": failures["CiliumNetworkPolicy/prod/web"]}}
+    conditions = policy_conditions(pol, None, gathered[origin_of(kind, pol)])
+    assert [c["type"] for c in conditions] == ["Valid", "Enforced"]
+    assert conditions[1]["status"] == "False" and "node w1: endpoint prod/web: entries" in conditions[1]["message"]

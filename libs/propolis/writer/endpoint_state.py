@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from propolis.reconcile import ObjectStatus, Status
 
 if TYPE_CHECKING:
+    from propolis.policy.engine import PolicyEngine
     from propolis.writer.endpoints import LocalEndpoint
     from propolis.writer.targets import EndpointPolicy
 
 PROGRESS_KEY = "endpoint_states"
+#: policy origin -> {"ns/pod": why} for every endpoint whose policy this node failed to enforce
+POLICY_FAILURES_KEY = "policy_failures"
 READY, REGENERATING, NOT_READY = "ready", "regenerating", "not-ready"
 
 
@@ -61,3 +64,17 @@ def endpoint_states(endpoints: Iterable["LocalEndpoint"], policies: Mapping[int,
                                                               statuses.get(ep.endpoint_id),
                                                               compute_errors.get(ep.endpoint_id)))
             for ep in sorted(endpoints, key=lambda e: (e.namespace, e.pod))}
+
+
+def policy_failures(endpoints: Iterable["LocalEndpoint"], engine: "PolicyEngine",
+                    failed: Mapping[int, str]) -> dict[str, dict[str, str]]:
+    """Policy origin -> "ns/pod" -> why, for each failed endpoint and every policy selecting it (the
+    k8s-watcher writes it onto those policies' status as ``Enforced`` False)."""
+    out: dict[str, dict[str, str]] = {}
+    for ep in endpoints:
+        why = failed.get(ep.endpoint_id)
+        if why is None or not ep.identity:
+            continue
+        for origin in sorted({r.origin for r in engine.rules_selecting(ep.identity)}):
+            out.setdefault(origin, {})[f"{ep.namespace}/{ep.pod}"] = why
+    return out
