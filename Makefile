@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit integration bench clean kind-up
+.PHONY: setup demo test unit integration integration-encrypted bench clean kind-up
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,12 @@ unit: setup
 
 integration: setup
 	$(PY) -m pytest -q integration $(PYTEST_ARGS)
+
+# The cross-node packet suites again with WireGuard between the nodes (`sandbox up --encryption wireguard`).
+ENCRYPTED_SUITES = integration/policy/test_policy_packets.py integration/lb/test_lb_sandbox.py \
+	integration/connectivity/test_connectivity.py integration/hubble/test_hubble_sandbox.py
+integration-encrypted: setup
+	PROPOLIS_TEST_ENCRYPTION=wireguard $(PY) -m pytest -q $(ENCRYPTED_SUITES) $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/propolis bench bus
