@@ -121,8 +121,29 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 	}
 
 	if (ct_is_related4(&c.p, side)) {
+		/* an error about a service flow names the backend: give the
+		 * client its frontend back (RFC 5508, lib/lb.h) */
+		ret = lb4_icmp_err_rev_nat(skb, &c.p, side);
+		if (ret < 0)
+			return send_drop_notify(&c, -ret, POLICY_MATCH_NONE);
+		if (ret && egress) {
+			/* a NodePort backend's error: its source is now the node's */
+			ret = nodeport_redirect(skb, &c);
+			if (ret != CTX_ACT_DROP)
+				send_trace_notify(&c, TRACE_TO_STACK, TRACE_REASON_RELATED, 0, 1);
+			return ret;
+		}
 		send_trace_notify(&c, egress ? TRACE_TO_STACK : TRACE_TO_LXC, TRACE_REASON_RELATED, 0, 1);
 		return CTX_ACT_OK;
+	}
+
+	/* an error from a router in between (fragmentation needed on the path
+	 * to a backend) meets conntrack and policy as it is; if it passes, the
+	 * client's socket must see the frontend in it */
+	if (!egress && c.p.has_inner) {
+		ret = lb4_icmp_err_rev_nat(skb, &c.p, CT_INGRESS);
+		if (ret < 0)
+			return send_drop_notify(&c, -ret, POLICY_MATCH_NONE);
 	}
 
 	status = ct_lookup4(&c.p, side, &new_flags, &entry);

@@ -230,6 +230,79 @@ static __always_inline int lb4_rev_nat(struct __sk_buff *skb, struct pkt4 *p, __
 	return lb4_rewrite(skb, p, LB_REWRITE_SRC, rn->address, rn->port);
 }
 
+/*
+ * RFC 5508: an ICMP error about a translated flow, translated back. The quoted
+ * packet names the backend; the client's socket knows only the frontend, so
+ * without this a UDP client of a Service port nobody listens on never gets
+ * ECONNREFUSED and a fragmentation-needed for a ClusterIP flow never reaches
+ * the client's socket (a path-MTU black hole).
+ *   side CT_INGRESS (cil_to_container): the local pod is the client that sent
+ *     the quoted packet to the backend (its CT_EGRESS entry has rev_nat_index);
+ *   side CT_EGRESS (cil_from_container): the local pod is a NodePort backend
+ *     erring about a packet it received (its CT_INGRESS entry has rev_nat_index).
+ * The quoted destination becomes the frontend again (the inner IP checksum is
+ * updated; the ICMP checksum covers that header, whose sum does not change,
+ * and the port); the outer source too when the backend itself sent the error
+ * (an error from a router in between keeps the router's address). The quoted
+ * L4 checksum is left alone: receivers do not check a truncated segment.
+ * 1 = translated, 0 = not about a translated flow, -DROP_INVALID on failure.
+ */
+static __always_inline int lb4_icmp_err_rev_nat(struct __sk_buff *skb, struct pkt4 *p, __u8 side)
+{
+	struct ipv4_ct_tuple tuple = {};
+	struct lb4_reverse_nat *rn;
+	struct ct_entry *e;
+	__u32 icmp_off, inner_off, inner_l4;
+	__u16 rev_nat;
+	__u8 vihl;
+
+	if (!p->has_inner || (p->inner_protocol != IPPROTO_TCP && p->inner_protocol != IPPROTO_UDP))
+		return 0;
+	if (side == CT_INGRESS ? p->inner_saddr != p->daddr : p->inner_daddr != p->saddr)
+		return 0;
+	tuple.daddr = p->inner_daddr;
+	tuple.saddr = p->inner_saddr;
+	tuple.dport = p->inner_dport;
+	tuple.sport = p->inner_sport;
+	tuple.nexthdr = p->inner_protocol;
+	tuple.flags = side == CT_INGRESS ? CT_EGRESS : CT_INGRESS;
+	e = ct_map_lookup(p->inner_protocol == IPPROTO_TCP, &tuple);
+	if (!e || !e->rev_nat_index)
+		return 0;
+	rev_nat = e->rev_nat_index;
+	rn = lb4_reverse_nat.lookup(&rev_nat);
+	if (!rn)
+		return 0;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &vihl, 1) < 0)
+		return -DROP_INVALID;
+	icmp_off = ETH_HLEN + ((__u32)(vihl & 0x0f)) * 4;
+	inner_off = icmp_off + 8;
+	if (bpf_skb_load_bytes(skb, inner_off, &vihl, 1) < 0)
+		return -DROP_INVALID;
+	inner_l4 = inner_off + ((__u32)(vihl & 0x0f)) * 4;
+
+	if (p->saddr == p->inner_daddr && p->saddr != rn->address) {
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, p->saddr, rn->address, 4) < 0 ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + 12, &rn->address, 4, 0) < 0)
+			return -DROP_INVALID;
+		p->saddr = rn->address;
+	}
+	if (p->inner_daddr != rn->address) {
+		if (bpf_l3_csum_replace(skb, inner_off + 10, p->inner_daddr, rn->address, 4) < 0 ||
+		    bpf_skb_store_bytes(skb, inner_off + 16, &rn->address, 4, 0) < 0)
+			return -DROP_INVALID;
+		p->inner_daddr = rn->address;
+	}
+	if (p->inner_dport != rn->port) {
+		if (bpf_l4_csum_replace(skb, icmp_off + 2, p->inner_dport, rn->port, 2) < 0 ||
+		    bpf_skb_store_bytes(skb, inner_l4 + 2, &rn->port, 2, 0) < 0)
+			return -DROP_INVALID;
+		p->inner_dport = rn->port;
+	}
+	return 1;
+}
+
 /* ---- backend selection ---- */
 
 static __always_inline __u32 lb_mix(__u32 h)

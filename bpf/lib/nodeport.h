@@ -167,6 +167,113 @@ static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, struct pkt4 
 	return 1;
 }
 
+/* Rewrite one address of the packet (outer header or the quoted one) with its
+ * IP header checksum. An ICMP checksum covers the quoted header, whose sum
+ * does not change when its own checksum is updated with it. */
+static __always_inline int icmp_err_store_addr(struct __sk_buff *skb, __u32 ip_off, __u32 field,
+					       __be32 old_addr, __be32 new_addr)
+{
+	if (old_addr == new_addr)
+		return 0;
+	if (bpf_l3_csum_replace(skb, ip_off + 10, old_addr, new_addr, 4) < 0 ||
+	    bpf_skb_store_bytes(skb, ip_off + field, &new_addr, 4, 0) < 0)
+		return -DROP_INVALID;
+	return 0;
+}
+
+/* A quoted port, with the ICMP checksum (no pseudo header). */
+static __always_inline int icmp_err_store_port(struct __sk_buff *skb, __u32 icmp_off, __u32 port_off,
+					       __be16 old_port, __be16 new_port)
+{
+	if (old_port == new_port)
+		return 0;
+	if (bpf_l4_csum_replace(skb, icmp_off + 2, old_port, new_port, 2) < 0 ||
+	    bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) < 0)
+		return -DROP_INVALID;
+	return 0;
+}
+
+/*
+ * RFC 5508 on the netdev: an ICMP error about a NodePort reply we translated
+ * (quoted: frontend:nodePort -> client, e.g. fragmentation needed from a
+ * router toward the client) goes to the backend, quoting the packet as the
+ * backend sent it: backend:port -> client (local backend), or
+ * backend:port -> frontend:allocated port (SNATed to another node). Without
+ * it the backend never learns the path MTU and large replies black-hole.
+ * The flow is found through its CT_SERVICE entry (client -> frontend). For
+ * a remote backend the error also comes from the frontend (a hop of its path):
+ * the router's own address could be the backend node's, a martian there.
+ * 1 = translated for a local backend (the stack routes it), 2 = for a remote
+ * one (to be redirected), 0 = not about a NodePort flow, <0 = drop.
+ */
+static __always_inline int nodeport_icmp_err(struct __sk_buff *skb, struct pkt4 *p)
+{
+	struct ipv4_ct_tuple tuple = {};
+	struct endpoint_key epkey = {};
+	struct ipv4_nat_entry *fwd;
+	struct lb4_backend *be;
+	struct ct_entry *e;
+	__u32 icmp_off, inner_off, inner_l4, id;
+	__be32 client = p->inner_daddr, frontend = p->inner_saddr;
+	__be16 client_port = p->inner_dport, to_port;
+	__u8 vihl;
+	int local;
+
+	if (!p->has_inner || (p->inner_protocol != IPPROTO_TCP && p->inner_protocol != IPPROTO_UDP) ||
+	    p->inner_saddr != p->daddr)
+		return 0;
+	tuple.saddr = client;
+	tuple.daddr = frontend;
+	tuple.sport = client_port;
+	tuple.dport = p->inner_sport;
+	tuple.nexthdr = p->inner_protocol;
+	tuple.flags = CT_SERVICE;
+	e = ct_map_lookup(p->inner_protocol == IPPROTO_TCP, &tuple);
+	if (!e || !e->rev_nat_index)
+		return 0;
+	id = (__u32)e->rx_packets;
+	be = lb4_backends.lookup(&id);
+	if (!be)
+		return 0;
+	epkey.addr.ip4 = be->address;
+	epkey.family = ENDPOINT_KEY_IPV4;
+	local = cilium_lxc.lookup(&epkey) != 0;
+	to_port = client_port;
+	if (!local) {
+		tuple.daddr = be->address;
+		tuple.dport = be->port;
+		tuple.flags = CT_EGRESS;
+		fwd = snat4_external.lookup(&tuple);
+		if (!fwd)
+			return 0;
+		to_port = fwd->to_port;
+		client = frontend;	/* the backend sent its reply to frontend:to_port */
+	}
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &vihl, 1) < 0)
+		return -DROP_INVALID;
+	icmp_off = ETH_HLEN + ((__u32)(vihl & 0x0f)) * 4;
+	inner_off = icmp_off + 8;
+	if (bpf_skb_load_bytes(skb, inner_off, &vihl, 1) < 0)
+		return -DROP_INVALID;
+	inner_l4 = inner_off + ((__u32)(vihl & 0x0f)) * 4;
+	if ((!local && icmp_err_store_addr(skb, ETH_HLEN, 12, p->saddr, frontend) < 0) ||
+	    icmp_err_store_addr(skb, ETH_HLEN, 16, p->daddr, be->address) < 0 ||
+	    icmp_err_store_addr(skb, inner_off, 12, p->inner_saddr, be->address) < 0 ||
+	    icmp_err_store_addr(skb, inner_off, 16, p->inner_daddr, client) < 0 ||
+	    icmp_err_store_port(skb, icmp_off, inner_l4, p->inner_sport, be->port) < 0 ||
+	    icmp_err_store_port(skb, icmp_off, inner_l4 + 2, p->inner_dport, to_port) < 0)
+		return -DROP_INVALID;
+	if (!local)
+		p->saddr = frontend;
+	p->daddr = be->address;
+	p->inner_saddr = be->address;
+	p->inner_sport = be->port;
+	p->inner_daddr = client;
+	p->inner_dport = to_port;
+	return local ? 1 : 2;
+}
+
 /* cil_from_netdev body: CTX_ACT_OK for everything that is not a NodePort flow. */
 static __always_inline int nodeport_lb4(struct __sk_buff *skb)
 {
@@ -185,6 +292,13 @@ static __always_inline int nodeport_lb4(struct __sk_buff *skb)
 	c.p.len = skb->len;
 	if (parse_ipv4(skb, &c.p) < 0)
 		return CTX_ACT_OK;	/* the host's business */
+	if (c.p.protocol == IPPROTO_ICMP) {
+		int ret = nodeport_icmp_err(skb, &c.p);
+
+		if (ret < 0)
+			return send_drop_notify(&c, -ret, POLICY_MATCH_NONE);
+		return ret == 2 ? nodeport_redirect(skb, &c) : CTX_ACT_OK;
+	}
 	if (c.p.protocol != IPPROTO_TCP && c.p.protocol != IPPROTO_UDP)
 		return CTX_ACT_OK;
 	if (nodeport_rev_snat(skb, &c.p))
