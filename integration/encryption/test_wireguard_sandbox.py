@@ -10,9 +10,12 @@ under a TCP stream resets nothing; bad keys on a Node are refused naming the nod
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import time
 import uuid
 
@@ -349,3 +352,40 @@ async def test_a_killed_device_is_recreated_with_its_peers_and_routes(sandbox, i
     stream = await connect_with_retry(sandbox, f"{NS}/a", ips["b"], deadline_s=10)
     print(f"\nwireguard-go killed: device and peers back after {time.monotonic() - t0:.1f}s")
     stream.close()
+
+
+def propolis(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "propolis.cli.main", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_encrypt_status_rotate_key_and_the_status_line(sandbox):
+    cfg = sandbox.sandbox()
+    n1, n2 = cfg.node_names()
+    proc = propolis("encrypt", "status", "--name", cfg.name, "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["mode"] == "Wireguard" and set(doc["nodes"]) == {n1, n2}
+    for node, other in ((n1, n2), (n2, n1)):
+        st = doc["nodes"][node]
+        assert st["listen_port"] == WG_PORT and st["peers"] == 1 and st["backend"] == "wireguard-go"
+        assert [p["node"] for p in st["peer_list"]] == [other]
+        assert st["peer_list"][0]["public_key"] == doc["nodes"][other]["public_key"]
+    text = propolis("encrypt", "status", "--name", cfg.name).stdout
+    assert f"Node {n1}" in text and "Number of peers: 1" in text and "LAST HANDSHAKE" in text
+
+    proc = propolis("encrypt", "rotate-key", "--name", cfg.name, "--node", n2)
+    assert proc.returncode == 0, proc.stderr
+    old = doc["nodes"][n2]["public_key"]
+    assert f"{n2}: {old} -> " in proc.stdout and "peers updated on 1 node(s)" in proc.stdout
+    new = proc.stdout.split(" -> ")[1].split()[0]
+    assert keys.public_key((keymgr_state_dir(sandbox, n2) / f"{DEVICE}.key").read_text().strip()) == new
+
+    proc = propolis("status", "--name", cfg.name, "-o", "json")
+    enc = json.loads(proc.stdout)["features"]["Encryption"]
+    assert enc["state"] == "Wireguard" and enc["source"] == "wireguard-keymgr"
+    assert enc["detail"].startswith("[NodeEncryption: Disabled, cilium_wg0 (Pubkey: ")
+    assert enc["detail"].endswith(f"Port: {WG_PORT}, Peers: 1)]")
+
+    proc = propolis("encrypt", "rotate-key", "--name", cfg.name, "--node", "nope")
+    assert proc.returncode != 0 and "no wireguard-keymgr on node nope" in proc.stderr
