@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import socket
+import subprocess
 import time
 
 import pytest
@@ -242,3 +243,41 @@ async def test_a_policy_a_node_cannot_enforce_gets_a_failure_condition_and_the_e
         cleared = await cnp_conditions(sandbox, w.ns("a"), "server", lambda cs: [c["type"] for c in cs] == ["Valid"])
         assert [c["type"] for c in cleared] == ["Valid"], cleared
         assert (await endpoint_list(sandbox))[(w.ns("a"), "server")]["state"] == "ready"
+
+
+async def test_cidr_group_ref_with_packets(sandbox):
+    """A CiliumCIDRGroup applied through the sandbox API, mirrored by the watcher, turned into CIDR
+    identities by the writer: the policy naming it follows the group's CIDRs. The 'outside' address is
+    TEST-NET-1 192.0.2.10 on node 2's loopback, routed from node 1 (nothing leaves the sandbox)."""
+    node1, node2 = sandbox.nodes[0], sandbox.nodes[1]
+    outside = "192.0.2.10"
+    ip("-n", node2["netns"], "addr", "add", f"{outside}/32", "dev", "lo")
+    ip("-n", node1["netns"], "route", "add", f"{outside}/32", "via", node2["internal_ip"])
+    server = await serve_on_node(node2["netns"], outside, 7000)
+    try:
+        async with workload(sandbox, "ccg") as w:
+            group = {"apiVersion": "cilium.io/v2", "kind": "CiliumCIDRGroup", "metadata": {"name": "partners"},
+                     "spec": {"externalCIDRs": ["192.0.2.0/24"]}}
+            await w.apply([
+                cnp("to-partners", {"endpointSelector": sel(app="client"),
+                                    "egress": [{"toCIDRSet": [{"cidrGroupRef": f"partners-{w.suffix}"}]}]}),
+                cnp("to-pods-only", {"endpointSelector": sel(app="other"), "egress": [{"toEndpoints": [{}]}]})])
+            assert await probe_node(w, "node:1", outside, 7000)  # the route and the listener work
+            assert not await probe_node(w, "a/client", outside, 7000)  # the group does not exist yet
+
+            await w.apply([group])
+            assert await probe_node(w, "a/client", outside, 7000)
+            assert not await probe_node(w, "a/other", outside, 7000)
+
+            group["spec"]["externalCIDRs"] = ["198.51.100.0/24"]  # the group moves away: dropped again
+            await w.apply([group])
+            assert not await probe_node(w, "a/client", outside, 7000)
+            await w.delete([group])
+    finally:
+        server.close()
+        ip("-n", node1["netns"], "route", "del", f"{outside}/32")
+        ip("-n", node2["netns"], "addr", "del", f"{outside}/32", "dev", "lo")
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
