@@ -180,16 +180,22 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 						   (__u16)(-pol.verdict));
 			return send_drop_notify(&c, (__u8)(-pol.verdict), pol.match_type);
 		}
-		/* L7 HOOK: pol.proxy_port != 0 -> redirect to the L7 proxy
-		 * (TRACE_TO_PROXY, VERDICT_REDIRECTED); until the proxy exists
-		 * the L4 part is allowed and forwarded. */
-		send_policy_verdict_notify(&c, pol.proxy_port ? VERDICT_REDIRECTED : VERDICT_FORWARDED,
-					   pol.match_type, pol.proxy_port, 0);
 	}
 
+	/* the verdict is reported once it happened: a connection whose entry
+	 * cannot be created is dropped, not forwarded */
 	ret = ct_create4(&c, side, pol.proxy_port);
-	if (ret < 0)
+	if (ret < 0) {
+		if (c.enforced)
+			send_policy_verdict_notify(&c, VERDICT_DROPPED, pol.match_type, 0, (__u16)(-ret));
 		return send_drop_notify(&c, -ret, pol.match_type);
+	}
+	/* L7 HOOK: pol.proxy_port != 0 -> redirect to the L7 proxy
+	 * (TRACE_TO_PROXY, VERDICT_REDIRECTED); until the proxy exists
+	 * the L4 part is allowed and forwarded. */
+	if (c.enforced)
+		send_policy_verdict_notify(&c, pol.proxy_port ? VERDICT_REDIRECTED : VERDICT_FORWARDED,
+					   pol.match_type, pol.proxy_port, 0);
 
 	/* BANDWIDTH HOOK (later): EDT rate limiting per endpoint (cilium_throttle) on egress. */
 	send_trace_notify(&c, egress ? TRACE_TO_STACK : TRACE_TO_LXC,

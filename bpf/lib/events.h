@@ -30,13 +30,62 @@ static __always_inline int events_enabled(__u32 disable_bit)
 	return !cfg || !(cfg->events_disabled & disable_bit);
 }
 
-static __always_inline void count_lost_event(void)
+/* An event that did not make it into the ring, counted by type and cause. */
+static __always_inline void count_lost_event(__u8 type, int rate_limited)
 {
-	__u32 zero = 0;
-	__u64 *lost = events_lost.lookup(&zero);
+	__u32 zero = 0, index = type;
+	__u64 *lost;
+	struct events_lost_count *by_type = events_lost_typ.lookup(&index);
 
+	if (rate_limited) {
+		if (by_type)
+			by_type->rate_limited += 1;
+		return;
+	}
+	if (by_type)
+		by_type->ring_full += 1;
+	lost = events_lost.lookup(&zero);
 	if (lost)
 		*lost += 1;
+}
+
+#define EVENTS_CREDIT_PER_TOKEN	1000000000ULL	/* credit is rate * ns */
+#define EVENTS_MAX_REFILL_NS	10000000000ULL	/* 10 s: no overflow, the bucket is full by then */
+
+/* Token bucket of the event's endpoint (Cilium's bpf.events.default.rateLimit /
+ * burstLimit, per endpoint here). Not atomic across CPUs: a few events more
+ * or less under contention, never a lock on the packet path. 1 = emit. */
+static __always_inline int events_rate_allowed(struct lxc_ctx *c, struct runtime_config *cfg)
+{
+	struct events_rate_bucket *b, fresh = {};
+	__u32 key = c->ep_id;
+	__u64 now, elapsed, credit, cap;
+
+	if (!cfg || !cfg->events_rate_limit)
+		return 1;
+	cap = (__u64)(cfg->events_burst_limit ? cfg->events_burst_limit : cfg->events_rate_limit) *
+	      EVENTS_CREDIT_PER_TOKEN;
+	now = bpf_ktime_get_ns();
+	b = events_ratelim.lookup(&key);
+	if (!b) {
+		fresh.last_ns = now;
+		fresh.credit = cap - EVENTS_CREDIT_PER_TOKEN;
+		events_ratelim.update(&key, &fresh);
+		return 1;
+	}
+	elapsed = now - b->last_ns;
+	if (elapsed > EVENTS_MAX_REFILL_NS)
+		elapsed = EVENTS_MAX_REFILL_NS;
+	credit = b->credit + elapsed * cfg->events_rate_limit;
+	if (credit > cap)
+		credit = cap;
+	b->last_ns = now;
+	if (credit < EVENTS_CREDIT_PER_TOKEN) {
+		b->credit = credit;
+		return 0;
+	}
+	b->credit = credit - EVENTS_CREDIT_PER_TOKEN;
+	return 1;
 }
 
 static __always_inline void emit_flow_event(struct lxc_ctx *c, __u8 type, __u8 subtype,
@@ -45,9 +94,13 @@ static __always_inline void emit_flow_event(struct lxc_ctx *c, __u8 type, __u8 s
 {
 	struct flow_event *e;
 
+	if (!events_rate_allowed(c, get_runtime_config())) {
+		count_lost_event(type, 1);
+		return;
+	}
 	e = cilium_events.ringbuf_reserve(sizeof(struct flow_event));
 	if (!e) {
-		count_lost_event();
+		count_lost_event(type, 0);
 		return;
 	}
 	e->type = type;

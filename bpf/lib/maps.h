@@ -253,7 +253,9 @@ BPF_TABLE_PINNED("percpu_hash", struct metrics_key, struct metrics_value,
 struct runtime_config {
 	__u32 monitor_aggregation;	/* MONITOR_AGGREGATION_* */
 	__u32 events_disabled;		/* EVENTS_DISABLE_* */
-	__u64 reserved[3];
+	__u32 events_rate_limit;	/* events per second per endpoint, 0 = no limit (bpf.events.default.rateLimit) */
+	__u32 events_burst_limit;	/* bucket size, 0 = the rate (bpf.events.default.burstLimit) */
+	__u64 reserved[2];
 };
 
 BPF_TABLE_PINNED("array", __u32, struct runtime_config,
@@ -348,6 +350,27 @@ struct cilium_events_table_t cilium_events = { .max_entries = EVENTS_RINGBUF_PAG
 
 BPF_TABLE_PINNED("percpu_array", __u32, __u64,
 		 events_lost, 1, PIN_DIR "/cilium_events_lost");
+/* Why per type and cause: a loss must be attributable (which kind of event, and
+ * whether the ring was full or an endpoint was over its rate). Index = type. */
+#define EVENTS_LOST_TYPES	8
+struct events_lost_count {
+	__u64 ring_full;	/* no room in cilium_events (also counted in cilium_events_lost) */
+	__u64 rate_limited;	/* the endpoint was over its events rate */
+};
+BPF_TABLE_PINNED("percpu_array", __u32, struct events_lost_count,
+		 events_lost_typ, EVENTS_LOST_TYPES, PIN_DIR "/cilium_events_lost_by_type");
+/* Per-endpoint token bucket of events (key: endpoint id, 0 = the netdev), so
+ * one flooded pod cannot fill the ring every other pod's events share.
+ * credit is in 1e-9 tokens: rate * elapsed ns adds up without rounding away. */
+#ifndef EVENTS_RATELIMIT_MAP_SIZE
+#define EVENTS_RATELIMIT_MAP_SIZE 65535
+#endif
+struct events_rate_bucket {
+	__u64 last_ns;
+	__u64 credit;
+};
+BPF_TABLE_PINNED("hash", __u32, struct events_rate_bucket,
+		 events_ratelim, EVENTS_RATELIMIT_MAP_SIZE, PIN_DIR "/cilium_events_ratelimit", BPF_F_NO_PREALLOC);
 
 /* ------------------------------------------------------------------ */
 /* Later work keeps its layouts in lib/lb.h (issue 6: services,        */

@@ -168,6 +168,8 @@ class ObserverComponent(Component):
         while True:
             await asyncio.sleep(self.settings.lost_poll_interval)
             await self.observer.datapath_lost(self.reader.lost())
+            self.observer.datapath_lost_by_type = self.reader.lost_by_type()
+            rt.progress["lost_events_by_type"] = self.observer.datapath_lost_by_type
             rt.progress["flows_seen"] = self.observer.ring.seen
             rt.progress["lost_events"] = dict(self.observer.lost)
 

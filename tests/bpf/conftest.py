@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from propolis.datapath import Datapath
-from propolis.maps import bpf, conntrack, endpoints, ipcache, metrics, policy
+from propolis.maps import bpf, conntrack, endpoints, events, ipcache, metrics, policy
 from propolis.maps.events import EventReader
 
 TEST_IFINDEX = 1  # BPF_PROG_TEST_RUN puts the skb on loopback
@@ -74,7 +74,7 @@ class Harness:
     def reset(self) -> None:
         dp = self.dp
         for spec in (endpoints.SPEC, ipcache.SPEC, policy.OUTER_SPEC, conntrack.TCP_SPEC,
-                     conntrack.ANY_SPEC, metrics.SPEC):
+                     conntrack.ANY_SPEC, metrics.SPEC, events.RATELIMIT_SPEC):
             dp._map(spec.pin_name).clear()
         for name in os.listdir(dp.pin_dir):
             if name.startswith("cilium_policy_v2_"):

@@ -62,6 +62,8 @@ class DatapathSettings:
     drop_events: bool = True                # bpf.events.drop.enabled
     policy_verdict_events: bool = True      # bpf.events.policyVerdict.enabled
     trace_events: bool = True               # bpf.events.trace.enabled
+    events_rate_limit: int = 0              # bpf.events.default.rateLimit, per endpoint here (0 = none)
+    events_burst_limit: int = 0             # bpf.events.default.burstLimit (0 = the rate)
     kube_proxy_replacement: bool = True     # kubeProxyReplacement: false = services left to kube-proxy
     lb_algorithm: str = "random"            # loadBalancer.algorithm: random|maglev
 
@@ -153,7 +155,9 @@ class Datapath:
         value = config.make_value(monitor_aggregation=settings.monitor_aggregation,
                                   drop_events=settings.drop_events,
                                   policy_verdict_events=settings.policy_verdict_events,
-                                  trace_events=settings.trace_events)
+                                  trace_events=settings.trace_events,
+                                  events_rate_limit=settings.events_rate_limit,
+                                  events_burst_limit=settings.events_burst_limit)
         self._map(config.SPEC.pin_name).update(ctypes.c_uint32(0), value)
 
     # ------------------------------------------------------------------ endpoints

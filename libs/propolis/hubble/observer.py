@@ -102,6 +102,9 @@ class Observer:
         self.lost: dict[str, int] = {}
         self.on_lost: list[Callable[[str, int], None]] = []
         self._datapath_lost_base: int | None = None
+        # the datapath's own losses per event type and cause (ring_full, rate_limited), as
+        # cilium_events_lost_by_type counts them since its maps were created
+        self.datapath_lost_by_type: dict[str, dict[str, int]] = {}
         #: publishes that failed (NATS away): logged once per outage, each counted (metric in services/hubble)
         self.publish_failures = 0
         self.on_publish_failure: list[Callable[[], None]] = []

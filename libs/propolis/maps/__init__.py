@@ -22,6 +22,8 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     config.SPEC,
     events.SPEC,
     events.LOST_SPEC,
+    events.LOST_BY_TYPE_SPEC,
+    events.RATELIMIT_SPEC,
     *lb.SPECS,
 )
 

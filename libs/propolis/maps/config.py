@@ -2,7 +2,8 @@
 
 Mirrors `struct runtime_config` in bpf/lib/maps.h: monitor aggregation (how many trace
 events forwarded packets produce, Cilium's bpf.monitorAggregation levels) and which event
-kinds are off (Cilium's bpf.events.{drop,policyVerdict,trace}.enabled).
+kinds are off (Cilium's bpf.events.{drop,policyVerdict,trace}.enabled), and the events
+rate per endpoint (Cilium's bpf.events.default.rateLimit / burstLimit; 0 = no limit).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class RuntimeConfig(ctypes.Structure):
     _fields_ = [
         ("monitor_aggregation", ctypes.c_uint32),
         ("events_disabled", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint64 * 3),
+        ("events_rate_limit", ctypes.c_uint32),
+        ("events_burst_limit", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint64 * 2),
     ]
 
 
@@ -42,10 +45,16 @@ SPEC = MapSpec(
 
 
 def make_value(*, monitor_aggregation: str = "medium", drop_events: bool = True,
-               policy_verdict_events: bool = True, trace_events: bool = True) -> RuntimeConfig:
+               policy_verdict_events: bool = True, trace_events: bool = True,
+               events_rate_limit: int = 0, events_burst_limit: int = 0) -> RuntimeConfig:
     if monitor_aggregation not in MONITOR_AGGREGATION:
         raise ValidationError("monitor_aggregation", f"{monitor_aggregation!r} is not one of {sorted(MONITOR_AGGREGATION)}")
+    for name, limit in (("events_rate_limit", events_rate_limit), ("events_burst_limit", events_burst_limit)):
+        if not 0 <= limit <= 10_000_000:
+            raise ValidationError(name, f"{limit} is not 0 (no limit) .. 10000000 events per second")
     value = RuntimeConfig()
+    value.events_rate_limit = events_rate_limit
+    value.events_burst_limit = events_burst_limit
     value.monitor_aggregation = MONITOR_AGGREGATION[monitor_aggregation]
     value.events_disabled = ((0 if drop_events else EVENTS_DISABLE_DROP)
                              | (0 if policy_verdict_events else EVENTS_DISABLE_POLICY_VERDICT)
@@ -58,4 +67,5 @@ def decode(value: RuntimeConfig) -> dict[str, Any]:
     return {"monitor_aggregation": names.get(value.monitor_aggregation, str(value.monitor_aggregation)),
             "drop_events": not value.events_disabled & EVENTS_DISABLE_DROP,
             "policy_verdict_events": not value.events_disabled & EVENTS_DISABLE_POLICY_VERDICT,
-            "trace_events": not value.events_disabled & EVENTS_DISABLE_TRACE}
+            "trace_events": not value.events_disabled & EVENTS_DISABLE_TRACE,
+            "events_rate_limit": value.events_rate_limit, "events_burst_limit": value.events_burst_limit}

@@ -103,6 +103,43 @@ LOST_SPEC = MapSpec(
     why_size="one counter (per CPU)",
 )
 
+
+class EventsLostCount(ctypes.Structure):
+    C_STRUCT = "events_lost_count"
+    _fields_ = [("ring_full", ctypes.c_uint64), ("rate_limited", ctypes.c_uint64)]
+
+
+LOST_BY_TYPE_SPEC = MapSpec(
+    pin_name="cilium_events_lost_by_type",
+    c_name="events_lost_typ",
+    map_type=bpf.BPF_MAP_TYPE_PERCPU_ARRAY,
+    key_type=ctypes.c_uint32,
+    value_type=EventsLostCount,
+    max_entries=8,
+    why_size="one row per event type (CILIUM_NOTIFY_*, all below 8), per CPU",
+    c_value_struct="events_lost_count",
+)
+
+
+class EventsRateBucket(ctypes.Structure):
+    C_STRUCT = "events_rate_bucket"
+    _fields_ = [("last_ns", ctypes.c_uint64), ("credit", ctypes.c_uint64)]
+
+
+RATELIMIT_SPEC = MapSpec(
+    pin_name="cilium_events_ratelimit",
+    c_name="events_ratelim",
+    map_type=bpf.BPF_MAP_TYPE_HASH,
+    key_type=ctypes.c_uint32,
+    value_type=EventsRateBucket,
+    max_entries=65535,
+    why_size="one token bucket per endpoint (as cilium_lxc), allocated on use",
+    size_define="EVENTS_RATELIMIT_MAP_SIZE",
+    c_value_struct="events_rate_bucket",
+)
+
+EVENT_TYPE_NAMES = {1: "drop", 4: "trace", 5: "policy-verdict"}
+
 _BOOT_OFFSET = time.time() - time.monotonic()
 
 
@@ -216,6 +253,7 @@ class EventReader:
         self._producer = mmap.mmap(self.fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data_off = page
         self._lost = LOST_SPEC.open(pin_dir)
+        self._lost_by_type = LOST_BY_TYPE_SPEC.open(pin_dir)
 
     def read(self, limit: int = 100_000) -> list[FlowEvent]:
         events: list[FlowEvent] = []
@@ -241,6 +279,19 @@ class EventReader:
         per_cpu = self._lost.lookup(ctypes.c_uint32(0))
         return sum(v.value for v in per_cpu) if per_cpu else 0
 
+    def lost_by_type(self) -> dict[str, dict[str, int]]:
+        """Events lost since the map was created, per event type ("drop", "trace",
+        "policy-verdict") and cause ("ring_full", "rate_limited"), all CPUs; types with none left out."""
+        out: dict[str, dict[str, int]] = {}
+        for index in range(LOST_BY_TYPE_SPEC.max_entries):
+            per_cpu = self._lost_by_type.lookup(ctypes.c_uint32(index)) or []
+            ring_full = sum(v.ring_full for v in per_cpu)
+            rate_limited = sum(v.rate_limited for v in per_cpu)
+            if ring_full or rate_limited:
+                out[EVENT_TYPE_NAMES.get(index, str(index))] = {"ring_full": ring_full,
+                                                                "rate_limited": rate_limited}
+        return out
+
     async def stream(self) -> AsyncIterator[FlowEvent]:
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
@@ -264,6 +315,7 @@ class EventReader:
             self._consumer.close()
             self._producer.close()
             self._lost.close()
+            self._lost_by_type.close()
             os.close(self.fd)
             self.fd = -1
 
