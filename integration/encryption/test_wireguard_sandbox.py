@@ -389,3 +389,13 @@ def test_encrypt_status_rotate_key_and_the_status_line(sandbox):
 
     proc = propolis("encrypt", "rotate-key", "--name", cfg.name, "--node", "nope")
     assert proc.returncode != 0 and "no wireguard-keymgr on node nope" in proc.stderr
+
+
+def test_connectivity_test_encryption_scenario_proves_it_on_the_underlay(sandbox):
+    proc = propolis("connectivity", "test", "--name", sandbox.sandbox().name, "--test", "encryption", "-o", "json")
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0, report
+    (test,) = report["tests"]
+    assert test["name"] == "encryption" and test["result"] == "pass", test
+    assert len(test["checks"]) == 3
+    assert all(c["ok"] and f"UDP {WG_PORT}, no cleartext" in c["detail"] for c in test["checks"]), test

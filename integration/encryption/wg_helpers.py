@@ -1,80 +1,20 @@
-"""Helpers of the encryption tests: an underlay capture, pod TCP streams, key manager state."""
+"""Helpers of the encryption tests: pod TCP streams, key manager state (the capture is the library's)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import struct
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from propolis.bus.connection import Bus
+from propolis.encryption.backend import LISTEN_PORT as WG_PORT  # noqa: F401 - re-exported for the tests
+from propolis.encryption.capture import UnderlayCapture as Capture  # noqa: F401 - the tests' name for it
 from propolis.sandbox import cluster
 from propolis.sandbox.config import SandboxState
-from propolis.sandbox.netns import entered, socket_in
+from propolis.sandbox.netns import socket_in
 from propolis.status import newest, read_heartbeats
-
-ETH_P_ALL = 0x0003
-WG_PORT = 51871
-
-
-@dataclass
-class Frame:
-    proto: int  # IP protocol number (0 = not IPv4)
-    sport: int
-    dport: int
-    data: bytes
-
-
-@dataclass
-class Capture:
-    """Every frame on every port of the underlay bridge (AF_PACKET, all interfaces of the underlay namespace)."""
-
-    netns: str
-    frames: list[Frame] = field(default_factory=list)
-
-    def __enter__(self) -> "Capture":
-        with entered(self.netns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.settimeout(0.1)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="underlay-capture", daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.frames.append(parse(data))
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
-
-    def contains(self, payload: bytes) -> bool:
-        return any(payload in f.data for f in self.frames)
-
-    def count(self, proto: int, port: int) -> int:
-        return sum(1 for f in self.frames if f.proto == proto and port in (f.sport, f.dport))
-
-
-def parse(frame: bytes) -> Frame:
-    if len(frame) < 34 or frame[12:14] != b"\x08\x00":
-        return Frame(0, 0, 0, frame)
-    ihl = (frame[14] & 0x0F) * 4
-    proto = frame[23]
-    l4 = 14 + ihl
-    sport, dport = struct.unpack("!HH", frame[l4:l4 + 4]) if len(frame) >= l4 + 4 else (0, 0)
-    return Frame(proto, sport, dport, frame)
 
 
 class PodStream:

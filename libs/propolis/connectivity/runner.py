@@ -13,11 +13,14 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from propolis.connectivity.scenarios import (ALLOWED, ECHO_PORT, ECHO_UDP_PORT, NAMESPACE, Check, Scenario,
                                              Selection)
+from propolis.encryption.backend import LISTEN_PORT
+from propolis.encryption.capture import IPPROTO_UDP, UnderlayCapture
 from propolis.errors import CliError
 from propolis.sandbox import cluster, probe
 from propolis.sandbox.config import SandboxState
@@ -167,7 +170,8 @@ class Runner:
             if docs:
                 await cluster.apply_documents(self.state, docs)
                 await cluster.wait(self.state, timeout=60)
-            results = await probe.probe_all([self._spec(c) for c in scenario.checks], timeout=self.timeout)
+            with UnderlayCapture(self.cfg.underlay_netns) if scenario.underlay_capture else nullcontext() as capture:
+                results = await probe.probe_all([self._spec(c) for c in scenario.checks], timeout=self.timeout)
         finally:
             if docs:
                 await cluster.delete_documents(self.state, docs)
@@ -180,11 +184,26 @@ class Runner:
                       else f"not connected ({res.error or 'timeout'})")
             if ok and check.target.startswith("world:"):
                 ok, detail = await self._policy_drop_seen(res.spec, started)
+            if ok and capture is not None:
+                ok, detail = underlay_verdict(capture, res, detail)
             outcomes.append(CheckOutcome(check, ok, detail))
         failed = [o for o in outcomes if not o.ok]
         return ScenarioOutcome(scenario, FAIL if failed else PASS,
                                f"{len(failed)}/{len(outcomes)} checks failed" if failed else "",
                                outcomes, time.monotonic() - started)
+
+
+def underlay_verdict(capture: UnderlayCapture, res: probe.ProbeResult, detail: str) -> tuple[bool, str]:
+    """A probe that connected passes only if neither it nor its answer crossed the underlay in cleartext,
+    while WireGuard traffic (UDP 51871) did cross it."""
+    clear = [text for text in (probe.PROBE_PAYLOAD.strip(), (res.answered_by or "").encode()) if text]
+    seen = [t.decode() for t in clear if capture.contains(t)]
+    if seen:
+        return False, f"{detail}; CLEARTEXT on the underlay: {', '.join(seen)}"
+    wireguard = capture.count(IPPROTO_UDP, LISTEN_PORT)
+    if not wireguard:
+        return False, f"{detail}; no WireGuard UDP {LISTEN_PORT} on the underlay"
+    return True, f"{detail}; underlay: {wireguard} frames UDP {LISTEN_PORT}, no cleartext"
 
 
 async def run_tests(state: SandboxState, selection: Selection, *, features: dict[str, str] | None = None,

@@ -55,6 +55,9 @@ class Scenario:
     #: features the scenario needs (names as `propolis status` shows them); skipped with a reason otherwise
     needs: tuple[str, ...] = ()
     nodes: int = 1  # nodes the scenario needs (cross-node checks need 2)
+    #: capture the underlay while probing: a check passes only if its probe and answer never appear there in
+    #: cleartext, and the scenario only if pod traffic appeared as WireGuard (UDP 51871)
+    underlay_capture: bool = False
 
 
 def cnp(name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +137,12 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("echo-ingress-l7", "HTTP GET /public allowed, /private denied by the L7 proxy",
              checks=(), needs=("L7 proxy",)),
     Scenario("to-fqdns", "egress to an FQDN allowed through the DNS proxy", checks=(), needs=("DNS proxy",)),
-    Scenario("encryption", "pod-to-pod traffic between nodes is encrypted", checks=(), needs=("Encryption",)),
+    Scenario("encryption", "pod-to-pod traffic between nodes crosses the underlay only as WireGuard UDP 51871, "
+             "never in cleartext (captured on the underlay); same-node traffic never leaves the node",
+             checks=(Check("client", "pod:echo-other-node"), Check("client", "pod:echo-other-node", port=ECHO_UDP_PORT,
+                                                                   protocol="UDP"),
+                     Check("client", "pod:echo-same-node")),
+             needs=("Encryption",), nodes=2, underlay_capture=True),
 )
 
 
