@@ -150,3 +150,40 @@ async def test_an_oversized_policy_fails_its_endpoint_and_the_node_keeps_enforci
                         lambda hb: not policy_failures(hb) and "failed" not in hb.components["enforcer"]["reason"],
                         timeout=30)
         assert not await w.verify("oversized policy removed", server)
+
+
+async def test_a_deleted_bucket_is_recreated_and_its_owner_refills_it(sandbox):
+    """Deleting the identities bucket kills the allocator's lease task; the supervisor re-runs the bucket
+    bootstrap before restarting it, the allocator refills its bucket, and no denied pair opens meanwhile."""
+    from propolis.bus import subjects
+
+    async with workload(sandbox, "bkt") as w:
+        await w.apply([SERVER_FROM_CLIENT])
+        checks = [("a/client", "a/server", 8080, "TCP", OK), ("a/other", "a/server", 8080, "TCP", NO)]
+        assert not await w.verify("before", checks)
+        before = await beat(sandbox, "identity-allocator", None)
+        assert before is not None
+        exits = exits_with_1(sandbox, "identity-allocator")
+        async with Prober(w, checks) as prober:
+            bus = sandbox.admin_bus("test-delete-bucket")
+            await bus.connect(max_wait=5)
+            try:
+                await bus.js.delete_key_value(subjects.IDENTITIES_BUCKET)
+                await wait_beat(sandbox, "identity-allocator", None, "a restarted allocator",
+                                lambda hb: hb.pid != before.pid and hb.health == "ok", timeout=45)
+                kv = await bus.kv(subjects.IDENTITIES_BUCKET)
+                deadline = time.monotonic() + 30
+                while not (await kv.get(subjects.WATERMARK_KEY)) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                assert await kv.get(subjects.WATERMARK_KEY), "the allocator did not refill its bucket"
+            finally:
+                await bus.close()
+            await cluster.wait(sandbox, timeout=60)
+        assert exits_with_1(sandbox, "identity-allocator") >= exits + 1
+        assert prober.rounds >= 2 and not prober.failures, "\n".join(prober.failures)
+        # the refilled bucket drives enforcement again: a change made now is enforced
+        failures = await w.step("after the refill", [("a/client", "a/server", 8080, "TCP", NO)],
+                                apply=[netpol("server-deny-bkt", {"podSelector": sel(app="server"),
+                                                                  "policyTypes": ["Ingress"]})],
+                                delete=[SERVER_FROM_CLIENT])
+        assert not failures, "\n".join(failures)

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("propolis.bus.kv")
 
 
+#: how often a watch checks that its bucket is still the one it started on (one stream-info request)
+STREAM_CHECK_INTERVAL_S = 5.0
+
+
 class Conflict(TemporaryError):
     """A compare-and-set lost: somebody else wrote first. Re-read and retry."""
 
@@ -187,11 +191,14 @@ class Kv:
         while True:
             reconnected.clear()
             try:
+                created = await self._stream_created()
                 watcher = await self.store.watch(keys)
             except (nats.errors.Error, asyncio.TimeoutError) as exc:
                 log.warning("watch %s/%s: %s; retrying", self.bucket, keys, exc)
                 await asyncio.sleep(0.5)
                 continue
+            recreated = asyncio.create_task(self._until_recreated(created, reconnected),
+                                            name=f"kv-recreated-{self.bucket}")
             seen: set[str] = set()
             initial = True
             try:
@@ -229,14 +236,41 @@ class Kv:
                     delivered[key] = rev
                     yield KvEvent(EventType.PUT, key, value, rev)
             finally:
+                recreated.cancel()
                 try:
                     await watcher.stop()
                 except Exception:
                     pass
-            log.info("watch %s/%s: re-syncing after reconnect", self.bucket, keys)
+            log.info("watch %s/%s: re-syncing after a reconnect or the bucket's re-creation", self.bucket, keys)
+
+    async def _stream_created(self) -> Any:
+        """When the bucket's stream was created: a different value later means it was deleted and made anew."""
+        return (await self.bus.js.stream_info(f"KV_{self.bucket}")).created
+
+    async def _until_recreated(self, created: Any, resync: asyncio.Event) -> None:
+        """Set ``resync`` once the bucket's stream is gone or was re-created.
+
+        A deleted-and-recreated bucket restarts its sequence numbers, and nats-py's ordered consumer
+        resumes after the *old* last sequence: without this the watch would wait forever for the
+        owner's refill (a wedged consumer behind a green status)."""
+        while not resync.is_set():
+            await asyncio.sleep(STREAM_CHECK_INTERVAL_S)
+            try:
+                now = await self._stream_created()
+            except nats.js.errors.NotFoundError:
+                now = None
+            except (nats.errors.Error, asyncio.TimeoutError):
+                continue  # NATS away: the reconnect path re-syncs
+            if now != created:
+                log.warning("bucket %s was deleted or re-created: re-syncing its watch", self.bucket)
+                resync.set()
 
     @staticmethod
     async def _next(watcher: Any, reconnected: asyncio.Event) -> Any:
+        if reconnected.is_set():
+            return _RECONNECTED
+        if not watcher._updates.empty():  # fast path: no tasks when the next entry is already here
+            return watcher._updates.get_nowait()
         get = asyncio.ensure_future(watcher._updates.get())
         rec = asyncio.ensure_future(reconnected.wait())
         try:

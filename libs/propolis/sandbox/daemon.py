@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from kubernetes_asyncio import client, config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -40,6 +40,7 @@ from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.messages import Heartbeat
 from propolis.sandbox import netns as netns_mod
+from propolis.sandbox import world
 from propolis.sandbox.config import SANDBOX_ENV, SandboxConfig, SandboxState
 from propolis.sandbox.kubelet import Kubelet, Scheduler, raw_json
 from propolis.sandbox.services import SandboxService, selected, service_env
@@ -87,6 +88,9 @@ class SupervisedProcess:
         self.restarts = 0
         self.stopping = False
         self.on_restart: Callable[[], None] | None = None  # the supervisor re-saves state.json (new pid)
+        # Runs before each restart: the supervisor re-runs the bucket bootstrap, so a service that died
+        # because its bucket was deleted comes back to a bucket instead of crash-looping.
+        self.before_restart: Callable[[], Awaitable[None]] | None = None
         self.started = 0.0
         self.log_offset = 0  # where this run's output starts in the log file
 
@@ -116,6 +120,8 @@ class SupervisedProcess:
                         self.exit_reason(), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_BACKOFF_MAX_S)
+            if self.before_restart is not None:
+                await self.before_restart()
             self.restarts += 1
             self.start()
             if self.on_restart is not None:
@@ -161,6 +167,7 @@ class Supervisor:
         self.bus: Bus | None = None
         self.apiserver: SupervisedProcess | None = None
         self.children: list[SupervisedProcess] = []
+        self.world: list[SupervisedProcess] = []  # the world's hosts and DNS (sandbox/world.py)
         self.api: client.ApiClient | None = None
         self.kubelets: list[Kubelet] = []
         self.tasks: list[asyncio.Task[Any]] = []
@@ -175,6 +182,7 @@ class Supervisor:
             "pin_dir": str(cfg.pin_dir(node)) if node else "", "datapath_socket": str(cfg.datapath_socket(node)) if node else "",
             "apiserver_url": self.state.apiserver_url, "node_ip": cfg.node_ip(n) if n else "",
             "pod_cidr": cfg.pod_cidr(n) if n else "", "cluster_cidr": cfg.cluster_cidr, "service_cidr": cfg.service_cidr,
+            "cluster_id": cfg.cluster_id,
         }
 
     def save(self, status: str | None = None, error: str = "") -> None:
@@ -192,6 +200,8 @@ class Supervisor:
         self.state.started_at = self.started_at
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(netns_mod.build_underlay, cfg)
+        await asyncio.to_thread(world.build_world, cfg)
+        self._start_world()
         self.state.nodes = [{
             "name": cfg.node_name(n), "netns": cfg.node_netns(n), "internal_ip": cfg.node_ip(n),
             "pod_cidr": cfg.pod_cidr(n), "pin_dir": str(cfg.pin_dir(cfg.node_name(n))),
@@ -202,7 +212,7 @@ class Supervisor:
         self.save()
 
         admin, self.nats_users = permissions.generate_credentials(
-            [s.name for s in self.service_defs],
+            [s.name for s in self.service_defs] + permissions.remote_users([s.name for s in self.service_defs]),
             nodes={s.name: cfg.node_names() for s in self.service_defs if s.scope == "node"})
         permissions.save_credentials(cfg.nats_credentials, admin, self.nats_users)
         for svc in self.service_defs:
@@ -246,6 +256,14 @@ class Supervisor:
         self.tasks.append(asyncio.create_task(self._heartbeats(), name="kubelet-heartbeats"))
         self.save("ready")
         log.info("sandbox %s ready: %s, %s", cfg.name, self.state.kubeconfig, self.state.nats_url)
+
+    def _start_world(self) -> None:
+        """The outside world's servers, supervised like the API server (not suite services: not in `status`)."""
+        for name, argv in world.world_processes(self.cfg):
+            proc = SupervisedProcess(name, "world", "", argv, {}, self.cfg.log_dir / f"{name}.log")
+            proc.start()
+            self.world.append(proc)
+            self.tasks.append(asyncio.create_task(proc.supervise(), name=f"supervise-{name}"))
 
     async def _supervise_nats(self) -> None:
         """Restart a dead nats-server on the same port and JetStream store, as its StatefulSet would:
@@ -347,8 +365,19 @@ class Supervisor:
         child = SupervisedProcess(svc.name, svc.scope, node or env["PROPOLIS_NODE_NAME"], svc.command(ctx), env,
                                   self.cfg.log_dir / f"{label}.log")
         child.on_restart = self.save
+        child.before_restart = self._bootstrap_buckets
         child.start()
         self.children.append(child)
+
+    async def _bootstrap_buckets(self) -> None:
+        """Re-create any bucket that was deleted (the admin's bootstrap, idempotent), as the chart's
+        bootstrap Job would on a re-run. Best effort: NATS may be away, the service retries anyway."""
+        if self.bus is None:
+            return
+        try:
+            await asyncio.wait_for(self.bus.ensure_buckets(), timeout=5)
+        except Exception as exc:  # noqa: BLE001 - the restart goes ahead; the service reports what it lacks
+            log.warning("bucket bootstrap before a restart failed: %s", exc)
 
     async def _heartbeats(self) -> None:
         """Kubelet heartbeats (service "kubelet", one per node) with the revision each has caught up with."""
@@ -385,7 +414,7 @@ class Supervisor:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for child in reversed(self.children):
+        for child in reversed(self.children + self.world):
             await asyncio.to_thread(child.stop)
         if self.api is not None:
             await self.api.close()
