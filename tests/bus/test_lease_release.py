@@ -39,3 +39,15 @@ async def test_a_restarted_instance_takes_a_released_lease_at_once(bus):
     assert not await LeaseElector(kv, KEY, "node-a/2", duration=9.0).try_acquire()  # held: not before expiry
     await old.release()
     assert await LeaseElector(kv, KEY, "node-a/3", duration=9.0).try_acquire()
+
+
+async def test_a_foreign_message_at_the_lease_key_is_taken_over_not_a_crash(bus):
+    """A valid message of another schema where the lease belongs (a bad write, an old version) must not
+    kill the lease task on every restart: the elector repairs the key."""
+    from propolis.bus.messages import Watermark
+
+    kv = await bus.kv(subjects.K8S_BUCKET)
+    await kv.put(KEY, Watermark(7, 0.0))
+    elector = LeaseElector(kv, KEY, "node-a/1", duration=9.0)
+    assert await elector.try_acquire()
+    assert (await kv.get(KEY)).value.holder == "node-a/1"

@@ -42,6 +42,9 @@ class LeaseElector:
             current = await self.kv.get(self.key)
             if current is None:
                 self._revision = await self.kv.create(self.key, record)
+            elif not isinstance(current.value, Lease):  # another message where the lease belongs: repair it
+                log.error("lease %s holds a %s, not a Lease: taking it over", self.key, type(current.value).__name__)
+                self._revision = await self.kv.update(self.key, record, current.revision)
             elif current.value.holder == self.holder or current.value.renewed_at + current.value.duration_s < now:
                 self._revision = await self.kv.update(self.key, record, current.revision)
             else:
