@@ -28,6 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     sandbox.add_argument("--pods", type=int, default=20)
     sandbox.set_defaults(func=lambda a: _print(importlib.import_module("propolis.sandbox.bench").bench_sandbox(
         nodes=a.nodes, pods=a.pods)))
+    encryption = verbs.add_parser("encryption", help="pod to pod across nodes with and without WireGuard: TCP "
+                                                     "throughput (1 and 4 streams), request/response latency, "
+                                                     "wireguard-go CPU")
+    encryption.add_argument("--seconds", type=float, default=5.0, help="how long each throughput run streams")
+    encryption.add_argument("--samples", type=int, default=2000, help="request/response round trips")
+    encryption.set_defaults(func=lambda a: _print(importlib.import_module("propolis.bench.encryption").run(
+        a.seconds, a.samples)))
     flows = verbs.add_parser("flows", help="Hubble: flows/s from the BPF ring through the observer to a NATS "
                                            "subscriber, lost events counted where lost")
     flows.add_argument("--rates", default="5000,30000", help="target events/s, comma-separated")
