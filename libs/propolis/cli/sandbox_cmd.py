@@ -35,8 +35,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--services", default="all",
                    help="Propolis services to run: all, none, or a comma list (default %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ready")
-    p.add_argument("--encryption", choices=("wireguard",), default="",
-                   help="transparent encryption of cross-node pod traffic (Cilium's encryption.type); default off")
+    p.add_argument("--encryption", choices=("wireguard",), default=None,
+                   help="transparent encryption of cross-node pod traffic (Cilium's encryption.type); default off "
+                        "(a running sandbox keeps its own)")
     p.set_defaults(func=cmd_up)
 
     p = verbs.add_parser("down", help="stop everything and remove every namespace, veth, pin and run dir")

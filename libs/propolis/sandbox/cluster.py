@@ -47,7 +47,7 @@ def supervisor_alive(state: SandboxState) -> bool:
 
 
 def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_cidr: str | None = None,
-       services: str = "all", timeout: float = UP_TIMEOUT_S, encryption: str = "") -> SandboxState:
+       services: str = "all", timeout: float = UP_TIMEOUT_S, encryption: str | None = None) -> SandboxState:
     """Start sandbox `name` in the background and return its ready state. Idempotent."""
     validate_sandbox_name(name)
     existing = load_state(name)
@@ -57,7 +57,7 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
             if nodes != cfg.nodes:
                 raise ValidationError("nodes", f"sandbox {name!r} is already up with {cfg.nodes} nodes; "
                                                f"`propolis sandbox down --name {name}` first to change it")
-            if encryption != cfg.encryption:
+            if encryption is not None and encryption != cfg.encryption:
                 raise ValidationError("encryption", f"sandbox {name!r} is already up with encryption "
                                                     f"{cfg.encryption or 'off'}; `propolis sandbox down --name {name}` "
                                                     "first to change it")
@@ -67,7 +67,7 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
         down(name)  # a dead sandbox's remains: clean before starting afresh
     with allocation_lock():
         cfg = allocate(name, nodes, cluster_cidr, service_cidr)
-        cfg.encryption = encryption
+        cfg.encryption = encryption or ""
         cfg.__post_init__()  # validates the encryption type
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         SandboxState(config=_config_dict(cfg)).save(cfg.state_path)
