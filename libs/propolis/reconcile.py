@@ -35,6 +35,11 @@ log = logging.getLogger("propolis.reconcile")
 
 
 class Target(Protocol[K, V]):
+    """``update`` is idempotent; ``delete`` treats missing as done; ``list_actual`` reads the kernel
+    or the bus, never a cache (pruning trusts it). A target that diffs against what it last wrote may
+    also define ``refresh(key, desired)``: the periodic refresh calls it instead of ``update`` to diff
+    against the actual object, so a row removed behind the writer's back (bpftool) comes back."""
+
     async def update(self, key: K, desired: V) -> None: ...
     async def delete(self, key: K) -> None: ...
     async def list_actual(self) -> Iterable[K]: ...
@@ -75,7 +80,9 @@ class Reconciler(Generic[K, V]):
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
         self._prune_due = False
+        self._refreshing: set[K] = set()  # pending keys queued by the periodic refresh, not by a change
         self.reconciled_revision = 0
+        self.refreshes = 0  # completed refresh rounds (tests, /status)
 
     # --- desired state ----------------------------------------------------------------
     def upsert(self, key: K, desired: V) -> int:
@@ -84,6 +91,7 @@ class Reconciler(Generic[K, V]):
         self.revision += 1
         self.desired[key] = desired
         self._pending[key] = desired
+        self._refreshing.discard(key)
         self.status[key] = ObjectStatus(Status.PENDING, self.revision)
         self._wake.set()
         return self.revision
@@ -94,6 +102,7 @@ class Reconciler(Generic[K, V]):
         self.revision += 1
         self.desired.pop(key, None)
         self._pending[key] = _ABSENT
+        self._refreshing.discard(key)
         self.status[key] = ObjectStatus(Status.PENDING, self.revision)
         self._wake.set()
         return self.revision
@@ -147,11 +156,7 @@ class Reconciler(Generic[K, V]):
         while True:
             now = time.monotonic()
             if now >= next_refresh:
-                self._prune_due = self.synced
-                for key, value in self.desired.items():  # repair drift (a failed key waits for a change)
-                    st = self.status.get(key)
-                    if key not in self._pending and (st is None or st.status is not Status.FAILED):
-                        self._pending[key] = value
+                self.queue_refresh()
                 next_refresh = now + self.refresh_interval
             await self.reconcile_once()
             delay = min([next_refresh - time.monotonic()] +
@@ -165,6 +170,18 @@ class Reconciler(Generic[K, V]):
             except asyncio.TimeoutError:
                 pass
 
+    def queue_refresh(self) -> None:
+        """Repair drift: every desired key is applied again against the actual object (a failed key
+        waits for a change), and actual objects nobody desires are pruned (once synced)."""
+        self._prune_due = self.synced
+        for key, value in self.desired.items():
+            st = self.status.get(key)
+            if key not in self._pending and (st is None or st.status is not Status.FAILED):
+                self._pending[key] = value
+                self._refreshing.add(key)
+        self.refreshes += 1
+        self._wake.set()
+
     def _due(self, key: K) -> bool:
         st = self.status.get(key)
         return st is None or st.status is not Status.ERROR or st.retry_at <= time.monotonic()
@@ -176,6 +193,8 @@ class Reconciler(Generic[K, V]):
             try:
                 if value is _ABSENT:
                     await self.target.delete(key)
+                elif key in self._refreshing and hasattr(self.target, "refresh"):
+                    await self.target.refresh(key, value)  # type: ignore[attr-defined]
                 else:
                     await self.target.update(key, value)
             except Exception as exc:  # any failure: this key only, keep going with the others
@@ -194,6 +213,7 @@ class Reconciler(Generic[K, V]):
                 continue
             if self._pending.get(key) is value:
                 del self._pending[key]
+                self._refreshing.discard(key)
                 if value is _ABSENT:
                     self.status.pop(key, None)
                 else:

@@ -1,13 +1,19 @@
 """datapath-writer wiring: bus inputs + CNI announcements -> this node's BPF maps and tc programs.
 
-Components, in start order:
+Components, in start order (each declares what it requires; `check_wiring` verifies the order):
 1. datapath  — compile bpf_lxc.c once, adopt the node's pinned maps (nothing flushed: the
    programs already attached keep enforcing the last state while we start — fail closed),
    re-point every known endpoint's tc filters at the new programs (atomic replace).
 2. inputs    — watch the k8s and identities buckets (ClusterInputs).
-3. endpoints — the CNI socket; ADD answers once the endpoint is programmed.
-4. enforcer  — recompute desired ipcache, per-endpoint policy and Service load-balancing on
-   every input change and reconcile the maps (diffs; prune only after all inputs synced). Progress `k8s_resource_version` = the watermark the kernel state reflects.
+3. lb        — the node's Services -> LB maps (reconciler `lb-services`).
+4. ipcache-publisher — our endpoints -> our slice of the ipcache bucket (reconciler over KV).
+5. enforcer  — policy compute: desired ipcache and per-endpoint policy on every input change,
+   reconciled into the maps (prune only after all inputs synced); hands Services to `lb` and
+   endpoints to the publisher. Progress `k8s_resource_version` = the watermark the kernel state reflects.
+6. endpoints — the CNI socket; ADD answers once the endpoint is programmed.
+7. ct-gc     — conntrack GC on an interval that adapts to how full the tables are.
+Every reconciler re-applies its desired state against the actual maps each
+`reconcile-refresh-interval` (drift repair).
 
 State: `propolis bpf endpoint list --node N`, `propolis bpf policy get EP --node N`,
 `propolis bpf ipcache list --node N`.
@@ -36,7 +42,9 @@ from propolis.writer.desired import DesiredState
 from propolis.writer.endpoint_api import EndpointAnnouncement, EndpointApiServer
 from propolis.writer.endpoints import EndpointTable, LocalEndpoint
 from propolis.writer.inputs import ClusterInputs
-from propolis.writer.targets import EndpointPolicyTarget, IpcacheTarget
+from propolis.writer.ct_gc import ConntrackGC
+from propolis.writer.ipcache_publisher import IpcacheKvTarget, desired_records
+from propolis.writer.targets import EndpointPolicyTarget, IpcacheTarget, ServicesTarget
 
 log = logging.getLogger("propolis.datapath_writer")
 SERVICE = "datapath-writer"
@@ -64,6 +72,11 @@ class Settings(CommonSettings):
     lb_algorithm: str = setting("random", "Cilium's loadBalancer.algorithm", choices=("random", "maglev"))
     devices: str = setting("", "Cilium's devices: comma-separated node interfaces that get the NodePort "
                                "program (cil_from_netdev)")
+    reconcile_refresh_interval: float = setting(10.0, "every reconciler re-applies its desired state against the "
+                                                      "maps as read back this often (repairs drift)", unit="s")
+    conntrack_gc_interval: float = setting(0.0, "Cilium's conntrack-gc-interval (0 = adapt to how full the "
+                                                "tables are)", unit="s")
+    conntrack_gc_max_interval: float = setting(12 * 3600.0, "Cilium's conntrack-gc-max-interval", unit="s")
 
 
 class DatapathComponent(Component):
@@ -115,24 +128,114 @@ class InputsComponent(Component):
         rt.spawn("inputs", self.inputs.follow(k8s, ids), self)
 
 
-class Enforcer(Component):
-    name, title = "enforcer", "reconcile ipcache and per-endpoint policy maps to the desired state"
+class ReconciledComponent(Component):
+    """A component whose health, once started, is its reconciler's (failed keys, retrying errors)."""
 
-    def __init__(self, settings: Settings, datapath: DatapathComponent, inputs: InputsComponent) -> None:
+    reconciler: Reconciler[Any, Any]
+
+    def _reconciled_health(self) -> Health:
+        own = Component.health.fget(self)  # type: ignore[attr-defined]
+        return self.reconciler.health() if own.state is State.OK and own.reason != "starting" else own
+
+    health = property(_reconciled_health, Component.health.fset)  # type: ignore[assignment]
+
+
+class LoadBalancer(ReconciledComponent):
+    name, title = "lb", "this node's Service frontends and backends -> the LB maps (kube-proxy replacement)"
+
+    def __init__(self, settings: Settings, datapath: DatapathComponent) -> None:
+        super().__init__(datapath)
+        self.node = settings.node_name
+        self.kube_proxy_replacement = settings.kube_proxy_replacement
+        self.reconciler = Reconciler("lb-services", ServicesTarget(datapath.dp),
+                                     refresh_interval=settings.reconcile_refresh_interval)
+        self.generation = -1  # DesiredState.services_generation last handed to the reconciler
+
+    async def start(self, rt: Runtime) -> None:
+        self.rt = rt
+        rt.spawn("lb-reconciler", self.reconciler.run(), self)
+
+    def set_services(self, desired: DesiredState) -> None:
+        """The node's services, when they changed (pod and policy churn costs no LB work)."""
+        if desired.services_generation == self.generation:
+            return
+        self.reconciler.upsert(self.node, tuple(desired.services))
+        self.generation = desired.services_generation
+        self.rt.progress["services"] = len(desired.services)
+        if self.kube_proxy_replacement and desired.service_errors:
+            self.rt.progress["service_errors"] = dict(desired.service_errors)
+        else:
+            self.rt.progress.pop("service_errors", None)
+
+
+class IpcachePublisher(ReconciledComponent):
+    name, title = "ipcache-publisher", "this node's endpoints -> its slice of the ipcache bucket"
+
+    def __init__(self, settings: Settings) -> None:
         super().__init__()
+        self.settings = settings
+        self.reconciler: Reconciler[str, IpcacheRecord] | None = None  # type: ignore[assignment]
+
+    async def start(self, rt: Runtime) -> None:
+        kv = await rt.bus.kv(subjects.IPCACHE_BUCKET)
+        self.reconciler = Reconciler("ipcache-publisher", IpcacheKvTarget(kv, self.settings.node_name),
+                                     refresh_interval=self.settings.reconcile_refresh_interval)
+        rt.spawn("ipcache-publisher", self.reconciler.run(), self)
+
+    def publish(self, endpoints: list[LocalEndpoint]) -> None:
+        """Desired = every local endpoint with an identity; what a previous instance published for
+        endpoints gone meanwhile is pruned (the bucket is read, not remembered)."""
+        assert self.reconciler is not None, "publish before start"
+        self.reconciler.replace_all(desired_records(self.settings.node_name, endpoints))
+        self.reconciler.mark_synced()
+
+
+class ConntrackGCComponent(Component):
+    name, title = "ct-gc", "delete expired conntrack entries on an interval that adapts to table fill"
+
+    def __init__(self, settings: Settings, datapath: DatapathComponent) -> None:
+        super().__init__(datapath)
+        self.datapath = datapath
+        self.settings = settings
+        self.gc: ConntrackGC | None = None
+
+    async def start(self, rt: Runtime) -> None:
+        self.gc = ConntrackGC(self.datapath.dp, rt.registry, interval=self.settings.conntrack_gc_interval,
+                              max_interval=self.settings.conntrack_gc_max_interval)
+        rt.progress["conntrack_gc"] = self.gc.status()
+        rt.spawn("ct-gc", self._run(rt), self)
+
+    async def _run(self, rt: Runtime) -> None:
+        assert self.gc is not None
+        gc_task = asyncio.ensure_future(self.gc.run())
+        try:
+            while not gc_task.done():  # the GC's figures in the heartbeat after each pass
+                await asyncio.wait({gc_task}, timeout=min(self.gc.interval, 30.0))
+                rt.progress["conntrack_gc"] = self.gc.status()
+            gc_task.result()
+        finally:
+            gc_task.cancel()
+
+
+class Enforcer(Component):
+    name, title = "enforcer", "policy compute: desired ipcache and per-endpoint policy -> their maps"
+
+    def __init__(self, settings: Settings, datapath: DatapathComponent, inputs: InputsComponent,
+                 lb: LoadBalancer, publisher: IpcachePublisher) -> None:
+        super().__init__(datapath, inputs, lb, publisher)
         self.settings = settings
         self.dp = datapath.dp
         self.inputs = inputs.inputs
+        self.lb = lb
+        self.publisher = publisher
         self.table = EndpointTable(Path(settings.datapath_socket).with_name(f"endpoints-{settings.node_name}.json"))
         self.desired = DesiredState(node=settings.node_name, mode=settings.policy_enforcement,
                                     cluster_name=settings.cluster_name,
                                     allow_localhost=settings.allow_localhost == "always")
-        self.ipcache = Reconciler("ipcache", IpcacheTarget(self.dp))
-        self.policies = Reconciler("endpoint-policy", EndpointPolicyTarget(self.dp))
-        self.api: EndpointApiServer | None = None
+        refresh = settings.reconcile_refresh_interval
+        self.ipcache = Reconciler("ipcache", IpcacheTarget(self.dp), refresh_interval=refresh)
+        self.policies = Reconciler("endpoint-policy", EndpointPolicyTarget(self.dp), refresh_interval=refresh)
         self.enforced_watermark = 0
-        self.services_written = -1  # desired.services_generation last written to the LB maps
-        self.published: dict[str, IpcacheRecord] = {}
 
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
@@ -142,14 +245,113 @@ class Enforcer(Component):
             self.table.remove(ep_id)  # its pinned entry is gone (node rebooted): forget it
         # CIDR identities keep the numbers the kernel already uses (no renumbering across a restart)
         self.desired.engine.adopt_cidr_identities({e.cidr: e.identity for e in self.dp.list_ipcache()})
-        self.ipcache_kv = await rt.bus.kv(subjects.IPCACHE_BUCKET)
-        # what a previous instance published: entries of endpoints gone meanwhile get deleted by the
-        # next publish (starting from nothing, they stayed in every node's ipcache for good)
-        mine = await self.ipcache_kv.items(subjects.token(self.settings.node_name, what="node") + ".>")
-        self.published = {k: e.value for k, e in mine.items() if isinstance(e.value, IpcacheRecord)}
         rt.spawn("ipcache-reconciler", self.ipcache.run(), self)
         rt.spawn("policy-reconciler", self.policies.run(), self)
         rt.spawn("recompute", self._recompute_loop(), self)
+
+    # --- the loop -------------------------------------------------------------------------
+    async def _recompute_loop(self) -> None:
+        """Never ends on a bad input: a failing object is the reconciler's per-key error (shown in health),
+        a failing pass is reported and retried; the loop itself only stops when cancelled."""
+        while True:
+            await self.inputs.changed.wait()
+            await asyncio.sleep(self.settings.recompute_debounce)
+            self.inputs.changed.clear()
+            if not self.inputs.synced:
+                self.set_degraded("waiting for the k8s and identities buckets (initial values and watermarks)")
+                continue
+            try:
+                await self._recompute_pass()
+            except Exception as exc:  # noqa: BLE001 - a bug or a kernel hiccup: report, retry in a second
+                log.exception("recompute failed")
+                self.set_degraded(f"recompute failed: {exc}")
+                asyncio.get_running_loop().call_later(RECOMPUTE_RETRY, self.inputs.changed.set)
+            self.publisher.publish(list(self.table.by_id.values()))
+
+    async def _recompute_pass(self) -> None:
+        """Desired state -> reconcilers; once every change was attempted, report the watermark it reflects."""
+        watermark = self.inputs.watermark
+        await self.recompute()
+        revisions = [(r, r.revision) for r in (self.ipcache, self.policies, self.lb.reconciler)]
+        try:
+            for reconciler, revision in revisions:
+                reconciler.mark_synced()
+                await reconciler.wait_until_reconciled(revision, timeout=RECONCILE_WAIT)
+        except asyncio.TimeoutError:  # the kernel is slow, not wrong: the reconcilers keep going
+            self.set_degraded(f"changes not applied within {RECONCILE_WAIT:.0f}s; retrying")
+            self.inputs.changed.set()
+            return
+        self.enforced_watermark = max(self.enforced_watermark, watermark)
+        self.rt.progress["k8s_resource_version"] = str(self.enforced_watermark)
+        self.rt.progress["endpoints"] = len(self.table.by_id)
+        self.health = self.reconcile_health()
+
+    def reconcile_health(self) -> Health:
+        """OK, or what failed: ipcache rows, and endpoints (named by pod) whose policy is not enforced."""
+        failed = self.policies.errors()
+        if self.desired.policy_errors:
+            failed = {**self.desired.policy_errors, **failed}
+        self.rt.progress["endpoint_policy_failures"] = {self.endpoint_name(k): v for k, v in failed.items()}
+        self.publish_endpoint_states()
+        parts = []
+        if failed:
+            ep, why = next(iter(failed.items()))
+            parts.append(f"{len(failed)} failed endpoint policies, last enforced state kept "
+                         f"(e.g. {self.endpoint_name(ep)}: {why})")
+        ipcache = self.ipcache.health()
+        if ipcache.state is not State.OK:
+            parts.append(ipcache.reason)
+        return Health.degraded("; ".join(parts)) if parts else Health.ok()
+
+    def publish_endpoint_states(self) -> None:
+        """Per endpoint: ready / regenerating / not-ready (why), for `propolis endpoint list`."""
+        self.rt.progress[endpoint_state.PROGRESS_KEY] = endpoint_state.endpoint_states(
+            self.table.by_id.values(), self.desired.policies, self.policies.status, self.desired.policy_errors)
+        self.rt.progress[endpoint_state.POLICY_FAILURES_KEY] = endpoint_state.policy_failures(
+            self.table.by_id.values(), self.desired.engine, {**self.desired.policy_errors, **self.policies.errors()})
+
+    def endpoint_name(self, endpoint_id: int) -> str:
+        ep = self.table.by_id.get(endpoint_id)
+        return f"endpoint {endpoint_id} ({ep.namespace}/{ep.pod})" if ep else f"endpoint {endpoint_id}"
+
+    async def recompute(self) -> None:
+        for ep in self.table.by_id.values():
+            record = self.inputs.endpoints.get((ep.namespace, ep.pod))
+            if record is not None and record.identity and record.identity != ep.identity:
+                ep.identity = record.identity
+                self.dp.upsert_endpoint(endpoint_id=ep.endpoint_id, ip=ep.ip, identity=ep.identity,
+                                        ifindex=ep.ifindex)
+                self.table.save()
+        self.desired.update(self.inputs, list(self.table.by_id.values()))
+        self.ipcache.replace_all(self.desired.ipcache)
+        self.policies.replace_all({ep_id: pol for ep_id, pol in self.desired.policies.items()})
+        self.publish_endpoint_states()
+        l7_pending = sum(p.l7_pending for p in self.desired.policies.values())
+        self.rt.features["L7 proxy"] = {
+            "state": "Disabled",
+            "detail": (f"{l7_pending} endpoint(s) have L7 rules: their L4 ports are allowed, HTTP/Kafka/DNS rules "
+                       "are not enforced yet" if l7_pending else "not built yet; no policy has L7 rules")}
+        self.lb.set_services(self.desired)
+
+
+
+class Endpoints(Component):
+    name, title = "endpoints", "the CNI socket: ADD answers once the endpoint is programmed (fail closed)"
+
+    def __init__(self, settings: Settings, datapath: DatapathComponent, inputs: InputsComponent,
+                 enforcer: Enforcer) -> None:
+        super().__init__(datapath, inputs, enforcer)
+        self.settings = settings
+        self.dp = datapath.dp
+        self.inputs = inputs.inputs
+        self.enforcer = enforcer
+        self.table = enforcer.table
+        self.policies = enforcer.policies
+        self.desired = enforcer.desired
+        self.api: EndpointApiServer | None = None
+
+    async def start(self, rt: Runtime) -> None:
+        self.rt = rt
         self.api = EndpointApiServer(self.settings.datapath_socket, self.handle_cni)
         await self.api.start()
 
@@ -157,7 +359,6 @@ class Enforcer(Component):
         if self.api is not None:
             await self.api.stop()
 
-    # --- CNI ----------------------------------------------------------------------------
     async def handle_cni(self, req: EndpointAnnouncement) -> dict[str, Any]:
         if req.op == "EndpointDelete":
             ep = self.table.find_container(req.container_id) or self.table.find_pod(req.namespace, req.pod)
@@ -215,120 +416,15 @@ class Enforcer(Component):
             except asyncio.TimeoutError:
                 pass
 
-    # --- the loop -------------------------------------------------------------------------
-    async def _recompute_loop(self) -> None:
-        """Never ends on a bad input: a failing object is the reconciler's per-key error (shown in health),
-        a failing pass is reported and retried; the loop itself only stops when cancelled."""
-        while True:
-            await self.inputs.changed.wait()
-            await asyncio.sleep(self.settings.recompute_debounce)
-            self.inputs.changed.clear()
-            if not self.inputs.synced:
-                self.set_degraded("waiting for the k8s and identities buckets (initial values and watermarks)")
-                continue
-            try:
-                await self._recompute_pass()
-            except Exception as exc:  # noqa: BLE001 - a bug or a kernel hiccup: report, retry in a second
-                log.exception("recompute failed")
-                self.set_degraded(f"recompute failed: {exc}")
-                asyncio.get_running_loop().call_later(RECOMPUTE_RETRY, self.inputs.changed.set)
-            await self._publish_ipcache()
-
-    async def _recompute_pass(self) -> None:
-        """Desired state -> reconcilers; once every change was attempted, report the watermark it reflects."""
-        watermark = self.inputs.watermark
-        await self.recompute()
-        self.ipcache.mark_synced()
-        self.policies.mark_synced()
-        rev_ip, rev_pol = self.ipcache.revision, self.policies.revision
-        try:
-            await self.ipcache.wait_until_reconciled(rev_ip, timeout=RECONCILE_WAIT)
-            await self.policies.wait_until_reconciled(rev_pol, timeout=RECONCILE_WAIT)
-        except asyncio.TimeoutError:  # the kernel is slow, not wrong: the reconcilers keep going
-            self.set_degraded(f"changes not applied within {RECONCILE_WAIT:.0f}s; retrying")
-            self.inputs.changed.set()
-            return
-        self.enforced_watermark = max(self.enforced_watermark, watermark)
-        self.rt.progress["k8s_resource_version"] = str(self.enforced_watermark)
-        self.rt.progress["endpoints"] = len(self.table.by_id)
-        self.health = self.reconcile_health()
-
-    def reconcile_health(self) -> Health:
-        """OK, or what failed: ipcache rows, and endpoints (named by pod) whose policy is not enforced."""
-        failed = self.policies.errors()
-        if self.desired.policy_errors:
-            failed = {**self.desired.policy_errors, **failed}
-        self.rt.progress["endpoint_policy_failures"] = {self.endpoint_name(k): v for k, v in failed.items()}
-        self.publish_endpoint_states()
-        parts = []
-        if failed:
-            ep, why = next(iter(failed.items()))
-            parts.append(f"{len(failed)} failed endpoint policies, last enforced state kept "
-                         f"(e.g. {self.endpoint_name(ep)}: {why})")
-        ipcache = self.ipcache.health()
-        if ipcache.state is not State.OK:
-            parts.append(ipcache.reason)
-        return Health.degraded("; ".join(parts)) if parts else Health.ok()
-
-    def publish_endpoint_states(self) -> None:
-        """Per endpoint: ready / regenerating / not-ready (why), for `propolis endpoint list`."""
-        self.rt.progress[endpoint_state.PROGRESS_KEY] = endpoint_state.endpoint_states(
-            self.table.by_id.values(), self.desired.policies, self.policies.status, self.desired.policy_errors)
-        self.rt.progress[endpoint_state.POLICY_FAILURES_KEY] = endpoint_state.policy_failures(
-            self.table.by_id.values(), self.desired.engine, {**self.desired.policy_errors, **self.policies.errors()})
-
-    def endpoint_name(self, endpoint_id: int) -> str:
-        ep = self.table.by_id.get(endpoint_id)
-        return f"endpoint {endpoint_id} ({ep.namespace}/{ep.pod})" if ep else f"endpoint {endpoint_id}"
-
-    async def recompute(self) -> None:
-        for ep in self.table.by_id.values():
-            record = self.inputs.endpoints.get((ep.namespace, ep.pod))
-            if record is not None and record.identity and record.identity != ep.identity:
-                ep.identity = record.identity
-                self.dp.upsert_endpoint(endpoint_id=ep.endpoint_id, ip=ep.ip, identity=ep.identity,
-                                        ifindex=ep.ifindex)
-                self.table.save()
-        self.desired.update(self.inputs, list(self.table.by_id.values()))
-        self.ipcache.replace_all(self.desired.ipcache)
-        self.policies.replace_all({ep_id: pol for ep_id, pol in self.desired.policies.items()})
-        self.publish_endpoint_states()
-        l7_pending = sum(p.l7_pending for p in self.desired.policies.values())
-        self.rt.features["L7 proxy"] = {
-            "state": "Disabled",
-            "detail": (f"{l7_pending} endpoint(s) have L7 rules: their L4 ports are allowed, HTTP/Kafka/DNS rules "
-                       "are not enforced yet" if l7_pending else "not built yet; no policy has L7 rules")}
-        if self.desired.services_generation != self.services_written:
-            diff = self.dp.set_services(self.desired.services)  # a diff of the LB maps
-            self.services_written = self.desired.services_generation
-            self.rt.progress["services"] = len(self.desired.services)
-            if diff.enabled and self.desired.service_errors:
-                self.rt.progress["service_errors"] = dict(self.desired.service_errors)
-            else:
-                self.rt.progress.pop("service_errors", None)
-
-    async def _publish_ipcache(self) -> None:
-        """Our endpoints' IP -> identity, for other nodes and clusters (our slice of the ipcache bucket)."""
-        node = self.settings.node_name
-        want = {subjects.ipcache_key(node, ep.ip): IpcacheRecord(ip=ep.ip, prefix_len=32, identity=ep.identity,
-                                                                 node=node)
-                for ep in self.table.by_id.values() if ep.identity and ep.ip}
-        try:
-            for key in [k for k in self.published if k not in want]:
-                await self.ipcache_kv.delete(key)
-                del self.published[key]
-            for key, rec in want.items():
-                if self.published.get(key) != rec:
-                    await self.ipcache_kv.put(key, rec)
-                    self.published[key] = rec
-        except Exception as exc:  # NATS away: next recompute retries
-            log.warning("publishing ipcache entries failed: %s", exc)
-
 
 def build(settings: Settings) -> list[Component]:
     datapath = DatapathComponent(settings)
     inputs = InputsComponent()
-    return [datapath, inputs, Enforcer(settings, datapath, inputs)]
+    lb = LoadBalancer(settings, datapath)
+    publisher = IpcachePublisher(settings)
+    enforcer = Enforcer(settings, datapath, inputs, lb, publisher)
+    return [datapath, inputs, lb, publisher, enforcer, Endpoints(settings, datapath, inputs, enforcer),
+            ConntrackGCComponent(settings, datapath)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -281,6 +281,11 @@ class Datapath:
             await self._tc.detach(netns if netns is not None else state.netns, state.ifindex)
             lxc.delete(endpoints.make_key(state.ip))
             self.scrub_conntrack(state.ip)
+        self.remove_policy_map(endpoint_id)
+
+    def remove_policy_map(self, endpoint_id: int) -> None:
+        """Unhook and unpin one endpoint's policy map (missing is fine)."""
+        self._policy_rows.pop(endpoint_id, None)
         self._map(policy.OUTER_SPEC.pin_name).delete(ctypes.c_uint32(endpoint_id))
         try:
             os.unlink(os.path.join(self.pin_dir, policy.inner_pin_name(endpoint_id)))
@@ -326,13 +331,19 @@ class Datapath:
         raise PermanentError(f"endpoint {endpoint_id} is not attached on node {self.node}")
 
     # ------------------------------------------------------------------ policy
-    def set_policy(self, endpoint_id: int, entries: Iterable[policy.PolicyEntryLike]) -> policy.PolicyDiff:
-        """Make the endpoint's policy map hold exactly `entries` (diff, not rewrite)."""
+    def set_policy(self, endpoint_id: int, entries: Iterable[policy.PolicyEntryLike], *,
+                   reread: bool = False) -> policy.PolicyDiff:
+        """Make the endpoint's policy map hold exactly `entries` (diff, not rewrite).
+
+        The diff is against what this process last wrote, or with `reread` against the map itself
+        (the reconciler's periodic refresh: a row deleted by hand comes back)."""
         desired = policy.compute_rows(entries)
         if len(desired) > policy.INNER_SPEC.max_entries:
             raise ValidationError("entries", f"{len(desired)} rows exceed the policy map size "
                                   f"{policy.INNER_SPEC.max_entries}")
         known = self._policy_rows.pop(endpoint_id, None)
+        if reread:
+            known = None
         with self._policy_map(endpoint_id) as bpf_map:
             diff = policy.apply_rows(bpf_map, desired, actual=known)
         self._policy_rows[endpoint_id] = desired
@@ -404,6 +415,25 @@ class Datapath:
             return ServiceDiff(enabled=False)
         return self._services.update(upserts, removed)
 
+    def resync_services(self, services: Iterable[LBService]) -> ServiceDiff:
+        """`set_services` diffing against the maps as they are, not this process's last write
+        (the reconciler's periodic refresh: an entry deleted by hand comes back)."""
+        if self._services is not None:
+            self._services.forget()
+        return self.set_services(services)
+
+    def policy_map_ids(self) -> list[int]:
+        """Endpoint ids that have a pinned policy map (read from bpffs, not from a cache)."""
+        prefix, _, suffix = policy.INNER_SPEC.pin_name.partition("{endpoint_id")
+        suffix = suffix.partition("}")[2]
+        ids = []
+        for name in os.listdir(self.pin_dir):
+            if name.startswith(prefix) and name.endswith(suffix):
+                number = name[len(prefix):len(name) - len(suffix)]
+                if number.isdigit():
+                    ids.append(int(number))
+        return ids
+
     def list_services(self) -> list[ServiceView]:
         return read_services(self._map(lbmaps.SERVICES_SPEC.pin_name), self._map(lbmaps.BACKENDS_SPEC.pin_name))
 
@@ -451,8 +481,29 @@ class Datapath:
         return removed
 
     def ct_gc(self) -> int:
-        return (conntrack.gc(self._map(conntrack.TCP_SPEC.pin_name))
-                + conntrack.gc(self._map(conntrack.ANY_SPEC.pin_name)))
+        return sum(r.deleted for r in self.ct_gc_report())
+
+    def ct_gc_report(self) -> list[conntrack.GcResult]:
+        """One GC pass over both conntrack maps: per map what was deleted, what stays, its size."""
+        results = []
+        for spec in (conntrack.TCP_SPEC, conntrack.ANY_SPEC):
+            ct = self._map(spec.pin_name)
+            deleted, alive = conntrack.gc_counts(ct)
+            results.append(conntrack.GcResult(spec.pin_name, "TCP" if spec is conntrack.TCP_SPEC else "non-TCP",
+                                              deleted, alive, ct.info().max_entries))
+        return results
+
+    def ct_flush(self) -> int:
+        """Delete every conntrack entry (`cilium bpf ct flush global`): open flows are re-evaluated
+        by policy at their next packet. Returns how many entries went."""
+        removed = 0
+        for spec in (conntrack.TCP_SPEC, conntrack.ANY_SPEC):
+            ct = self._map(spec.pin_name)
+            batches = [(raw_keys, count) for raw_keys, _, count in lbmaps.raw_batches(ct) if count]
+            for raw_keys, count in batches:
+                lbmaps.delete_batch(ct, raw_keys, count)
+                removed += count
+        return removed
 
     # ------------------------------------------------------------------ teardown
     async def remove_all(self) -> None:

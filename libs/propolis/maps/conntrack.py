@@ -104,6 +104,17 @@ def now_seconds() -> int:
 
 
 @dataclass(frozen=True)
+class GcResult:
+    """One GC pass over one conntrack map."""
+
+    map_name: str
+    protocol: str  # "TCP" | "non-TCP", Cilium's metric label
+    deleted: int
+    alive: int
+    max_entries: int
+
+
+@dataclass(frozen=True)
 class CtRow:
     """One conntrack entry, decoded."""
 
@@ -173,9 +184,16 @@ def keys_naming(raw_keys: bytes, ip: str) -> list[bytes]:
 
 def gc(bpf_map: bpf.BpfMap[Any, Any]) -> int:
     """Delete expired entries (the datapath already ignores them); returns how many."""
+    return gc_counts(bpf_map)[0]
+
+
+def gc_counts(bpf_map: bpf.BpfMap[Any, Any]) -> tuple[int, int]:
+    """Delete expired entries; returns (deleted, alive) for the GC's metric and its next interval."""
     now = now_seconds()
-    removed = 0
+    removed = alive = 0
     for key, value in list(bpf_map.items()):
         if value.lifetime < now:
             removed += bpf_map.delete(key)
-    return removed
+        else:
+            alive += 1
+    return removed, alive

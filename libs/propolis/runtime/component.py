@@ -21,9 +21,11 @@ class Component:
     name: str = "component"
     title: str = ""
 
-    def __init__(self) -> None:
+    def __init__(self, *requires: "Component") -> None:
         self._health: Health = Health.stopped("not started")
         self.failure = ""  # set by the runtime when a guarded task of this component died
+        #: the components this one uses (declared, like hive's constructor parameters): they start before it
+        self.requires: tuple[Component, ...] = requires
 
     @property
     def health(self) -> Health:
@@ -45,3 +47,21 @@ class Component:
 
     def set_degraded(self, reason: str) -> None:
         self.health = Health.degraded(reason)
+
+
+def check_wiring(components: "list[Component] | tuple[Component, ...]") -> None:
+    """Every component's dependencies are in the list and start before it; names are unique.
+    Raises ValidationError naming the component (a wiring bug, found before anything starts)."""
+    from propolis.errors import ValidationError
+
+    seen: set[int] = set()
+    names: set[str] = set()
+    for c in components:
+        if c.name in names:
+            raise ValidationError(f"components.{c.name}", "two components have this name")
+        names.add(c.name)
+        for dep in c.requires:
+            if id(dep) not in seen:
+                where = "after it" if any(dep is x for x in components) else "not in the service"
+                raise ValidationError(f"components.{c.name}", f"requires {dep.name!r}, which is {where}")
+        seen.add(id(c))

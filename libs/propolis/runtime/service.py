@@ -38,7 +38,7 @@ from propolis.bus.messages import Heartbeat
 from propolis.errors import PropolisError, TemporaryError, ValidationError
 from propolis.runtime import logs
 from propolis.runtime import settings as settings_mod
-from propolis.runtime.component import Component
+from propolis.runtime.component import Component, check_wiring
 from propolis.runtime.health import Health, State, worst
 
 S = TypeVar("S", bound=settings_mod.CommonSettings)
@@ -317,6 +317,7 @@ def run_service(name: str, settings_cls: type[S], build: Callable[[S], Sequence[
         print(f"propolis-{name}: invalid setting {exc}", file=sys.stderr)
         return 2
     components = build(cfg)
+    check_wiring(components)
     if args.describe:
         print(f"service {name}")
         print("components (start order):")

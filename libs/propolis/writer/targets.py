@@ -7,6 +7,7 @@ from typing import Iterable
 
 from propolis.datapath.datapath import Datapath
 from propolis.datapath.entries import IPCacheEntry, PolicyEntry
+from propolis.lb.desired import LBService
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,39 @@ class EndpointPolicyTarget:
         self.dp.set_policy(key, desired.entries)
         self.dp.set_enforcement(key, ingress=desired.ingress_enforced, egress=desired.egress_enforced)
 
+    async def refresh(self, key: int, desired: EndpointPolicy) -> None:
+        """Diff against the map itself: rows deleted or changed by hand are written back."""
+        self.dp.set_policy(key, desired.entries, reread=True)
+        self.dp.set_enforcement(key, ingress=desired.ingress_enforced, egress=desired.egress_enforced)
+
     async def delete(self, key: int) -> None:
-        """The endpoint went away (CNI DEL detaches it); nothing to keep."""
+        """A policy map whose endpoint is gone from cilium_lxc: unhook and unpin it. An attached
+        endpoint's map is never removed here (CNI DEL detaches the endpoint and its map together)."""
+        if key not in {e.endpoint_id for e in self.dp.list_endpoints()}:
+            self.dp.remove_policy_map(key)
 
     async def list_actual(self) -> Iterable[int]:
-        return []  # endpoints are removed by CNI DEL, never pruned from here
+        """Policy maps in bpffs whose endpoint is not in cilium_lxc (left by an interrupted detach)."""
+        attached = {e.endpoint_id for e in self.dp.list_endpoints()}
+        return [i for i in self.dp.policy_map_ids() if i not in attached]
+
+
+class ServicesTarget:
+    """The node's Service LB maps as one object (key = node name, value = its `LBService`s): the maps
+    share backend ids and slots across frontends, so they are written as one diff (`Datapath.set_services`)."""
+
+    def __init__(self, dp: Datapath) -> None:
+        self.dp = dp
+
+    async def update(self, key: str, desired: tuple[LBService, ...]) -> None:
+        self.dp.set_services(desired)
+
+    async def refresh(self, key: str, desired: tuple[LBService, ...]) -> None:
+        """Diff against the maps as read back: an entry deleted by hand comes back."""
+        self.dp.resync_services(desired)
+
+    async def delete(self, key: str) -> None:
+        self.dp.set_services(())
+
+    async def list_actual(self) -> Iterable[str]:
+        return []  # one object per node, never pruned: its desired value is the empty tuple instead
