@@ -26,6 +26,7 @@
 #include "lib/policy.h"
 #include "lib/lb.h"
 #include "lib/nodeport.h"
+#include "lib/proxy.h"
 
 static __always_inline struct endpoint_info *lookup_ip4_endpoint(__be32 ip)
 {
@@ -65,10 +66,12 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 	struct endpoint_info *ep;
 	struct ct_entry *entry;
 	struct policy_result pol = {};
+	struct lb4_flow svc_flow = {};	/* a new service flow, remembered once allowed */
 	enum ct_status status;
 	__u8 side = egress ? CT_EGRESS : CT_INGRESS;
 	__u8 new_flags = 0;
-	int ret;
+	__u16 redirect_port;
+	int ret, to_proxy;
 
 	c.dir = egress ? METRIC_DIR_EGRESS : METRIC_DIR_INGRESS;
 	c.ifindex = skb->ifindex;
@@ -77,6 +80,13 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 	ret = parse_ipv4(skb, &c.p);
 	if (ret < 0)
 		return send_drop_notify(&c, -ret, POLICY_MATCH_NONE);
+
+	/* re-injected by cil_to_container for a local proxy (lib/proxy.h) */
+	redirect_port = proxy_to_proxy_port(skb, &to_proxy);
+	if (egress && to_proxy) {
+		ret = proxy_deliver(skb, &c.p, redirect_port);
+		return ret < 0 ? send_drop_notify(&c, -ret, POLICY_MATCH_NONE) : ret;
+	}
 
 	/* The local endpoint must own this interface: a pod cannot send with
 	 * another address (anti-spoofing), nor receive another pod's packets. */
@@ -104,7 +114,7 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 			send_trace_notify(&c, TRACE_TO_STACK, TRACE_REASON_REPLY, c.p.tcp_flags, 1);
 			return CTX_ACT_OK;
 		}
-		ret = lb4_local(skb, &c.p, &c.rev_nat, &hairpin);
+		ret = lb4_local(skb, &c.p, &c.rev_nat, &hairpin, &svc_flow);
 		if (ret < 0)
 			return send_drop_notify(&c, -ret, POLICY_MATCH_NONE);
 		if (c.rev_nat)
@@ -148,7 +158,13 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 
 	status = ct_lookup4(&c.p, side, &new_flags, &entry);
 	if (status == CT_ESTABLISHED || status == CT_REPLY) {
-		/* L7 HOOK: an entry with proxy_port != 0 will be redirected here. */
+		if (proxy_tracked(skb, &c.p, egress, status, entry, &ret)) {
+			if (ret < 0)
+				return send_drop_notify(&c, -ret, POLICY_MATCH_NONE);
+			send_trace_notify(&c, TRACE_TO_PROXY, TRACE_REASON_ESTABLISHED, new_flags,
+					  status == CT_REPLY);
+			return ret;
+		}
 		if (status == CT_REPLY && entry && entry->rev_nat_index) {
 			/* reverse NAT: the client sees the service frontend reply */
 			ret = lb4_rev_nat(skb, &c.p, entry->rev_nat_index);
@@ -165,10 +181,17 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 				return ret;
 			}
 		}
+		lb4_commit_flow(&svc_flow);
 		send_trace_notify(&c, egress ? TRACE_TO_STACK : TRACE_TO_LXC,
 				  status == CT_REPLY ? TRACE_REASON_REPLY : TRACE_REASON_ESTABLISHED,
 				  new_flags, status == CT_REPLY);
 		return CTX_ACT_OK;
+	}
+
+	/* a reply to a proxy's onward connection to a remote server (lib/proxy.h) */
+	if (!egress && proxy_owns_tuple(skb, &c.p)) {
+		ret = proxy_reinject(skb, &c.p, 0);
+		return ret < 0 ? send_drop_notify(&c, -ret, POLICY_MATCH_NONE) : ret;
 	}
 
 	/* CT_NEW or CT_REOPENED: the one policy decision of the connection */
@@ -176,6 +199,10 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 		policy_check(&c, egress ? c.dst_id : c.src_id,
 			     egress ? POLICY_EGRESS : POLICY_INGRESS, &pol);
 		if (pol.verdict < 0) {
+			/* a denied connection holds no conntrack room: its service
+			 * entry is never written (ClusterIP) or forgotten (NodePort) */
+			if (!egress && c.rev_nat)
+				lb4_forget_flow(&c.p, c.rev_nat);
 			send_policy_verdict_notify(&c, VERDICT_DROPPED, pol.match_type, 0,
 						   (__u16)(-pol.verdict));
 			return send_drop_notify(&c, (__u8)(-pol.verdict), pol.match_type);
@@ -184,18 +211,29 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 
 	/* the verdict is reported once it happened: a connection whose entry
 	 * cannot be created is dropped, not forwarded */
+	/* an ingress proxy's own onward connection is not redirected again */
+	if (!egress && proxy_upstream_of(skb) == PROXY_UPSTREAM_INGRESS)
+		pol.proxy_port = 0;
 	ret = ct_create4(&c, side, pol.proxy_port);
 	if (ret < 0) {
 		if (c.enforced)
 			send_policy_verdict_notify(&c, VERDICT_DROPPED, pol.match_type, 0, (__u16)(-ret));
 		return send_drop_notify(&c, -ret, pol.match_type);
 	}
-	/* L7 HOOK: pol.proxy_port != 0 -> redirect to the L7 proxy
-	 * (TRACE_TO_PROXY, VERDICT_REDIRECTED); until the proxy exists
-	 * the L4 part is allowed and forwarded. */
+	if (!egress && proxy_upstream_of(skb))
+		proxy_flag_upstream(&c.p, side);
 	if (c.enforced)
 		send_policy_verdict_notify(&c, pol.proxy_port ? VERDICT_REDIRECTED : VERDICT_FORWARDED,
 					   pol.match_type, pol.proxy_port, 0);
+	if (pol.proxy_port) {
+		/* L7 redirect (lib/proxy.h): no proxy socket = dropped, never forwarded */
+		ret = proxy_redirect(skb, &c.p, egress, pp_ntohs(pol.proxy_port));
+		if (ret < 0)
+			return send_drop_notify(&c, -ret, pol.match_type);
+		send_trace_notify(&c, TRACE_TO_PROXY, TRACE_REASON_NEW, c.p.tcp_flags, 0);
+		return ret;
+	}
+	lb4_commit_flow(&svc_flow);
 
 	/* BANDWIDTH HOOK (later): EDT rate limiting per endpoint (cilium_throttle) on egress. */
 	send_trace_notify(&c, egress ? TRACE_TO_STACK : TRACE_TO_LXC,

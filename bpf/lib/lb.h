@@ -386,12 +386,31 @@ static __always_inline __u64 lb4_backend_tag(struct lb4_backend *be)
 	return ((__u64)be->port << 32) | be->address;
 }
 
+/* A new CT_SERVICE entry not written yet: a pod's service flow is remembered
+ * only once its policy allowed it (lb4_commit_flow), so a flood of denied
+ * connections to a Service takes no conntrack room from established flows. */
+struct lb4_flow {
+	struct ipv4_ct_tuple tuple;
+	struct ct_entry entry;
+	__u8 pending;
+};
+
+static __always_inline void lb4_commit_flow(struct lb4_flow *flow)
+{
+	if (flow->pending) {
+		ct_map_update(flow->tuple.nexthdr == IPPROTO_TCP, &flow->tuple, &flow->entry);
+		flow->pending = 0;
+	}
+}
+
 /* The backend of this flow: the one its CT_SERVICE entry remembers (even a
  * terminating one) if that id still names the same address and port, else a
  * new choice among the ACTIVE backends (affinity, Maglev or random),
- * remembered in a new CT_SERVICE entry. 0 = none. */
+ * remembered in a new CT_SERVICE entry: written now, or left in *later for
+ * lb4_commit_flow when the caller decides policy first. 0 = none. */
 static __always_inline __u32 lb4_backend_of_flow(struct pkt4 *p, struct lb4_key *key,
-						 struct lb4_service *svc, struct lb4_backend **backend)
+						 struct lb4_service *svc, struct lb4_backend **backend,
+						 struct lb4_flow *later)
 {
 	struct ipv4_ct_tuple tuple = {};
 	struct ct_entry entry = {}, *e;
@@ -440,8 +459,36 @@ static __always_inline __u32 lb4_backend_of_flow(struct pkt4 *p, struct lb4_key 
 		entry.lifetime = now + CT_CONNECTION_LIFETIME_NONTCP;
 	else
 		entry.lifetime = ct_tcp_lifetime(&entry.flags, p->tcp_flags, 0, now);
-	ct_map_update(is_tcp, &tuple, &entry);
+	if (later) {
+		later->tuple = tuple;
+		later->entry = entry;
+		later->pending = 1;
+	} else {
+		ct_map_update(is_tcp, &tuple, &entry);
+	}
 	return id;
+}
+
+/* A NodePort flow the local backend's policy denied: forget the backend its
+ * CT_SERVICE entry (client -> frontend) remembers, so denied connections do
+ * not hold conntrack room. */
+static __always_inline void lb4_forget_flow(struct pkt4 *p, __u16 rev_nat_index)
+{
+	struct ipv4_ct_tuple tuple = {};
+	struct lb4_reverse_nat *rn = lb4_reverse_nat.lookup(&rev_nat_index);
+
+	if (!rn)
+		return;
+	tuple.saddr = p->saddr;
+	tuple.daddr = rn->address;
+	tuple.sport = p->sport;
+	tuple.dport = rn->port;
+	tuple.nexthdr = p->protocol;
+	tuple.flags = CT_SERVICE;
+	if (p->protocol == IPPROTO_TCP)
+		ct4_global.delete(&tuple);
+	else
+		ct_any4_global.delete(&tuple);
 }
 
 /* The service this packet is addressed to, or NULL. */
@@ -460,9 +507,11 @@ static __always_inline struct lb4_service *lb4_lookup_service(struct pkt4 *p, st
 /*
  * cil_from_container: DNAT a packet addressed to a service frontend.
  * Returns 0 (not a service or translated; *rev_nat set when translated,
- * *hairpin when the pod reached itself) or -DROP_NO_SERVICE.
+ * *hairpin when the pod reached itself; a new flow's CT_SERVICE entry waits
+ * in *later for lb4_commit_flow) or -DROP_NO_SERVICE.
  */
-static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, __u16 *rev_nat, int *hairpin)
+static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, __u16 *rev_nat, int *hairpin,
+				     struct lb4_flow *later)
 {
 	struct lb4_key key = {};
 	struct lb4_service *svc;
@@ -473,7 +522,7 @@ static __always_inline int lb4_local(struct __sk_buff *skb, struct pkt4 *p, __u1
 	svc = lb4_lookup_service(p, &key);
 	if (!svc)
 		return 0;
-	if (!lb4_backend_of_flow(p, &key, svc, &be) || !be)
+	if (!lb4_backend_of_flow(p, &key, svc, &be, later) || !be)
 		return -DROP_NO_SERVICE;
 	client = p->saddr;
 	ret = lb4_rewrite(skb, p, LB_REWRITE_DST, be->address, be->port);

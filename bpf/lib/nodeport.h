@@ -308,7 +308,7 @@ static __always_inline int nodeport_lb4(struct __sk_buff *skb)
 	if (!svc || !(svc->flags & (SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOADBALANCER)))
 		return CTX_ACT_OK;
 	c.src_id = ID_WORLD;
-	if (!lb4_backend_of_flow(&c.p, &key, svc, &be) || !be)
+	if (!lb4_backend_of_flow(&c.p, &key, svc, &be, 0) || !be)
 		return send_drop_notify(&c, DROP_NO_SERVICE, POLICY_MATCH_NONE);
 	frontend = c.p.daddr;
 	if (lb4_rewrite(skb, &c.p, LB_REWRITE_DST, be->address, be->port) < 0)
