@@ -31,6 +31,7 @@ from typing import Any
 from propolis.bus import subjects
 from propolis.bus.messages import IpcacheEntry as IpcacheRecord
 from propolis.datapath.datapath import Datapath, DatapathSettings
+from propolis.datapath.pressure import MapPressureCollector
 from propolis.model.identity import RESERVED_INIT
 from propolis.reconcile import Reconciler
 from propolis.runtime.component import Component
@@ -91,6 +92,7 @@ class DatapathComponent(Component):
 
     async def start(self, rt: Runtime) -> None:
         await self.dp.load()
+        rt.registry.register(MapPressureCollector(self.dp))  # cilium_bpf_map_pressure{map_name}
         count = await self.dp.reattach_all()
         log.info("datapath loaded in %.2fs; %d endpoints re-attached", self.dp.compile_seconds, count)
         if self.dp.removed_on_reattach:
