@@ -115,7 +115,8 @@ def test_missing_instances_are_unhealthy():
     assert "datapath-writer on s-worker2: missing (not running)" in rep.problems
 
     rep = build_report([], now=NOW)
-    assert {r["service"] for r in rep.services} == {s.name for s in SANDBOX_SERVICES if s.scope == "cluster"}
+    assert {r["service"] for r in rep.services} == {s.name for s in SANDBOX_SERVICES
+                                                    if s.scope == "cluster" and not s.enabled_by}
     assert rep.kubernetes == {"nodes": [], "watchers": 0, "state": "Unavailable",
                               "reason": "k8s-watcher not running", "resource_version": ""}
 

@@ -218,3 +218,27 @@ class WireguardNodeKey:
     public_key: str
     listen_port: int
     rotated_at: float = 0.0  # when this key replaced the previous one (0 = first key)
+
+
+@message("clustermesh-cluster-config", (1, 0))
+@dataclass
+class ClusterConfig:
+    """``cluster-config`` in ``PROPOLIS_CLUSTERMESH_V1`` (Cilium's ``cilium/cluster-config/<name>``): who the
+    exporting cluster is; importers refuse a remote whose name or id clashes with theirs."""
+
+    name: str
+    id: int
+    pod_cidrs: list[str]
+
+
+@message("clustermesh-node", (1, 0))
+@dataclass
+class ClusterNode:
+    """``nodes.<node>`` in the export (``cilium/state/nodes/v1/<cluster>/<node>``): a node's addresses,
+    pod CIDRs and WireGuard public key (empty without encryption)."""
+
+    cluster: str
+    name: str
+    ips: list[str]
+    pod_cidrs: list[str]
+    wireguard_public_key: str = ""

@@ -68,6 +68,23 @@ def publish_allow(service: str, node: str = "*") -> list[str]:
     return allow
 
 
+def remote_reader_permissions(bucket: str = subjects.CLUSTERMESH_BUCKET) -> dict[str, object]:
+    """Cluster Mesh: what a remote cluster's clustermesh-apiserver may do here, with the one user
+    (`subjects.CLUSTERMESH_REMOTE_USER`) this cluster hands out: read the export bucket (stream info,
+    direct gets, its own watch consumers) and nothing else; it publishes to no KV or Propolis subject."""
+    stream = f"KV_{bucket}"
+    return {"publish": {"allow": [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.DIRECT.GET.{stream}",
+                                  f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}",
+                                  f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.INFO.{stream}.>",
+                                  f"$JS.FC.{stream}.>", f"$JS.ACK.{stream}.>", "$JS.API.INFO"]},
+            "subscribe": {"allow": ["_INBOX.>"]}}
+
+
+def remote_users(services: list[str]) -> list[str]:
+    """Users for other clusters: the remote reader exists only where a clustermesh-apiserver exports."""
+    return [subjects.CLUSTERMESH_REMOTE_USER] if "clustermesh-apiserver" in services else []
+
+
 def server_config(users: dict[str, Credentials], *, admin: Credentials) -> str:
     """nats-server config text. ``users`` maps user name (``service``, or ``service@node`` for one
     node's instance, whose per-node slices then name that node) -> credentials. Connections without
@@ -77,11 +94,9 @@ def server_config(users: dict[str, Credentials], *, admin: Credentials) -> str:
     ]
     for name, cred in users.items():
         service, node = service_of(name)
-        entries.append({
-            "user": cred.user, "password": cred.password,
-            "permissions": {"publish": {"allow": publish_allow(service, node or "*")},
-                            "subscribe": {"allow": [">"]}},
-        })
+        perms = (remote_reader_permissions() if service == subjects.CLUSTERMESH_REMOTE_USER else
+                 {"publish": {"allow": publish_allow(service, node or "*")}, "subscribe": {"allow": [">"]}})
+        entries.append({"user": cred.user, "password": cred.password, "permissions": perms})
     # JSON is valid nats-server config syntax.
     return "authorization " + json.dumps({"users": entries}, indent=2) + "\n"
 

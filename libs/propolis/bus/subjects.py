@@ -21,6 +21,12 @@ IDENTITIES_BUCKET = "PROPOLIS_IDENTITIES_V1"  # identities + endpoint assignment
 IPCACHE_BUCKET = "PROPOLIS_IPCACHE_V1"        # IP -> identity of each node's endpoints; owner: datapath-writer (per node)
 HEARTBEATS_BUCKET = "PROPOLIS_HEARTBEATS_V1"  # last heartbeat of every service instance; owner: each service, own key
 WIREGUARD_BUCKET = "PROPOLIS_WIREGUARD_V1"    # WireGuard public key per node (key = node name); owner: wireguard-keymgr (per node)
+#: Cluster Mesh: what this cluster exports to remote clusters (Cilium's `cilium/state/…` prefixes), and the local
+#: cache of every remote cluster's export (KVStoreMesh's `cilium/cache/…`); owner of both: clustermesh-apiserver.
+CLUSTERMESH_BUCKET = "PROPOLIS_CLUSTERMESH_V1"
+CLUSTERMESH_CACHE_BUCKET = "PROPOLIS_CLUSTERMESH_CACHE_V1"
+#: The NATS user remote clusters read the export with: it reads that bucket and writes nothing.
+CLUSTERMESH_REMOTE_USER = "clustermesh-remote"
 
 #: Heartbeats expire from the bucket after this many seconds without an update:
 #: an instance that stops beating disappears from `propolis status` on its own.
@@ -42,6 +48,8 @@ BUCKETS = {
     IPCACHE_BUCKET: BucketConfig(IPCACHE_BUCKET),
     HEARTBEATS_BUCKET: BucketConfig(HEARTBEATS_BUCKET, ttl_s=HEARTBEAT_TTL_S),
     WIREGUARD_BUCKET: BucketConfig(WIREGUARD_BUCKET),
+    CLUSTERMESH_BUCKET: BucketConfig(CLUSTERMESH_BUCKET),
+    CLUSTERMESH_CACHE_BUCKET: BucketConfig(CLUSTERMESH_CACHE_BUCKET),
 }
 
 # --- plain subjects (streams that are not state) -------------------------------------------
@@ -120,6 +128,11 @@ def wireguard_key(node: str) -> str:
     return key(token(node, what="node"))
 
 
+def clustermesh_cache_key(cluster: str, export_key: str) -> str:
+    """A remote cluster's exported key in the local cache bucket: ``<cluster>.<export key>``."""
+    return key(token(cluster, what="cluster"), export_key)
+
+
 def encryption_rotate_subject(node: str) -> str:
     """``propolis encrypt rotate-key`` asks a node's wireguard-keymgr here (request/reply)."""
     return f"{PREFIX}.encryption.rotate.{token(node, what='node')}"
@@ -155,6 +168,10 @@ def slices(node: str = "*") -> dict[str, Slice]:
                               (heartbeat_pattern("hubble-relay"), HUBBLE_QUERY)),
         "wireguard-keymgr": Slice("wireguard-keymgr", ((WIREGUARD_BUCKET, node), node_hb("wireguard-keymgr")),
                                   (node_hb_subject("wireguard-keymgr"), f"{PREFIX}.events.encryption")),
+        "clustermesh-apiserver": Slice("clustermesh-apiserver",
+                                       ((CLUSTERMESH_BUCKET, ">"), (CLUSTERMESH_CACHE_BUCKET, ">"),
+                                        hb("clustermesh-apiserver")),
+                                       (heartbeat_pattern("clustermesh-apiserver"), f"{PREFIX}.events.clustermesh")),
     }
 
 

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "propolis.cli.observe_cmd",
     "propolis.cli.hubble_cmd",
     "propolis.cli.encrypt_cmd",
+    "propolis.cli.clustermesh_cmd",
     "propolis.cli.policy_cmd",
     "propolis.cli.identity_cmd",
     "propolis.cli.service_cmd",

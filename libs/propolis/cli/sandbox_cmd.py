@@ -38,6 +38,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--encryption", choices=("wireguard",), default=None,
                    help="transparent encryption of cross-node pod traffic (Cilium's encryption.type); default off "
                         "(a running sandbox keeps its own)")
+    p.add_argument("--cluster-id", type=int, default=0,
+                   help="Cluster Mesh cluster.id 1-255 (runs the clustermesh-apiserver); default 0 = no Cluster Mesh")
     p.set_defaults(func=cmd_up)
 
     p = verbs.add_parser("down", help="stop everything and remove every namespace, veth, pin and run dir")
@@ -120,7 +122,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise CliError("the sandbox creates network namespaces: run as root")
     state = cluster.up(args.name, nodes=args.nodes, cluster_cidr=args.cluster_cidr, service_cidr=args.service_cidr,
-                       services=args.services, timeout=args.timeout, encryption=args.encryption)
+                       services=args.services, timeout=args.timeout, encryption=args.encryption,
+                       cluster_id=args.cluster_id)
     cfg = state.sandbox()
     print(f"sandbox {cfg.name} ready: {cfg.nodes} nodes, cluster CIDR {cfg.cluster_cidr}")
     print(f"kubeconfig: {state.kubeconfig}")

@@ -47,7 +47,8 @@ def supervisor_alive(state: SandboxState) -> bool:
 
 
 def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_cidr: str | None = None,
-       services: str = "all", timeout: float = UP_TIMEOUT_S, encryption: str | None = None) -> SandboxState:
+       services: str = "all", timeout: float = UP_TIMEOUT_S, encryption: str | None = None,
+       cluster_id: int = 0) -> SandboxState:
     """Start sandbox `name` in the background and return its ready state. Idempotent."""
     validate_sandbox_name(name)
     existing = load_state(name)
@@ -61,6 +62,10 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
                 raise ValidationError("encryption", f"sandbox {name!r} is already up with encryption "
                                                     f"{cfg.encryption or 'off'}; `propolis sandbox down --name {name}` "
                                                     "first to change it")
+            if cluster_id != cfg.cluster_id:
+                raise ValidationError("cluster_id", f"sandbox {name!r} is already up with cluster id "
+                                                    f"{cfg.cluster_id}; `propolis sandbox down --name {name}` "
+                                                    "first to change it")
             return existing
         return _wait_ready(name, timeout)
     if existing is not None or _leftovers_exist(name):
@@ -68,7 +73,8 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
     with allocation_lock():
         cfg = allocate(name, nodes, cluster_cidr, service_cidr)
         cfg.encryption = encryption or ""
-        cfg.__post_init__()  # validates the encryption type
+        cfg.cluster_id = cluster_id
+        cfg.__post_init__()  # validates the encryption type and cluster id
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         SandboxState(config=_config_dict(cfg)).save(cfg.state_path)
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +97,8 @@ def _config_dict(cfg: SandboxConfig) -> dict[str, Any]:
                            "cluster_cidr": cfg.cluster_cidr, "service_cidr": cfg.service_cidr}
     if cfg.encryption:  # only when on: state.json of an unencrypted sandbox stays as it was
         out["encryption"] = cfg.encryption
+    if cfg.cluster_id:  # only when set: Cluster Mesh
+        out["cluster_id"] = cfg.cluster_id
     return out
 
 

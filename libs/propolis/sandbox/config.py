@@ -73,9 +73,14 @@ class SandboxConfig:
     service_cidr: str = DEFAULT_SERVICE_CIDR
     #: transparent encryption between nodes: "" (off) or "wireguard" (`sandbox up --encryption wireguard`)
     encryption: str = ""
+    #: Cluster Mesh `cluster.id` 1-255 (`sandbox up --cluster-id`); 0 = no Cluster Mesh (the cluster name is the
+    #: sandbox name). With an id the sandbox runs the clustermesh-apiserver and its identities carry the id.
+    cluster_id: int = 0
 
     def __post_init__(self) -> None:
         validate_sandbox_name(self.name)
+        if not 0 <= self.cluster_id <= 255:
+            raise ValidationError("cluster_id", f"must be 1-255 (0 = no Cluster Mesh), got {self.cluster_id}")
         if self.encryption not in ENCRYPTION_TYPES:
             raise ValidationError("encryption", f"must be one of {', '.join(t or '(none)' for t in ENCRYPTION_TYPES)}, "
                                                 f"got {self.encryption!r}")
@@ -198,6 +203,11 @@ class ServiceState:
 @dataclass
 class SandboxState:
     """`/run/propolis/S/state.json`: everything another process needs to talk to the sandbox."""
+
+    @property
+    def clustermesh_dir(self) -> Path:
+        """One file per connected remote cluster (`clustermesh.remotes`), read by the clustermesh-apiserver."""
+        return self.run_dir / "clustermesh"
 
     config: dict[str, Any]
     status: str = "starting"  # starting | ready | stopping | failed

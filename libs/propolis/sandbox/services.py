@@ -78,6 +78,8 @@ SANDBOX_SERVICES: list[SandboxService] = [
                                                "127.0.0.1:0"), reports_progress=False),
     SandboxService("wireguard-keymgr", "node", ("propolis-wireguard-keymgr",), reports_progress=False,
                    enabled_by="encryption"),
+    SandboxService("clustermesh-apiserver", "cluster", ("propolis-clustermesh-apiserver",), reports_progress=False,
+                   enabled_by="cluster_id"),
 ]
 
 
@@ -106,6 +108,8 @@ def service_env(context: dict[str, Any]) -> dict[str, str]:
         "PROPOLIS_RUN_DIR": context["run_dir"],
         "PROPOLIS_SANDBOX": context["sandbox"],
     }
+    if context.get("cluster_id"):  # Cluster Mesh: identities are allocated in this cluster's range
+        env["PROPOLIS_CLUSTER_ID"] = str(context["cluster_id"])
     if context.get("node"):
         env.update({
             "PROPOLIS_NODE_NAME": context["node"],
