@@ -75,7 +75,7 @@ def register(subparsers: Any) -> None:
     p = verbs.add_parser("probe", help="connect from a pod to a pod, service or IP (exit 0 = connected)")
     _name_arg(p)
     p.add_argument("source", nargs="?", metavar="FROM", help="ns/pod")
-    p.add_argument("dest", nargs="?", metavar="TO", help="ns/pod, ns/service, IP, or a Service DNS name (svc.ns[.svc.cluster.local])")
+    p.add_argument("dest", nargs="?", metavar="TO", help="ns/pod, ns/service, IP, world:IP, or a DNS name (resolved by the pod, through kube-dns)")
     p.add_argument("--port", type=int, default=None, help="default: the target's first declared port, else 80")
     p.add_argument("--protocol", type=str.upper, choices=("TCP", "UDP"), default="TCP")
     p.add_argument("--timeout", type=float, default=None, help="seconds per probe (default 2, --all: 1)")
@@ -226,10 +226,13 @@ async def cmd_probe(args: argparse.Namespace) -> int:
         raise CliError("usage: propolis sandbox probe FROM TO [--port P] [--protocol TCP|UDP] | probe --all")
     netns = cluster.source_netns(state, args.source)
     async with cluster.Api(state.apiserver_url) as api:
-        dest = await cluster.resolve_destination(api, args.dest)
+        dest = await cluster.resolve_destination(api, args.dest, from_netns=netns)
     port = args.port or (dest.ports.get(args.protocol) or [80])[0]
     spec = probe.ProbeSpec(netns, dest.ip, port, args.protocol, from_label=args.source, to_label=dest.label)
     result = await probe.probe(spec, timeout=args.timeout or 2.0)
+    if args.output == "json":
+        print(json.dumps(dict(result.to_json(), addresses=dest.addresses or [dest.ip])))
+        return 0 if result.connected else 1
     verdict = "connected" if result.connected else f"not connected ({result.error})"
     by = f", answered by {result.answered_by}" if result.answered_by else ""
     print(f"{args.source} -> {dest.label} ({dest.ip}) {args.protocol}/{port}: {verdict}{by}")

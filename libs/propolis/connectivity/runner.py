@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from propolis.connectivity.scenarios import (ALLOWED, ECHO_PORT, ECHO_UDP_PORT, NAMESPACE, Check, Scenario,
+from propolis.connectivity.scenarios import (ALLOWED, DROPPED, ECHO_PORT, ECHO_UDP_PORT, NAMESPACE, Check, Scenario,
                                              Selection)
 from propolis.encryption.backend import LISTEN_PORT
 from propolis.encryption.capture import IPPROTO_UDP, UnderlayCapture
@@ -182,7 +182,7 @@ class Runner:
             ok = allowed == (check.expect == ALLOWED)
             detail = (f"connected, answered by {res.answered_by}" if allowed
                       else f"not connected ({res.error or 'timeout'})")
-            if ok and check.target.startswith("world:"):
+            if ok and check.expect == DROPPED and check.target.startswith("world:"):
                 ok, detail = await self._policy_drop_seen(res.spec, started)
             if ok and capture is not None:
                 ok, detail = underlay_verdict(capture, res, detail)

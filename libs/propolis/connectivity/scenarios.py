@@ -23,7 +23,7 @@ NAMESPACE = "propolis-test"
 ECHO_PORT = 8080
 ECHO_UDP_PORT = 5353
 ALLOWED, DROPPED = "allowed", "dropped"
-WORLD_IP = "192.0.2.10"  # TEST-NET-1: never routed; the sandbox nodes have no route out anyway
+WORLD_IP = "203.0.113.10"  # a host of the sandbox's world namespace (sandbox/world.py): it answers when allowed
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class Check:
 
     ``source``: a pod name of the workload, or ``node:<n>`` (1-based) for a node's own namespace.
     ``target``: ``pod:<name>``, ``service:<name>`` (ClusterIP), ``nodeport:<service>@<n>`` (node n's IP),
-    ``world:<ip>`` (outside the cluster; nothing there answers, so a DROPPED expectation is proven by
-    Hubble: a flow to that IP with drop reason POLICY_DENIED, not merely by the missing answer).
+    ``world:<ip>`` (a world host outside the cluster; a DROPPED expectation is proven by Hubble too: a flow
+    to that IP with drop reason POLICY_DENIED, not merely by the missing answer).
     """
 
     source: str
@@ -82,7 +82,8 @@ SCENARIOS: tuple[Scenario, ...] = (
                      Check("client", "pod:echo-other-node", port=ECHO_UDP_PORT, protocol="UDP"),
                      Check("client2", "service:echo-same-node"),
                      Check("client", "service:echo-other-node"),
-                     Check("node:1", "nodeport:echo-other-node@2")),
+                     Check("node:1", "nodeport:echo-other-node@2"),
+                     Check("client", f"world:{WORLD_IP}", port=80)),
              nodes=2),
     Scenario("client-egress-only-dns", "a client allowed egress only to port 53 reaches no echo pod; "
                                        "the other client is not selected and still does",

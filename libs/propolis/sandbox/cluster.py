@@ -392,16 +392,31 @@ class Destination:
     ip: str
     label: str
     ports: dict[str, list[int]]  # protocol -> declared ports (first is the default)
+    addresses: list[str] = field(default_factory=list)  # every address a DNS name resolved to (ip is the first)
 
 
-async def resolve_destination(api: Api, target: str) -> Destination:
-    """TO of `probe`: ns/pod, ns/service (its ClusterIP), an IP, or a Service's cluster DNS name
-    (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`), answered from the API as cluster DNS would."""
+async def resolve_destination(api: Api, target: str, *, from_netns: str = "") -> Destination:
+    """TO of `probe`: ns/pod, ns/service (its ClusterIP), an IP (`world:IP` for a world host), or a DNS name.
+
+    A name is resolved by the pod in `from_netns` itself (`pod_dns.py`: its resolv.conf, through kube-dns);
+    without one, only a Service's cluster name (`svc.ns[.svc[.cluster.local]]`) is answered, from the API."""
+    address = target.removeprefix("world:")  # `world:203.0.113.10`: a world host (sandbox/world.py), by address
     try:
-        ipaddress.IPv4Address(target)
-        return Destination(target, target, {})
+        ipaddress.IPv4Address(address)
+        return Destination(address, target, {})
     except ValueError:
         pass
+    if "/" not in target and from_netns:
+        from propolis.sandbox import pod_dns
+        addresses = await pod_dns.resolve(from_netns, target)
+        ports: dict[str, list[int]] = {}
+        parts = target.rstrip(".").split(".")
+        if len(parts) >= 2 and parts[2:] in ([], ["svc"], ["svc", "cluster", "local"]):
+            try:  # a Service's name: its declared ports are the default, as before
+                ports = (await _service_destination(api, parts[1], parts[0], target)).ports
+            except CliError:
+                pass
+        return Destination(addresses[0], target, ports, addresses)
     if "/" not in target:
         parts = target.rstrip(".").split(".")
         if len(parts) < 2 or parts[2:] not in ([], ["svc"], ["svc", "cluster", "local"]):

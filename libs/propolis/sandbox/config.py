@@ -165,6 +165,26 @@ class SandboxConfig:
     def node_ip(self, n: int) -> str:
         return str(self.underlay_network.network_address + n)
 
+    @property
+    def cluster_dns_ip(self) -> str:
+        """The kube-dns Service's ClusterIP: the service CIDR's 10th address, as kubeadm and kind pick it."""
+        return str(ipaddress.IPv4Network(self.service_cidr).network_address + 10)
+
+    @staticmethod
+    def dns_search(namespace: str) -> list[str]:
+        """A pod's resolver search list (the kubelet's ClusterFirst policy)."""
+        return [f"{namespace}.svc.cluster.local", "svc.cluster.local", "cluster.local"]
+
+    @property
+    def world_netns(self) -> str:
+        """The outside world (`sandbox/world.py`): test hosts and the authoritative DNS beyond the cluster."""
+        return f"{NETNS_PREFIX}{self.name}-world"
+
+    @property
+    def world_gateway_ip(self) -> str:
+        """The world's address on the underlay (the nodes' route to it): .254, above every node's."""
+        return str(self.underlay_network.network_address + 254)
+
     def pod_cidr(self, n: int) -> str:
         """The n-th /24 of the cluster CIDR (10.244.n.0/24 with the default)."""
         cluster = ipaddress.IPv4Network(self.cluster_cidr)

@@ -232,6 +232,8 @@ class Supervisor:
         await self._register_nodes()
 
         datapath = any(s.serves_datapath_socket for s in self.service_defs)
+        if datapath:  # its ClusterIP needs the datapath's service LB, as CoreDNS needs kube-proxy or Cilium
+            self.tasks.append(asyncio.create_task(self._deploy_kube_dns(), name="deploy-kube-dns"))
         for svc in self.service_defs:
             if svc.scope == "cluster":
                 self._spawn(svc, node="", n=0)
@@ -353,6 +355,32 @@ class Supervisor:
                 # no nodes/status subresource: status travels on the object itself
                 await raw_json(core.patch_node(name, {"status": status},
                                                _content_type="application/merge-patch+json", _preload_content=False))
+
+    async def _deploy_kube_dns(self) -> None:
+        """kube-system's cluster DNS, as kind deploys CoreDNS: Service `kube-dns` at the service CIDR's 10th
+        address (UDP and TCP 53) in front of a pod labelled `k8s-app: kube-dns` (the kubelet runs kube_dns.py)."""
+        assert self.api is not None
+        # once every node's datapath answers: created earlier, the pod would only collect kubelet back-off
+        while not all(self.cfg.datapath_socket(node).exists() for node in self.cfg.node_names()):
+            await asyncio.sleep(0.05)
+        core = client.CoreV1Api(self.api)
+        labels = {"k8s-app": "kube-dns"}
+        ports = [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]
+        service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                                                                       "labels": labels},
+                   "spec": {"selector": labels, "clusterIP": self.cfg.cluster_dns_ip,
+                            "ports": [dict(p, targetPort=53) for p in ports]}}
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "coredns", "namespace": "kube-system",
+                                                               "labels": labels},
+               "spec": {"containers": [{"name": "coredns", "image": "registry.k8s.io/coredns/coredns:v1.11.3",
+                                        "ports": [{"name": p["name"], "containerPort": 53, "protocol": p["protocol"]}
+                                                  for p in ports]}]}}
+        for create, body in ((core.create_namespaced_service, service), (core.create_namespaced_pod, pod)):
+            try:
+                await raw_json(create("kube-system", body, _preload_content=False))
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
 
     def _spawn(self, svc: SandboxService, *, node: str, n: int) -> None:
         ctx = self.context(node, n)

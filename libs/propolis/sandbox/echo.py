@@ -35,8 +35,9 @@ def http_response(pod: bytes, request: bytes) -> bytes:
 class EchoServer:
     """One listener per (port, protocol); answers tagged with the pod name."""
 
-    def __init__(self, pod: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
+    def __init__(self, pod: str, tcp_ports: list[int], udp_ports: list[int], addresses: list[str] | None = None) -> None:
         self.pod = pod.encode()
+        self.addresses = addresses or ["0.0.0.0"]
         self.tcp_ports = tcp_ports
         self.udp_ports = udp_ports
         self.servers: list[asyncio.AbstractServer] = []
@@ -65,12 +66,12 @@ class EchoServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for port in self.tcp_ports:
+        for address, port in ((a, p) for a in self.addresses for p in self.tcp_ports):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", port))
+            sock.bind((address, port))
             self.servers.append(await asyncio.start_server(self.handle_tcp, sock=sock, backlog=512))
-        for port in self.udp_ports:
+        for address, port in ((a, p) for a in self.addresses for p in self.udp_ports):
             pod = self.pod
 
             class Udp(asyncio.DatagramProtocol):
@@ -80,7 +81,7 @@ class EchoServer:
                 def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                     self.transport.sendto(pod + b" " + data, addr)  # type: ignore[attr-defined]
 
-            transport, _ = await loop.create_datagram_endpoint(Udp, local_addr=("0.0.0.0", port))
+            transport, _ = await loop.create_datagram_endpoint(Udp, local_addr=(address, port))
             self.transports.append(transport)
 
     def close(self) -> None:
@@ -91,7 +92,7 @@ class EchoServer:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    server = EchoServer(args.pod, args.tcp, args.udp)
+    server = EchoServer(args.pod, args.tcp, args.udp, args.address)
     await server.start()
     print("ready", flush=True)
     stop = asyncio.Event()
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pod", required=True, help="NS/NAME put at the start of every answer")
     parser.add_argument("--tcp", type=int, action="append", default=[], help="TCP port (repeatable)")
     parser.add_argument("--udp", type=int, action="append", default=[], help="UDP port (repeatable)")
+    parser.add_argument("--address", action="append", default=[],
+                        help="bind to this address only (repeatable; default all): a host with several addresses "
+                             "answers UDP from the address asked, as the world's hosts must")
     args = parser.parse_args(argv)
     try:
         asyncio.run(serve(args))

@@ -46,6 +46,8 @@ CNI_BIN_DIRS = [str(Path(sys.executable).parent), "/usr/lib/cni", "/opt/cni/bin"
 ECHO_READY_TIMEOUT_S = 10.0
 RESYNC_INTERVAL_S = 1.0
 MAX_PARALLEL_SANDBOXES = 8
+#: Images whose pods run a sandbox program instead of the echo server, as a runtime would run the image.
+WORKLOAD_IMAGES = {"registry.k8s.io/coredns/coredns": "kube-dns"}
 
 
 async def raw_json(call: Any) -> dict[str, Any]:
@@ -68,6 +70,15 @@ def now_rfc3339() -> str:
 def pod_key(obj: dict[str, Any]) -> tuple[str, str]:
     meta = obj.get("metadata", {})
     return meta.get("namespace", "default"), meta.get("name", "")
+
+
+def pod_workload(obj: dict[str, Any]) -> str:
+    """The sandbox program a pod's image stands for (`WORKLOAD_IMAGES`), "" for the echo server."""
+    for container in obj.get("spec", {}).get("containers", []) or []:
+        image = str(container.get("image", "")).split("@", 1)[0].rsplit(":", 1)[0]
+        if image in WORKLOAD_IMAGES:
+            return WORKLOAD_IMAGES[image]
+    return ""
 
 
 def container_ports(obj: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -97,6 +108,7 @@ class PodRecord:
     mac: str = ""
     echo_pid: int = 0
     ports: dict[str, list[int]] = field(default_factory=dict)
+    workload: str = ""  # pod_workload(): "" = the echo server
     cni_result: dict[str, Any] = field(default_factory=dict)
     started_at: str = ""
 
@@ -151,6 +163,7 @@ class Kubelet:
         self.node_number = cfg.node_number(node)
         self.node_netns = cfg.node_netns(self.node_number)
         self.core = client.CoreV1Api(api)
+        self.apiserver_url = api.configuration.host
         self.cni = CniRuntime(cfg, self.node_netns, cni_conf)
         self.datapath_socket_required = datapath_socket_required
         self.record_dir = cfg.node_dir(node) / "pods"
@@ -389,6 +402,7 @@ class Kubelet:
             await asyncio.to_thread(netns_mod.delete_netns, record.netns)
         tcp, udp = container_ports(obj)
         record.ports = {"TCP": tcp, "UDP": udp}
+        record.workload = pod_workload(obj)
         if self.datapath_socket_required and not self.cfg.datapath_socket(self.node).exists():
             raise TemporaryError(f"datapath service socket {self.cfg.datapath_socket(self.node)} not there yet")
         await asyncio.to_thread(netns_mod.create_netns, record.netns)
@@ -400,6 +414,8 @@ class Kubelet:
         record.cni_result = result
         record.ip = result["ips"][0]["address"].split("/")[0]
         record.mac = next((i.get("mac", "") for i in result.get("interfaces", []) if i.get("sandbox")), "")
+        await asyncio.to_thread(netns_mod.write_resolv_conf, record.netns, self.cfg.cluster_dns_ip,
+                                self.cfg.dns_search(namespace))
         self.records[key] = record
         self._save(record)
         await self._start_echo(key, record)
@@ -407,13 +423,11 @@ class Kubelet:
         return record
 
     async def _start_echo(self, key: tuple[str, str], record: PodRecord) -> None:
-        tcp, udp = record.ports.get("TCP", []), record.ports.get("UDP", [])
-        argv = [sys.executable, "-m", "propolis.sandbox.echo", "--pod", f"{record.namespace}/{record.name}"]
-        argv += [a for p in tcp for a in ("--tcp", str(p))] + [a for p in udp for a in ("--udp", str(p))]
+        argv = self.workload_argv(record)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{record.namespace}_{record.name}.log", "ab") as logf:
             proc = await asyncio.create_subprocess_exec(
-                *netns_mod.netns_exec_argv(record.netns, argv), stdin=asyncio.subprocess.DEVNULL,
+                *argv, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=logf, start_new_session=True,
                 env=dict(os.environ, **{SANDBOX_ENV: self.cfg.name}))
         assert proc.stdout is not None
@@ -430,6 +444,19 @@ class Kubelet:
         self.echo_procs[key] = proc
         record.echo_pid = proc.pid
         self._save(record)
+
+    def workload_argv(self, record: PodRecord) -> list[str]:
+        """The pod's process: the echo server inside its namespace, or kube-dns (which reads the API from
+        the root namespace and opens its sockets in the pod's, see `kube_dns.py`)."""
+        pod = f"{record.namespace}/{record.name}"
+        if record.workload == "kube-dns":
+            from propolis.sandbox.world import WORLD_DNS_IP
+            return [sys.executable, "-m", "propolis.sandbox.kube_dns", "--pod", pod, "--netns", record.netns,
+                    "--apiserver", self.apiserver_url, "--upstream", WORLD_DNS_IP]
+        tcp, udp = record.ports.get("TCP", []), record.ports.get("UDP", [])
+        argv = [sys.executable, "-m", "propolis.sandbox.echo", "--pod", pod]
+        argv += [a for p in tcp for a in ("--tcp", str(p))] + [a for p in udp for a in ("--udp", str(p))]
+        return netns_mod.netns_exec_argv(record.netns, argv)
 
     async def teardown(self, key: tuple[str, str], record: PodRecord | None) -> None:
         """Stop the server, CNI DEL, remove the namespace; each step tolerates 'already gone'."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,8 +124,21 @@ def create_netns(name: str) -> None:
         ipr.link("set", index=1, state="up")
 
 
+def resolv_conf_dir(name: str) -> Path:
+    """`ip netns exec NAME` bind-mounts the files here over /etc: the namespace's own resolver configuration."""
+    return Path("/etc/netns") / name
+
+
+def write_resolv_conf(name: str, nameserver: str, search: list[str]) -> None:
+    """The pod's /etc/resolv.conf as the kubelet writes it for dnsPolicy ClusterFirst (ndots 5)."""
+    directory = resolv_conf_dir(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "resolv.conf").write_text(f"search {' '.join(search)}\nnameserver {nameserver}\noptions ndots:5\n")
+
+
 def delete_netns(name: str) -> None:
-    """Remove a named namespace; missing is success. Links inside (veth ends) go with it."""
+    """Remove a named namespace (and its /etc/netns files); missing is success. Links inside go with it."""
+    shutil.rmtree(resolv_conf_dir(name), ignore_errors=True)
     if not netns_exists(name):
         return
     proc = run(["ip", "netns", "delete", name], what=f"delete namespace {name}", check=False)
