@@ -71,6 +71,8 @@ class Settings(CommonSettings):
     kube_proxy_replacement: bool = setting(True, "Cilium's kubeProxyReplacement: Service load-balancing in eBPF "
                                                  "(false = left to kube-proxy)")
     lb_algorithm: str = setting("random", "Cilium's loadBalancer.algorithm", choices=("random", "maglev"))
+    map_dynamic_size_ratio: float = setting(0.0, "Cilium's bpf.mapDynamicSizeRatio: conntrack and NAT maps sized "
+                                                 "from this share of memory (0 = fixed 64k/32k)")
     devices: str = setting("", "Cilium's devices: comma-separated node interfaces that get the NodePort "
                                "program (cil_from_netdev)")
     reconcile_refresh_interval: float = setting(10.0, "every reconciler re-applies its desired state against the "
@@ -88,7 +90,8 @@ class DatapathComponent(Component):
         self.settings = settings
         self.dp = Datapath(settings.node_name, settings.bpf_pin_dir or None, netns=settings.node_netns or None,
                            settings=DatapathSettings(kube_proxy_replacement=settings.kube_proxy_replacement,
-                                                     lb_algorithm=settings.lb_algorithm))
+                                                     lb_algorithm=settings.lb_algorithm,
+                                                     map_dynamic_size_ratio=settings.map_dynamic_size_ratio))
 
     async def start(self, rt: Runtime) -> None:
         await self.dp.load()

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from propolis.errors import PermanentError, ValidationError
-from propolis.maps import ALL_SPECS, config, conntrack, endpoints, events, ipcache, metrics, policy
+from propolis.maps import ALL_SPECS, config, conntrack, endpoints, events, ipcache, metrics, policy, sizing
 from propolis.maps import bpf
 from propolis.maps.spec import default_pin_dir
 from propolis.datapath.loader import (PROGRAM_FROM_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_CONTAINER,
@@ -64,6 +64,7 @@ class DatapathSettings:
     trace_events: bool = True               # bpf.events.trace.enabled
     events_rate_limit: int = 0              # bpf.events.default.rateLimit, per endpoint here (0 = none)
     events_burst_limit: int = 0             # bpf.events.default.burstLimit (0 = the rate)
+    map_dynamic_size_ratio: float = 0.0     # bpf.mapDynamicSizeRatio: CT/NAT sized from memory (0 = fixed sizes)
     kube_proxy_replacement: bool = True     # kubeProxyReplacement: false = services left to kube-proxy
     lb_algorithm: str = "random"            # loadBalancer.algorithm: random|maglev
 
@@ -73,6 +74,12 @@ class DatapathSettings:
         if self.monitor_aggregation not in config.MONITOR_AGGREGATION:
             raise ValidationError("monitor_aggregation",
                                   f"{self.monitor_aggregation!r} not in {sorted(config.MONITOR_AGGREGATION)}")
+        sizing.dynamic_sizes(self.map_dynamic_size_ratio)  # validates the ratio
+
+    @property
+    def map_sizes(self) -> dict[str, int]:
+        """max_entries of the maps sized from memory (pin name -> entries; {} = fixed sizes)."""
+        return sizing.dynamic_sizes(self.map_dynamic_size_ratio)
 
 
 class Datapath:
@@ -113,12 +120,13 @@ class Datapath:
         """Adopt this build's pinned programs or compile them (in a worker thread), then open
         the pinned maps. Nothing is flushed: safe to call on a restart under traffic."""
         if self.programs is None:
-            self._loaded(await asyncio.to_thread(compile_programs, self.node, self.pin_dir))
+            self._loaded(await asyncio.to_thread(compile_programs, self.node, self.pin_dir,
+                                                 sizes=self.settings.map_sizes))
 
     def load_sync(self) -> None:
         """`load()` for code without an event loop (tests, tools)."""
         if self.programs is None:
-            self._loaded(compile_programs(self.node, self.pin_dir))
+            self._loaded(compile_programs(self.node, self.pin_dir, sizes=self.settings.map_sizes))
 
     def _loaded(self, programs: LoadedPrograms) -> None:
         self.programs = programs

@@ -80,10 +80,10 @@ def compile_flags(node: str, pin_dir: str, specs: tuple[MapSpec, ...] = ALL_SPEC
     return flags
 
 
-def check_pins(pin_dir: str) -> list[str]:
-    """Refuse pinned maps this build cannot use (layout changed); return the adopted ones."""
+def check_pins(pin_dir: str, specs: tuple[MapSpec, ...] = ALL_SPECS) -> list[str]:
+    """Refuse pinned maps this build cannot use (layout or size changed); return the adopted ones."""
     adopted: list[str] = []
-    for spec in ALL_SPECS:
+    for spec in specs:
         path = spec.path(pin_dir)
         if not os.path.exists(path):
             continue
@@ -207,17 +207,21 @@ def _unlink_tree(path: str) -> None:
         os.unlink(path)
 
 
-def compile_programs(node: str, pin_dir: str, *, reuse_pinned: bool = True) -> LoadedPrograms:
+def compile_programs(node: str, pin_dir: str, *, reuse_pinned: bool = True,
+                     sizes: dict[str, int] | None = None) -> LoadedPrograms:
     """Load bpf_lxc.c for `node`, pinning/adopting maps under `pin_dir`.
 
     Adopts this build's pinned programs when they exist (no compile), else compiles with
-    bcc and pins the result.
+    bcc and pins the result. `sizes` (pin name -> max_entries, `propolis.maps.sizing`)
+    overrides the specs' fixed sizes.
     """
+    from propolis.maps import lb, sizing
     os.makedirs(pin_dir, exist_ok=True)
-    adopted = check_pins(pin_dir)
+    specs = sizing.sized(ALL_SPECS, sizes or {})
+    adopted = check_pins(pin_dir, specs)
     root = bpf_source_dir()
     text = render_program(root)
-    flags = compile_flags(node, pin_dir)
+    flags = compile_flags(node, pin_dir, specs + sizing.sized(lb.NETDEV_SPECS, sizes or {}))
     digest = source_digest(text, flags)
     started = time.perf_counter()
     if reuse_pinned and len(adopted) == len(ALL_SPECS):
