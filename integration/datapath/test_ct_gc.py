@@ -1,5 +1,5 @@
 """Conntrack GC with real packets (issue 12): a pass deletes expired entries and keeps live connections,
-counts what it collected in its metric, and `ct flush` empties the tables.
+counts what it collected in its metric, and `propolis bpf ct flush` empties the tables.
 
 Expiry is the one staged step: the UDP flows' lifetimes are moved into the past (waiting out the 60 s
 non-TCP lifetime would only slow the test). Whether the live connection's entries survived is told
@@ -9,7 +9,10 @@ flowing only through its conntrack entry, while a new connection is dropped.
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 
 import prometheus_client
 import pytest
@@ -61,8 +64,11 @@ def test_gc_deletes_expired_entries_and_keeps_live_connections_then_flush_emptie
                                          {"family": "ipv4", "protocol": "TCP", "status": "alive"}) >= 1
         assert gc.status()["runs"] == 1 and gc.status()["adaptive"]
 
-        flushed = dp.ct_flush()
-        assert flushed >= len(live_rows) and not dp.conntrack()
+        flush = subprocess.run([sys.executable, "-m", "propolis.cli.main", "bpf", "ct", "flush",
+                                "--pin-dir", dp.pin_dir, "-o", "json"], capture_output=True, text=True, timeout=30)
+        assert flush.returncode == 0, flush.stderr
+        flushed = json.loads(flush.stdout)["flushed"]
+        assert flushed["cilium_ct4_global"] >= len(live_rows) and not dp.conntrack(), flushed
         live.sendall(b"after-flush")  # now NEW to b's deny-all ingress: dropped
         live.settimeout(1)
         with pytest.raises(TimeoutError):

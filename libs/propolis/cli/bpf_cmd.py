@@ -37,6 +37,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     get = add("policy", "get", "an endpoint's policy map (cilium_policy_v2_<EPID>)", policy_get)
     get.add_argument("endpoint_id", type=int, metavar="ENDPOINT_ID")
     add("ct", "list", "connection tracking entries (cilium_ct4_global, cilium_ct_any4_global)", ct_list)
+    add("ct", "flush", "delete every connection tracking entry (open flows meet policy again)", ct_flush)
     add("metrics", "list", "packets/bytes per reason and direction (cilium_metrics)", metrics_list)
     add("lb", "list", "service LB entries (cilium_lb4_services_v2, cilium_lb4_backends_v3)",
         lambda a: __import__("propolis.cli.service_cmd", fromlist=["bpf_lb_list"]).bpf_lb_list(a))
@@ -124,6 +125,21 @@ def ct_list(args: argparse.Namespace) -> int:
               f"RxPackets={r.rx_packets} RxBytes={r.rx_bytes} TxPackets={r.tx_packets} TxBytes={r.tx_bytes} "
               f"Flags=0x{r.flags:04x} SourceSecurityID={r.src_identity} DestSecurityID={r.dst_identity} "
               f"Endpoint={r.endpoint_id}")
+    return 0
+
+
+def ct_flush(args: argparse.Namespace) -> int:
+    """Like `cilium bpf ct flush global`: both tables emptied, what went counted per map."""
+    pin_dir = _pin_dir(args)
+    flushed = {}
+    for spec in (conntrack.TCP_SPEC, conntrack.ANY_SPEC):
+        with _open(spec, pin_dir) as bpf_map:
+            flushed[spec.pin_name] = conntrack.flush(bpf_map)
+    if args.output == "json":
+        print_json({"flushed": flushed})
+        return 0
+    for name, count in flushed.items():
+        print(f"Flushed {count} entries from {name}")
     return 0
 
 

@@ -504,14 +504,7 @@ class Datapath:
     def ct_flush(self) -> int:
         """Delete every conntrack entry (`cilium bpf ct flush global`): open flows are re-evaluated
         by policy at their next packet. Returns how many entries went."""
-        removed = 0
-        for spec in (conntrack.TCP_SPEC, conntrack.ANY_SPEC):
-            ct = self._map(spec.pin_name)
-            batches = [(raw_keys, count) for raw_keys, _, count in lbmaps.raw_batches(ct) if count]
-            for raw_keys, count in batches:
-                lbmaps.delete_batch(ct, raw_keys, count)
-                removed += count
-        return removed
+        return sum(conntrack.flush(self._map(spec.pin_name)) for spec in (conntrack.TCP_SPEC, conntrack.ANY_SPEC))
 
     # ------------------------------------------------------------------ teardown
     async def remove_all(self) -> None:

@@ -187,6 +187,16 @@ def gc(bpf_map: bpf.BpfMap[Any, Any]) -> int:
     return gc_counts(bpf_map)[0]
 
 
+def flush(bpf_map: bpf.BpfMap[Any, Any]) -> int:
+    """Delete every entry (`cilium bpf ct flush`); returns how many. Batch syscalls."""
+    from propolis.maps import lb  # lb's key types build on this module's
+
+    batches = [(raw_keys, count) for raw_keys, _, count in lb.raw_batches(bpf_map) if count]
+    for raw_keys, count in batches:
+        lb.delete_batch(bpf_map, raw_keys, count)
+    return sum(count for _, count in batches)
+
+
 def gc_counts(bpf_map: bpf.BpfMap[Any, Any]) -> tuple[int, int]:
     """Delete expired entries; returns (deleted, alive) for the GC's metric and its next interval."""
     now = now_seconds()
