@@ -1,0 +1,142 @@
+"""The DNS proxy's decision core: check a redirected query, forward it, learn its answer, then release it.
+
+Transport-free on purpose: the listener (UDP/TCP, transparent, in the node namespace) hands each
+query here with who sent it and where it was going (the original destination); this module
+decides and returns the bytes to send back, or None to drop. Per query:
+
+1. parse (dnspython); what does not parse gets FORMERR (header readable) or is dropped;
+2. the endpoint's DNS rules for that server and port (`rules_for`) must allow the name
+   (Cilium's matching, `matchpattern.py`); otherwise `dnsRejectResponseCode` (REFUSED or
+   NXDOMAIN) — no rules at all (the endpoint is not redirected for that server) drops: fail closed;
+3. forward to the original destination (`exchange`);
+4. every A record whose name matches a toFQDNs selector is handed to `learn` (which allocates
+   the identity and writes ipcache and policy maps) and *awaited* before the answer is released,
+   bounded by `proxyResponseMaxDelay` (100 ms): the first connection after a resolution is not
+   dropped. A late `learn` keeps running; the answer is released at the bound (as Cilium does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+
+from propolis.fqdn.matchpattern import FqdnSelector, any_matches
+
+log = logging.getLogger("propolis.fqdn.proxy")
+
+PROXY_RESPONSE_MAX_DELAY_S = 0.1  # dnsProxy.proxyResponseMaxDelay
+REJECT_RCODES = {"refused": dns.rcode.REFUSED, "nameError": dns.rcode.NXDOMAIN}  # dnsProxy.dnsRejectResponseCode
+MAX_QUERY_SIZE = 65535
+
+
+@dataclass(frozen=True)
+class Redirected:
+    """Who asked and where the query was going (the original destination, kept by the redirect)."""
+
+    client_ip: str
+    server_ip: str
+    server_port: int = 53
+    protocol: str = "UDP"
+
+
+@dataclass
+class Learned:
+    """An answer's addresses for the names toFQDNs selectors want, handed to `learn` before release."""
+
+    client_ip: str
+    name: str
+    ips: list[str]
+    ttl: int
+    selectors: list[FqdnSelector] = field(default_factory=list)
+
+
+#: rules_for(client_ip, server_ip, server_port) -> the DNS rules allowing names there; None = not redirected here
+RulesFor = Callable[[str, str, int], "list[FqdnSelector] | None"]
+Exchange = Callable[[bytes, Redirected], Awaitable[bytes]]
+Learn = Callable[[Learned], Awaitable[None]]
+
+
+def _formerr(wire: bytes) -> bytes | None:
+    if len(wire) < 12 or wire[2] & 0x80:
+        return None  # no header, or a response (never answered: no reflection)
+    qid, flags = struct.unpack("!HH", wire[:4])
+    return struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7900) | dns.rcode.FORMERR, 0, 0, 0, 0)
+
+
+class DnsProxy:
+    def __init__(self, rules_for: RulesFor, exchange: Exchange, learn: Learn,
+                 fqdn_selectors: Callable[[], list[FqdnSelector]], *, reject: str = "refused",
+                 max_delay_s: float = PROXY_RESPONSE_MAX_DELAY_S) -> None:
+        if reject not in REJECT_RCODES:
+            raise ValueError(f"dnsRejectResponseCode must be one of {sorted(REJECT_RCODES)}, got {reject!r}")
+        self.rules_for = rules_for
+        self.exchange = exchange
+        self.learn = learn
+        self.fqdn_selectors = fqdn_selectors
+        self.reject_rcode = REJECT_RCODES[reject]
+        self.max_delay_s = max_delay_s
+        self.stats = {"allowed": 0, "denied": 0, "formerr": 0, "dropped": 0, "upstream_errors": 0, "late_learns": 0}
+
+    async def handle(self, wire: bytes, where: Redirected) -> bytes | None:
+        rules = self.rules_for(where.client_ip, where.server_ip, where.server_port)
+        if rules is None:
+            self.stats["dropped"] += 1
+            return None
+        if len(wire) > MAX_QUERY_SIZE:
+            self.stats["dropped"] += 1
+            return None
+        try:
+            query = dns.message.from_wire(wire)
+        except (dns.exception.DNSException, ValueError, IndexError, struct.error, UnicodeError):
+            query = None
+        if query is None or query.flags & dns.flags.QR or len(query.question) != 1:
+            out = _formerr(wire) if query is None or not query.flags & dns.flags.QR else None
+            self.stats["formerr" if out else "dropped"] += 1
+            return out
+        name = query.question[0].name.to_text()
+        if not any_matches(rules, name):
+            self.stats["denied"] += 1
+            response = dns.message.make_response(query)
+            response.set_rcode(self.reject_rcode)
+            return response.to_wire()
+        self.stats["allowed"] += 1
+        try:
+            answer_wire = await self.exchange(wire, where)
+            answer = dns.message.from_wire(answer_wire)
+        except (dns.exception.DNSException, OSError, asyncio.TimeoutError, ValueError) as exc:
+            self.stats["upstream_errors"] += 1
+            log.info("forwarding %s to %s: %s", name, where.server_ip, exc)
+            response = dns.message.make_response(query)
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response.to_wire()
+        await self._learn_before_release(name, answer, where)
+        return answer_wire
+
+    async def _learn_before_release(self, qname: str, answer: dns.message.Message, where: Redirected) -> None:
+        """A records of the answer whose owner (or the query name, through a CNAME chain) a selector matches."""
+        selectors = self.fqdn_selectors()
+        learned = []
+        for rrset in answer.answer:
+            if rrset.rdtype != dns.rdatatype.A:
+                continue
+            owner = rrset.name.to_text()
+            matching = [s for s in selectors if s.matches(owner) or s.matches(qname)]
+            if matching:
+                learned.append(Learned(where.client_ip, owner, [rr.to_text() for rr in rrset], rrset.ttl, matching))
+        if not learned:
+            return
+        task = asyncio.ensure_future(asyncio.gather(*(self.learn(item) for item in learned)))
+        done, _ = await asyncio.wait({task}, timeout=self.max_delay_s)
+        if not done:
+            self.stats["late_learns"] += 1
+            log.warning("policy for %s not written within %.0f ms: answer released anyway",
+                        ", ".join(item.name for item in learned), self.max_delay_s * 1000)
