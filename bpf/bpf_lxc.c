@@ -119,12 +119,17 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 			return send_drop_notify(&c, -ret, POLICY_MATCH_NONE);
 		if (c.rev_nat)
 			c.dst_id = resolve_identity4(c.p.daddr);
-	} else if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_HAIRPIN) {
-		/* a pod reaching itself through a service: tracked by cil_from_container */
+	} else if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_HAIRPIN &&
+		   skb->ingress_ifindex == skb->ifindex) {
+		/* a pod reaching itself through a service: tracked by
+		 * cil_from_container. Trusted only when the packet came in from
+		 * this very veth: a host process can set any mark (SO_MARK), but
+		 * its packets are not forwarded from an interface; a pod's mark
+		 * is scrubbed when it leaves its namespace. */
 		skb->mark = 0;
 		send_trace_notify(&c, TRACE_TO_LXC, TRACE_REASON_ESTABLISHED, c.p.tcp_flags, 0);
 		return CTX_ACT_OK;
-	} else if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_NODEPORT) {
+	} else if ((skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_NODEPORT && skb->ingress_ifindex) {
 		/* DNATed by cil_from_netdev: the reply must get the NodePort frontend back */
 		c.rev_nat = (__u16)(skb->mark & 0xffff);
 		skb->mark = 0;
