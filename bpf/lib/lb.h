@@ -53,7 +53,7 @@
 #define LB_MAGLEV_MAP_SIZE 16384
 #endif
 #ifndef LB_MAGLEV_TABLE_SIZE
-#define LB_MAGLEV_TABLE_SIZE 251	/* M, prime (Cilium's smallest allowed maglev.tableSize) */
+#define LB_MAGLEV_TABLE_SIZE 16381	/* M, prime: Cilium's maglev.tableSize default (-D from the loader) */
 #endif
 #ifndef SNAT_MAP_SIZE
 #define SNAT_MAP_SIZE 65536

@@ -28,7 +28,7 @@ from propolis.maps import ALL_SPECS, config, conntrack, endpoints, events, ipcac
 from propolis.maps import bpf
 from propolis.maps.spec import default_pin_dir
 from propolis.datapath.loader import (PROGRAM_FROM_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_CONTAINER,
-                                      LoadedPrograms, compile_programs)
+                                      LoadedPrograms, compile_programs, node_specs)
 from propolis.datapath.services import LB_ALGORITHMS, ServiceDiff, ServiceMaps, ServiceView, read_services
 from propolis.datapath.tc import InterfaceGone, TcAttacher
 from propolis.lb.desired import LBService
@@ -65,6 +65,7 @@ class DatapathSettings:
     events_rate_limit: int = 0              # bpf.events.default.rateLimit, per endpoint here (0 = none)
     events_burst_limit: int = 0             # bpf.events.default.burstLimit (0 = the rate)
     map_dynamic_size_ratio: float = 0.0     # bpf.mapDynamicSizeRatio: CT/NAT sized from memory (0 = fixed sizes)
+    maglev_table_size: int = lbmaps.MAGLEV_TABLE_SIZE  # maglev.tableSize (prime; Cilium's default 16381)
     kube_proxy_replacement: bool = True     # kubeProxyReplacement: false = services left to kube-proxy
     lb_algorithm: str = "random"            # loadBalancer.algorithm: random|maglev
 
@@ -75,6 +76,7 @@ class DatapathSettings:
             raise ValidationError("monitor_aggregation",
                                   f"{self.monitor_aggregation!r} not in {sorted(config.MONITOR_AGGREGATION)}")
         sizing.dynamic_sizes(self.map_dynamic_size_ratio)  # validates the ratio
+        lbmaps.maglev_spec(self.maglev_table_size)  # validates M
 
     @property
     def map_sizes(self) -> dict[str, int]:
@@ -121,12 +123,14 @@ class Datapath:
         the pinned maps. Nothing is flushed: safe to call on a restart under traffic."""
         if self.programs is None:
             self._loaded(await asyncio.to_thread(compile_programs, self.node, self.pin_dir,
-                                                 sizes=self.settings.map_sizes))
+                                                 sizes=self.settings.map_sizes,
+                                                 maglev_table_size=self.settings.maglev_table_size))
 
     def load_sync(self) -> None:
         """`load()` for code without an event loop (tests, tools)."""
         if self.programs is None:
-            self._loaded(compile_programs(self.node, self.pin_dir, sizes=self.settings.map_sizes))
+            self._loaded(compile_programs(self.node, self.pin_dir, sizes=self.settings.map_sizes,
+                                          maglev_table_size=self.settings.maglev_table_size))
 
     def _loaded(self, programs: LoadedPrograms) -> None:
         self.programs = programs
@@ -136,7 +140,7 @@ class Datapath:
             self._endpoints[entry.endpoint_id] = _EndpointState(entry.ip, entry.ifindex, self.netns)
 
     def _open_maps(self) -> None:
-        for spec in (*ALL_SPECS, *lbmaps.NETDEV_SPECS):
+        for spec in (*node_specs(maglev_table_size=self.settings.maglev_table_size), *lbmaps.NETDEV_SPECS):
             if spec.map_type == bpf.BPF_MAP_TYPE_RINGBUF:
                 continue
             self._maps[spec.pin_name] = spec.open(self.pin_dir)
@@ -402,7 +406,8 @@ class Datapath:
         costs one call. Synchronous: ~µs per changed service, no thread needed.
         """
         if self._services is None:
-            self._services = ServiceMaps(self._maps, algorithm=self.settings.lb_algorithm)
+            self._services = ServiceMaps(self._maps, algorithm=self.settings.lb_algorithm,
+                                         maglev_table_size=self.settings.maglev_table_size)
             self._map(lbmaps.SERVICES_SPEC.pin_name)  # not loaded -> PermanentError
         if self._services.algorithm != self.settings.lb_algorithm:
             self._services.algorithm = self.settings.lb_algorithm

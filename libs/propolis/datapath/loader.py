@@ -207,21 +207,35 @@ def _unlink_tree(path: str) -> None:
         os.unlink(path)
 
 
+def node_specs(sizes: dict[str, int] | None = None,
+               maglev_table_size: int | None = None) -> tuple[MapSpec, ...]:
+    """ALL_SPECS as this node's settings make them: sizes from memory, Maglev table size."""
+    from propolis.maps import lb, sizing
+    specs = sizing.sized(ALL_SPECS, sizes or {})
+    if maglev_table_size is None:
+        return specs
+    maglev = lb.maglev_spec(maglev_table_size)
+    return tuple(maglev if s.pin_name == maglev.pin_name else s for s in specs)
+
+
 def compile_programs(node: str, pin_dir: str, *, reuse_pinned: bool = True,
-                     sizes: dict[str, int] | None = None) -> LoadedPrograms:
+                     sizes: dict[str, int] | None = None,
+                     maglev_table_size: int | None = None) -> LoadedPrograms:
     """Load bpf_lxc.c for `node`, pinning/adopting maps under `pin_dir`.
 
     Adopts this build's pinned programs when they exist (no compile), else compiles with
     bcc and pins the result. `sizes` (pin name -> max_entries, `propolis.maps.sizing`)
-    overrides the specs' fixed sizes.
+    overrides the specs' fixed sizes; `maglev_table_size` is maglev.tableSize.
     """
     from propolis.maps import lb, sizing
     os.makedirs(pin_dir, exist_ok=True)
-    specs = sizing.sized(ALL_SPECS, sizes or {})
+    specs = node_specs(sizes, maglev_table_size)
     adopted = check_pins(pin_dir, specs)
     root = bpf_source_dir()
     text = render_program(root)
     flags = compile_flags(node, pin_dir, specs + sizing.sized(lb.NETDEV_SPECS, sizes or {}))
+    if maglev_table_size is not None:
+        flags.append(f"-DLB_MAGLEV_TABLE_SIZE={maglev_table_size}")
     digest = source_digest(text, flags)
     started = time.perf_counter()
     if reuse_pinned and len(adopted) == len(ALL_SPECS):

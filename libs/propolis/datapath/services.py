@@ -127,10 +127,12 @@ class ServiceMaps:
     not grow with the number of services on the node.
     """
 
-    def __init__(self, maps: dict[str, bpf.BpfMap[Any, Any]], *, algorithm: str = "random") -> None:
+    def __init__(self, maps: dict[str, bpf.BpfMap[Any, Any]], *, algorithm: str = "random",
+                 maglev_table_size: int = lbmaps.MAGLEV_TABLE_SIZE) -> None:
         if algorithm not in LB_ALGORITHMS:
             raise ValidationError("loadBalancer.algorithm", f"{algorithm!r} not in {list(LB_ALGORITHMS)}")
         self.algorithm = algorithm
+        self.maglev_table_size = maglev_table_size  # maglev.tableSize, as the programs were compiled
         self._maps = maps
         self._recovered: _Tables | None = None     # maps read back, until the first full apply
         self._frontends: dict[FrontendKey, _Frontend] | None = None
@@ -233,7 +235,7 @@ class ServiceMaps:
         fe.rev_nat[_U16.pack(fid)] = _REV_NAT.pack(address, dport)
         if maglev and active:
             active_names = [f"{b.ip}:{b.port}/{b.protocol}" for b in svc.backends if b.state == BACKEND_ACTIVE]
-            table = maglev_table(active_names, lbmaps.MAGLEV_TABLE_SIZE)
+            table = maglev_table(active_names, self.maglev_table_size)
             fe.maglev[_U32.pack(fid)] = struct.pack(f"={len(table)}I", *(active[i] for i in table))
         return fe
 

@@ -12,12 +12,14 @@ Show them: `propolis bpf lb list`, `propolis service list`.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from propolis.errors import ValidationError
 from propolis.maps import bpf
 from propolis.maps.conntrack import CtTuple4
 from propolis.maps.spec import MapSpec, be32_to_ip4, htons, ip4_to_be32, ntohs
@@ -36,7 +38,10 @@ BE_STATE_ACTIVE = 0
 BE_STATE_TERMINATING = 1
 BE_STATE_NAMES = {0: "active", 1: "terminating", 2: "quarantined", 3: "maintenance"}
 
-MAGLEV_TABLE_SIZE = 251  # M, prime: Cilium's smallest maglev.tableSize (default there: 16381)
+# M: Cilium's maglev.tableSize values (primes), default 16381 (M >= 100 x backends moves <= 1 % of
+# flows when one backend changes); the C default (LB_MAGLEV_TABLE_SIZE) is the same
+MAGLEV_TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
+MAGLEV_TABLE_SIZE = 16381
 HAIRPIN_IP = "169.254.42.1"  # Cilium's IPV4_LOOPBACK
 
 
@@ -106,7 +111,20 @@ AFFINITY_SPEC = _spec("cilium_lb4_affinity", "lb4_affinity", bpf.BPF_MAP_TYPE_LR
                       "Cilium's default; LRU: the oldest client->backend pins go first")
 MAGLEV_SPEC = _spec("cilium_lb4_maglev", "lb4_maglev", bpf.BPF_MAP_TYPE_HASH, ctypes.c_uint32, Lb4Maglev,
                     16384, "LB_MAGLEV_MAP_SIZE",
-                    f"one table of M={MAGLEV_TABLE_SIZE} backend ids (1 KiB) per Maglev service, on demand")
+                    f"one table of M={MAGLEV_TABLE_SIZE} backend ids (64 KiB) per Maglev service, on demand")
+
+
+def maglev_spec(table_size: int) -> MapSpec:
+    """MAGLEV_SPEC for another maglev.tableSize: its value is M backend ids (compiled with
+    -DLB_MAGLEV_TABLE_SIZE=M)."""
+    if table_size not in MAGLEV_TABLE_SIZES:
+        raise ValidationError("maglev.tableSize", f"{table_size} is not one of {list(MAGLEV_TABLE_SIZES)}")
+    if table_size == MAGLEV_TABLE_SIZE:
+        return MAGLEV_SPEC
+    value = type(f"Lb4Maglev{table_size}", (ctypes.Structure,),
+                 {"C_STRUCT": "lb4_maglev", "_fields_": [("backend_ids", ctypes.c_uint32 * table_size)]})
+    return dataclasses.replace(MAGLEV_SPEC, value_type=value,
+                               why_size=f"one table of M={table_size} backend ids per Maglev service, on demand")
 SNAT_SPEC = _spec("cilium_snat_v4_external", "snat4_external", bpf.BPF_MAP_TYPE_LRU_HASH, CtTuple4, Ipv4NatEntry,
                   65536, "SNAT_MAP_SIZE", "NodePort flows SNATed to another node's backend; LRU, preallocated (2 MiB)")
 
