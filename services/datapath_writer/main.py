@@ -62,6 +62,8 @@ class Settings(CommonSettings):
     datapath_socket: str = setting("/run/propolis/datapath.sock", "unix socket the CNI plugin announces endpoints on")
     policy_enforcement: str = setting("default", "Cilium's policy enforcement mode",
                                       choices=("default", "always", "never"))
+    policy_default_local_cluster: bool = setting(True, "Cluster Mesh (cluster id > 0): a policy selector without "
+                                                       "io.cilium.k8s.policy.cluster selects only this cluster")
     allow_localhost: str = setting("always", "Cilium's allow-localhost: 'always' = a pod's own node reaches it "
                                              "whatever the ingress policy (kubelet probes), 'policy' = only if "
                                              "a rule allows the host", choices=("always", "policy"))
@@ -130,7 +132,8 @@ class InputsComponent(Component):
     async def start(self, rt: Runtime) -> None:
         k8s = await rt.bus.kv(subjects.K8S_BUCKET)
         ids = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
-        rt.spawn("inputs", self.inputs.follow(k8s, ids), self)
+        mesh = await rt.bus.kv(subjects.CLUSTERMESH_CACHE_BUCKET)  # remote clusters (empty without Cluster Mesh)
+        rt.spawn("inputs", self.inputs.follow(k8s, ids, mesh), self)
 
 
 class ReconciledComponent(Component):
@@ -236,7 +239,8 @@ class Enforcer(Component):
         self.table = EndpointTable(Path(settings.datapath_socket).with_name(f"endpoints-{settings.node_name}.json"))
         self.desired = DesiredState(node=settings.node_name, mode=settings.policy_enforcement,
                                     cluster_name=settings.cluster_name,
-                                    allow_localhost=settings.allow_localhost == "always")
+                                    allow_localhost=settings.allow_localhost == "always",
+                                    default_local_cluster=settings.policy_default_local_cluster and settings.cluster_id > 0)
         refresh = settings.reconcile_refresh_interval
         self.ipcache = Reconciler("ipcache", IpcacheTarget(self.dp), refresh_interval=refresh)
         self.policies = Reconciler("endpoint-policy", EndpointPolicyTarget(self.dp), refresh_interval=refresh)

@@ -24,6 +24,7 @@ from propolis.bus.kv import EventType
 from propolis.bus.messages import ClusterConfig
 from propolis.clustermesh.export import CLUSTER_CONFIG_KEY, KvTarget
 from propolis.clustermesh.remotes import RemoteCluster, load_remotes
+from propolis.model import identity as idm
 from propolis.reconcile import Reconciler
 from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime
@@ -69,6 +70,14 @@ def refusal(local_name: str, local_id: int, remote: RemoteCluster, config: Any) 
     if config.id == local_id:
         return f"remote cluster {config.name!r} has the same cluster id {config.id} as the local cluster {local_name!r}"
     return ""
+
+
+def importable(remote: RemoteCluster, key: str, value: Any) -> bool:
+    """A remote may only speak for itself: identities of its own id range (a deletion always passes)."""
+    if key.startswith("identities.") and value is not None:
+        number = getattr(value, "id", None)
+        return isinstance(number, int) and idm.is_cluster_identity(number) and idm.cluster_id_of(number) == remote.id
+    return True
 
 
 class KvStoreMeshComponent(Component):
@@ -150,7 +159,8 @@ class KvStoreMeshComponent(Component):
                 why = refusal(self.cluster_name, self.cluster_id, remote, seen.get(CLUSTER_CONFIG_KEY))
                 status.error = why
                 status.synced = True
-                wanted = {} if why else {subjects.clustermesh_cache_key(remote.name, k): v for k, v in seen.items()}
+                wanted = {} if why else {subjects.clustermesh_cache_key(remote.name, k): v for k, v in seen.items()
+                                         if importable(remote, k, v)}
                 for key in status.keys - wanted.keys():
                     self.cache.remove(key)
                 for key, value in wanted.items():
@@ -163,7 +173,7 @@ class KvStoreMeshComponent(Component):
                     seen[ev.key] = ev.value
                 else:
                     seen.pop(ev.key, None)
-                if status.synced and not status.error:
+                if status.synced and not status.error and importable(remote, ev.key, ev.value):
                     key = subjects.clustermesh_cache_key(remote.name, ev.key)
                     if ev.type is EventType.PUT:
                         self.cache.upsert(key, ev.value)
@@ -181,6 +191,10 @@ class KvStoreMeshComponent(Component):
         ready = sum(1 for r in remotes if r["ready"])
         self.rt.progress["clustermesh"] = {"cluster_name": self.cluster_name, "cluster_id": self.cluster_id,
                                            "remotes": remotes, "ready": ready, "total": len(remotes)}
+        self.rt.features["Cluster Mesh"] = {
+            "state": f"{ready}/{len(remotes)} remote clusters ready",
+            "detail": ", ".join(f"{r['name']}: {'ready' if r['ready'] else r['error'] or 'not synced'}"
+                                for r in remotes)}
         errors = self.cache.errors()
         if ready < len(remotes) or errors:
             self.set_degraded(f"{ready}/{len(remotes)} remote clusters ready"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import subprocess
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -21,6 +22,11 @@ from propolis.clustermesh.remotes import RemoteCluster, remove_remote, save_remo
 from propolis.errors import ValidationError
 from propolis.sandbox import netns
 from propolis.sandbox.config import SandboxConfig, SandboxState
+
+try:  # the world's masquerade (ip-masq-agent's rule) exists only where the sandbox has a world namespace
+    from propolis.sandbox.world import MASQ_CHAIN
+except ImportError:  # pragma: no cover - a tree without it masquerades nothing
+    MASQ_CHAIN = ""
 
 
 def peering_link(cfg: SandboxConfig, other: SandboxConfig) -> str:
@@ -91,6 +97,21 @@ def route_remote(cfg: SandboxConfig, other: SandboxConfig, *, remove: bool = Fal
             else:
                 for route in routes:
                     ipr.route("replace", **route)
+        unmasqueraded(cfg.node_netns(n), other.cluster_cidr, remove=remove)
+
+
+def unmasqueraded(node_ns: str, cidr: str, *, remove: bool = False) -> None:
+    """Pod traffic to the other cluster keeps its source address (Cilium: ipv4NativeRoutingCIDR covers every
+    cluster of the mesh), or the remote would see the node's address instead of the pod's identity."""
+    if not MASQ_CHAIN:
+        return
+    rule = [MASQ_CHAIN, "-d", cidr, "-j", "RETURN"]
+    iptables = ["ip", "netns", "exec", node_ns, "iptables", "-t", "nat"]
+    if subprocess.run([*iptables, "-S", MASQ_CHAIN], capture_output=True).returncode != 0:
+        return  # no masquerade on this node
+    present = subprocess.run([*iptables, "-C", *rule], capture_output=True).returncode == 0
+    if present == remove:
+        subprocess.run([*iptables, "-D" if remove else "-I", *rule], capture_output=True, check=not remove)
 
 
 def remote_config(state: SandboxState) -> RemoteCluster:

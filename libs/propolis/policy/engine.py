@@ -204,7 +204,8 @@ class PolicyEngine:
 
     def __init__(self, *, mode: str = "default", cluster_name: str | None = None,
                  cidr_allocator: Callable[[str], int] | None = None,
-                 cidr_release: Callable[[str], None] | None = None, allow_localhost: bool = False) -> None:
+                 cidr_release: Callable[[str], None] | None = None, allow_localhost: bool = False,
+                 default_local_cluster: bool = False) -> None:
         if mode not in MODES:
             raise ValidationError("mode", f"must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
@@ -216,6 +217,9 @@ class PolicyEngine:
         self._local_alloc = LocalIdentityAllocator()
         self._alloc = cidr_allocator or self._local_alloc.allocate
         self._release = cidr_release or (self._local_alloc.release if cidr_allocator is None else None)
+        #: Cilium's policy-default-local-cluster (Cluster Mesh): a peer selector naming no cluster selects
+        #: only endpoints of this cluster (`_cluster_scoped`).
+        self.default_local_cluster = default_local_cluster and bool(cluster_name)
         self.cache = SelectorCache()
         self.policies: dict[str, Policy] = {}
         self.errors: dict[str, ValidationError] = {}  # policy key -> why it was refused
@@ -611,7 +615,7 @@ class PolicyEngine:
             return self.cache.select(sel)
 
         for sel in peer.endpoints or ():
-            ids |= select(sel.with_requirements(requires) if requires else sel)
+            ids |= select(self._cluster_scoped(sel.with_requirements(requires) if requires else sel))
         for entity in peer.entities or ():
             if entity == "all":
                 return {0}
@@ -648,6 +652,14 @@ class PolicyEngine:
     # --- ports --------------------------------------------------------------------------------
     @staticmethod
     def _protocols(name: str, port: int) -> tuple[int, ...]:
+    def _cluster_scoped(self, sel: LabelSelector) -> LabelSelector:
+        """policy-default-local-cluster: add `io.cilium.k8s.policy.cluster=<local>` to a peer selector that
+        names no cluster. The wildcard `{}` (every peer, reserved identities included) is left as it is."""
+        if not self.default_local_cluster or sel.is_wildcard or \
+                any(r.key == idm.CLUSTER_LABEL for r in sel.requirements):
+            return sel
+        return sel.with_requirements((equals(SOURCE_K8S, idm.CLUSTER_LABEL, self.cluster_name or ""),))
+
         if name == "ANY":
             return (PROTO_TCP, PROTO_UDP, PROTO_SCTP) if port else (0,)
         return (PROTOCOL_NUMBERS[name],)

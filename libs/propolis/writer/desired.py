@@ -69,6 +69,7 @@ class DesiredState:
     mode: str = "default"
     cluster_name: str | None = None
     allow_localhost: bool = False  # Cilium's allow-localhost=always (the writer's default) vs =policy
+    default_local_cluster: bool = False  # Cluster Mesh: policy-default-local-cluster (see PolicyEngine)
     ipcache: dict[str, IPCacheEntry] = field(default_factory=dict)
     policies: dict[int, EndpointPolicy] = field(default_factory=dict)
     services: list[LBService] = field(default_factory=list)
@@ -85,7 +86,7 @@ class DesiredState:
 
     def __post_init__(self) -> None:
         self.engine = PolicyEngine(mode=self.mode, cluster_name=self.cluster_name,
-                                   allow_localhost=self.allow_localhost)
+                                   allow_localhost=self.allow_localhost, default_local_cluster=self.default_local_cluster)
 
     def _sync_engine(self, inputs: "ClusterInputs") -> None:
         endpoint_ips: dict[int, set[str]] = {}

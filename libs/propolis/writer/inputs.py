@@ -20,6 +20,7 @@ from propolis.bus.codec import DecodeError
 from propolis.bus.kv import UNDECODABLE, EventType, Kv, KvEvent
 from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject
 from propolis.bus.watermark import WatermarkGate
+from propolis.clustermesh import imported
 from propolis.k8s.kinds import POLICY_KINDS
 
 log = logging.getLogger("propolis.writer.inputs")
@@ -142,6 +143,27 @@ class ClusterInputs:
                 self.endpoints.pop((ns, name), None)
             self._bump()
 
+    def apply_clustermesh(self, ev: KvEvent) -> None:
+        """Cluster Mesh: a remote cluster's identity or endpoint IP from the local KVStoreMesh cache joins
+        the tables (`clustermesh/imported.py`); remote rows are ipcache rows and policy peers, never local."""
+        if ev.type is EventType.SYNCED:
+            return
+        cluster, kind, rest = imported.split_cache_key(ev.key)
+        value = ev.value if ev.type is EventType.PUT else None
+        if kind == "identities" and rest.isdigit():
+            if isinstance(value, IdentityRecord):
+                self.identities[int(rest)] = list(value.labels)
+            else:
+                self.identities.pop(int(rest), None)
+            self._bump(policy=True)
+        elif kind == "ip":
+            record = imported.remote_endpoint(cluster, value)
+            if record is None:
+                self.endpoints.pop(imported.endpoint_key(cluster, rest), None)
+            else:
+                self.endpoints[imported.endpoint_key(cluster, rest)] = record
+            self._bump()
+
     @classmethod
     async def snapshot(cls, k8s: Kv, identities: Kv) -> "ClusterInputs":
         """The buckets as they are now (CLI tools): initial values only, then synced."""
@@ -157,10 +179,11 @@ class ClusterInputs:
         inputs._bump(policy=True)
         return inputs
 
-    async def follow(self, k8s: Kv, identities: Kv) -> None:
-        """Run both watches until cancelled."""
+    async def follow(self, k8s: Kv, identities: Kv, clustermesh: Kv | None = None) -> None:
+        """Run the watches until cancelled (``clustermesh``: the cache of remote clusters, if any)."""
         async def pump(kv: Kv, apply) -> None:  # type: ignore[no-untyped-def]
             async for ev in kv.watch(">"):
                 apply(ev)
 
-        await asyncio.gather(pump(k8s, self.apply_k8s), pump(identities, self.apply_identities))
+        await asyncio.gather(pump(k8s, self.apply_k8s), pump(identities, self.apply_identities),
+                             *([pump(clustermesh, self.apply_clustermesh)] if clustermesh is not None else []))

@@ -1,0 +1,33 @@
+"""What node services make of the local cache of remote clusters (`PROPOLIS_CLUSTERMESH_CACHE_V1`).
+
+A cached key is ``<cluster>.<export key>`` (`subjects.clustermesh_cache_key`). Remote identities keep
+their numbers (each cluster allocates in its own ``cluster_id << 16`` range, and KVStoreMesh imports
+only a remote's own range); a remote endpoint IP becomes an `EndpointRecord` in the pseudo-namespace
+``@<cluster>``, which no Kubernetes namespace can be, so it never collides with a local pod.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from propolis.bus.messages import EndpointRecord, IpcacheEntry
+
+REMOTE_NAMESPACE_PREFIX = "@"
+
+
+def split_cache_key(key: str) -> tuple[str, str, str]:
+    """``c2.ip.10.1.2.3`` -> (``c2``, ``ip``, ``10.1.2.3``)."""
+    cluster, _, export_key = key.partition(".")
+    kind, _, rest = export_key.partition(".")
+    return cluster, kind, rest
+
+
+def remote_endpoint(cluster: str, value: Any) -> EndpointRecord | None:
+    """A remote ipcache entry as the endpoint record the datapath-writer's tables hold (None: not one)."""
+    if not isinstance(value, IpcacheEntry):
+        return None
+    return EndpointRecord(REMOTE_NAMESPACE_PREFIX + cluster, value.ip, value.node, [value.ip], value.identity, [])
+
+
+def endpoint_key(cluster: str, ip: str) -> tuple[str, str]:
+    return REMOTE_NAMESPACE_PREFIX + cluster, ip
