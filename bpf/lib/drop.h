@@ -32,6 +32,8 @@
 #define DROP_INVALID_IDENTITY	171	/* "Invalid identity" INVALID_IDENTITY */
 #define DROP_UNKNOWN_SENDER	172	/* "Unknown sender" UNKNOWN_SENDER */
 #define DROP_FRAG_NOT_FOUND	175	/* "First logical datagram fragment not found" FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND */
+#define DROP_PROXY_LOOKUP_FAILED	178	/* "Failed to retrieve socket" SOCKET_LOOKUP_FAILED */
+#define DROP_PROXY_SET_FAILED	179	/* "Failed to assign socket" SOCKET_ASSIGN_FAILED */
 #define DROP_PROXY_UNSUPP_PROTO	180	/* "Proxy redirection not supported for protocol" PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL */
 #define DROP_POLICY_DENY	181	/* "Policy denied by denylist" POLICY_DENY */
 #define DROP_EP_NOT_READY	203	/* "Endpoint policy program not available" DROP_EP_NOT_READY */

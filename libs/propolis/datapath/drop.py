@@ -42,6 +42,8 @@ _REASONS = (
     DropReason(172, "DROP_UNKNOWN_SENDER", "Unknown sender", "UNKNOWN_SENDER"),
     DropReason(175, "DROP_FRAG_NOT_FOUND", "First logical datagram fragment not found",
                "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND"),
+    DropReason(178, "DROP_PROXY_LOOKUP_FAILED", "Failed to retrieve socket", "SOCKET_LOOKUP_FAILED"),
+    DropReason(179, "DROP_PROXY_SET_FAILED", "Failed to assign socket", "SOCKET_ASSIGN_FAILED"),
     DropReason(180, "DROP_PROXY_UNSUPP_PROTO", "Proxy redirection not supported for protocol",
                "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL"),
     DropReason(181, "DROP_POLICY_DENY", "Policy denied by denylist", "POLICY_DENY"),
