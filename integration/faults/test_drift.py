@@ -1,6 +1,8 @@
 """Drift (issue 12): kernel state changed behind the datapath-writer's back is repaired by its reconcilers'
 periodic refresh, which diffs against the maps as read back, not against what the writer remembers.
 
+Also: `sandbox up` returns only once every service reports healthy.
+
 One policy row (the allow client -> server:8080) and one LB row (the ClusterIP frontend's master entry)
 are deleted with bpftool, as an operator or a stray tool would. Both come back within one refresh
 interval (`reconcile-refresh-interval`, 10 s by default), and the denied pairs stay denied throughout
@@ -32,8 +34,22 @@ SLACK = 3.0  # one pass over the maps, a probe's resolution, a busy machine
 @pytest.fixture(scope="module")
 def sandbox():
     with running_sandbox(nodes=1, services="all") as state:
-        asyncio.run(cluster.wait(state, timeout=60))
         yield state
+
+
+async def test_status_right_after_up_finds_every_service_healthy(sandbox):
+    """`sandbox up` returns once every service beats `ok` (it used to return before the writers beat)."""
+    from propolis.status import collect
+
+    bus = sandbox.admin_bus("test-status-after-up")
+    await bus.connect(max_wait=5)
+    try:
+        rep = await collect(bus, probe_kernel=False)
+    finally:
+        await bus.close()
+    not_ok = [f"{s.get('service')} on {s.get('node')}: {s.get('health')}" for s in rep.services if s.get("health") != "ok"]
+    assert rep.services and not not_ok, not_ok
+    assert {s.get("service") for s in rep.services} >= {"datapath-writer", "k8s-watcher", "identity-allocator"}
 
 
 def bpftool(*args: str) -> str:
