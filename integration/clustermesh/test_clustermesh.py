@@ -152,6 +152,48 @@ async def test_policy_selects_clients_by_cluster_and_defaults_to_the_local_clust
     await cluster.delete(c1, [write(tmp_path, docs)])
 
 
+def api_docs(pod: str, affinity: str) -> list[dict]:
+    """A backend pod of `api` (its name says which cluster answered) and the Service, global in both clusters."""
+    return [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS, "labels": {"app": "api"}},
+             "spec": {"containers": [{"name": "echo", "image": "echo", "ports": [{"containerPort": 8080}]}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {
+                "name": "api", "namespace": NS,
+                "annotations": {"service.cilium.io/global": "true", "service.cilium.io/affinity": affinity}},
+             "spec": {"selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": 8080}]}}]
+
+
+async def answers(state, ip: str, tries: int = 16) -> set[str]:
+    spec = probe.ProbeSpec(cluster.source_netns(state, f"{NS}/a"), ip, 80, "TCP")
+    results = await probe.probe_all([spec] * tries, timeout=1.5, concurrency=4)
+    return {r.answered_by for r in results if r.connected}
+
+
+async def test_a_global_service_spreads_over_both_clusters_and_prefers_local_with_failover(mesh, tmp_path):
+    c1, c2 = mesh
+    await cluster.apply(c2, [write(tmp_path, api_docs("api2", "none"))])
+    await cluster.apply(c1, [write(tmp_path, api_docs("api1", "none"))])
+    for state in (c1, c2):
+        await cluster.wait_running(state, 3, namespace=NS)
+    async with cluster.Api(c1.apiserver_url) as api:
+        frontend = (await cluster.resolve_destination(api, f"{NS}/api")).ip
+
+    async def both():
+        return await answers(c1, frontend) == {f"{NS}/api1", f"{NS}/api2"}
+    await wait_for(both, 30, "c1's api frontend to spread over both clusters")
+
+    await cluster.apply(c1, [write(tmp_path, api_docs("api1", "local")[1:])])
+
+    async def local_only():
+        return await answers(c1, frontend) == {f"{NS}/api1"}
+    await wait_for(local_only, 20, "affinity local to keep c1's traffic in c1")
+
+    await cluster.delete(c1, [write(tmp_path, api_docs("api1", "local")[:1])])
+
+    async def failed_over():
+        return await answers(c1, frontend) == {f"{NS}/api2"}
+    await wait_for(failed_over, 30, "failover to c2's backend once c1 has none")
+
+
 async def test_the_remote_user_reads_the_export_and_writes_nothing(mesh):
     c1, c2 = mesh
     remote = load_remotes(c1.sandbox().clustermesh_dir)[c2.sandbox().name]

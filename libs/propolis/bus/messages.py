@@ -242,3 +242,17 @@ class ClusterNode:
     ips: list[str]
     pod_cidrs: list[str]
     wireguard_public_key: str = ""
+
+
+@message("clustermesh-service", (1, 0))
+@dataclass
+class ClusterService:
+    """``services.<ns>.<name>`` in the export (``cilium/state/services/v1/<cluster>/<ns>/<name>``): a global
+    Service's ready backends per port (key ``<port name>/<protocol>``, value ``[[ip, port], …]``); none when
+    ``service.cilium.io/shared: "false"``."""
+
+    cluster: str
+    namespace: str
+    name: str
+    shared: bool
+    backends: dict[str, list[list[Any]]] = field(default_factory=dict)

@@ -2,7 +2,8 @@
 
 Key layout of ``PROPOLIS_CLUSTERMESH_V1`` (Cilium's kvstore prefixes in brackets):
 ``cluster-config`` [cilium/cluster-config/<name>], ``nodes.<node>`` [cilium/state/nodes/v1],
-``identities.<id>`` [cilium/state/identities/v1], ``ip.<ip>`` [cilium/state/ip/v1]. The desired
+``identities.<id>`` [cilium/state/identities/v1], ``ip.<ip>`` [cilium/state/ip/v1], ``services.<ns>.<name>``
+(global Services, `clustermesh/services.py`) [cilium/state/services/v1]. The desired
 export is a pure function of the local buckets (`desired_export`); `ExportComponent` keeps the bucket
 equal to it with the project's `Reconciler` (pruning only after every input delivered its initial values).
 """
@@ -16,6 +17,8 @@ from typing import Any, Iterable
 from propolis.bus import subjects
 from propolis.bus.kv import EventType, Kv
 from propolis.bus.messages import ClusterConfig, ClusterNode, EndpointRecord, IdentityRecord, IpcacheEntry, K8sObject
+from propolis.clustermesh import services as global_services
+from propolis.lb.desired import SERVICE_NAME_LABEL
 from propolis.model import identity as idm
 from propolis.reconcile import Reconciler
 from propolis.runtime.component import Component
@@ -45,9 +48,14 @@ def cluster_node(cluster: str, obj: K8sObject, wireguard_keys: dict[str, str]) -
     return ClusterNode(cluster, obj.name, ips, cidrs, wireguard_keys.get(obj.name, ""))
 
 
+def service_key(namespace: str, name: str) -> str:
+    return subjects.key("services", namespace, name)
+
+
 def desired_export(*, cluster_name: str, cluster_id: int, nodes: dict[str, K8sObject],
                    identities: Iterable[IdentityRecord], endpoints: Iterable[EndpointRecord],
-                   wireguard_keys: dict[str, str] | None = None) -> dict[str, Any]:
+                   wireguard_keys: dict[str, str] | None = None, services: Iterable[K8sObject] = (),
+                   endpoint_slices: Iterable[K8sObject] = ()) -> dict[str, Any]:
     """Export key -> message. Only this cluster's own identities are exported (reserved ones mean the same
     everywhere); an endpoint's IPs carry its identity and the InternalIP of its node."""
     out: dict[str, Any] = {}
@@ -65,6 +73,13 @@ def desired_export(*, cluster_name: str, cluster_id: int, nodes: dict[str, K8sOb
         for ip in ep.ips:
             if ":" not in ip:  # IPv4 only, as the datapath
                 out[ip_key(ip)] = IpcacheEntry(ip, 32, ep.identity, ep.node, node_ip)
+    slices: dict[tuple[str, str], list[K8sObject]] = {}
+    for s in endpoint_slices:
+        slices.setdefault((s.namespace, s.labels.get(SERVICE_NAME_LABEL, "")), []).append(s)
+    for svc in services:
+        if global_services.is_global(svc):
+            out[service_key(svc.namespace, svc.name)] = global_services.cluster_service(
+                cluster_name, svc, slices.get((svc.namespace, svc.name), []))
     return out
 
 
@@ -99,6 +114,8 @@ class ExportComponent(Component):
         self.cluster_id = cluster_id
         self.debounce = debounce
         self.nodes: dict[str, K8sObject] = {}
+        self.services: dict[str, K8sObject] = {}
+        self.endpoint_slices: dict[str, K8sObject] = {}
         self.identities: dict[str, IdentityRecord] = {}
         self.endpoints: dict[str, EndpointRecord] = {}
         self.wireguard_keys: dict[str, str] = {}
@@ -111,7 +128,7 @@ class ExportComponent(Component):
                                                        KvTarget(await rt.bus.kv(subjects.CLUSTERMESH_BUCKET)),
                                                        refresh_interval=300.0)
         rt.spawn("export-reconciler", self.export.run(), self)
-        rt.spawn("watch-nodes", self._watch(subjects.K8S_BUCKET, "nodes.>"), self)
+        rt.spawn("watch-k8s", self._watch(subjects.K8S_BUCKET, ">"), self)
         rt.spawn("watch-identities", self._watch(subjects.IDENTITIES_BUCKET, ">"), self)
         rt.spawn("watch-wireguard", self._watch(subjects.WIREGUARD_BUCKET, ">"), self)
         rt.spawn("compute-export", self._compute_loop(), self)
@@ -137,7 +154,10 @@ class ExportComponent(Component):
             return
         table: dict[str, Any]
         if bucket == subjects.K8S_BUCKET:
-            table, kind = self.nodes, K8sObject
+            kinds = {"nodes": self.nodes, "services": self.services, "endpointslices": self.endpoint_slices}
+            if key.partition(".")[0] not in kinds:
+                return
+            table, kind = kinds[key.partition(".")[0]], K8sObject
         elif key.startswith("id."):
             table, kind = self.identities, IdentityRecord
         elif key.startswith("endpoints."):
@@ -158,7 +178,8 @@ class ExportComponent(Component):
             self.export.replace_all(desired_export(
                 cluster_name=self.cluster_name, cluster_id=self.cluster_id,
                 nodes={o.name: o for o in self.nodes.values()}, identities=self.identities.values(),
-                endpoints=self.endpoints.values(), wireguard_keys=self.wireguard_keys))
+                endpoints=self.endpoints.values(), wireguard_keys=self.wireguard_keys,
+                services=self.services.values(), endpoint_slices=self.endpoint_slices.values()))
             if self.synced >= inputs:
                 self.export.mark_synced()
                 errors = self.export.errors()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from propolis.bus.messages import EndpointRecord, IpcacheEntry
+from propolis.bus.messages import ClusterService, EndpointRecord, IpcacheEntry
+from propolis.lb.desired import BACKEND_ACTIVE, Backend
 
 REMOTE_NAMESPACE_PREFIX = "@"
 
@@ -31,3 +32,17 @@ def remote_endpoint(cluster: str, value: Any) -> EndpointRecord | None:
 
 def endpoint_key(cluster: str, ip: str) -> tuple[str, str]:
     return REMOTE_NAMESPACE_PREFIX + cluster, ip
+
+
+def remote_backends(remote_services: dict[tuple[str, str], dict[str, Any]], service: tuple[str, str]
+                    ) -> dict[tuple[str, str], dict[str, list[Backend]]]:
+    """The backends remote clusters share for one global Service, as `lb.desired_services` takes them."""
+    by_port: dict[str, list[Backend]] = {}
+    for cluster, shared in sorted((remote_services.get(service) or {}).items()):
+        if not isinstance(shared, ClusterService) or not shared.shared:
+            continue
+        for key, rows in shared.backends.items():
+            protocol = key.rpartition("/")[2] or "TCP"
+            by_port.setdefault(key, []).extend(
+                Backend(str(ip), int(port), protocol, BACKEND_ACTIVE, cluster=cluster) for ip, port in rows)
+    return {service: by_port}

@@ -108,7 +108,7 @@ class Kind:
         meta = _meta(obj)
         spec, status = self.normalize(obj)
         annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
-                       if "cilium.io" in k or "propolis" in k}
+                       if "cilium.io" in k or "propolis" in k or k.startswith("io.cilium/")}
         if annotations:
             spec = {**spec, "annotations": annotations}
         return K8sObject(kind=self.kind, namespace=meta.get("namespace", "") if self.namespaced else "",

@@ -22,11 +22,12 @@ Semantics follow kube-proxy / Cilium:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from propolis.bus.messages import K8sObject
+from propolis.clustermesh import services as global_services
 from propolis.errors import ValidationError
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -47,6 +48,7 @@ class Backend:
     state: str = BACKEND_ACTIVE
     node_name: str = ""
     zone: str = ""
+    cluster: str = ""  # Cluster Mesh: the remote cluster of a global Service's backend ("" = this cluster)
 
     @property
     def l3n4(self) -> tuple[str, int, str]:
@@ -164,8 +166,13 @@ def _merge(backends: Iterable[Backend]) -> tuple[Backend, ...]:
 
 
 def desired_services(services: Iterable[K8sObject], endpoint_slices: Iterable[K8sObject], *,
-                     node_name: str, node_ips: Sequence[str] = ()) -> list[LBService]:
+                     node_name: str, node_ips: Sequence[str] = (),
+                     remote_backends: Mapping[tuple[str, str], Mapping[str, Sequence[Backend]]] | None = None
+                     ) -> list[LBService]:
     """The LB entries of node `node_name` (whose addresses for NodePort are `node_ips`).
+
+    `remote_backends`: Cluster Mesh, (namespace, name) -> port key (`clustermesh.services.port_key`) -> the
+    backends remote clusters share for that Service; used only for Services annotated global, per affinity.
 
     `services`: Service records (kind Service); `endpoint_slices`: EndpointSlice records,
     matched to their service by the `kubernetes.io/service-name` label and namespace.
@@ -213,6 +220,11 @@ def desired_services(services: Iterable[K8sObject], endpoint_slices: Iterable[K8
 
         for port in _service_ports(spec, where):
             all_backends = _merge(gathered.get((port.name, port.protocol), []))
+            if remote_backends is not None and global_services.is_global(svc):
+                remote = _merge((remote_backends.get((svc.namespace, svc.name)) or {}).get(
+                    global_services.port_key(port.name, port.protocol), ()))
+                all_backends = global_services.choose(all_backends, remote, global_services.affinity(svc),
+                                                      active=lambda b: b.state == BACKEND_ACTIVE)
             local_backends = tuple(b for b in all_backends if b.node_name == node_name)
 
             def entry(ftype: str, ip: str, number: int, backends: tuple[Backend, ...]) -> LBService:

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from propolis.clustermesh import imported
 from propolis.datapath.entries import IPCacheEntry
 from propolis.errors import ValidationError
 from propolis.lb.desired import SERVICE_NAME_LABEL, LBService, desired_services
@@ -182,7 +183,8 @@ class DesiredState:
         for (ns, name), svc in sorted(inputs.services.items()):
             try:
                 out.extend(desired_services([svc], slices.get((ns, name), []), node_name=self.node,
-                                            node_ips=node_ips))
+                                            node_ips=node_ips, remote_backends=imported.remote_backends(
+                                                inputs.remote_services, (ns, name))))
             except ValidationError as exc:
                 errors[f"{ns}/{name}"] = str(exc)
         for key in errors.keys() - self.service_errors.keys():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from propolis.bus import subjects
 from propolis.bus.codec import DecodeError
 from propolis.bus.kv import UNDECODABLE, EventType, Kv, KvEvent
-from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject
+from propolis.bus.messages import ClusterService, EndpointRecord, IdentityRecord, K8sObject
 from propolis.bus.watermark import WatermarkGate
 from propolis.clustermesh import imported
 from propolis.k8s.kinds import POLICY_KINDS
@@ -37,6 +37,8 @@ class ClusterInputs:
     cidr_groups: dict[str, K8sObject] = field(default_factory=dict)  # CiliumCIDRGroup name -> object
     identities: dict[int, list[str]] = field(default_factory=dict)
     endpoints: dict[tuple[str, str], EndpointRecord] = field(default_factory=dict)
+    #: Cluster Mesh: global Services as remote clusters share them, (namespace, name) -> cluster -> record
+    remote_services: dict[tuple[str, str], dict[str, ClusterService]] = field(default_factory=dict)
     k8s_gate: WatermarkGate = field(default_factory=lambda: WatermarkGate(subjects.K8S_BUCKET))
     identities_gate: WatermarkGate = field(default_factory=lambda: WatermarkGate(subjects.IDENTITIES_BUCKET))
     generation: int = 0
@@ -156,6 +158,16 @@ class ClusterInputs:
             else:
                 self.identities.pop(int(rest), None)
             self._bump(policy=True)
+        elif kind == "services":
+            ns, _, name = rest.partition(".")
+            shared = self.remote_services.setdefault((ns, name), {})
+            if isinstance(value, ClusterService):
+                shared[cluster] = value
+            else:
+                shared.pop(cluster, None)
+            if not shared:
+                del self.remote_services[(ns, name)]
+            self._bump(services=True)
         elif kind == "ip":
             record = imported.remote_endpoint(cluster, value)
             if record is None:
