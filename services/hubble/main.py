@@ -24,13 +24,16 @@ from typing import Any
 
 import prometheus_client as prom
 
-from propolis.bus import subjects
+from propolis.bus import codec, subjects
+from propolis.bus.codec import DecodeError
+from propolis.bus.messages import FlowMessage
 from propolis.bus.kv import EventType
 from propolis.errors import TemporaryError, ValidationError
 from propolis.hubble.exporter import FlowExporter, parse_filter_list
 from propolis.hubble.flow import Enricher, rfc3339
 from propolis.hubble.metrics import FlowMetrics, parse_enabled
 from propolis.hubble.observer import DEFAULT_CAPACITY, LOST_PERF_RING, FlowSink, Observer
+from propolis.l7 import flows as l7_flows
 from propolis.maps import events as ev
 from propolis.maps.spec import default_pin_dir
 from propolis.runtime.component import Component
@@ -137,9 +140,21 @@ class ObserverComponent(Component):
             exporter = self.exporter
             self.observer.on_lost.append(lambda src, n: exporter.lost(src, n, s.node_name, rfc3339(time.time())))
         await self.observer.serve_queries(rt.bus.nc)
+        await rt.bus.nc.subscribe(subjects.accesslog_subject(s.node_name), cb=self._accesslog)
         rt.spawn("events", self._run(rt), self)
         rt.features["Hubble"] = {"state": "Ok", "detail": f"ring {s.hubble_event_buffer_capacity} flows"}
         self.set_degraded(f"waiting for {ev.SPEC.path(self.pin_dir)}")
+
+    async def _accesslog(self, msg: Any) -> None:
+        """An L7 flow of this node's proxy (propolis.l7.flows): enriched, then handled like every flow."""
+        if self.observer is None:
+            return
+        try:
+            record = codec.decode(msg.data, FlowMessage)
+        except DecodeError as exc:
+            log.warning("undecodable L7 flow: %s", exc)
+            return
+        await self.observer.add(l7_flows.enrich(record.flow, self.enricher.enricher))
 
     async def _open_reader(self) -> ev.EventReader:
         delay = 0.2

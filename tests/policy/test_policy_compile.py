@@ -9,6 +9,7 @@ import pytest
 
 from propolis.bus.messages import K8sObject
 from propolis.model import identity as idm
+from propolis.l7.redirect import PROXY_PORTS
 from propolis.policy.engine import PolicyEngine
 from propolis.policy.entries import PolicyEntry, icmp_type_port
 
@@ -437,16 +438,24 @@ def test_seed_allow_frontend():
     assert not e.compile_endpoint(FRONT).ingress_enforced
 
 
-def test_seed_api_l7_policy_allows_l4_and_annotates_l7():
+def test_seed_api_l7_policy_redirects_to_the_http_proxy():
     e = engine([_yaml(SEED_API_L7)])
     api = e.compile_endpoint(API)
     assert rows(api) == allow(I, [FRONT], TCP, 8080)
-    entry = PolicyEntry("ingress", FRONT, TCP, 8080)
+    entry = PolicyEntry("ingress", FRONT, TCP, 8080, proxy_port=PROXY_PORTS[("http", "ingress")])
     (annotation,) = api.l7[entry]
     assert annotation.kind == "http" and annotation.origin == "CiliumNetworkPolicy/production/api-l7-policy"
     assert [(r.method, r.path) for r in annotation.rules.http] == [
         ("GET", "/api/v1/users"), ("GET", "/api/v1/health"), ("POST", "/api/v1/users")]
-    assert api.l7_enforced is False and any("not enforced" in n for n in api.notes)
+    assert api.l7_enforced is True and not any("not enforced" in n for n in api.notes)
+
+
+def test_l4_allow_of_the_same_port_allows_every_request():
+    """Cilium: a peer+port allowed without L7 rules is not restricted by another rule's HTTP rules."""
+    plain = _yaml(SEED_API_L7.replace("api-l7-policy", "plain").split("      rules:")[0])
+    e = engine([_yaml(SEED_API_L7), plain])
+    api = e.compile_endpoint(API)
+    assert [x.proxy_port for x in api.entries if x.port == 8080] == [0]
 
 
 def test_seed_aws_egress():

@@ -17,9 +17,11 @@ def cnp(**spec):  # type: ignore[no-untyped-def]
             "spec": {"endpointSelector": {}, **spec}}
 
 
+def test_http_rules_are_enforced_by_the_l7_proxy():
+    assert not not_enforced(cnp(ingress=[{"toPorts": [{**PORT, "rules": {"http": [{"method": "GET"}]}}]}]))
+
+
 @pytest.mark.parametrize("spec, field, why", [
-    ({"ingress": [{"toPorts": [{**PORT, "rules": {"http": [{"method": "GET"}]}}]}]},
-     "spec.ingress[0].toPorts[0].rules", "L7 proxy is not running"),
     ({"egress": [{"toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}], "rules": {"dns": [{"matchPattern": "*"}]}}]}]},
      "spec.egress[0].toPorts[0].rules", "open to every request"),
     ({"ingress": [{"toPorts": [{**PORT, "rules": {"kafka": [{"topic": "t"}]}}]}]},

@@ -16,7 +16,7 @@ L7_POLICY = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
              "metadata": {"name": "l7", "namespace": "prod", "uid": "u1", "resourceVersion": "5"},
              "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
                       "ingress": [{"toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}],
-                                                "rules": {"http": [{"method": "GET"}]}}]}]}}
+                                                "rules": {"kafka": [{"topic": "t"}]}}]}]}}
 PLAIN_POLICY = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                 "metadata": {"name": "deny", "namespace": "prod", "uid": "u2", "resourceVersion": "6"},
                 "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
@@ -37,7 +37,7 @@ def test_summary_names_unenforced_fields_and_failed_endpoints():
     assert summary["in_force"] == 2
     assert list(summary["not_enforced"]) == ["CiliumNetworkPolicy/prod/l7"]
     (item,) = summary["not_enforced"]["CiliumNetworkPolicy/prod/l7"]
-    assert item.startswith("spec.ingress[0].toPorts[0].rules: the L7 proxy is not running")
+    assert item.startswith("spec.ingress[0].toPorts[0].rules: no L7 proxy enforces this rule family yet")
     assert summary["failed_endpoints"] == {"w1": {"endpoint 7 (prod/big)": "entries: 17001 rows exceed"}}
 
 
@@ -69,4 +69,4 @@ async def test_status_and_policy_get_show_them_from_the_bus(bus, nats_server, ca
     args = build_parser().parse_args(["--nats-url", nats_server.url, "policy", "get"])
     await args.func(args)
     text = capsys.readouterr().out
-    assert "accepted, not enforced CiliumNetworkPolicy/prod/l7: spec.ingress[0].toPorts[0].rules: the L7 proxy" in text
+    assert "accepted, not enforced CiliumNetworkPolicy/prod/l7: spec.ingress[0].toPorts[0].rules: no L7 proxy enforces" in text

@@ -92,6 +92,11 @@ def flow_subject(node: str, verdict: str, src_namespace: str, dst_namespace: str
     return f"{PREFIX}.flows.{node}.{verdict}.{src_namespace or '_'}.{dst_namespace or '_'}"
 
 
+def accesslog_subject(node: str) -> str:
+    """The L7 proxy's flows of a node, for that node's Hubble observer: ``propolis.v1.accesslog.<node>``."""
+    return f"{PREFIX}.accesslog.{token(node, what='node')}"
+
+
 def lost_events_subject(node: str) -> str:
     """Hubble's lost-event notices of a node: ``propolis.v1.flows.<node>.lost``."""
     return f"{PREFIX}.flows.{token(node, what='node')}.lost"
@@ -164,6 +169,8 @@ def slices(node: str = "*") -> dict[str, Slice]:
                                  (node_hb_subject("datapath-writer"), f"{PREFIX}.events.datapath")),
         "hubble": Slice("hubble", (node_hb("hubble"),),
                         (node_hb_subject("hubble"), f"{PREFIX}.flows.{node}", f"{PREFIX}.flows.{node}.>")),
+        "l7-proxy": Slice("l7-proxy", (node_hb("l7-proxy"),),
+                          (node_hb_subject("l7-proxy"), f"{PREFIX}.accesslog.{node}")),
         "hubble-relay": Slice("hubble-relay", (hb("hubble-relay"),),
                               (heartbeat_pattern("hubble-relay"), HUBBLE_QUERY)),
         "wireguard-keymgr": Slice("wireguard-keymgr", ((WIREGUARD_BUCKET, node), node_hb("wireguard-keymgr")),

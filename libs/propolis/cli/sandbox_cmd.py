@@ -79,6 +79,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=None, help="default: the target's first declared port, else 80")
     p.add_argument("--protocol", type=str.upper, choices=("TCP", "UDP"), default="TCP")
     p.add_argument("--timeout", type=float, default=None, help="seconds per probe (default 2, --all: 1)")
+    p.add_argument("--http", nargs=2, metavar=("METHOD", "PATH"), default=None,
+                   help="send one HTTP/1.1 request and print the response's status code")
+    p.add_argument("--header", action="append", default=[], metavar="K:V", help="--http: a request header")
     p.add_argument("--all", action="store_true", help="every running pod to every running pod, in parallel")
     p.add_argument("--ports", default=None, help="--all: comma list (default: each target's declared ports)")
     p.add_argument("--protocols", default="TCP,UDP", help="--all: comma list (default %(default)s)")
@@ -228,13 +231,22 @@ async def cmd_probe(args: argparse.Namespace) -> int:
     async with cluster.Api(state.apiserver_url) as api:
         dest = await cluster.resolve_destination(api, args.dest, from_netns=netns)
     port = args.port or (dest.ports.get(args.protocol) or [80])[0]
-    spec = probe.ProbeSpec(netns, dest.ip, port, args.protocol, from_label=args.source, to_label=dest.label)
+    headers = []
+    for h in args.header:
+        key, sep, value = h.partition(":")
+        if not sep or not key.strip():
+            raise CliError(f"--header {h!r}: expected K:V")
+        headers.append((key.strip(), value.strip()))
+    spec = probe.ProbeSpec(netns, dest.ip, port, args.protocol, from_label=args.source, to_label=dest.label,
+                           http=tuple(args.http) if args.http else None, headers=tuple(headers))
     result = await probe.probe(spec, timeout=args.timeout or 2.0)
     if args.output == "json":
         print(json.dumps(dict(result.to_json(), addresses=dest.addresses or [dest.ip])))
         return 0 if result.connected else 1
     verdict = "connected" if result.connected else f"not connected ({result.error})"
     by = f", answered by {result.answered_by}" if result.answered_by else ""
+    if spec.http:
+        by = f", HTTP {result.http_status if result.http_status is not None else 'no response'}"
     print(f"{args.source} -> {dest.label} ({dest.ip}) {args.protocol}/{port}: {verdict}{by}")
     return 0 if result.connected else 1
 

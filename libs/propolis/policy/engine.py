@@ -25,8 +25,10 @@ Semantics (Cilium, policyEnforcementMode):
   ``pod-IP/32`` ipBlock cases). ``0.0.0.0/0`` also selects reserved:world.
 * Named ports: ingress against the endpoint's own container ports, egress against
   each destination identity's.
-* L7 ``rules``: the L4 port is allowed now; the entry carries an `L7Annotation` and
-  the result says ``l7_enforced=False`` until the L7 proxy sets proxy ports.
+* L7 ``rules``: the entry carries an `L7Annotation`; a family the L7 proxy enforces (HTTP) gets
+  the proxy port (`propolis.l7.redirect`), so the datapath hands its flows to the proxy; other
+  families leave the L4 port allowed and the result says ``l7_enforced=False``. A rule allowing
+  the same peer and port without L7 rules allows every request (no redirect), as in Cilium.
 * Peers resolved through cluster objects (`PeerTables`): ``toServices`` selects the identities
   of the Service's EndpointSlice addresses (a pod's identity, else a /32 CIDR identity);
   ``cidrGroupRef``/``cidrGroupSelector`` the CIDR identities of the CiliumCIDRGroups'
@@ -46,10 +48,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from propolis.errors import ValidationError
+from propolis.l7.redirect import proxy_port_for
 from propolis.model import identity as idm
 from propolis.model.labels import SOURCE_CIDR, SOURCE_FQDN, SOURCE_K8S, SOURCE_RESERVED, Label, LabelSet
 from propolis.model.selectors import LabelSelector, Requirement, equals, exists
@@ -214,12 +217,12 @@ class PolicyEngine:
         #: probes keep working under a default deny. A deny rule naming the host still wins.
         self.allow_localhost = allow_localhost
         self.cluster_name = cluster_name
-        self._local_alloc = LocalIdentityAllocator()
-        self._alloc = cidr_allocator or self._local_alloc.allocate
-        self._release = cidr_release or (self._local_alloc.release if cidr_allocator is None else None)
         #: Cilium's policy-default-local-cluster (Cluster Mesh): a peer selector naming no cluster selects
         #: only endpoints of this cluster (`_cluster_scoped`).
         self.default_local_cluster = default_local_cluster and bool(cluster_name)
+        self._local_alloc = LocalIdentityAllocator()
+        self._alloc = cidr_allocator or self._local_alloc.allocate
+        self._release = cidr_release or (self._local_alloc.release if cidr_allocator is None else None)
         self.cache = SelectorCache()
         self.policies: dict[str, Policy] = {}
         self.errors: dict[str, ValidationError] = {}  # policy key -> why it was refused
@@ -649,9 +652,6 @@ class PolicyEngine:
             notes.add("toGroups (cloud groups) is not supported: it selects nothing")
         return ids
 
-    # --- ports --------------------------------------------------------------------------------
-    @staticmethod
-    def _protocols(name: str, port: int) -> tuple[int, ...]:
     def _cluster_scoped(self, sel: LabelSelector) -> LabelSelector:
         """policy-default-local-cluster: add `io.cilium.k8s.policy.cluster=<local>` to a peer selector that
         names no cluster. The wildcard `{}` (every peer, reserved identities included) is left as it is."""
@@ -660,6 +660,9 @@ class PolicyEngine:
             return sel
         return sel.with_requirements((equals(SOURCE_K8S, idm.CLUSTER_LABEL, self.cluster_name or ""),))
 
+    # --- ports --------------------------------------------------------------------------------
+    @staticmethod
+    def _protocols(name: str, port: int) -> tuple[int, ...]:
         if name == "ANY":
             return (PROTO_TCP, PROTO_UDP, PROTO_SCTP) if port else (0,)
         return (PROTOCOL_NUMBERS[name],)
@@ -749,6 +752,7 @@ class PolicyEngine:
         rules = self.rules_selecting(identity)
         notes: set[str] = set()
         merged: dict[tuple[Any, ...], tuple[PolicyEntry, list[L7Annotation]]] = {}
+        plain: set[tuple[Any, ...]] = set()  # slots some rule allows without L7 rules (allow every request)
         enforced = {}
         for direction in DIRECTIONS:
             if self.mode == "never":
@@ -773,18 +777,31 @@ class PolicyEngine:
                             slot = merged.get((direction, is_deny, row_key))
                             if slot is None:
                                 slot = merged[(direction, is_deny, row_key)] = (entry, [])
-                            if ann is not None and ann not in slot[1]:
+                            if ann is None:
+                                plain.add((direction, is_deny, row_key))
+                            elif ann not in slot[1]:
                                 slot[1].append(ann)
         if self.allow_localhost and enforced.get("ingress"):
             merged.setdefault(("ingress", False, "allow-localhost"),
                               (PolicyEntry("ingress", identity=idm.RESERVED_HOST), []))
-        l7 = {e: tuple(a) for e, a in merged.values() if a}
-        if l7:
-            kinds = sorted({a.kind for anns in l7.values() for a in anns})
-            notes.add(f"L7 rules ({', '.join(kinds)}) are not enforced yet: their L4 ports are allowed")
+        entries: list[PolicyEntry] = []
+        l7: dict[PolicyEntry, tuple[L7Annotation, ...]] = {}
+        unenforced: set[str] = set()
+        for slot_key, (entry, anns) in merged.items():
+            if anns and slot_key not in plain:
+                port = proxy_port_for({a.kind for a in anns}, entry.direction)
+                if port:
+                    entry = replace(entry, proxy_port=port)  # the datapath hands the flow to the L7 proxy
+                else:
+                    unenforced.update(a.kind for a in anns)
+            entries.append(entry)
+            if anns:
+                l7[entry] = tuple(anns)
+        if unenforced:
+            notes.add(f"L7 rules ({', '.join(sorted(unenforced))}) are not enforced yet: their L4 ports are allowed")
         result = CompileResult(identity=identity, ingress_enforced=enforced["ingress"],
-                               egress_enforced=enforced["egress"], entries=tuple(e for e, _ in merged.values()), l7=l7,
-                               l7_enforced=not l7, origins=tuple(sorted({r.origin for r in rules})),
+                               egress_enforced=enforced["egress"], entries=tuple(entries), l7=l7,
+                               l7_enforced=not unenforced, origins=tuple(sorted({r.origin for r in rules})),
                                notes=tuple(sorted(notes)))
         self._results[identity] = result
         return result

@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-L7_PROXY = "the L7 proxy is not running: the port is open to every request"
+from propolis.l7.redirect import ENFORCED_FAMILIES
+
+L7_PROXY = "no L7 proxy enforces this rule family yet (only HTTP is): the port is open to every request"
 NOT_ENFORCED_REASONS: dict[str, str] = {
     "rules": L7_PROXY,
     "terminatingTLS": "the L7 proxy is not running: TLS is not terminated, the port allows the connection",
@@ -70,7 +72,7 @@ def _rule(doc: Any, where: str) -> list[NotEnforced]:
                 if not isinstance(port_rule, dict):
                     continue
                 rules = port_rule.get("rules")
-                if isinstance(rules, dict) and any(rules.get(f) for f in L7_FAMILIES):
+                if isinstance(rules, dict) and any(rules.get(f) for f in L7_FAMILIES if f not in ENFORCED_FAMILIES):
                     out.append(NotEnforced(f"{at}.toPorts[{j}].rules", NOT_ENFORCED_REASONS["rules"]))
                 for key in ("terminatingTLS", "originatingTLS", "serverNames", "listener"):
                     if port_rule.get(key):

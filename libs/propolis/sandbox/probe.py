@@ -36,6 +36,8 @@ class ProbeSpec:
     protocol: str = "TCP"
     from_label: str = ""  # "ns/pod" for reports
     to_label: str = ""
+    http: tuple[str, str] | None = None  # (method, path): send one HTTP/1.1 request instead of the payload
+    headers: tuple[tuple[str, str], ...] = ()  # extra request headers with `http`
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -51,12 +53,30 @@ class ProbeResult:
     answered_by: str = ""
     error: str = ""
     elapsed_s: float = 0.0
+    http_status: int | None = None  # the response's status code (HTTP probes that got one)
 
     def to_json(self) -> dict[str, Any]:
         """The `probe --all -o json` record: from, to, port, protocol, connected (+ detail)."""
         return {"from": self.spec.from_label or self.spec.from_netns, "to": self.spec.to_label or self.spec.ip,
                 "port": self.spec.port, "protocol": self.spec.protocol, "connected": self.connected,
-                "ip": self.spec.ip, "answeredBy": self.answered_by, "error": self.error}
+                "ip": self.spec.ip, "answeredBy": self.answered_by, "error": self.error,
+                **({"http_status": self.http_status} if self.spec.http else {})}
+
+
+def http_request(spec: ProbeSpec) -> bytes:
+    assert spec.http is not None
+    method, path = spec.http
+    extra = "".join(f"{k}: {v}\r\n" for k, v in spec.headers)
+    return (f"{method} {path} HTTP/1.1\r\nHost: {spec.ip}:{spec.port}\r\n{extra}"
+            f"Content-Length: 0\r\nConnection: close\r\n\r\n").encode("latin-1")
+
+
+def http_status(data: bytes) -> int | None:
+    """The status code of a response's first line, None if it is no HTTP response."""
+    parts = data.split(b"\r\n", 1)[0].split(b" ")
+    if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
+        return int(parts[1])
+    return None
 
 
 def _parse_answer(data: bytes) -> str:
@@ -75,15 +95,19 @@ async def _probe_tcp(spec: ProbeSpec, timeout: float) -> ProbeResult:
             return ProbeResult(spec, False, error="timeout", elapsed_s=time.monotonic() - started)
         except OSError as exc:
             return ProbeResult(spec, False, error=exc.strerror or str(exc), elapsed_s=time.monotonic() - started)
-        answered = ""
+        answered, status = "", None
         try:
-            await loop.sock_sendall(sock, PROBE_PAYLOAD)
+            await loop.sock_sendall(sock, http_request(spec) if spec.http else PROBE_PAYLOAD)
             remaining = max(0.05, timeout - (time.monotonic() - started))
             data = await asyncio.wait_for(loop.sock_recv(sock, 4096), remaining)
-            answered = _parse_answer(data) if data else ""
+            if spec.http:
+                status = http_status(data)
+            else:
+                answered = _parse_answer(data) if data else ""
         except (OSError, asyncio.TimeoutError, TimeoutError):
             pass  # connected is about the handshake; the echo is a bonus
-        return ProbeResult(spec, True, answered_by=answered, elapsed_s=time.monotonic() - started)
+        return ProbeResult(spec, True, answered_by=answered, elapsed_s=time.monotonic() - started,
+                           http_status=status)
     finally:
         sock.close()
 

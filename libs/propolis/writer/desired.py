@@ -25,7 +25,7 @@ from propolis.datapath.entries import IPCacheEntry
 from propolis.errors import ValidationError
 from propolis.lb.desired import SERVICE_NAME_LABEL, LBService, desired_services
 from propolis.model import identity as idmodel
-from propolis.policy.engine import PeerObject, PeerTables, PolicyEngine
+from propolis.policy.engine import CompileResult, PeerObject, PeerTables, PolicyEngine
 from propolis.writer.targets import EndpointPolicy
 
 if TYPE_CHECKING:
@@ -117,6 +117,11 @@ class DesiredState:
             if health and ":" not in str(health):
                 out[str(health)] = idmodel.RESERVED_HEALTH
         return out
+
+    def compiled(self, inputs: "ClusterInputs", identity: int) -> CompileResult:
+        """The compiled policy of an identity, as the writer compiles it (the L7 proxy reads its rules)."""
+        self._sync_engine(inputs)
+        return self.engine.compile_endpoint(identity)
 
     def endpoint_policy(self, inputs: "ClusterInputs", ep: "LocalEndpoint") -> EndpointPolicy:
         self._sync_engine(inputs)

@@ -1,0 +1,99 @@
+"""The redirect contract between the policy compiler, the datapath and a local proxy.
+
+A policy entry carries a proxy port; bpf/lib/proxy.h hands every packet of such a connection to
+the socket listening on that port in the node namespace, keeping the original destination (the
+accepted socket's local address). Any proxy (the L7 proxy now, a DNS proxy later) follows it:
+
+* listen on ``0.0.0.0:<port>`` with ``IP_TRANSPARENT`` (`transparent_listener`);
+* the node has the policy route for ``MARK_MAGIC_TO_PROXY`` (`install_proxy_route`): marked
+  packets are delivered locally whatever their destination;
+* connect onward with ``IP_TRANSPARENT``, bound to the client's address, with ``SO_MARK``
+  ``MARK_MAGIC_PROXY_UPSTREAM | direction`` (`upstream_socket`), so the server's own L3/L4 policy
+  still applies and its replies come back to the proxy socket.
+
+* no TCP early demux in the node namespace (`NODE_SYSCTLS`): a proxy socket holds a pod's 4-tuple
+  there, so early demux would attach it to that connection's packets arriving from another node
+  before the datapath marked them, and the stack drops a packet to forward that has a socket.
+
+No listener on the port = the datapath drops the flow (fail closed).
+Numbers mirror bpf/lib/proxy.h.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterable
+
+MARK_MASK = 0xFFFF0000
+MARK_MAGIC_TO_PROXY = 0x4C500000
+MARK_MAGIC_PROXY_UPSTREAM = 0x4C550000
+PROXY_UPSTREAM = {"ingress": 1, "egress": 2}
+PROXY_ROUTE_TABLE = 2004  # Cilium's proxy routing table number
+PROXY_RULE_PRIORITY = 9
+
+#: (L7 family, direction) -> the node's proxy listener port. Only families a proxy enforces are here:
+#: the compiler leaves other families' ports L4-allowed (and says so) instead of redirecting them.
+PROXY_PORTS: dict[tuple[str, str], int] = {
+    ("http", "ingress"): 10080,
+    ("http", "egress"): 10081,
+}
+
+#: the L7 families a proxy enforces (rules of other families leave their port L4-allowed)
+ENFORCED_FAMILIES = frozenset(family for family, _ in PROXY_PORTS)
+
+NODE_SYSCTLS = {"net.ipv4.tcp_early_demux": "0"}
+
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+def proxy_port_for(kinds: Iterable[str], direction: str) -> int:
+    """The proxy port of an entry whose L7 rules are of these families; 0 = not redirected."""
+    families = set(kinds)
+    if len(families) != 1:
+        return 0  # two families on one port: no proxy judges both
+    return PROXY_PORTS.get((families.pop(), direction), 0)
+
+
+def listener_direction(port: int) -> tuple[str, str]:
+    """(family, direction) a listener port serves."""
+    for key, value in PROXY_PORTS.items():
+        if value == port:
+            return key
+    raise KeyError(f"port {port} is no proxy port")
+
+
+def transparent_listener(sock: socket.socket, port: int, backlog: int = 1024) -> socket.socket:
+    """Make `sock` (a TCP socket created in the node namespace) the proxy listener on `port`."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.bind(("0.0.0.0", port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def upstream_socket(sock: socket.socket, client_ip: str, direction: str) -> socket.socket:
+    """Prepare `sock` (TCP, node namespace) to connect onward as the client's address."""
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_MAGIC_PROXY_UPSTREAM | PROXY_UPSTREAM[direction])
+    sock.bind((client_ip, 0))
+    sock.setblocking(False)
+    return sock
+
+
+def install_proxy_route(ipr) -> None:  # type: ignore[no-untyped-def]
+    """Idempotently install the policy route for marked packets (pyroute2 IPRoute in the node netns)."""
+    try:
+        ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=ipr.link_lookup(ifname="lo")[0],
+                  table=PROXY_ROUTE_TABLE)
+    except Exception as exc:  # noqa: BLE001 - pyroute2 raises NetlinkError
+        if getattr(exc, "code", None) != errno.EEXIST:
+            raise
+    try:
+        ipr.rule("add", fwmark=MARK_MAGIC_TO_PROXY, fwmask=MARK_MASK, table=PROXY_ROUTE_TABLE,
+                 priority=PROXY_RULE_PRIORITY)
+    except Exception as exc:  # noqa: BLE001
+        if getattr(exc, "code", None) != errno.EEXIST:
+            raise

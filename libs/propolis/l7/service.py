@@ -1,0 +1,114 @@
+"""The l7-proxy service's components (wiring in services/l7_proxy/main.py).
+
+* `PolicyInputsComponent` — follows the k8s and identities buckets (as the datapath-writer does)
+  and the ipcache bucket (addresses -> identities), into a `ProxyPolicy`.
+* `ProxyComponent` — installs the node's proxy route, opens the transparent listeners in the node
+  namespace (`l7.redirect`), serves them (`l7.proxy.HTTPProxy`) and publishes L7 flows on the
+  node's access-log subject for its Hubble observer. Ready once the policy inputs are synced:
+  before that every request is denied (fail closed), never forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from propolis.bus import codec, subjects
+from propolis.bus.messages import FlowMessage
+from propolis.l7.policy import ProxyPolicy
+from propolis.l7.proxy import HTTPProxy
+from propolis.l7.redirect import NODE_SYSCTLS, PROXY_PORTS, install_proxy_route
+from propolis.runtime.component import Component
+from propolis.runtime.service import Runtime
+from propolis.sandbox.netns import iproute_in, socket_in, write_sysctl
+
+log = logging.getLogger("propolis.l7.service")
+
+SERVICE = "l7-proxy"
+
+
+class PolicyInputsComponent(Component):
+    name, title = "inputs", "watch the k8s, identities and ipcache buckets"
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.policy = ProxyPolicy(node)
+
+    async def start(self, rt: Runtime) -> None:
+        k8s = await rt.bus.kv(subjects.K8S_BUCKET)
+        ids = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
+        ipcache = await rt.bus.kv(subjects.IPCACHE_BUCKET)
+        rt.spawn("inputs", self.policy.inputs.follow(k8s, ids), self)
+        rt.spawn("ipcache", self._ipcache(ipcache), self)
+        self.set_ok()
+
+    async def _ipcache(self, kv: Any) -> None:
+        async for ev in kv.watch(">"):
+            self.policy.ipcache_event(ev)
+
+
+class ProxyComponent(Component):
+    name, title = "proxy", "transparent HTTP listeners: every request judged by the L7 rules"
+
+    def __init__(self, inputs: PolicyInputsComponent, *, node: str, netns: str | None,
+                 header_timeout: float, idle_timeout: float) -> None:
+        super().__init__(inputs)
+        self.inputs, self.node, self.netns = inputs, node, netns
+        self.header_timeout, self.idle_timeout = header_timeout, idle_timeout
+        self.proxy: HTTPProxy | None = None
+        self._rt: Runtime | None = None
+
+    def _socket(self) -> socket.socket:
+        if self.netns:
+            return socket_in(self.netns, socket.AF_INET, socket.SOCK_STREAM)
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+    def _route(self) -> None:
+        if self.netns:
+            for key, value in NODE_SYSCTLS.items():
+                write_sysctl(self.netns, key, value)
+            with iproute_in(self.netns) as ipr:
+                install_proxy_route(ipr)
+        else:
+            from pyroute2 import IPRoute
+            with IPRoute() as ipr:
+                install_proxy_route(ipr)
+
+    def _publish(self, flow: dict[str, Any]) -> None:
+        rt = self._rt
+        if rt is None:
+            return
+        message = codec.encode(FlowMessage(self.node, rt.instance, 0, flow))
+        task = asyncio.ensure_future(rt.bus.nc.publish(subjects.accesslog_subject(self.node), message))
+        task.add_done_callback(lambda t: t.exception())  # NATS away: the flow is lost, the request is not
+
+    async def start(self, rt: Runtime) -> None:
+        self._rt = rt
+        await asyncio.to_thread(self._route)
+        self.proxy = HTTPProxy(self.inputs.policy, node=self.node, make_socket=self._socket, on_flow=self._publish,
+                               header_timeout=self.header_timeout, idle_timeout=self.idle_timeout)
+        await self.proxy.start()
+        rt.spawn("readiness", self._readiness(rt), self)
+        self.set_degraded("waiting for the policy inputs (every request denied meanwhile)")
+
+    async def _readiness(self, rt: Runtime) -> None:
+        while True:
+            proxy = self.proxy
+            assert proxy is not None
+            if self.inputs.policy.ready:
+                self.set_ok()
+            rt.progress["l7_proxy"] = {
+                "listeners": {f"{family}/{direction}": port for (family, direction), port in PROXY_PORTS.items()},
+                "connections": proxy.stats.connections, "active": proxy.stats.active,
+                "requests_forwarded": proxy.stats.requests_forwarded,
+                "requests_denied": proxy.stats.requests_denied, "errors": dict(proxy.stats.errors)}
+            rt.features["L7 proxy"] = {"state": "Ok" if self.inputs.policy.ready else "Warning",
+                                       "detail": f"HTTP, {len(proxy.servers)} listeners, "
+                                                 f"{proxy.stats.active} connections"}
+            await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.stop()
