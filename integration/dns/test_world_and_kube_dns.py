@@ -15,7 +15,7 @@ import pytest
 from propolis.sandbox import cluster, netns
 from propolis.sandbox.fixture import running_sandbox
 from propolis.sandbox.resources import documents_from
-from propolis.sandbox.world_dns import WORLD_ZONE
+from propolis.sandbox.world import WORLD_ZONE
 
 pytestmark = pytest.mark.root
 NS = "dns-test"

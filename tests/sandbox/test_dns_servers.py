@@ -13,7 +13,8 @@ import pytest
 
 from propolis.sandbox.dns_server import DnsServer, bound_sockets
 from propolis.sandbox.kube_dns import ClusterRecords
-from propolis.sandbox.world_dns import WORLD_ZONE, WorldZone
+from propolis.sandbox.world import WORLD_ZONE
+from propolis.sandbox.world_dns import WorldZone
 
 
 @pytest.fixture

@@ -200,8 +200,8 @@ class Supervisor:
         self.state.started_at = self.started_at
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(netns_mod.build_underlay, cfg)
-        await asyncio.to_thread(world.build_world, cfg)
-        self._start_world()
+        # the world is built beside NATS and the API server (it is needed only once pods run)
+        world_built = asyncio.create_task(asyncio.to_thread(world.build_world, cfg), name="build-world")
         self.state.nodes = [{
             "name": cfg.node_name(n), "netns": cfg.node_netns(n), "internal_ip": cfg.node_ip(n),
             "pod_cidr": cfg.pod_cidr(n), "pin_dir": str(cfg.pin_dir(cfg.node_name(n))),
@@ -230,6 +230,8 @@ class Supervisor:
 
         await self._start_apiserver()
         await self._register_nodes()
+        await world_built
+        self._start_world()
 
         datapath = any(s.serves_datapath_socket for s in self.service_defs)
         if datapath:  # its ClusterIP needs the datapath's service LB, as CoreDNS needs kube-proxy or Cilium

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 from propolis.errors import TemporaryError
 from propolis.sandbox import netns as netns_mod
@@ -35,9 +36,32 @@ WORLD_PORT = "world"  # its port on the underlay bridge
 MASQ_CHAIN = "PROPOLIS-MASQ"
 
 
+@dataclass(frozen=True)
+class ZoneRecord:
+    """A name's A records. `rotate`: each answer carries the next single address of `addresses`."""
+
+    addresses: tuple[str, ...]
+    ttl: int = 60
+    rotate: bool = False
+
+
+WORLD_ZONE: dict[str, ZoneRecord] = {
+    "s3.amazonaws.com.": ZoneRecord(("203.0.113.20", "203.0.113.21"), ttl=60),
+    "ec2.us-east-1.amazonaws.com.": ZoneRecord(("203.0.113.22", "203.0.113.23"), ttl=60),
+    "sqs.eu-west-1.amazonaws.com.": ZoneRecord(("203.0.113.24", "203.0.113.25", "203.0.113.26"), ttl=30),
+    "dynamodb.us-east-1.amazonaws.com.": ZoneRecord(("203.0.113.27",), ttl=300),
+    "api.stripe.com.": ZoneRecord(("203.0.113.30", "203.0.113.31"), ttl=300),
+    "example.org.": ZoneRecord(("198.51.100.80",), ttl=3600),
+    "www.example.org.": ZoneRecord(("198.51.100.81",), ttl=3600),
+    "rotating.example.net.": ZoneRecord(tuple(f"203.0.113.{i}" for i in range(40, 48)), ttl=5, rotate=True),
+    "short-ttl.example.net.": ZoneRecord(("203.0.113.50",), ttl=1),
+    "long-ttl.example.net.": ZoneRecord(("203.0.113.51",), ttl=86400),
+    "host.world.test.": ZoneRecord(("203.0.113.10",), ttl=60),
+}
+
+
 def host_addresses() -> list[str]:
     """Every world address: the zones' A records, the DNS server and the plain host (all on the world's loopback)."""
-    from propolis.sandbox.world_dns import WORLD_ZONE
     addrs = {WORLD_DNS_IP, WORLD_HOST_IP}
     for record in WORLD_ZONE.values():
         addrs.update(record.addresses)
