@@ -336,10 +336,11 @@ class Enforcer(Component):
         self.policies.replace_all({ep_id: pol for ep_id, pol in self.desired.policies.items()})
         self.publish_endpoint_states()
         l7_pending = sum(p.l7_pending for p in self.desired.policies.values())
-        self.rt.features["L7 proxy"] = {
+        # "L7 proxy" itself is the l7-proxy's feature (HTTP); what no proxy enforces yet is said here
+        self.rt.features["L7 rules without a proxy"] = {
             "state": "Disabled",
-            "detail": (f"{l7_pending} endpoint(s) have L7 rules: their L4 ports are allowed, HTTP/Kafka/DNS rules "
-                       "are not enforced yet" if l7_pending else "not built yet; no policy has L7 rules")}
+            "detail": (f"{l7_pending} endpoint(s) have Kafka/DNS/generic L7 rules: their L4 ports are allowed, "
+                       "the rules are not enforced yet" if l7_pending else "no policy has such L7 rules")}
         self.lb.set_services(self.desired)
 
 
