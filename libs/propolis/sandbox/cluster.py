@@ -25,6 +25,7 @@ import aiohttp
 
 from propolis.errors import CliError, PermanentError, TemporaryError, ValidationError
 from propolis.sandbox import netns as netns_mod
+from propolis.sandbox import readiness
 from propolis.sandbox.config import (BPF_ROOT, RUN_ROOT, SANDBOX_ENV, SandboxConfig, SandboxState, allocate,
                                      allocation_lock, existing_sandboxes, load_state, validate_sandbox_name)
 from propolis.sandbox.resources import KINDS, Document, ResourceKind, load_documents, resolve_kind, validate_documents
@@ -51,6 +52,7 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
        cluster_id: int = 0) -> SandboxState:
     """Start sandbox `name` in the background and return its ready state. Idempotent."""
     validate_sandbox_name(name)
+    started = time.monotonic()
     existing = load_state(name)
     if existing is not None and supervisor_alive(existing):
         cfg = existing.sandbox()
@@ -82,7 +84,9 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
         proc = subprocess.Popen(supervisor_command(name, services), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 cwd="/", start_new_session=True, env=dict(os.environ, **{SANDBOX_ENV: name}))
     try:
-        return _wait_ready(name, timeout, proc)
+        state = _wait_ready(name, timeout, proc)
+        asyncio.run(readiness.wait_healthy(state, timeout=max(5.0, timeout - (time.monotonic() - started))))
+        return state
     except CliError:
         down(name)
         raise
