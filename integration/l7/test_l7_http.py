@@ -9,10 +9,13 @@ restarted proxy serves new connections within a second of listening again.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from propolis.sandbox import cluster, probe
 from propolis.sandbox import netns as netns_mod
 from propolis.sandbox.config import load_state
 from propolis.sandbox.fixture import running_sandbox
+from propolis.sandbox.resources import documents_from
 
 pytestmark = pytest.mark.root
 
@@ -52,10 +56,33 @@ async def _api_ip(state) -> str:
     return dest.ip
 
 
-async def http(state, source: str, method: str, path: str, timeout: float = 2.0) -> probe.ProbeResult:
-    spec = probe.ProbeSpec(cluster.source_netns(state, source), await _api_ip(state), 8080,
-                           http=(method, path))
+async def _ip(state, pod: str) -> str:
+    async with cluster.Api(state.apiserver_url) as api:
+        dest = await cluster.resolve_destination(api, pod, from_netns=cluster.source_netns(state, FRONTEND))
+    return dest.ip
+
+
+async def http(state, source: str, method: str, path: str, timeout: float = 2.0, *, to: str = API,
+               port: int = 8080) -> probe.ProbeResult:
+    spec = probe.ProbeSpec(cluster.source_netns(state, source), await _ip(state, to), port, http=(method, path))
     return await probe.probe(spec, timeout=timeout)
+
+
+async def raw_exchange(state, data: bytes, *, pause_after: int = 0) -> bytes:
+    """Send raw bytes from the frontend to api:8080, return everything answered until the close."""
+    loop = asyncio.get_running_loop()
+    sock = netns_mod.socket_in(cluster.source_netns(state, FRONTEND), socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (await _api_ip(state), 8080)), 2)
+        await loop.sock_sendall(sock, data)
+        received = b""
+        while True:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+            if not chunk:
+                return received
+            received += chunk
+    finally:
+        sock.close()
 
 
 async def test_seed_api_l7_policy_request_by_request(sandbox):
@@ -72,6 +99,27 @@ async def test_seed_api_l7_policy_request_by_request(sandbox):
     # L3/L4 still decides first: the outsider does not even connect
     res = await http(sandbox, OUTSIDER, "GET", "/api/v1/users", timeout=0.75)
     assert not res.connected
+    # the denial is an L7 flow, as Hubble shows it
+    proc = subprocess.run([sys.executable, "-m", "propolis.cli.main", "observe", "--name", sandbox.config["name"],
+                           "--protocol", "http", "--http-status", "403", "--last", "50", "-o", "json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    flows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    flows = [f.get("flow", f) for f in flows]
+    denied = [f for f in flows if f["l7"]["http"]["method"] == "DELETE"]
+    assert denied and denied[0]["verdict"] == "DROPPED" and denied[0]["Type"] == "L7"
+    assert denied[0]["source"]["pod_name"] == "frontend" and denied[0]["destination"]["pod_name"] == "api"
+    assert denied[0]["l7"]["http"]["url"].endswith("/api/v1/users")
+
+
+async def test_bad_input_gets_the_protocols_answer_and_a_close(sandbox):
+    too_big = b"GET /api/v1/users HTTP/1.1\r\nX-Big: " + b"a" * (61 * 1024) + b"\r\n\r\n"
+    assert (await raw_exchange(sandbox, too_big)).startswith(b"HTTP/1.1 431 ")
+    bad_chunk = b"POST /api/v1/users HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    assert (await raw_exchange(sandbox, bad_chunk)).startswith(b"HTTP/1.1 400 ")
+    assert (await raw_exchange(sandbox, b"\x16\x03\x01\x00\xa5garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    # the proxy is still there for the next client
+    assert (await http(sandbox, FRONTEND, "GET", "/api/v1/users")).http_status == 200
 
 
 async def test_keep_alive_and_pipelined_requests_are_judged_one_by_one(sandbox):
@@ -99,6 +147,40 @@ async def test_keep_alive_and_pipelined_requests_are_judged_one_by_one(sandbox):
         assert b"production/api" in received  # the allowed ones were answered by the api pod itself
     finally:
         sock.close()
+
+
+EGRESS_POLICIES = [
+    {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+     "metadata": {"name": "frontend-egress-l7", "namespace": "production"},
+     "spec": {"endpointSelector": {"matchLabels": {"app": "frontend"}},
+              "egress": [{"toEndpoints": [{"matchLabels": {"app": "api"}}],
+                          "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}],
+                                       "rules": {"http": [{"method": "GET", "path": "/api/v1/health"}]}}]}]}},
+    {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+     "metadata": {"name": "db-egress-l7", "namespace": "production"},
+     "spec": {"endpointSelector": {"matchLabels": {"app": "db"}},
+              "egress": [{"toEndpoints": [{"matchLabels": {"app": "frontend"}}],
+                          "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}],
+                                       "rules": {"http": [{"method": "GET", "path": "/public/.*"}]}}]}]}},
+]
+
+
+async def test_egress_rules_are_enforced_by_the_clients_node(sandbox):
+    """The client's egress proxy judges first, then the server's ingress rules still apply (its own redirect)."""
+    docs = documents_from("egress-l7", EGRESS_POLICIES)
+    await cluster.apply_documents(sandbox, docs)
+    try:
+        await cluster.wait(sandbox, timeout=60)
+        got = [(m, p, (await http(sandbox, FRONTEND, m, p)).http_status)
+               for m, p in (("GET", "/api/v1/health"), ("GET", "/api/v1/users"), ("DELETE", "/api/v1/users"))]
+        assert got == [("GET", "/api/v1/health", 200), ("GET", "/api/v1/users", 403),
+                       ("DELETE", "/api/v1/users", 403)]
+        db = [(p, (await http(sandbox, "production/db", "GET", p, to=FRONTEND, port=80)).http_status)
+              for p in ("/public/index.html", "/private")]
+        assert db == [("/public/index.html", 200), ("/private", 403)]
+    finally:
+        await cluster.delete_documents(sandbox, docs)
+        await cluster.wait(sandbox, timeout=60)
 
 
 def _proxy_of_node(state, node: str) -> int:
