@@ -5,7 +5,7 @@
  *
  * Why a ring buffer: one ordered stream for all CPUs, read with epoll from
  * the observer. A full buffer never blocks a packet: the event is counted
- * in cilium_events_lost (per CPU) and the observer reports the loss
+ * in cilium_events_lost_by_type (per CPU) and the observer reports the loss
  * (Hubble's lost events). Per-node switches live in cilium_runtime_config.
  */
 #ifndef __PROPOLIS_EVENTS_H_
@@ -23,30 +23,26 @@ static __always_inline struct runtime_config *get_runtime_config(void)
 	return runtime_config.lookup(&zero);
 }
 
-static __always_inline int events_enabled(__u32 disable_bit)
+/* The node's runtime config when events of this kind are on, else NULL
+ * (no config at all: every kind on, no rate limit). */
+static __always_inline int events_enabled(struct runtime_config *cfg, __u32 disable_bit)
 {
-	struct runtime_config *cfg = get_runtime_config();
-
 	return !cfg || !(cfg->events_disabled & disable_bit);
 }
 
-/* An event that did not make it into the ring, counted by type and cause. */
+/* An event that did not make it into the ring, counted by type and cause
+ * (readers sum ring_full over the types for Hubble's lost events). */
 static __always_inline void count_lost_event(__u8 type, int rate_limited)
 {
-	__u32 zero = 0, index = type;
-	__u64 *lost;
+	__u32 index = type;
 	struct events_lost_count *by_type = events_lost_typ.lookup(&index);
 
-	if (rate_limited) {
-		if (by_type)
-			by_type->rate_limited += 1;
+	if (!by_type)
 		return;
-	}
-	if (by_type)
+	if (rate_limited)
+		by_type->rate_limited += 1;
+	else
 		by_type->ring_full += 1;
-	lost = events_lost.lookup(&zero);
-	if (lost)
-		*lost += 1;
 }
 
 #define EVENTS_CREDIT_PER_TOKEN	1000000000ULL	/* credit is rate * ns */
@@ -88,13 +84,13 @@ static __always_inline int events_rate_allowed(struct lxc_ctx *c, struct runtime
 	return 1;
 }
 
-static __always_inline void emit_flow_event(struct lxc_ctx *c, __u8 type, __u8 subtype,
+static __always_inline void emit_flow_event(struct lxc_ctx *c, struct runtime_config *cfg, __u8 type, __u8 subtype,
 					    __u8 verdict, __u8 match_type, __u8 trace_reason,
 					    __u8 flags, __be16 proxy_port, __u16 drop_reason)
 {
 	struct flow_event *e;
 
-	if (!events_rate_allowed(c, get_runtime_config())) {
+	if (!events_rate_allowed(c, cfg)) {
 		count_lost_event(type, 1);
 		return;
 	}
@@ -141,9 +137,11 @@ static __always_inline void emit_flow_event(struct lxc_ctx *c, __u8 type, __u8 s
 /* Count, notify and drop: every drop goes through here. */
 static __always_inline int send_drop_notify(struct lxc_ctx *c, __u8 reason, __u8 match_type)
 {
+	struct runtime_config *cfg = get_runtime_config();
+
 	update_metrics(c->p.len, c->dir, reason);
-	if (events_enabled(EVENTS_DISABLE_DROP))
-		emit_flow_event(c, CILIUM_NOTIFY_DROP, reason, VERDICT_DROPPED, match_type,
+	if (events_enabled(cfg, EVENTS_DISABLE_DROP))
+		emit_flow_event(c, cfg, CILIUM_NOTIFY_DROP, reason, VERDICT_DROPPED, match_type,
 				TRACE_REASON_UNKNOWN, c->enforced ? FLOW_EVENT_F_ENFORCED : 0, 0, reason);
 	return CTX_ACT_DROP;
 }
@@ -152,8 +150,10 @@ static __always_inline void send_policy_verdict_notify(struct lxc_ctx *c, __u8 v
 						       __u8 match_type, __be16 proxy_port,
 						       __u16 drop_reason)
 {
-	if (events_enabled(EVENTS_DISABLE_POLICY_VERDICT))
-		emit_flow_event(c, CILIUM_NOTIFY_POLICY_VERDICT, 0, verdict, match_type,
+	struct runtime_config *cfg = get_runtime_config();
+
+	if (events_enabled(cfg, EVENTS_DISABLE_POLICY_VERDICT))
+		emit_flow_event(c, cfg, CILIUM_NOTIFY_POLICY_VERDICT, 0, verdict, match_type,
 				TRACE_REASON_NEW, FLOW_EVENT_F_ENFORCED, proxy_port, drop_reason);
 }
 
@@ -179,7 +179,7 @@ static __always_inline void send_trace_notify(struct lxc_ctx *c, __u8 obs_point,
 	else
 		report = 0;
 	if (report)
-		emit_flow_event(c, CILIUM_NOTIFY_TRACE, obs_point, VERDICT_FORWARDED,
+		emit_flow_event(c, cfg, CILIUM_NOTIFY_TRACE, obs_point, VERDICT_FORWARDED,
 				POLICY_MATCH_NONE, trace_reason,
 				is_reply ? FLOW_EVENT_F_IS_REPLY : 0, 0, 0);
 }

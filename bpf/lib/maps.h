@@ -262,8 +262,8 @@ BPF_TABLE_PINNED("array", __u32, struct runtime_config,
 		 runtime_config, 1, PIN_DIR "/cilium_runtime_config");
 
 /* ------------------------------------------------------------------ */
-/* cilium_events: ring buffer of flow_event; cilium_events_lost counts */
-/* the events that could not be reserved (PERCPU_ARRAY[1])             */
+/* cilium_events: ring buffer of flow_event; cilium_events_lost_by_type */
+/* counts what did not make it in; cilium_events_ratelimit: buckets    */
 /* ------------------------------------------------------------------ */
 #ifndef EVENTS_RINGBUF_PAGES
 #define EVENTS_RINGBUF_PAGES 1024	/* 4 MiB with 4 KiB pages, power of two */
@@ -348,13 +348,12 @@ struct cilium_events_table_t {
 __attribute__((section("maps/ringbuf:" PIN_DIR "/cilium_events")))
 struct cilium_events_table_t cilium_events = { .max_entries = EVENTS_RINGBUF_PAGES * PAGE_SIZE };
 
-BPF_TABLE_PINNED("percpu_array", __u32, __u64,
-		 events_lost, 1, PIN_DIR "/cilium_events_lost");
-/* Why per type and cause: a loss must be attributable (which kind of event, and
- * whether the ring was full or an endpoint was over its rate). Index = type. */
+/* Events that did not make it into the ring, per type and cause: a loss must
+ * be attributable (which kind of event; ring full, or the endpoint over its
+ * rate). Index = type. Hubble's lost events = ring_full summed. */
 #define EVENTS_LOST_TYPES	8
 struct events_lost_count {
-	__u64 ring_full;	/* no room in cilium_events (also counted in cilium_events_lost) */
+	__u64 ring_full;	/* no room in cilium_events */
 	__u64 rate_limited;	/* the endpoint was over its events rate */
 };
 BPF_TABLE_PINNED("percpu_array", __u32, struct events_lost_count,

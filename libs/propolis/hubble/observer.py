@@ -2,7 +2,7 @@
 
 Why one loop and no queue between reading and publishing: the kernel's BPF ring buffer already
 is the queue. When the observer falls behind, the datapath cannot reserve and counts the event
-in cilium_events_lost — the one place where a flow is lost before the observer, reported as
+in cilium_events_lost_by_type — the one place where a flow is lost before the observer, reported as
 Hubble's PERF_EVENT_RING_BUFFER lost events. After that, every flow is numbered (`seq`), so a
 bus subscriber counts what it missed itself (NATS_SUBSCRIBER), and the ring buffer reports the
 readers it overran (HUBBLE_RING_BUFFER), as Hubble does.
@@ -157,7 +157,7 @@ class Observer:
                                 codec.encode(LostEvents(source, n, self.node, rfc3339(time.time()))))
 
     async def datapath_lost(self, total: int) -> int:
-        """Feed the datapath's cilium_events_lost total; counts (and returns) what is new since the
+        """Feed the datapath's lost-event total (ring full, all types); counts (and returns) what is new since the
         previous call. The first call only sets the baseline: earlier losses predate this observer."""
         if self._datapath_lost_base is None:
             self._datapath_lost_base = total

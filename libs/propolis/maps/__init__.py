@@ -21,7 +21,6 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     metrics.SPEC,
     config.SPEC,
     events.SPEC,
-    events.LOST_SPEC,
     events.LOST_BY_TYPE_SPEC,
     events.RATELIMIT_SPEC,
     *lb.SPECS,

@@ -1,5 +1,5 @@
-"""cilium_events (ring buffer of `struct flow_event`) and cilium_events_lost (per-CPU count of
-events the datapath could not reserve).
+"""cilium_events (ring buffer of `struct flow_event`) and cilium_events_lost_by_type (per-CPU
+counts of the events that did not make it into the ring, per type and cause).
 
 Mirrors `struct flow_event` in bpf/lib/maps.h. Why a reader of our own: the observer runs
 in another process than the loader, opens the pinned ring buffer by path, maps it (the
@@ -93,15 +93,6 @@ SPEC = MapSpec(
     extra={"record": FlowEventRecord},
 )
 
-LOST_SPEC = MapSpec(
-    pin_name="cilium_events_lost",
-    c_name="events_lost",
-    map_type=bpf.BPF_MAP_TYPE_PERCPU_ARRAY,
-    key_type=ctypes.c_uint32,
-    value_type=ctypes.c_uint64,
-    max_entries=1,
-    why_size="one counter (per CPU)",
-)
 
 
 class EventsLostCount(ctypes.Structure):
@@ -252,7 +243,6 @@ class EventReader:
         self._consumer = mmap.mmap(self.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._producer = mmap.mmap(self.fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data_off = page
-        self._lost = LOST_SPEC.open(pin_dir)
         self._lost_by_type = LOST_BY_TYPE_SPEC.open(pin_dir)
 
     def read(self, limit: int = 100_000) -> list[FlowEvent]:
@@ -275,9 +265,9 @@ class EventReader:
         return events
 
     def lost(self) -> int:
-        """Events the datapath could not reserve since the map was created (all CPUs)."""
-        per_cpu = self._lost.lookup(ctypes.c_uint32(0))
-        return sum(v.value for v in per_cpu) if per_cpu else 0
+        """Events the datapath could not reserve (ring full) since the maps were created, all
+        types and CPUs: Hubble's lost events. Rate-limited ones are in lost_by_type()."""
+        return sum(counts["ring_full"] for counts in self.lost_by_type().values())
 
     def lost_by_type(self) -> dict[str, dict[str, int]]:
         """Events lost since the map was created, per event type ("drop", "trace",
@@ -314,7 +304,6 @@ class EventReader:
         if self.fd >= 0:
             self._consumer.close()
             self._producer.close()
-            self._lost.close()
             self._lost_by_type.close()
             os.close(self.fd)
             self.fd = -1
