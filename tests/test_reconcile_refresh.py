@@ -115,3 +115,9 @@ def test_ct_gc_interval_adapts_to_how_much_a_pass_freed():
     assert next_interval(300, 0.01) == 450            # little to do: 1.5x longer
     assert next_interval(40000, 0.01, maximum=43200) == 43200
     assert next_interval(300, 0.1) == 300             # in between: keep
+
+
+def test_one_back_off_for_every_loop():
+    from propolis.reconcile import backoff_delay
+    assert [backoff_delay(n) for n in (1, 2, 3)] == [0.1, 0.2, 0.4]
+    assert backoff_delay(30) == 60.0 and backoff_delay(30, maximum=5.0) == 5.0

@@ -64,6 +64,12 @@ class ObjectStatus:
 _ABSENT = object()
 
 
+def backoff_delay(attempts: int, minimum: float = 0.1, maximum: float = 60.0) -> float:
+    """Seconds before retry number ``attempts`` (1-based): exponential from ``minimum``, capped at ``maximum``.
+    The one back-off of every desired->actual loop (reconcilers, the identity-allocator's queue)."""
+    return min(maximum, minimum * 2 ** max(0, attempts - 1))
+
+
 class Reconciler(Generic[K, V]):
     def __init__(self, name: str, target: Target[K, V], *, refresh_interval: float = 60.0,
                  backoff_min: float = 0.1, backoff_max: float = 60.0) -> None:
@@ -208,7 +214,7 @@ class Reconciler(Generic[K, V]):
                     log.error("%s: %s %r failed permanently: %s", self.name, what, key, st.error)
                     continue
                 st.status = Status.ERROR
-                st.retry_at = time.monotonic() + min(self.backoff_max, self.backoff_min * 2 ** (st.attempts - 1))
+                st.retry_at = time.monotonic() + backoff_delay(st.attempts, self.backoff_min, self.backoff_max)
                 log.warning("%s: %s %r failed (attempt %d): %s", self.name, what, key, st.attempts, st.error)
                 continue
             if self._pending.get(key) is value:

@@ -24,13 +24,17 @@ from propolis.bus.messages import EndpointRecord, IdentityIndex, IdentityRecord,
 from propolis.bus.watermark import WatermarkGate, new_epoch
 from propolis.identity.allocator import IdentityAllocator, labels_hash
 from propolis.identity.endpoints import endpoint_for_pod
+from propolis.errors import PermanentError
 from propolis.model import identity as idmodel
+from propolis.reconcile import backoff_delay
 from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime, run_service
 from propolis.runtime.settings import CommonSettings, setting
 
 log = logging.getLogger("propolis.identity_allocator")
 SERVICE = "identity-allocator"
+#: longest wait before retrying a queue item (the queue is ordered: a longer wait would hold back every pod)
+WORKER_RETRY_MAX = 5.0
 
 
 @dataclass
@@ -145,6 +149,7 @@ class Allocator(Component):
                 self.identities.pop(number, None)
 
     async def _worker(self) -> None:
+        failures = 0  # consecutive: the back-off grows while NATS stays away, resets on the first success
         while True:
             item = await self.queue.get()
             try:
@@ -162,10 +167,16 @@ class Allocator(Component):
                 self.rt.progress["bucket_epoch"] = self.epoch
                 self.rt.progress["bucket_repairs"] = self.repairs
                 self._report()
-            except Exception as exc:  # NATS away: retry this item shortly
-                log.warning("sync %s failed: %s; retrying", item, exc)
+                failures = 0
+            except PermanentError as exc:  # retrying cannot help: named, dropped; its next change re-queues it
+                log.error("sync %s failed permanently: %s", item, exc)
+                self.set_degraded(f"sync of {item} failed: {exc}")
+            except Exception as exc:  # NATS away: retry this item with the reconcilers' back-off
+                failures += 1
+                delay = backoff_delay(failures, maximum=WORKER_RETRY_MAX)
+                log.warning("sync %s failed (attempt %d): %s; retrying in %.1fs", item, failures, exc, delay)
                 self.set_degraded(f"sync failing: {exc}")
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(delay)
                 await self.queue.put(item)
 
     async def _pass_on(self, k8s_mark: Watermark) -> None:

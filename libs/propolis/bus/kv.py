@@ -112,6 +112,12 @@ class UndecodableValues:
 UNDECODABLE = UndecodableValues()
 
 
+#: nats-py errors that mean "NATS not reachable or not answering now": a TemporaryError at this boundary
+_NATS_UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError,
+                     nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+                     nats.errors.OutboundBufferLimitError, nats.js.errors.ServiceUnavailableError)
+
+
 class Kv:
     """One bucket; values are codec messages (``raw=True`` methods for bytes)."""
 
@@ -134,7 +140,11 @@ class Kv:
             return None
 
     async def put(self, key: str, value: Any) -> int:
-        return await self.store.put(key, codec.encode(value))
+        data = codec.encode(value)
+        try:
+            return await self.store.put(key, data)
+        except _NATS_UNAVAILABLE as exc:  # nats-py's errors, translated here naming the key
+            raise TemporaryError(f"put {self.bucket}/{key}: {exc or type(exc).__name__}") from exc
 
     async def create(self, key: str, value: Any) -> int:
         """Write only if absent (also after a delete) or undecodable (poison: nobody can use it, so the
@@ -176,6 +186,8 @@ class Kv:
             await self.store.delete(key, last=revision)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise Conflict(f"{self.bucket}/{key} changed since revision {revision}") from exc
+        except _NATS_UNAVAILABLE as exc:
+            raise TemporaryError(f"delete {self.bucket}/{key}: {exc or type(exc).__name__}") from exc
 
     async def items(self, keys: str = ">", *, refused: dict[str, str] | None = None) -> dict[str, Entry]:
         """A snapshot of the bucket, read with direct gets (no consumer left behind: `bus/snapshot.py`);
