@@ -17,6 +17,8 @@ from propolis.runtime.settings import CommonSettings, setting
 @dataclass
 class Settings(CommonSettings):
     node_netns: str = setting("", "network namespace of the node (empty = this one)")
+    policy_enforcement: str = setting("default", "Cilium's policy enforcement mode (as the datapath-writer's)",
+                                      choices=("default", "always", "never"))
     proxy_header_timeout: float = setting(10.0, "a request head must be complete this long after its first "
                                                 "byte (408 otherwise)", unit="s")
     proxy_idle_timeout: float = setting(300.0, "a kept-alive connection with no request is closed after",
@@ -30,7 +32,8 @@ class Settings(CommonSettings):
 
 
 def build(settings: Settings) -> list[Component]:
-    inputs = PolicyInputsComponent(settings.node_name)
+    inputs = PolicyInputsComponent(settings.node_name, cluster_name=settings.cluster_name,
+                                   mode=settings.policy_enforcement)
     return [inputs, ProxyComponent(inputs, node=settings.node_name, netns=settings.node_netns or None,
                                    header_timeout=settings.proxy_header_timeout,
                                    idle_timeout=settings.proxy_idle_timeout)]

@@ -36,6 +36,8 @@ class Verdict:
 @dataclass
 class ProxyPolicy:
     node: str
+    cluster_name: str | None = None  # as the datapath-writer's (policies may select by cluster)
+    mode: str = "default"  # the writer's policy enforcement mode ("never": nothing is redirected anyway)
     inputs: ClusterInputs = field(default_factory=ClusterInputs)
     #: ip -> identity from the ipcache bucket (every node's endpoints)
     ipcache: dict[str, int] = field(default_factory=dict)
@@ -43,7 +45,7 @@ class ProxyPolicy:
     _compiled: dict[L7Annotation, tuple[HTTPRuleMatcher, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._desired = DesiredState(self.node)
+        self._desired = DesiredState(self.node, mode=self.mode, cluster_name=self.cluster_name)
 
     def ipcache_event(self, ev: KvEvent) -> None:
         if ev.type is EventType.PUT and ev.value is not None and hasattr(ev.value, "identity"):

@@ -32,9 +32,9 @@ SERVICE = "l7-proxy"
 class PolicyInputsComponent(Component):
     name, title = "inputs", "watch the k8s, identities and ipcache buckets"
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, *, cluster_name: str, mode: str) -> None:
         super().__init__()
-        self.policy = ProxyPolicy(node)
+        self.policy = ProxyPolicy(node, cluster_name=cluster_name, mode=mode)
 
     async def start(self, rt: Runtime) -> None:
         k8s = await rt.bus.kv(subjects.K8S_BUCKET)
