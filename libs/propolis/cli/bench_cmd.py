@@ -23,6 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     services.add_argument("--connections", type=int, default=2000, help="new connections per measurement")
     services.set_defaults(func=lambda a: importlib.import_module("propolis.bench.services").run(
         [int(c) for c in a.counts.split(",") if c.strip()], connections=a.connections))
+    mesh = verbs.add_parser("clustermesh", help="Cluster Mesh: KVStoreMesh sync and propagation over real NATS, "
+                                                "import cost of many synthetic remote clusters")
+    mesh.add_argument("--clusters", default="1,8,32", help="remote cluster counts, comma-separated")
+    mesh.add_argument("--nodes", type=int, default=200, help="nodes per synthetic cluster")
+    mesh.add_argument("--endpoints", type=int, default=5000, help="endpoints per synthetic cluster")
+    mesh.add_argument("--sync-endpoints", type=int, default=5000, help="endpoints of the mirrored remote export")
+    mesh.add_argument("--changes", type=int, default=200, help="single changes timed remote -> local cache")
+    mesh.set_defaults(func=lambda a: _print(importlib.import_module("propolis.clustermesh.bench").run(
+        [int(c) for c in a.clusters.split(",") if c.strip()], a.nodes, a.endpoints, a.sync_endpoints, a.changes)))
     sandbox = verbs.add_parser("sandbox", help="sandbox up + pods ready, probe matrix throughput, down")
     sandbox.add_argument("--nodes", type=int, default=2)
     sandbox.add_argument("--pods", type=int, default=20)
