@@ -159,7 +159,7 @@ class ObserverComponent(Component):
     async def _open_reader(self) -> ev.EventReader:
         delay = 0.2
         while True:
-            if os.path.exists(ev.SPEC.path(self.pin_dir)) and os.path.exists(ev.LOST_SPEC.path(self.pin_dir)):
+            if os.path.exists(ev.SPEC.path(self.pin_dir)) and os.path.exists(ev.LOST_BY_TYPE_SPEC.path(self.pin_dir)):
                 try:
                     return ev.EventReader(self.pin_dir)
                 except OSError as exc:
