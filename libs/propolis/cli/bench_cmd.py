@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     mesh.add_argument("--changes", type=int, default=200, help="single changes timed remote -> local cache")
     mesh.set_defaults(func=lambda a: _print(importlib.import_module("propolis.clustermesh.bench").run(
         [int(c) for c in a.clusters.split(",") if c.strip()], a.nodes, a.endpoints, a.sync_endpoints, a.changes)))
+    dns_bench = verbs.add_parser("dns", help="DNS proxy: added latency and queries/s against the same upstream "
+                                             "queried directly (loopback, separate processes)")
+    dns_bench.add_argument("--rate", type=int, default=1000, help="paced queries/s for the latency figures")
+    dns_bench.add_argument("--seconds", type=float, default=3.0)
+    dns_bench.set_defaults(func=lambda a: _print(importlib.import_module("propolis.fqdn.bench").run(a.rate, a.seconds)))
     sandbox = verbs.add_parser("sandbox", help="sandbox up + pods ready, probe matrix throughput, down")
     sandbox.add_argument("--nodes", type=int, default=2)
     sandbox.add_argument("--pods", type=int, default=20)

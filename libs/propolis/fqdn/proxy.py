@@ -27,9 +27,9 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
-import dns.rdatatype
 
 from propolis.fqdn.matchpattern import FqdnSelector, any_matches
+from propolis.fqdn.wire import WireError, answer_a_records
 
 log = logging.getLogger("propolis.fqdn.proxy")
 
@@ -111,27 +111,27 @@ class DnsProxy:
         self.stats["allowed"] += 1
         try:
             answer_wire = await self.exchange(wire, where)
-            answer = dns.message.from_wire(answer_wire)
-        except (dns.exception.DNSException, OSError, asyncio.TimeoutError, ValueError) as exc:
+            records = answer_a_records(answer_wire)
+            if answer_wire[:2] != wire[:2]:
+                raise WireError("the answer's id is not the query's")
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
             self.stats["upstream_errors"] += 1
             log.info("forwarding %s to %s: %s", name, where.server_ip, exc)
             response = dns.message.make_response(query)
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()
-        await self._learn_before_release(name, answer, where)
+        await self._learn_before_release(name, records, where)
         return answer_wire
 
-    async def _learn_before_release(self, qname: str, answer: dns.message.Message, where: Redirected) -> None:
+    async def _learn_before_release(self, qname: str, records: list[tuple[str, list[str], int]],
+                                    where: Redirected) -> None:
         """A records of the answer whose owner (or the query name, through a CNAME chain) a selector matches."""
-        selectors = self.fqdn_selectors()
+        selectors = self.fqdn_selectors() if records else []
         learned = []
-        for rrset in answer.answer:
-            if rrset.rdtype != dns.rdatatype.A:
-                continue
-            owner = rrset.name.to_text()
+        for owner, ips, ttl in records:
             matching = [s for s in selectors if s.matches(owner) or s.matches(qname)]
             if matching:
-                learned.append(Learned(where.client_ip, owner, [rr.to_text() for rr in rrset], rrset.ttl, matching))
+                learned.append(Learned(where.client_ip, owner, ips, ttl, matching))
         if not learned:
             return
         task = asyncio.ensure_future(asyncio.gather(*(self.learn(item) for item in learned)))
