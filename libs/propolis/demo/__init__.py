@@ -109,6 +109,29 @@ async def _try_flows(state: SandboxState, with_policy: bool) -> bool:
     return as_expected
 
 
+#: (method, path, status): the seed's HTTP rules allow GET/POST /api/v1/users and GET /api/v1/health
+L7_REQUESTS = (("GET", "/api/v1/users", 200), ("DELETE", "/api/v1/users", 403), ("POST", "/api/v1/products", 403))
+
+
+async def _try_l7(state: SandboxState) -> bool:
+    """HTTP requests frontend -> api:8080 with api-l7-policy alone: each judged on its own by the L7 proxy."""
+    say("   HTTP rules: allow-frontend allows port 8080 without HTTP rules, which (as in Cilium) lets every")
+    say("   request through; with api-l7-policy alone the L7 proxy judges each request:")
+    await cluster.delete(state, [str(POLICIES[0])])
+    await cluster.wait(state, timeout=60)
+    netns = state.sandbox().pod_netns("production", "frontend")
+    ip = (await _targets(state))["production/api"]
+    as_expected = True
+    for method, path, expected in L7_REQUESTS:
+        res = await probe.probe(probe.ProbeSpec(netns, ip, 8080, http=(method, path)), timeout=2.0)
+        ok = res.http_status == expected
+        as_expected &= ok
+        say(f"   production/frontend -> production/api:8080  {method:<7}{path:<20} HTTP {res.http_status}"
+            f"{'' if ok else f' (!) expected {expected}'}")
+    cli(state, "observe", "--protocol", "http", "--http-status", "403", "--last", "2")
+    return as_expected
+
+
 async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = True) -> int:
     started = time.monotonic()
     say("Propolis demo: eBPF networking, policy and observability for Kubernetes, on this one machine.")
@@ -132,7 +155,7 @@ async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = Tr
     step(4, "Apply the policies from the Cilium deep dive, unchanged")
     say("   NetworkPolicy allow-frontend:      pods app=api accept TCP 8080 from app=frontend only")
     say("   CiliumNetworkPolicy api-l7-policy: the same at L3/L4, plus HTTP rules (GET/POST on /api/v1/...)")
-    say("   (the HTTP rules are parsed and kept; their enforcement comes with the L7 proxy)")
+    say("   (each HTTP request is judged by the l7-proxy of the api's node, see step 5)")
     for line in await cluster.apply(state, [str(p) for p in POLICIES]):
         say(f"   {line}")
     caught_up = await cluster.wait(state, timeout=60)
@@ -140,6 +163,7 @@ async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = Tr
 
     step(5, "The same connections again: the eBPF programs on the pod veths now drop what policy denies")
     policy_ok = await _try_flows(state, with_policy=True)
+    l7_ok = await _try_l7(state)
 
     step(6, "Cluster health")
     cli(state, "status", "--name", name)
@@ -167,7 +191,7 @@ async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = Tr
     say(f"   propolis bpf endpoint list --node {state.nodes[0]['name']}               # endpoints in the kernel's maps")
     say(f"   propolis status --name {name}")
     say(f"Stop it and remove everything it created: propolis sandbox down --name {name}")
-    healthy = open_ok and policy_ok and connectivity_rc == 0
+    healthy = open_ok and policy_ok and l7_ok and connectivity_rc == 0
     if not healthy:
         say("Something did not behave as expected (marked (!) above).")
     return 0 if healthy else 1
