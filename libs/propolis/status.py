@@ -50,6 +50,7 @@ FEATURE_SPECS: dict[str, FeatureSpec] = {
     "BandwidthManager": FeatureSpec("datapath-writer", ("sch_fq",)),
     "Host firewall": FeatureSpec("datapath-writer", ("clsact", "bpffs")),
     "Cluster Mesh": FeatureSpec("clustermesh-apiserver"),
+    "L7 proxy": FeatureSpec("l7-proxy"),
 }
 FEATURES = tuple(FEATURE_SPECS)
 
