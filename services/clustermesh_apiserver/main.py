@@ -22,6 +22,8 @@ class Settings(CommonSettings):
     clustermesh_config: str = setting("", "directory of remote cluster configs, one <cluster>.json each "
                                           "(empty = <run-dir>/clustermesh, else /var/lib/propolis/clustermesh)")
     run_dir: str = setting("", "sandbox run directory (PROPOLIS_RUN_DIR)")
+    clustermesh_cache_ttl: float = setting(0.0, "clustermesh.cacheTTL: how long an unreachable remote's cached "
+                                                "state is kept (0 = until it is back or disconnected)", unit="s")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -38,7 +40,7 @@ class Settings(CommonSettings):
 def build(settings: Settings) -> list[Component]:
     return [ExportComponent(cluster_name=settings.cluster_name, cluster_id=settings.cluster_id),
             KvStoreMeshComponent(cluster_name=settings.cluster_name, cluster_id=settings.cluster_id,
-                                 remotes_dir=settings.remotes_dir())]
+                                 remotes_dir=settings.remotes_dir(), cache_ttl=settings.clustermesh_cache_ttl)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ cluster's read-only user (`bus.permissions.remote_reader_permissions`). A remote
 ``<cluster>.<export key>`` through one `Reconciler`, so a remote that reconnects (its NATS restarted)
 converges without stale keys, a disconnected remote (its config file removed) is withdrawn at once, and
 keys of no connected remote are pruned once every remote delivered its initial export. A remote that
-loses its connection keeps its cached state (Cilium's default `clustermesh.cacheTTL`: keep).
+loses its connection keeps its cached state for ``cache_ttl`` seconds (Cilium's `clustermesh.cacheTTL`; 0,
+the default, keeps it), then it is withdrawn until the remote is back and has synced again.
 A remote announcing another name or id than its config, or this cluster's own name or id, is refused
 and nothing of it is imported.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,9 @@ class RemoteStatus:
     entries: int = 0
     error: str = ""
     keys: set[str] = field(default_factory=set)
+    bus: Bus | None = None
+    lost_since: float = 0.0  # monotonic time the connection was found lost (0 = connected or never)
+    expired: bool = False  # cacheTTL ran out: its keys were withdrawn
 
     @property
     def ready(self) -> bool:
@@ -53,7 +58,7 @@ class RemoteStatus:
 
     def report(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.id, "ready": self.ready, "connected": self.connected,
-                "synced": self.synced, "entries": self.entries, "error": self.error}
+                "synced": self.synced, "entries": self.entries, "error": self.error, "expired": self.expired}
 
 
 def refusal(local_name: str, local_id: int, remote: RemoteCluster, config: Any) -> str:
@@ -84,8 +89,9 @@ class KvStoreMeshComponent(Component):
     name = "kvstoremesh"
     title = "caches every remote cluster's export in the local NATS"
 
-    def __init__(self, *, cluster_name: str, cluster_id: int, remotes_dir: Path) -> None:
+    def __init__(self, *, cluster_name: str, cluster_id: int, remotes_dir: Path, cache_ttl: float = 0.0) -> None:
         super().__init__()
+        self.cache_ttl = cache_ttl
         self.cluster_name = cluster_name
         self.cluster_id = cluster_id
         self.remotes_dir = remotes_dir
@@ -117,6 +123,7 @@ class KvStoreMeshComponent(Component):
                     self.remotes[name] = RemoteStatus(name, remote.id)
                     self.tasks[name] = asyncio.create_task(self._mirror(remote), name=f"kvstoremesh-{name}")
             self.scanned = True
+            self._expire(time.monotonic())
             self._report()
             await asyncio.sleep(REMOTES_POLL_S)
 
@@ -131,11 +138,29 @@ class KvStoreMeshComponent(Component):
             self.cache.remove(key)
         log.info("remote cluster %s disconnected: %d cached keys withdrawn", name, len(status.keys))
 
+    def _expire(self, now: float) -> None:
+        """cacheTTL: withdraw what a remote lost for longer than the TTL exported; it is re-imported (and
+        re-diffed) at its next SYNCED after it is back."""
+        for status in self.remotes.values():
+            connected = status.bus is not None and status.bus.is_connected
+            status.connected = connected
+            if connected:
+                status.lost_since = 0.0
+                continue
+            status.lost_since = status.lost_since or now
+            if self.cache_ttl > 0 and not status.expired and now - status.lost_since >= self.cache_ttl:
+                for key in status.keys:
+                    self.cache.remove(key)
+                log.warning("remote cluster %s unreachable for %.0fs (cacheTTL): %d cached keys withdrawn",
+                            status.name, now - status.lost_since, len(status.keys))
+                status.keys, status.entries, status.synced, status.expired = set(), 0, False, True
+
     async def _mirror(self, remote: RemoteCluster) -> None:
         status = self.remotes[remote.name]
         while True:
             bus = Bus(remote.nats_url, name=f"kvstoremesh-{self.cluster_name}@{remote.name}",
                       user=remote.user, password=remote.password)
+            status.bus = bus
             try:
                 await bus.connect(max_wait=5)
                 status.connected = True
@@ -156,6 +181,7 @@ class KvStoreMeshComponent(Component):
         seen: dict[str, Any] = {}
         async for ev in kv.watch(">"):
             if ev.type is EventType.SYNCED:
+                status.expired = False
                 why = refusal(self.cluster_name, self.cluster_id, remote, seen.get(CLUSTER_CONFIG_KEY))
                 status.error = why
                 status.synced = True
@@ -173,7 +199,7 @@ class KvStoreMeshComponent(Component):
                     seen[ev.key] = ev.value
                 else:
                     seen.pop(ev.key, None)
-                if status.synced and not status.error and importable(remote, ev.key, ev.value):
+                if status.synced and not status.error and not status.expired and importable(remote, ev.key, ev.value):
                     key = subjects.clustermesh_cache_key(remote.name, ev.key)
                     if ev.type is EventType.PUT:
                         self.cache.upsert(key, ev.value)
