@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from propolis import demo
 from propolis.l7.redirect import PROXY_PORTS
@@ -147,6 +148,33 @@ async def test_keep_alive_and_pipelined_requests_are_judged_one_by_one(sandbox):
         assert b"production/api" in received  # the allowed ones were answered by the api pod itself
     finally:
         sock.close()
+
+
+async def test_rule_changes_apply_to_the_next_request_of_an_established_connection(sandbox):
+    loop = asyncio.get_running_loop()
+    policy = yaml.safe_load((MANIFESTS / "30-api-l7-policy.yaml").read_text())
+    policy["spec"]["ingress"][0]["toPorts"][0]["rules"]["http"].append({"method": "GET", "path": "/api/v1/products"})
+    sock = netns_mod.socket_in(cluster.source_netns(sandbox, FRONTEND), socket.AF_INET, socket.SOCK_STREAM)
+
+    async def status(path: str) -> int:
+        await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: api\r\n\r\n".encode())
+        received = b""
+        while not re.search(rb"HTTP/1\.1 (\d{3}) .*?\r\n\r\n(production/api\n|Access denied\r\n)", received, re.S):
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+            assert chunk, f"connection closed after {received!r}"
+            received += chunk
+        return int(re.search(rb"HTTP/1\.1 (\d{3})", received).group(1))
+
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (await _api_ip(sandbox), 8080)), 2)
+        assert (await status("/api/v1/users"), await status("/api/v1/products")) == (200, 403)
+        await cluster.apply_documents(sandbox, documents_from("products", [policy]))
+        await cluster.wait(sandbox, timeout=60)
+        assert (await status("/api/v1/users"), await status("/api/v1/products")) == (200, 200)
+    finally:
+        sock.close()
+        await cluster.apply(sandbox, [str(MANIFESTS / "30-api-l7-policy.yaml")])
+        await cluster.wait(sandbox, timeout=60)
 
 
 EGRESS_POLICIES = [

@@ -58,6 +58,17 @@ def test_malformed_requests_are_bad_messages(data):
         parse(data)
 
 
+@pytest.mark.parametrize("data", [
+    b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nframes",
+    b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\nbytes",
+])
+def test_upgrades_end_the_message_and_the_connection(data):
+    events = parse(data)
+    assert [k for k, _ in events] == ["head", "end"]
+    head = events[0][1]
+    assert head.upgrade and not head.keep_alive
+
+
 def test_responses_parse_status_and_keep_alive():
     (head,) = [v for k, v in parse(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                                    response=True) if k == "head"]

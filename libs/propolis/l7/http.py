@@ -128,8 +128,8 @@ class MessageStream:
         assert head is not None
         p = self._parser
         head.version = p.get_http_version()
-        head.keep_alive = p.should_keep_alive()
         head.upgrade = p.should_upgrade()
+        head.keep_alive = p.should_keep_alive() and not head.upgrade  # refused upgrades end the connection
         if self.response:
             head.status = p.get_status_code()
         else:
@@ -150,7 +150,12 @@ class MessageStream:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            pass  # the head said Upgrade: the caller refuses it
+            # Upgrade/CONNECT: llhttp parses nothing after the head; the message ends here and so does
+            # the connection (the caller refuses the upgrade)
+            if self._head is not None and self.in_message:
+                self._head.keep_alive = False
+                self.events.append(("end", self._head))
+                self.in_message = False
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, HeaderTooLarge):
                 raise HeaderTooLarge() from None
