@@ -41,6 +41,7 @@ class ProxyPolicy:
     inputs: ClusterInputs = field(default_factory=ClusterInputs)
     #: ip -> identity from the ipcache bucket (every node's endpoints)
     ipcache: dict[str, int] = field(default_factory=dict)
+    _rows: dict[str, str] = field(default_factory=dict)  # ipcache key -> its ip
     _desired: DesiredState = field(init=False)
     _compiled: dict[L7Annotation, tuple[HTTPRuleMatcher, ...]] = field(default_factory=dict)
 
@@ -48,10 +49,14 @@ class ProxyPolicy:
         self._desired = DesiredState(self.node, mode=self.mode, cluster_name=self.cluster_name)
 
     def ipcache_event(self, ev: KvEvent) -> None:
+        """One `<node>.<ip>` row of the ipcache bucket (an address moving between nodes keeps the newest)."""
         if ev.type is EventType.PUT and ev.value is not None and hasattr(ev.value, "identity"):
+            self._rows[ev.key] = ev.value.ip
             self.ipcache[ev.value.ip] = ev.value.identity
-        elif ev.type is EventType.DELETE and ev.key:
-            self.ipcache.pop(ev.key.split(".", 1)[1] if "." in ev.key else ev.key, None)
+        elif ev.type is EventType.DELETE and ev.key in self._rows:
+            ip = self._rows.pop(ev.key)
+            if ip not in self._rows.values():
+                self.ipcache.pop(ip, None)
 
     @property
     def ready(self) -> bool:
