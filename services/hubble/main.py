@@ -82,7 +82,9 @@ class EnricherComponent(Component):
     async def start(self, rt: Runtime) -> None:
         feeds = ((subjects.IDENTITIES_BUCKET, self.enricher.identities_event),
                  (subjects.IPCACHE_BUCKET, self.enricher.ipcache_event),
-                 (subjects.K8S_BUCKET, self.enricher.k8s_event))
+                 (subjects.K8S_BUCKET, self.enricher.k8s_event),
+                 (subjects.CLUSTERMESH_CACHE_BUCKET, self.enricher.clustermesh_event))  # remote clusters' peers
+        self.feeds = len(feeds)
         for bucket, feed in feeds:
             rt.spawn(f"watch-{bucket}", self._watch(rt, bucket, feed), self)
         self.set_degraded("waiting for buckets")
@@ -97,7 +99,7 @@ class EnricherComponent(Component):
         async for event in kv.watch(">"):
             if event.type is EventType.SYNCED:
                 self.synced.add(bucket)
-                if len(self.synced) == 3:
+                if len(self.synced) == self.feeds:
                     self.set_ok()
                 continue
             feed(event.key, event.value if event.type is EventType.PUT else None)

@@ -16,7 +16,7 @@ from typing import Any
 from propolis.bus.messages import EndpointRecord, IdentityRecord, IpcacheEntry, K8sObject
 from propolis.datapath.drop import reason_name
 from propolis.maps import events as ev
-from propolis.model.identity import RESERVED_NAMES
+from propolis.model.identity import CLUSTER_LABEL, RESERVED_NAMES
 
 Flow = dict[str, Any]
 
@@ -114,6 +114,16 @@ class Enricher:
             if not by_node:
                 self.ipcache.pop(ip, None)
 
+    def clustermesh_event(self, key: str, value: Any) -> None:
+        """Cluster Mesh cache (`<cluster>.identities.<id>`, `<cluster>.ip.<ip>`): remote peers get their
+        identity and labels (and so their cluster_name and namespace) like local ones."""
+        cluster, _, export_key = key.partition(".")
+        kind, _, rest = export_key.partition(".")
+        if kind == "identities" and rest.isdigit():
+            self.identities_event(f"id.{rest}", value)
+        elif kind == "ip":
+            self.ipcache_event(f"@{cluster}.{rest}", value)
+
     def k8s_event(self, key: str, value: Any) -> None:
         kind, _, rest = key.partition(".")
         if kind == "services":
@@ -175,6 +185,9 @@ class Enricher:
         elif identity in self.identities:
             labels = sorted(self.identities[identity])
             out["labels"] = labels
+            cluster = next((lbl.split("=", 1)[1] for lbl in labels if lbl.startswith(f"k8s:{CLUSTER_LABEL}=")), "")
+            if cluster:
+                out["cluster_name"] = cluster
             ns = next((lbl.split("=", 1)[1] for lbl in labels
                        if lbl.startswith("k8s:io.kubernetes.pod.namespace=")), "")
             if ns:
