@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from propolis.errors import ValidationError
-from propolis.sandbox.probe import Matrix, ProbeResult, ProbeSpec
+from propolis.sandbox.probe import Matrix, ProbeResult, ProbeSpec, http_request, http_status
 
 
 def result(src: str, dst: str, ok: bool, protocol: str = "TCP", port: int = 80) -> ProbeResult:
@@ -32,3 +32,13 @@ def test_bad_probe_specs_are_refused() -> None:
         ProbeSpec("ns", "10.0.0.1", 0)
     with pytest.raises(ValidationError):
         ProbeSpec("ns", "10.0.0.1", 80, "ICMP")
+
+
+def test_http_probe_request_and_status() -> None:
+    spec = ProbeSpec("ns", "10.0.0.1", 8080, http=("DELETE", "/api/v1/users"), headers=(("X-Env", "prod"),))
+    assert http_request(spec) == (b"DELETE /api/v1/users HTTP/1.1\r\nHost: 10.0.0.1:8080\r\nX-Env: prod\r\n"
+                                  b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    assert http_status(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 15\r\n\r\nAccess denied\r\n") == 403
+    assert http_status(b"x/a propolis-probe") is None
+    record = ProbeResult(spec, True, http_status=403).to_json()
+    assert (record["connected"], record["http_status"]) == (True, 403)
