@@ -112,6 +112,10 @@ async def test_both_clusters_report_the_other_ready(mesh):
     assert "Cluster Mesh: 1/1 remote clusters ready" in render(r1)
     assert r1["remotes"][0]["name"] == c2.sandbox().name and r1["remotes"][0]["id"] == 2
     assert r1["remotes"][0]["entries"] > 0
+    status = subprocess.run([sys.executable, "-m", "propolis.cli.main", "status", "--name", c1.sandbox().name],
+                            capture_output=True, text=True, timeout=30).stdout
+    line = next(line for line in status.splitlines() if line.startswith("Cluster Mesh:"))
+    assert "1/1 remote clusters ready" in line, status
 
 
 async def test_pods_reach_each_other_across_clusters(mesh):
