@@ -170,8 +170,10 @@ class KvStoreMeshComponent(Component):
                 raise
             except Exception as exc:  # noqa: BLE001 - reported per remote, retried; cached state is kept
                 status.connected = False
-                status.error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("remote cluster %s: %s; retrying", remote.name, status.error)
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                if error != status.error:  # once per new reason, not once per retry
+                    log.warning("remote cluster %s: %s; retrying every %.0fs", remote.name, error, RETRY_S)
+                status.error = error
                 self._report()
                 await asyncio.sleep(RETRY_S)
             finally:
