@@ -119,8 +119,29 @@ async def test_bad_input_gets_the_protocols_answer_and_a_close(sandbox):
     bad_chunk = b"POST /api/v1/users HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
     assert (await raw_exchange(sandbox, bad_chunk)).startswith(b"HTTP/1.1 400 ")
     assert (await raw_exchange(sandbox, b"\x16\x03\x01\x00\xa5garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    # a head trickling in slower than the header timeout (10 s) is answered 408, however steady the trickle
+    started = time.monotonic()
+    answer = await slow_head(sandbox, b"GET /api/v1/users HTTP/1.1\r\nHost: api\r\nX-Slow: ", every=2.0)
+    assert answer.startswith(b"HTTP/1.1 408 ") and 9 < time.monotonic() - started < 14
     # the proxy is still there for the next client
     assert (await http(sandbox, FRONTEND, "GET", "/api/v1/users")).http_status == 200
+
+
+async def slow_head(state, start: bytes, *, every: float) -> bytes:
+    """Send `start`, then one more header byte every `every` seconds until the proxy answers."""
+    loop = asyncio.get_running_loop()
+    sock = netns_mod.socket_in(cluster.source_netns(state, FRONTEND), socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (await _api_ip(state), 8080)), 2)
+        await loop.sock_sendall(sock, start)
+        for _ in range(20):
+            try:
+                return await asyncio.wait_for(loop.sock_recv(sock, 65536), every)
+            except (asyncio.TimeoutError, TimeoutError):
+                await loop.sock_sendall(sock, b"x")
+        return b""
+    finally:
+        sock.close()
 
 
 async def test_keep_alive_and_pipelined_requests_are_judged_one_by_one(sandbox):
