@@ -274,10 +274,11 @@ def test_service_map_page_in_a_headless_browser(hub: Hub):
 
 
 def _datapath_lost(hub: Hub) -> int:
-    lost_map = ev.LOST_SPEC.open(hub.node.dp.pin_dir)
+    """Events the ring had no room for (ring_full over every event type, all CPUs)."""
+    lost_map = ev.LOST_BY_TYPE_SPEC.open(hub.node.dp.pin_dir)
     try:
-        per_cpu = lost_map.lookup(ctypes.c_uint32(0))
-        return sum(v.value for v in per_cpu) if per_cpu else 0
+        return sum(v.ring_full for i in range(ev.LOST_BY_TYPE_SPEC.max_entries)
+                   for v in lost_map.lookup(ctypes.c_uint32(i)) or [])
     finally:
         lost_map.close()
 
