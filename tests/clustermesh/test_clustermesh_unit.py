@@ -88,3 +88,25 @@ def test_a_remote_endpoint_lives_in_a_namespace_no_pod_can_have():
     assert rec is not None and rec.namespace == "@c2" and rec.ips == ["10.2.1.5"]
     assert imported.split_cache_key("c2.ip.10.2.1.5") == ("c2", "ip", "10.2.1.5")
     assert imported.remote_endpoint("c2", "garbage") is None
+
+
+def test_remote_cluster_rows_reach_the_desired_ipcache():
+    from propolis.bus.kv import EventType, KvEvent
+    from propolis.bus.messages import ClusterNode
+    from propolis.writer.desired import DesiredState
+    from propolis.writer.inputs import ClusterInputs
+
+    number = idm.cluster_identity(300, 2)
+    inputs = ClusterInputs()
+    for key, value in (("c2.nodes.c2-worker", ClusterNode("c2", "c2-worker", ["172.30.2.1"], ["10.2.1.0/24"])),
+                       (f"c2.identities.{number}", IdentityRecord(number, ["k8s:app=b"])),
+                       ("c2.ip.10.2.1.5", IpcacheEntry("10.2.1.5", 32, number, "c2-worker", "172.30.2.1"))):
+        inputs.apply_clustermesh(KvEvent(EventType.PUT, key, value, 1))
+    desired = DesiredState(node="c1-worker", cluster_name="c1")
+    desired.update(inputs, [])
+    assert desired.ipcache["10.2.1.5/32"].identity == number
+    assert desired.ipcache["172.30.2.1/32"].identity == idm.RESERVED_REMOTE_NODE
+    inputs.apply_clustermesh(KvEvent(EventType.DELETE, "c2.ip.10.2.1.5", None, 2))
+    inputs.apply_clustermesh(KvEvent(EventType.DELETE, "c2.nodes.c2-worker", None, 3))
+    desired.update(inputs, [])
+    assert "10.2.1.5/32" not in desired.ipcache and "172.30.2.1/32" not in desired.ipcache

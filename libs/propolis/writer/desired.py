@@ -139,6 +139,9 @@ class DesiredState:
                 ident = idmodel.RESERVED_HOST if node_name == self.node else \
                     node_ids.get(ip, idmodel.RESERVED_REMOTE_NODE)
                 ipc[f"{ip}/32"] = IPCacheEntry(f"{ip}/32", ident)
+        for ips in inputs.remote_nodes.values():  # Cluster Mesh: other clusters' nodes are remote nodes too
+            for ip in ips:
+                ipc.setdefault(f"{ip}/32", IPCacheEntry(f"{ip}/32", idmodel.RESERVED_REMOTE_NODE))
         for ip, ident in self._reserved_addresses(inputs).items():
             node_row = ipc.get(f"{ip}/32")
             if node_row is None or node_row.identity != idmodel.RESERVED_HOST:  # this node's own address stays host

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from propolis.bus import subjects
 from propolis.bus.codec import DecodeError
 from propolis.bus.kv import UNDECODABLE, EventType, Kv, KvEvent
-from propolis.bus.messages import ClusterService, EndpointRecord, IdentityRecord, K8sObject
+from propolis.bus.messages import ClusterNode, ClusterService, EndpointRecord, IdentityRecord, K8sObject
 from propolis.bus.watermark import WatermarkGate
 from propolis.clustermesh import imported
 from propolis.k8s.kinds import POLICY_KINDS
@@ -39,6 +39,8 @@ class ClusterInputs:
     endpoints: dict[tuple[str, str], EndpointRecord] = field(default_factory=dict)
     #: Cluster Mesh: global Services as remote clusters share them, (namespace, name) -> cluster -> record
     remote_services: dict[tuple[str, str], dict[str, ClusterService]] = field(default_factory=dict)
+    #: Cluster Mesh: other clusters' nodes, (cluster, node) -> InternalIPs (ipcache rows as remote-node)
+    remote_nodes: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     k8s_gate: WatermarkGate = field(default_factory=lambda: WatermarkGate(subjects.K8S_BUCKET))
     identities_gate: WatermarkGate = field(default_factory=lambda: WatermarkGate(subjects.IDENTITIES_BUCKET))
     generation: int = 0
@@ -158,6 +160,12 @@ class ClusterInputs:
             else:
                 self.identities.pop(int(rest), None)
             self._bump(policy=True)
+        elif kind == "nodes":
+            if isinstance(value, ClusterNode):
+                self.remote_nodes[(cluster, rest)] = [ip for ip in value.ips if ":" not in ip]
+            else:
+                self.remote_nodes.pop((cluster, rest), None)
+            self._bump()
         elif kind == "services":
             ns, _, name = rest.partition(".")
             shared = self.remote_services.setdefault((ns, name), {})
