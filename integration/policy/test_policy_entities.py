@@ -165,10 +165,11 @@ async def test_to_services_follows_the_services_endpoints(sandbox):
 
 
 async def test_l7_rules_are_accepted_and_named_not_enforced_on_the_object(sandbox):
+    """Kafka rules: no proxy enforces them yet (HTTP rules are enforced: integration/l7)."""
     async with workload(sandbox, "l7") as w:
         policy = cnp("l7", {"endpointSelector": sel(app="server"), "ingress": [
             {"fromEndpoints": [sel(app="client")], "toPorts": [
-                {"ports": [{"port": "8080", "protocol": "TCP"}], "rules": {"http": [{"method": "GET", "path": "/"}]}}]}]})
+                {"ports": [{"port": "8080", "protocol": "TCP"}], "rules": {"kafka": [{"topic": "t"}]}}]}]})
         # the L4 port is open (to every request, which is what the condition says)
         failures = await w.step("L7 rules", [("a/client", "a/server", 8080, "TCP", OK),
                                              ("a/other", "a/server", 8080, "TCP", NO)], apply=[policy])
@@ -185,7 +186,7 @@ async def test_l7_rules_are_accepted_and_named_not_enforced_on_the_object(sandbo
         assert valid["type"] == "Valid" and valid["status"] == "True"
         assert warning["type"] == "NotEnforced" and warning["status"] == "True"
         assert warning["reason"] == "FieldsNotEnforced"
-        assert "spec.ingress[0].toPorts[0].rules: the L7 proxy is not running" in warning["message"]
+        assert "spec.ingress[0].toPorts[0].rules: no L7 proxy enforces this rule family yet" in warning["message"]
 
         # Without the L7 section the warning goes (the whole conditions list is rewritten).
         del policy["spec"]["ingress"][0]["toPorts"][0]["rules"]
