@@ -34,7 +34,7 @@ def test_every_scenario_passes_and_cleans_up(sandbox):
     assert results["no-policies"] == "pass" and results["deny-beats-allow"] == "pass"
     assert results["to-world-denied"] == "pass"  # Hubble runs in the sandbox and saw the policy drop
     assert all(r in ("pass", "skip") for r in results.values()), results
-    assert results["echo-ingress-l7"] == "skip"  # needs the L7 proxy, not built yet
+    assert results["echo-ingress-l7"] == "pass"  # real HTTP requests judged by the L7 proxy
 
     async def namespace_gone() -> bool:
         async with cluster.Api(sandbox.apiserver_url) as api:

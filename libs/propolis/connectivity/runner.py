@@ -128,7 +128,7 @@ class Runner:
             port = next(p["nodePort"] for p in self.services[service]["ports"] if p["port"] == check.port)
         else:
             raise ValueError(f"unknown target {check.target!r}")
-        return probe.ProbeSpec(source_netns, ip, port, check.protocol, check.source, check.target)
+        return probe.ProbeSpec(source_netns, ip, port, check.protocol, check.source, check.target, http=check.http)
 
     async def _policy_drop_seen(self, spec: probe.ProbeSpec, since: float) -> tuple[bool, str]:
         """Did Hubble see this probe dropped by policy? Asks `propolis observe`, as an operator would."""
@@ -182,6 +182,9 @@ class Runner:
             ok = allowed == (check.expect == ALLOWED)
             detail = (f"connected, answered by {res.answered_by}" if allowed
                       else f"not connected ({res.error or 'timeout'})")
+            if check.http:
+                ok = res.http_status == check.status
+                detail = f"HTTP {res.http_status}, expected {check.status}" if allowed else detail
             if ok and check.expect == DROPPED and check.target.startswith("world:"):
                 ok, detail = await self._policy_drop_seen(res.spec, started)
             if ok and capture is not None:

@@ -41,9 +41,12 @@ class Check:
     expect: str = ALLOWED
     port: int = ECHO_PORT
     protocol: str = "TCP"
+    http: tuple[str, str] | None = None  # (method, path): one HTTP request, judged by its status
+    status: int = 0  # with `http`: the status it must get
 
     def describe(self) -> str:
-        return f"{self.source} -> {self.target}:{self.port}/{self.protocol}"
+        request = f" {self.http[0]} {self.http[1]}" if self.http else ""
+        return f"{self.source} -> {self.target}:{self.port}/{self.protocol}{request}"
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,15 @@ SCENARIOS: tuple[Scenario, ...] = (
                      Check("client2", "pod:echo-same-node", DROPPED),
                      Check("client2", "service:echo-same-node", DROPPED))),
     Scenario("echo-ingress-l7", "HTTP GET /public allowed, /private denied by the L7 proxy",
-             checks=(), needs=("L7 proxy",)),
+             policies=(cnp("echo-ingress-l7-http", {
+                 "endpointSelector": labels(kind="echo"),
+                 "ingress": [{"fromEndpoints": [labels(kind="client")],
+                              "toPorts": [{**ECHO_TCP[0], "rules": {"http": [{"method": "GET", "path": "/public"}]}}]}]}),),
+             checks=(Check("client", "pod:echo-same-node", http=("GET", "/public"), status=200),
+                     Check("client", "pod:echo-other-node", http=("GET", "/public"), status=200),
+                     Check("client", "pod:echo-same-node", http=("GET", "/private"), status=403),
+                     Check("client2", "pod:echo-other-node", http=("POST", "/public"), status=403)),
+             needs=("L7 proxy",), nodes=2),
     Scenario("to-fqdns", "egress to an FQDN allowed through the DNS proxy", checks=(), needs=("DNS proxy",)),
     Scenario("encryption", "pod-to-pod traffic between nodes crosses the underlay only as WireGuard UDP 51871, "
              "never in cleartext (captured on the underlay); same-node traffic never leaves the node",
