@@ -322,7 +322,8 @@ def run_service(name: str, settings_cls: type[S], build: Callable[[S], Sequence[
         print(f"service {name}")
         print("components (start order):")
         for i, c in enumerate(components, 1):
-            print(f"  {i}. {c.name:<20} {c.title}")
+            requires = f" (requires {', '.join(d.name for d in c.requires)})" if c.requires else ""
+            print(f"  {i}. {c.name:<20} {c.title}{requires}")
         print("settings:")
         for flag, value, help_text in settings_mod.describe(cfg):
             print(f"  {flag:<24} {value!r:<32} {help_text}")
