@@ -151,8 +151,9 @@ class Bus:
         return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
 
     # --- key-value -------------------------------------------------------------------
-    async def kv(self, bucket: str, *, create: bool = False) -> Kv:
-        """Open a KV bucket; ``create`` makes it (config from `subjects.BUCKETS`) if missing.
+    async def kv(self, bucket: str, *, create: bool = False, replicas: int = 1) -> Kv:
+        """Open a KV bucket; ``create`` makes it (config from `subjects.BUCKETS`, ``replicas`` copies
+        on a NATS cluster) if missing.
 
         Creating needs the admin user; a service user gets TemporaryError until the
         bucket exists (the sandbox or the chart's bootstrap job creates all buckets)."""
@@ -162,7 +163,8 @@ class Bus:
             if not create:
                 raise TemporaryError(f"KV bucket {bucket} does not exist yet") from None
             cfg = subjects.BUCKETS[bucket]
-            config = js_api.KeyValueConfig(bucket=bucket, history=cfg.history, ttl=cfg.ttl_s, direct=True)
+            config = js_api.KeyValueConfig(bucket=bucket, history=cfg.history, ttl=cfg.ttl_s, replicas=replicas,
+                                           direct=True)
             try:
                 store = await self.js.create_key_value(config)
             except nats.js.errors.BadRequestError:
@@ -171,10 +173,10 @@ class Bus:
                 raise TemporaryError(f"create KV bucket {bucket}: {exc}") from exc
         return Kv(self, bucket, store)
 
-    async def ensure_buckets(self) -> None:
+    async def ensure_buckets(self, *, replicas: int = 1) -> None:
         """Create every bucket Propolis uses, with direct gets allowed (admin only; idempotent)."""
         for bucket in subjects.BUCKETS:
-            await self.kv(bucket, create=True)
+            await self.kv(bucket, create=True, replicas=replicas)
             info = await self.js.stream_info(f"KV_{bucket}")
             if not info.config.allow_direct:  # created by an older version: snapshots need direct gets
                 info.config.allow_direct = True

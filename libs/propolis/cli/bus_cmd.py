@@ -10,9 +10,10 @@ import asyncio
 import sys
 import time
 
-from propolis.bus import codec
+from propolis.bus import codec, subjects
+from propolis.bus.connection import Bus
 from propolis.bus.kv import EventType
-from propolis.cli.common import add_sandbox_flag, connect_bus, print_json
+from propolis.cli.common import add_sandbox_flag, connect_bus, print_json, resolve_nats
 from propolis.errors import CliError, TemporaryError
 
 
@@ -33,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     kv.set_defaults(func=kv_cmd)
     for p in (tail, kv):
         add_sandbox_flag(p)
+
+    boot = verbs.add_parser("bootstrap", help="create every KV bucket (admin credentials; idempotent): the "
+                                              "sandbox does this itself, the Helm chart's bootstrap Job runs it")
+    boot.add_argument("--replicas", type=int, default=1, help="copies of each bucket on a NATS cluster")
+    boot.add_argument("--wait", type=float, default=60.0, help="how long to wait for NATS to answer [s]")
+    boot.set_defaults(func=bootstrap_cmd)
 
 
 async def tail_cmd(args: argparse.Namespace) -> int:
@@ -59,6 +66,21 @@ async def tail_cmd(args: argparse.Namespace) -> int:
             await done.wait()
     finally:
         await bus.close()
+    return 0
+
+
+async def bootstrap_cmd(args: argparse.Namespace) -> int:
+    url, user, password = resolve_nats(args)
+    bus = Bus(url, name="propolis-bus-bootstrap", user=user, password=password)
+    try:
+        await bus.connect(max_wait=args.wait)
+        await bus.ensure_buckets(replicas=args.replicas)
+    except TemporaryError as exc:
+        raise CliError(f"bootstrap buckets at {url}: {exc}") from exc
+    finally:
+        if bus.is_connected:
+            await bus.close()
+    print_json({"buckets": sorted(subjects.BUCKETS), "replicas": args.replicas})
     return 0
 
 

@@ -204,6 +204,11 @@ class SandboxConfig:
     def owns_pin_dir(self, node_dir_name: str) -> bool:
         return re.fullmatch(re.escape(self.name) + r"-worker\d*", node_dir_name) is not None
 
+    @property
+    def clustermesh_dir(self) -> Path:
+        """One file per connected remote cluster (`clustermesh.remotes`), read by the clustermesh-apiserver."""
+        return self.run_dir / "clustermesh"
+
     def cni_network_name(self) -> str:
         return f"propolis-{self.name}"
 
@@ -223,11 +228,6 @@ class ServiceState:
 @dataclass
 class SandboxState:
     """`/run/propolis/S/state.json`: everything another process needs to talk to the sandbox."""
-
-    @property
-    def clustermesh_dir(self) -> Path:
-        """One file per connected remote cluster (`clustermesh.remotes`), read by the clustermesh-apiserver."""
-        return self.run_dir / "clustermesh"
 
     config: dict[str, Any]
     status: str = "starting"  # starting | ready | stopping | failed
