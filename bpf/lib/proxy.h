@@ -80,6 +80,10 @@ static __always_inline int proxy_owns_tuple(struct __sk_buff *skb, struct pkt4 *
 
 	if (p->protocol != IPPROTO_TCP)
 		return 0;
+	/* a pure SYN opens a connection toward the pod: never a reply to the
+	 * proxy's onward connection, so new connections skip the socket lookup */
+	if ((p->tcp_flags & TCP_FLAG_SYN) && !(p->tcp_flags & TCP_FLAG_ACK))
+		return 0;
 	proxy_tuple(p, &t);
 	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk)

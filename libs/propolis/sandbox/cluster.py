@@ -10,6 +10,7 @@ processes carrying PROPOLIS_SANDBOX=S).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import json
 import os
@@ -85,11 +86,22 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
                                 cwd="/", start_new_session=True, env=dict(os.environ, **{SANDBOX_ENV: name}))
     try:
         state = _wait_ready(name, timeout, proc)
-        asyncio.run(readiness.wait_healthy(state, timeout=max(5.0, timeout - (time.monotonic() - started))))
+        _run_blocking(readiness.wait_healthy(state, timeout=max(5.0, timeout - (time.monotonic() - started))))
         return state
     except CliError:
         down(name)
         raise
+
+
+def _run_blocking(coro: Any) -> Any:
+    """Run ``coro`` to completion from this synchronous API, also when the caller is inside an event
+    loop (async tests, `propolis demo`): then on a loop of its own in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-up") as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def supervisor_command(name: str, services: str) -> list[str]:
