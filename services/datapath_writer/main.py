@@ -31,6 +31,7 @@ from typing import Any
 from propolis.bus import subjects
 from propolis.bus.messages import IpcacheEntry as IpcacheRecord
 from propolis.datapath.datapath import Datapath, DatapathSettings
+from propolis.maps import lb as lbmaps
 from propolis.datapath.pressure import MapPressureCollector
 from propolis.model.identity import RESERVED_INIT
 from propolis.reconcile import Reconciler
@@ -75,6 +76,11 @@ class Settings(CommonSettings):
     lb_algorithm: str = setting("random", "Cilium's loadBalancer.algorithm", choices=("random", "maglev"))
     map_dynamic_size_ratio: float = setting(0.0, "Cilium's bpf.mapDynamicSizeRatio: conntrack and NAT maps sized "
                                                  "from this share of memory (0 = fixed 64k/32k)")
+    events_rate_limit: int = setting(0, "Cilium's bpf.events.default.rateLimit: datapath events per second per "
+                                        "endpoint, so one flooded pod cannot starve the others' (0 = no limit)",
+                                     unit="1/s")
+    events_burst_limit: int = setting(0, "Cilium's bpf.events.default.burstLimit (0 = the rate)")
+    maglev_table_size: int = setting(lbmaps.MAGLEV_TABLE_SIZE, "Cilium's maglev.tableSize (a prime from Cilium's list)")
     devices: str = setting("", "Cilium's devices: comma-separated node interfaces that get the NodePort "
                                "program (cil_from_netdev)")
     reconcile_refresh_interval: float = setting(10.0, "every reconciler re-applies its desired state against the "
@@ -93,7 +99,10 @@ class DatapathComponent(Component):
         self.dp = Datapath(settings.node_name, settings.bpf_pin_dir or None, netns=settings.node_netns or None,
                            settings=DatapathSettings(kube_proxy_replacement=settings.kube_proxy_replacement,
                                                      lb_algorithm=settings.lb_algorithm,
-                                                     map_dynamic_size_ratio=settings.map_dynamic_size_ratio))
+                                                     map_dynamic_size_ratio=settings.map_dynamic_size_ratio,
+                                                     events_rate_limit=settings.events_rate_limit,
+                                                     events_burst_limit=settings.events_burst_limit,
+                                                     maglev_table_size=settings.maglev_table_size))
 
     async def start(self, rt: Runtime) -> None:
         await self.dp.load()
