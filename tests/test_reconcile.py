@@ -32,19 +32,6 @@ class DictTarget:
         return list(self.actual)
 
 
-@pytest.fixture
-async def running():
-    tasks = []
-
-    def start(rec):
-        tasks.append(asyncio.create_task(rec.run()))
-        return rec
-
-    yield start
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
 
 async def test_applies_desired_state_and_reports_revision(running):
     target = DictTarget()

@@ -54,19 +54,6 @@ async def wait_for(predicate, timeout=3.0):
         await asyncio.sleep(0.01)
 
 
-@pytest.fixture
-async def running():
-    tasks = []
-
-    def start(rec):
-        tasks.append(asyncio.create_task(rec.run()))
-        return rec
-
-    yield start
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
 
 async def test_refresh_restores_a_row_deleted_behind_the_writers_back(running):
     target = CachingTarget()

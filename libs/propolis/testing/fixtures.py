@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
@@ -59,3 +59,18 @@ async def no_task_leaks() -> AsyncIterator[None]:
         for t in leaked:
             t.cancel()
         pytest.fail(f"test left tasks pending: {[t.get_name() for t in leaked]}")
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Any]:
+    """``running(reconciler)`` starts its loop for the test and cancels it afterwards."""
+    tasks: list[asyncio.Task[Any]] = []
+
+    def start(rec: Any) -> Any:
+        tasks.append(asyncio.create_task(rec.run(), name=f"test-reconciler-{rec.name}"))
+        return rec
+
+    yield start
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
