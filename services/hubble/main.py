@@ -83,7 +83,8 @@ class EnricherComponent(Component):
         feeds = ((subjects.IDENTITIES_BUCKET, self.enricher.identities_event),
                  (subjects.IPCACHE_BUCKET, self.enricher.ipcache_event),
                  (subjects.K8S_BUCKET, self.enricher.k8s_event),
-                 (subjects.CLUSTERMESH_CACHE_BUCKET, self.enricher.clustermesh_event))  # remote clusters' peers
+                 (subjects.CLUSTERMESH_CACHE_BUCKET, self.enricher.clustermesh_event),  # remote clusters' peers
+                 (subjects.WIREGUARD_BUCKET, self.enricher.wireguard_event))  # IP.encrypted: who runs cilium_wg0
         self.feeds = len(feeds)
         for bucket, feed in feeds:
             rt.spawn(f"watch-{bucket}", self._watch(rt, bucket, feed), self)

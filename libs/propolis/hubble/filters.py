@@ -198,6 +198,9 @@ def _compile_field(name: str, values: Any) -> Predicate:  # noqa: C901 - one bra
     if name == "drop_reason_desc":
         reasons = {str(v).upper() for v in vals}
         return lambda f: f.get("drop_reason_desc") in reasons
+    if name == "encrypted":
+        wanted = {_bool(v, name) for v in vals}
+        return lambda f: bool((f.get("IP") or {}).get("encrypted")) in wanted
     if name == "ip_version":
         versions = {str(v) for v in vals}
         return lambda f: (f.get("IP") or {}).get("ipVersion") in versions
@@ -218,6 +221,15 @@ def _compile_field(name: str, values: Any) -> Predicate:  # noqa: C901 - one bra
         ids = set(vals)
         return lambda f: f.get("uuid") in ids
     raise ValidationError("filter", f"unknown flow filter field {name!r}")
+
+
+def _bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text not in ("true", "false"):
+        raise ValidationError(what, f"{value!r} is not true or false")
+    return text == "true"
 
 
 def _event_type(value: Any) -> tuple[int, int | None]:

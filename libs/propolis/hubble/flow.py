@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from propolis.bus.messages import EndpointRecord, IdentityRecord, IpcacheEntry, K8sObject
+from propolis.bus.messages import EndpointRecord, IdentityRecord, IpcacheEntry, K8sObject, WireguardNodeKey
 from propolis.datapath.drop import reason_name
 from propolis.maps import events as ev
 from propolis.model.identity import CLUSTER_LABEL, RESERVED_NAMES
@@ -65,6 +65,7 @@ class _Endpoint:
     pod_name: str
     labels: list[str]
     workloads: list[dict[str, str]]
+    node: str = ""
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Enricher:
     slices: dict[str, K8sObject] = field(default_factory=dict)
     frontends: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
     backends: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
+    wireguard_nodes: set[str] = field(default_factory=set)  # nodes whose keymgr published its WireGuard key
     _services_dirty: bool = False
     _endpoint_cache: dict[tuple[str, int, int], dict[str, Any]] = field(default_factory=dict)
 
@@ -99,7 +101,8 @@ class Enricher:
                     self.endpoints_by_ip.pop(ip, None)
             if isinstance(value, EndpointRecord):
                 self.endpoints_by_key[key] = value
-                info = _Endpoint(value.namespace, value.name, sorted(value.labels), [workload_of(value.name)])
+                info = _Endpoint(value.namespace, value.name, sorted(value.labels), [workload_of(value.name)],
+                                 value.node)
                 for ip in value.ips:
                     self.endpoints_by_ip[ip] = info
 
@@ -113,6 +116,26 @@ class Enricher:
             by_node.pop(node, None)
             if not by_node:
                 self.ipcache.pop(ip, None)
+
+    def wireguard_event(self, key: str, value: Any) -> None:
+        """``PROPOLIS_WIREGUARD_V1`` (key = node): a node with its own key published runs cilium_wg0 and is
+        a peer of every other such node (a foreign entry, another node's key, does not count)."""
+        if isinstance(value, WireguardNodeKey) and value.node == key:
+            self.wireguard_nodes.add(key)
+        else:
+            self.wireguard_nodes.discard(key)
+
+    def encrypted(self, node: str, src_ip: str, dst_ip: str) -> bool:
+        """Hubble's `IP.encrypted`: the packet crosses to or from a pod on another node through cilium_wg0,
+        i.e. WireGuard runs on this node and on the pod's node (the keymgr routes every other node's pod
+        CIDR into the tunnel; same-node traffic and traffic to hosts or the world never enter it)."""
+        if node not in self.wireguard_nodes:
+            return False
+        for ip in (src_ip, dst_ip):
+            info = self.endpoints_by_ip.get(ip)
+            if info is not None and info.node and info.node != node and info.node in self.wireguard_nodes:
+                return True
+        return False
 
     def clustermesh_event(self, key: str, value: Any) -> None:
         """Cluster Mesh cache (`<cluster>.identities.<id>`, `<cluster>.ip.<ip>`): remote peers get their
@@ -240,10 +263,13 @@ def to_flow(e: ev.FlowEvent, *, node: str, enricher: Enricher) -> Flow:
     src = enricher.endpoint(e.src_ip, e.src_identity, e.endpoint_id if local_is_src else 0)
     dst = enricher.endpoint(e.dst_ip, e.dst_identity, 0 if local_is_src else e.endpoint_id)
     has_ip = not (e.src_ip == e.dst_ip == "0.0.0.0")  # not IPv4 (e.g. an IPv6 frame dropped as unknown L3)
+    ip: dict[str, Any] = {"source": e.src_ip, "destination": e.dst_ip, "ipVersion": "IPv4"} if has_ip else {}
+    if has_ip and enricher.wireguard_nodes and enricher.encrypted(node, e.src_ip, e.dst_ip):
+        ip["encrypted"] = True  # like `hubble observe -o json`, false is left out
     flow: Flow = {
         "time": rfc3339(e.wall_time),
         "verdict": ev.VERDICT_NAMES.get(e.verdict, "VERDICT_UNKNOWN"),
-        "IP": {"source": e.src_ip, "destination": e.dst_ip, "ipVersion": "IPv4"} if has_ip else {},
+        "IP": ip,
         "l4": _l4(e) if has_ip else {},
         "source": src,
         "destination": dst,

@@ -44,6 +44,8 @@ ONE_FIELD = {
     "traffic-direction": "traffic_direction", "tcp-flags": "tcp_flags", "drop-reason-desc": "drop_reason_desc",
     "uuid": "uuid",
 }
+#: value-less flag -> (field, value): Hubble's `--encrypted` / `--unencrypted` (WireGuard or IPsec)
+SWITCHES = {"encrypted": ("encrypted", True), "unencrypted": ("encrypted", False)}
 HELP = {
     "pod": "flows from or to pods with this name prefix ([namespace/]<name>; '/name' = any namespace)",
     "namespace": "flows from or to pods in this namespace",
@@ -57,6 +59,8 @@ HELP = {
     "node-name": "node name or glob (e.g. 'sandbox-worker*')", "http-status": "HTTP status code, or class like 5+",
     "http-method": "HTTP method", "http-path": "HTTP path regex", "traffic-direction": "ingress or egress",
     "tcp-flags": "TCP flags that must all be set, e.g. SYN or SYN,ACK", "drop-reason-desc": "e.g. POLICY_DENIED",
+    "encrypted": "flows that crossed nodes encrypted (IP.encrypted)",
+    "unencrypted": "flows that were not encrypted",
 }
 _TRANSFORM = {"namespace": lambda v: f"{v}/", "from-namespace": lambda v: f"{v}/", "to-namespace": lambda v: f"{v}/",
               "verdict": str.upper, "traffic-direction": str.upper}
@@ -74,7 +78,10 @@ class _Tracker:
     def add(self, flag: str, value: Any) -> None:
         self.touched = True
         value = _TRANSFORM.get(flag, lambda v: v)(value)
-        if flag in EITHER_END:
+        if flag in SWITCHES:
+            name, value = SWITCHES[flag]
+            self.both.setdefault(name, []).append(value)
+        elif flag in EITHER_END:
             src, dst = EITHER_END[flag]
             self.left.setdefault(src, []).append(value)
             self.right.setdefault(dst, []).append(value)
@@ -123,6 +130,8 @@ def add_filter_flags(parser: argparse.ArgumentParser) -> None:
                                  f"{HELP.get(base, base)}"
         short = {"namespace": ["-n"], "type": ["-t"]}.get(flag, [])
         parser.add_argument(*short, f"--{flag}", dest=flag, action=_FilterAction, metavar="VALUE", help=text)
+    for flag in SWITCHES:
+        parser.add_argument(f"--{flag}", dest=flag, action=_FilterAction, nargs=0, help=HELP[flag])
 
 
 def build_filters(ops: list[tuple[str, Any, bool]]) -> tuple[list[FlowFilter], list[FlowFilter]]:
