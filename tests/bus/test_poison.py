@@ -59,24 +59,43 @@ async def test_watch_keeps_the_last_good_value_and_stays_alive(bus: Bus):
     good = _policy("deny", {"podSelector": {}})
     await kv.put(key, good)
     before = kv_mod.UNDECODABLE.total[subjects.K8S_BUCKET]
-    watch = kv.watch(">")
-    first = await _next(watch)
-    assert (first.type, first.key, first.value) == (EventType.PUT, key, good)
-    assert (await _next(watch)).type is EventType.SYNCED
-    for _, payload, _ in POISON:  # every poison, raw, over the good value
-        await kv.store.put(key, payload)
-    later = _policy("later", {"podSelector": {"matchLabels": {"app": "x"}}})
-    await kv.put("networkpolicies.ns.later", later)
-    ev = await _next(watch)  # the poison never reached the consumer: its last good value stands
-    assert (ev.type, ev.key, ev.value) == (EventType.PUT, "networkpolicies.ns.later", later)
-    assert kv_mod.UNDECODABLE.total[subjects.K8S_BUCKET] - before == len(POISON)
-    assert f"{subjects.K8S_BUCKET}/{key}" in kv_mod.UNDECODABLE.summary()
-    healed = _policy("deny", {"podSelector": {}, "policyTypes": ["Ingress"]})
-    await kv.put(key, healed)
-    ev = await _next(watch)
-    assert (ev.key, ev.value) == (key, healed)
-    assert kv_mod.UNDECODABLE.summary() == ""
-    await watch.aclose()
+    events: list = []
+
+    async def follow() -> None:
+        async for ev in kv.watch(">"):
+            events.append(ev)
+
+    async def until(what: str, predicate) -> None:
+        for _ in range(500):
+            if predicate():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not within 5 s: {what}; events {events}")
+
+    task = asyncio.create_task(follow(), name="test-poison-follow")
+    try:
+        await until("initial values", lambda: events and events[-1].type is EventType.SYNCED)
+        assert [(e.type, e.key, e.value) for e in events[:1]] == [(EventType.PUT, key, good)]
+        for n, (_, payload, _) in enumerate(POISON, 1):  # every poison, raw, over the good value
+            await kv.store.put(key, payload)
+            # one at a time: a bucket keeps one revision per key, so a poison replaced before the watch read
+            # it would never be seen (and rightly not counted)
+            await until(f"poison {n} counted", lambda: kv_mod.UNDECODABLE.total[subjects.K8S_BUCKET] - before >= n)
+        later = _policy("later", {"podSelector": {"matchLabels": {"app": "x"}}})
+        await kv.put("networkpolicies.ns.later", later)
+        await until("the later policy", lambda: events[-1].key == "networkpolicies.ns.later")
+        # the poison never reached the consumer: its last good value stands
+        assert [(e.type, e.key) for e in events[2:]] == [(EventType.PUT, "networkpolicies.ns.later")]
+        assert kv_mod.UNDECODABLE.total[subjects.K8S_BUCKET] - before == len(POISON)
+        assert f"{subjects.K8S_BUCKET}/{key}" in kv_mod.UNDECODABLE.summary()
+        healed = _policy("deny", {"podSelector": {}, "policyTypes": ["Ingress"]})
+        await kv.put(key, healed)
+        await until("the healed value", lambda: events[-1].key == key)
+        assert events[-1].value == healed
+        assert kv_mod.UNDECODABLE.summary() == ""
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_watch_starting_on_poison_skips_it_and_resyncs(bus: Bus):

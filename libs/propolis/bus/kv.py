@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("propolis.bus.kv")
 
 
+#: how long a watch waits for messages the server had delivered before its initial values count as complete
+INITIAL_CATCH_UP_S = 5.0
+
 #: how often a watch checks that its bucket is still the one it started on (one stream-info request)
 STREAM_CHECK_INTERVAL_S = 5.0
 
@@ -213,23 +216,39 @@ class Kv:
                                             name=f"kv-recreated-{self.bucket}")
             seen: set[str] = set()
             initial = True
+            marker_seen = False  # nats-py's end-of-initial-values marker arrived
+            initial_until = 0  # ... and the stream sequence the server had delivered to us by then
+            newest = 0  # highest stream sequence received
             try:
                 while True:
-                    entry = await self._next(watcher, reconnected)
+                    if initial and marker_seen and newest >= initial_until:  # end of initial values
+                        initial = False
+                        for gone in [k for k in delivered if k not in seen]:
+                            del delivered[gone]
+                            yield KvEvent(EventType.DELETE, gone)
+                        yield SYNCED
+                        if not follow:
+                            return
+                    entry = await self._next(watcher, reconnected,
+                                             timeout=INITIAL_CATCH_UP_S if initial and marker_seen else None)
                     if entry is _RECONNECTED:
                         break
-                    if entry is None:  # end of initial values
-                        if initial:
-                            initial = False
-                            for gone in [k for k in delivered if k not in seen]:
-                                del delivered[gone]
-                                yield KvEvent(EventType.DELETE, gone)
-                            yield SYNCED
-                            if not follow:
-                                return
+                    if entry is _TIMEOUT:
+                        log.warning("watch %s/%s: delivered sequence %d never arrived; initial values end at %d",
+                                    self.bucket, keys, initial_until, newest)
+                        newest = initial_until
+                        continue
+                    if entry is None:
+                        # nats-py puts its marker when the consumer had nothing pending, which can be before
+                        # the messages already pushed to us were processed: initial values end only once
+                        # everything the server had delivered by then has arrived.
+                        if initial and not marker_seen:
+                            marker_seen = True
+                            initial_until = await self._delivered_sequence(watcher)
                         continue
                     key = entry.key
                     rev = entry.revision or 0
+                    newest = max(newest, rev)
                     if initial:
                         seen.add(key)
                     if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
@@ -278,7 +297,17 @@ class Kv:
                 resync.set()
 
     @staticmethod
-    async def _next(watcher: Any, reconnected: asyncio.Event) -> Any:
+    async def _delivered_sequence(watcher: Any) -> int:
+        """The last stream sequence the server delivered to this watch's consumer (0 if unknown)."""
+        try:
+            info = await watcher._sub.consumer_info()
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.debug("consumer info for a watch: %s", exc)
+            return 0
+        return int(getattr(info.delivered, "stream_seq", 0) or 0) if info.delivered else 0
+
+    @staticmethod
+    async def _next(watcher: Any, reconnected: asyncio.Event, timeout: float | None = None) -> Any:
         if reconnected.is_set():
             return _RECONNECTED
         if not watcher._updates.empty():  # fast path: no tasks when the next entry is already here
@@ -286,13 +315,14 @@ class Kv:
         get = asyncio.ensure_future(watcher._updates.get())
         rec = asyncio.ensure_future(reconnected.wait())
         try:
-            done, _ = await asyncio.wait({get, rec}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({get, rec}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             rec.cancel()
         if get in done:
             return get.result()
         get.cancel()
-        return _RECONNECTED
+        return _RECONNECTED if rec in done or reconnected.is_set() else _TIMEOUT
 
 
 _RECONNECTED = object()
+_TIMEOUT = object()
