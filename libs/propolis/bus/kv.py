@@ -129,12 +129,17 @@ class Kv:
         self.bucket = bucket
         self.store = store
 
-    async def get(self, key: str) -> Entry | None:
+    async def _raw(self, key: str) -> Any:
+        """The key's live entry as nats-py gives it (undecoded), or None when absent or deleted."""
         try:
             e = await self.store.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
-        if e.value is None or e.operation in (KV_DEL, KV_PURGE):
+        return None if e.value is None or e.operation in (KV_DEL, KV_PURGE) else e
+
+    async def get(self, key: str) -> Entry | None:
+        e = await self._raw(key)
+        if e is None:
             return None
         try:
             return Entry(key, codec.decode(e.value), e.revision or 0)
@@ -164,11 +169,8 @@ class Kv:
 
     async def _undecodable_revision(self, key: str) -> int | None:
         """The revision of ``key`` if it holds a value that does not decode, else None."""
-        try:
-            e = await self.store.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        if e.value is None or e.operation in (KV_DEL, KV_PURGE):
+        e = await self._raw(key)
+        if e is None:
             return None
         try:
             codec.decode(e.value)
