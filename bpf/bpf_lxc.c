@@ -104,6 +104,7 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 		c.dst_id = ep->sec_id;
 		c.enforced = (ep->flags & ENDPOINT_F_INGRESS_ENFORCED) != 0;
 	}
+	c.audit = (ep->flags & ENDPOINT_F_POLICY_AUDIT) != 0;
 
 	/* Service load-balancing (lib/lb.h): DNAT before conntrack, so the
 	 * connection is tracked and the policy decided on the backend. */
@@ -203,7 +204,7 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 	if (c.enforced) {
 		policy_check(&c, egress ? c.dst_id : c.src_id,
 			     egress ? POLICY_EGRESS : POLICY_INGRESS, &pol);
-		if (pol.verdict < 0) {
+		if (pol.verdict < 0 && !policy_audit(&c, &pol)) {
 			/* a denied connection holds no conntrack room: its service
 			 * entry is never written (ClusterIP) or forgotten (NodePort) */
 			if (!egress && c.rev_nat)
@@ -227,7 +228,7 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 	}
 	if (!egress && proxy_upstream_of(skb))
 		proxy_flag_upstream(&c.p, side);
-	if (c.enforced)
+	if (c.enforced && !pol.audited)
 		send_policy_verdict_notify(&c, pol.proxy_port ? VERDICT_REDIRECTED : VERDICT_FORWARDED,
 					   pol.match_type, pol.proxy_port, 0);
 	if (pol.proxy_port) {

@@ -61,6 +61,7 @@
 #define ENDPOINT_F_HOST			(1 << 0)	/* Cilium: the host endpoint */
 #define ENDPOINT_F_INGRESS_ENFORCED	(1 << 8)	/* some policy selects it for ingress (or mode=always) */
 #define ENDPOINT_F_EGRESS_ENFORCED	(1 << 9)	/* some policy selects it for egress (or mode=always) */
+#define ENDPOINT_F_POLICY_AUDIT		(1 << 10)	/* policy audit mode: would-be drops reported as AUDIT, forwarded */
 
 /* ---- verdict codes returned by the helpers (0 = pass, <0 = -drop reason) ---- */
 #define CTX_ACT_OK	TC_ACT_OK

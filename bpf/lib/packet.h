@@ -70,6 +70,7 @@ struct lxc_ctx {
 	__u8 dir;		/* METRIC_DIR_INGRESS / _EGRESS */
 	__u8 enforced;		/* policy enforced for this direction */
 	__u16 rev_nat;		/* service frontend of a translated flow (0 = none) */
+	__u8 audit;		/* policy audit mode: report would-be policy drops, forward them */
 };
 
 /* An ICMP error quotes the IP header and 8 bytes of the packet it is about:

@@ -21,11 +21,13 @@
 #include "lib/maps.h"
 #include "lib/drop.h"
 #include "lib/packet.h"
+#include "lib/events.h"
 
 struct policy_result {
 	int verdict;		/* 0 allow, -DROP_POLICY, -DROP_POLICY_DENY, -DROP_NO_CONFIG */
 	__be16 proxy_port;	/* allowed with L7 redirect (later) */
 	__u8 match_type;	/* POLICY_MATCH_* */
+	__u8 audited;		/* a drop let through by audit mode (reported as AUDIT) */
 };
 
 static __always_inline __u8 policy_match_type(struct policy_entry *e, int identity_specific)
@@ -108,6 +110,21 @@ static __always_inline void policy_check(struct lxc_ctx *c, __u32 peer_id, __u8 
 	policy_account(chosen, c->p.len);
 	res->proxy_port = chosen->proxy_port;
 	res->verdict = 0;
+}
+
+/* Policy audit mode (Cilium's policyAuditMode, per endpoint): a connection the
+ * policy would drop is reported as an AUDIT policy verdict and let through, so
+ * people see what a policy would do before it does it. An endpoint without a
+ * policy map yet stays fail closed. Returns 1 when the drop was audited. */
+static __always_inline int policy_audit(struct lxc_ctx *c, struct policy_result *res)
+{
+	if (!c->audit || res->verdict >= 0 || res->verdict == -DROP_NO_CONFIG)
+		return 0;
+	send_policy_verdict_notify(c, VERDICT_AUDIT, res->match_type, 0, (__u16)(-res->verdict));
+	res->verdict = 0;
+	res->proxy_port = 0;
+	res->audited = 1;
+	return 1;
 }
 
 #endif /* __PROPOLIS_POLICY_H_ */

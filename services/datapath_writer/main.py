@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from propolis.bus import subjects
-from propolis.bus.messages import IpcacheEntry as IpcacheRecord
+from propolis.bus import codec, subjects
+from propolis.bus.messages import EndpointConfig, IpcacheEntry as IpcacheRecord
 from propolis.datapath.datapath import Datapath, DatapathSettings
 from propolis.maps import lb as lbmaps
 from propolis.datapath.pressure import MapPressureCollector
@@ -39,7 +39,8 @@ from propolis.runtime.component import Component
 from propolis.runtime.health import Health, State
 from propolis.runtime.service import Runtime, run_service
 from propolis.runtime.settings import CommonSettings, setting
-from propolis.writer import endpoint_state
+from propolis.errors import TemporaryError, ValidationError
+from propolis.writer import endpoint_config, endpoint_state
 from propolis.writer.desired import DesiredState
 from propolis.writer.endpoint_api import EndpointAnnouncement, EndpointApiServer
 from propolis.writer.endpoints import EndpointTable, LocalEndpoint
@@ -68,6 +69,9 @@ class Settings(CommonSettings):
     allow_localhost: str = setting("always", "Cilium's allow-localhost: 'always' = a pod's own node reaches it "
                                              "whatever the ingress policy (kubelet probes), 'policy' = only if "
                                              "a rule allows the host", choices=("always", "policy"))
+    policy_audit_mode: bool = setting(False, "Cilium's policyAuditMode: every endpoint's would-be policy drops are "
+                                             "forwarded and reported as AUDIT verdicts (per endpoint: "
+                                             "`propolis endpoint config NS/POD PolicyAuditMode=Enabled`)")
     identity_wait: float = setting(3.0, "how long a CNI ADD waits for the pod's identity before the endpoint "
                                         "starts as deny-all (fail closed)", unit="s")
     recompute_debounce: float = setting(0.005, "coalesce input changes for this long before recomputing", unit="s")
@@ -88,6 +92,22 @@ class Settings(CommonSettings):
     conntrack_gc_interval: float = setting(0.0, "Cilium's conntrack-gc-interval (0 = adapt to how full the "
                                                 "tables are)", unit="s")
     conntrack_gc_max_interval: float = setting(12 * 3600.0, "Cilium's conntrack-gc-max-interval", unit="s")
+    encryption_strict_mode_enabled: bool = setting(False, "Cilium's encryption.strictMode.enabled: pod traffic "
+                                                          "between two addresses of encryption.strictMode.cidr "
+                                                          "leaving a device of `devices` unencrypted is dropped "
+                                                          "(UNENCRYPTED_TRAFFIC)")
+    encryption_strict_mode_cidr: str = setting("", "Cilium's encryption.strictMode.cidr (the pod CIDR; required "
+                                                   "with strict mode)")
+    encryption_strict_mode_allow_remote_node_identities: bool = setting(
+        False, "Cilium's encryption.strictMode.allowRemoteNodeIdentities: traffic to node addresses inside the "
+               "strict CIDR passes unencrypted (node and pod CIDRs overlap)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.encryption_strict_mode_enabled and not self.encryption_strict_mode_cidr:
+            raise ValidationError("encryption_strict_mode_cidr", "strict mode needs the CIDR to enforce it on")
+        if self.encryption_strict_mode_enabled and not self.devices:
+            raise ValidationError("devices", "strict mode is enforced on the node's devices: name at least one")
 
 
 class DatapathComponent(Component):
@@ -102,7 +122,12 @@ class DatapathComponent(Component):
                                                      map_dynamic_size_ratio=settings.map_dynamic_size_ratio,
                                                      events_rate_limit=settings.events_rate_limit,
                                                      events_burst_limit=settings.events_burst_limit,
-                                                     maglev_table_size=settings.maglev_table_size))
+                                                     maglev_table_size=settings.maglev_table_size,
+                                                     encryption_strict_mode_cidr=(
+                                                         settings.encryption_strict_mode_cidr
+                                                         if settings.encryption_strict_mode_enabled else ""),
+                                                     encryption_strict_mode_allow_remote_node_identities=(
+                                                         settings.encryption_strict_mode_allow_remote_node_identities)))
 
     async def start(self, rt: Runtime) -> None:
         await self.dp.load()
@@ -113,12 +138,14 @@ class DatapathComponent(Component):
             log.warning("endpoints %s removed: their interfaces are gone (pods deleted while no writer ran)",
                         self.dp.removed_on_reattach)
         devices = [d.strip() for d in self.settings.devices.split(",") if d.strip()]
-        if self.settings.kube_proxy_replacement:
+        if self.settings.kube_proxy_replacement or self.settings.encryption_strict_mode_enabled:
             for device in devices:
                 await self.dp.attach_netdev(device)
         rt.progress["compile_seconds"] = round(self.dp.compile_seconds, 3)
-        rt.features["Policy enforcement"] = {"state": self.settings.policy_enforcement.capitalize(),
-                                             "detail": "L3/L4 in eBPF on every pod veth"}
+        rt.features["Policy enforcement"] = {
+            "state": self.settings.policy_enforcement.capitalize(),
+            "detail": "L3/L4 in eBPF on every pod veth" + ("; policyAuditMode: would-be drops are forwarded and "
+                                                           "reported as AUDIT" if self.settings.policy_audit_mode else "")}
         if self.settings.kube_proxy_replacement:
             rt.features["KubeProxyReplacement"] = {
                 "state": "True", "detail": f"Service load-balancing in eBPF ({self.settings.lb_algorithm}); "
@@ -132,17 +159,24 @@ class DatapathComponent(Component):
 
 
 class InputsComponent(Component):
-    name, title = "inputs", "watch the k8s and identities buckets"
+    name, title = "inputs", "watch the k8s and identities buckets, and this node's FQDN cache"
 
-    def __init__(self) -> None:
+    def __init__(self, node: str = "") -> None:
         super().__init__()
-        self.inputs = ClusterInputs()
+        self.node = node
+        self.inputs = ClusterInputs(fqdn_synced=False)
 
     async def start(self, rt: Runtime) -> None:
         k8s = await rt.bus.kv(subjects.K8S_BUCKET)
         ids = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
         mesh = await rt.bus.kv(subjects.CLUSTERMESH_CACHE_BUCKET)  # remote clusters (empty without Cluster Mesh)
+        fqdn = await rt.bus.kv(subjects.FQDN_BUCKET)  # the node's dns-proxy cache: what toFQDNs selects
         rt.spawn("inputs", self.inputs.follow(k8s, ids, mesh), self)
+        rt.spawn("fqdn-cache", self._follow_fqdn(fqdn), self)
+
+    async def _follow_fqdn(self, kv: Any) -> None:
+        async for ev in kv.watch(subjects.fqdn_key(self.node)):
+            self.inputs.apply_fqdn(ev)
 
 
 class ReconciledComponent(Component):
@@ -249,7 +283,8 @@ class Enforcer(Component):
         self.desired = DesiredState(node=settings.node_name, mode=settings.policy_enforcement,
                                     cluster_name=settings.cluster_name,
                                     allow_localhost=settings.allow_localhost == "always",
-                                    default_local_cluster=settings.policy_default_local_cluster and settings.cluster_id > 0)
+                                    default_local_cluster=settings.policy_default_local_cluster and settings.cluster_id > 0,
+                                    policy_audit_mode=settings.policy_audit_mode)
         refresh = settings.reconcile_refresh_interval
         self.ipcache = Reconciler("ipcache", IpcacheTarget(self.dp), refresh_interval=refresh)
         self.policies = Reconciler("endpoint-policy", EndpointPolicyTarget(self.dp), refresh_interval=refresh)
@@ -289,6 +324,7 @@ class Enforcer(Component):
     async def _recompute_pass(self) -> None:
         """Desired state -> reconcilers; once every change was attempted, report the watermark it reflects."""
         watermark = self.inputs.watermark
+        fqdn_generation = self.inputs.fqdn_generation
         await self.recompute()
         revisions = [(r, r.revision) for r in (self.ipcache, self.policies, self.lb.reconciler)]
         try:
@@ -301,6 +337,7 @@ class Enforcer(Component):
             return
         self.enforced_watermark = max(self.enforced_watermark, watermark)
         self.rt.progress["k8s_resource_version"] = str(self.enforced_watermark)
+        self.rt.progress["fqdn_generation"] = fqdn_generation  # the dns-proxy releases answers on it
         self.rt.progress["endpoints"] = len(self.table.by_id)
         self.health = self.reconcile_health()
 
@@ -368,15 +405,42 @@ class Endpoints(Component):
         self.policies = enforcer.policies
         self.desired = enforcer.desired
         self.api: EndpointApiServer | None = None
+        self._config_sub: Any = None  # endpoint_config_subject: `propolis endpoint config`
 
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
         self.api = EndpointApiServer(self.settings.datapath_socket, self.handle_cni)
         await self.api.start()
+        self._config_sub = await rt.bus.subscribe(subjects.endpoint_config_subject(self.settings.node_name),
+                                                  self.handle_config, expected=EndpointConfig)
 
     async def stop(self) -> None:
         if self.api is not None:
             await self.api.stop()
+
+    async def handle_config(self, req: EndpointConfig, msg: Any) -> None:
+        """`propolis endpoint config`: change a local endpoint's options, answer once its map entry has them."""
+        answer = EndpointConfig(req.namespace, req.pod)
+        ep = self.table.find_pod(req.namespace, req.pod)
+        try:
+            if ep is None:
+                raise ValidationError("pod", f"{req.namespace}/{req.pod} is no endpoint of node {self.settings.node_name}")
+            if endpoint_config.apply_options(ep, req.options):
+                self.table.save()
+                log.info("endpoint %d (%s/%s) options now %s", ep.endpoint_id, ep.namespace, ep.pod,
+                         endpoint_config.options_of(ep))
+                if ep.identity and ep.identity != RESERVED_INIT:
+                    policy = self.desired.endpoint_policy(self.inputs, ep)
+                    failed = await self.policies.wait_until_reconciled(self.policies.upsert(ep.endpoint_id, policy),
+                                                                       timeout=self.settings.identity_wait)
+                    if ep.endpoint_id in failed:
+                        raise TemporaryError(f"endpoint {ep.endpoint_id}: {failed[ep.endpoint_id]}")
+                self.inputs.changed.set()
+            answer.options = endpoint_config.options_of(ep)
+        except (ValidationError, TemporaryError, asyncio.TimeoutError) as exc:
+            answer.error = str(exc) or type(exc).__name__
+        if msg.reply:
+            await msg.respond(codec.encode(answer))
 
     async def handle_cni(self, req: EndpointAnnouncement) -> dict[str, Any]:
         if req.op == "EndpointDelete":
@@ -438,7 +502,7 @@ class Endpoints(Component):
 
 def build(settings: Settings) -> list[Component]:
     datapath = DatapathComponent(settings)
-    inputs = InputsComponent()
+    inputs = InputsComponent(settings.node_name)
     lb = LoadBalancer(settings, datapath)
     publisher = IpcachePublisher(settings)
     enforcer = Enforcer(settings, datapath, inputs, lb, publisher)

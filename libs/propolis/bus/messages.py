@@ -220,6 +220,18 @@ class WireguardNodeKey:
     rotated_at: float = 0.0  # when this key replaced the previous one (0 = first key)
 
 
+@message("endpoint-config", (1, 0))
+@dataclass
+class EndpointConfig:
+    """``propolis endpoint config NS/POD OPTION=VALUE…`` on ``endpoint_config_subject(node)``: the options to
+    change (none = just read); the writer answers with the options the endpoint has now, or ``error``."""
+
+    namespace: str
+    pod: str
+    options: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+
 @message("clustermesh-cluster-config", (1, 0))
 @dataclass
 class ClusterConfig:
@@ -256,3 +268,16 @@ class ClusterService:
     name: str
     shared: bool
     backends: dict[str, list[list[Any]]] = field(default_factory=dict)
+
+
+@message("fqdn-cache", (1, 0))
+@dataclass
+class FqdnCacheRecord:
+    """``<node>`` in ``PROPOLIS_FQDN_V1``: the node's dns-proxy cache (`fqdn.cache.CacheEntry` rows), which its
+    datapath-writer compiles toFQDNs selectors against; a restarted dns-proxy restores it from here.
+    ``generation`` grows with every change; the writer reports the one its maps reflect (progress
+    ``fqdn_generation``) so the proxy releases an answer only once its IPs are allowed."""
+
+    node: str
+    generation: int
+    entries: list[dict[str, Any]] = field(default_factory=list)

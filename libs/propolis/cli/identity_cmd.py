@@ -1,4 +1,4 @@
-"""`propolis identity list|get` and `propolis endpoint list`, like `cilium identity list|endpoint list`.
+"""`propolis identity list|get` and `propolis endpoint list|config`, like `cilium identity list|endpoint list|config`.
 
 `endpoint list` joins the identities bucket (every pod's endpoint record) with what each node's
 datapath-writer reports in its heartbeat (`writer/endpoint_state.py`): policy enforcement per
@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from propolis.bus import subjects
-from propolis.bus.messages import EndpointRecord, Heartbeat, IdentityRecord
+from propolis.bus.messages import EndpointConfig, EndpointRecord, Heartbeat, IdentityRecord
 from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json, print_table
 from propolis.errors import CliError, TemporaryError
 from propolis.status import is_live, read_heartbeats
@@ -36,7 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     els = everbs.add_parser("list", help="every endpoint: policy enforcement, identity, labels, IPv4, state")
     add_output_flag(els)
     els.set_defaults(func=endpoint_list)
-    for p in (ls, get, els):
+    ecfg = everbs.add_parser("config", help="show or change an endpoint's options (cilium endpoint config), "
+                                            "e.g. PolicyAuditMode=Enabled")
+    ecfg.add_argument("endpoint", metavar="NS/POD")
+    ecfg.add_argument("options", nargs="*", metavar="OPTION=VALUE")
+    add_output_flag(ecfg)
+    ecfg.set_defaults(func=endpoint_config_cmd)
+    for p in (ls, get, els, ecfg):
         add_sandbox_flag(p)
 
 
@@ -102,6 +108,13 @@ def writer_states(heartbeats: list[Heartbeat], now: float) -> dict[str, dict[str
     return out
 
 
+def enforcement_name(state: dict[str, Any], direction: str) -> str:
+    """Cilium's words: an enforced direction in audit mode drops nothing, hence "Disabled (Audit)"."""
+    if not state.get(direction):
+        return "Disabled"
+    return "Disabled (Audit)" if state.get("audit") else "Enabled"
+
+
 def endpoint_rows(eps: list[EndpointRecord], states: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for e in eps:
@@ -113,8 +126,8 @@ def endpoint_rows(eps: list[EndpointRecord], states: dict[str, dict[str, Any]]) 
             st = {"state": endpoint_state.NOT_READY, "reason": why}
         rows.append({"namespace": e.namespace, "pod": e.name, "node": e.node, "endpointID": st.get("id"),
                      "identity": e.identity, "labels": list(e.labels), "ipv4": [ip for ip in e.ips if ":" not in ip],
-                     "policyEnforcement": {"ingress": "Enabled" if st.get("ingress") else "Disabled",
-                                           "egress": "Enabled" if st.get("egress") else "Disabled"},
+                     "policyEnforcement": {"ingress": enforcement_name(st, "ingress"),
+                                           "egress": enforcement_name(st, "egress")},
                      "state": st.get("state"), "reason": st.get("reason", "")})
     return rows
 
@@ -136,4 +149,44 @@ async def endpoint_list(args: argparse.Namespace) -> int:
         table += [["", "", "", "", "", lbl, "", "", ""] for lbl in labels[1:]]
     print_table(["ENDPOINT", "POD", "POLICY (ingress) ENFORCEMENT", "POLICY (egress) ENFORCEMENT", "IDENTITY",
                  "LABELS (source:key[=value])", "IPv4", "NODE", "STATUS"], table)
+    return 0
+
+
+def parse_endpoint_options(endpoint: str, options: list[str]) -> tuple[str, str, dict[str, str]]:
+    namespace, slash, pod = endpoint.partition("/")
+    if not (slash and namespace and pod):
+        raise CliError(f"endpoint {endpoint!r}: give it as NAMESPACE/POD")
+    parsed: dict[str, str] = {}
+    for opt in options:
+        name, eq, value = opt.partition("=")
+        if not (eq and name and value):
+            raise CliError(f"option {opt!r}: give it as OPTION=VALUE (e.g. PolicyAuditMode=Enabled)")
+        parsed[name] = value
+    return namespace, pod, parsed
+
+
+async def endpoint_config_cmd(args: argparse.Namespace) -> int:
+    """Ask the datapath-writer of the pod's node (it owns the endpoint) to show or change its options."""
+    namespace, pod, options = parse_endpoint_options(args.endpoint, args.options)
+    _, eps = await _load(args)
+    record = next((e for e in eps if (e.namespace, e.name) == (namespace, pod)), None)
+    if record is None or not record.node:
+        raise CliError(f"endpoint {namespace}/{pod} not found (is the pod scheduled and wired?)")
+    bus = await connect_bus(args)
+    try:
+        reply = await bus.request(subjects.endpoint_config_subject(record.node),
+                                  EndpointConfig(namespace, pod, options), timeout=10.0)
+    except Exception as exc:  # noqa: BLE001 - timeouts and no-responders alike
+        raise CliError(f"endpoint {namespace}/{pod}: no answer from the datapath-writer of node "
+                       f"{record.node} ({exc})") from exc
+    finally:
+        await bus.close()
+    if not isinstance(reply, EndpointConfig):
+        raise CliError(f"endpoint {namespace}/{pod}: unexpected answer {reply!r}")
+    if reply.error:
+        raise CliError(f"endpoint {namespace}/{pod}: {reply.error}")
+    if args.output == "json":
+        print_json({"namespace": namespace, "pod": pod, "node": record.node, "options": reply.options})
+    else:
+        print_table(["OPTION", "VALUE"], sorted(reply.options.items()))
     return 0

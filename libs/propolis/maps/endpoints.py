@@ -18,6 +18,7 @@ from propolis.maps.spec import ENDPOINT_KEY_IPV4, L3Addr, MapSpec, be32_to_ip4, 
 ENDPOINT_F_HOST = 1 << 0
 ENDPOINT_F_INGRESS_ENFORCED = 1 << 8
 ENDPOINT_F_EGRESS_ENFORCED = 1 << 9
+ENDPOINT_F_POLICY_AUDIT = 1 << 10  # policy audit mode: would-be drops reported as AUDIT and forwarded
 
 
 class EndpointKey(ctypes.Structure):
@@ -68,11 +69,12 @@ class EndpointEntry:
     ingress_enforced: bool
     egress_enforced: bool
     flags: int = 0
+    policy_audit: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"address": self.ip, "endpoint_id": self.endpoint_id, "identity": self.identity,
                 "ifindex": self.ifindex, "ingress_enforced": self.ingress_enforced,
-                "egress_enforced": self.egress_enforced, "flags": self.flags}
+                "egress_enforced": self.egress_enforced, "policy_audit": self.policy_audit, "flags": self.flags}
 
 
 def make_key(ip: str) -> EndpointKey:
@@ -83,7 +85,9 @@ def make_key(ip: str) -> EndpointKey:
 
 
 def make_value(entry: EndpointEntry) -> EndpointInfo:
-    flags = entry.flags & ~(ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED)
+    flags = entry.flags & ~(ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED | ENDPOINT_F_POLICY_AUDIT)
+    if entry.policy_audit:
+        flags |= ENDPOINT_F_POLICY_AUDIT
     if entry.ingress_enforced:
         flags |= ENDPOINT_F_INGRESS_ENFORCED
     if entry.egress_enforced:
@@ -100,7 +104,8 @@ def decode(key: EndpointKey, value: EndpointInfo) -> EndpointEntry:
     return EndpointEntry(
         ip=be32_to_ip4(key.addr.ip4), endpoint_id=value.lxc_id, identity=value.sec_id,
         ifindex=value.ifindex, ingress_enforced=bool(value.flags & ENDPOINT_F_INGRESS_ENFORCED),
-        egress_enforced=bool(value.flags & ENDPOINT_F_EGRESS_ENFORCED), flags=value.flags)
+        egress_enforced=bool(value.flags & ENDPOINT_F_EGRESS_ENFORCED), flags=value.flags,
+        policy_audit=bool(value.flags & ENDPOINT_F_POLICY_AUDIT))
 
 
 def dump(bpf_map: bpf.BpfMap[Any, Any]) -> list[EndpointEntry]:

@@ -71,6 +71,7 @@ class DesiredState:
     cluster_name: str | None = None
     allow_localhost: bool = False  # Cilium's allow-localhost=always (the writer's default) vs =policy
     default_local_cluster: bool = False  # Cluster Mesh: policy-default-local-cluster (see PolicyEngine)
+    policy_audit_mode: bool = False  # Cilium's policyAuditMode: every endpoint reports would-be drops, drops nothing
     ipcache: dict[str, IPCacheEntry] = field(default_factory=dict)
     policies: dict[int, EndpointPolicy] = field(default_factory=dict)
     services: list[LBService] = field(default_factory=list)
@@ -99,7 +100,7 @@ class DesiredState:
                 tables != self._peer_tables:
             self.engine.update(policies=list(inputs.policies.values()), identities=inputs.identities,
                                named_ports={e.identity: e.named_ports for e in inputs.endpoints.values()},
-                               endpoint_ips=frozen, peer_tables=tables)
+                               endpoint_ips=frozen, peer_tables=tables, fqdn_ips=inputs.fqdn_ips)
             self._policy_generation = inputs.policy_generation
             self._endpoint_ips = frozen
             self._peer_tables = tables
@@ -127,7 +128,8 @@ class DesiredState:
         self._sync_engine(inputs)
         result = self.engine.compile_endpoint(ep.identity, namespace=ep.namespace)
         return EndpointPolicy(frozenset(result.entries), result.ingress_enforced, result.egress_enforced,
-                              l7_pending=not result.l7_enforced)
+                              l7_pending=not result.l7_enforced,
+                              audit=self.policy_audit_mode or ep.policy_audit_mode)
 
     def update(self, inputs: "ClusterInputs", local: list["LocalEndpoint"]) -> None:
         self._sync_engine(inputs)

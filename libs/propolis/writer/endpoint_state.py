@@ -37,13 +37,15 @@ class EndpointState:
     reason: str = ""
     ingress: bool = False  # policy enforcement per direction (Cilium: Enabled / Disabled)
     egress: bool = False
+    audit: bool = False  # policy audit mode: would-be drops forwarded and reported (Cilium: "Disabled (Audit)")
 
 
 def endpoint_state(ep: "LocalEndpoint", policy: "EndpointPolicy | None", status: ObjectStatus | None,
                    compute_error: str | None) -> EndpointState:
     def state(name: str, reason: str = "") -> EndpointState:
         return EndpointState(ep.endpoint_id, ep.identity, name, reason,
-                             bool(policy and policy.ingress_enforced), bool(policy and policy.egress_enforced))
+                             bool(policy and policy.ingress_enforced), bool(policy and policy.egress_enforced),
+                             bool(policy and policy.audit))
 
     if not ep.identity:
         return state(NOT_READY, "waiting for the pod's identity (deny-all meanwhile)")

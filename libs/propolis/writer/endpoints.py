@@ -28,6 +28,7 @@ class LocalEndpoint:
     host_ifname: str
     netns: str
     identity: int = 0  # 0 until the identity-allocator's record arrives
+    policy_audit_mode: bool = False  # `propolis endpoint config NS/POD PolicyAuditMode=Enabled` (kept across restarts)
 
 
 class EndpointTable:

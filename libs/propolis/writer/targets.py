@@ -18,6 +18,7 @@ class EndpointPolicy:
     ingress_enforced: bool
     egress_enforced: bool
     l7_pending: bool = False  # some entry carries L7 rules the (future) L7 proxy would enforce: L4 only now
+    audit: bool = False  # policy audit mode (global policyAuditMode or the endpoint's own): report, do not drop
 
 
 class IpcacheTarget:
@@ -44,12 +45,14 @@ class EndpointPolicyTarget:
 
     async def update(self, key: int, desired: EndpointPolicy) -> None:
         self.dp.set_policy(key, desired.entries)
-        self.dp.set_enforcement(key, ingress=desired.ingress_enforced, egress=desired.egress_enforced)
+        self.dp.set_enforcement(key, ingress=desired.ingress_enforced, egress=desired.egress_enforced,
+                                audit=desired.audit)
 
     async def refresh(self, key: int, desired: EndpointPolicy) -> None:
         """Diff against the map itself: rows deleted or changed by hand are written back."""
         self.dp.set_policy(key, desired.entries, reread=True)
-        self.dp.set_enforcement(key, ingress=desired.ingress_enforced, egress=desired.egress_enforced)
+        self.dp.set_enforcement(key, ingress=desired.ingress_enforced, egress=desired.egress_enforced,
+                                audit=desired.audit)
 
     async def delete(self, key: int) -> None:
         """A policy map whose endpoint is gone from cilium_lxc: unhook and unpin it. An attached
