@@ -256,7 +256,9 @@ class KvMirror:
             log.error("bucket %s lost its contents: %d of our %d keys missing, %d changed, %d not ours, watermark "
                       "%s: re-writing it under epoch %s", self.kv.bucket, missing, len(self.written), changed,
                       foreign, "intact" if mark_ok else "gone or overwritten", self.epoch)
-            self.written = objects
+            # Under a new epoch consumers take every key the owner did not rewrite as gone, and a purge may
+            # still be running behind our snapshot: rewrite every desired key, not only the missing ones.
+            self.written = {k: v for k, v in objects.items() if k not in self.desired}
             self.watermark_revision = mark_entry.revision if mark_entry is not None else 0
             self.writes_at_watermark = -1
             self.dirty = True
