@@ -5,6 +5,8 @@
  *   cil_from_netdev  tc INGRESS of the node's netdev: NodePort, externalIPs
  *                    and LoadBalancer IPs (lib/nodeport.h), and the replies
  *                    of NodePort flows SNATed to a backend on another node.
+ *   cil_to_netdev    tc EGRESS of the node's netdev: encryption.strictMode
+ *                    (below), as Cilium's to-netdev.
  *
  * Compiled in the same unit as bpf_lxc.c (the loader appends it), so both
  * share one set of pinned maps and one compile per node.
@@ -17,4 +19,52 @@
 int cil_from_netdev(struct __sk_buff *skb)
 {
 	return nodeport_lb4(skb);
+}
+
+/* A remote node's address (encryption.strictMode.allowRemoteNodeIdentities:
+ * node and pod CIDRs overlap, so node traffic must not be taken for pods'). */
+static __always_inline int identity_is_node(__u32 id)
+{
+	return id == ID_HOST || id == ID_REMOTE_NODE || id == ID_KUBE_APISERVER ||
+	       (id >> 25) == 1;	/* node-local identities of labelled nodes (1 << 25 ...) */
+}
+
+/*
+ * encryption.strictMode (Cilium's strict_allow): a packet about to leave the
+ * node's underlay with source AND destination in the strict CIDR is pod
+ * traffic that did not go through cilium_wg0 (what did leaves as UDP between
+ * node addresses), so it is dropped as UNENCRYPTED_TRAFFIC, counted and
+ * reported like every drop, attributed to the local pod that sent it.
+ * Why here and not on the lxc: only here is it known that the packet really
+ * leaves the node unencrypted, whatever route took it here.
+ */
+int cil_to_netdev(struct __sk_buff *skb)
+{
+	struct runtime_config *cfg = get_runtime_config();
+	struct endpoint_info *ep;
+	struct lxc_ctx c = {};
+	struct iphdr iph;
+
+	if (!cfg || !cfg->strict_ipv4_mask || skb->protocol != pp_htons(ETH_P_IP))
+		return CTX_ACT_OK;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &iph, sizeof(iph)) < 0)
+		return CTX_ACT_OK;
+	if ((iph.saddr & cfg->strict_ipv4_mask) != cfg->strict_ipv4_net ||
+	    (iph.daddr & cfg->strict_ipv4_mask) != cfg->strict_ipv4_net)
+		return CTX_ACT_OK;
+	c.dst_id = resolve_identity4(iph.daddr);
+	if ((cfg->encrypt_flags & ENCRYPT_F_STRICT_ALLOW_REMOTE_NODE) && identity_is_node(c.dst_id))
+		return CTX_ACT_OK;
+
+	c.dir = METRIC_DIR_EGRESS;
+	c.ifindex = skb->ifindex;
+	parse_ipv4(skb, &c.p);	/* ports for the event; the addresses are known */
+	c.p.saddr = iph.saddr;
+	c.p.daddr = iph.daddr;
+	c.p.len = skb->len;
+	ep = lookup_ip4_endpoint(iph.saddr);
+	if (ep)
+		c.ep_id = ep->lxc_id;
+	c.src_id = resolve_identity4(iph.saddr);
+	return send_drop_notify(&c, DROP_UNENCRYPTED_TRAFFIC, POLICY_MATCH_NONE);
 }

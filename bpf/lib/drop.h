@@ -36,6 +36,7 @@
 #define DROP_PROXY_SET_FAILED	179	/* "Failed to assign socket" SOCKET_ASSIGN_FAILED */
 #define DROP_PROXY_UNSUPP_PROTO	180	/* "Proxy redirection not supported for protocol" PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL */
 #define DROP_POLICY_DENY	181	/* "Policy denied by denylist" POLICY_DENY */
+#define DROP_UNENCRYPTED_TRAFFIC	195	/* "Traffic is unencrypted" UNENCRYPTED_TRAFFIC */
 #define DROP_EP_NOT_READY	203	/* "Endpoint policy program not available" DROP_EP_NOT_READY */
 
 #endif /* __PROPOLIS_DROP_H_ */

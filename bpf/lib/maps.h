@@ -255,8 +255,15 @@ struct runtime_config {
 	__u32 events_disabled;		/* EVENTS_DISABLE_* */
 	__u32 events_rate_limit;	/* events per second per endpoint, 0 = no limit (bpf.events.default.rateLimit) */
 	__u32 events_burst_limit;	/* bucket size, 0 = the rate (bpf.events.default.burstLimit) */
-	__u64 reserved[2];
+	/* encryption.strictMode: cross-node pod traffic leaving the node's underlay
+	 * device unencrypted (both ends in this CIDR) is dropped (bpf_host.c) */
+	__be32 strict_ipv4_net;		/* encryption.strictMode.cidr, network */
+	__be32 strict_ipv4_mask;	/* its netmask; 0 = strict mode off */
+	__u32 encrypt_flags;		/* ENCRYPT_F_* */
+	__u32 reserved;
 };
+
+#define ENCRYPT_F_STRICT_ALLOW_REMOTE_NODE	(1 << 0)	/* encryption.strictMode.allowRemoteNodeIdentities */
 
 BPF_TABLE_PINNED("array", __u32, struct runtime_config,
 		 runtime_config, 1, PIN_DIR "/cilium_runtime_config");

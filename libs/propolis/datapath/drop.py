@@ -47,6 +47,7 @@ _REASONS = (
     DropReason(180, "DROP_PROXY_UNSUPP_PROTO", "Proxy redirection not supported for protocol",
                "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL"),
     DropReason(181, "DROP_POLICY_DENY", "Policy denied by denylist", "POLICY_DENY"),
+    DropReason(195, "DROP_UNENCRYPTED_TRAFFIC", "Traffic is unencrypted", "UNENCRYPTED_TRAFFIC"),
     DropReason(203, "DROP_EP_NOT_READY", "Endpoint policy program not available", "DROP_EP_NOT_READY"),
 )
 
@@ -63,6 +64,7 @@ DROP_FIB_LOOKUP = 169
 DROP_FRAG_NEEDED = 136
 DROP_FRAG_NOT_FOUND = 175
 DROP_UNKNOWN_L3 = 139
+DROP_UNENCRYPTED_TRAFFIC = 195
 
 
 def reason_text(code: int) -> str:

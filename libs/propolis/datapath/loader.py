@@ -30,7 +30,8 @@ from propolis.maps.spec import MapSpec
 PROGRAM_FROM_CONTAINER = "cil_from_container"
 PROGRAM_TO_CONTAINER = "cil_to_container"
 PROGRAM_FROM_NETDEV = "cil_from_netdev"  # bpf_host.c: NodePort on the node's underlay interface
-PROGRAM_NAMES = (PROGRAM_FROM_CONTAINER, PROGRAM_TO_CONTAINER, PROGRAM_FROM_NETDEV)
+PROGRAM_TO_NETDEV = "cil_to_netdev"  # bpf_host.c: encryption.strictMode on the node's underlay interface
+PROGRAM_NAMES = (PROGRAM_FROM_CONTAINER, PROGRAM_TO_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_NETDEV)
 MAIN_SOURCES = ("bpf_lxc.c", "bpf_host.c")  # one compile unit: shared maps, one compile per node
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
@@ -116,6 +117,7 @@ class LoadedPrograms:
     adopted_pins: list[str]
     digest: str = ""
     from_netdev_fd: int = -1
+    to_netdev_fd: int = -1
 
     @property
     def compiled(self) -> bool:
@@ -132,10 +134,10 @@ class LoadedPrograms:
             self.module.cleanup()
             self.module = None
         else:
-            for fd in (self.from_container_fd, self.to_container_fd, self.from_netdev_fd):
+            for fd in (self.from_container_fd, self.to_container_fd, self.from_netdev_fd, self.to_netdev_fd):
                 if fd >= 0:
                     os.close(fd)
-        self.from_container_fd = self.to_container_fd = self.from_netdev_fd = -1
+        self.from_container_fd = self.to_container_fd = self.from_netdev_fd = self.to_netdev_fd = -1
 
 
 PROGS_DIR = "progs"
@@ -241,7 +243,8 @@ def compile_programs(node: str, pin_dir: str, *, reuse_pinned: bool = True,
     if reuse_pinned and len(adopted) == len(ALL_SPECS):
         fds = _adopt_pinned_programs(pin_dir, digest)
         if fds is not None:
-            return LoadedPrograms(None, fds[0], fds[1], time.perf_counter() - started, adopted, digest, fds[2])
+            return LoadedPrograms(None, fds[0], fds[1], time.perf_counter() - started, adopted, digest, fds[2],
+                                  fds[3])
 
     from bcc import BPF  # imported here: the CLI and readers never need bcc
     try:
@@ -249,8 +252,9 @@ def compile_programs(node: str, pin_dir: str, *, reuse_pinned: bool = True,
         from_fn = module.load_func(PROGRAM_FROM_CONTAINER.encode(), BPF.SCHED_CLS)
         to_fn = module.load_func(PROGRAM_TO_CONTAINER.encode(), BPF.SCHED_CLS)
         netdev_fn = module.load_func(PROGRAM_FROM_NETDEV.encode(), BPF.SCHED_CLS)
+        to_netdev_fn = module.load_func(PROGRAM_TO_NETDEV.encode(), BPF.SCHED_CLS)
     except Exception as exc:
         raise PermanentError(f"compile/load bpf_lxc.c for node {node}: {exc}") from exc
     elapsed = time.perf_counter() - started
-    _pin_programs(pin_dir, digest, (from_fn.fd, to_fn.fd, netdev_fn.fd))
-    return LoadedPrograms(module, from_fn.fd, to_fn.fd, elapsed, adopted, digest, netdev_fn.fd)
+    _pin_programs(pin_dir, digest, (from_fn.fd, to_fn.fd, netdev_fn.fd, to_netdev_fn.fd))
+    return LoadedPrograms(module, from_fn.fd, to_fn.fd, elapsed, adopted, digest, netdev_fn.fd, to_netdev_fn.fd)

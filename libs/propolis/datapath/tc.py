@@ -108,6 +108,13 @@ class TcAttacher:
 
     async def attach_ingress(self, netns: str | None, ifindex: int, program: tuple[int, str]) -> None:
         """Put one program on tc ingress only (cil_from_netdev on the node's underlay device)."""
+        await self._attach_one(netns, ifindex, program, PARENT_INGRESS)
+
+    async def attach_egress(self, netns: str | None, ifindex: int, program: tuple[int, str]) -> None:
+        """Put one program on tc egress only (cil_to_netdev on the node's underlay device)."""
+        await self._attach_one(netns, ifindex, program, PARENT_EGRESS)
+
+    async def _attach_one(self, netns: str | None, ifindex: int, program: tuple[int, str], parent: int) -> None:
         ipr = await self._ipr(netns)
         try:
             await ipr.tc("add", "clsact", ifindex)
@@ -117,7 +124,7 @@ class TcAttacher:
         fd, name = program
         try:
             await ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, fd=fd, name=name,
-                         parent=PARENT_INGRESS, prio=FILTER_PRIO, classid=1, direct_action=True)
+                         parent=parent, prio=FILTER_PRIO, classid=1, direct_action=True)
         except NetlinkError as exc:
             raise TemporaryError(f"attach {name} on ifindex {ifindex} in {netns}: {exc}") from exc
 
