@@ -8,8 +8,7 @@ the kernel; it needs idempotent, diffing, restart-safe operations, not map plumb
 * `attach_endpoint` = policy map ensured + cilium_lxc entry + tc attach (milliseconds).
 * `set_policy` diffs one endpoint's policy map; `set_ipcache` diffs the ipcache.
 * `set_services` diffs the service LB maps (kube-proxy replacement, propolis.lb for the
-  desired state); `attach_netdev` puts cil_from_netdev (NodePort) and cil_to_netdev
-  (encryption.strictMode) on the node's underlay.
+  desired state); `attach_netdev` puts cil_from_netdev (NodePort) on the node's underlay.
 * `remove_all()` detaches everything and removes every pin of the node (tests, teardown).
 State is inspectable with `propolis bpf … --node NODE`.
 """
@@ -29,7 +28,7 @@ from propolis.maps import ALL_SPECS, config, conntrack, endpoints, events, ipcac
 from propolis.maps import bpf
 from propolis.maps.spec import default_pin_dir
 from propolis.datapath.loader import (PROGRAM_FROM_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_CONTAINER,
-                                      PROGRAM_TO_NETDEV, LoadedPrograms, compile_programs, node_specs)
+                                      LoadedPrograms, compile_programs, node_specs)
 from propolis.datapath.services import LB_ALGORITHMS, ServiceDiff, ServiceMaps, ServiceView, read_services
 from propolis.datapath.tc import InterfaceGone, TcAttacher
 from propolis.lb.desired import LBService
@@ -69,8 +68,6 @@ class DatapathSettings:
     maglev_table_size: int = lbmaps.MAGLEV_TABLE_SIZE  # maglev.tableSize (prime; Cilium's default 16381)
     kube_proxy_replacement: bool = True     # kubeProxyReplacement: false = services left to kube-proxy
     lb_algorithm: str = "random"            # loadBalancer.algorithm: random|maglev
-    encryption_strict_mode_cidr: str = ""   # encryption.strictMode.cidr when strictMode.enabled ("" = off)
-    encryption_strict_mode_allow_remote_node_identities: bool = False  # encryption.strictMode.allowRemoteNodeIdentities
 
     def __post_init__(self) -> None:
         if self.lb_algorithm not in LB_ALGORITHMS:
@@ -80,8 +77,6 @@ class DatapathSettings:
                                   f"{self.monitor_aggregation!r} not in {sorted(config.MONITOR_AGGREGATION)}")
         sizing.dynamic_sizes(self.map_dynamic_size_ratio)  # validates the ratio
         lbmaps.maglev_spec(self.maglev_table_size)  # validates M
-        if self.encryption_strict_mode_cidr:
-            config.strict_cidr(self.encryption_strict_mode_cidr)
 
     @property
     def map_sizes(self) -> dict[str, int]:
@@ -174,10 +169,7 @@ class Datapath:
                                   policy_verdict_events=settings.policy_verdict_events,
                                   trace_events=settings.trace_events,
                                   events_rate_limit=settings.events_rate_limit,
-                                  events_burst_limit=settings.events_burst_limit,
-                                  strict_mode_cidr=settings.encryption_strict_mode_cidr,
-                                  strict_allow_remote_node_identities=(
-                                      settings.encryption_strict_mode_allow_remote_node_identities))
+                                  events_burst_limit=settings.events_burst_limit)
         self._map(config.SPEC.pin_name).update(ctypes.c_uint32(0), value)
 
     # ------------------------------------------------------------------ endpoints
@@ -460,17 +452,12 @@ class Datapath:
         return read_services(self._map(lbmaps.SERVICES_SPEC.pin_name), self._map(lbmaps.BACKENDS_SPEC.pin_name))
 
     async def attach_netdev(self, ifname: str, *, netns: str | None = None) -> int:
-        """Put the node's underlay programs (Cilium: bpf_host.c on the native devices) on the node's
-        underlay interface, as the settings need them: cil_from_netdev (NodePort, externalIPs, LB IPs) on
-        tc ingress with kube-proxy replacement, cil_to_netdev (encryption.strictMode) on tc egress.
-        Returns its ifindex."""
+        """Put cil_from_netdev (NodePort, externalIPs, LB IPs) on tc ingress of the node's
+        underlay interface (Cilium: bpf_host.c on the native devices). Returns its ifindex."""
         programs = self._programs()
         netns = netns if netns is not None else self.netns
         ifindex = await self._tc.ifindex_of(netns, ifname)
-        if self.settings.kube_proxy_replacement:
-            await self._tc.attach_ingress(netns, ifindex, (programs.from_netdev_fd, PROGRAM_FROM_NETDEV))
-        if self.settings.encryption_strict_mode_cidr:
-            await self._tc.attach_egress(netns, ifindex, (programs.to_netdev_fd, PROGRAM_TO_NETDEV))
+        await self._tc.attach_ingress(netns, ifindex, (programs.from_netdev_fd, PROGRAM_FROM_NETDEV))
         self._netdevs[ifindex] = netns
         return ifindex
 
