@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * proxy.h - hand a flow to a local proxy listener, keeping its original
- * destination (Cilium's proxy redirect; used by the L7 proxy, later the DNS
- * proxy too).
+ * destination (Cilium's proxy redirect; used by the L7 proxy and the DNS
+ * proxy, UDP included: proxy_deliver_udp).
  *
  * The generic contract: a policy entry carries a proxy port; a connection
  * whose policy decision has one is delivered to the socket listening on that
@@ -93,6 +93,30 @@ static __always_inline int proxy_owns_tuple(struct __sk_buff *skb, struct pkt4 *
 	return owned;
 }
 
+/* UDP (the DNS proxy): every datagram goes to the unconnected listener on
+ * listener_port, which reads the original destination with IP_RECVORIGDSTADDR
+ * and answers from a socket bound to it. No listener = dropped (fail closed). */
+static __always_inline int proxy_deliver_udp(struct __sk_buff *skb, struct pkt4 *p, __u16 listener_port)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	long ret;
+
+	if (!listener_port)
+		return -DROP_PROXY_LOOKUP_FAILED;
+	proxy_tuple(p, &t);
+	t.ipv4.dport = pp_htons(listener_port);
+	sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return -DROP_PROXY_LOOKUP_FAILED;	/* the proxy is down: fail closed */
+	ret = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (ret < 0)
+		return -DROP_PROXY_SET_FAILED;
+	skb->mark = MARK_MAGIC_TO_PROXY | listener_port;
+	return CTX_ACT_OK;
+}
+
 /* tc ingress: assign the packet its proxy socket (the established one of its
  * tuple, else the listener on listener_port) and mark it for local delivery. */
 static __always_inline int proxy_deliver(struct __sk_buff *skb, struct pkt4 *p, __u16 listener_port)
@@ -101,6 +125,8 @@ static __always_inline int proxy_deliver(struct __sk_buff *skb, struct pkt4 *p, 
 	struct bpf_sock *sk;
 	long ret;
 
+	if (p->protocol == IPPROTO_UDP)
+		return proxy_deliver_udp(skb, p, listener_port);
 	if (p->protocol != IPPROTO_TCP)
 		return -DROP_PROXY_UNSUPP_PROTO;
 	proxy_tuple(p, &t);

@@ -92,6 +92,22 @@ class Settings(CommonSettings):
     conntrack_gc_interval: float = setting(0.0, "Cilium's conntrack-gc-interval (0 = adapt to how full the "
                                                 "tables are)", unit="s")
     conntrack_gc_max_interval: float = setting(12 * 3600.0, "Cilium's conntrack-gc-max-interval", unit="s")
+    encryption_strict_mode_enabled: bool = setting(False, "Cilium's encryption.strictMode.enabled: pod traffic "
+                                                          "between two addresses of encryption.strictMode.cidr "
+                                                          "leaving a device of `devices` unencrypted is dropped "
+                                                          "(UNENCRYPTED_TRAFFIC)")
+    encryption_strict_mode_cidr: str = setting("", "Cilium's encryption.strictMode.cidr (the pod CIDR; required "
+                                                   "with strict mode)")
+    encryption_strict_mode_allow_remote_node_identities: bool = setting(
+        False, "Cilium's encryption.strictMode.allowRemoteNodeIdentities: traffic to node addresses inside the "
+               "strict CIDR passes unencrypted (node and pod CIDRs overlap)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.encryption_strict_mode_enabled and not self.encryption_strict_mode_cidr:
+            raise ValidationError("encryption_strict_mode_cidr", "strict mode needs the CIDR to enforce it on")
+        if self.encryption_strict_mode_enabled and not self.devices:
+            raise ValidationError("devices", "strict mode is enforced on the node's devices: name at least one")
 
 
 class DatapathComponent(Component):
@@ -106,7 +122,12 @@ class DatapathComponent(Component):
                                                      map_dynamic_size_ratio=settings.map_dynamic_size_ratio,
                                                      events_rate_limit=settings.events_rate_limit,
                                                      events_burst_limit=settings.events_burst_limit,
-                                                     maglev_table_size=settings.maglev_table_size))
+                                                     maglev_table_size=settings.maglev_table_size,
+                                                     encryption_strict_mode_cidr=(
+                                                         settings.encryption_strict_mode_cidr
+                                                         if settings.encryption_strict_mode_enabled else ""),
+                                                     encryption_strict_mode_allow_remote_node_identities=(
+                                                         settings.encryption_strict_mode_allow_remote_node_identities)))
 
     async def start(self, rt: Runtime) -> None:
         await self.dp.load()
@@ -117,7 +138,7 @@ class DatapathComponent(Component):
             log.warning("endpoints %s removed: their interfaces are gone (pods deleted while no writer ran)",
                         self.dp.removed_on_reattach)
         devices = [d.strip() for d in self.settings.devices.split(",") if d.strip()]
-        if self.settings.kube_proxy_replacement:
+        if self.settings.kube_proxy_replacement or self.settings.encryption_strict_mode_enabled:
             for device in devices:
                 await self.dp.attach_netdev(device)
         rt.progress["compile_seconds"] = round(self.dp.compile_seconds, 3)
@@ -138,17 +159,24 @@ class DatapathComponent(Component):
 
 
 class InputsComponent(Component):
-    name, title = "inputs", "watch the k8s and identities buckets"
+    name, title = "inputs", "watch the k8s and identities buckets, and this node's FQDN cache"
 
-    def __init__(self) -> None:
+    def __init__(self, node: str = "") -> None:
         super().__init__()
-        self.inputs = ClusterInputs()
+        self.node = node
+        self.inputs = ClusterInputs(fqdn_synced=False)
 
     async def start(self, rt: Runtime) -> None:
         k8s = await rt.bus.kv(subjects.K8S_BUCKET)
         ids = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
         mesh = await rt.bus.kv(subjects.CLUSTERMESH_CACHE_BUCKET)  # remote clusters (empty without Cluster Mesh)
+        fqdn = await rt.bus.kv(subjects.FQDN_BUCKET)  # the node's dns-proxy cache: what toFQDNs selects
         rt.spawn("inputs", self.inputs.follow(k8s, ids, mesh), self)
+        rt.spawn("fqdn-cache", self._follow_fqdn(fqdn), self)
+
+    async def _follow_fqdn(self, kv: Any) -> None:
+        async for ev in kv.watch(subjects.fqdn_key(self.node)):
+            self.inputs.apply_fqdn(ev)
 
 
 class ReconciledComponent(Component):
@@ -296,6 +324,7 @@ class Enforcer(Component):
     async def _recompute_pass(self) -> None:
         """Desired state -> reconcilers; once every change was attempted, report the watermark it reflects."""
         watermark = self.inputs.watermark
+        fqdn_generation = self.inputs.fqdn_generation
         await self.recompute()
         revisions = [(r, r.revision) for r in (self.ipcache, self.policies, self.lb.reconciler)]
         try:
@@ -308,6 +337,7 @@ class Enforcer(Component):
             return
         self.enforced_watermark = max(self.enforced_watermark, watermark)
         self.rt.progress["k8s_resource_version"] = str(self.enforced_watermark)
+        self.rt.progress["fqdn_generation"] = fqdn_generation  # the dns-proxy releases answers on it
         self.rt.progress["endpoints"] = len(self.table.by_id)
         self.health = self.reconcile_health()
 
@@ -472,7 +502,7 @@ class Endpoints(Component):
 
 def build(settings: Settings) -> list[Component]:
     datapath = DatapathComponent(settings)
-    inputs = InputsComponent()
+    inputs = InputsComponent(settings.node_name)
     lb = LoadBalancer(settings, datapath)
     publisher = IpcachePublisher(settings)
     enforcer = Enforcer(settings, datapath, inputs, lb, publisher)

@@ -463,7 +463,25 @@ def test_seed_aws_egress():
     api = e.compile_endpoint(API)
     assert (api.ingress_enforced, api.egress_enforced) == (False, True)
     assert rows(api) == allow(E, [DNS], UDP, 53)
-    assert api.l7[PolicyEntry("egress", DNS, UDP, 53)][0].kind == "dns"
+    dns_proxy = PROXY_PORTS[("dns", "egress")]
+    assert api.l7[PolicyEntry("egress", DNS, UDP, 53, proxy_port=dns_proxy)][0].kind == "dns"
+
+
+def test_seed_aws_egress_selects_what_the_dns_proxy_learned_outside_the_cluster():
+    e = engine([_yaml(SEED_AWS_EGRESS)])
+    learned = {"52.216.1.1": frozenset({"s3.amazonaws.com."}), "198.51.100.7": frozenset({"api.stripe.com."}),
+               "198.51.100.9": frozenset({"example.org."}), "10.244.1.5": frozenset({"evil.amazonaws.com."})}
+    e.update(fqdn_ips=learned, endpoint_ips={FRONT: ["10.244.1.5"]})
+    ids = e.cidr_identities()
+    assert set(ids) == {"52.216.1.1/32", "198.51.100.7/32"}  # not example.org, never a pod's address
+    assert {str(lbl) for lbl in e.cache.identities[ids["52.216.1.1/32"]]} >= {"fqdn:*.amazonaws.com",
+                                                                               "cidr:52.216.1.1/32"}
+    api = e.compile_endpoint(API)
+    assert api.allows("egress", ids["52.216.1.1/32"], TCP, 443)
+    assert api.allows("egress", ids["198.51.100.7/32"], TCP, 443)
+    assert not api.allows("egress", idm.RESERVED_WORLD, TCP, 443)
+    e.update(fqdn_ips={})
+    assert e.cidr_identities() == {} and not e.compile_endpoint(API).allows("egress", ids["52.216.1.1/32"], TCP, 443)
 
 
 def test_seed_bandwidth_limit_and_host_firewall_and_kafka_parse():

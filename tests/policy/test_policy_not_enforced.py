@@ -21,12 +21,14 @@ def test_http_rules_are_enforced_by_the_l7_proxy():
     assert not not_enforced(cnp(ingress=[{"toPorts": [{**PORT, "rules": {"http": [{"method": "GET"}]}}]}]))
 
 
+def test_egress_dns_rules_and_to_fqdns_are_enforced_by_the_dns_proxy():
+    dns = {"ports": [{"port": "53", "protocol": "UDP"}], "rules": {"dns": [{"matchPattern": "*"}]}}
+    assert not not_enforced(cnp(egress=[{"toPorts": [dns]}, {"toFQDNs": [{"matchName": "example.com"}]}]))
+
+
 @pytest.mark.parametrize("spec, field, why", [
-    ({"egress": [{"toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}], "rules": {"dns": [{"matchPattern": "*"}]}}]}]},
-     "spec.egress[0].toPorts[0].rules", "open to every request"),
     ({"ingress": [{"toPorts": [{**PORT, "rules": {"kafka": [{"topic": "t"}]}}]}]},
      "spec.ingress[0].toPorts[0].rules", "L7 proxy"),
-    ({"egress": [{"toFQDNs": [{"matchName": "example.com"}]}]}, "spec.egress[0].toFQDNs", "DNS proxy"),
     ({"egress": [{"toGroups": [{"aws": {"securityGroupsIds": ["sg-1"]}}]}]}, "spec.egress[0].toGroups", "cloud"),
     ({"ingress": [{"fromEndpoints": [{}], "authentication": {"mode": "required"}}]},
      "spec.ingress[0].authentication.mode", "fail closed"),

@@ -268,3 +268,16 @@ class ClusterService:
     name: str
     shared: bool
     backends: dict[str, list[list[Any]]] = field(default_factory=dict)
+
+
+@message("fqdn-cache", (1, 0))
+@dataclass
+class FqdnCacheRecord:
+    """``<node>`` in ``PROPOLIS_FQDN_V1``: the node's dns-proxy cache (`fqdn.cache.CacheEntry` rows), which its
+    datapath-writer compiles toFQDNs selectors against; a restarted dns-proxy restores it from here.
+    ``generation`` grows with every change; the writer reports the one its maps reflect (progress
+    ``fqdn_generation``) so the proxy releases an answer only once its IPs are allowed."""
+
+    node: str
+    generation: int
+    entries: list[dict[str, Any]] = field(default_factory=list)

@@ -25,6 +25,7 @@ WIREGUARD_BUCKET = "PROPOLIS_WIREGUARD_V1"    # WireGuard public key per node (k
 #: cache of every remote cluster's export (KVStoreMesh's `cilium/cache/…`); owner of both: clustermesh-apiserver.
 CLUSTERMESH_BUCKET = "PROPOLIS_CLUSTERMESH_V1"
 CLUSTERMESH_CACHE_BUCKET = "PROPOLIS_CLUSTERMESH_CACHE_V1"
+FQDN_BUCKET = "PROPOLIS_FQDN_V1"  # each node's learned DNS names -> IPs (key = node name); owner: dns-proxy (per node)
 #: The NATS user remote clusters read the export with: it reads that bucket and writes nothing.
 CLUSTERMESH_REMOTE_USER = "clustermesh-remote"
 
@@ -50,6 +51,7 @@ BUCKETS = {
     WIREGUARD_BUCKET: BucketConfig(WIREGUARD_BUCKET),
     CLUSTERMESH_BUCKET: BucketConfig(CLUSTERMESH_BUCKET),
     CLUSTERMESH_CACHE_BUCKET: BucketConfig(CLUSTERMESH_CACHE_BUCKET),
+    FQDN_BUCKET: BucketConfig(FQDN_BUCKET),
 }
 
 # --- plain subjects (streams that are not state) -------------------------------------------
@@ -133,6 +135,11 @@ def wireguard_key(node: str) -> str:
     return key(token(node, what="node"))
 
 
+def fqdn_key(node: str) -> str:
+    """A node's FQDN cache in ``PROPOLIS_FQDN_V1``: the key is the node name."""
+    return key(token(node, what="node"))
+
+
 def clustermesh_cache_key(cluster: str, export_key: str) -> str:
     """A remote cluster's exported key in the local cache bucket: ``<cluster>.<export key>``."""
     return key(token(cluster, what="cluster"), export_key)
@@ -177,6 +184,8 @@ def slices(node: str = "*") -> dict[str, Slice]:
                         (node_hb_subject("hubble"), f"{PREFIX}.flows.{node}", f"{PREFIX}.flows.{node}.>")),
         "l7-proxy": Slice("l7-proxy", (node_hb("l7-proxy"),),
                           (node_hb_subject("l7-proxy"), f"{PREFIX}.accesslog.{node}")),
+        "dns-proxy": Slice("dns-proxy", ((FQDN_BUCKET, node), node_hb("dns-proxy")),
+                           (node_hb_subject("dns-proxy"), f"{PREFIX}.accesslog.{node}")),
         "hubble-relay": Slice("hubble-relay", (hb("hubble-relay"),),
                               (heartbeat_pattern("hubble-relay"), HUBBLE_QUERY)),
         "wireguard-keymgr": Slice("wireguard-keymgr", ((WIREGUARD_BUCKET, node), node_hb("wireguard-keymgr")),

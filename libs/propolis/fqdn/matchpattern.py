@@ -77,9 +77,14 @@ class FqdnSelector:
         return _compiled(self.match_pattern).match(fqdn(name)) is not None
 
     @property
+    def key(self) -> str:
+        """The key of the `fqdn:` label this selector selects and its learned IPs carry."""
+        return fqdn(self.match_name) if self.match_name else self.match_pattern.lower()
+
+    @property
     def label(self) -> str:
         """The identity label of IPs this selector learned (`fqdn:<selector>`, as Cilium's)."""
-        return "fqdn:" + (fqdn(self.match_name) if self.match_name else self.match_pattern.lower())
+        return "fqdn:" + self.key
 
 
 @lru_cache(maxsize=4096)

@@ -2,7 +2,7 @@
 
 A policy entry carries a proxy port; bpf/lib/proxy.h hands every packet of such a connection to
 the socket listening on that port in the node namespace, keeping the original destination (the
-accepted socket's local address). Any proxy (the L7 proxy now, a DNS proxy later) follows it:
+accepted socket's local address). Any proxy (the L7 proxy, the dns-proxy) follows it:
 
 * listen on ``0.0.0.0:<port>`` with ``IP_TRANSPARENT`` (`transparent_listener`);
 * the node has the policy route for ``MARK_MAGIC_TO_PROXY`` (`install_proxy_route`): marked
@@ -37,6 +37,7 @@ PROXY_RULE_PRIORITY = 9
 PROXY_PORTS: dict[tuple[str, str], int] = {
     ("http", "ingress"): 10080,
     ("http", "egress"): 10081,
+    ("dns", "egress"): 10053,  # the dns-proxy (UDP and TCP); Cilium's DNS proxy is egress only
 }
 
 #: the L7 families a proxy enforces (rules of other families leave their port L4-allowed)

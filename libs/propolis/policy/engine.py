@@ -52,6 +52,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from propolis.errors import ValidationError
+from propolis.fqdn.matchpattern import FqdnSelector
 from propolis.l7.redirect import proxy_port_for
 from propolis.model import identity as idm
 from propolis.model.labels import SOURCE_CIDR, SOURCE_FQDN, SOURCE_K8S, SOURCE_RESERVED, Label, LabelSet
@@ -59,7 +60,7 @@ from propolis.model.selectors import LabelSelector, Requirement, equals, exists
 from propolis.policy.entries import (PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTOCOL_NUMBERS,
                                      L7Annotation, PolicyEntry, icmp_type_port)
 from propolis.policy.parse import policy_from_record
-from propolis.policy.rules import CIDRRule, PeerRule, Policy, PortProtocol, PortRule, Rule, ServiceSelector
+from propolis.policy.rules import CIDRRule, DNSRule, PeerRule, Policy, PortProtocol, PortRule, Rule, ServiceSelector
 from propolis.policy.selectorcache import SelectorCache
 
 log = logging.getLogger("propolis.policy")
@@ -117,6 +118,10 @@ def entity_selectors(entity: str, cluster_name: str | None = None) -> tuple[Labe
 
 def cidr_labels(prefix: str) -> LabelSet:
     return LabelSet([Label(SOURCE_CIDR, prefix), Label(SOURCE_RESERVED, "world")])
+
+
+def fqdn_selector(rule: DNSRule) -> FqdnSelector:
+    return FqdnSelector(rule.match_name, rule.match_pattern)
 
 
 class LocalIdentityAllocator:
@@ -239,6 +244,7 @@ class PolicyEngine:
                                                       frozenset[str]]] = {}
         self._cidr_selection: dict[CIDRRule, frozenset[int]] = {}
         self.endpoint_ips: dict[int, frozenset[str]] = {}
+        self.fqdn_ips: dict[str, frozenset[str]] = {}
         self._ipblock_selection: dict[CIDRRule, frozenset[int]] = {}
         self.peer_tables = PeerTables()
         self._peer_fingerprint: Any = None
@@ -331,7 +337,8 @@ class PolicyEngine:
                namespaces: Mapping[str, Mapping[str, str]] | None = None,
                named_ports: Mapping[int, Mapping[str, Any]] | None = None,
                endpoint_ips: Mapping[int, Iterable[str]] | None = None,
-               peer_tables: PeerTables | None = None) -> None:
+               peer_tables: PeerTables | None = None,
+               fqdn_ips: Mapping[str, frozenset[str]] | None = None) -> None:
         """Bring the engine to these whole tables; unchanged entries cost a comparison only.
 
         ``policies``: K8sObject records, raw k8s dicts or Policy objects (a list, or key -> object);
@@ -340,8 +347,12 @@ class PolicyEngine:
         ``endpoint_ips``: identity -> IPs of all its endpoints; turns on Kubernetes ipBlock semantics for
         pods (see `_select_ipblock_pods`).
         ``peer_tables``: what toServices, labelled nodes and CIDR groups resolve through.
+        ``fqdn_ips``: IP -> names the node's dns-proxy learned it for (what toFQDNs selects).
         """
         peers_moved = False
+        if fqdn_ips is not None and fqdn_ips != self.fqdn_ips:
+            self.fqdn_ips = dict(fqdn_ips)
+            peers_moved = True
         if peer_tables is not None:
             self.peer_tables = peer_tables
         if endpoint_ips is not None:
@@ -492,8 +503,29 @@ class PolicyEngine:
                 for a in self.peer_tables.nodes[name].addresses if ":" not in a}
 
     # --- CIDR identities ----------------------------------------------------------------
+    def _fqdn_prefixes(self) -> dict[str, LabelSet]:
+        """/32 of each learned IP (the dns-proxy's cache, `fqdn_ips`) a toFQDNs selector matches -> its
+        `fqdn:<selector>` labels. In-cluster addresses (endpoints, nodes, Service backends) are never
+        selected by toFQDNs, whatever a DNS answer says."""
+        selectors = {fqdn_selector(fq) for peer in self._all_peers() for fq in peer.fqdns or ()}
+        if not selectors or not self.fqdn_ips:
+            return {}
+        in_cluster = set(self._pod_identity_by_ip())
+        for table in (self.peer_tables.nodes, self.peer_tables.services):
+            for obj in table.values():
+                in_cluster.update(obj.addresses)
+        out: dict[str, LabelSet] = {}
+        for ip, names in self.fqdn_ips.items():
+            if ":" in ip or ip in in_cluster:
+                continue
+            labels = [Label(SOURCE_FQDN, s.key) for s in selectors if any(s.matches(n) for n in names)]
+            if labels:
+                out[f"{ip}/32"] = LabelSet(labels)
+        return out
+
     def _sync_cidrs(self) -> bool:
-        """Allocate/release CIDR identities for the prefixes the policies name; True if they changed."""
+        """Allocate/release CIDR identities for the prefixes the policies name and the IPs toFQDNs
+        selectors learned (their identities carry `fqdn:` labels too); True if they changed."""
         wanted: set[str] = set()
         pod_ips = None
         for peer in self._all_peers():
@@ -505,8 +537,18 @@ class PolicyEngine:
             for svc in peer.services or ():
                 pod_ips = self._pod_identity_by_ip() if pod_ips is None else pod_ips
                 wanted.update(f"{a}/32" for a in self._service_addresses(svc) if a not in pod_ips)
+        fqdn_labels = self._fqdn_prefixes()
+        wanted.update(fqdn_labels)
+        relabelled = False
+        for prefix in wanted & set(self._cidr_ids):
+            labels = cidr_labels(prefix).union(fqdn_labels.get(prefix, ()))
+            if self.cache.identities.get(self._cidr_ids[prefix]) != labels:
+                self.cache.upsert_identity(self._cidr_ids[prefix], labels)
+                relabelled = True
         if wanted == set(self._cidr_ids):
-            return False
+            if relabelled:
+                self._cidr_selection.clear()
+            return relabelled
         for prefix in [p for p in self._cidr_ids if p not in wanted]:
             number = self._cidr_ids.pop(prefix)
             del self._cidr_nets[prefix]
@@ -517,7 +559,7 @@ class PolicyEngine:
             number = self._alloc(prefix)
             self._cidr_ids[prefix] = number
             self._cidr_nets[prefix] = ipaddress.ip_network(prefix)
-            self.cache.upsert_identity(number, cidr_labels(prefix))
+            self.cache.upsert_identity(number, cidr_labels(prefix).union(fqdn_labels.get(prefix, ())))
         self._cidr_selection.clear()
         return True
 
@@ -646,8 +688,7 @@ class PolicyEngine:
                     if number is not None:
                         ids.add(number)
         for fq in peer.fqdns or ():
-            ids |= select(LabelSelector((exists(SOURCE_FQDN, fq.match_name or fq.match_pattern),)))
-            notes.add("toFQDNs selects only identities learned by the DNS proxy (not yet running)")
+            ids |= select(LabelSelector((exists(SOURCE_FQDN, fqdn_selector(fq).key),)))
         if peer.groups:
             notes.add("toGroups (cloud groups) is not supported: it selects nothing")
         return ids

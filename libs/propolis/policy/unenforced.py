@@ -16,14 +16,13 @@ from typing import Any
 
 from propolis.l7.redirect import ENFORCED_FAMILIES
 
-L7_PROXY = "no L7 proxy enforces this rule family yet (only HTTP is): the port is open to every request"
+L7_PROXY = "no L7 proxy enforces this rule family yet (only HTTP and DNS are): the port is open to every request"
 NOT_ENFORCED_REASONS: dict[str, str] = {
     "rules": L7_PROXY,
     "terminatingTLS": "the L7 proxy is not running: TLS is not terminated, the port allows the connection",
     "originatingTLS": "the L7 proxy is not running: TLS is not originated, the port allows the connection",
     "serverNames": "the L7 proxy is not running: SNI is not checked, the port allows every server name",
     "listener": "the L7 proxy is not running: no Envoy listener, the port allows the connection",
-    "toFQDNs": "the DNS proxy is not running: no IP is learned, toFQDNs allows nothing",
     "toGroups": "cloud provider groups are not supported: the rule selects nothing",
     "fromGroups": "cloud provider groups are not supported: the rule selects nothing",
     "authentication": "mutual authentication is not implemented: the rule allows nothing (fail closed)",
@@ -58,7 +57,7 @@ def _rule(doc: Any, where: str) -> list[NotEnforced]:
             if not isinstance(peer, dict):
                 continue
             at = f"{where}.{section}[{i}]"
-            for key in ("toFQDNs", "toGroups", "fromGroups"):
+            for key in ("toGroups", "fromGroups"):
                 if peer.get(key):
                     out.append(NotEnforced(f"{at}.{key}", NOT_ENFORCED_REASONS[key]))
             auth = peer.get("authentication")

@@ -50,7 +50,7 @@ log = logging.getLogger("propolis.runtime")
 FAULT_DIR_ENV = "PROPOLIS_FAULT_DIR"
 
 #: progress keys others wait on (`propolis sandbox wait`): a change sends a heartbeat at once
-PROMPT_PROGRESS_KEYS = frozenset({"k8s_resource_version"})
+PROMPT_PROGRESS_KEYS = frozenset({"k8s_resource_version", "fqdn_generation"})
 
 
 class Progress(dict[str, Any]):

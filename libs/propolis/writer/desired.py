@@ -100,7 +100,7 @@ class DesiredState:
                 tables != self._peer_tables:
             self.engine.update(policies=list(inputs.policies.values()), identities=inputs.identities,
                                named_ports={e.identity: e.named_ports for e in inputs.endpoints.values()},
-                               endpoint_ips=frozen, peer_tables=tables)
+                               endpoint_ips=frozen, peer_tables=tables, fqdn_ips=inputs.fqdn_ips)
             self._policy_generation = inputs.policy_generation
             self._endpoint_ips = frozen
             self._peer_tables = tables

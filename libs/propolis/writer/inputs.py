@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from propolis.bus import subjects
 from propolis.bus.codec import DecodeError
 from propolis.bus.kv import UNDECODABLE, EventType, Kv, KvEvent
-from propolis.bus.messages import ClusterNode, ClusterService, EndpointRecord, IdentityRecord, K8sObject
+from propolis.bus.messages import (ClusterNode, ClusterService, EndpointRecord, FqdnCacheRecord, IdentityRecord,
+                                   K8sObject)
 from propolis.bus.watermark import WatermarkGate
 from propolis.clustermesh import imported
 from propolis.k8s.kinds import POLICY_KINDS
@@ -41,6 +42,12 @@ class ClusterInputs:
     remote_services: dict[tuple[str, str], dict[str, ClusterService]] = field(default_factory=dict)
     #: Cluster Mesh: other clusters' nodes, (cluster, node) -> InternalIPs (ipcache rows as remote-node)
     remote_nodes: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    #: this node's dns-proxy cache (`apply_fqdn`): IP -> names it was learned for, what toFQDNs selects
+    fqdn_ips: dict[str, frozenset[str]] = field(default_factory=dict)
+    fqdn_generation: int = 0  # the cache's generation these IPs are from
+    #: False while a follower of the FQDN cache has not had its initial value: acting before it would
+    #: prune every learned IP (connections to them dropped until the cache arrives)
+    fqdn_synced: bool = True
     k8s_gate: WatermarkGate = field(default_factory=lambda: WatermarkGate(subjects.K8S_BUCKET))
     identities_gate: WatermarkGate = field(default_factory=lambda: WatermarkGate(subjects.IDENTITIES_BUCKET))
     generation: int = 0
@@ -55,7 +62,7 @@ class ClusterInputs:
         A bucket without its watermark was wiped (purged, NATS lost its storage) or its owner never
         ran: acting on it would prune every policy and open the endpoints until the owners refill it,
         so the kernel keeps its last state instead (fail closed)."""
-        return self.k8s_gate.ready and self.identities_gate.ready
+        return self.k8s_gate.ready and self.identities_gate.ready and self.fqdn_synced
 
     @property
     def k8s_watermark(self) -> int:
@@ -146,6 +153,26 @@ class ClusterInputs:
             else:
                 self.endpoints.pop((ns, name), None)
             self._bump()
+
+    def apply_fqdn(self, ev: KvEvent) -> None:
+        """The node's FQDN cache record (`FqdnCacheRecord`, one key per node, the dns-proxy's)."""
+        if ev.type is EventType.SYNCED:
+            self.fqdn_synced = True
+            self._bump(policy=True)
+            return
+        record = ev.value if ev.type is EventType.PUT else None
+        if record is not None and not isinstance(record, FqdnCacheRecord):  # poison: the last good value stays
+            UNDECODABLE.refused(subjects.FQDN_BUCKET, ev.key, ev.revision,
+                                f"expected {FqdnCacheRecord.SCHEMA}, got {type(record).__name__}")  # type: ignore[attr-defined]
+            return
+        names: dict[str, set[str]] = {}
+        for row in record.entries if record is not None else ():
+            names.setdefault(str(row.get("ip")), set()).add(str(row.get("name")))
+        ips = {ip: frozenset(n) for ip, n in names.items()}
+        self.fqdn_generation = record.generation if record is not None else 0
+        if ips != self.fqdn_ips:
+            self.fqdn_ips = ips
+            self._bump(policy=True)
 
     def apply_clustermesh(self, ev: KvEvent) -> None:
         """Cluster Mesh: a remote cluster's identity or endpoint IP from the local KVStoreMesh cache joins
