@@ -92,22 +92,6 @@ class Settings(CommonSettings):
     conntrack_gc_interval: float = setting(0.0, "Cilium's conntrack-gc-interval (0 = adapt to how full the "
                                                 "tables are)", unit="s")
     conntrack_gc_max_interval: float = setting(12 * 3600.0, "Cilium's conntrack-gc-max-interval", unit="s")
-    encryption_strict_mode_enabled: bool = setting(False, "Cilium's encryption.strictMode.enabled: pod traffic "
-                                                          "between two addresses of encryption.strictMode.cidr "
-                                                          "leaving a device of `devices` unencrypted is dropped "
-                                                          "(UNENCRYPTED_TRAFFIC)")
-    encryption_strict_mode_cidr: str = setting("", "Cilium's encryption.strictMode.cidr (the pod CIDR; required "
-                                                   "with strict mode)")
-    encryption_strict_mode_allow_remote_node_identities: bool = setting(
-        False, "Cilium's encryption.strictMode.allowRemoteNodeIdentities: traffic to node addresses inside the "
-               "strict CIDR passes unencrypted (node and pod CIDRs overlap)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.encryption_strict_mode_enabled and not self.encryption_strict_mode_cidr:
-            raise ValidationError("encryption_strict_mode_cidr", "strict mode needs the CIDR to enforce it on")
-        if self.encryption_strict_mode_enabled and not self.devices:
-            raise ValidationError("devices", "strict mode is enforced on the node's devices: name at least one")
 
 
 class DatapathComponent(Component):
@@ -122,12 +106,7 @@ class DatapathComponent(Component):
                                                      map_dynamic_size_ratio=settings.map_dynamic_size_ratio,
                                                      events_rate_limit=settings.events_rate_limit,
                                                      events_burst_limit=settings.events_burst_limit,
-                                                     maglev_table_size=settings.maglev_table_size,
-                                                     encryption_strict_mode_cidr=(
-                                                         settings.encryption_strict_mode_cidr
-                                                         if settings.encryption_strict_mode_enabled else ""),
-                                                     encryption_strict_mode_allow_remote_node_identities=(
-                                                         settings.encryption_strict_mode_allow_remote_node_identities)))
+                                                     maglev_table_size=settings.maglev_table_size))
 
     async def start(self, rt: Runtime) -> None:
         await self.dp.load()
@@ -138,7 +117,7 @@ class DatapathComponent(Component):
             log.warning("endpoints %s removed: their interfaces are gone (pods deleted while no writer ran)",
                         self.dp.removed_on_reattach)
         devices = [d.strip() for d in self.settings.devices.split(",") if d.strip()]
-        if self.settings.kube_proxy_replacement or self.settings.encryption_strict_mode_enabled:
+        if self.settings.kube_proxy_replacement:
             for device in devices:
                 await self.dp.attach_netdev(device)
         rt.progress["compile_seconds"] = round(self.dp.compile_seconds, 3)
