@@ -24,8 +24,6 @@ class Settings(CommonSettings):
                                                       "(not implemented yet: refused)")
     encryption_wireguard_persistent_keepalive: int = setting(0, "encryption.wireguard.persistentKeepalive "
                                                                 "(0 = off)", unit="s")
-    encryption_strict_mode_enabled: bool = setting(False, "encryption.strictMode.enabled (not implemented yet: "
-                                                          "refused)")
     wireguard_listen_port: int = setting(LISTEN_PORT, "UDP port of cilium_wg0 (Cilium: 51871)")
     wireguard_backend: str = setting("auto", "auto = kernel module when loaded, else wireguard-go",
                                      choices=("auto", "kernel", "wireguard-go"))
@@ -42,8 +40,6 @@ class Settings(CommonSettings):
                                                      "use wireguard")
         if self.encryption_node_encryption:
             raise ValidationError("encryption_node_encryption", "node encryption is not implemented yet")
-        if self.encryption_strict_mode_enabled:
-            raise ValidationError("encryption_strict_mode_enabled", "strict mode is not implemented yet")
         if not 0 < self.wireguard_listen_port < 65536:
             raise ValidationError("wireguard_listen_port", f"{self.wireguard_listen_port} is not a UDP port")
 

@@ -38,6 +38,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--encryption", choices=("wireguard",), default=None,
                    help="transparent encryption of cross-node pod traffic (Cilium's encryption.type); default off "
                         "(a running sandbox keeps its own)")
+    p.add_argument("--encryption-strict", dest="encryption_strict_mode", action="store_true",
+                   help="Cilium's encryption.strictMode on the cluster CIDR: unencrypted pod traffic between nodes "
+                        "is dropped in BPF (UNENCRYPTED_TRAFFIC); needs --encryption")
+    p.add_argument("--node-encryption", dest="encryption_node_encryption", action="store_true",
+                   help="Cilium's encryption.nodeEncryption: node-to-node traffic through the tunnel too")
     p.add_argument("--cluster-id", type=int, default=0,
                    help="Cluster Mesh cluster.id 1-255 (runs the clustermesh-apiserver); default 0 = no Cluster Mesh")
     p.set_defaults(func=cmd_up)
@@ -126,7 +131,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError("the sandbox creates network namespaces: run as root")
     state = cluster.up(args.name, nodes=args.nodes, cluster_cidr=args.cluster_cidr, service_cidr=args.service_cidr,
                        services=args.services, timeout=args.timeout, encryption=args.encryption,
-                       cluster_id=args.cluster_id)
+                       cluster_id=args.cluster_id, encryption_strict_mode=args.encryption_strict_mode,
+                       encryption_node_encryption=args.encryption_node_encryption)
     cfg = state.sandbox()
     print(f"sandbox {cfg.name} ready: {cfg.nodes} nodes, cluster CIDR {cfg.cluster_cidr}")
     print(f"kubeconfig: {state.kubeconfig}")

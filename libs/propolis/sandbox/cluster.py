@@ -50,7 +50,8 @@ def supervisor_alive(state: SandboxState) -> bool:
 
 def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_cidr: str | None = None,
        services: str = "all", timeout: float = UP_TIMEOUT_S, encryption: str | None = None,
-       cluster_id: int = 0) -> SandboxState:
+       cluster_id: int = 0, encryption_strict_mode: bool = False,
+       encryption_node_encryption: bool = False) -> SandboxState:
     """Start sandbox `name` in the background and return its ready state. Idempotent."""
     validate_sandbox_name(name)
     started = time.monotonic()
@@ -76,6 +77,7 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
     with allocation_lock():
         cfg = allocate(name, nodes, cluster_cidr, service_cidr)
         cfg.encryption = encryption or ""
+        cfg.encryption_strict_mode, cfg.encryption_node_encryption = encryption_strict_mode, encryption_node_encryption
         cfg.cluster_id = cluster_id
         cfg.__post_init__()  # validates the encryption type and cluster id
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +115,9 @@ def _config_dict(cfg: SandboxConfig) -> dict[str, Any]:
                            "cluster_cidr": cfg.cluster_cidr, "service_cidr": cfg.service_cidr}
     if cfg.encryption:  # only when on: state.json of an unencrypted sandbox stays as it was
         out["encryption"] = cfg.encryption
+    for option in ("encryption_strict_mode", "encryption_node_encryption"):
+        if getattr(cfg, option):
+            out[option] = True
     if cfg.cluster_id:  # only when set: Cluster Mesh
         out["cluster_id"] = cfg.cluster_id
     return out

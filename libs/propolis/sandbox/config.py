@@ -73,6 +73,10 @@ class SandboxConfig:
     service_cidr: str = DEFAULT_SERVICE_CIDR
     #: transparent encryption between nodes: "" (off) or "wireguard" (`sandbox up --encryption wireguard`)
     encryption: str = ""
+    #: encryption.strictMode on the cluster CIDR (`sandbox up --encryption wireguard --encryption-strict-mode`)
+    encryption_strict_mode: bool = False
+    #: encryption.nodeEncryption: node-to-node traffic through the tunnel too (`--node-encryption`)
+    encryption_node_encryption: bool = False
     #: Cluster Mesh `cluster.id` 1-255 (`sandbox up --cluster-id`); 0 = no Cluster Mesh (the cluster name is the
     #: sandbox name). With an id the sandbox runs the clustermesh-apiserver and its identities carry the id.
     cluster_id: int = 0
@@ -84,6 +88,9 @@ class SandboxConfig:
         if self.encryption not in ENCRYPTION_TYPES:
             raise ValidationError("encryption", f"must be one of {', '.join(t or '(none)' for t in ENCRYPTION_TYPES)}, "
                                                 f"got {self.encryption!r}")
+        for option in ("encryption_strict_mode", "encryption_node_encryption"):
+            if getattr(self, option) and not self.encryption:
+                raise ValidationError(option, "needs transparent encryption on (--encryption wireguard)")
         if not 1 <= self.nodes <= MAX_NODES:
             raise ValidationError("nodes", f"must be between 1 and {MAX_NODES}, got {self.nodes}")
         if not 1 <= self.index <= 254:

@@ -182,7 +182,8 @@ class Supervisor:
             "pin_dir": str(cfg.pin_dir(node)) if node else "", "datapath_socket": str(cfg.datapath_socket(node)) if node else "",
             "apiserver_url": self.state.apiserver_url, "node_ip": cfg.node_ip(n) if n else "",
             "pod_cidr": cfg.pod_cidr(n) if n else "", "cluster_cidr": cfg.cluster_cidr, "service_cidr": cfg.service_cidr,
-            "cluster_id": cfg.cluster_id,
+            "cluster_id": cfg.cluster_id, "encryption_strict_mode": cfg.encryption_strict_mode,
+            "encryption_node_encryption": cfg.encryption_node_encryption,
         }
 
     def save(self, status: str | None = None, error: str = "") -> None:

@@ -41,7 +41,8 @@ def leftovers(name: str) -> dict[str, list[str]]:
 @contextmanager
 def running_sandbox(*, nodes: int = 2, services: str = "none", name: str | None = None,
                     cluster_cidr: str | None = None, encryption: str | None = None,
-                    cluster_id: int = 0) -> Iterator[SandboxState]:
+                    cluster_id: int = 0, encryption_strict_mode: bool = False,
+                    encryption_node_encryption: bool = False) -> Iterator[SandboxState]:
     """``encryption=None``: a full-suite sandbox (services "all") follows $PROPOLIS_TEST_ENCRYPTION, so CI can
     run every cross-node packet test both ways (`PROPOLIS_TEST_ENCRYPTION=wireguard pytest integration`)."""
     name = name or unique_name()
@@ -49,7 +50,8 @@ def running_sandbox(*, nodes: int = 2, services: str = "none", name: str | None 
         encryption = os.environ.get(TEST_ENCRYPTION_ENV, "") if services == "all" else ""
     try:
         yield cluster.up(name, nodes=nodes, services=services, cluster_cidr=cluster_cidr, encryption=encryption,
-                         cluster_id=cluster_id)
+                         cluster_id=cluster_id, encryption_strict_mode=encryption_strict_mode,
+                         encryption_node_encryption=encryption_node_encryption)
     finally:
         cluster.down(name)
         left = leftovers(name)

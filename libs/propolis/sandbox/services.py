@@ -111,6 +111,11 @@ def service_env(context: dict[str, Any]) -> dict[str, str]:
     }
     if context.get("cluster_id"):  # Cluster Mesh: identities are allocated in this cluster's range
         env["PROPOLIS_CLUSTER_ID"] = str(context["cluster_id"])
+    if context.get("encryption_strict_mode"):  # the datapath-writer's: pod traffic in the cluster CIDR
+        env["PROPOLIS_ENCRYPTION_STRICT_MODE_ENABLED"] = "true"
+        env["PROPOLIS_ENCRYPTION_STRICT_MODE_CIDR"] = context["cluster_cidr"]
+    if context.get("encryption_node_encryption"):  # the wireguard-keymgr's
+        env["PROPOLIS_ENCRYPTION_NODE_ENCRYPTION"] = "true"
     if context.get("node"):
         env.update({
             "PROPOLIS_NODE_NAME": context["node"],
