@@ -5,7 +5,8 @@ The proxy builds each record (`http_flow`: Type L7, `l7.type` REQUEST or RESPONS
 request is a DROPPED REQUEST with code 403, as Cilium logs it) and publishes it on its node's
 access-log subject; that node's Hubble observer enriches both ends (`enrich`) and handles it like
 every flow (ring, metrics, bus, queries), so `propolis observe --protocol http --http-status 403`
-finds it.
+finds it. Kafka requests are REQUEST flows with `l7.kafka` {error_code, api_version, api_key,
+correlation_id, topic} (`kafka_flow`): FORWARDED with error_code 0, DROPPED with 29.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from propolis.hubble.flow import Enricher, rfc3339
 from propolis.l7.http import Head
+from propolis.l7.kafka import KafkaRequest
 
 TYPE_L7 = "L7"
 L7_EVENT_TYPE = 129  # Cilium's MessageTypeAccessLog
@@ -41,19 +43,42 @@ def http_flow(*, node: str, direction: str, client: tuple[str, int], server: tup
         summary = f"HTTP/{request.version} {code} {latency_ns // 1_000_000}ms ({request.method} {url})"
     else:
         summary = f"HTTP/{request.version} {request.method} {url}"
+    return _l7_flow(node=node, direction=direction, src=src, dst=dst, src_identity=src_id, dst_identity=dst_id,
+                    verdict=verdict, is_reply=is_reply, latency_ns=latency_ns, record=("http", http),
+                    summary=summary)
+
+
+def kafka_flow(*, node: str, direction: str, client: tuple[str, int], server: tuple[str, int],
+               client_identity: int, server_identity: int, request: KafkaRequest, verdict: str,
+               error_code: int) -> dict[str, Any]:
+    """One Kafka request as an L7 flow (`l7.kafka`, Hubble's Kafka record: one topic, the first)."""
+    record = {"error_code": error_code, "api_version": request.api_version, "api_key": request.api_key_name,
+              "correlation_id": request.correlation_id, "topic": request.topics[0] if request.topics else ""}
+    topics = f" topic {','.join(request.topics)}" if request.topics else ""
+    summary = (f"Kafka request {request.api_key_name} v{request.api_version} correlation id "
+               f"{request.correlation_id}{topics}" + (f" error {error_code}" if error_code else ""))
+    return _l7_flow(node=node, direction=direction, src=client, dst=server, src_identity=client_identity,
+                    dst_identity=server_identity, verdict=verdict, is_reply=False, latency_ns=0,
+                    record=("kafka", record), summary=summary)
+
+
+def _l7_flow(*, node: str, direction: str, src: tuple[str, int], dst: tuple[str, int], src_identity: int,
+             dst_identity: int, verdict: str, is_reply: bool, latency_ns: int, record: tuple[str, dict[str, Any]],
+             summary: str) -> dict[str, Any]:
+    """The flow around one protocol record (`l7.<protocol>`), as the proxy's access log makes it."""
     return {
         "time": rfc3339(time.time()),
         "verdict": verdict,
         "IP": {"source": src[0], "destination": dst[0], "ipVersion": "IPv4"},
         "l4": {"TCP": {"source_port": src[1], "destination_port": dst[1]}},
-        "source": {"identity": src_id},
-        "destination": {"identity": dst_id},
+        "source": {"identity": src_identity},
+        "destination": {"identity": dst_identity},
         "Type": TYPE_L7,
         "node_name": node,
         "event_type": {"type": L7_EVENT_TYPE},
         "traffic_direction": "INGRESS" if direction == "ingress" else "EGRESS",
         "is_reply": is_reply,
-        "l7": {"type": "RESPONSE" if is_reply else "REQUEST", "latency_ns": latency_ns, "http": http},
+        "l7": {"type": "RESPONSE" if is_reply else "REQUEST", "latency_ns": latency_ns, record[0]: record[1]},
         "Summary": summary,
     }
 

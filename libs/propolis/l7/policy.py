@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 from propolis.bus.kv import EventType, KvEvent
-from propolis.l7.http import HTTPRuleMatcher, compile_rules
+from propolis.l7 import kafka
+from propolis.l7.http import compile_rules
 from propolis.model import identity as idm
 from propolis.policy.entries import PROTO_TCP, L7Annotation
 from propolis.writer.desired import DesiredState
@@ -29,7 +31,7 @@ class Verdict:
 
     endpoint_identity: int
     peer_identity: int
-    rules: tuple[HTTPRuleMatcher, ...]
+    rules: tuple[Any, ...]  # HTTPRuleMatcher or kafka.KafkaRuleMatcher, by the listener's family
     policies: tuple[str, ...]  # origins of the rules (for logs and flows)
 
 
@@ -43,7 +45,7 @@ class ProxyPolicy:
     ipcache: dict[str, int] = field(default_factory=dict)
     _rows: dict[str, str] = field(default_factory=dict)  # ipcache key -> its ip
     _desired: DesiredState = field(init=False)
-    _compiled: dict[L7Annotation, tuple[HTTPRuleMatcher, ...]] = field(default_factory=dict)
+    _compiled: dict[L7Annotation, tuple[Any, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._desired = DesiredState(self.node, mode=self.mode, cluster_name=self.cluster_name)
@@ -76,24 +78,30 @@ class ProxyPolicy:
                     return idm.RESERVED_HOST if obj.name == self.node else idm.RESERVED_REMOTE_NODE
         return idm.RESERVED_WORLD
 
-    def _matchers(self, ann: L7Annotation) -> tuple[HTTPRuleMatcher, ...]:
+    def _matchers(self, ann: L7Annotation) -> tuple[Any, ...]:
         found = self._compiled.get(ann)
         if found is None:
             if len(self._compiled) > 4096:
                 self._compiled.clear()
-            found = self._compiled[ann] = compile_rules(ann.rules.http)
+            found = self._compiled[ann] = (kafka.compile_rules(ann.rules.kafka) if ann.kind == "kafka"
+                                           else compile_rules(ann.rules.http))
         return found
 
     def http_verdict(self, direction: str, listener_port: int, client: tuple[str, int],
                      server: tuple[str, int]) -> Verdict:
         """The HTTP rules for a connection from `client` to `server` (original destination)."""
+        return self.verdict("http", direction, listener_port, client, server)
+
+    def verdict(self, family: str, direction: str, listener_port: int, client: tuple[str, int],
+                server: tuple[str, int]) -> Verdict:
+        """The rules of one L7 family ("http", "kafka") for a connection from `client` to `server`."""
         endpoint_ip, peer_ip = (server[0], client[0]) if direction == "ingress" else (client[0], server[0])
         endpoint_identity, peer_identity = self.identity_of(endpoint_ip), self.identity_of(peer_ip)
         if not self.ready or endpoint_identity in (idm.RESERVED_WORLD, idm.RESERVED_HOST):
             return Verdict(endpoint_identity, peer_identity, (), ())
         result = self._desired.compiled(self.inputs, endpoint_identity)
         port = server[1]
-        rules: list[HTTPRuleMatcher] = []
+        rules: list[Any] = []
         origins: set[str] = set()
         for entry, anns in result.l7.items():
             if entry.direction != direction or entry.deny or entry.proxy_port != listener_port:
@@ -103,7 +111,7 @@ class ProxyPolicy:
             if not (entry.port == 0 or entry.port <= port <= (entry.end_port or entry.port)):
                 continue
             for ann in anns:
-                if ann.kind == "http":
+                if ann.kind == family:
                     rules.extend(self._matchers(ann))
                     origins.add(ann.origin)
         return Verdict(endpoint_identity, peer_identity, tuple(rules), tuple(sorted(origins)))

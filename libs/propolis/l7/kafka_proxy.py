@@ -1,0 +1,226 @@
+"""The Kafka L7 proxy: one transparent listener per direction (`PROXY_PORTS[("kafka", direction)]`).
+
+Per redirected connection, each request frame is judged on its own (`kafka.allowed`) with the rules
+`ProxyPolicy.verdict("kafka", …)` gives at that moment. Allowed: forwarded as received over one onward
+connection to the original destination (opened at the first allowed request, source = the client's address),
+its response relayed as it streams in. Denied: the proxy answers itself (`kafka.denied_response`: the API's
+response with TOPIC_AUTHORIZATION_FAILED and the request's correlation id) and the connection stays up.
+Kafka clients expect responses in request order, so an answer to a denied request waits behind the
+responses still due from the broker (`_Pending`).
+
+Bad input (a size over `kafka.MAX_REQUEST_BYTES` or under a header, a body that does not decode, a frame not
+complete within `frame_timeout`, a denied request whose API has no place for an error) closes the
+connection; the proxy itself never stops on a connection's error. Memory per connection: one request frame
+and one relayed chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from propolis.l7 import kafka
+from propolis.l7.flows import kafka_flow
+from propolis.l7.policy import ProxyPolicy
+from propolis.l7.proxy import ConnectionDone, ProxyStats
+from propolis.l7.redirect import PROXY_PORTS, transparent_listener, upstream_socket
+
+log = logging.getLogger("propolis.l7.kafka_proxy")
+
+RELAY_CHUNK = 65536
+#: responses are streamed, never held whole; a size beyond this is no Kafka response (Fetch's max_bytes
+#: defaults to 50 MiB in clients)
+MAX_RESPONSE_BYTES = 1 << 30
+
+
+class KafkaProxy:
+    """Serves the Kafka listeners of the node (see the module docstring)."""
+
+    def __init__(self, policy: ProxyPolicy, *, node: str, make_socket: Callable[[], socket.socket],
+                 on_flow: Callable[[dict[str, Any]], None] | None = None, frame_timeout: float = 10.0,
+                 idle_timeout: float = 300.0, connect_timeout: float = 5.0) -> None:
+        self.policy = policy
+        self.node = node
+        self.make_socket = make_socket  # a TCP socket in the node's network namespace
+        self.on_flow = on_flow
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.servers: dict[int, asyncio.Server] = {}
+        self.stats = ProxyStats()
+
+    async def start(self) -> None:
+        for (family, direction), port in PROXY_PORTS.items():
+            if family != "kafka":
+                continue
+            sock = transparent_listener(self.make_socket(), port)
+            self.servers[port] = await asyncio.start_server(
+                lambda r, w, d=direction, p=port: self._serve(r, w, d, p), sock=sock, limit=RELAY_CHUNK)
+            log.info("Kafka %s proxy listening on port %d", direction, port)
+
+    async def stop(self) -> None:
+        for server in self.servers.values():
+            server.close()
+        for server in self.servers.values():
+            await server.wait_closed()
+        self.servers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str,
+                     port: int) -> None:
+        self.stats.connections += 1
+        self.stats.active += 1
+        client = writer.get_extra_info("peername")[:2]
+        server = writer.get_extra_info("sockname")[:2]
+        conn = _Connection(self, reader, writer, direction, port, client, server)
+        try:
+            await conn.run()
+        except (ConnectionDone, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except kafka.BadFrame as exc:
+            self.stats.error("bad_frame")
+            log.info("Kafka connection %s:%d -> %s:%d closed: %s", *client, *server, exc)
+        except Exception as exc:  # noqa: BLE001 - one connection's failure never stops the proxy
+            self.stats.error(type(exc).__name__)
+            log.warning("Kafka connection %s:%d -> %s:%d ended: %s: %s", *client, *server, type(exc).__name__, exc)
+        finally:
+            self.stats.active -= 1
+            await conn.close()
+
+
+class _Pending:
+    """A forwarded request whose response is due from the broker (answers to denied ones queue behind it)."""
+
+    def __init__(self, correlation_id: int) -> None:
+        self.correlation_id = correlation_id
+
+
+class _Connection:
+    def __init__(self, proxy: KafkaProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 direction: str, port: int, client: tuple[str, int], server: tuple[str, int]) -> None:
+        self.proxy, self.reader, self.writer = proxy, reader, writer
+        self.direction, self.port, self.client, self.server = direction, port, client, server
+        self.upstream: asyncio.StreamWriter | None = None
+        self.relay: asyncio.Task[None] | None = None
+        #: in request order: _Pending (the broker answers) or bytes (our answer to a denied request)
+        self.pending: collections.deque[_Pending | bytes] = collections.deque()
+
+    async def close(self) -> None:
+        if self.relay is not None:
+            self.relay.cancel()
+            await asyncio.gather(self.relay, return_exceptions=True)
+        if self.upstream is not None:
+            self.upstream.close()
+        self.writer.close()
+
+    async def _read_frame(self) -> bytes | None:
+        """One whole request frame, None at the client's close between frames."""
+        try:
+            prefix = await asyncio.wait_for(self.reader.readexactly(4), self.proxy.idle_timeout)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise kafka.BadFrame("connection closed inside a size prefix") from None
+            return None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ConnectionDone() from None
+        size = kafka.frame_size(prefix)
+        try:
+            body = await asyncio.wait_for(self.reader.readexactly(size), self.proxy.frame_timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise kafka.BadFrame(f"request of {size} bytes not complete within {self.proxy.frame_timeout}s") from None
+        except asyncio.IncompleteReadError:
+            raise kafka.BadFrame(f"connection closed inside a request of {size} bytes") from None
+        return prefix + body
+
+    async def run(self) -> None:
+        while True:
+            frame = await self._read_frame()
+            if frame is None:
+                return
+            request = kafka.parse_request(frame)
+            verdict = self.proxy.policy.verdict("kafka", self.direction, self.port, self.client, self.server)
+            if kafka.allowed(verdict.rules, request):
+                self._flow(request, "FORWARDED", 0)
+                self.proxy.stats.requests_forwarded += 1
+                await self._forward(request)
+            else:
+                self._flow(request, "DROPPED", kafka.TOPIC_AUTHORIZATION_FAILED)
+                self.proxy.stats.requests_denied += 1
+                await self._deny(request)
+
+    async def _forward(self, request: kafka.KafkaRequest) -> None:
+        if self.upstream is None:
+            reader, self.upstream = await self._connect()
+            self.relay = asyncio.create_task(self._relay(reader), name=f"kafka-relay {self.client[0]}:{self.client[1]}")
+        if request.expects_response:
+            self.pending.append(_Pending(request.correlation_id))
+        self.upstream.write(request.frame)
+        await self.upstream.drain()
+
+    async def _deny(self, request: kafka.KafkaRequest) -> None:
+        if not request.expects_response:
+            return
+        answer = kafka.denied_response(request)
+        if answer is None:
+            self.proxy.stats.error("unanswerable")
+            log.info("Kafka %s v%d denied and closed: its response has no place for an error",
+                     request.api_key_name, request.api_version)
+            raise ConnectionDone()
+        if self.pending:
+            self.pending.append(answer)  # after the responses the broker still owes
+        else:
+            self.writer.write(answer)
+            await self.writer.drain()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        loop = asyncio.get_running_loop()
+        sock = upstream_socket(self.proxy.make_socket(), self.client[0], self.direction)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, self.server), self.proxy.connect_timeout)
+        except (OSError, asyncio.TimeoutError, TimeoutError):
+            sock.close()
+            self.proxy.stats.error("upstream_connect")
+            raise ConnectionDone() from None
+        return await asyncio.open_connection(sock=sock, limit=RELAY_CHUNK)
+
+    async def _relay(self, upstream: asyncio.StreamReader) -> None:
+        """Broker responses to the client, each streamed, each followed by the answers queued behind it."""
+        try:
+            while True:
+                head = await upstream.readexactly(8)  # size, correlation id
+                size, correlation_id = struct.unpack(">ii", head)
+                due = self.pending[0] if self.pending else None
+                if not 4 <= size <= MAX_RESPONSE_BYTES or not isinstance(due, _Pending) \
+                        or due.correlation_id != correlation_id:
+                    self.proxy.stats.error("upstream_bad_response")
+                    break
+                self.writer.write(head)
+                left = size - 4
+                while left:
+                    chunk = await upstream.read(min(left, RELAY_CHUNK))
+                    if not chunk:
+                        raise asyncio.IncompleteReadError(b"", left)
+                    left -= len(chunk)
+                    self.writer.write(chunk)
+                    await self.writer.drain()
+                self.pending.popleft()
+                while self.pending and isinstance(self.pending[0], bytes):
+                    self.writer.write(self.pending.popleft())  # type: ignore[arg-type]
+                await self.writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        # the broker closed or broke the protocol: so does the client's connection
+        self.writer.close()
+
+    def _flow(self, request: kafka.KafkaRequest, verdict: str, error_code: int) -> None:
+        if self.proxy.on_flow is None:
+            return
+        policy = self.proxy.policy
+        self.proxy.on_flow(kafka_flow(node=self.proxy.node, direction=self.direction, client=self.client,
+                                      server=self.server, client_identity=policy.identity_of(self.client[0]),
+                                      server_identity=policy.identity_of(self.server[0]), request=request,
+                                      verdict=verdict, error_code=error_code))
