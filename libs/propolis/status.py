@@ -47,10 +47,11 @@ FEATURE_SPECS: dict[str, FeatureSpec] = {
     "Policy enforcement": FeatureSpec("datapath-writer", ("clsact", "bpffs")),
     "Hubble": FeatureSpec("hubble"),
     "Encryption": FeatureSpec("wireguard-keymgr"),
-    "BandwidthManager": FeatureSpec("datapath-writer", ("sch_fq",)),
+    "BandwidthManager": FeatureSpec("datapath-writer"),  # sch_fq only picks the mode (EDT + fq, else tbf)
     "Host firewall": FeatureSpec("datapath-writer", ("clsact", "bpffs")),
     "Cluster Mesh": FeatureSpec("clustermesh-apiserver"),
     "L7 proxy": FeatureSpec("l7-proxy"),
+    "DNS proxy": FeatureSpec("dns-proxy"),
 }
 FEATURES = tuple(FEATURE_SPECS)
 
@@ -100,9 +101,8 @@ def kernel_notes(name: str, kernel: dict[str, dict[str, Any]]) -> list[str]:
         return bool(kernel.get(probe, {}).get("available"))
 
     notes = [kernel[p]["detail"] for p in FEATURE_SPECS[name].needs if p in kernel and not ok(p)]
-    if name == "BandwidthManager" and notes:
-        notes = [notes[0] + ": no EDT pacing on this kernel, so Pod egress-bandwidth annotations "
-                            "cannot be enforced"]
+    if name == "BandwidthManager" and "sch_fq" in kernel and not ok("sch_fq"):
+        notes.append(kernel["sch_fq"]["detail"] + ": no EDT pacing on this kernel, pods would be shaped with tbf")
     elif name == "Encryption":
         if ok("wireguard"):
             notes.append("kernel WireGuard available")

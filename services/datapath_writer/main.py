@@ -7,6 +7,7 @@ Components, in start order (each declares what it requires; `check_wiring` verif
 2. inputs    — watch the k8s and identities buckets (ClusterInputs).
 3. lb        — the node's Services -> LB maps (reconciler `lb-services`).
 4. ipcache-publisher — our endpoints -> our slice of the ipcache bucket (reconciler over KV).
+4b. bandwidth — pod bandwidth annotations -> a tbf per direction (reconciler `bandwidth`).
 5. enforcer  — policy compute: desired ipcache and per-endpoint policy on every input change,
    reconciled into the maps (prune only after all inputs synced); hands Services to `lb` and
    endpoints to the publisher. Progress `k8s_resource_version` = the watermark the kernel state reflects.
@@ -47,6 +48,9 @@ from propolis.writer.endpoints import EndpointTable, LocalEndpoint
 from propolis.writer.inputs import ClusterInputs
 from propolis.writer.ct_gc import ConntrackGC
 from propolis.writer.ipcache_publisher import IpcacheKvTarget, desired_records
+from propolis.writer.bandwidth import BandwidthTarget, desired_bandwidth
+from propolis.bandwidth.shaper import select_mode
+from propolis.kernel_probe import probe_all
 from propolis.writer.targets import EndpointPolicyTarget, IpcacheTarget, ServicesTarget
 
 log = logging.getLogger("propolis.datapath_writer")
@@ -92,6 +96,9 @@ class Settings(CommonSettings):
     conntrack_gc_interval: float = setting(0.0, "Cilium's conntrack-gc-interval (0 = adapt to how full the "
                                                 "tables are)", unit="s")
     conntrack_gc_max_interval: float = setting(12 * 3600.0, "Cilium's conntrack-gc-max-interval", unit="s")
+    enable_bandwidth_manager: bool = setting(False, "Cilium's enable-bandwidth-manager (bandwidthManager.enabled): "
+                                                    "shape pods to their kubernetes.io/egress-bandwidth and "
+                                                    "ingress-bandwidth annotations")
 
 
 class DatapathComponent(Component):
@@ -247,12 +254,37 @@ class ConntrackGCComponent(Component):
             gc_task.cancel()
 
 
+class BandwidthManager(ReconciledComponent):
+    name, title = "bandwidth", "pod bandwidth annotations -> a tbf per direction (Cilium's Bandwidth Manager)"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.enabled = settings.enable_bandwidth_manager
+        self.target = BandwidthTarget(settings.node_netns or None)
+        self.reconciler = Reconciler("bandwidth", self.target, refresh_interval=settings.reconcile_refresh_interval)
+
+    async def start(self, rt: Runtime) -> None:
+        """Disabled still runs the reconciler with nothing desired: shapers left from an enabled run go."""
+        mode = select_mode(await asyncio.to_thread(probe_all))
+        rt.features["BandwidthManager"] = (
+            {"state": mode.name, "detail": mode.detail} if self.enabled else
+            {"state": "Disabled", "detail": f"enable-bandwidth-manager=false (would use {mode.detail})"})
+        rt.spawn("bandwidth-reconciler", self.reconciler.run(), self)
+
+    def set_pods(self, inputs: ClusterInputs, endpoints: list[LocalEndpoint]) -> None:
+        """Desired shapers from the mirrored pods of this node's endpoints (inputs are synced here)."""
+        self.target.endpoints = endpoints
+        self.reconciler.replace_all(desired_bandwidth(inputs.pods, endpoints) if self.enabled else {})
+        self.reconciler.mark_synced()
+
+
 class Enforcer(Component):
     name, title = "enforcer", "policy compute: desired ipcache and per-endpoint policy -> their maps"
 
     def __init__(self, settings: Settings, datapath: DatapathComponent, inputs: InputsComponent,
-                 lb: LoadBalancer, publisher: IpcachePublisher) -> None:
-        super().__init__(datapath, inputs, lb, publisher)
+                 lb: LoadBalancer, publisher: IpcachePublisher, bandwidth: BandwidthManager) -> None:
+        super().__init__(datapath, inputs, lb, publisher, bandwidth)
+        self.bandwidth = bandwidth
         self.settings = settings
         self.dp = datapath.dp
         self.inputs = inputs.inputs
@@ -305,7 +337,8 @@ class Enforcer(Component):
         watermark = self.inputs.watermark
         fqdn_generation = self.inputs.fqdn_generation
         await self.recompute()
-        revisions = [(r, r.revision) for r in (self.ipcache, self.policies, self.lb.reconciler)]
+        revisions = [(r, r.revision) for r in (self.ipcache, self.policies, self.lb.reconciler,
+                                               self.bandwidth.reconciler)]
         try:
             for reconciler, revision in revisions:
                 reconciler.mark_synced()
@@ -367,6 +400,7 @@ class Enforcer(Component):
             "detail": (f"{l7_pending} endpoint(s) have Kafka/DNS/generic L7 rules: their L4 ports are allowed, "
                        "the rules are not enforced yet" if l7_pending else "no policy has such L7 rules")}
         self.lb.set_services(self.desired)
+        self.bandwidth.set_pods(self.inputs, list(self.table.by_id.values()))
 
 
 
@@ -436,7 +470,7 @@ class Endpoints(Component):
             taken = {e.endpoint_id for e in self.dp.list_endpoints()}
             ep = LocalEndpoint(endpoint_id=self.table.allocate_id(taken), container_id=req.container_id,
                                namespace=req.namespace, pod=req.pod, ip=req.ipv4, ifindex=req.host_ifindex,
-                               host_ifname=req.host_ifname, netns=req.netns)
+                               host_ifname=req.host_ifname, netns=req.netns, ifname=req.ifname)
         ep.ip, ep.ifindex, ep.host_ifname = req.ipv4, req.host_ifindex, req.host_ifname
         identity = await self._wait_identity(ep)
         ep.identity = identity or RESERVED_INIT
@@ -484,8 +518,9 @@ def build(settings: Settings) -> list[Component]:
     inputs = InputsComponent(settings.node_name)
     lb = LoadBalancer(settings, datapath)
     publisher = IpcachePublisher(settings)
-    enforcer = Enforcer(settings, datapath, inputs, lb, publisher)
-    return [datapath, inputs, lb, publisher, enforcer, Endpoints(settings, datapath, inputs, enforcer),
+    bandwidth = BandwidthManager(settings)
+    enforcer = Enforcer(settings, datapath, inputs, lb, publisher, bandwidth)
+    return [datapath, inputs, lb, publisher, bandwidth, enforcer, Endpoints(settings, datapath, inputs, enforcer),
             ConntrackGCComponent(settings, datapath)]
 
 

@@ -147,11 +147,12 @@ def test_every_feature_is_listed_with_the_reason_when_off():
 
 def test_features_come_only_from_live_instances_and_are_checked_against_the_kernel():
     hubble = beat("hubble", "s-worker", features={"Hubble": {"state": "Ok", "detail": "12 flows/s"}})
-    claims = beat("datapath-writer", "s-worker", features={**DATAPATH_FEATURES, "BandwidthManager": "Enabled"})
-    rep = build_report(suite_beats(h=hubble, c=claims), now=NOW, nodes=NODES, kernel=KERNEL)
+    claims = beat("datapath-writer", "s-worker", features=DATAPATH_FEATURES)
+    no_clsact = {**KERNEL, "clsact": {"available": False, "detail": "no clsact (Error: unknown qdisc)"}}
+    rep = build_report(suite_beats(h=hubble, c=claims), now=NOW, nodes=NODES, kernel=no_clsact)
     assert rep.features["Hubble"] == {"source": "hubble", "state": "Ok", "detail": "12 flows/s"}
-    assert rep.features["BandwidthManager"]["reason"].startswith("kernel lacks sch_fq missing")
-    assert any(p.startswith("BandwidthManager: kernel lacks") for p in rep.problems)
+    assert rep.features["KubeProxyReplacement"]["reason"] == "kernel lacks no clsact (Error: unknown qdisc)"
+    assert any(p.startswith("KubeProxyReplacement: kernel lacks") for p in rep.problems)
 
     dead = [beat("datapath-writer", n, age=60, features=DATAPATH_FEATURES) for n in NODES]
     rep = build_report(dead, now=NOW, nodes=NODES)
@@ -199,3 +200,11 @@ def test_without_kernel_probes_no_kernel_reason_is_guessed():
     rep = build_report(suite_beats(), now=NOW, nodes=NODES, kernel=not_root)
     assert rep.features["BandwidthManager"] == {"state": "Disabled", "reason": "not implemented by datapath-writer yet"}
     assert rep.features["Encryption"] == {"state": "Disabled", "reason": "wireguard-keymgr not running"}
+
+
+def test_bandwidth_manager_shows_its_mode_and_why_and_tbf_without_sch_fq_is_no_problem():
+    mode = {"state": "tbf", "detail": "tbf per pod: egress on its eth0, ingress on its lxc veth (no EDT: sch_fq missing)"}
+    writer = beat("datapath-writer", "s-worker", features={**DATAPATH_FEATURES, "BandwidthManager": mode})
+    rep = build_report(suite_beats(c=writer), now=NOW, nodes=NODES, kernel=KERNEL)
+    assert rep.features["BandwidthManager"] == {"source": "datapath-writer", **mode}
+    assert not [p for p in rep.problems if p.startswith("BandwidthManager")]

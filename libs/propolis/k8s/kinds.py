@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from propolis.bandwidth.annotations import ANNOTATIONS as BANDWIDTH_ANNOTATIONS
 from propolis.bus.messages import K8sObject
 
 Obj = dict[str, Any]
@@ -108,7 +109,8 @@ class Kind:
         meta = _meta(obj)
         spec, status = self.normalize(obj)
         annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
-                       if "cilium.io" in k or "propolis" in k or k.startswith("io.cilium/")}
+                       if "cilium.io" in k or "propolis" in k or k.startswith("io.cilium/")
+                       or k in BANDWIDTH_ANNOTATIONS}
         if annotations:
             spec = {**spec, "annotations": annotations}
         return K8sObject(kind=self.kind, namespace=meta.get("namespace", "") if self.namespaced else "",

@@ -71,10 +71,12 @@ class SandboxService:
 SANDBOX_SERVICES: list[SandboxService] = [
     SandboxService("k8s-watcher", "cluster", ("propolis-k8s-watcher",)),
     SandboxService("identity-allocator", "cluster", ("propolis-identity-allocator",)),
-    SandboxService("datapath-writer", "node", ("propolis-datapath-writer", "--devices", "eth0"),
+    SandboxService("datapath-writer", "node", ("propolis-datapath-writer", "--devices", "eth0",
+                                                   "--enable-bandwidth-manager", "true"),
                    serves_datapath_socket=True),
     SandboxService("hubble", "node", ("propolis-hubble",), reports_progress=False),
     SandboxService("l7-proxy", "node", ("propolis-l7-proxy",), reports_progress=False),
+    SandboxService("dns-proxy", "node", ("propolis-dns-proxy",), reports_progress=False),
     SandboxService("hubble-relay", "cluster", ("propolis-hubble-relay", "--hubble-relay-listen-address",
                                                "127.0.0.1:0"), reports_progress=False),
     SandboxService("wireguard-keymgr", "node", ("propolis-wireguard-keymgr",), reports_progress=False,

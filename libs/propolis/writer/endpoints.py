@@ -28,6 +28,7 @@ class LocalEndpoint:
     host_ifname: str
     netns: str
     identity: int = 0  # 0 until the identity-allocator's record arrives
+    ifname: str = "eth0"  # the pod's interface in its namespace (the Bandwidth Manager shapes its egress there)
     policy_audit_mode: bool = False  # `propolis endpoint config NS/POD PolicyAuditMode=Enabled` (kept across restarts)
 
 
