@@ -1,4 +1,5 @@
 """The HTTP/1.1 L7 proxy: one transparent listener per (family, direction) proxy port.
+A connection opening with the HTTP/2 preface (gRPC) is served by `l7.http2` instead, same rules.
 
 Per accepted connection (the datapath redirected it, `l7.redirect`): the original destination is
 the socket's local address. Every request is judged on its own when its head is complete, with
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from propolis.l7 import http
+from propolis.l7 import http, http2
 from propolis.l7.flows import http_flow
 from propolis.l7.policy import ProxyPolicy
 from propolis.l7.redirect import PROXY_PORTS, transparent_listener, upstream_socket
@@ -99,17 +100,45 @@ class HTTPProxy:
         self.stats.active += 1
         client = writer.get_extra_info("peername")[:2]
         server = writer.get_extra_info("sockname")[:2]
-        conn = _Connection(self, reader, writer, direction, port, client, server)
+        conn: _Connection | http2.Http2Connection | None = None
         try:
-            await conn.run()
-        except (ConnectionDone, ConnectionError, asyncio.IncompleteReadError):
+            # HTTP/1.1 or HTTP/2 (prior knowledge, h2c) on the same port, told by the preface as Envoy does
+            first = await http2.read_preface(reader, self.idle_timeout)
+            protocol = http2.Http2Connection if first == http2.PREFACE else _Connection
+            conn = protocol(self, reader, writer, direction, port, client, server)
+            await conn.run(first)
+        except (ConnectionDone, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             pass
         except Exception as exc:  # noqa: BLE001 - one connection's failure never stops the proxy
             self.stats.error(type(exc).__name__)
             log.warning("connection %s:%d -> %s:%d ended: %s: %s", *client, *server, type(exc).__name__, exc)
         finally:
             self.stats.active -= 1
-            conn.close()
+            if conn is not None:
+                conn.close()
+            writer.close()
+
+    async def open_upstream(self, client: tuple[str, int], server: tuple[str, int],
+                            direction: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """Connect onward to the original destination as the client's address; None = no answer."""
+        loop = asyncio.get_running_loop()
+        sock = upstream_socket(self.make_socket(), client[0], direction)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, server), self.connect_timeout)
+        except (OSError, asyncio.TimeoutError, TimeoutError):
+            sock.close()
+            return None
+        return await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+
+    def flow(self, direction: str, client: tuple[str, int], server: tuple[str, int], request: http.Head,
+             response: http.Head | None, verdict: str, latency_ns: int) -> None:
+        """Publish one L7 flow (the request, or its response) for the node's Hubble observer."""
+        if self.on_flow is None:
+            return
+        self.on_flow(http_flow(node=self.node, direction=direction, client=client, server=server,
+                               client_identity=self.policy.identity_of(client[0]),
+                               server_identity=self.policy.identity_of(server[0]), request=request,
+                               response=response, verdict=verdict, latency_ns=latency_ns))
 
 
 class _Connection:
@@ -143,10 +172,10 @@ class _Connection:
                 await self._answer_and_close(408, "Request Timeout", "header_timeout")
             raise ConnectionDone() from None
 
-    async def run(self) -> None:
+    async def run(self, first: bytes = b"") -> None:
         current: tuple[http.Head, bool, float] | None = None  # (request head, allowed, start time)
         while True:
-            data = await self._read()
+            data, first = first or await self._read(), b""
             if not data:
                 return
             try:
@@ -188,15 +217,11 @@ class _Connection:
         return True
 
     async def _connect(self) -> _Upstream:
-        loop = asyncio.get_running_loop()
-        sock = upstream_socket(self.proxy.make_socket(), self.client[0], self.direction)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, self.server), self.proxy.connect_timeout)
-        except (OSError, asyncio.TimeoutError, TimeoutError):
-            sock.close()
+        opened = await self.proxy.open_upstream(self.client, self.server, self.direction)
+        if opened is None:
             await self._answer_and_close(503, "Service Unavailable", "upstream_connect")
-        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
-        return _Upstream(reader, writer)
+        assert opened is not None
+        return _Upstream(*opened)
 
     async def _finish_denied(self, head: http.Head) -> None:
         self.writer.write(http.denied_response(close=not head.keep_alive))
@@ -257,12 +282,4 @@ class _Connection:
 
     def _flow(self, request: http.Head, response: http.Head | None, verdict: str, endpoint_identity: int,
               peer_identity: int, latency_ns: int) -> None:
-        if self.proxy.on_flow is None:
-            return
-        policy = self.proxy.policy
-        client_id = policy.identity_of(self.client[0])
-        server_id = policy.identity_of(self.server[0])
-        self.proxy.on_flow(http_flow(node=self.proxy.node, direction=self.direction, client=self.client,
-                                     server=self.server, client_identity=client_id, server_identity=server_id,
-                                     request=request, response=response, verdict=verdict,
-                                     latency_ns=latency_ns))
+        self.proxy.flow(self.direction, self.client, self.server, request, response, verdict, latency_ns)

@@ -7,7 +7,9 @@ Service knows which backend answered.
 
   * TCP: a line is answered with `NS/NAME <line>`; an HTTP request
     (`GET / HTTP/1.1`…) gets `200 OK` with body `NS/NAME\\n` (for L7 tests);
-  * UDP: each datagram is answered with `NS/NAME <datagram>`.
+  * UDP: each datagram is answered with `NS/NAME <datagram>`;
+  * gRPC (`--grpc PORT`, the kubelet's choice for ports named `grpc*`): a real grpcio server,
+    see `grpc_echo`.
 
 Prints `ready` on stdout once every port is bound, then only logs to stderr.
 Imports stay minimal: one of these starts per pod.
@@ -94,6 +96,10 @@ class EchoServer:
 async def serve(args: argparse.Namespace) -> None:
     server = EchoServer(args.pod, args.tcp, args.udp, args.address)
     await server.start()
+    grpc_server = None
+    if args.grpc:
+        from propolis.sandbox import grpc_echo
+        grpc_server = await grpc_echo.serve(args.pod, args.grpc, args.address or ["0.0.0.0"])
     print("ready", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -101,6 +107,8 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     server.close()
+    if grpc_server is not None:
+        await grpc_server.stop(None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pod", required=True, help="NS/NAME put at the start of every answer")
     parser.add_argument("--tcp", type=int, action="append", default=[], help="TCP port (repeatable)")
     parser.add_argument("--udp", type=int, action="append", default=[], help="UDP port (repeatable)")
+    parser.add_argument("--grpc", type=int, action="append", default=[], help="gRPC port (repeatable)")
     parser.add_argument("--address", action="append", default=[],
                         help="bind to this address only (repeatable; default all): a host with several addresses "
                              "answers UDP from the address asked, as the world's hosts must")

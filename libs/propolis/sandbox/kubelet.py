@@ -47,7 +47,7 @@ ECHO_READY_TIMEOUT_S = 10.0
 RESYNC_INTERVAL_S = 1.0
 MAX_PARALLEL_SANDBOXES = 8
 #: Images whose pods run a sandbox program instead of the echo server, as a runtime would run the image.
-WORKLOAD_IMAGES = {"registry.k8s.io/coredns/coredns": "kube-dns"}
+WORKLOAD_IMAGES = {"registry.k8s.io/coredns/coredns": "kube-dns", "apache/kafka": "kafka"}
 
 
 async def raw_json(call: Any) -> dict[str, Any]:
@@ -92,6 +92,14 @@ def container_ports(obj: dict[str, Any]) -> tuple[list[int], list[int]]:
                 continue
             (udp if str(port.get("protocol", "TCP")).upper() == "UDP" else tcp).append(number)
     return sorted(set(tcp)), sorted(set(udp))
+
+
+def grpc_ports(obj: dict[str, Any]) -> list[int]:
+    """TCP ports whose name starts with `grpc` (as Istio and Cilium name gRPC ports): the pod serves gRPC there."""
+    return sorted({int(port["containerPort"]) for container in obj.get("spec", {}).get("containers", []) or []
+                   for port in container.get("ports", []) or []
+                   if str(port.get("name", "")).startswith("grpc") and port.get("containerPort")
+                   and str(port.get("protocol", "TCP")).upper() == "TCP"})
 
 
 @dataclass
@@ -401,7 +409,7 @@ class Kubelet:
             await asyncio.to_thread(netns_mod.terminate, netns_mod.pids_in_netns([record.netns]), timeout=3.0)
             await asyncio.to_thread(netns_mod.delete_netns, record.netns)
         tcp, udp = container_ports(obj)
-        record.ports = {"TCP": tcp, "UDP": udp}
+        record.ports = {"TCP": tcp, "UDP": udp, "GRPC": grpc_ports(obj)}
         record.workload = pod_workload(obj)
         if self.datapath_socket_required and not self.cfg.datapath_socket(self.node).exists():
             raise TemporaryError(f"datapath service socket {self.cfg.datapath_socket(self.node)} not there yet")
@@ -453,9 +461,14 @@ class Kubelet:
             from propolis.sandbox.world import WORLD_DNS_IP
             return [sys.executable, "-m", "propolis.sandbox.kube_dns", "--pod", pod, "--netns", record.netns,
                     "--apiserver", self.apiserver_url, "--upstream", WORLD_DNS_IP]
-        tcp, udp = record.ports.get("TCP", []), record.ports.get("UDP", [])
+        if record.workload == "kafka":  # a real broker (kafka_broker.py) on the first declared TCP port
+            port = (record.ports.get("TCP") or [9092])[0]
+            return netns_mod.netns_exec_argv(record.netns, [sys.executable, "-m", "propolis.sandbox.kafka_broker",
+                                                            "--pod", pod, "--advertise", record.ip, "--port", str(port)])
+        tcp, udp, grpc = record.ports.get("TCP", []), record.ports.get("UDP", []), record.ports.get("GRPC", [])
         argv = [sys.executable, "-m", "propolis.sandbox.echo", "--pod", pod]
-        argv += [a for p in tcp for a in ("--tcp", str(p))] + [a for p in udp for a in ("--udp", str(p))]
+        argv += [a for p in tcp if p not in grpc for a in ("--tcp", str(p))]
+        argv += [a for p in udp for a in ("--udp", str(p))] + [a for p in grpc for a in ("--grpc", str(p))]
         return netns_mod.netns_exec_argv(record.netns, argv)
 
     async def teardown(self, key: tuple[str, str], record: PodRecord | None) -> None:
