@@ -76,7 +76,7 @@ async def test_a_dead_task_restarts_its_service_and_enforcement_continues(sandbo
                                      ("datapath-writer", node, "ipcache-publisher"),
                                      ("datapath-writer", node, "ct-gc"),
                                      ("identity-allocator", None, "worker"),
-                                     ("k8s-watcher", None, "flush"),
+                                     ("k8s-watcher", None, "k8s-mirror"),
                                      ("hubble", node, "events"),
                                      ("hubble-relay", None, "servicemap")):
             before = await beat(sandbox, service, where)

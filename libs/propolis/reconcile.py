@@ -38,7 +38,9 @@ class Target(Protocol[K, V]):
     """``update`` is idempotent; ``delete`` treats missing as done; ``list_actual`` reads the kernel
     or the bus, never a cache (pruning trusts it). A target that diffs against what it last wrote may
     also define ``refresh(key, desired)``: the periodic refresh calls it instead of ``update`` to diff
-    against the actual object, so a row removed behind the writer's back (bpftool) comes back."""
+    against the actual object, so a row removed behind the writer's back (bpftool) comes back. It
+    may define ``begin_refresh()`` too, called as each refresh round starts (e.g. to drop a snapshot of
+    the actual state that the round's ``refresh`` calls compare against)."""
 
     async def update(self, key: K, desired: V) -> None: ...
     async def delete(self, key: K) -> None: ...
@@ -129,6 +131,11 @@ class Reconciler(Generic[K, V]):
             self._wake.set()
 
     # --- observation ------------------------------------------------------------------
+    def idle(self) -> bool:
+        """Nothing left to attempt: no change, retry, refresh or prune pending (failed keys stay failed).
+        What a writer checks before announcing that the actual state covers the desired one."""
+        return not self._pending and not self._prune_due
+
     def errors(self) -> dict[K, str]:
         """Every key whose last attempt failed (retrying or failed for good), with the reason."""
         return {k: s.error for k, s in self.status.items() if s.status in (Status.ERROR, Status.FAILED)}
@@ -180,6 +187,9 @@ class Reconciler(Generic[K, V]):
         """Repair drift: every desired key is applied again against the actual object (a failed key
         waits for a change), and actual objects nobody desires are pruned (once synced)."""
         self._prune_due = self.synced
+        begin = getattr(self.target, "begin_refresh", None)
+        if begin is not None:
+            begin()
         for key, value in self.desired.items():
             st = self.status.get(key)
             if key not in self._pending and (st is None or st.status is not Status.FAILED):
@@ -193,7 +203,12 @@ class Reconciler(Generic[K, V]):
         return st is None or st.status is not Status.ERROR or st.retry_at <= time.monotonic()
 
     async def reconcile_once(self) -> None:
-        for key in [k for k in list(self._pending) if self._due(k)]:
+        if self._prune_due:
+            await self._prune()
+        due = [k for k in list(self._pending) if self._due(k)]
+        # deletes first: they free room in a full map, and a reader never sees the old and the new side by side
+        due.sort(key=lambda k: self._pending[k] is not _ABSENT)
+        for key in due:
             value = self._pending[key]
             st = self.status.setdefault(key, ObjectStatus(Status.PENDING, self.revision))
             try:
@@ -224,8 +239,6 @@ class Reconciler(Generic[K, V]):
                     self.status.pop(key, None)
                 else:
                     st.status, st.error, st.attempts = Status.DONE, "", 0
-        if self._prune_due:
-            await self._prune()
         await self._advance()
 
     async def _prune(self) -> None:

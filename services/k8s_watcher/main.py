@@ -6,7 +6,6 @@ kind has caught up to) is in the heartbeat as ``k8s_resource_version``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any
 
 from propolis.bus import subjects
 from propolis.bus.lease import LeaseElector
-from propolis.bus.messages import Event, Heartbeat
+from propolis.bus.messages import Event
 from propolis.errors import ValidationError
 from propolis.k8s import kubeclient
 from propolis.k8s.kinds import KINDS, Kind
@@ -24,6 +23,7 @@ from propolis.k8s.reflector import Reflector
 from propolis.k8s.status import PolicyFailureReporter, patch_policy_status
 from propolis.k8s.validate import validate_object
 from propolis.runtime.component import Component
+from propolis.runtime.health import State
 from propolis.runtime.service import Runtime, run_service
 from propolis.runtime.settings import CommonSettings, setting
 
@@ -100,76 +100,37 @@ class Mirror(Component):
             rt.spawn(f"reflect-{kind.plural}", r.run(), self)
         self.mirror.reflectors = list(self.reflectors)
         rt.spawn("lease", self.lease.run(), self)
-        rt.spawn("flush", self._flush_loop(), self)
-        rt.spawn("progress", self._progress_loop(), self)
-        rt.spawn("guard", self._guard_loop(), self)
-        rt.spawn("policy-failures", self._failures_loop(), self)
+        rt.spawn("k8s-mirror", self.mirror.run(on_step=self._report), self)
+        rt.spawn("policy-failures", self.failures.run(self.client.api, await rt.bus.kv(subjects.HEARTBEATS_BUCKET),
+                                                      lambda: self.lease is not None and self.lease.is_leader), self)
 
     def _leadership(self, leader: bool) -> None:
         assert self.rt is not None and self.mirror is not None
         self.rt.spawn("leadership", self.mirror.set_leader(leader), self, one_shot=True)
 
-    async def _flush_loop(self) -> None:
-        assert self.mirror is not None
-        while True:
-            await asyncio.sleep(1.0)
-            if self.mirror.leader and self.mirror.dirty:
-                try:
-                    await self.mirror.flush()
-                except Exception as exc:
-                    self.mirror.dirty = True
-                    log.warning("flush to KV failed: %s", exc)
-
-    async def _guard_loop(self) -> None:
-        """Store resets, a new leader's store check, and repair of the bucket (KvMirror.guard_step)."""
-        assert self.mirror is not None
-        while True:
-            await asyncio.sleep(0.2)
-            try:
-                await self.mirror.guard_step()
-            except Exception as exc:  # NATS or the API away: the next round retries
-                log.warning("bucket guard: %s", exc)
-
-    async def _failures_loop(self) -> None:
-        """The nodes' policy enforcement failures (datapath-writer heartbeats) onto each policy's status."""
-        assert self.rt is not None and self.client.api is not None and self.lease is not None
-        beats = await self.rt.bus.kv(subjects.HEARTBEATS_BUCKET)
-        while True:
-            await asyncio.sleep(1.0)
-            if not self.lease.is_leader:
-                continue
-            try:
-                writers = [e.value for e in (await beats.items("datapath-writer.>")).values()
-                           if isinstance(e.value, Heartbeat)]
-                await self.failures.step(self.client.api, writers)
-            except Exception as exc:  # NATS or the API away: the next round retries
-                log.warning("policy enforcement status: %s", exc)
-
-    async def _progress_loop(self) -> None:
+    def _report(self) -> None:
+        """After each step of the mirror's loop: progress into the heartbeat, the component's health."""
         assert self.rt is not None and self.mirror is not None and self.lease is not None
-        while True:
-            try:
-                await self.mirror.write_watermark()
-            except Exception as exc:
-                log.debug("watermark write failed: %s", exc)
-            self.rt.progress.update({
-                "k8s_resource_version": str(self.mirror.mirrored_resource_version()),
-                "leader": self.lease.is_leader, "objects": len(self.mirror.desired),
-                "refused_policies": len(self.mirror.refused), "bucket_epoch": self.mirror.epoch,
-                "bucket_repairs": self.mirror.repairs, "store_resets": self.mirror.store_resets,
-                "store_reset": self.mirror.store_reset})
-            unsynced = [r.kind.plural for r in self.reflectors if not r.synced.is_set()]
-            failing = [f"{r.kind.plural}: {r.error}" for r in self.reflectors if r.error]
-            if self.mirror.store_reset:
-                self.set_degraded(f"API store reset ({self.mirror.store_reset}): holding the mirrored state, "
-                                  "re-listing every kind before replacing it")
-            elif failing:
-                self.set_degraded("; ".join(failing)[:300])
-            elif unsynced:
-                self.set_degraded(f"waiting for initial list of {', '.join(unsynced)}")
-            else:
-                self.set_ok("leader" if self.lease.is_leader else "standby")
-            await asyncio.sleep(0.05)
+        self.rt.progress.update({
+            "k8s_resource_version": str(self.mirror.mirrored_resource_version()),
+            "leader": self.lease.is_leader, "objects": len(self.mirror.desired),
+            "refused_policies": len(self.mirror.refused), "bucket_epoch": self.mirror.epoch,
+            "bucket_repairs": self.mirror.repairs, "store_resets": self.mirror.store_resets,
+            "store_reset": self.mirror.store_reset})
+        unsynced = [r.kind.plural for r in self.reflectors if not r.synced.is_set()]
+        failing = [f"{r.kind.plural}: {r.error}" for r in self.reflectors if r.error]
+        bucket = self.mirror.reconciler.health()
+        if self.mirror.store_reset:
+            self.set_degraded(f"API store reset ({self.mirror.store_reset}): holding the mirrored state, "
+                              "re-listing every kind before replacing it")
+        elif failing:
+            self.set_degraded("; ".join(failing)[:300])
+        elif unsynced:
+            self.set_degraded(f"waiting for initial list of {', '.join(unsynced)}")
+        elif self.lease.is_leader and bucket.state is not State.OK:
+            self.set_degraded(bucket.reason)
+        else:
+            self.set_ok("leader" if self.lease.is_leader else "standby")
 
     async def _verdict(self, kind: Kind, obj: dict[str, Any], error: ValidationError | None) -> None:
         """Make a refusal visible on the bus and in the object's status (or clear it)."""

@@ -1,20 +1,25 @@
 """The k8s-watcher's sink: the API's objects, normalized, in the PROPOLIS_K8S_V1 bucket.
 
-It keeps two tables: ``desired`` (what the API holds, as last seen by the
-reflectors) and ``written`` (what KV holds). Only the lease holder writes,
-and only differences; a replica that becomes leader first diffs its desired
-table against KV, so a takeover converges without a restart. Policies are
-validated before they enter ``desired``: an invalid version is refused (log
-line, bus event, object status) and the last valid version stays in force.
+The desired table (what the API holds, as last seen by the reflectors) is a `reconcile.Reconciler`'s,
+and the bucket is its target (`K8sBucketTarget`): only the lease holder writes, only differences
+(a new leader reads the bucket and diffs against it, so a takeover converges without a restart),
+pruning only once every kind was listed, failed writes retried with back-off. Policies are validated
+before they enter the table: an invalid version is refused (log line, bus event, object status)
+and the last valid version stays in force.
 
 Losing state is never read as deleting it (fail closed):
 
 * Bucket epochs: every watermark carries ``epoch``, a random id picked whenever this owner
   (re)fills the bucket (new leader, repair, new API store). Consumers (``bus/watermark.py``) act
-  only on what a watermark covers and, once the watermark vanished, only on a new epoch's.
-* Self-repair (``check_bucket``): the leader probes its watermark every second and compares the
-  whole bucket with what it wrote every ``repair_interval``; missing, changed or foreign keys are
-  re-written under a new epoch, the watermark last, so a purged bucket heals by itself.
+  only on what a watermark covers and, once the watermark vanished, only on a new epoch's. The
+  watermark is written only when the reconciler has nothing left to attempt and nothing failed,
+  under the lock every bucket write takes, so it always follows the writes it covers.
+* Self-repair: the leader probes its watermark every ``probe_interval`` (gone or overwritten =
+  the bucket was damaged: a refresh round now) and the reconciler's refresh round every
+  ``repair_interval`` compares every key with the bucket (read from NATS) and prunes keys nobody
+  desires. The first damage found (missing, changed or foreign key, lost watermark) after a
+  watermark announced the contents moves the mirror to a new epoch before anything is re-written;
+  the new epoch's watermark comes last, so a purged bucket heals by itself.
 * API store reset: a resourceVersion that goes backwards (a list or watch event behind what a
   reflector saw, or the API behind the bucket's watermark when a leader takes over) or a
   ``kube-system`` namespace with another uid means the API serves a different store (restored
@@ -28,19 +33,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
 
 from propolis.bus import subjects
 from propolis.bus.kv import Conflict, Kv
 from propolis.bus.messages import K8sObject, Watermark
 from propolis.bus.watermark import new_epoch
-from propolis.errors import ValidationError
+from propolis.errors import TemporaryError, ValidationError
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
+from propolis.reconcile import Reconciler
 
 log = logging.getLogger("propolis.k8s.mirror")
 
 Validator = Callable[[Kind, dict[str, Any]], None]
 RefusalHook = Callable[[Kind, dict[str, Any], ValidationError | None], Awaitable[None]]
+#: the mirror's loop: store-reset hold, a new leader's store check, the watermark probe, the watermark
+TICK = 0.05
+#: longest wait before a failed bucket write is retried (the old flush loop's cadence: NATS back -> caught up in 1 s)
+WRITE_RETRY_MAX = 1.0
 
 
 def record_key(kind: Kind, obj: dict[str, Any]) -> str:
@@ -62,15 +72,99 @@ class Relistable(Protocol):
     async def api_resource_version(self) -> int: ...
 
 
+async def bucket_objects(kv: Kv) -> dict[str, K8sObject]:
+    """The bucket's Kubernetes objects, read from NATS (leases, the watermark and poison left out)."""
+    return {k: e.value for k, e in (await kv.items()).items() if isinstance(e.value, K8sObject)}
+
+
+class K8sBucketTarget:
+    """PROPOLIS_K8S_V1's objects as a reconciler target: key -> K8sObject.
+
+    ``known`` is what the bucket held when last read or written: ``update`` skips a put of what is
+    already there (a takeover writes only differences). ``refresh`` compares with the bucket itself
+    (one snapshot per refresh round, a mismatch confirmed by reading the key) and ``list_actual``
+    reads it. A key found missing, changed or not ours is damage: ``on_damage`` is told before it is
+    re-written (the mirror moves to a new epoch). Every write holds ``lock`` (the watermark's too) and
+    is refused while ``may_write`` says no (a store reset holds the bucket from the same instant)."""
+
+    def __init__(self, kv: Kv, *, lock: asyncio.Lock, may_write: Callable[[], str],
+                 on_damage: Callable[[str], None]) -> None:
+        self.kv = kv
+        self.lock = lock
+        self.may_write = may_write  # "" or why not
+        self.on_damage = on_damage
+        self.known: dict[str, K8sObject] = {}
+        self.writes = 0
+        self.wrote = asyncio.Event()  # set by every write: the watermark can follow at once
+        self._snapshot: dict[str, K8sObject] | None = None
+
+    async def update(self, key: str, desired: K8sObject) -> None:
+        if self.known.get(key) != desired:
+            async with self.lock:
+                await self._write(key, desired)
+
+    async def refresh(self, key: str, desired: K8sObject) -> None:
+        if self._snapshot is None:
+            self._snapshot = await bucket_objects(self.kv)
+        if self._snapshot.get(key) == desired:
+            return
+        async with self.lock:
+            entry = await self.kv.get(key)  # the snapshot may predate a write: the key itself decides
+            if entry is not None and entry.value == desired:
+                self.known[key] = desired
+                return
+            self.on_damage(f"{key} {'missing' if entry is None else 'changed'}")
+            await self._write(key, desired)
+
+    async def delete(self, key: str) -> None:
+        async with self.lock:
+            if key not in self.known:
+                if await self.kv.get(key) is None:
+                    return  # never written and not there
+                self.on_damage(f"{key} was not written by this mirror")
+            await self._write(key, None)
+
+    async def list_actual(self) -> Iterable[str]:
+        """The bucket's keys; the read is also the snapshot this round's ``refresh`` calls compare with
+        (the reconciler prunes before it refreshes)."""
+        self._snapshot = await bucket_objects(self.kv)
+        return list(self._snapshot)
+
+    def begin_refresh(self) -> None:
+        self._snapshot = None
+
+    def forget_snapshot(self) -> None:
+        """The round is over (nothing pending): a copy of the bucket is not kept in memory."""
+        self._snapshot = None
+
+    async def _write(self, key: str, rec: K8sObject | None) -> None:
+        why_not = self.may_write()
+        if why_not:
+            raise TemporaryError(f"{self.kv.bucket}/{key} not written: {why_not}")
+        if rec is None:
+            await self.kv.delete(key)
+            self.known.pop(key, None)
+        else:
+            await self.kv.put(key, rec)
+            self.known[key] = rec
+        self.writes += 1
+        self.wrote.set()
+
+
 class KvMirror:
     def __init__(self, kv: Kv, *, validate: Validator | None = None, on_verdict: RefusalHook | None = None,
                  repair_interval: float = 10.0, probe_interval: float = 1.0, store_reset_settle: float = 10.0) -> None:
         self.kv = kv
-        self.repair_interval = repair_interval
         self.probe_interval = probe_interval
         self.store_reset_settle = store_reset_settle
         self.reflectors: list[Relistable] = []  # set by the owner: re-listed after a store reset
-        self.epoch = ""  # of the contents this leader wrote
+        self._lock = asyncio.Lock()  # every bucket write, the watermark's included
+        self.target = K8sBucketTarget(kv, lock=self._lock, may_write=self._why_not_writable,
+                                      on_damage=self._bucket_damaged)
+        self.reconciler: Reconciler[str, K8sObject] = Reconciler(
+            "k8s-mirror", self.target, refresh_interval=repair_interval, backoff_max=WRITE_RETRY_MAX)
+        self.epoch = ""  # of the contents this leader writes
+        self.epoch_announced = False  # a watermark of `epoch` was written: damage from now on needs a new epoch
         self.verified = False  # the API serves the store the bucket mirrors (a new leader checks first)
         self.bucket_watermark: Watermark | None = None  # what the bucket said when we took over
         self.watermark_revision = 0  # KV revision of the watermark we last wrote or found (0 = none)
@@ -81,27 +175,34 @@ class KvMirror:
         self.store_resets = 0
         self.repairs = 0
         self._next_probe = 0.0
-        self._next_full_check = 0.0
         self.validate = validate
         self.on_verdict = on_verdict
-        self.desired: dict[str, K8sObject] = {}
-        self.written: dict[str, K8sObject] = {}
         self.leader = False
+        self._lease_held = False  # the latest word of the lease (leader follows once the bucket is loaded)
         self.watermarks: dict[str, int] = {}
         self.refused: dict[str, str] = {}  # key -> error text, for status
-        self.writes = 0
-        self.dirty = False
         self.watermark_written = 0
-        self._lock = asyncio.Lock()
+
+    @property
+    def desired(self) -> dict[str, K8sObject]:
+        """What the API holds (valid versions), as the reflectors last saw it: the reconciler's table."""
+        return self.reconciler.desired
 
     @property
     def writable(self) -> bool:
         return self.leader and self.verified and not self.store_reset
 
+    def _why_not_writable(self) -> str:
+        if not self.leader:
+            return "not the lease holder"
+        if self.store_reset:
+            return f"held after an API store reset ({self.store_reset})"
+        return "" if self.verified else "the API store is not verified yet"
+
     async def load(self) -> None:
         """What KV already holds (from a previous leader or our previous life)."""
         items = await self.kv.items()
-        self.written = {k: e.value for k, e in items.items() if isinstance(e.value, K8sObject)}
+        self.target.known = {k: e.value for k, e in items.items() if isinstance(e.value, K8sObject)}
         mark = items.get(subjects.WATERMARK_KEY)
         self.bucket_watermark = mark.value if mark is not None and isinstance(mark.value, Watermark) else None
         self.watermark_revision = mark.revision if mark is not None else 0
@@ -117,7 +218,7 @@ class KvMirror:
                 await self.apply(kind, "ADDED", obj)
         prefix = kind.plural + "."
         for key in [k for k in self.desired if k.startswith(prefix) and k not in keys]:
-            await self._set(key, None)
+            self.reconciler.remove(key)
 
     async def apply(self, kind: Kind, event_type: str, obj: dict[str, Any]) -> None:
         key = record_key(kind, obj)
@@ -125,7 +226,7 @@ class KvMirror:
             self._check_store_identity(self.desired.get(key), (obj.get("metadata") or {}).get("uid", ""))
         if event_type == "DELETED":
             self.refused.pop(key, None)
-            await self._set(key, None)
+            self.reconciler.remove(key)
             return
         if kind.plural in POLICY_KINDS and self.validate is not None:
             try:
@@ -139,7 +240,7 @@ class KvMirror:
             self.refused.pop(key, None)
             if self.leader and self.on_verdict:  # valid: the hook clears a refusal, names unenforced fields
                 await self.on_verdict(kind, obj, None)
-        await self._set(key, kind.to_record(obj))
+        self.reconciler.upsert(key, kind.to_record(obj))
 
     def progress(self, kind: Kind, resource_version: str) -> None:
         try:
@@ -163,7 +264,7 @@ class KvMirror:
             self.store_resets += 1
             log.error("API STORE RESET: %s. The API serves a different store (restored or lost): holding the "
                       "bucket's %d objects as they are (datapaths keep enforcing them), re-listing every kind "
-                      "in %.0fs, then replacing the bucket's contents", reason, len(self.written),
+                      "in %.0fs, then replacing the bucket's contents", reason, len(self.target.known),
                       self.store_reset_settle)
         self.store_reset = reason
         self.store_reset_since = time.monotonic()
@@ -179,22 +280,18 @@ class KvMirror:
             return
         if all(r.list_started_at >= self.relist_requested_at and r.list_finished_at >= r.list_started_at
                for r in self.reflectors):
-            await self._finish_store_reset()
+            self._finish_store_reset()
 
-    async def _finish_store_reset(self) -> None:
-        gone = [k for k in self.written if k not in self.desired]
+    def _finish_store_reset(self) -> None:
+        """Every kind re-listed: the bucket is to be replaced (the reconciler diffs it, then the watermark)."""
+        gone = [k for k in self.target.known if k not in self.desired]
         log.error("API store reset: every kind re-listed; replacing the bucket's contents with the API's (%d objects, "
                   "%d deleted) under a new epoch (was: %s)", len(self.desired), len(gone), self.store_reset)
-        async with self._lock:
-            self.store_reset = ""
-            self.relist_requested_at = None
-            self.verified = self.leader
-            self.epoch = new_epoch()
-            self.watermark_written = 0
-            self.writes_at_watermark = -1
-            self.dirty = True
-        await self.flush()
-        await self.write_watermark()
+        self.store_reset = ""
+        self.relist_requested_at = None
+        self.verified = self.leader
+        self._start_epoch()
+        self.watermark_written = 0
 
     async def _verify_store(self) -> None:
         """A new leader writes only once the API serves the store the bucket mirrors."""
@@ -204,7 +301,7 @@ class KvMirror:
             if api_rv < mark.resource_version:
                 reason = f"the API is at resourceVersion {api_rv}, behind the bucket's watermark {mark.resource_version}"
         if not reason:
-            self._check_store_identity(self.written.get(KUBE_SYSTEM_KEY),
+            self._check_store_identity(self.target.known.get(KUBE_SYSTEM_KEY),
                                        getattr(self.desired.get(KUBE_SYSTEM_KEY), "uid", ""))
             if self.store_reset:
                 return
@@ -212,59 +309,88 @@ class KvMirror:
             self.enter_store_reset(reason)
             return
         self.verified = True
-        await self.flush()
+
+    # --- the owner's loop --------------------------------------------------------------
+    async def run(self, on_step: Callable[[], None] | None = None) -> None:
+        """Every TICK: the guard (store reset, a new leader's store check, the watermark probe), then
+        the watermark. The reconciler writes the bucket while this replica may: started with a refresh
+        round (diff against the bucket, prune) whenever it becomes writable, stopped when it is not."""
+        writer: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if writer is not None and writer.done():
+                    writer.result()  # the reconciler never returns: an exception is a bug, the service restarts
+                try:
+                    await self.guard_step()
+                except Exception as exc:  # NATS or the API away: the next round retries
+                    log.warning("bucket guard: %s", exc)
+                if self.writable and writer is None:
+                    self.reconciler.mark_synced()  # writable implies every kind was listed: pruning is safe
+                    self.reconciler.queue_refresh()  # a new term or store: diff everything against the bucket
+                    writer = asyncio.create_task(self.reconciler.run(), name="k8s-mirror-reconciler")
+                elif not self.writable and writer is not None:
+                    writer.cancel()
+                    await asyncio.gather(writer, return_exceptions=True)
+                    writer = None
+                if self.reconciler.idle():
+                    self.target.forget_snapshot()
+                if writer is not None:  # never before the first diff of this term was queued
+                    try:
+                        await self.write_watermark()
+                    except Exception as exc:
+                        log.warning("watermark not written: %s", exc)
+                if on_step is not None:
+                    on_step()
+                try:  # the next step after TICK, or as soon as the bucket was written
+                    await asyncio.wait_for(self.target.wrote.wait(), TICK)
+                except asyncio.TimeoutError:
+                    pass
+                self.target.wrote.clear()
+        finally:
+            if writer is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
 
     async def guard_step(self) -> None:
-        """One round of the owner's checks (call every ~0.2 s): store reset, takeover check, repair."""
+        """One round of the owner's checks: store reset, takeover check, the watermark probe."""
         now = time.monotonic()
         if self.store_reset:
             await self._advance_store_reset(now)
         elif self.leader and not self.verified:
             if self.mirrored_resource_version() > 0:
                 await self._verify_store()
-        elif self.leader and now >= self._next_probe:
+        elif self.writable and now >= self._next_probe:
             self._next_probe = now + self.probe_interval
-            full = now >= self._next_full_check
-            if full:
-                self._next_full_check = now + self.repair_interval
-            await self.check_bucket(full=full)
+            await self.probe_watermark()
 
     # --- self-repair -------------------------------------------------------------------
-    async def check_bucket(self, *, full: bool) -> bool:
-        """Compare the bucket (read from NATS, not a cache) with what we wrote; re-write what is
-        missing or changed, delete what we never wrote, under a new epoch. True if it repaired."""
-        if not self.writable or self.dirty:
+    async def probe_watermark(self) -> bool:
+        """The watermark is the cheap canary: gone or overwritten means the bucket was damaged (purged).
+        Then a refresh round now (every key against the bucket, prune). True if it found damage."""
+        mark = await self.kv.get(subjects.WATERMARK_KEY)
+        revision = mark.revision if mark is not None else 0
+        if revision == self.watermark_revision:
             return False
-        if not full:
-            mark = await self.kv.get(subjects.WATERMARK_KEY)
-            if mark is not None and mark.revision == self.watermark_revision:
-                return False
-            if mark is None and not self.watermark_revision:
-                return False  # no watermark written yet
-        async with self._lock:
-            actual = await self.kv.items()
-            objects = {k: e.value for k, e in actual.items() if isinstance(e.value, K8sObject)}
-            mark_entry = actual.get(subjects.WATERMARK_KEY)
-            missing = sum(1 for k in self.written if k not in objects)
-            changed = sum(1 for k, v in self.written.items() if k in objects and objects[k] != v)
-            foreign = sum(1 for k in objects if k not in self.written)
-            mark_ok = mark_entry is not None and mark_entry.revision == self.watermark_revision
-            if not (missing or changed or foreign) and (mark_ok or not self.watermark_revision):
-                return False
-            self.repairs += 1
-            self.epoch = new_epoch()
-            log.error("bucket %s lost its contents: %d of our %d keys missing, %d changed, %d not ours, watermark "
-                      "%s: re-writing it under epoch %s", self.kv.bucket, missing, len(self.written), changed,
-                      foreign, "intact" if mark_ok else "gone or overwritten", self.epoch)
-            # Under a new epoch consumers take every key the owner did not rewrite as gone, and a purge may
-            # still be running behind our snapshot: rewrite every desired key, not only the missing ones.
-            self.written = {k: v for k, v in objects.items() if k not in self.desired}
-            self.watermark_revision = mark_entry.revision if mark_entry is not None else 0
-            self.writes_at_watermark = -1
-            self.dirty = True
-        await self.flush()
-        await self.write_watermark()
+        self._bucket_damaged(f"watermark {'gone' if mark is None else 'overwritten'}")
+        self.watermark_revision = revision
+        self.reconciler.queue_refresh()
         return True
+
+    def _bucket_damaged(self, what: str) -> None:
+        """Damage found after a watermark announced the contents: a new epoch before anything is
+        re-written (consumers that saw the watermark vanish wait for it). Damage found while the epoch
+        was not announced yet is repaired within it: its first watermark follows the repair anyway."""
+        if not self.epoch_announced:
+            log.warning("bucket %s: %s; re-writing it under epoch %s", self.kv.bucket, what, self.epoch)
+            return
+        self.repairs += 1
+        self._start_epoch()
+        log.error("bucket %s lost contents (%s, %d keys mirrored): re-writing it under epoch %s, the watermark last",
+                  self.kv.bucket, what, len(self.desired), self.epoch)
+
+    def _start_epoch(self) -> None:
+        self.epoch = new_epoch()
+        self.epoch_announced = False
 
     # --- status ----------------------------------------------------------------------
     def mirrored_resource_version(self) -> int:
@@ -276,17 +402,18 @@ class KvMirror:
     async def write_watermark(self) -> None:
         """Put the Watermark behind the objects it covers (leader only, when it or the contents moved).
 
-        Under the write lock and only when nothing is pending (`dirty`): a watermark written
-        while a new leader's first flush is still running would tell consumers "KV holds
-        everything up to rv" when it does not. Consumers act on a change only once a watermark
-        follows it, so one follows every batch of writes. Compare-and-set on the revision we
-        last wrote: if the watermark vanished or somebody else wrote it, the bucket is repaired
-        (new epoch) instead of announcing a damaged bucket as complete."""
+        Under the write lock and only when the reconciler has nothing left to attempt and nothing
+        failed: a watermark written while a write is pending (a new leader's first diff, a repair)
+        would tell consumers "KV holds everything up to rv" when it does not. The resourceVersion is
+        read first: every object up to it is in the desired table then (reflectors apply before they
+        report progress). Compare-and-set on the revision we last wrote: if the watermark vanished or
+        somebody else wrote it, the probe repairs the bucket (new epoch) instead of announcing it."""
         async with self._lock:
             rv = self.mirrored_resource_version()
-            if not self.writable or self.dirty or rv == 0:
+            if not self.writable or rv == 0 or not self.reconciler.idle() or self.reconciler.failed():
                 return
-            if rv <= self.watermark_written and self.writes == self.writes_at_watermark:
+            if self.epoch_announced and rv <= self.watermark_written and \
+                    self.target.writes == self.writes_at_watermark:
                 return
             mark = Watermark(rv, time.time(), self.epoch)
             try:
@@ -297,59 +424,21 @@ class KvMirror:
                     self.watermark_revision = await self.kv.create(subjects.WATERMARK_KEY, mark)
             except Conflict as exc:
                 log.error("watermark not written: %s; checking the whole bucket", exc)
-                self._next_probe = self._next_full_check = 0.0
+                self._next_probe = 0.0
                 return
             self.watermark_written = rv
-            self.writes_at_watermark = self.writes
+            self.writes_at_watermark = self.target.writes
+            self.epoch_announced = True
 
-    # --- leadership and writes -------------------------------------------------------
+    # --- leadership --------------------------------------------------------------------
     async def set_leader(self, leader: bool) -> None:
+        """Lease won: read the bucket, then (once the API store is verified) diff against it under a
+        new epoch. Lease lost: stop writing at once."""
+        self._lease_held = leader
+        self.leader = False  # until the bucket is read (a re-won lease checks the store again too)
         if not leader:
-            self.leader = False
             return
-        self.dirty = True  # until the first flush has written everything desired
-        async with self._lock:
-            self.leader = True
-            self.verified = False  # guard_step checks the API store, then flushes
-            self.epoch = new_epoch()
-            await self.load()
-
-    async def flush(self) -> None:
-        """Write every difference between desired and KV (leader, store verified, not held)."""
-        async with self._lock:
-            if not self.writable:
-                return
-            self.dirty = False
-            try:
-                for key in [k for k in self.written if k not in self.desired]:
-                    await self._write(key, None)
-                for key, rec in list(self.desired.items()):
-                    if self.written.get(key) != rec:
-                        await self._write(key, rec)
-            except Exception:
-                self.dirty = True  # the flush loop retries; no watermark meanwhile
-                raise
-
-    async def _set(self, key: str, rec: K8sObject | None) -> None:
-        if rec is None:
-            self.desired.pop(key, None)
-        else:
-            self.desired[key] = rec
-        if self.writable and self.written.get(key) != rec:
-            try:
-                async with self._lock:
-                    await self._write(key, rec)
-            except Exception as exc:  # NATS away: desired is kept, the flush loop retries
-                self.dirty = True
-                log.warning("write %s to KV failed, will retry: %s", key, exc)
-
-    async def _write(self, key: str, rec: K8sObject | None) -> None:
-        if rec is None:
-            await self.kv.delete(key)
-            self.written.pop(key, None)
-        else:
-            await self.kv.put(key, rec)
-            self.written[key] = rec
-        self.writes += 1
-
-
+        self.verified = False  # guard_step checks the API store first
+        self._start_epoch()
+        await self.load()
+        self.leader = self._lease_held

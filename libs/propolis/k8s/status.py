@@ -13,13 +13,15 @@ differ from what the object carries, so the watch event the patch causes does no
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import orjson
 
 from propolis.errors import ValidationError
+from propolis.bus.kv import Kv
 from propolis.bus.messages import Heartbeat
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
 from propolis.k8s.kubeclient import ApiClient
@@ -128,6 +130,19 @@ class PolicyFailureReporter:
 
     def for_object(self, kind: Kind, obj: dict[str, Any]) -> Failures | None:
         return self.failures.get(origin_of(kind, obj))
+
+    async def run(self, api: ApiClient, heartbeats: Kv, is_leader: Callable[[], bool], interval: float = 1.0) -> None:
+        """The leader's loop: every ``interval``, the datapath-writers' heartbeats -> `step`."""
+        while True:
+            await asyncio.sleep(interval)
+            if not is_leader():
+                continue
+            try:
+                writers = [e.value for e in (await heartbeats.items("datapath-writer.>")).values()
+                           if isinstance(e.value, Heartbeat)]
+                await self.step(api, writers)
+            except Exception as exc:  # NATS or the API away: the next round retries
+                log.warning("policy enforcement status: %s", exc)
 
     async def step(self, api: ApiClient, heartbeats: Iterable[Heartbeat]) -> list[str]:
         """Take the nodes' latest reports; patch every policy whose failures changed. Returns those origins."""
