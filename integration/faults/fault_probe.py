@@ -58,7 +58,10 @@ class Prober:
     async def _loop(self, offset: float) -> None:
         await asyncio.sleep(offset)
         while not self._stop.is_set():
-            self.failures += await self.w.verify(f"probe round {self.rounds}", self.checks, timeout=self.timeout)
+            now = time.time()
+            seen = f"{time.strftime('%H:%M:%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}"
+            self.failures += await self.w.verify(f"probe round {self.rounds} at {seen}", self.checks,
+                                                 timeout=self.timeout)
             self.rounds += 1
 
     async def __aenter__(self) -> "Prober":
