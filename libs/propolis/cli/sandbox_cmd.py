@@ -87,6 +87,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--http", nargs=2, metavar=("METHOD", "PATH"), default=None,
                    help="send one HTTP/1.1 request and print the response's status code")
     p.add_argument("--header", action="append", default=[], metavar="K:V", help="--http: a request header")
+    p.add_argument("--grpc", default=None, metavar="/PKG.SVC/METHOD",
+                   help="make one unary gRPC call (HTTP/2) and print its grpc-status")
     p.add_argument("--all", action="store_true", help="every running pod to every running pod, in parallel")
     p.add_argument("--ports", default=None, help="--all: comma list (default: each target's declared ports)")
     p.add_argument("--protocols", default="TCP,UDP", help="--all: comma list (default %(default)s)")
@@ -244,7 +246,7 @@ async def cmd_probe(args: argparse.Namespace) -> int:
             raise CliError(f"--header {h!r}: expected K:V")
         headers.append((key.strip(), value.strip()))
     spec = probe.ProbeSpec(netns, dest.ip, port, args.protocol, from_label=args.source, to_label=dest.label,
-                           http=tuple(args.http) if args.http else None, headers=tuple(headers))
+                           http=tuple(args.http) if args.http else None, headers=tuple(headers), grpc=args.grpc)
     result = await probe.probe(spec, timeout=args.timeout or 2.0)
     if args.output == "json":
         print(json.dumps(dict(result.to_json(), addresses=dest.addresses or [dest.ip])))
@@ -253,6 +255,10 @@ async def cmd_probe(args: argparse.Namespace) -> int:
     by = f", answered by {result.answered_by}" if result.answered_by else ""
     if spec.http:
         by = f", HTTP {result.http_status if result.http_status is not None else 'no response'}"
+    if spec.grpc:
+        from propolis.sandbox.grpc_echo import status_name
+        by = f", grpc-status {status_name(result.grpc_status)}" + \
+             (f" ({result.grpc_status})" if result.grpc_status is not None else "")
     print(f"{args.source} -> {dest.label} ({dest.ip}) {args.protocol}/{port}: {verdict}{by}")
     return 0 if result.connected else 1
 

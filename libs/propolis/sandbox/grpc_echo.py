@@ -102,10 +102,11 @@ def _headers_into(result: CallResult, headers: list[tuple[bytes, bytes]]) -> Non
 async def unary_calls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authority: str,
                       calls: list[tuple[str, bytes]]) -> list[CallResult]:
     """Send every call at once, each on its own stream of one HTTP/2 connection; the results in order.
-    Streams the connection ends before they end keep what they got (grpc_status None)."""
+    Streams the connection ends (or breaks the protocol) before they end keep what they got."""
     import h2.config
     import h2.connection
     import h2.events
+    import h2.exceptions
 
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     conn.initiate_connection()
@@ -125,7 +126,11 @@ async def unary_calls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         data = await reader.read(65536)
         if not data:
             break
-        for event in conn.receive_data(data):
+        try:
+            events = conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            break
+        for event in events:
             stream_id = getattr(event, "stream_id", 0)
             if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
                 _headers_into(results[stream_id], event.headers)

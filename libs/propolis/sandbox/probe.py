@@ -38,6 +38,7 @@ class ProbeSpec:
     to_label: str = ""
     http: tuple[str, str] | None = None  # (method, path): send one HTTP/1.1 request instead of the payload
     headers: tuple[tuple[str, str], ...] = ()  # extra request headers with `http`
+    grpc: str | None = None  # "/package.Service/Method": one unary gRPC call (HTTP/2) instead of the payload
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -54,13 +55,15 @@ class ProbeResult:
     error: str = ""
     elapsed_s: float = 0.0
     http_status: int | None = None  # the response's status code (HTTP probes that got one)
+    grpc_status: int | None = None  # the call's gRPC status code (gRPC probes that got an answer)
 
     def to_json(self) -> dict[str, Any]:
         """The `probe --all -o json` record: from, to, port, protocol, connected (+ detail)."""
         return {"from": self.spec.from_label or self.spec.from_netns, "to": self.spec.to_label or self.spec.ip,
                 "port": self.spec.port, "protocol": self.spec.protocol, "connected": self.connected,
                 "ip": self.spec.ip, "answeredBy": self.answered_by, "error": self.error,
-                **({"http_status": self.http_status} if self.spec.http else {})}
+                **({"http_status": self.http_status} if self.spec.http else {}),
+                **({"http_status": self.http_status, "grpc_status": self.grpc_status} if self.spec.grpc else {})}
 
 
 def http_request(spec: ProbeSpec) -> bytes:
@@ -95,6 +98,8 @@ async def _probe_tcp(spec: ProbeSpec, timeout: float) -> ProbeResult:
             return ProbeResult(spec, False, error="timeout", elapsed_s=time.monotonic() - started)
         except OSError as exc:
             return ProbeResult(spec, False, error=exc.strerror or str(exc), elapsed_s=time.monotonic() - started)
+        if spec.grpc:
+            return await _grpc_call(spec, sock, started, timeout)
         answered, status = "", None
         try:
             await loop.sock_sendall(sock, http_request(spec) if spec.http else PROBE_PAYLOAD)
@@ -110,6 +115,28 @@ async def _probe_tcp(spec: ProbeSpec, timeout: float) -> ProbeResult:
                            http_status=status)
     finally:
         sock.close()
+
+
+async def _grpc_call(spec: ProbeSpec, sock: socket.socket, started: float, timeout: float) -> ProbeResult:
+    """One unary call on the connected socket (`grpc_echo.unary_calls`)."""
+    from propolis.sandbox import grpc_echo
+    assert spec.grpc is not None
+    http_status = grpc_status = None
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        remaining = max(0.05, timeout - (time.monotonic() - started))
+        (result,) = await asyncio.wait_for(
+            grpc_echo.unary_calls(reader, writer, f"{spec.ip}:{spec.port}", [(spec.grpc, b"propolis-probe")]),
+            remaining)
+        http_status, grpc_status = result.http_status, result.grpc_status
+    except (OSError, asyncio.TimeoutError, TimeoutError):
+        pass  # connected is about the handshake; the status is a bonus
+    finally:
+        if writer is not None:
+            writer.close()
+    return ProbeResult(spec, True, elapsed_s=time.monotonic() - started, http_status=http_status,
+                       grpc_status=grpc_status)
 
 
 async def _probe_udp(spec: ProbeSpec, timeout: float, attempts: int = 3) -> ProbeResult:
