@@ -413,6 +413,8 @@ class Http2Connection:
             out = self.down.out(stream.client_id)
             if isinstance(event, h2.events.TrailersReceived):
                 out.trailers = event.headers
+                if stream.response is not None:  # grpc-status / grpc-message for the flow
+                    stream.response.headers += response_head(event.headers).headers
             out.end = True
             self._send_down(stream, self.down.pump)
             self._response_done(stream)
