@@ -41,6 +41,7 @@ class PodDef:
     labels: dict[str, str]
     server: bool = False
     ports: tuple[tuple[str, int, str], ...] = SERVER_PORTS  # (name, containerPort, protocol) of a server
+    annotations: tuple[tuple[str, str], ...] = ()  # e.g. (("kubernetes.io/egress-bandwidth", "10M"),)
 
     @property
     def ns(self) -> str:
@@ -100,7 +101,8 @@ class Workload:
         ports = [{"name": n, "containerPort": p, "protocol": proto} for n, p, proto in pod.ports] \
             if pod.server else []
         return {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod.name, "namespace": self.ns(pod.ns), "labels": dict(pod.labels)},
+                "metadata": {"name": pod.name, "namespace": self.ns(pod.ns), "labels": dict(pod.labels),
+                             **({"annotations": dict(pod.annotations)} if pod.annotations else {})},
                 "spec": {"nodeName": self.state.nodes[pod.node - 1]["name"],
                          "containers": [{"name": "main", "image": "echo", "ports": ports}]}}
 
