@@ -10,6 +10,7 @@ from pathlib import Path
 
 from propolis.encryption.backend import LISTEN_PORT
 from propolis.encryption.keymgr import SERVICE, DeviceComponent, PeersComponent, PublisherComponent
+from propolis.encryption.targets import WIREGUARD_ENCRYPTED_MARK
 from propolis.errors import ValidationError
 from propolis.runtime.component import Component
 from propolis.runtime.service import run_service
@@ -20,8 +21,8 @@ from propolis.runtime.settings import CommonSettings, setting
 class Settings(CommonSettings):
     encryption_type: str = setting("wireguard", "encryption.type (ipsec: this kernel has no ESP, refused)",
                                    choices=("wireguard", "ipsec"))
-    encryption_node_encryption: bool = setting(False, "encryption.nodeEncryption: node-to-node traffic too "
-                                                      "(not implemented yet: refused)")
+    encryption_node_encryption: bool = setting(False, "encryption.nodeEncryption: node-to-node and node-to-pod "
+                                                      "traffic between nodes through cilium_wg0 too")
     encryption_wireguard_persistent_keepalive: int = setting(0, "encryption.wireguard.persistentKeepalive "
                                                                 "(0 = off)", unit="s")
     wireguard_listen_port: int = setting(LISTEN_PORT, "UDP port of cilium_wg0 (Cilium: 51871)")
@@ -38,8 +39,6 @@ class Settings(CommonSettings):
         if self.encryption_type == "ipsec":
             raise ValidationError("encryption_type", "ipsec needs kernel ESP (XFRM), which this kernel lacks; "
                                                      "use wireguard")
-        if self.encryption_node_encryption:
-            raise ValidationError("encryption_node_encryption", "node encryption is not implemented yet")
         if not 0 < self.wireguard_listen_port < 65536:
             raise ValidationError("wireguard_listen_port", f"{self.wireguard_listen_port} is not a UDP port")
 
@@ -54,7 +53,8 @@ class Settings(CommonSettings):
 def build(settings: Settings) -> list[Component]:
     device = DeviceComponent(node=settings.node_name, netns=settings.node_netns or None,
                              state_dir=settings.state_dir(), listen_port=settings.wireguard_listen_port,
-                             backend=settings.wireguard_backend)
+                             backend=settings.wireguard_backend,
+                             fwmark=WIREGUARD_ENCRYPTED_MARK if settings.encryption_node_encryption else 0)
     return [device,
             PublisherComponent(device, kubeconfig=settings.kubeconfig),
             PeersComponent(device, persistent_keepalive=settings.encryption_wireguard_persistent_keepalive,

@@ -63,3 +63,15 @@ def test_node_info_from_mirrored_node():
                     status={"addresses": [{"type": "Hostname", "address": "w2"},
                                           {"type": "InternalIP", "address": "172.30.1.2"}]})
     assert node_info(obj) == NodeInfo("w2", "172.30.1.2", ("10.244.2.0/24",))
+
+
+def test_node_encryption_adds_node_ips_to_allowed_ips_and_the_wireguard_table():
+    want = compute(own_node="w1", nodes=nodes("w1", "w2", "w3"),
+                   node_keys={"w1": key("w1", K1), "w2": key("w2", K2)}, node_encryption=True)
+    assert want.peers[K2].allowed_ips == ("10.244.2.0/24", "172.30.1.2/32")
+    assert want.routes == {"10.244.2.0/24": "w2", "10.244.3.0/24": "w3"}  # the main table is unchanged
+    # w3 has no key yet: its node IP and pod CIDR still go into the device (fail closed, never cleartext)
+    assert want.encrypted_routes == {"10.244.2.0/24": "w2", "172.30.1.2/32": "w2",
+                                     "10.244.3.0/24": "w3", "172.30.1.3/32": "w3"}
+    plain = compute(own_node="w1", nodes=nodes("w1", "w2"), node_keys={"w2": key("w2", K2)})
+    assert plain.encrypted_routes == {} and plain.peers[K2].allowed_ips == ("10.244.2.0/24",)

@@ -15,6 +15,8 @@ PUB = keys.public_key(PRIV)
 def test_set_device_request_is_hex_and_blank_line_terminated():
     req = uapi.set_device_request(private_key=PRIV, listen_port=51871)
     assert req == f"set=1\nprivate_key={keys.to_hex(PRIV)}\nlisten_port=51871\n\n"
+    marked = uapi.set_device_request(private_key=PRIV, listen_port=51871, fwmark=0x1E00)
+    assert marked == f"set=1\nprivate_key={keys.to_hex(PRIV)}\nlisten_port=51871\nfwmark=7680\n\n"
 
 
 def test_set_peer_request_replaces_allowed_ips():
@@ -51,8 +53,8 @@ def test_nonzero_errno_is_an_error_naming_the_request():
 def test_kernel_backend_requests():
     """The pyroute2 backend is not exercised on this kernel (no WireGuard module): only its requests are."""
     kb = KernelBackend(netns=None)
-    assert kb.device_request(private_key=PRIV, listen_port=51871) == {
-        "interface": "cilium_wg0", "private_key": PRIV, "listen_port": 51871}
+    assert kb.device_request(private_key=PRIV, listen_port=51871, fwmark=0x1E00) == {
+        "interface": "cilium_wg0", "private_key": PRIV, "listen_port": 51871, "fwmark": 0x1E00}
     peer = uapi.PeerConfig(PUB, "172.30.1.2:51871", ("10.244.2.0/24",), 0, "n2")
     assert kb.peer_request(peer) == {"interface": "cilium_wg0", "peer": {
         "public_key": PUB, "endpoint_addr": "172.30.1.2", "endpoint_port": 51871, "persistent_keepalive": 0,

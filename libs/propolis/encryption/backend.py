@@ -47,8 +47,9 @@ DEVICE_START_TIMEOUT_S = 5.0
 class WireguardBackend(Protocol):
     kind: str  # "kernel" | "wireguard-go"
 
-    async def ensure_device(self, *, private_key: str, listen_port: int) -> bool:
-        """Create or adopt the device and set its key and port; True if a running device was adopted."""
+    async def ensure_device(self, *, private_key: str, listen_port: int, fwmark: int = 0) -> bool:
+        """Create or adopt the device and set its key, port and the mark of its own UDP packets (so they are
+        not routed back into the device); True if a running device was adopted."""
         ...
 
     async def device(self) -> DeviceState: ...
@@ -106,7 +107,7 @@ class UserspaceBackend:
     def describe(self) -> dict[str, Any]:
         return {"backend": self.kind, "pid": self.pid, "socket": str(self.uapi.socket_path), "adopted": self.adopted}
 
-    async def ensure_device(self, *, private_key: str, listen_port: int) -> bool:
+    async def ensure_device(self, *, private_key: str, listen_port: int, fwmark: int = 0) -> bool:
         self.adopted = await self.uapi.alive()
         if self.adopted:
             try:
@@ -117,9 +118,9 @@ class UserspaceBackend:
         else:
             await self._start()
         current = await self.uapi.get()
-        if current.private_key != private_key or current.listen_port != listen_port:
-            await self.uapi.set(set_device_request(private_key=private_key, listen_port=listen_port),
-                                what=f"set {self.device_name} key and port {listen_port}")
+        if current.private_key != private_key or current.listen_port != listen_port or current.fwmark != fwmark:
+            await self.uapi.set(set_device_request(private_key=private_key, listen_port=listen_port, fwmark=fwmark),
+                                what=f"set {self.device_name} key, port {listen_port} and fwmark {fwmark:#x}")
         return self.adopted
 
     async def _start(self) -> None:
@@ -185,8 +186,9 @@ class KernelBackend:
     def describe(self) -> dict[str, Any]:
         return {"backend": self.kind}
 
-    def device_request(self, *, private_key: str, listen_port: int) -> dict[str, Any]:
-        return {"interface": self.device_name, "private_key": private_key, "listen_port": listen_port}
+    def device_request(self, *, private_key: str, listen_port: int, fwmark: int = 0) -> dict[str, Any]:
+        return {"interface": self.device_name, "private_key": private_key, "listen_port": listen_port,
+                "fwmark": fwmark}
 
     def peer_request(self, peer: PeerConfig | None = None, *, remove: str = "") -> dict[str, Any]:
         if remove:
@@ -206,7 +208,7 @@ class KernelBackend:
                 return WireGuard()
         return WireGuard()
 
-    async def ensure_device(self, *, private_key: str, listen_port: int) -> bool:
+    async def ensure_device(self, *, private_key: str, listen_port: int, fwmark: int = 0) -> bool:
         from propolis.sandbox.netns import iproute_in
 
         def work() -> bool:
@@ -215,7 +217,7 @@ class KernelBackend:
                 if not existed:
                     ipr.link("add", ifname=self.device_name, kind="wireguard")
             with self._wg() as wg:
-                wg.set(**self.device_request(private_key=private_key, listen_port=listen_port))
+                wg.set(**self.device_request(private_key=private_key, listen_port=listen_port, fwmark=fwmark))
             return existed
         return await asyncio.to_thread(work)
 

@@ -5,6 +5,9 @@ published public key (`WireguardNodeKey`, wireguard bucket). Output: one peer
 per other node (endpoint = its InternalIP:port, allowed IPs = its pod CIDRs),
 one route per other node's pod CIDR through the device, and the nodes refused
 with the reason (malformed or foreign key, duplicate key, no InternalIP).
+With `encryption.nodeEncryption` each peer's allowed IPs also hold its node's
+InternalIP, and `encrypted_routes` (the policy-routed table node traffic meets
+first) sends every other node's InternalIP and pod CIDRs into the device.
 
 A refused node gets no peer, but its pod CIDR is still routed into the device:
 with no peer owning those addresses WireGuard drops the packets, so traffic to
@@ -44,11 +47,13 @@ def node_info(obj: K8sObject) -> NodeInfo:
 class DesiredDevice:
     peers: dict[str, PeerConfig] = field(default_factory=dict)  # public key (base64) -> peer
     routes: dict[str, str] = field(default_factory=dict)  # pod CIDR -> node it belongs to
+    #: nodeEncryption: node IP/32 and pod CIDR -> node, in the WireGuard routing table (empty without it)
+    encrypted_routes: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # node -> why it has no peer
 
 
 def compute(*, own_node: str, nodes: dict[str, NodeInfo], node_keys: dict[str, Any],
-            persistent_keepalive: int = 0) -> DesiredDevice:
+            persistent_keepalive: int = 0, node_encryption: bool = False) -> DesiredDevice:
     """``node_keys`` maps the bucket key (node name) to its decoded value (anything: it is validated here);
     a peer's endpoint port is the one its node published."""
     out = DesiredDevice()
@@ -73,20 +78,32 @@ def compute(*, own_node: str, nodes: dict[str, NodeInfo], node_keys: dict[str, A
             continue
         for cidr in info.pod_cidrs:
             out.routes[cidr] = name
+        node_ip = _node_ip_cidr(info)
+        if node_encryption:  # a refused node's too: its traffic fails closed in the device
+            out.encrypted_routes.update({cidr: name for cidr in info.pod_cidrs})
+            if node_ip:
+                out.encrypted_routes[node_ip] = name
         if name in out.refused or name not in valid:
             continue
-        try:
-            ipaddress.IPv4Address(info.internal_ip)
-        except ValueError:
+        if not node_ip:
             out.refused[name] = f"node has no usable InternalIP ({info.internal_ip!r}): no endpoint for its peer"
             continue
         if not info.pod_cidrs:
             out.refused[name] = "node has no podCIDR: nothing to route to its peer"
             continue
         port = node_keys[name].listen_port
-        out.peers[valid[name]] = PeerConfig(valid[name], f"{info.internal_ip}:{port}", info.pod_cidrs,
+        allowed = info.pod_cidrs + ((node_ip,) if node_encryption else ())
+        out.peers[valid[name]] = PeerConfig(valid[name], f"{info.internal_ip}:{port}", allowed,
                                             persistent_keepalive, name)
     return out
+
+
+def _node_ip_cidr(info: NodeInfo) -> str:
+    """The node's InternalIP as a /32, or "" when it has none usable."""
+    try:
+        return f"{ipaddress.IPv4Address(info.internal_ip)}/32"
+    except ValueError:
+        return ""
 
 
 def _validate_key(name: str, value: Any) -> str:

@@ -11,7 +11,8 @@ Components (started in this order, stopped in reverse):
   ``network.cilium.io/wg-pub-key``; answers ``propolis encrypt rotate-key``.
 * `PeersComponent` — watches Nodes (k8s bucket) and keys (wireguard bucket),
   computes the desired device (`desired.compute`) and hands peers and routes to
-  two `Reconciler`s; pruning waits until both watches delivered their initial
+  `Reconciler`s (with `encryption.nodeEncryption` also the WireGuard routing
+  table node traffic meets first, `targets.set_node_encryption_rule`); pruning waits until both watches delivered their initial
   state. Refused nodes are logged (naming the node) once per reason and sent as
   events on ``propolis.v1.events.encryption``.
 
@@ -33,7 +34,8 @@ from propolis.bus.messages import Event, K8sObject, WireguardNodeKey
 from propolis.encryption import keys
 from propolis.encryption.backend import DEVICE, WireguardBackend, select_backend
 from propolis.encryption.desired import NodeInfo, compute, node_info
-from propolis.encryption.targets import PeerTarget, RouteTarget, set_link_up
+from propolis.encryption.targets import (WIREGUARD_ROUTE_TABLE, PeerTarget, RouteTarget, set_link_up,
+                                         set_node_encryption_rule)
 from propolis.encryption.uapi import PeerConfig
 from propolis.reconcile import Reconciler
 from propolis.runtime.component import Component
@@ -51,9 +53,11 @@ DEVICE_CHECK_INTERVAL_S = 0.5
 class DeviceComponent(Component):
     name, title = "device", f"key pair and the {DEVICE} device (wireguard-go or kernel)"
 
-    def __init__(self, *, node: str, netns: str | None, state_dir: Path, listen_port: int, backend: str) -> None:
+    def __init__(self, *, node: str, netns: str | None, state_dir: Path, listen_port: int, backend: str,
+                 fwmark: int = 0) -> None:
         super().__init__()
         self.node, self.netns, self.state_dir, self.listen_port = node, netns, state_dir, listen_port
+        self.fwmark = fwmark  # of the device's own UDP packets (nodeEncryption routes by it)
         self.backend_choice = backend
         self.backend: WireguardBackend | None = None
         self.private_key = ""
@@ -72,7 +76,8 @@ class DeviceComponent(Component):
         log.info("%s key pair for %s (public %s, private key in %s)", "generated" if created else "loaded",
                  self.node, self.public_key, self.key_path)
         self.backend = select_backend(self.backend_choice, state_dir=self.state_dir, netns=self.netns)
-        self.adopted = await self.backend.ensure_device(private_key=self.private_key, listen_port=self.listen_port)
+        self.adopted = await self.backend.ensure_device(private_key=self.private_key, listen_port=self.listen_port,
+                                                        fwmark=self.fwmark)
         await asyncio.to_thread(set_link_up, self.netns)
         rt.progress["wireguard"] = {"public_key": self.public_key, **self.backend.describe()}
         rt.spawn("device-watchdog", self._watchdog(), self)
@@ -98,7 +103,8 @@ class DeviceComponent(Component):
             log.warning("%s on %s does not answer (%s): recreating it", DEVICE, self.node, reason)
             self.set_degraded(f"{DEVICE} recreated after: {reason}")
             try:
-                await self.backend.ensure_device(private_key=self.private_key, listen_port=self.listen_port)
+                await self.backend.ensure_device(private_key=self.private_key, listen_port=self.listen_port,
+                                                 fwmark=self.fwmark)
                 await asyncio.to_thread(set_link_up, self.netns)
             except Exception as exc:  # noqa: BLE001 - stays degraded; next round retries
                 log.warning("recreating %s failed: %s", DEVICE, exc)
@@ -113,7 +119,7 @@ class DeviceComponent(Component):
         assert self.backend is not None
         new = keys.generate_private_key()
         keys.write_private_key(self.key_path, new)
-        await self.backend.ensure_device(private_key=new, listen_port=self.listen_port)
+        await self.backend.ensure_device(private_key=new, listen_port=self.listen_port, fwmark=self.fwmark)
         self.private_key, self.public_key = new, keys.public_key(new)
         log.info("rotated the key of %s: new public key %s", self.node, self.public_key)
         return self.public_key
@@ -231,9 +237,13 @@ class PeersComponent(Component):
                                                               refresh_interval=30.0)
         self.routes: Reconciler[str, str] = Reconciler("wireguard-routes", RouteTarget(self.device.netns),
                                                        refresh_interval=30.0)
+        self.node_routes: Reconciler[str, str] = Reconciler(
+            "wireguard-node-routes", RouteTarget(self.device.netns, table=WIREGUARD_ROUTE_TABLE), refresh_interval=30.0)
+        await asyncio.to_thread(set_node_encryption_rule, self.device.netns, self.node_encryption)
         self.device.on_recreated.append(self._reapply)
         rt.spawn("peer-reconciler", self.peers.run(), self)
         rt.spawn("route-reconciler", self.routes.run(), self)
+        rt.spawn("node-route-reconciler", self.node_routes.run(), self)
         rt.spawn("watch-nodes", self._watch(subjects.K8S_BUCKET, "nodes.>"), self)
         rt.spawn("watch-keys", self._watch(subjects.WIREGUARD_BUCKET, ">"), self)
         rt.spawn("compute", self._compute_loop(), self)
@@ -241,7 +251,7 @@ class PeersComponent(Component):
 
     def _reapply(self) -> None:
         """The device was recreated empty: remove-then-add every peer and route so the reconcilers redo them."""
-        for rec in (self.peers, self.routes):
+        for rec in (self.peers, self.routes, self.node_routes):
             desired = dict(rec.desired)
             rec.replace_all({})
             rec.replace_all(desired)
@@ -272,14 +282,15 @@ class PeersComponent(Component):
 
     async def recompute(self) -> None:
         want = compute(own_node=self.device.node, nodes=self.nodes, node_keys=self.node_keys,
-                       persistent_keepalive=self.persistent_keepalive)
+                       persistent_keepalive=self.persistent_keepalive, node_encryption=self.node_encryption)
         news = {node: why for node, why in want.refused.items() if self.refused.get(node) != why}
         self.refused = want.refused
         self.peers.replace_all(want.peers)
         self.routes.replace_all(want.routes)
+        self.node_routes.replace_all(want.encrypted_routes)
         if self.synced >= {subjects.K8S_BUCKET, subjects.WIREGUARD_BUCKET}:
-            self.peers.mark_synced()
-            self.routes.mark_synced()
+            for rec in (self.peers, self.routes, self.node_routes):
+                rec.mark_synced()
         for node, why in news.items():
             log.warning("node %s refused as WireGuard peer: %s", node, why)
             await self._event(node, why)
@@ -295,7 +306,7 @@ class PeersComponent(Component):
     async def _report_loop(self) -> None:
         """Health, the `status` feature line and the progress `propolis encrypt status` reads."""
         while True:
-            errors = {**self.peers.errors(), **self.routes.errors()}
+            errors = {**self.peers.errors(), **self.routes.errors(), **self.node_routes.errors()}
             if errors:
                 self.set_degraded(f"{len(errors)} errors: " + "; ".join(f"{k}: {v}" for k, v in errors.items())[:300])
             elif self.refused:
@@ -317,6 +328,7 @@ class PeersComponent(Component):
                 "public_key": d.public_key, "listen_port": d.listen_port, "peers": npeers,
                 "peers_reconciled": self.peers.reconciled_revision >= self.peers.revision,
                 "routes": sorted(self.routes.desired), "refused": dict(self.refused),
+                "node_encryption": self.node_encryption, "node_routes": sorted(self.node_routes.desired),
                 "device_recreated": d.recreated,
                 "peer_list": [{"node": p.node, "public_key": k, "endpoint": p.endpoint,
                                "allowed_ips": list(p.allowed_ips),

@@ -4,6 +4,10 @@
 `RouteTarget`: routes of remote pod CIDRs through `cilium_wg0` in the node's
 namespace (main table), so cross-node pod traffic enters the tunnel; same-node
 traffic never matches them (local pods have /32 routes on their lxc).
+With `encryption.nodeEncryption` a second `RouteTarget` fills `WIREGUARD_ROUTE_TABLE`
+(other nodes' InternalIPs and pod CIDRs), which every packet not marked as the
+device's own UDP meets first (`set_node_encryption_rule`): node-to-node and
+node-to-pod traffic enter the tunnel too, WireGuard's own packets never do.
 Both are idempotent: update = replace, delete of a missing object = success.
 Shown by `propolis encrypt status`.
 """
@@ -26,6 +30,16 @@ from propolis.errors import TemporaryError
 #: on, which starts the handshake now instead of with the first packet. After a key rotation the node that
 #: learned the new key is the one that can complete a handshake, so it must be the one to start it.
 HANDSHAKE_KICK_KEEPALIVE_S = 25
+FIB_RULE_INVERT = 0x2  # linux/fib_rules.h: the rule matches what does NOT carry the mark
+
+MAIN_TABLE = 254
+#: Cilium's linux_defaults.RouteTableWireguard: the routes node traffic takes into cilium_wg0 (nodeEncryption).
+WIREGUARD_ROUTE_TABLE = 201
+#: Cilium's MagicMarkWireGuardEncrypted: the device's own UDP packets carry it (fwmark) and skip that table.
+WIREGUARD_ENCRYPTED_MARK, WIREGUARD_MARK_MASK = 0x1E00, 0xFF00
+#: After the L7 proxy's rule (9: its marked packets are delivered locally first), before the sandbox's rule for
+#: node-originated traffic (100) and the main table.
+WIREGUARD_RULE_PRIORITY = 99
 
 
 class PeerTarget:
@@ -53,11 +67,12 @@ def _iproute(netns: str | None) -> Any:
 
 
 class RouteTarget:
-    """``<pod CIDR> dev cilium_wg0`` routes in the node's namespace."""
+    """``<CIDR> dev cilium_wg0`` routes in the node's namespace, in one routing table."""
 
-    def __init__(self, netns: str | None, device: str = DEVICE) -> None:
+    def __init__(self, netns: str | None, device: str = DEVICE, table: int = MAIN_TABLE) -> None:
         self.netns = netns
         self.device = device
+        self.table = table
 
     def _ifindex(self, ipr: Any) -> int:
         found = ipr.link_lookup(ifname=self.device)
@@ -68,7 +83,7 @@ class RouteTarget:
     async def update(self, key: str, desired: str) -> None:
         def work() -> None:
             with _iproute(self.netns) as ipr:
-                ipr.route("replace", dst=key, oif=self._ifindex(ipr))
+                ipr.route("replace", dst=key, oif=self._ifindex(ipr), table=self.table)
         await asyncio.to_thread(work)
 
     async def delete(self, key: str) -> None:
@@ -78,7 +93,7 @@ class RouteTarget:
                 if not found:
                     return  # device gone: so are its routes
                 try:
-                    ipr.route("del", dst=key, oif=found[0])
+                    ipr.route("del", dst=key, oif=found[0], table=self.table)
                 except NetlinkError as exc:
                     if exc.code not in (errno.ESRCH, errno.ENOENT):
                         raise
@@ -91,7 +106,7 @@ class RouteTarget:
                 if not found:
                     return []
                 out = []
-                for r in ipr.get_routes(family=2, table=254):
+                for r in ipr.get_routes(family=2, table=self.table):
                     if r.get_attr("RTA_OIF") == found[0] and r.get_attr("RTA_DST"):
                         out.append(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
                 return out
@@ -104,3 +119,17 @@ def set_link_up(netns: str | None, device: str = DEVICE) -> None:
         if not found:
             raise TemporaryError(f"{device} does not exist in {netns or 'this namespace'}")
         ipr.link("set", index=found[0], state="up")
+
+
+def set_node_encryption_rule(netns: str | None, enabled: bool) -> None:
+    """``not fwmark 0x1E00/0xFF00 lookup 201`` present exactly when nodeEncryption is on (a key manager restarted
+    without it takes its rule away)."""
+    with _iproute(netns) as ipr:
+        rule = dict(table=WIREGUARD_ROUTE_TABLE, priority=WIREGUARD_RULE_PRIORITY, fwmark=WIREGUARD_ENCRYPTED_MARK,
+                    fwmask=WIREGUARD_MARK_MASK, flags=FIB_RULE_INVERT)
+        present = any(r.get_attr("FRA_TABLE") == WIREGUARD_ROUTE_TABLE and r.get_attr("FRA_PRIORITY") ==
+                      WIREGUARD_RULE_PRIORITY for r in ipr.get_rules(family=2))
+        if enabled and not present:
+            ipr.rule("add", **rule)
+        elif present and not enabled:
+            ipr.rule("del", **rule)

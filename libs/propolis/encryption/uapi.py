@@ -55,8 +55,10 @@ class DeviceState:
     peers: dict[str, PeerState] = field(default_factory=dict)  # base64 public key -> state
 
 
-def set_device_request(*, private_key: str, listen_port: int) -> str:
-    return f"set=1\nprivate_key={keys.to_hex(private_key)}\nlisten_port={listen_port}\n\n"
+def set_device_request(*, private_key: str, listen_port: int, fwmark: int | None = None) -> str:
+    """`fwmark`: the mark of the device's own UDP packets (None = leave it as it is)."""
+    mark = "" if fwmark is None else f"fwmark={fwmark}\n"
+    return f"set=1\nprivate_key={keys.to_hex(private_key)}\nlisten_port={listen_port}\n{mark}\n"
 
 
 def set_peer_request(peer: PeerConfig) -> str:
