@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     dns_bench.add_argument("--rate", type=int, default=1000, help="paced queries/s for the latency figures")
     dns_bench.add_argument("--seconds", type=float, default=3.0)
     dns_bench.set_defaults(func=lambda a: _print(importlib.import_module("propolis.fqdn.bench").run(a.rate, a.seconds)))
+    l7 = verbs.add_parser("l7", help="HTTP and gRPC, same pods, direct (L4 policy) vs through the l7-proxy: "
+                                     "requests/s (1, 50 connections), latency at a paced rate, proxy CPU and RSS")
+    l7.add_argument("--seconds", type=float, default=5.0, help="how long each measurement runs")
+    l7.add_argument("--rate", type=int, default=1000, help="paced requests/s for the latency figures")
+    l7.set_defaults(func=lambda a: _print(importlib.import_module("propolis.bench.l7").run(a.seconds, a.rate)))
     sandbox = verbs.add_parser("sandbox", help="sandbox up + pods ready, probe matrix throughput, down")
     sandbox.add_argument("--nodes", type=int, default=2)
     sandbox.add_argument("--pods", type=int, default=20)
@@ -58,6 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "(0 = skip)")
     flows.set_defaults(func=lambda a: _print(importlib.import_module("propolis.hubble.bench").run(
         [int(r) for r in a.rates.split(",") if r.strip()], a.seconds, a.nats_url, a.follow_rate)))
+    node = verbs.add_parser("node", help="the node itself: Bandwidth Manager shaping accuracy (target rate, "
+                                         "measured, error)")
+    node.add_argument("--targets", default="10M,100M", help="annotation values, comma-separated")
+    node.add_argument("--seconds", type=float, default=3.0, help="measurement window of each transfer")
+    node.set_defaults(func=lambda a: _print(importlib.import_module("propolis.bench.node").run(
+        [t for t in a.targets.split(",") if t.strip()], a.seconds)))
     policy = verbs.add_parser("policy", help="policy: compiler + map reconcile, apply->enforced on a sandbox, "
                                              "per-packet cost, per-pod attach")
     policy.add_argument("--parts", default="1,2,3,4",

@@ -7,7 +7,7 @@ Server (`serve`, a real grpcio server, started by `sandbox.echo --grpc PORT` in 
   * anything else is UNIMPLEMENTED.
 Messages are raw bytes (no generated code): a HealthCheckResponse{status: SERVING} is `08 01`.
 
-Client (`unary_calls`): unary calls multiplexed on one HTTP/2 connection over a socket the caller
+Client (`GrpcClient`, `unary_calls`): unary calls multiplexed on one HTTP/2 connection over a socket the caller
 connected (probes open it inside the source pod's namespace); each call's gRPC status is the
 `grpc-status` the server sent, else the one gRPC clients derive from the HTTP status (403 ->
 PERMISSION_DENIED), as grpc-core's http-to-grpc mapping.
@@ -99,52 +99,84 @@ def _headers_into(result: CallResult, headers: list[tuple[bytes, bytes]]) -> Non
             result.grpc_message = value.decode("utf-8", "replace")
 
 
-async def unary_calls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authority: str,
-                      calls: list[tuple[str, bytes]]) -> list[CallResult]:
-    """Send every call at once, each on its own stream of one HTTP/2 connection; the results in order.
-    Streams the connection ends (or breaks the protocol) before they end keep what they got."""
-    import h2.config
-    import h2.connection
-    import h2.events
-    import h2.exceptions
+class GrpcClient:
+    """Unary calls on one HTTP/2 connection over a connected socket's streams; calls may overlap
+    (each on its own stream). A connection that ends or breaks the protocol ends the calls still
+    open with what they got (grpc_status None)."""
 
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-    conn.initiate_connection()
-    results: dict[int, CallResult] = {}
-    replies: dict[int, bytearray] = {}
-    for path, payload in calls:
-        stream_id = conn.get_next_available_stream_id()
-        results[stream_id] = CallResult(path)
-        replies[stream_id] = bytearray()
-        conn.send_headers(stream_id, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
-                                      (b":authority", authority.encode()), (b"content-type", b"application/grpc"),
-                                      (b"te", b"trailers"), (b"user-agent", b"propolis-probe")])
-        conn.send_data(stream_id, frame_message(payload), end_stream=True)
-    writer.write(conn.data_to_send())
-    open_streams = set(results)
-    while open_streams:
-        data = await reader.read(65536)
-        if not data:
-            break
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authority: str) -> None:
+        import h2.config
+        import h2.connection
+
+        self.reader, self.writer, self.authority = reader, writer, authority.encode()
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        self.writer.write(self.conn.data_to_send())
+        self.calls: dict[int, tuple[CallResult, bytearray, asyncio.Future[None]]] = {}
+        self.task = asyncio.ensure_future(self._read())
+
+    async def call(self, path: str, payload: bytes = b"") -> CallResult:
+        if self.task.done():
+            return CallResult(path)
+        stream_id = self.conn.get_next_available_stream_id()
+        result, done = CallResult(path), asyncio.get_running_loop().create_future()
+        self.calls[stream_id] = (result, bytearray(), done)
+        self.conn.send_headers(stream_id, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()),
+                                           (b":authority", self.authority), (b"content-type", b"application/grpc"),
+                                           (b"te", b"trailers"), (b"user-agent", b"propolis-probe")])
+        self.conn.send_data(stream_id, frame_message(payload), end_stream=True)
+        self.writer.write(self.conn.data_to_send())
+        await done
+        return result
+
+    async def _read(self) -> None:
+        import h2.events
+        import h2.exceptions
+
         try:
-            events = conn.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            break
-        for event in events:
-            stream_id = getattr(event, "stream_id", 0)
-            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                _headers_into(results[stream_id], event.headers)
-            elif isinstance(event, h2.events.DataReceived):
-                replies[stream_id] += event.data
-                conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
-            elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
-                open_streams.discard(stream_id)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                open_streams.clear()
-        writer.write(conn.data_to_send())
-    for stream_id, result in results.items():
-        body = bytes(replies[stream_id])
-        result.reply = body[5:] if len(body) >= 5 else b""
+            while data := await self.reader.read(65536):
+                for event in self.conn.receive_data(data):
+                    self._event(event, h2.events)
+                self.writer.write(self.conn.data_to_send())
+        except (h2.exceptions.ProtocolError, ConnectionError):
+            pass
+        finally:
+            for stream_id in list(self.calls):
+                self._done(stream_id)
+
+    def _event(self, event: Any, events: Any) -> None:
+        found = self.calls.get(getattr(event, "stream_id", 0))
+        if isinstance(event, events.ConnectionTerminated):
+            for stream_id in [s for s in self.calls if s > (event.last_stream_id or 0)]:
+                self._done(stream_id)
+        elif found is None:
+            return
+        elif isinstance(event, (events.ResponseReceived, events.TrailersReceived)):
+            _headers_into(found[0], event.headers)
+        elif isinstance(event, events.DataReceived):
+            found[1].extend(event.data)
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, (events.StreamEnded, events.StreamReset)):
+            self._done(event.stream_id)
+
+    def _done(self, stream_id: int) -> None:
+        result, body, done = self.calls.pop(stream_id)
+        result.reply = bytes(body[5:]) if len(body) >= 5 else b""
         if result.grpc_status is None and result.http_status is not None and result.http_status != 200:
             result.grpc_status = HTTP_TO_GRPC.get(result.http_status, UNKNOWN)
-    return list(results.values())
+        if not done.done():
+            done.set_result(None)
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.writer.close()
+
+
+async def unary_calls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, authority: str,
+                      calls: list[tuple[str, bytes]]) -> list[CallResult]:
+    """Every call at once, each on its own stream of one HTTP/2 connection; the results in order."""
+    client = GrpcClient(reader, writer, authority)
+    try:
+        return list(await asyncio.gather(*(client.call(path, payload) for path, payload in calls)))
+    finally:
+        client.close()
