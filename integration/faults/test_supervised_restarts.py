@@ -75,7 +75,7 @@ async def test_a_dead_task_restarts_its_service_and_enforcement_continues(sandbo
                                      ("datapath-writer", node, "lb-reconciler"),
                                      ("datapath-writer", node, "ipcache-publisher"),
                                      ("datapath-writer", node, "ct-gc"),
-                                     ("identity-allocator", None, "worker"),
+                                     ("identity-allocator", None, "endpoint-records"),
                                      ("k8s-watcher", None, "k8s-mirror"),
                                      ("hubble", node, "events"),
                                      ("hubble-relay", None, "servicemap")):

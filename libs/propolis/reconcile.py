@@ -88,6 +88,8 @@ class Reconciler(Generic[K, V]):
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
         self._prune_due = False
+        self._prune_failures = 0  # consecutive failures of list_actual: pruning backs off like a key
+        self._prune_retry_at = 0.0
         self._refreshing: set[K] = set()  # pending keys queued by the periodic refresh, not by a change
         self.reconciled_revision = 0
         self.refreshes = 0  # completed refresh rounds (tests, /status)
@@ -174,10 +176,11 @@ class Reconciler(Generic[K, V]):
             await self.reconcile_once()
             delay = min([next_refresh - time.monotonic()] +
                         [max(0.0, s.retry_at - time.monotonic()) for k, s in self.status.items()
-                         if s.status is Status.ERROR and k in self._pending])
+                         if s.status is Status.ERROR and k in self._pending] +
+                        ([max(0.0, self._prune_retry_at - time.monotonic())] if self._prune_due else []))
             self._wake.clear()
-            if any(self._due(k) for k in self._pending):
-                continue
+            if self._prune_ready() or any(self._due(k) for k in self._pending):
+                continue  # a change (or mark_synced) came while this pass ran: its wake-up was just cleared
             try:
                 await asyncio.wait_for(self._wake.wait(), max(delay, 0.01))
             except asyncio.TimeoutError:
@@ -202,8 +205,11 @@ class Reconciler(Generic[K, V]):
         st = self.status.get(key)
         return st is None or st.status is not Status.ERROR or st.retry_at <= time.monotonic()
 
+    def _prune_ready(self) -> bool:
+        return self._prune_due and self._prune_retry_at <= time.monotonic()
+
     async def reconcile_once(self) -> None:
-        if self._prune_due:
+        if self._prune_ready():
             await self._prune()
         due = [k for k in list(self._pending) if self._due(k)]
         # deletes first: they free room in a full map, and a reader never sees the old and the new side by side
@@ -245,9 +251,13 @@ class Reconciler(Generic[K, V]):
         try:
             actual = list(await self.target.list_actual())
         except Exception as exc:
-            log.warning("%s: listing actual state failed: %s", self.name, exc)
+            self._prune_failures += 1
+            self._prune_retry_at = time.monotonic() + backoff_delay(self._prune_failures, self.backoff_min,
+                                                                    self.backoff_max)
+            log.warning("%s: listing actual state failed (attempt %d): %s", self.name, self._prune_failures, exc)
             return
         self._prune_due = False
+        self._prune_failures = 0
         for key in actual:
             if key not in self.desired and key not in self._pending:
                 self._pending[key] = _ABSENT

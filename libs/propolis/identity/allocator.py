@@ -115,6 +115,21 @@ class IdentityAllocator:
         self.used.discard(identity)
         return True
 
+    async def restore(self, identity: int, labels: list[str]) -> bool:
+        """Re-create ``id.<n>`` and its label index where they are missing (a purged bucket keeps
+        every pod's number); another replica's record already there stands. True if it wrote."""
+        labels = sorted(labels)
+        wrote = False
+        for key, record in ((f"id.{identity}", IdentityRecord(identity, labels)),
+                            (f"labels.{labels_hash(labels)}", IdentityIndex(identity, labels))):
+            try:
+                await self.kv.create(key, record)
+                wrote = True
+            except Conflict:
+                pass
+        self.used.add(identity)
+        return wrote
+
     async def ensure_reserved(self, reserved: dict[int, list[str]]) -> None:
         for number, labels in reserved.items():
             existing = await self.kv.get(f"id.{number}")
