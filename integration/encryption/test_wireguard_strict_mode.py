@@ -6,7 +6,8 @@ native route to b's address on node 1, which the key manager does not own) is dr
 underlay device with drop reason UNENCRYPTED_TRAFFIC: counted in the node's drop metric, seen as a Hubble drop
 flow from a to b, and not one cleartext packet of it appears on the underlay. Turning strict mode off in the
 node's runtime config for a moment shows the capture does see that cleartext when nothing drops it. Same-node
-traffic is unaffected throughout.
+traffic is unaffected throughout. What the node sends with a pod's address (the L7 proxy's upstream) takes the
+tunnel like the pod's own packets.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.root
 
 SERVICES = "k8s-watcher,identity-allocator,datapath-writer,wireguard-keymgr,hubble,hubble-relay"
 ECHO_PORT = 8080
+IP_TRANSPARENT = 19  # linux/in.h
 
 
 @pytest.fixture(scope="module")
@@ -170,5 +172,35 @@ async def test_traffic_forced_around_the_tunnel_is_dropped_never_leaked(sandbox,
     assert drops[0]["source"]["pod_name"] == "a" and drops[0]["destination"]["pod_name"] == "b"
 
     # the route gone, the tunnel carries a -> b again
-    stream = await connect_with_retry(sandbox, f"{NS}/a", ips["b"])
-    stream.close()
+    (await connect_with_retry(sandbox, f"{NS}/a", ips["b"])).close()
+
+
+def send_udp_as_pod_from_node(state, n: int, pod_address: str, ip: str, payload: bytes, count: int = 10) -> None:
+    """What a transparent proxy on node n does: send from a local pod's address (IP_TRANSPARENT)."""
+    sock = socket_in(state.sandbox().node_netns(n), socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((pod_address, 0))
+        for i in range(count):
+            try:
+                sock.sendto(payload + b" %d" % i, (ip, ECHO_PORT))
+            except BlockingIOError:
+                pass
+            time.sleep(0.01)
+    finally:
+        sock.close()
+
+
+async def test_node_traffic_with_a_pod_address_goes_through_the_tunnel(sandbox, ips):
+    """The L7 proxy's upstream leaves the node with the client pod's address: pod traffic, so it must take the
+    tunnel (not the node's own native routes, where strict mode would drop it and without it it would leak)."""
+    cfg = sandbox.sandbox()
+    secret = f"propolis-proxied-{uuid.uuid4().hex}".encode()
+    await connect_with_retry(sandbox, f"{NS}/a", ips["b"])  # handshake done
+    before = unencrypted_drops(sandbox, 1)
+    with Capture(cfg.underlay_netns) as cap:
+        await asyncio.to_thread(send_udp_as_pod_from_node, sandbox, 1, ips["a"], ips["b"], secret)
+        await asyncio.sleep(0.2)
+    assert unencrypted_drops(sandbox, 1) == before, "pod-addressed node traffic took the clear path"
+    assert not cap.contains(secret), "pod-addressed node traffic seen in cleartext"
+    assert cap.count(17, WG_PORT) >= 10, f"expected it as WireGuard UDP {WG_PORT}, saw {cap.count(17, WG_PORT)}"

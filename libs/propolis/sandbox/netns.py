@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import os
 import shutil
 import signal
@@ -42,6 +43,9 @@ UNDERLAY_BRIDGE = "br0"
 #: Encrypted sandbox: the native pod-CIDR routes for node-originated traffic only (see `route_pod_cidrs`).
 NODE_TRAFFIC_TABLE = 202
 NODE_TRAFFIC_RULE_PRIORITY = 100
+#: ... except what the node sends with a pod's address (the L7 proxy's upstream, IP_TRANSPARENT): pod traffic,
+#: so it takes the main table's routes through cilium_wg0 like the pod's own packets.
+POD_SOURCED_RULE_PRIORITY = 98
 NODE_UPLINK = "eth0"
 
 
@@ -274,14 +278,19 @@ def route_pod_cidrs(cfg: SandboxConfig, n: int) -> None:
     With encryption on, pod traffic finds no native route: the wireguard-keymgr routes every other node's podCIDR
     through `cilium_wg0` (main table), and until it has, cross-node pod traffic has no route (never cleartext).
     Only traffic the node itself originates keeps the native routes (table `NODE_TRAFFIC_TABLE`, rule `iif lo`):
-    like Cilium without `encryption.nodeEncryption`, node-to-pod traffic is not encrypted."""
+    like Cilium without `encryption.nodeEncryption`, node-to-pod traffic is not encrypted. What the node sends
+    from a pod's address (a transparent proxy's upstream) is pod traffic and is routed as such (main table)."""
     with iproute_in(cfg.node_netns(n)) as ipr:
         if cfg.encryption:
-            try:
-                ipr.rule("add", iifname="lo", table=NODE_TRAFFIC_TABLE, priority=NODE_TRAFFIC_RULE_PRIORITY)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise
+            pods = ipaddress.IPv4Network(cfg.cluster_cidr)
+            for rule in (dict(iifname="lo", table=NODE_TRAFFIC_TABLE, priority=NODE_TRAFFIC_RULE_PRIORITY),
+                         dict(iifname="lo", src=str(pods.network_address), src_len=pods.prefixlen, table=254,
+                              priority=POD_SOURCED_RULE_PRIORITY)):
+                try:
+                    ipr.rule("add", **rule)
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
             for m in range(1, cfg.nodes + 1):
                 if m != n:
                     ipr.route("replace", dst=cfg.pod_cidr(m), gateway=cfg.node_ip(m), table=NODE_TRAFFIC_TABLE)
