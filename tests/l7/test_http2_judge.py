@@ -15,6 +15,7 @@ import struct
 import grpc
 import h2.config
 import h2.connection
+import h2.exceptions
 import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame, PingFrame, SettingsFrame
@@ -263,6 +264,7 @@ async def test_more_concurrent_streams_than_allowed_end_the_connection():
 
 
 FRAME_TYPES = st.sampled_from(range(0, 12))
+EXPECTED_ERRORS = {"h2_protocol_error", "h2_flood"}  # anything else is an exception counted by its name
 
 
 @st.composite
@@ -283,6 +285,62 @@ def test_fuzzed_frames_never_crash_the_proxy(data):
         async with Harness() as h:
             await h.raw(client_preface(data))
             assert not h.crashes, h.crashes
+            assert set(h.proxy.stats.errors) <= EXPECTED_ERRORS, h.proxy.stats.errors
+            reader, writer = await asyncio.open_connection(CLIENT_IP, h.proxy_port)
+            try:
+                (result,) = await grpc_echo.unary_calls(reader, writer, "s", [(ALLOWED, b"")])
+            finally:
+                writer.close()
+            assert result.grpc_status == grpc_echo.OK
+    asyncio.run(run())
+
+
+@st.composite
+def client_sessions(draw: st.DrawFn) -> bytes:
+    """A client that mostly speaks HTTP/2 (allowed and denied calls, bodies, resets, window updates,
+    pings) with random frames mixed in: the relay's states, not only the frame parser."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    out = conn.data_to_send()
+    opened: list[int] = []
+    for _ in range(draw(st.integers(1, 12))):
+        action = draw(st.sampled_from(["call", "data", "end", "reset", "window", "ping", "raw"]))
+        try:
+            if action == "call":
+                stream_id = conn.get_next_available_stream_id()
+                conn.send_headers(stream_id, [(":method", "POST"), (":scheme", "http"),
+                                              (":path", draw(st.sampled_from([ALLOWED, DENIED, "/x"]))),
+                                              (":authority", "s"), ("content-type", "application/grpc")])
+                opened.append(stream_id)
+            elif action == "ping":
+                conn.ping(b"12345678")
+            elif action == "raw":
+                out += conn.data_to_send() + draw(raw_frames())
+                continue
+            elif opened:
+                stream_id = draw(st.sampled_from(opened))
+                if action == "data":
+                    conn.send_data(stream_id, grpc_echo.frame_message(draw(st.binary(max_size=40))))
+                elif action == "end":
+                    conn.end_stream(stream_id)
+                elif action == "reset":
+                    conn.reset_stream(stream_id, ErrorCodes.CANCEL)
+                else:
+                    conn.increment_flow_control_window(draw(st.integers(1, 2**20)), stream_id)
+        except h2.exceptions.ProtocolError:
+            pass  # the client's own state machine refused: not sent
+        out += conn.data_to_send()
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(client_sessions())
+def test_fuzzed_client_sessions_never_crash_the_proxy(data):
+    async def run() -> None:
+        async with Harness() as h:
+            await h.raw(data)
+            assert not h.crashes, h.crashes
+            assert set(h.proxy.stats.errors) <= EXPECTED_ERRORS, h.proxy.stats.errors
             reader, writer = await asyncio.open_connection(CLIENT_IP, h.proxy_port)
             try:
                 (result,) = await grpc_echo.unary_calls(reader, writer, "s", [(ALLOWED, b"")])

@@ -377,6 +377,9 @@ class Http2Connection:
         except (h2.exceptions.ProtocolError, ConnectionError) as exc:
             self.proxy.stats.error("upstream_h2_error")
             log.debug("upstream HTTP/2 %s:%d failed: %s", *self.server, exc)
+        except Exception as exc:  # noqa: BLE001 - one connection's failure never stops the proxy
+            self.proxy.stats.error(type(exc).__name__)
+            log.warning("upstream HTTP/2 %s:%d ended: %s: %s", *self.server, type(exc).__name__, exc)
         self._upstream_gone(up, last_stream_id=None)
         try:
             await self._flush()
