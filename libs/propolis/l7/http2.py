@@ -231,7 +231,8 @@ class Http2Connection:
                 return await self._flush_and_end()
             await self._flush()
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.proxy.idle_timeout)
+                async with asyncio.timeout(self.proxy.idle_timeout):  # no task per read, unlike wait_for
+                    data = await self.reader.read(READ_SIZE)
             except (asyncio.TimeoutError, TimeoutError):
                 self.down.conn.close_connection(ErrorCodes.NO_ERROR)
                 return await self._flush_and_end()
