@@ -158,5 +158,5 @@ def test_denied_response_is_envoys():
 def test_proxy_ports_per_family_and_direction():
     assert proxy_port_for({"http"}, "ingress") == PROXY_PORTS[("http", "ingress")]
     assert proxy_port_for({"http"}, "egress") == PROXY_PORTS[("http", "egress")]
-    assert proxy_port_for({"kafka"}, "ingress") == 0  # no proxy enforces it yet: not redirected
+    assert proxy_port_for({"kafka"}, "ingress") == PROXY_PORTS[("kafka", "ingress")]
     assert proxy_port_for({"http", "kafka"}, "ingress") == 0

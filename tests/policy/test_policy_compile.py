@@ -493,7 +493,7 @@ def test_seed_bandwidth_limit_and_host_firewall_and_kafka_parse():
     assert "10.0.0.0/8" in e.cidr_identities()
     kafka = cnp({"endpointSelector": APP_API, "ingress": [{"fromEndpoints": [{}], **_yaml(SEED_KAFKA_TOPORTS)}]})
     api = engine([kafka]).compile_endpoint(API)
-    (annotation,) = api.l7[PolicyEntry("ingress", FRONT, TCP, 9092)]
+    (annotation,) = api.l7[PolicyEntry("ingress", FRONT, TCP, 9092, proxy_port=PROXY_PORTS[("kafka", "ingress")])]
     assert [(k.role, k.topic) for k in annotation.rules.kafka] == [("consume", "user-events"), ("consume", "order-events")]
 
 

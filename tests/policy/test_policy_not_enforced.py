@@ -27,7 +27,7 @@ def test_egress_dns_rules_and_to_fqdns_are_enforced_by_the_dns_proxy():
 
 
 @pytest.mark.parametrize("spec, field, why", [
-    ({"ingress": [{"toPorts": [{**PORT, "rules": {"kafka": [{"topic": "t"}]}}]}]},
+    ({"ingress": [{"toPorts": [{**PORT, "rules": {"l7proto": "r2d2", "l7": [{"cmd": "READ"}]}}]}]},
      "spec.ingress[0].toPorts[0].rules", "L7 proxy"),
     ({"egress": [{"toGroups": [{"aws": {"securityGroupsIds": ["sg-1"]}}]}]}, "spec.egress[0].toGroups", "cloud"),
     ({"ingress": [{"fromEndpoints": [{}], "authentication": {"mode": "required"}}]},

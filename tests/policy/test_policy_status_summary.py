@@ -16,7 +16,7 @@ L7_POLICY = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
              "metadata": {"name": "l7", "namespace": "prod", "uid": "u1", "resourceVersion": "5"},
              "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
                       "ingress": [{"toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}],
-                                                "rules": {"kafka": [{"topic": "t"}]}}]}]}}
+                                                "rules": {"l7proto": "r2d2", "l7": [{"cmd": "READ"}]}}]}]}}
 PLAIN_POLICY = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                 "metadata": {"name": "deny", "namespace": "prod", "uid": "u2", "resourceVersion": "6"},
                 "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}

@@ -37,6 +37,8 @@ PROXY_RULE_PRIORITY = 9
 PROXY_PORTS: dict[tuple[str, str], int] = {
     ("http", "ingress"): 10080,
     ("http", "egress"): 10081,
+    ("kafka", "ingress"): 10092,  # the l7-proxy's Kafka listeners (l7/kafka_proxy.py)
+    ("kafka", "egress"): 10093,
     ("dns", "egress"): 10053,  # the dns-proxy (UDP and TCP); Cilium's DNS proxy is egress only
 }
 

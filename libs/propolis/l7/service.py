@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from typing import Any
 
 from propolis.bus import codec, subjects
 from propolis.bus.messages import FlowMessage
+from propolis.l7.kafka_proxy import KafkaProxy
 from propolis.l7.policy import ProxyPolicy
 from propolis.l7.proxy import HTTPProxy
 from propolis.l7.redirect import NODE_SYSCTLS, PROXY_PORTS, install_proxy_route
@@ -58,6 +60,7 @@ class ProxyComponent(Component):
         self.inputs, self.node, self.netns = inputs, node, netns
         self.header_timeout, self.idle_timeout = header_timeout, idle_timeout
         self.proxy: HTTPProxy | None = None
+        self.kafka: KafkaProxy | None = None  # the Kafka listeners (port rules with rules.kafka)
         self._rt: Runtime | None = None
 
     def _socket(self) -> socket.socket:
@@ -90,6 +93,9 @@ class ProxyComponent(Component):
         self.proxy = HTTPProxy(self.inputs.policy, node=self.node, make_socket=self._socket, on_flow=self._publish,
                                header_timeout=self.header_timeout, idle_timeout=self.idle_timeout)
         await self.proxy.start()
+        self.kafka = KafkaProxy(self.inputs.policy, node=self.node, make_socket=self._socket, on_flow=self._publish,
+                                frame_timeout=self.header_timeout, idle_timeout=self.idle_timeout)
+        await self.kafka.start()
         rt.spawn("readiness", self._readiness(rt), self)
         self.set_degraded("waiting for the policy inputs (every request denied meanwhile)")
 
@@ -104,6 +110,8 @@ class ProxyComponent(Component):
                 "connections": proxy.stats.connections, "active": proxy.stats.active,
                 "requests_forwarded": proxy.stats.requests_forwarded,
                 "requests_denied": proxy.stats.requests_denied, "errors": dict(proxy.stats.errors)}
+            if self.kafka is not None:
+                rt.progress["l7_proxy"]["kafka"] = dataclasses.asdict(self.kafka.stats)
             rt.features["L7 proxy"] = {"state": "Ok" if self.inputs.policy.ready else "Warning",
                                        "detail": f"HTTP, {len(proxy.servers)} listeners, "
                                                  f"{proxy.stats.active} connections"}
@@ -112,3 +120,5 @@ class ProxyComponent(Component):
     async def stop(self) -> None:
         if self.proxy is not None:
             await self.proxy.stop()
+        if self.kafka is not None:
+            await self.kafka.stop()
