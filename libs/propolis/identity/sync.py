@@ -94,13 +94,14 @@ class EndpointRecordTarget:
     async def refresh(self, key: str, desired: EndpointSource) -> None:
         if self._snapshot is None:
             self._snapshot = {k: e.value for k, e in (await self.kv.items()).items()}
+        snapshot = self._snapshot
         number = self._kept_identity(key, desired.labels)
-        if number and not {f"id.{number}", f"labels.{labels_hash(desired.labels)}"} <= set(self._snapshot):
+        if number and not {f"id.{number}", f"labels.{labels_hash(desired.labels)}"} <= set(snapshot):
             self.on_damage(f"identity {number} of {key} missing")
             await self.alloc.restore(number, list(desired.labels))
         record = endpoint_for_pod(desired.pod, number or await self._identity(key, desired.labels),
                                   list(desired.labels))
-        if self._snapshot.get(key) == record:
+        if snapshot.get(key) == record:
             return
         entry = await self.kv.get(key)  # the snapshot may predate a write: the key itself decides
         if entry is None or entry.value != record:
@@ -307,16 +308,21 @@ class IdentitySync:
         if self.endpoints.idle():
             self.records.forget_snapshot()
         now = time.monotonic()
-        if self.is_holder() and self.k8s_gate.ready and self.last_watermark is not None:
+        if self.is_holder() and self.k8s_gate.ready and self.epoch_announced and self.endpoints.idle():
             if now >= self._next_full:
                 self._next_full = now + self.repair_interval
-                self.endpoints.queue_refresh()
+                await self.refresh_round()
             elif now >= self._next_probe:
                 self._next_probe = now + self.probe_interval
                 if await self.kv.get(subjects.WATERMARK_KEY) is None:
                     self._bucket_damaged("watermark gone")
-                    self.endpoints.queue_refresh()
+                    await self.refresh_round()
         await self.pass_on()
+
+    async def refresh_round(self) -> None:
+        """Every record and the identity it uses compared with the bucket (the reserved ones first)."""
+        await self.alloc.ensure_reserved(idmodel.reserved_identity_labels())
+        self.endpoints.queue_refresh()
 
     async def pass_on(self) -> None:
         """The k8s watermark into our bucket, stamped with our epoch, once every change it covers was

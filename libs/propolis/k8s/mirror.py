@@ -104,9 +104,9 @@ class K8sBucketTarget:
                 await self._write(key, desired)
 
     async def refresh(self, key: str, desired: K8sObject) -> None:
-        if self._snapshot is None:
-            self._snapshot = await bucket_objects(self.kv)
-        if self._snapshot.get(key) == desired:
+        snapshot = self._snapshot if self._snapshot is not None else await bucket_objects(self.kv)
+        self._snapshot = snapshot
+        if snapshot.get(key) == desired:
             return
         async with self.lock:
             entry = await self.kv.get(key)  # the snapshot may predate a write: the key itself decides
