@@ -11,6 +11,7 @@ Inspect: `tc qdisc show` in the node namespace (`qdisc tbf 5050: root … rate 1
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -60,17 +61,16 @@ class BandwidthTarget:
         self.endpoints: list[LocalEndpoint] = []
 
     async def update(self, key: str, desired: PodBandwidth) -> None:
-        """Unchanged rates are not rewritten (see `set_rate`), so this is also the drift repair."""
+        """Both directions at once (each opens a socket in its namespace). Unchanged rates are not
+        rewritten (see `set_rate`), so this is also the drift repair."""
         if desired.error:
             raise PermanentError(desired.error)
-        await set_rate(desired.netns, desired.ifname, desired.limits.egress)
-        await set_rate(self.node_netns, key, desired.limits.ingress)
+        await asyncio.gather(set_rate(desired.netns, desired.ifname, desired.limits.egress),
+                             set_rate(self.node_netns, key, desired.limits.ingress))
 
     async def delete(self, key: str) -> None:
-        await set_rate(self.node_netns, key, 0)
         ep = self._endpoint(key)
-        if ep is not None:
-            await set_rate(ep.netns, ep.ifname, 0)
+        await asyncio.gather(set_rate(self.node_netns, key, 0), *([set_rate(ep.netns, ep.ifname, 0)] if ep else []))
 
     async def list_actual(self) -> Iterable[str]:
         """lxc interfaces with our qdisc, and those whose pod's eth0 has it (read from each pod's namespace)."""
