@@ -4,9 +4,11 @@
  *
  *   cil_from_netdev  tc INGRESS of the node's netdev: NodePort, externalIPs
  *                    and LoadBalancer IPs (lib/nodeport.h), and the replies
- *                    of NodePort flows SNATed to a backend on another node.
- *   cil_to_netdev    tc EGRESS of the node's netdev: encryption.strictMode
- *                    (below), as Cilium's to-netdev.
+ *                    of NodePort flows SNATed to a backend on another node;
+ *                    then the host firewall's ingress (lib/host_firewall.h).
+ *   cil_to_netdev    tc EGRESS of the node's netdev: the host firewall's
+ *                    egress, then encryption.strictMode (below), as
+ *                    Cilium's to-netdev.
  *
  * Compiled in the same unit as bpf_lxc.c (the loader appends it), so both
  * share one set of pinned maps and one compile per node.
@@ -15,10 +17,61 @@
 #include "lib/maps.h"
 #include "lib/lb.h"
 #include "lib/nodeport.h"
+#include "lib/host_firewall.h"
+
+/*
+ * The node's own traffic on its netdev (hostFirewall, lib/host_firewall.h):
+ * `egress` = leaving the node. A new connection meets the host policy once;
+ * conntrack lets the rest and the replies through. Tracked whether or not a
+ * direction is enforced, so turning enforcement on never cuts what the node
+ * already has open. Pods' and forwarded traffic is not the host's: passed.
+ */
+static __always_inline int host_firewall4(struct __sk_buff *skb, int egress)
+{
+	struct endpoint_info *host;
+	struct policy_result pol = {};
+	struct lxc_ctx c = {};
+	struct ct_entry *entry;
+	enum ct_status status;
+	__u8 side = egress ? CT_EGRESS : CT_INGRESS;
+	__u8 new_flags = 0;
+	int ret;
+
+	if (skb->protocol != pp_htons(ETH_P_IP))
+		return CTX_ACT_OK;
+	c.ifindex = skb->ifindex;
+	c.p.len = skb->len;
+	if (parse_ipv4(skb, &c.p) < 0)
+		return CTX_ACT_OK;	/* not ours to judge: the stack drops what it cannot parse */
+	host = host_endpoint4(egress ? c.p.saddr : c.p.daddr);
+	if (!host)
+		return CTX_ACT_OK;
+	host_ctx_enter(&c, host, egress);
+	c.src_id = egress ? ID_HOST : resolve_identity4(c.p.saddr);
+	c.dst_id = egress ? resolve_identity4(c.p.daddr) : ID_HOST;
+	if (ct_is_related4(&c.p, side))
+		return CTX_ACT_OK;
+	status = ct_lookup4(&c.p, side, &new_flags, &entry);
+	if (status == CT_ESTABLISHED || status == CT_REPLY)
+		return CTX_ACT_OK;
+	if (c.enforced) {
+		ret = host_policy_decide(&c, egress ? c.dst_id : c.src_id, egress, &pol);
+		if (ret < 0)
+			return send_drop_notify(&c, (__u8)(-ret), pol.match_type);
+	}
+	ret = ct_create4(&c, side, 0);
+	if (ret < 0 && c.enforced)
+		return send_drop_notify(&c, (__u8)(-ret), pol.match_type);
+	return CTX_ACT_OK;
+}
 
 int cil_from_netdev(struct __sk_buff *skb)
 {
-	return nodeport_lb4(skb);
+	int ret = nodeport_lb4(skb);
+
+	if (ret != CTX_ACT_OK)
+		return ret;	/* a NodePort flow on its way to a backend */
+	return host_firewall4(skb, 0);
 }
 
 /* A remote node's address (encryption.strictMode.allowRemoteNodeIdentities:
@@ -38,7 +91,7 @@ static __always_inline int identity_is_node(__u32 id)
  * Why here and not on the lxc: only here is it known that the packet really
  * leaves the node unencrypted, whatever route took it here.
  */
-int cil_to_netdev(struct __sk_buff *skb)
+static __always_inline int encryption_strict_egress(struct __sk_buff *skb)
 {
 	struct runtime_config *cfg = get_runtime_config();
 	struct endpoint_info *ep;
@@ -67,4 +120,13 @@ int cil_to_netdev(struct __sk_buff *skb)
 		c.ep_id = ep->lxc_id;
 	c.src_id = resolve_identity4(iph.saddr);
 	return send_drop_notify(&c, DROP_UNENCRYPTED_TRAFFIC, POLICY_MATCH_NONE);
+}
+
+int cil_to_netdev(struct __sk_buff *skb)
+{
+	int ret = host_firewall4(skb, 1);
+
+	if (ret != CTX_ACT_OK)
+		return ret;
+	return encryption_strict_egress(skb);
 }

@@ -27,6 +27,7 @@
 #include "lib/lb.h"
 #include "lib/nodeport.h"
 #include "lib/proxy.h"
+#include "lib/host_firewall.h"
 
 static __always_inline struct endpoint_info *lookup_ip4_endpoint(__be32 ip)
 {
@@ -214,6 +215,10 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 			return send_drop_notify(&c, (__u8)(-pol.verdict), pol.match_type);
 		}
 	}
+
+	/* a new connection to this node meets the host firewall too (lib/host_firewall.h) */
+	if (egress && host_policy_from_pod(&c) < 0)
+		return CTX_ACT_DROP;
 
 	/* the verdict is reported once it happened: a connection whose entry
 	 * cannot be created is dropped, not forwarded */

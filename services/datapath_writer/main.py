@@ -42,7 +42,7 @@ from propolis.runtime.service import Runtime, run_service
 from propolis.runtime.settings import CommonSettings, setting
 from propolis.errors import TemporaryError, ValidationError
 from propolis.writer import endpoint_config, endpoint_state
-from propolis.writer.desired import DesiredState
+from propolis.writer.desired import DesiredState, node_internal_ip
 from propolis.writer.endpoint_api import EndpointAnnouncement, EndpointApiServer
 from propolis.writer.endpoints import EndpointTable, LocalEndpoint
 from propolis.writer.inputs import ClusterInputs
@@ -76,6 +76,9 @@ class Settings(CommonSettings):
     policy_audit_mode: bool = setting(False, "Cilium's policyAuditMode: every endpoint's would-be policy drops are "
                                              "forwarded and reported as AUDIT verdicts (per endpoint: "
                                              "`propolis endpoint config NS/POD PolicyAuditMode=Enabled`)")
+    host_firewall: bool = setting(False, "Cilium's hostFirewall.enabled: the node is an endpoint (identity host) "
+                                         "whose policy, from CiliumClusterwideNetworkPolicies with a nodeSelector, "
+                                         "is enforced on `devices` and for its own pods' connections to it")
     identity_wait: float = setting(3.0, "how long a CNI ADD waits for the pod's identity before the endpoint "
                                         "starts as deny-all (fail closed)", unit="s")
     recompute_debounce: float = setting(0.005, "coalesce input changes for this long before recomputing", unit="s")
@@ -99,6 +102,22 @@ class Settings(CommonSettings):
     enable_bandwidth_manager: bool = setting(False, "Cilium's enable-bandwidth-manager (bandwidthManager.enabled): "
                                                     "shape pods to their kubernetes.io/egress-bandwidth and "
                                                     "ingress-bandwidth annotations")
+    encryption_strict_mode_enabled: bool = setting(False, "Cilium's encryption.strictMode.enabled: pod traffic "
+                                                          "between two addresses of encryption.strictMode.cidr "
+                                                          "leaving a device of `devices` unencrypted is dropped "
+                                                          "(UNENCRYPTED_TRAFFIC)")
+    encryption_strict_mode_cidr: str = setting("", "Cilium's encryption.strictMode.cidr (the pod CIDR; required "
+                                                   "with strict mode)")
+    encryption_strict_mode_allow_remote_node_identities: bool = setting(
+        False, "Cilium's encryption.strictMode.allowRemoteNodeIdentities: traffic to node addresses inside the "
+               "strict CIDR passes unencrypted (node and pod CIDRs overlap)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.encryption_strict_mode_enabled and not self.encryption_strict_mode_cidr:
+            raise ValidationError("encryption_strict_mode_cidr", "strict mode needs the CIDR to enforce it on")
+        if self.encryption_strict_mode_enabled and not self.devices:
+            raise ValidationError("devices", "strict mode is enforced on the node's devices: name at least one")
 
 
 class DatapathComponent(Component):
@@ -106,14 +125,22 @@ class DatapathComponent(Component):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
+        if settings.host_firewall and not settings.devices.strip():
+            raise ValidationError("devices", "the host firewall is enforced on the node's devices: name at least one")
         self.settings = settings
+        self.host_ifindex = 0  # the device the host endpoint is on (hostFirewall)
         self.dp = Datapath(settings.node_name, settings.bpf_pin_dir or None, netns=settings.node_netns or None,
                            settings=DatapathSettings(kube_proxy_replacement=settings.kube_proxy_replacement,
                                                      lb_algorithm=settings.lb_algorithm,
                                                      map_dynamic_size_ratio=settings.map_dynamic_size_ratio,
                                                      events_rate_limit=settings.events_rate_limit,
                                                      events_burst_limit=settings.events_burst_limit,
-                                                     maglev_table_size=settings.maglev_table_size))
+                                                     maglev_table_size=settings.maglev_table_size,
+                                                     encryption_strict_mode_cidr=(
+                                                         settings.encryption_strict_mode_cidr
+                                                         if settings.encryption_strict_mode_enabled else ""),
+                                                     encryption_strict_mode_allow_remote_node_identities=(
+                                                         settings.encryption_strict_mode_allow_remote_node_identities)))
 
     async def start(self, rt: Runtime) -> None:
         await self.dp.load()
@@ -124,9 +151,14 @@ class DatapathComponent(Component):
             log.warning("endpoints %s removed: their interfaces are gone (pods deleted while no writer ran)",
                         self.dp.removed_on_reattach)
         devices = [d.strip() for d in self.settings.devices.split(",") if d.strip()]
-        if self.settings.kube_proxy_replacement:
+        if self.settings.kube_proxy_replacement or self.settings.encryption_strict_mode_enabled:
             for device in devices:
                 await self.dp.attach_netdev(device)
+        if self.settings.host_firewall:
+            for device in devices:
+                self.host_ifindex = await self.dp.attach_host_firewall(device)
+            rt.features["Host firewall"] = {"state": "Enabled",
+                                            "detail": f"host endpoint on {', '.join(devices) or 'no device'}"}
         rt.progress["compile_seconds"] = round(self.dp.compile_seconds, 3)
         rt.features["Policy enforcement"] = {
             "state": self.settings.policy_enforcement.capitalize(),
@@ -291,11 +323,14 @@ class Enforcer(Component):
         self.lb = lb
         self.publisher = publisher
         self.table = EndpointTable(Path(settings.datapath_socket).with_name(f"endpoints-{settings.node_name}.json"))
+        self.datapath = datapath
+        self.host_ip = ""  # the node address the host endpoint has (hostFirewall)
         self.desired = DesiredState(node=settings.node_name, mode=settings.policy_enforcement,
                                     cluster_name=settings.cluster_name,
                                     allow_localhost=settings.allow_localhost == "always",
                                     default_local_cluster=settings.policy_default_local_cluster and settings.cluster_id > 0,
-                                    policy_audit_mode=settings.policy_audit_mode)
+                                    policy_audit_mode=settings.policy_audit_mode,
+                                    host_firewall=settings.host_firewall)
         refresh = settings.reconcile_refresh_interval
         self.ipcache = Reconciler("ipcache", IpcacheTarget(self.dp), refresh_interval=refresh)
         self.policies = Reconciler("endpoint-policy", EndpointPolicyTarget(self.dp), refresh_interval=refresh)
@@ -377,6 +412,20 @@ class Enforcer(Component):
         self.rt.progress[endpoint_state.POLICY_FAILURES_KEY] = endpoint_state.policy_failures(
             self.table.by_id.values(), self.desired.engine, {**self.desired.policy_errors, **self.policies.errors()})
 
+    def sync_host_endpoint(self) -> None:
+        """hostFirewall: the node's InternalIP (from its Node object) is the host endpoint's address; with the
+        host firewall off, a host endpoint left by an earlier run goes."""
+        if not self.settings.host_firewall:
+            if self.host_ip != "-":
+                self.dp.remove_host_endpoint()
+                self.host_ip = "-"
+            return
+        own = self.inputs.nodes.get(self.settings.node_name)
+        ip = node_internal_ip(own) if own is not None else None
+        if ip and ip != self.host_ip:
+            self.dp.set_host_endpoint(ip, self.datapath.host_ifindex)
+            self.host_ip = ip
+
     def endpoint_name(self, endpoint_id: int) -> str:
         ep = self.table.by_id.get(endpoint_id)
         return f"endpoint {endpoint_id} ({ep.namespace}/{ep.pod})" if ep else f"endpoint {endpoint_id}"
@@ -391,6 +440,7 @@ class Enforcer(Component):
                 self.table.save()
         self.desired.update(self.inputs, list(self.table.by_id.values()))
         self.ipcache.replace_all(self.desired.ipcache)
+        self.sync_host_endpoint()
         self.policies.replace_all({ep_id: pol for ep_id, pol in self.desired.policies.items()})
         self.publish_endpoint_states()
         l7_pending = sum(p.l7_pending for p in self.desired.policies.values())

@@ -187,13 +187,14 @@ def test_host_network_pods_do_not_share_a_port() -> None:
 
 def test_install_notes_name_what_was_asked_for_but_not_deployed() -> None:
     proc = helm("install", "propolis", str(CHART), "--dry-run=client", "--set", "clustermesh.useAPIServer=true",
-                "--set", "l7Proxy=true", "--set", "hostFirewall.enabled=true")
+                "--set", "l7Proxy=true", "--set", "hostFirewall.enabled=true", "--set", "policyAuditMode=true",
+                "--set", "encryption.enabled=true", "--set", "encryption.type=ipsec")
     notes = proc.stdout.split("NOTES:", 1)[1]
     unbuilt = [s for s in ("dns-proxy", "l7-proxy") if not (CHART / "charts" / s).is_dir()]
     if unbuilt:
         assert f"nothing was deployed for them): {', '.join(unbuilt)}." in notes
     assert "clustermesh-apiserver" not in notes  # built: deployed, not named as missing
-    assert "not built yet (ignored): hostFirewall.enabled." in notes
+    assert "not built yet (ignored): encryption.type=ipsec." in notes  # hostFirewall, policyAuditMode: built
     quiet = helm("install", "propolis", str(CHART), "--dry-run=client", "--set", "l7Proxy=false").stdout
     assert "Requested but not" not in quiet and "not built yet" not in quiet
 

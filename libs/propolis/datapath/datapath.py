@@ -8,7 +8,8 @@ the kernel; it needs idempotent, diffing, restart-safe operations, not map plumb
 * `attach_endpoint` = policy map ensured + cilium_lxc entry + tc attach (milliseconds).
 * `set_policy` diffs one endpoint's policy map; `set_ipcache` diffs the ipcache.
 * `set_services` diffs the service LB maps (kube-proxy replacement, propolis.lb for the
-  desired state); `attach_netdev` puts cil_from_netdev (NodePort) on the node's underlay.
+  desired state); `attach_netdev` puts cil_from_netdev (NodePort) and cil_to_netdev
+  (encryption.strictMode) on the node's underlay.
 * `remove_all()` detaches everything and removes every pin of the node (tests, teardown).
 State is inspectable with `propolis bpf … --node NODE`.
 """
@@ -27,8 +28,9 @@ from propolis.errors import PermanentError, ValidationError
 from propolis.maps import ALL_SPECS, config, conntrack, endpoints, events, ipcache, metrics, policy, sizing
 from propolis.maps import bpf
 from propolis.maps.spec import default_pin_dir
+from propolis.model.identity import RESERVED_HOST
 from propolis.datapath.loader import (PROGRAM_FROM_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_CONTAINER,
-                                      LoadedPrograms, compile_programs, node_specs)
+                                      PROGRAM_TO_NETDEV, LoadedPrograms, compile_programs, node_specs)
 from propolis.datapath.services import LB_ALGORITHMS, ServiceDiff, ServiceMaps, ServiceView, read_services
 from propolis.datapath.tc import InterfaceGone, TcAttacher
 from propolis.lb.desired import LBService
@@ -68,6 +70,8 @@ class DatapathSettings:
     maglev_table_size: int = lbmaps.MAGLEV_TABLE_SIZE  # maglev.tableSize (prime; Cilium's default 16381)
     kube_proxy_replacement: bool = True     # kubeProxyReplacement: false = services left to kube-proxy
     lb_algorithm: str = "random"            # loadBalancer.algorithm: random|maglev
+    encryption_strict_mode_cidr: str = ""   # encryption.strictMode.cidr when strictMode.enabled ("" = off)
+    encryption_strict_mode_allow_remote_node_identities: bool = False  # encryption.strictMode.allowRemoteNodeIdentities
 
     def __post_init__(self) -> None:
         if self.lb_algorithm not in LB_ALGORITHMS:
@@ -77,6 +81,8 @@ class DatapathSettings:
                                   f"{self.monitor_aggregation!r} not in {sorted(config.MONITOR_AGGREGATION)}")
         sizing.dynamic_sizes(self.map_dynamic_size_ratio)  # validates the ratio
         lbmaps.maglev_spec(self.maglev_table_size)  # validates M
+        if self.encryption_strict_mode_cidr:
+            config.strict_cidr(self.encryption_strict_mode_cidr)
 
     @property
     def map_sizes(self) -> dict[str, int]:
@@ -137,7 +143,8 @@ class Datapath:
         self._open_maps()
         self.apply_settings(self.settings)
         for entry in endpoints.dump(self._map(endpoints.SPEC.pin_name)):
-            self._endpoints[entry.endpoint_id] = _EndpointState(entry.ip, entry.ifindex, self.netns)
+            if not entry.flags & endpoints.ENDPOINT_F_HOST:  # the host endpoint has no lxc to re-attach
+                self._endpoints[entry.endpoint_id] = _EndpointState(entry.ip, entry.ifindex, self.netns)
 
     def _open_maps(self) -> None:
         for spec in (*node_specs(maglev_table_size=self.settings.maglev_table_size), *lbmaps.NETDEV_SPECS):
@@ -169,7 +176,10 @@ class Datapath:
                                   policy_verdict_events=settings.policy_verdict_events,
                                   trace_events=settings.trace_events,
                                   events_rate_limit=settings.events_rate_limit,
-                                  events_burst_limit=settings.events_burst_limit)
+                                  events_burst_limit=settings.events_burst_limit,
+                                  strict_mode_cidr=settings.encryption_strict_mode_cidr,
+                                  strict_allow_remote_node_identities=(
+                                      settings.encryption_strict_mode_allow_remote_node_identities))
         self._map(config.SPEC.pin_name).update(ctypes.c_uint32(0), value)
 
     # ------------------------------------------------------------------ endpoints
@@ -343,6 +353,36 @@ class Datapath:
                 return
         raise PermanentError(f"endpoint {endpoint_id} is not attached on node {self.node}")
 
+    # ------------------------------------------------------------------ host endpoint (hostFirewall)
+    def set_host_endpoint(self, ip: str, ifindex: int) -> bool:
+        """The node as an endpoint (Cilium's host endpoint, bpf/lib/host_firewall.h): its InternalIP in
+        cilium_lxc with ENDPOINT_F_HOST and a policy map. A new row starts NOT enforced: locking the node out
+        of its own bus is worse than a few milliseconds open; `set_enforcement` follows with its policy. A
+        previous address of the node is dropped. Returns True when the row was created."""
+        lxc = self._map(endpoints.SPEC.pin_name)
+        key = endpoints.make_key(ip)
+        existing = lxc.lookup(key)
+        if existing is not None and existing.lxc_id != endpoints.HOST_ENDPOINT_ID:
+            raise ValidationError("ip", f"node address {ip} already belongs to endpoint {existing.lxc_id}")
+        for entry in self.list_endpoints():
+            if entry.endpoint_id == endpoints.HOST_ENDPOINT_ID and entry.ip != ip:
+                lxc.delete(endpoints.make_key(entry.ip))
+        self._ensure_policy_map(endpoints.HOST_ENDPOINT_ID)
+        old = endpoints.decode(key, existing) if existing is not None else None
+        lxc.update(key, endpoints.make_value(endpoints.EndpointEntry(
+            ip, endpoints.HOST_ENDPOINT_ID, RESERVED_HOST, ifindex,
+            ingress_enforced=bool(old and old.ingress_enforced), egress_enforced=bool(old and old.egress_enforced),
+            flags=endpoints.ENDPOINT_F_HOST, policy_audit=bool(old and old.policy_audit))))
+        return existing is None
+
+    def remove_host_endpoint(self) -> None:
+        """Host firewall off: the node's row and policy map go (missing is fine)."""
+        lxc = self._map(endpoints.SPEC.pin_name)
+        for entry in self.list_endpoints():
+            if entry.endpoint_id == endpoints.HOST_ENDPOINT_ID:
+                lxc.delete(endpoints.make_key(entry.ip))
+        self.remove_policy_map(endpoints.HOST_ENDPOINT_ID)
+
     # ------------------------------------------------------------------ policy
     def set_policy(self, endpoint_id: int, entries: Iterable[policy.PolicyEntryLike], *,
                    reread: bool = False) -> policy.PolicyDiff:
@@ -452,12 +492,29 @@ class Datapath:
         return read_services(self._map(lbmaps.SERVICES_SPEC.pin_name), self._map(lbmaps.BACKENDS_SPEC.pin_name))
 
     async def attach_netdev(self, ifname: str, *, netns: str | None = None) -> int:
-        """Put cil_from_netdev (NodePort, externalIPs, LB IPs) on tc ingress of the node's
-        underlay interface (Cilium: bpf_host.c on the native devices). Returns its ifindex."""
+        """Put the node's underlay programs (Cilium: bpf_host.c on the native devices) on the node's
+        underlay interface, as the settings need them: cil_from_netdev (NodePort, externalIPs, LB IPs) on
+        tc ingress with kube-proxy replacement, cil_to_netdev (encryption.strictMode) on tc egress.
+        Returns its ifindex."""
+        programs = self._programs()
+        netns = netns if netns is not None else self.netns
+        ifindex = await self._tc.ifindex_of(netns, ifname)
+        if self.settings.kube_proxy_replacement:
+            await self._tc.attach_ingress(netns, ifindex, (programs.from_netdev_fd, PROGRAM_FROM_NETDEV))
+        if self.settings.encryption_strict_mode_cidr:
+            await self._tc.attach_egress(netns, ifindex, (programs.to_netdev_fd, PROGRAM_TO_NETDEV))
+        self._netdevs[ifindex] = netns
+        return ifindex
+
+    async def attach_host_firewall(self, ifname: str, *, netns: str | None = None) -> int:
+        """hostFirewall: bpf_host.c on both directions of the node's underlay interface (ingress = to the
+        node, after NodePort; egress = from the node, which also tracks the node's own connections so their
+        replies pass). Returns its ifindex (the host endpoint's interface)."""
         programs = self._programs()
         netns = netns if netns is not None else self.netns
         ifindex = await self._tc.ifindex_of(netns, ifname)
         await self._tc.attach_ingress(netns, ifindex, (programs.from_netdev_fd, PROGRAM_FROM_NETDEV))
+        await self._tc.attach_egress(netns, ifindex, (programs.to_netdev_fd, PROGRAM_TO_NETDEV))
         self._netdevs[ifindex] = netns
         return ifindex
 

@@ -19,6 +19,8 @@ ENDPOINT_F_HOST = 1 << 0
 ENDPOINT_F_INGRESS_ENFORCED = 1 << 8
 ENDPOINT_F_EGRESS_ENFORCED = 1 << 9
 ENDPOINT_F_POLICY_AUDIT = 1 << 10  # policy audit mode: would-be drops reported as AUDIT and forwarded
+#: the node's own endpoint (hostFirewall): the top id, so pods allocated from 1 upward never meet it
+HOST_ENDPOINT_ID = 65535
 
 
 class EndpointKey(ctypes.Structure):

@@ -788,9 +788,22 @@ class PolicyEngine:
     def compile_endpoint(self, identity: int, *, namespace: str | None = None) -> CompileResult:
         """The policy of an endpoint with this identity (``namespace`` is implied by its labels)."""
         cached = self._results.get(identity)
-        if cached is not None:
-            return cached
-        rules = self.rules_selecting(identity)
+        if cached is None:
+            cached = self._results[identity] = self._compile(identity, self.rules_selecting(identity))
+        return cached
+
+    def rules_selecting_host(self) -> list[Rule]:
+        """Rules whose nodeSelector selects the local node (its labels from the API, source ``node``)."""
+        node = self.peer_tables.local_node
+        return [r for policy in self.policies.values() for r in policy.rules
+                if r.node_subject is not None and node in self._nodes_matching(r.node_subject)]
+
+    def compile_host(self) -> CompileResult:
+        """The local node's host policy (hostFirewall): its rules compiled like an endpoint's, the host
+        identity as subject. Not cached: node labels are not part of the per-identity cache."""
+        return self._compile(idm.RESERVED_HOST, self.rules_selecting_host())
+
+    def _compile(self, identity: int, rules: list[Rule]) -> CompileResult:
         notes: set[str] = set()
         merged: dict[tuple[Any, ...], tuple[PolicyEntry, list[L7Annotation]]] = {}
         plain: set[tuple[Any, ...]] = set()  # slots some rule allows without L7 rules (allow every request)
@@ -844,7 +857,6 @@ class PolicyEngine:
                                egress_enforced=enforced["egress"], entries=tuple(entries), l7=l7,
                                l7_enforced=not unenforced, origins=tuple(sorted({r.origin for r in rules})),
                                notes=tuple(sorted(notes)))
-        self._results[identity] = result
         return result
 
     def compile_all(self, identities: Iterable[int]) -> dict[int, CompileResult]:

@@ -28,7 +28,8 @@ NOT_ENFORCED_REASONS: dict[str, str] = {
     "authentication": "mutual authentication is not implemented: the rule allows nothing (fail closed)",
     "entity:ingress": "no ingress proxy runs here, so no address carries reserved:ingress: selects nothing",
     "entity:unmanaged": "every pod is managed by Propolis, so no address carries reserved:unmanaged: selects nothing",
-    "nodeSelector": "host firewall policies are not enforced yet: the rule does nothing",
+    "nodeSelector": "enforced only on nodes whose datapath-writer runs with hostFirewall enabled (`propolis status`: "
+                    "Host firewall); elsewhere the rule does nothing",
     "log": "policy log values are not attached to flows yet",
 }
 AUTH_ENFORCING_MODES = ("required", "test-always-fail")

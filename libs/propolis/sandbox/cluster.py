@@ -27,6 +27,7 @@ import aiohttp
 from propolis.errors import CliError, PermanentError, TemporaryError, ValidationError
 from propolis.sandbox import netns as netns_mod
 from propolis.sandbox import readiness
+from propolis.sandbox.node_ports import NODE_TCP_PORTS
 from propolis.sandbox.config import (BPF_ROOT, RUN_ROOT, SANDBOX_ENV, SandboxConfig, SandboxState, allocate,
                                      allocation_lock, existing_sandboxes, load_state, validate_sandbox_name)
 from propolis.sandbox.resources import KINDS, Document, ResourceKind, load_documents, resolve_kind, validate_documents
@@ -417,10 +418,17 @@ class Destination:
 
 
 async def resolve_destination(api: Api, target: str, *, from_netns: str = "") -> Destination:
-    """TO of `probe`: ns/pod, ns/service (its ClusterIP), an IP (`world:IP` for a world host), or a DNS name.
+    """TO of `probe`: ns/pod, ns/service (its ClusterIP), an IP (`world:IP` for a world host), `node:NAME` (its
+    InternalIP), or a DNS name.
 
     A name is resolved by the pod in `from_netns` itself (`pod_dns.py`: its resolv.conf, through kube-dns);
     without one, only a Service's cluster name (`svc.ns[.svc[.cluster.local]]`) is answered, from the API."""
+    if target.startswith("node:"):  # the node's InternalIP; its listeners: sandbox/node_ports.py
+        node = await api.get(KINDS["Node"], None, target.removeprefix("node:"))
+        ips = [a["address"] for a in node.get("status", {}).get("addresses", []) if a.get("type") == "InternalIP"]
+        if not ips:
+            raise CliError(f"probe target {target!r}: the node has no InternalIP")
+        return Destination(ips[0], target, {"TCP": list(NODE_TCP_PORTS)})
     address = target.removeprefix("world:")  # `world:203.0.113.10`: a world host (sandbox/world.py), by address
     try:
         ipaddress.IPv4Address(address)
@@ -485,6 +493,21 @@ def pod_ports(pod: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def source_netns(state: SandboxState, source: str) -> str:
+    """FROM of `probe`: ns/pod, `node:NAME` (the node's own namespace) or `world` (outside the cluster)."""
+    cfg = state.sandbox()
+    if source == "world":
+        netns = cfg.world_netns
+    elif source.startswith("node:"):
+        node = source.removeprefix("node:")
+        if node not in cfg.node_names():
+            raise CliError(f"probe source {source!r}: no node {node} (nodes: {', '.join(cfg.node_names())})")
+        netns = cfg.node_netns(cfg.node_names().index(node) + 1)
+    else:
+        netns = ""
+    if netns:
+        if not netns_mod.netns_exists(netns):
+            raise CliError(f"probe source {source!r}: namespace {netns} does not exist")
+        return netns
     namespace, name = split_target(source)
     netns = state.sandbox().pod_netns(namespace or "default", name)
     if not netns_mod.netns_exists(netns):

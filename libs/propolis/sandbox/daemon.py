@@ -40,7 +40,7 @@ from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.messages import Heartbeat
 from propolis.sandbox import netns as netns_mod
-from propolis.sandbox import world
+from propolis.sandbox import node_ports, world
 from propolis.sandbox.config import SANDBOX_ENV, SandboxConfig, SandboxState
 from propolis.sandbox.kubelet import Kubelet, Scheduler, raw_json
 from propolis.sandbox.services import SandboxService, selected, service_env
@@ -263,8 +263,9 @@ class Supervisor:
         log.info("sandbox %s ready: %s, %s", cfg.name, self.state.kubeconfig, self.state.nats_url)
 
     def _start_world(self) -> None:
-        """The outside world's servers, supervised like the API server (not suite services: not in `status`)."""
-        for name, argv in world.world_processes(self.cfg):
+        """The outside world's servers and the nodes' own listeners (10250, 22), supervised like the API server
+        (not suite services: not in `status`)."""
+        for name, argv in world.world_processes(self.cfg) + node_ports.node_processes(self.cfg):
             proc = SupervisedProcess(name, "world", "", argv, {}, self.cfg.log_dir / f"{name}.log")
             proc.start()
             self.world.append(proc)
@@ -340,7 +341,8 @@ class Supervisor:
             }
             body = {"apiVersion": "v1", "kind": "Node",
                     "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                                                          "propolis.io/sandbox": self.cfg.name}},
+                                                          "propolis.io/sandbox": self.cfg.name,
+                                                          "node-role.kubernetes.io/worker": ""}},  # kind's workers
                     "spec": {"podCIDR": self.cfg.pod_cidr(n), "podCIDRs": [self.cfg.pod_cidr(n)]},
                     "status": status}
             try:

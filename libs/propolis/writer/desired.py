@@ -26,6 +26,10 @@ from propolis.errors import ValidationError
 from propolis.lb.desired import SERVICE_NAME_LABEL, LBService, desired_services
 from propolis.model import identity as idmodel
 from propolis.policy.engine import CompileResult, PeerObject, PeerTables, PolicyEngine
+from propolis.encryption.backend import LISTEN_PORT as WIREGUARD_PORT
+from propolis.maps.endpoints import HOST_ENDPOINT_ID
+from propolis.policy.entries import PROTO_TCP, PROTO_UDP
+from propolis.datapath.entries import PolicyEntry
 from propolis.writer.targets import EndpointPolicy
 
 if TYPE_CHECKING:
@@ -38,6 +42,10 @@ log = logging.getLogger("propolis.writer.desired")
 
 HEALTH_IP_ANNOTATION = "network.cilium.io/ipv4-health-ip"  # Cilium's annotation for a node's health endpoint
 KUBE_APISERVER_SERVICE = ("default", "kubernetes")
+#: (protocol, port) the host firewall always lets in from the cluster's nodes: NATS clients and routes (the bus
+#: every service needs) and WireGuard between nodes (Cilium likewise never cuts its own control traffic);
+#: replies to what the node opened itself pass by conntrack
+HOST_CONTROL_PORTS = ((PROTO_TCP, 4222), (PROTO_TCP, 6222), (PROTO_UDP, WIREGUARD_PORT))
 
 
 def node_internal_ip(node_obj: "K8sObject") -> str | None:
@@ -72,6 +80,7 @@ class DesiredState:
     allow_localhost: bool = False  # Cilium's allow-localhost=always (the writer's default) vs =policy
     default_local_cluster: bool = False  # Cluster Mesh: policy-default-local-cluster (see PolicyEngine)
     policy_audit_mode: bool = False  # Cilium's policyAuditMode: every endpoint reports would-be drops, drops nothing
+    host_firewall: bool = False  # Cilium's hostFirewall.enabled: the node is an endpoint (HOST_ENDPOINT_ID)
     ipcache: dict[str, IPCacheEntry] = field(default_factory=dict)
     policies: dict[int, EndpointPolicy] = field(default_factory=dict)
     services: list[LBService] = field(default_factory=list)
@@ -131,6 +140,19 @@ class DesiredState:
                               l7_pending=not result.l7_enforced,
                               audit=self.policy_audit_mode or ep.policy_audit_mode)
 
+    def host_policy(self, inputs: "ClusterInputs") -> EndpointPolicy:
+        """The node's own policy (hostFirewall): CCNPs whose nodeSelector selects it, plus the suite's bus
+        from the cluster's nodes (`HOST_CONTROL_PORTS`) whenever ingress is enforced."""
+        self._sync_engine(inputs)
+        result = self.engine.compile_host()
+        entries = set(result.entries)
+        if result.ingress_enforced:
+            nodes = {idmodel.RESERVED_HOST, idmodel.RESERVED_REMOTE_NODE, *self.engine.node_identities().values()}
+            entries |= {PolicyEntry("ingress", identity=n, protocol=proto, port=port)
+                        for n in nodes for proto, port in HOST_CONTROL_PORTS}
+        return EndpointPolicy(frozenset(entries), result.ingress_enforced, result.egress_enforced,
+                              audit=self.policy_audit_mode)
+
     def update(self, inputs: "ClusterInputs", local: list["LocalEndpoint"]) -> None:
         self._sync_engine(inputs)
         ipc: dict[str, IPCacheEntry] = {}
@@ -157,6 +179,8 @@ class DesiredState:
                 ipc.setdefault(prefix, IPCacheEntry(prefix, ident))
         self.ipcache = ipc
         self.policies, self.policy_errors = self._policies(inputs, local)
+        if self.host_firewall:
+            self.policies[HOST_ENDPOINT_ID] = self.host_policy(inputs)
         if inputs.services_generation != self.services_generation:
             self.services = self._services(inputs)
             self.services_generation = inputs.services_generation
