@@ -6,9 +6,11 @@ import pytest
 
 from propolis.bandwidth.annotations import (EGRESS_BANDWIDTH, INGRESS_BANDWIDTH, BandwidthLimits, parse_quantity,
                                             pod_limits)
+from propolis.bandwidth.shaper import select_mode
 from propolis.bus.messages import K8sObject
 from propolis.errors import ValidationError
 from propolis.k8s.kinds import KINDS
+from propolis.kernel_probe import KernelFeature
 from propolis.writer.bandwidth import PodBandwidth, desired_bandwidth
 from propolis.writer.endpoints import LocalEndpoint
 
@@ -66,3 +68,10 @@ def test_desired_shapers_only_for_annotated_pods_and_a_bad_value_is_an_error_nam
 def test_k8s_object_without_annotations_is_unlimited():
     bare = K8sObject(kind="Pod", namespace="ns", name="plain", uid="u", resource_version="1")
     assert desired_bandwidth({("ns", "plain"): bare}, [endpoint("plain", 1)]) == {}
+
+
+def test_the_mode_says_tbf_and_why():
+    no_fq = select_mode([KernelFeature("sch_fq", False, "sch_fq missing (Error: Specified qdisc kind is unknown.)")])
+    assert no_fq.name == "tbf" and "no EDT: sch_fq missing" in no_fq.detail
+    with_fq = select_mode([KernelFeature("sch_fq", True, "fq qdisc available")])
+    assert with_fq.name == "tbf" and "EDT with fq not built yet" in with_fq.detail
