@@ -165,11 +165,11 @@ async def test_to_services_follows_the_services_endpoints(sandbox):
 
 
 async def test_l7_rules_are_accepted_and_named_not_enforced_on_the_object(sandbox):
-    """Kafka rules: no proxy enforces them yet (HTTP rules are enforced: integration/l7)."""
+    """Generic (l7proto) rules: no proxy enforces them (HTTP and Kafka rules are: integration/l7)."""
     async with workload(sandbox, "l7") as w:
         policy = cnp("l7", {"endpointSelector": sel(app="server"), "ingress": [
             {"fromEndpoints": [sel(app="client")], "toPorts": [
-                {"ports": [{"port": "8080", "protocol": "TCP"}], "rules": {"kafka": [{"topic": "t"}]}}]}]})
+                {"ports": [{"port": "8080", "protocol": "TCP"}], "rules": {"l7proto": "r2d2", "l7": [{"cmd": "READ"}]}}]}]})
         # the L4 port is open (to every request, which is what the condition says)
         failures = await w.step("L7 rules", [("a/client", "a/server", 8080, "TCP", OK),
                                              ("a/other", "a/server", 8080, "TCP", NO)], apply=[policy])
