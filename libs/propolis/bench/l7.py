@@ -75,12 +75,14 @@ async def _http_server(netns: str) -> asyncio.AbstractServer:
 
     sock = socket_in(netns, socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("0.0.0.0", HTTP_PORT))
     return await asyncio.start_server(serve, sock=sock, backlog=512)
 
 
 async def _connect(netns: str, ip: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     sock = socket_in(netns, socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # asyncio skips sockets of proto 0
     await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)), 5)
     return await asyncio.open_connection(sock=sock)
 

@@ -71,16 +71,24 @@ def transparent_listener(sock: socket.socket, port: int, backlog: int = 1024) ->
     """Make `sock` (a TCP socket created in the node namespace) the proxy listener on `port`."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    _no_delay(sock)  # accepted sockets inherit it
     sock.bind(("0.0.0.0", port))
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
 
+def _no_delay(sock: socket.socket) -> None:
+    """TCP_NODELAY: a response written as head then body must not wait for the peer's delayed ACK (40 ms).
+    asyncio sets it only on sockets made with proto IPPROTO_TCP; the node-namespace sockets have proto 0."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def upstream_socket(sock: socket.socket, client_ip: str, direction: str) -> socket.socket:
     """Prepare `sock` (TCP, node namespace) to connect onward as the client's address."""
     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_MAGIC_PROXY_UPSTREAM | PROXY_UPSTREAM[direction])
+    _no_delay(sock)
     sock.bind((client_ip, 0))
     sock.setblocking(False)
     return sock
