@@ -74,6 +74,28 @@ def test_datapath_writer_declares_its_components():
     assert requires["ct-gc"] == {"datapath"}
 
 
+def test_identity_allocator_declares_its_components():
+    module = importlib.import_module("services.identity_allocator.main")
+    components = {c.name: c for c in module.build(module.Settings(node_name="n"))}
+    assert list(components) == ["gc-lease", "endpoint-records", "identity-gc"]
+    requires = {name: {d.name for d in c.requires} for name, c in components.items()}
+    assert requires == {"gc-lease": set(), "endpoint-records": {"gc-lease"}, "identity-gc": {"endpoint-records"}}
+
+
+def test_k8s_watcher_declares_its_components():
+    module = importlib.import_module("services.k8s_watcher.main")
+    components = module.build(module.Settings(node_name="n"))
+    assert [c.name for c in components] == ["kube-client", "mirror"]
+    assert [d.name for d in components[1].requires] == ["kube-client"]
+
+
+def test_no_service_main_runs_a_sync_loop_of_its_own():
+    """Desired -> actual loops live in the library on the reconciler (reconcile.py); main.py wires them."""
+    for name in ("k8s_watcher", "identity_allocator"):
+        source = Path(MODULES[name].__file__).read_text()
+        assert "while True" not in source and "asyncio.sleep" not in source, f"services/{name}/main.py loops"
+
+
 def test_check_wiring_names_a_dependency_that_starts_later():
     class A(Component):
         name, title = "a", "first"

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, Hashable, Iterable, Protocol, TypeVar
 
 from propolis.errors import PermanentError
-from propolis.runtime.health import Health
+from propolis.runtime.component import Component
+from propolis.runtime.health import Health, State
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -274,3 +275,15 @@ class Reconciler(Generic[K, V]):
             self.reconciled_revision = max(self.reconciled_revision, reached)
             async with self._progress:
                 self._progress.notify_all()
+
+
+class ReconciledComponent(Component):
+    """A component whose health, once started, is its reconciler's (failed keys, retrying errors)."""
+
+    reconciler: Reconciler[Any, Any]
+
+    def _reconciled_health(self) -> Health:
+        own = Component.health.fget(self)  # type: ignore[attr-defined]
+        return self.reconciler.health() if own.state is State.OK and own.reason != "starting" else own
+
+    health = property(_reconciled_health, Component.health.fset)  # type: ignore[assignment]

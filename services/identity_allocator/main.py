@@ -20,6 +20,7 @@ from propolis.bus.lease import LeaseElector
 from propolis.identity.allocator import IdentityAllocator
 from propolis.identity.sync import IdentitySync
 from propolis.runtime.component import Component
+from propolis.reconcile import ReconciledComponent
 from propolis.runtime.health import State
 from propolis.runtime.service import Runtime, run_service
 from propolis.runtime.settings import CommonSettings, setting
@@ -38,33 +39,50 @@ class Settings(CommonSettings):
                                               "wrote (its watermark is checked every second)", unit="s")
 
 
-class Allocator(Component):
-    name, title = "allocator", "allocate identities and write endpoint records from pods and namespaces"
+class GcLease(Component):
+    name, title = "gc-lease", "the lease whose holder collects unused identities and repairs the bucket"
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
-        self.sync: IdentitySync | None = None
         self.lease: LeaseElector | None = None
+
+    def is_holder(self) -> bool:
+        return self.lease is not None and self.lease.is_leader
+
+    async def start(self, rt: Runtime) -> None:
+        kv = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
+        self.lease = LeaseElector(kv, "_lease.identity-gc", f"{rt.settings.node_name}/{rt.instance}",
+                                  duration=self.settings.lease_duration)
+        rt.spawn("lease", self.lease.run(), self)
+        self.set_ok()
+
+    async def stop(self) -> None:
+        if self.lease is not None:
+            await self.lease.release()
+
+
+class EndpointRecords(Component):
+    name, title = "endpoint-records", "pods and namespaces -> identities and endpoint records; the bucket's repair"
+
+    def __init__(self, settings: Settings, lease: GcLease) -> None:
+        super().__init__(lease)
+        self.settings = settings
+        self.lease = lease
+        self.sync: IdentitySync | None = None
         self.rt: Runtime | None = None
 
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
         ids_kv = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
-        k8s_kv = await rt.bus.kv(subjects.K8S_BUCKET)
-        self.lease = LeaseElector(ids_kv, "_lease.identity-gc", f"{rt.settings.node_name}/{rt.instance}",
-                                  duration=self.settings.lease_duration)
-        lease = self.lease
         self.sync = IdentitySync(ids_kv, IdentityAllocator(ids_kv, cluster_id=rt.settings.cluster_id),
-                                 cluster=rt.settings.cluster_name, is_holder=lambda: lease.is_leader,
+                                 cluster=rt.settings.cluster_name, is_holder=self.lease.is_holder,
                                  gc_grace=self.settings.identity_gc_grace, gc_interval=self.settings.identity_gc_interval,
                                  repair_interval=self.settings.kv_repair_interval)
         await self.sync.load()
-        rt.spawn("watch-k8s", self.sync.follow_k8s(k8s_kv), self)
+        rt.spawn("watch-k8s", self.sync.follow_k8s(await rt.bus.kv(subjects.K8S_BUCKET)), self)
         rt.spawn("watch-ids", self.sync.follow_identities(), self)
         rt.spawn("endpoint-records", self.sync.endpoints.run(), self)
-        rt.spawn("identity-gc", self.sync.gc.run(), self)
-        rt.spawn("lease", self.lease.run(), self)
         rt.spawn("identities-bucket", self.sync.run(on_step=self._report), self)
 
     def _report(self) -> None:
@@ -87,13 +105,25 @@ class Allocator(Component):
         else:
             self.set_ok()
 
-    async def stop(self) -> None:
-        if self.lease is not None:
-            await self.lease.release()
+
+class IdentityGC(ReconciledComponent):
+    name, title = "identity-gc", "release identities no endpoint record uses (lease holder, after the grace period)"
+
+    def __init__(self, records: EndpointRecords) -> None:
+        super().__init__(records)
+        self.records = records
+
+    async def start(self, rt: Runtime) -> None:
+        assert self.records.sync is not None
+        self.reconciler = self.records.sync.gc
+        rt.spawn("identity-gc", self.reconciler.run(), self)
+        self.set_ok()
 
 
 def build(settings: Settings) -> list[Component]:
-    return [Allocator(settings)]
+    lease = GcLease(settings)
+    records = EndpointRecords(settings, lease)
+    return [lease, records, IdentityGC(records)]
 
 
 def main(argv: list[str] | None = None) -> int:

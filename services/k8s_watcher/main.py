@@ -72,7 +72,7 @@ class Mirror(Component):
     name, title = "mirror", "reflect every watched kind into PROPOLIS_K8S_V1 while holding the lease"
 
     def __init__(self, settings: Settings, client: KubeClient) -> None:
-        super().__init__()
+        super().__init__(client)
         self.settings = settings
         self.client = client
         self.reflectors: list[Reflector] = []
