@@ -100,3 +100,12 @@ async def test_refresh_repairs_a_removed_shaper_and_prunes_one_nobody_desires(wi
         await rec.wait_until_reconciled(timeout=5)
         await asyncio.sleep(0.05)
     assert await shaping(node, ep)() == (10**7, 2 * 10**7)
+
+
+async def test_rates_are_kept_in_whole_bytes_per_second_and_read_back_so(wired):
+    node, ep = wired
+    await set_rate(node, ep.host_ifname, 1_500_003)  # 187,500 bytes/s in the kernel
+    await set_rate(node, ep.host_ifname, 1_500_003)  # compared in whole bytes: seen as unchanged
+    shown = subprocess.run(["ip", "netns", "exec", node, "tc", "qdisc", "show", "dev", ep.host_ifname],
+                           capture_output=True, text=True, check=True).stdout
+    assert await read_rate(node, ep.host_ifname) == 1_500_000 and "rate 1500Kbit" in shown

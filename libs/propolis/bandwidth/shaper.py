@@ -113,7 +113,7 @@ async def set_rate(netns: str | None, ifname: str, bits_per_second: int) -> None
                     raise TemporaryError(f"shape {where}: no such interface")
                 return  # gone with its pod: nothing to unshape
             current = _root_rate([q async for q in await ipr.get_qdiscs(index)], index)
-            if current == (bits_per_second or None):
+            if current == ((bits_per_second // 8 * 8) or None):  # the kernel keeps whole bytes per second
                 return
             if not bits_per_second:
                 await ipr.tc("del", index=index, handle=SHAPER_HANDLE, parent=0xFFFFFFFF)
