@@ -44,7 +44,7 @@ async def udp_exchange(wire: bytes, where: Redirected) -> bytes:
 
 
 def make_proxy(rules, learn, **kw) -> DnsProxy:
-    return DnsProxy(lambda client, server, port: rules if client == CLIENT else None, udp_exchange, learn,
+    return DnsProxy(lambda where: rules if where.client_ip == CLIENT else None, udp_exchange, learn,
                     lambda: TO_FQDNS, **kw)
 
 

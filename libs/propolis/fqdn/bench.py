@@ -49,7 +49,7 @@ async def _serve_proxy(port: int, upstream_port: int) -> None:
         return None
 
     every = [FqdnSelector(match_pattern="*")]
-    proxy = DnsProxy(lambda c, s, p: every, exchange, learn, lambda: every)
+    proxy = DnsProxy(lambda where: every, exchange, learn, lambda: every)
 
     class Listener(asyncio.DatagramProtocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:

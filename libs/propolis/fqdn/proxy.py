@@ -59,8 +59,9 @@ class Learned:
     selectors: list[FqdnSelector] = field(default_factory=list)
 
 
-#: rules_for(client_ip, server_ip, server_port) -> the DNS rules allowing names there; None = not redirected here
-RulesFor = Callable[[str, str, int], "list[FqdnSelector] | None"]
+#: rules_for(where) -> the DNS rules allowing names from that client to that server, port and protocol;
+#: None = not redirected there by policy
+RulesFor = Callable[[Redirected], "list[FqdnSelector] | None"]
 Exchange = Callable[[bytes, Redirected], Awaitable[bytes]]
 Learn = Callable[[Learned], Awaitable[None]]
 
@@ -87,7 +88,7 @@ class DnsProxy:
         self.stats = {"allowed": 0, "denied": 0, "formerr": 0, "dropped": 0, "upstream_errors": 0, "late_learns": 0}
 
     async def handle(self, wire: bytes, where: Redirected) -> bytes | None:
-        rules = self.rules_for(where.client_ip, where.server_ip, where.server_port)
+        rules = self.rules_for(where)
         if rules is None:
             self.stats["dropped"] += 1
             return None

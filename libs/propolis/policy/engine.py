@@ -503,11 +503,15 @@ class PolicyEngine:
                 for a in self.peer_tables.nodes[name].addresses if ":" not in a}
 
     # --- CIDR identities ----------------------------------------------------------------
+    def fqdn_selectors(self) -> set[FqdnSelector]:
+        """Every toFQDNs selector the policies name (what the dns-proxy learns answers for)."""
+        return {fqdn_selector(fq) for peer in self._all_peers() for fq in peer.fqdns or ()}
+
     def _fqdn_prefixes(self) -> dict[str, LabelSet]:
         """/32 of each learned IP (the dns-proxy's cache, `fqdn_ips`) a toFQDNs selector matches -> its
         `fqdn:<selector>` labels. In-cluster addresses (endpoints, nodes, Service backends) are never
         selected by toFQDNs, whatever a DNS answer says."""
-        selectors = {fqdn_selector(fq) for peer in self._all_peers() for fq in peer.fqdns or ()}
+        selectors = self.fqdn_selectors()
         if not selectors or not self.fqdn_ips:
             return {}
         in_cluster = set(self._pod_identity_by_ip())

@@ -1,0 +1,179 @@
+"""The dns-proxy service's components (wiring in services/dns_proxy/main.py).
+
+* `DnsInputsComponent` — the k8s, identities and ipcache buckets, as the l7-proxy follows them, into
+  a `DnsPolicy` (which DNS rules apply to a redirected query).
+* `FqdnCacheComponent` — the node's FQDN cache (`fqdn.cache`), kept in its own key of
+  `PROPOLIS_FQDN_V1` (`<node>`) so a restart restores it; the node's datapath-writer compiles
+  toFQDNs selectors against it and reports the generation its maps reflect (heartbeat progress
+  `fqdn_generation`): `learn` returns only once the new IPs are allowed.
+* `DnsProxyComponent` — the proxy route, the transparent UDP/TCP listeners on the DNS proxy port
+  in the node namespace (`fqdn.listener`) and the decision core (`fqdn.proxy.DnsProxy`). Before the
+  policy inputs are synced no query has rules, so redirected DNS is dropped (fail closed); while
+  this process is down nothing listens and the datapath drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any
+
+from propolis.bus import subjects
+from propolis.bus.kv import EventType
+from propolis.bus.messages import FqdnCacheRecord, Heartbeat
+from propolis.fqdn.cache import FqdnCache
+from propolis.fqdn.listener import DnsListeners, UdpUpstream
+from propolis.fqdn.policy import DNS_PROXY_PORT, DnsPolicy
+from propolis.fqdn.proxy import DnsProxy, Learned
+from propolis.l7.redirect import NODE_SYSCTLS, install_proxy_route
+from propolis.l7.service import PolicyInputsComponent
+from propolis.runtime.component import Component
+from propolis.runtime.service import Runtime
+from propolis.sandbox.netns import iproute_in, socket_in, write_sysctl
+
+log = logging.getLogger("propolis.fqdn.service")
+
+SERVICE = "dns-proxy"
+WRITER = "datapath-writer"
+ENFORCED_WAIT_S = 5.0  # a learn gives up waiting for the writer after this (the answer left long before)
+EXPIRY_INTERVAL_S = 1.0
+
+
+class DnsInputsComponent(PolicyInputsComponent):
+    title = "watch the k8s, identities and ipcache buckets (the DNS rules of each endpoint)"
+
+    def __init__(self, node: str, *, cluster_name: str, mode: str) -> None:
+        super().__init__(node, cluster_name=cluster_name, mode=mode)
+        self.policy: DnsPolicy = DnsPolicy(node, cluster_name=cluster_name, mode=mode)
+
+
+class FqdnCacheComponent(Component):
+    name, title = "fqdn-cache", "learned names -> IPs in PROPOLIS_FQDN_V1 <node>, enforced by the writer"
+
+    def __init__(self, node: str, *, min_ttl: int, max_ips_per_hostname: int,
+                 idle_connection_grace_s: float) -> None:
+        super().__init__()
+        self.node = node
+        self.cache = FqdnCache(min_ttl=min_ttl, max_ips_per_hostname=max_ips_per_hostname,
+                               idle_connection_grace_s=idle_connection_grace_s)
+        self.generation = 0  # of the last record published
+        self.enforced = 0  # the generation the node's datapath-writer reports its maps reflect
+        self.dirty = False  # TTLs refreshed since the last publish (persisted on the next expiry pass)
+        self.kv: Any = None
+        self._enforced_moved: asyncio.Event | None = None
+
+    async def start(self, rt: Runtime) -> None:
+        self._enforced_moved = asyncio.Event()
+        self.kv = await rt.bus.kv(subjects.FQDN_BUCKET)
+        entry = await self.kv.get(subjects.fqdn_key(self.node))
+        if entry is not None and isinstance(entry.value, FqdnCacheRecord):
+            self.cache.restore(entry.value.entries)
+            self.generation = entry.value.generation
+            log.info("FQDN cache restored: %d entries, generation %d", len(self.cache.dump()), self.generation)
+        heartbeats = await rt.bus.kv(subjects.HEARTBEATS_BUCKET)
+        rt.spawn("writer-progress", self._follow_writer(heartbeats), self)
+        rt.spawn("expiry", self._expire_loop(), self)
+        self.set_ok()
+
+    async def _follow_writer(self, kv: Any) -> None:
+        async for ev in kv.watch(f"{WRITER}.{self.node}.*"):
+            if ev.type is EventType.PUT and isinstance(ev.value, Heartbeat):
+                seen = ev.value.progress.get("fqdn_generation")
+                if isinstance(seen, int) and seen > self.enforced:
+                    self.enforced = seen
+                    assert self._enforced_moved is not None
+                    self._enforced_moved.set()
+
+    async def publish(self) -> int:
+        """Write the cache under the next generation; returns that generation."""
+        self.generation += 1
+        generation, self.dirty = self.generation, False
+        await self.kv.put(subjects.fqdn_key(self.node), FqdnCacheRecord(self.node, generation, self.cache.to_json()))
+        return generation
+
+    async def learn(self, item: Learned) -> None:
+        """Record an answer; new IPs are published and awaited until the writer's maps allow them."""
+        if not self.cache.update(item.name, item.ips, item.ttl, time.time()):
+            self.dirty = True
+            return
+        generation = await self.publish()
+        deadline = time.monotonic() + ENFORCED_WAIT_S
+        assert self._enforced_moved is not None
+        while self.enforced < generation and time.monotonic() < deadline:
+            self._enforced_moved.clear()
+            try:
+                await asyncio.wait_for(self._enforced_moved.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_INTERVAL_S)
+            removed = self.cache.expire(time.time())
+            if removed or self.dirty:
+                await self.publish()
+
+
+class DnsProxyComponent(Component):
+    name, title = "proxy", "transparent DNS listeners: every query judged by the endpoint's DNS rules"
+
+    def __init__(self, inputs: DnsInputsComponent, cache: FqdnCacheComponent, *, node: str, netns: str | None,
+                 reject: str, max_delay_s: float) -> None:
+        super().__init__(inputs, cache)
+        self.inputs, self.cache, self.node, self.netns = inputs, cache, node, netns
+        self.upstream = UdpUpstream(self._socket)
+        self.proxy = DnsProxy(inputs.policy.dns_rules, self.upstream.exchange, cache.learn,
+                              inputs.policy.fqdn_selectors, reject=reject, max_delay_s=max_delay_s)
+        self.listeners = DnsListeners(self.proxy, self._socket, DNS_PROXY_PORT)
+
+    def _socket(self, family: int, kind: int) -> socket.socket:
+        return socket_in(self.netns, family, kind) if self.netns else socket.socket(family, kind)
+
+    def _route(self) -> None:
+        if self.netns:
+            for key, value in NODE_SYSCTLS.items():
+                write_sysctl(self.netns, key, value)
+            with iproute_in(self.netns) as ipr:
+                install_proxy_route(ipr)
+        else:
+            from pyroute2 import IPRoute
+            with IPRoute() as ipr:
+                install_proxy_route(ipr)
+
+    async def start(self, rt: Runtime) -> None:
+        await asyncio.to_thread(self._route)
+        self.upstream.start()
+        await self.listeners.start()
+        rt.spawn("readiness", self._readiness(rt), self)
+        rt.spawn("progress", self._progress(rt), self)
+        self.set_degraded("waiting for the policy inputs (redirected DNS dropped meanwhile)")
+
+    async def _progress(self, rt: Runtime) -> None:
+        """The resourceVersion the DNS rules reflect, so `sandbox wait` covers this proxy too."""
+        inputs = self.inputs.policy.inputs
+        while True:
+            await inputs.changed.wait()
+            inputs.changed.clear()
+            if inputs.synced:
+                rt.progress["k8s_resource_version"] = str(inputs.watermark)
+
+    async def _readiness(self, rt: Runtime) -> None:
+        while True:
+            ready = self.inputs.policy.ready
+            if ready:
+                self.set_ok()
+            rt.progress["dns_proxy"] = {"port": DNS_PROXY_PORT, **self.proxy.stats,
+                                        "overload_drops": self.listeners.overload_drops,
+                                        "cache_entries": len(self.cache.cache.dump()),
+                                        "fqdn_generation": self.cache.generation,
+                                        "enforced_generation": self.cache.enforced}
+            rt.features["DNS proxy"] = {"state": "Ok" if ready else "Warning",
+                                        "detail": f"UDP/TCP {DNS_PROXY_PORT}, {self.proxy.stats['allowed']} allowed, "
+                                                  f"{self.proxy.stats['denied']} denied"}
+            await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        await self.listeners.stop()
+        self.upstream.stop()
