@@ -4,7 +4,8 @@ Two sandboxes in turn (plain: native routes; encrypted: `--encryption wireguard`
 source pod on node 1 and a destination pod on node 2. Figures: TCP throughput with 1 and 4
 streams (sender and sink threads of this process inside the pods' namespaces, so the numbers
 include Python's cost on both ends — identical for both runs), request/response latency to the
-destination's echo server, and the CPU the two wireguard-go processes used while streaming.
+destination's echo server, the CPU the two wireguard-go processes used while streaming, and the
+datagrams their nodes' UDP receive buffers dropped meanwhile (each a TCP retransmission in the tunnel).
 Seed anchors: kernel WireGuard costs 3–5 % in Cilium; wireguard-go reaches 7–13 Gbit/s on large
 machines. Goal here: ≥ 1 Gbit/s userspace on a 2-core machine using less than one core.
 """
@@ -45,6 +46,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _udp_rcvbuf_errors(pid: int) -> int:
+    """UdpRcvbufErrors of the network namespace process `pid` runs in."""
+    head, values = (line.split() for line in Path(f"/proc/{pid}/net/snmp").read_text().splitlines()
+                    if line.startswith("Udp:"))
+    return int(values[head.index("RcvbufErrors")])
+
+
 def _throughput(state: SandboxState, dst_ip: str, streams: int, seconds: float, pids: list[int]) -> dict[str, Any]:
     cfg = state.sandbox()
     server = socket_in(cfg.pod_netns(NAMESPACE, "dst"), socket.AF_INET, socket.SOCK_STREAM)
@@ -83,6 +91,7 @@ def _throughput(state: SandboxState, dst_ip: str, streams: int, seconds: float, 
     for t in sinks:
         t.start()
     cpu0 = [_cpu_seconds(p) for p in pids]
+    drops0 = [_udp_rcvbuf_errors(p) for p in pids]
     start = time.monotonic()
     senders = [threading.Thread(target=send, args=(start + seconds,), daemon=True) for _ in range(streams)]
     for t in senders:
@@ -94,6 +103,7 @@ def _throughput(state: SandboxState, dst_ip: str, streams: int, seconds: float, 
     out: dict[str, Any] = {"streams": streams, "gbit_s": round(sum(received) * 8 / elapsed / 1e9, 3)}
     if pids:
         out["wireguard_go_cores"] = [round((_cpu_seconds(p) - c) / elapsed, 2) for p, c in zip(pids, cpu0)]
+        out["udp_rcvbuf_drops"] = [_udp_rcvbuf_errors(p) - d for p, d in zip(pids, drops0)]
     return out
 
 

@@ -10,7 +10,8 @@ implementation runs is decided once (`select_backend`):
   socket answering and adopts the running device, so established tunnels are
   never torn down by a restart. Its socket directory is the node's own (bind
   mounted over /run/wireguard in a private mount namespace of wireguard-go
-  only), so every sandbox node can have a `cilium_wg0`.
+  only), so every sandbox node can have a `cilium_wg0`. Its UDP sockets get
+  7 MiB buffers (`size_udp_sockets`), as newer wireguard-go asks for itself.
 * `KernelBackend` — pyroute2's generic-netlink WireGuard API, where the kernel
   has the module. This kernel lacks it, so this backend is checked here only at
   the level of the requests it builds (`KernelBackend.device_request`,
@@ -25,6 +26,7 @@ import ctypes
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -42,6 +44,42 @@ LISTEN_PORT = 51871
 #: Where wireguard-go puts `<device>.sock` (compiled in; we bind-mount the node's own directory over it).
 WIREGUARD_GO_SOCKET_DIR = Path("/run/wireguard")
 DEVICE_START_TIMEOUT_S = 5.0
+#: wireguard-go >= 0.0.20230223 asks for these socket buffers itself (conn/bind_std.go); Debian's 0.0.20220316
+#: keeps the 208 KiB default, and its receiving socket overflowed under a single TCP stream (UdpRcvbufErrors:
+#: 40,705 of 217,028 datagrams in 10 s, each loss a TCP retransmission inside the tunnel).
+SOCKET_BUFFER_BYTES = 7 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h: beyond net.core.[rw]mem_max (CAP_NET_ADMIN)
+SYS_PIDFD_GETFD = 438
+
+
+def size_udp_sockets(pid: int, port: int, size: int = SOCKET_BUFFER_BYTES) -> int:
+    """Give the UDP sockets process `pid` has bound to `port` `size`-byte send and receive buffers; returns how
+    many. Through a copy of each descriptor (pidfd_getfd): the socket is shared, so the setting is its; the copy
+    is closed at once."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    inodes = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if link.startswith("socket:["):
+            inodes[link[len("socket:["):-1]] = int(fd)
+    sized = 0
+    for table in ("udp", "udp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) != port or fields[9] not in inodes:
+                continue
+            pidfd = os.pidfd_open(pid)
+            try:
+                copy = libc.syscall(SYS_PIDFD_GETFD, pidfd, inodes[fields[9]], 0)
+            finally:
+                os.close(pidfd)
+            if copy < 0:
+                raise OSError(ctypes.get_errno(), f"pidfd_getfd of pid {pid} fd {inodes[fields[9]]}")
+            with socket.socket(fileno=copy) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+                sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, size)
+            sized += 1
+    return sized
 
 
 class WireguardBackend(Protocol):
@@ -121,6 +159,13 @@ class UserspaceBackend:
         if current.private_key != private_key or current.listen_port != listen_port or current.fwmark != fwmark:
             await self.uapi.set(set_device_request(private_key=private_key, listen_port=listen_port, fwmark=fwmark),
                                 what=f"set {self.device_name} key, port {listen_port} and fwmark {fwmark:#x}")
+        if self.pid:  # a new listen port means new sockets: size them after every change
+            try:
+                sized = await asyncio.to_thread(size_udp_sockets, self.pid, listen_port)
+                log.info("wireguard-go (pid %d): %d UDP sockets with %d-byte buffers", self.pid, sized,
+                         SOCKET_BUFFER_BYTES)
+            except OSError as exc:  # the tunnel works without; it just loses more under load
+                log.warning("sizing wireguard-go's UDP socket buffers (pid %d) failed: %s", self.pid, exc)
         return self.adopted
 
     async def _start(self) -> None:
