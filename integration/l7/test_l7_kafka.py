@@ -16,10 +16,14 @@ import socket
 import struct
 import subprocess
 import sys
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 import yaml
+from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.protocol.produce import ProduceRequest
 
 from propolis.sandbox import cluster
 from propolis.sandbox import netns as netns_mod
@@ -182,3 +186,51 @@ async def test_bad_frames_close_the_connection_and_the_proxy_serves_on(sandbox):
     assert await raw_exchange(sandbox, lying) == b""
     answers = await client(sandbox, CONSUMER, "requests", "metadata:user-events")
     assert answers == {"error_codes": [[0]], "connected": True}
+
+
+def request_frame(request, version: int, correlation_id: int):
+    """A request as aiokafka's connection frames it (header + struct, size prefix), and its struct."""
+    request_struct = request.prepare({request.API_KEY: (version, version)})
+    message = request_struct.build_request_header(correlation_id=correlation_id, client_id="pipeline").encode()
+    message += request_struct.encode()
+    return struct.pack(">i", len(message)) + message, request_struct
+
+
+async def test_pipelined_requests_are_answered_in_request_order(sandbox):
+    """Answers to denied requests wait behind the broker's responses to earlier ones (clients match by order);
+    a denied produce with acks=0 gets no answer, as Kafka gives none."""
+    sent = [request_frame(MetadataRequest(["user-events"]), 5, 1),  # allowed: the broker answers
+            request_frame(MetadataRequest(["payments"]), 5, 2),  # denied: queued behind 1
+            request_frame(ProduceRequest(None, 0, 1000, [("user-events", [(0, b"")])]), 7, 3),  # denied, acks=0
+            request_frame(MetadataRequest(["order-events"]), 5, 4),
+            request_frame(FetchRequest(100, 1, 1048576, 0, [("payments", [(0, 0, 1048576)])]), 11, 5)]
+    structs = {cid: s for cid, (_, s) in enumerate(sent, start=1)}
+    loop = asyncio.get_running_loop()
+    sock = netns_mod.socket_in(cluster.source_netns(sandbox, CONSUMER), socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (await broker_ip(sandbox), 9092)), 2)
+        await loop.sock_sendall(sock, b"".join(frame for frame, _ in sent))  # all at once
+        received, answers = b"", []
+        while len(answers) < 4:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+            assert chunk, f"closed after {answers}"
+            received += chunk
+            while len(received) >= 4 and len(received) >= 4 + struct.unpack_from(">i", received)[0]:
+                size = struct.unpack_from(">i", received)[0]
+                answers.append(received[4:4 + size])
+                received = received[4 + size:]
+    finally:
+        sock.close()
+    order, codes = [], []
+    for answer in answers:
+        cid = struct.unpack_from(">i", answer)[0]
+        buf = BytesIO(answer)
+        structs[cid].parse_response_header(buf)
+        response = structs[cid].RESPONSE_TYPE.decode(buf).to_object()
+        order.append(cid)
+        topics = response.get("topics", [])
+        found = {t.get("error_code", 0) for t in topics} | {p.get("error_code", 0) for t in topics
+                                                            for p in t.get("partitions", []) if isinstance(p, dict)}
+        codes.append(sorted(found - {0}) or [0])  # the topics' and partitions' errors, [0] = none
+    assert order == [1, 2, 4, 5]
+    assert codes == [[0], [TOPIC_AUTHORIZATION_FAILED], [0], [TOPIC_AUTHORIZATION_FAILED]], codes
