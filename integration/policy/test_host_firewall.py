@@ -1,7 +1,8 @@
 """Host firewall with real packets: the seed's `host-firewall` CiliumClusterwideNetworkPolicy applied verbatim
 selects the sandbox's worker nodes (label `node-role.kubernetes.io/worker: ""`) and guards each node's own
 listeners (TCP 10250 and 22 in the node namespace, `sandbox/node_ports.py`) against pods, the other node and the
-world; deleting it restores access.
+world; one node's host endpoint in audit mode (`endpoint config node:NAME PolicyAuditMode=Enabled`) lets its
+would-be drops through as AUDIT flows; deleting the policy restores access.
 
 Cilium's meaning, which the expectations follow: `fromEntities: [cluster]` = every pod, node and reserved
 cluster identity, so 10250 answers pods and the other node but not the world; `fromCIDR: 10.0.0.0/8` selects
@@ -54,6 +55,13 @@ def status_text(state) -> str:
     proc = subprocess.run([sys.executable, "-m", "propolis.cli.main", "status"], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PROPOLIS_SANDBOX_NAME": state.config["name"]})
     return proc.stdout
+
+
+def cli(state, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "propolis.cli.main", *args, "-o", "json"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PROPOLIS_SANDBOX_NAME": state.config["name"]})
+    assert proc.returncode == 0, proc.stderr
+    return orjson.loads(proc.stdout)
 
 
 def observe(state, *args: str) -> list[dict]:
@@ -111,6 +119,19 @@ async def test_seed_host_firewall_guards_each_node_and_removing_it_restores_acce
                             "--last", "200")
             assert {f["destination"].get("identity") for f in drops} == {1}, drops  # reserved:host
             assert {f["node_name"] for f in drops} == {cfg.node_name(1), cfg.node_name(2)}
+
+            # audit mode on node 1's host endpoint: its would-be drops connect and are reported, node 2 still drops
+            host1 = f"node:{cfg.node_name(1)}"
+            assert cli(sandbox, "endpoint", "config", host1, "PolicyAuditMode=Enabled")["options"] == \
+                {"PolicyAuditMode": "Enabled"}
+            world_ssh = [probe.ProbeSpec(cfg.world_netns, node_ip[n], SSH, "TCP", "world", f"node {n}") for n in (1, 2)]
+            assert [r.connected for r in await probe.probe_all(world_ssh, timeout=1.0)] == [True, False]
+            audited = observe(sandbox, "--verdict", "AUDIT", "--to-port", str(SSH), "--last", "50")
+            assert audited and {(f["node_name"], f["destination"].get("identity")) for f in audited} == \
+                {(cfg.node_name(1), 1)}, audited
+            assert cli(sandbox, "endpoint", "config", host1, "PolicyAuditMode=Disabled")["options"] == \
+                {"PolicyAuditMode": "Disabled"}
+            assert [r.connected for r in await probe.probe_all(world_ssh, timeout=1.0)] == [False, False]
         finally:
             await cluster.delete_documents(sandbox, docs)
             await cluster.wait(sandbox, timeout=60)

@@ -34,6 +34,7 @@ from propolis.bus.messages import EndpointConfig, IpcacheEntry as IpcacheRecord
 from propolis.datapath.datapath import Datapath, DatapathSettings
 from propolis.maps import lb as lbmaps
 from propolis.datapath.pressure import MapPressureCollector
+from propolis.maps.endpoints import HOST_ENDPOINT_ID
 from propolis.model.identity import RESERVED_INIT
 from propolis.reconcile import Reconciler
 from propolis.runtime.component import Component
@@ -325,6 +326,8 @@ class Enforcer(Component):
         self.table = EndpointTable(Path(settings.datapath_socket).with_name(f"endpoints-{settings.node_name}.json"))
         self.datapath = datapath
         self.host_ip = ""  # the node address the host endpoint has (hostFirewall)
+        self.host_options = endpoint_config.HostEndpointOptions(
+            Path(settings.datapath_socket).with_name(f"host-endpoint-{settings.node_name}.json"))
         self.desired = DesiredState(node=settings.node_name, mode=settings.policy_enforcement,
                                     cluster_name=settings.cluster_name,
                                     allow_localhost=settings.allow_localhost == "always",
@@ -339,6 +342,8 @@ class Enforcer(Component):
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
         self.table.load()
+        self.host_options.load()
+        self.desired.host_audit_mode = self.host_options.policy_audit_mode
         known = {e.endpoint_id for e in self.dp.list_endpoints()}
         for ep_id in [i for i in self.table.by_id if i not in known]:
             self.table.remove(ep_id)  # its pinned entry is gone (node rebooted): forget it
@@ -482,24 +487,37 @@ class Endpoints(Component):
             await self.api.stop()
 
     async def handle_config(self, req: EndpointConfig, msg: Any) -> None:
-        """`propolis endpoint config`: change a local endpoint's options, answer once its map entry has them."""
+        """`propolis endpoint config`: change a local endpoint's options (no pod named: the host endpoint's),
+        answer once its map entry has them."""
         answer = EndpointConfig(req.namespace, req.pod)
-        ep = self.table.find_pod(req.namespace, req.pod)
+        node = self.settings.node_name
         try:
-            if ep is None:
-                raise ValidationError("pod", f"{req.namespace}/{req.pod} is no endpoint of node {self.settings.node_name}")
-            if endpoint_config.apply_options(ep, req.options):
-                self.table.save()
-                log.info("endpoint %d (%s/%s) options now %s", ep.endpoint_id, ep.namespace, ep.pod,
-                         endpoint_config.options_of(ep))
-                if ep.identity and ep.identity != RESERVED_INIT:
-                    policy = self.desired.endpoint_policy(self.inputs, ep)
-                    failed = await self.policies.wait_until_reconciled(self.policies.upsert(ep.endpoint_id, policy),
+            if req.namespace or req.pod:
+                ep = self.table.find_pod(req.namespace, req.pod)
+                if ep is None:
+                    raise ValidationError("pod", f"{req.namespace}/{req.pod} is no endpoint of node {node}")
+                holder: Any = ep
+                endpoint_id, name, save = ep.endpoint_id, f"{ep.namespace}/{ep.pod}", self.table.save
+                programmed = bool(ep.identity and ep.identity != RESERVED_INIT)
+                policy_of = lambda: self.desired.endpoint_policy(self.inputs, ep)  # noqa: E731
+            else:
+                if not self.settings.host_firewall:
+                    raise ValidationError("endpoint", f"node {node} runs without hostFirewall: it has no host endpoint")
+                holder = self.enforcer.host_options
+                endpoint_id, name, save = HOST_ENDPOINT_ID, f"host of {node}", holder.save
+                programmed = bool(self.enforcer.host_ip)
+                policy_of = lambda: self.desired.host_policy(self.inputs)  # noqa: E731
+            if endpoint_config.apply_options(holder, req.options):
+                save()
+                self.desired.host_audit_mode = self.enforcer.host_options.policy_audit_mode
+                log.info("endpoint %d (%s) options now %s", endpoint_id, name, endpoint_config.options_of(holder))
+                if programmed:
+                    failed = await self.policies.wait_until_reconciled(self.policies.upsert(endpoint_id, policy_of()),
                                                                        timeout=self.settings.identity_wait)
-                    if ep.endpoint_id in failed:
-                        raise TemporaryError(f"endpoint {ep.endpoint_id}: {failed[ep.endpoint_id]}")
+                    if endpoint_id in failed:
+                        raise TemporaryError(f"endpoint {endpoint_id} ({name}): {failed[endpoint_id]}")
                 self.inputs.changed.set()
-            answer.options = endpoint_config.options_of(ep)
+            answer.options = endpoint_config.options_of(holder)
         except (ValidationError, TemporaryError, asyncio.TimeoutError) as exc:
             answer.error = str(exc) or type(exc).__name__
         if msg.reply:

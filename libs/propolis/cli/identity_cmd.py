@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     els.set_defaults(func=endpoint_list)
     ecfg = everbs.add_parser("config", help="show or change an endpoint's options (cilium endpoint config), "
                                             "e.g. PolicyAuditMode=Enabled")
-    ecfg.add_argument("endpoint", metavar="NS/POD")
+    ecfg.add_argument("endpoint", metavar="NS/POD|node:NAME")
     ecfg.add_argument("options", nargs="*", metavar="OPTION=VALUE")
     add_output_flag(ecfg)
     ecfg.set_defaults(func=endpoint_config_cmd)
@@ -153,9 +153,10 @@ async def endpoint_list(args: argparse.Namespace) -> int:
 
 
 def parse_endpoint_options(endpoint: str, options: list[str]) -> tuple[str, str, dict[str, str]]:
-    namespace, slash, pod = endpoint.partition("/")
-    if not (slash and namespace and pod):
-        raise CliError(f"endpoint {endpoint!r}: give it as NAMESPACE/POD")
+    """NS/POD (a pod's endpoint) or node:NAME (the node's host endpoint: namespace and pod empty)."""
+    namespace, slash, pod = ("", "/", "") if endpoint.startswith("node:") else endpoint.partition("/")
+    if not (slash and (namespace and pod or endpoint.startswith("node:"))):
+        raise CliError(f"endpoint {endpoint!r}: give it as NAMESPACE/POD or node:NAME")
     parsed: dict[str, str] = {}
     for opt in options:
         name, eq, value = opt.partition("=")
@@ -168,25 +169,28 @@ def parse_endpoint_options(endpoint: str, options: list[str]) -> tuple[str, str,
 async def endpoint_config_cmd(args: argparse.Namespace) -> int:
     """Ask the datapath-writer of the pod's node (it owns the endpoint) to show or change its options."""
     namespace, pod, options = parse_endpoint_options(args.endpoint, args.options)
-    _, eps = await _load(args)
-    record = next((e for e in eps if (e.namespace, e.name) == (namespace, pod)), None)
-    if record is None or not record.node:
-        raise CliError(f"endpoint {namespace}/{pod} not found (is the pod scheduled and wired?)")
+    if pod:
+        _, eps = await _load(args)
+        record = next((e for e in eps if (e.namespace, e.name) == (namespace, pod)), None)
+        if record is None or not record.node:
+            raise CliError(f"endpoint {namespace}/{pod} not found (is the pod scheduled and wired?)")
+        node = record.node
+    else:
+        node = args.endpoint.removeprefix("node:")
     bus = await connect_bus(args)
     try:
-        reply = await bus.request(subjects.endpoint_config_subject(record.node),
+        reply = await bus.request(subjects.endpoint_config_subject(node),
                                   EndpointConfig(namespace, pod, options), timeout=10.0)
     except Exception as exc:  # noqa: BLE001 - timeouts and no-responders alike
-        raise CliError(f"endpoint {namespace}/{pod}: no answer from the datapath-writer of node "
-                       f"{record.node} ({exc})") from exc
+        raise CliError(f"endpoint {args.endpoint}: no answer from the datapath-writer of node {node} ({exc})") from exc
     finally:
         await bus.close()
     if not isinstance(reply, EndpointConfig):
-        raise CliError(f"endpoint {namespace}/{pod}: unexpected answer {reply!r}")
+        raise CliError(f"endpoint {args.endpoint}: unexpected answer {reply!r}")
     if reply.error:
-        raise CliError(f"endpoint {namespace}/{pod}: {reply.error}")
+        raise CliError(f"endpoint {args.endpoint}: {reply.error}")
     if args.output == "json":
-        print_json({"namespace": namespace, "pod": pod, "node": record.node, "options": reply.options})
+        print_json({"endpoint": args.endpoint, "node": node, "options": reply.options})
     else:
         print_table(["OPTION", "VALUE"], sorted(reply.options.items()))
     return 0

@@ -81,6 +81,7 @@ class DesiredState:
     default_local_cluster: bool = False  # Cluster Mesh: policy-default-local-cluster (see PolicyEngine)
     policy_audit_mode: bool = False  # Cilium's policyAuditMode: every endpoint reports would-be drops, drops nothing
     host_firewall: bool = False  # Cilium's hostFirewall.enabled: the node is an endpoint (HOST_ENDPOINT_ID)
+    host_audit_mode: bool = False  # the host endpoint's own PolicyAuditMode (`endpoint config node:NAME`)
     ipcache: dict[str, IPCacheEntry] = field(default_factory=dict)
     policies: dict[int, EndpointPolicy] = field(default_factory=dict)
     services: list[LBService] = field(default_factory=list)
@@ -151,7 +152,7 @@ class DesiredState:
             entries |= {PolicyEntry("ingress", identity=n, protocol=proto, port=port)
                         for n in nodes for proto, port in HOST_CONTROL_PORTS}
         return EndpointPolicy(frozenset(entries), result.ingress_enforced, result.egress_enforced,
-                              audit=self.policy_audit_mode)
+                              audit=self.policy_audit_mode or self.host_audit_mode)
 
     def update(self, inputs: "ClusterInputs", local: list["LocalEndpoint"]) -> None:
         self._sync_engine(inputs)
