@@ -255,6 +255,9 @@ def _item_type(cls: type, name: str) -> Any:
 def _build(cls: type, values: dict[str, Any]) -> Any:
     """An instance of a kio entity: `values`, every `error_code` TOPIC_AUTHORIZATION_FAILED unless given,
     every other required field neutral."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in values:
@@ -266,31 +269,34 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def _identity(entry: Any, fields: tuple[str, ...]) -> tuple[str, Any] | None:
-    for name in fields:
-        if hasattr(entry, name):
-            return name, getattr(entry, name)
-    return None
+def _first_field(entity_type: type, candidates: tuple[str, ...]) -> str:
+    """The first of `candidates` that `entity_type` has (versions and APIs name the same thing differently)."""
+    names = {f.name for f in dataclasses.fields(entity_type)}
+    found = next((n for n in candidates if n in names), None)
+    if found is None:
+        raise TypeError(f"{entity_type.__name__} has none of {', '.join(candidates)}")
+    return found
+
+
+def _partition_index(partition: Any) -> int:
+    if isinstance(partition, int):  # OffsetFetch lists bare partition indexes
+        return partition
+    return int(getattr(partition, _first_field(type(partition), _PARTITION_ID_FIELDS)))
 
 
 def _topic_entries(request: KafkaRequest, shape: _TopicShape, response_type: type) -> tuple[Any, ...]:
+    """The response's topic array: each request topic (named as the request names it) and its partitions."""
     topic_type = _item_type(response_type, shape.response_topics)
-    topic_fields = {f.name for f in dataclasses.fields(topic_type)}
     partition_type = _item_type(topic_type, shape.response_partitions) if shape.response_partitions else None
     entries = []
     for topic in getattr(request.body, shape.request_topics, None) or ():
-        values: dict[str, Any] = {}
-        ident = _identity(topic, _TOPIC_ID_FIELDS)
-        if ident is None or ident[0] not in topic_fields:
-            raise TypeError(f"topic entry {type(topic).__name__} has no identity the response carries")
-        values[ident[0]] = ident[1]
-        if partition_type is not None and shape.request_partitions:
-            index_field = next(n for n in _PARTITION_ID_FIELDS if n in {f.name for f in dataclasses.fields(partition_type)})
-            partitions = []
-            for partition in getattr(topic, shape.request_partitions, None) or ():
-                index = partition if isinstance(partition, int) else _identity(partition, _PARTITION_ID_FIELDS)[1]  # type: ignore[index]
-                partitions.append(_build(partition_type, {index_field: index}))
-            values[shape.response_partitions] = tuple(partitions)
+        name_field = _first_field(type(topic), _TOPIC_ID_FIELDS)
+        values: dict[str, Any] = {name_field: getattr(topic, name_field)}
+        if partition_type is not None and shape.request_partitions and shape.response_partitions:
+            index_field = _first_field(partition_type, _PARTITION_ID_FIELDS)
+            values[shape.response_partitions] = tuple(
+                _build(partition_type, {index_field: _partition_index(p)})
+                for p in getattr(topic, shape.request_partitions, None) or ())
         entries.append(_build(topic_type, values))
     return tuple(entries)
 
