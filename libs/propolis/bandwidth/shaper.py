@@ -20,15 +20,17 @@ down). Our qdisc is recognised by its handle `SHAPER_HANDLE`; the one shaped rat
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from pyroute2 import AsyncIPRoute
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from propolis.errors import PermanentError, TemporaryError
 from propolis.kernel_probe import KernelFeature
+from propolis.sandbox.netns import entered
 
 #: 0x5050: our root qdisc (the handle `tc qdisc show` prints as 5050:)
 SHAPER_HANDLE = 0x5050 << 16
@@ -65,12 +67,20 @@ def burst_bytes(bits_per_second: int) -> int:
     return max(MIN_BURST_BYTES, int(bits_per_second / 8 * BURST_SECONDS))
 
 
-def _ipr(netns: str | None) -> AsyncIPRoute:
-    return AsyncIPRoute(netns=netns, flags=0) if netns else AsyncIPRoute()
+def _ipr(netns: str | None) -> IPRoute:
+    """An rtnetlink socket in `netns`, made by this worker thread entering it (no helper process forked per
+    call, as pyroute2's netns sockets do). FileNotFoundError when the namespace is gone."""
+    if not netns:
+        return IPRoute()
+    try:
+        with entered(netns):
+            return IPRoute()
+    except TemporaryError as exc:  # `entered`'s "does not exist"
+        raise FileNotFoundError(str(exc)) from exc
 
 
-async def _ifindex(ipr: AsyncIPRoute, ifname: str) -> int | None:
-    links = await ipr.link_lookup(ifname=ifname)
+def _ifindex(ipr: IPRoute, ifname: str) -> int | None:
+    links = ipr.link_lookup(ifname=ifname)
     return links[0] if links else None
 
 
@@ -85,41 +95,48 @@ def _root_rate(qdiscs: list[Any], ifindex: int) -> int | None:
 
 async def read_rate(netns: str | None, ifname: str) -> int | None:
     """The rate our root tbf on `ifname` shapes to (bits/s); None without one or without the interface."""
-    where = f"{ifname} in {netns or 'root'}"
+    return await asyncio.to_thread(_read_rate, netns, ifname)
+
+
+def _read_rate(netns: str | None, ifname: str) -> int | None:
     try:
-        async with _ipr(netns) as ipr:
-            index = await _ifindex(ipr, ifname)
-            if index is None:
-                return None
-            return _root_rate([q async for q in await ipr.get_qdiscs(index)], index)
+        with _ipr(netns) as ipr:
+            index = _ifindex(ipr, ifname)
+            return None if index is None else _root_rate(list(ipr.get_qdiscs(index)), index)
+    except FileNotFoundError:
+        return None  # the pod's namespace is gone: nothing shapes it any more
     except (OSError, NetlinkError) as exc:
-        if getattr(exc, "code", None) in _GONE or isinstance(exc, FileNotFoundError):
-            return None  # the pod's namespace or interface is gone: nothing shapes it any more
-        raise TemporaryError(f"read qdisc of {where}: {exc}") from exc
+        if getattr(exc, "code", None) in _GONE:
+            return None
+        raise TemporaryError(f"read qdisc of {ifname} in {netns or 'root'}: {exc}") from exc
 
 
 async def set_rate(netns: str | None, ifname: str, bits_per_second: int) -> None:
     """Shape `ifname`'s transmit direction to `bits_per_second` (0 = remove our shaper). Idempotent: an
     unchanged rate is not rewritten (replacing a tbf refills its bucket: a burst each time)."""
+    await asyncio.to_thread(_set_rate, netns, ifname, bits_per_second)
+
+
+def _set_rate(netns: str | None, ifname: str, bits_per_second: int) -> None:
     where = f"{ifname} in {netns or 'root'}"
     if bits_per_second > MAX_TBF_BITS_PER_SECOND:
         raise PermanentError(f"shape {where}: {bits_per_second} bits/s is above what tbf can hold "
                              f"({MAX_TBF_BITS_PER_SECOND})")
     try:
-        async with _ipr(netns) as ipr:
-            index = await _ifindex(ipr, ifname)
+        with _ipr(netns) as ipr:
+            index = _ifindex(ipr, ifname)
             if index is None:
                 if bits_per_second:
                     raise TemporaryError(f"shape {where}: no such interface")
                 return  # gone with its pod: nothing to unshape
-            current = _root_rate([q async for q in await ipr.get_qdiscs(index)], index)
+            current = _root_rate(list(ipr.get_qdiscs(index)), index)
             if current == ((bits_per_second // 8 * 8) or None):  # the kernel keeps whole bytes per second
                 return
             if not bits_per_second:
-                await ipr.tc("del", index=index, handle=SHAPER_HANDLE, parent=0xFFFFFFFF)
+                ipr.tc("del", index=index, handle=SHAPER_HANDLE, parent=0xFFFFFFFF)
                 return
-            await ipr.tc("replace", "tbf", index=index, handle=SHAPER_HANDLE, rate=f"{bits_per_second}bit",
-                         burst=burst_bytes(bits_per_second), latency=QUEUE_LATENCY)
+            ipr.tc("replace", "tbf", index=index, handle=SHAPER_HANDLE, rate=f"{bits_per_second}bit",
+                   burst=burst_bytes(bits_per_second), latency=QUEUE_LATENCY)
     except FileNotFoundError as exc:
         if bits_per_second:
             raise TemporaryError(f"shape {where}: namespace gone: {exc}") from exc
@@ -131,9 +148,13 @@ async def set_rate(netns: str | None, ifname: str, bits_per_second: int) -> None
 
 async def shaped_interfaces(netns: str | None) -> list[str]:
     """Interfaces of `netns` that carry our root tbf (what the writer's pruning reads)."""
+    return await asyncio.to_thread(_shaped_interfaces, netns)
+
+
+def _shaped_interfaces(netns: str | None) -> list[str]:
     try:
-        async with _ipr(netns) as ipr:
-            shaped = {q["index"] async for q in await ipr.get_qdiscs() if q["handle"] == SHAPER_HANDLE}
-            return [link.get_attr("IFLA_IFNAME") async for link in await ipr.get_links() if link["index"] in shaped]
+        with _ipr(netns) as ipr:
+            shaped = {q["index"] for q in ipr.get_qdiscs() if q["handle"] == SHAPER_HANDLE}
+            return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links() if link["index"] in shaped]
     except (OSError, NetlinkError) as exc:
         raise TemporaryError(f"list qdiscs in {netns or 'root'}: {exc}") from exc
