@@ -90,3 +90,15 @@ def test_no_host_endpoint_no_judgement(harness):
     assert from_netdev(h, pk.tcp(WORLD, 40020, NODE, 22)) == TC_ACT_OK
     assert to_netdev(h, pk.tcp(NODE, 41020, WORLD, 443)) == TC_ACT_OK
     assert not [e for e in h.events() if e.type == events.CILIUM_NOTIFY_POLICY_VERDICT]
+
+
+async def test_bench_host_program_cost_runs_every_way_and_cleans_up():
+    import os
+    from propolis.bench.host_firewall import measure_host_packet_cost
+    from propolis.maps.spec import default_pin_dir
+
+    rows = await measure_host_packet_cost(repeat=100, rounds=1)
+    assert [r["way"] for r in rows] == ["no host endpoint", "host endpoint, no policy", "seed host-firewall enforced"]
+    assert all(r["established_ns_per_packet"] > 0 for r in rows) and rows[2]["new_denied_ns_per_packet"] > 0
+    mine = f"bench-host-{os.getpid()}-"  # its throw-away node's pins are gone
+    assert not [d for d in os.listdir(os.path.dirname(default_pin_dir("x"))) if d.startswith(mine)]

@@ -5,6 +5,9 @@ TCP goodput measured across nodes (`bandwidth/measure.py`: bounded transfer, cou
 after a warm-up) for egress-bandwidth (sender's eth0) and ingress-bandwidth (receiver's lxc), 1 and 4
 streams; error = measured / target - 1. Goodput excludes headers (Ethernet + IP + TCP with timestamps:
 66 of every 1514 bytes at MTU 1500), so a perfect shaper reads about -4.4 %.
+
+Part `host_firewall`: the host program's per-packet cost with and without a host policy
+(`bench/host_firewall.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from propolis.bandwidth.annotations import EGRESS_BANDWIDTH, INGRESS_BANDWIDTH, 
 from propolis.bandwidth.measure import measure_tcp_rate
 from propolis.bandwidth.shaper import select_mode
 from propolis.bench.common import versions
+from propolis.bench.host_firewall import measure_host_packet_cost
 from propolis.kernel_probe import probe_all
 from propolis.sandbox import cluster
 from propolis.sandbox.config import SandboxState
@@ -66,8 +70,10 @@ async def shaping_accuracy(state: SandboxState, targets: Sequence[str], seconds:
 
 def run(targets: Sequence[str] = ("10M", "100M"), seconds: float = 3.0) -> dict[str, Any]:
     mode = select_mode(probe_all())
+    host_firewall = asyncio.run(measure_host_packet_cost())
     with running_sandbox(nodes=2, services=SERVICES) as state:
         rows = asyncio.run(shaping_accuracy(state, targets, seconds))
     return {"shaping": {"mode": mode.name, "detail": mode.detail, "seconds_per_measurement": seconds,
                         "rows": rows, "goal": "within ±10 % of the annotation (issue 19)"},
+            "host_firewall": {"program": "cil_from_netdev, BPF_PROG_TEST_RUN", "rows": host_firewall},
             "versions": versions()}

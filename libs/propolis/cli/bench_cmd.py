@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     flows.set_defaults(func=lambda a: _print(importlib.import_module("propolis.hubble.bench").run(
         [int(r) for r in a.rates.split(",") if r.strip()], a.seconds, a.nats_url, a.follow_rate)))
     node = verbs.add_parser("node", help="the node itself: Bandwidth Manager shaping accuracy (target rate, "
-                                         "measured, error)")
+                                         "measured, error), host firewall per-packet cost")
     node.add_argument("--targets", default="10M,100M", help="annotation values, comma-separated")
     node.add_argument("--seconds", type=float, default=3.0, help="measurement window of each transfer")
     node.set_defaults(func=lambda a: _print(importlib.import_module("propolis.bench.node").run(
