@@ -15,6 +15,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from propolis.errors import TemporaryError
 from propolis.sandbox import netns as netns_mod
 
 CHUNK = 64 * 1024
@@ -89,6 +90,6 @@ async def measure_tcp_rate(*, client_netns: str, server_netns: str, server_ip: s
         for sock in sockets:
             sock.close()
     if not window_bytes:
-        raise RuntimeError(f"measure {client_netns} -> {server_ip}: nothing arrived after the {warmup}s warm-up")
+        raise TemporaryError(f"measure {client_netns} -> {server_ip}: nothing arrived after the {warmup}s warm-up")
     return RateSample(streams=streams, window_bytes=window_bytes, seconds=seconds,
                       bits_per_second=window_bytes * 8 / seconds)
