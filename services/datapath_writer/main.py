@@ -160,6 +160,9 @@ class DatapathComponent(Component):
                 self.host_ifindex = await self.dp.attach_host_firewall(device)
             rt.features["Host firewall"] = {"state": "Enabled",
                                             "detail": f"host endpoint on {', '.join(devices) or 'no device'}"}
+        else:
+            rt.features["Host firewall"] = {"state": "Disabled", "detail": "hostFirewall.enabled=false: policies "
+                                                                          "with a nodeSelector do nothing"}
         rt.progress["compile_seconds"] = round(self.dp.compile_seconds, 3)
         rt.features["Policy enforcement"] = {
             "state": self.settings.policy_enforcement.capitalize(),
