@@ -45,6 +45,8 @@ class ProbeSpec:
             raise ValidationError("protocol", f"must be TCP or UDP, got {self.protocol!r}")
         if not 1 <= self.port <= 65535:
             raise ValidationError("port", f"must be 1..65535, got {self.port}")
+        if self.grpc is not None and (self.protocol != "TCP" or self.http or not self.grpc.startswith("/")):
+            raise ValidationError("grpc", f"a TCP call /package.Service/Method without --http, got {self.grpc!r}")
 
 
 @dataclass
