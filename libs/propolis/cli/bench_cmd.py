@@ -41,7 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "requests/s (1, 50 connections), latency at a paced rate, proxy CPU and RSS")
     l7.add_argument("--seconds", type=float, default=5.0, help="how long each measurement runs")
     l7.add_argument("--rate", type=int, default=1000, help="paced requests/s for the latency figures")
-    l7.set_defaults(func=lambda a: _print(importlib.import_module("propolis.bench.l7").run(a.seconds, a.rate)))
+    l7.add_argument("--kafka", action="store_true",
+                    help="Kafka Produce requests to a real broker pod (bench/l7_kafka.py) instead")
+    l7.set_defaults(func=lambda a: _print(importlib.import_module(
+        "propolis.bench.l7_kafka" if a.kafka else "propolis.bench.l7").run(a.seconds, a.rate)))
     sandbox = verbs.add_parser("sandbox", help="sandbox up + pods ready, probe matrix throughput, down")
     sandbox.add_argument("--nodes", type=int, default=2)
     sandbox.add_argument("--pods", type=int, default=20)

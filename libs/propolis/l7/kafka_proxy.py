@@ -120,7 +120,8 @@ class _Connection:
     async def _read_frame(self) -> bytes | None:
         """One whole request frame, None at the client's close between frames."""
         try:
-            prefix = await asyncio.wait_for(self.reader.readexactly(4), self.proxy.idle_timeout)
+            async with asyncio.timeout(self.proxy.idle_timeout):  # a timer, not wait_for's task per read
+                prefix = await self.reader.readexactly(4)
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
                 raise kafka.BadFrame("connection closed inside a size prefix") from None
@@ -129,7 +130,8 @@ class _Connection:
             raise ConnectionDone() from None
         size = kafka.frame_size(prefix)
         try:
-            body = await asyncio.wait_for(self.reader.readexactly(size), self.proxy.frame_timeout)
+            async with asyncio.timeout(self.proxy.frame_timeout):
+                body = await self.reader.readexactly(size)
         except (asyncio.TimeoutError, TimeoutError):
             raise kafka.BadFrame(f"request of {size} bytes not complete within {self.proxy.frame_timeout}s") from None
         except asyncio.IncompleteReadError:
