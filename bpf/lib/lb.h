@@ -69,6 +69,9 @@
 /* flags2 */
 #define SVC_FLAG_INT_LOCAL_SCOPE (1 << 4)
 #define SVC_FLAG_MAGLEV		(1 << 7)	/* Propolis: this service selects with Maglev */
+/* Propolis, Cluster Mesh: a global service's affinity (for `service list`; not read here) */
+#define SVC_FLAG_CLUSTERMESH_AFFINITY_LOCAL	(1 << 5)
+#define SVC_FLAG_CLUSTERMESH_AFFINITY_REMOTE	(1 << 6)
 
 /* backend states (Cilium's BE_STATE_*) */
 #define BE_STATE_ACTIVE		0
@@ -108,7 +111,7 @@ struct lb4_backend {
 	__be16 port;
 	__u8 proto;
 	__u8 flags;		/* BE_STATE_* */
-	__u16 cluster_id;
+	__u16 cluster_id;	/* Cluster Mesh: 0 = this cluster, else the remote's id */
 	__u8 zone;
 	__u8 pad;
 };

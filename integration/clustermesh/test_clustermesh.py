@@ -175,6 +175,13 @@ async def answers(state, ip: str, tries: int = 16) -> set[str]:
     return {r.answered_by for r in results if r.connected}
 
 
+def listed_backends(node: str, frontend: str) -> dict[str, dict]:
+    """`propolis service list -o json` of a node: the frontend's backends by address (the maps, read back)."""
+    out = subprocess.run([sys.executable, "-m", "propolis.cli.main", "service", "list", "--node", node, "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    return {b["address"]: b for v in json.loads(out) if v["frontend"] == f"{frontend}:80" for b in v["backends"]}
+
+
 async def test_a_global_service_spreads_over_both_clusters_and_prefers_local_with_failover(mesh, tmp_path):
     c1, c2 = mesh
     await cluster.apply(c2, [write(tmp_path, api_docs("api2", "none"))])
@@ -187,18 +194,32 @@ async def test_a_global_service_spreads_over_both_clusters_and_prefers_local_wit
     async def both():
         return await answers(c1, frontend) == {f"{NS}/api1", f"{NS}/api2"}
     await wait_for(both, 30, "c1's api frontend to spread over both clusters")
+    api1, api2 = await pod_ip(c1, "api1"), await pod_ip(c2, "api2")
+    node = c1.sandbox().node_names()[0]
+
+    async def marked(expected: dict) -> bool:  # every node of c1 gets there, each at its own pace
+        shown = listed_backends(node, frontend)
+        return {a: (b["cluster_id"], b.get("cluster"), b["preferred"]) for a, b in shown.items()} == expected
+    await wait_for(lambda: marked({f"{api1}:8080": (0, None, False), f"{api2}:8080": (2, c2.sandbox().name, False)}),
+                   10, "service list to mark c2's backend remote, none preferred")
 
     await cluster.apply(c1, [write(tmp_path, api_docs("api1", "local")[1:])])
 
     async def local_only():
         return await answers(c1, frontend) == {f"{NS}/api1"}
     await wait_for(local_only, 20, "affinity local to keep c1's traffic in c1")
+    await wait_for(lambda: marked({f"{api1}:8080": (0, None, True)}), 10, "c1's own backend marked preferred")
+    table = subprocess.run([sys.executable, "-m", "propolis.cli.main", "service", "list", "--node", node],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"=> {api1}:8080/TCP (active) (preferred)" in table, table
 
     await cluster.delete(c1, [write(tmp_path, api_docs("api1", "local")[:1])])
 
     async def failed_over():
         return await answers(c1, frontend) == {f"{NS}/api2"}
     await wait_for(failed_over, 30, "failover to c2's backend once c1 has none")
+    await wait_for(lambda: marked({f"{api2}:8080": (2, c2.sandbox().name, False)}), 10,
+                   "failover: c2's backend in use, remote and not preferred")
 
 
 async def bucket(state, name: str, keys: str = ">") -> dict:

@@ -271,7 +271,7 @@ def test_set_services_diffs_recovers_and_cleans(lb):
     again = lb.dp.set_services([web, dns])
     assert (again.entries_written, again.entries_deleted) == (0, 0)
     views = {v.frontend: v for v in lb.dp.list_services()}
-    assert [b[1] for b in views[f"{VIP}:80"].backends] == [f"{POD_B}:8080", f"{POD_C}:8080"]
+    assert [b.address for b in views[f"{VIP}:80"].backends] == [f"{POD_B}:8080", f"{POD_C}:8080"]
     gone = lb.dp.set_services([dns])
     assert gone.frontends_removed == 1
     assert len(lbmaps.items_batch(lb.dp._map(lbmaps.SERVICES_SPEC.pin_name))) == 2

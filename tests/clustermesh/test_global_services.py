@@ -35,10 +35,10 @@ def test_annotations_and_legacy_aliases(annotations, glob, shared, affinity):
 
 
 def test_export_has_ready_backends_per_port_unless_not_shared():
-    exported = gs.cluster_service("c1", service({"service.cilium.io/global": "true"}),
+    exported = gs.cluster_service("c1", 1, service({"service.cilium.io/global": "true"}),
                                   [slice_(["10.1.1.5"]), slice_(["10.1.1.6"], ready=False)])
-    assert exported == ClusterService("c1", "ns", "api", True, {"http/TCP": [["10.1.1.5", 8080]]})
-    hidden = gs.cluster_service("c1", service({"service.cilium.io/global": "true",
+    assert exported == ClusterService("c1", "ns", "api", True, {"http/TCP": [["10.1.1.5", 8080]]}, 1)
+    hidden = gs.cluster_service("c1", 1, service({"service.cilium.io/global": "true",
                                                "service.cilium.io/shared": "false"}), [slice_(["10.1.1.5"])])
     assert hidden.shared is False and hidden.backends == {}
 

@@ -256,18 +256,20 @@ class ClusterNode:
     wireguard_public_key: str = ""
 
 
-@message("clustermesh-service", (1, 0))
+@message("clustermesh-service", (1, 1))
 @dataclass
 class ClusterService:
     """``services.<ns>.<name>`` in the export (``cilium/state/services/v1/<cluster>/<ns>/<name>``): a global
     Service's ready backends per port (key ``<port name>/<protocol>``, value ``[[ip, port], …]``); none when
-    ``service.cilium.io/shared: "false"``."""
+    ``service.cilium.io/shared: "false"``. 1.1: ``cluster_id`` (Cilium's ClusterService.ClusterID), which the
+    importing nodes write into each remote backend's ``cilium_lb4_backends_v3`` entry."""
 
     cluster: str
     namespace: str
     name: str
     shared: bool
     backends: dict[str, list[list[Any]]] = field(default_factory=dict)
+    cluster_id: int = 0
 
 
 @message("fqdn-cache", (1, 0))

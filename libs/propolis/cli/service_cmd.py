@@ -11,8 +11,10 @@ from typing import Any
 
 from propolis.cli.bpf_cmd import _open, _pin_dir
 from propolis.cli.common import add_output_flag, print_json, print_table
-from propolis.datapath.services import read_services
+from propolis.clustermesh.remotes import load_remotes
+from propolis.datapath.services import BackendView, read_services
 from propolis.maps import lb as lbmaps
+from propolis.sandbox.config import existing_sandboxes
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -32,12 +34,33 @@ def _service_type(flags: list[str]) -> str:
     return "ClusterIP"
 
 
+def remote_cluster_names(node: str | None) -> dict[int, str]:
+    """Cluster Mesh: id -> name of the clusters the node's sandbox is connected to (the maps hold only ids)."""
+    for state in existing_sandboxes().values():
+        cfg = state.sandbox()
+        if node in cfg.node_names():
+            return {r.id: r.name for r in load_remotes(cfg.clustermesh_dir).values()}
+    return {}
+
+
+def backend_marks(b: BackendView, names: dict[int, str]) -> str:
+    """`cilium service list`'s `(preferred)`, after `(remote: CLUSTER)` for another cluster's backend."""
+    marks = f" (remote: {names.get(b.cluster_id, f'cluster {b.cluster_id}')})" if b.remote else ""
+    return marks + (" (preferred)" if b.preferred else "")
+
+
 def service_list(args: argparse.Namespace) -> int:
     pin_dir = _pin_dir(args)
     with _open(lbmaps.SERVICES_SPEC, pin_dir) as services, _open(lbmaps.BACKENDS_SPEC, pin_dir) as backends:
         views = read_services(services, backends)
+    names = remote_cluster_names(args.node) if any(b.remote for v in views for b in v.backends) else {}
     if args.output == "json":
-        print_json([v.to_json() for v in views])
+        out = [v.to_json() for v in views]
+        for view in out:
+            for b in view["backends"]:
+                if b["remote"] and b["cluster_id"] in names:
+                    b["cluster"] = names[b["cluster_id"]]
+        print_json(out)
         return 0
     rows: list[list[Any]] = []
     for v in views:
@@ -48,9 +71,9 @@ def service_list(args: argparse.Namespace) -> int:
         frontend = f"{v.frontend}/{v.protocol}"
         if not v.backends:
             rows.append([v.id, frontend, kind, "(no backends: new connections dropped)"])
-        for i, (bid, address, state) in enumerate(v.backends):
+        for i, b in enumerate(v.backends):
             rows.append([v.id if i == 0 else "", frontend if i == 0 else "", kind if i == 0 else "",
-                         f"{bid} => {address}/{v.protocol} ({state})"])
+                         f"{b.id} => {b.address}/{v.protocol} ({b.state}){backend_marks(b, names)}"])
     print_table(["ID", "Frontend", "Service Type", "Backend"], rows)
     return 0
 
@@ -66,8 +89,9 @@ def bpf_lb_list(args: argparse.Namespace) -> int:
         for r in rows:
             j = r.to_json()
             if r.slot:
-                ip, port, _proto, state = known.get(r.backend_id, ("?", 0, 0, 0))
-                j["backend"] = {"address": f"{ip}:{port}", "state": lbmaps.BE_STATE_NAMES.get(state, str(state))}
+                ip, port, _proto, state, cluster_id = known.get(r.backend_id, ("?", 0, 0, 0, 0))
+                j["backend"] = {"address": f"{ip}:{port}", "state": lbmaps.BE_STATE_NAMES.get(state, str(state)),
+                                "cluster_id": cluster_id}
             out.append(j)
         print_json(out)
         return 0
@@ -78,7 +102,7 @@ def bpf_lb_list(args: argparse.Namespace) -> int:
             table.append([f"{r.frontend}/{lbmaps.PROTO_NAMES.get(r.proto, r.proto)}",
                           f"0.0.0.0:0 ({r.rev_nat_index}) (0) [{flags}] count={r.count}"])
         else:
-            ip, port, _proto, state = known.get(r.backend_id, ("?", 0, 0, 0))
+            ip, port, _proto, state, _cluster_id = known.get(r.backend_id, ("?", 0, 0, 0, 0))
             table.append(["", f"{ip}:{port} ({r.rev_nat_index}) ({r.slot}) id={r.backend_id} "
                               f"{lbmaps.BE_STATE_NAMES.get(state, str(state))}"])
     print_table(["SERVICE ADDRESS", "BACKEND ADDRESS (REVNAT_ID) (SLOT)"], table)

@@ -79,7 +79,7 @@ def desired_export(*, cluster_name: str, cluster_id: int, nodes: dict[str, K8sOb
     for svc in services:
         if global_services.is_global(svc):
             out[service_key(svc.namespace, svc.name)] = global_services.cluster_service(
-                cluster_name, svc, slices.get((svc.namespace, svc.name), []))
+                cluster_name, cluster_id, svc, slices.get((svc.namespace, svc.name), []))
     return out
 
 

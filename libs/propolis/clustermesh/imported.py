@@ -44,5 +44,6 @@ def remote_backends(remote_services: dict[tuple[str, str], dict[str, Any]], serv
         for key, rows in shared.backends.items():
             protocol = key.rpartition("/")[2] or "TCP"
             by_port.setdefault(key, []).extend(
-                Backend(str(ip), int(port), protocol, BACKEND_ACTIVE, cluster=cluster) for ip, port in rows)
+                Backend(str(ip), int(port), protocol, BACKEND_ACTIVE, cluster=cluster, cluster_id=shared.cluster_id)
+                for ip, port in rows)
     return {service: by_port}

@@ -43,7 +43,7 @@ def port_key(port_name: str, protocol: str) -> str:
     return f"{port_name}/{protocol}"
 
 
-def cluster_service(cluster: str, svc: K8sObject, slices: Iterable[K8sObject]) -> ClusterService:
+def cluster_service(cluster: str, cluster_id: int, svc: K8sObject, slices: Iterable[K8sObject]) -> ClusterService:
     """What this cluster exports of a global Service: its ready IPv4 backends per port, if shared."""
     shared = is_shared(svc)
     backends: dict[str, list[list[Any]]] = {}
@@ -61,7 +61,7 @@ def cluster_service(cluster: str, svc: K8sObject, slices: Iterable[K8sObject]) -
                 rows.extend([str(a), port["port"]] for a in ep.get("addresses") or [])
     for rows in backends.values():
         rows.sort()
-    return ClusterService(cluster, svc.namespace, svc.name, shared, backends)
+    return ClusterService(cluster, svc.namespace, svc.name, shared, backends, cluster_id)
 
 
 def choose(local: tuple[Any, ...], remote: tuple[Any, ...], affinity_: str, *, active: Any) -> tuple[Any, ...]:

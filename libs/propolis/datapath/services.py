@@ -212,13 +212,14 @@ class ServiceMaps:
         maglev = self.algorithm == "maglev"
         if maglev:
             flags2 |= lbmaps.SVC_FLAG2_MAGLEV
+        flags2 |= lbmaps.CLUSTERMESH_AFFINITY_FLAGS.get(svc.cluster_affinity, 0)
         fe = _Frontend()
         active: list[int] = []
         backend_ids = self._backend_ids
         fe_backends, fe_addrs = fe.backends, fe.backend_l3n4
         for b in svc.backends:
             bproto = _PROTO.get(b.protocol, proto)
-            value = _BACKEND.pack(_aton(b.ip), _htons(b.port), bproto, _STATE[b.state], 0, 0)
+            value = _BACKEND.pack(_aton(b.ip), _htons(b.port), bproto, _STATE[b.state], b.cluster_id, 0)
             addr = value[:7]
             bid = backend_ids.get(addr) or self._backend_id(addr)
             bkey = _U32.pack(bid)
@@ -368,6 +369,25 @@ class ServiceMaps:
 
 
 @dataclass(frozen=True)
+class BackendView:
+    """One slotted backend of a frontend; `cluster_id` 0 = this cluster (Cluster Mesh: else the remote's)."""
+
+    id: int
+    address: str
+    state: str
+    cluster_id: int = 0
+    preferred: bool = False  # on the side a global Service's affinity prefers (Cilium's `(preferred)`)
+
+    @property
+    def remote(self) -> bool:
+        return self.cluster_id != 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "address": self.address, "state": self.state, "cluster_id": self.cluster_id,
+                "remote": self.remote, "preferred": self.preferred}
+
+
+@dataclass(frozen=True)
 class ServiceView:
     """One frontend as `propolis service list` shows it (read from the maps)."""
 
@@ -375,13 +395,12 @@ class ServiceView:
     frontend: str
     protocol: str
     flags: list[str]
-    backends: list[tuple[int, str, str]]  # (backend id, ip:port, state)
+    backends: list[BackendView]
     affinity_timeout: int
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "frontend": self.frontend, "protocol": self.protocol, "flags": self.flags,
-                "affinity_timeout": self.affinity_timeout,
-                "backends": [{"id": i, "address": a, "state": s} for i, a, s in self.backends]}
+                "affinity_timeout": self.affinity_timeout, "backends": [b.to_json() for b in self.backends]}
 
 
 def read_services(services_map: bpf.BpfMap[Any, Any], backends_map: bpf.BpfMap[Any, Any]) -> list[ServiceView]:
@@ -398,11 +417,15 @@ def read_services(services_map: bpf.BpfMap[Any, Any], backends_map: bpf.BpfMap[A
     out = []
     for key, m in sorted(masters.items(), key=lambda kv: kv[1].rev_nat_index):
         listed = []
+        prefers_local = bool(m.flags2 & lbmaps.SVC_FLAG2_CLUSTERMESH_AFFINITY_LOCAL)
+        prefers_remote = bool(m.flags2 & lbmaps.SVC_FLAG2_CLUSTERMESH_AFFINITY_REMOTE)
         for r in sorted(slots.get(key, []), key=lambda r: r.slot):
             if r.slot > m.count:
                 continue
-            ip, port, _proto, state = backends.get(r.backend_id, ("?", 0, 0, 0))
-            listed.append((r.backend_id, f"{ip}:{port}", lbmaps.BE_STATE_NAMES.get(state, str(state))))
+            ip, port, _proto, state, cluster_id = backends.get(r.backend_id, ("?", 0, 0, 0, 0))
+            preferred = prefers_remote if cluster_id else prefers_local
+            listed.append(BackendView(r.backend_id, f"{ip}:{port}", lbmaps.BE_STATE_NAMES.get(state, str(state)),
+                                      cluster_id, preferred))
         affinity = m.backend_id if m.flags & lbmaps.SVC_FLAG_AFFINITY else 0
         out.append(ServiceView(m.rev_nat_index, m.frontend, lbmaps.PROTO_NAMES.get(m.proto, str(m.proto)),
                                lbmaps.flag_names(m.flags, m.flags2) or ["ClusterIP"], listed, affinity))

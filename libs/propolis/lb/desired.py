@@ -49,6 +49,7 @@ class Backend:
     node_name: str = ""
     zone: str = ""
     cluster: str = ""  # Cluster Mesh: the remote cluster of a global Service's backend ("" = this cluster)
+    cluster_id: int = 0  # ... and its id (0 = this cluster), written into the backend's LB map entry
 
     @property
     def l3n4(self) -> tuple[str, int, str]:
@@ -71,6 +72,8 @@ class LBService:
     affinity_timeout: int = 0
     ext_traffic_local: bool = False
     int_traffic_local: bool = False
+    #: Cluster Mesh: a global Service's `service.cilium.io/affinity` (local|remote|none; "" = not global)
+    cluster_affinity: str = ""
 
     @property
     def frontend(self) -> tuple[str, int, str]:
@@ -220,16 +223,18 @@ def desired_services(services: Iterable[K8sObject], endpoint_slices: Iterable[K8
 
         for port in _service_ports(spec, where):
             all_backends = _merge(gathered.get((port.name, port.protocol), []))
+            cluster_affinity = ""
             if remote_backends is not None and global_services.is_global(svc):
                 remote = _merge((remote_backends.get((svc.namespace, svc.name)) or {}).get(
                     global_services.port_key(port.name, port.protocol), ()))
-                all_backends = global_services.choose(all_backends, remote, global_services.affinity(svc),
+                cluster_affinity = global_services.affinity(svc)
+                all_backends = global_services.choose(all_backends, remote, cluster_affinity,
                                                       active=lambda b: b.state == BACKEND_ACTIVE)
             local_backends = tuple(b for b in all_backends if b.node_name == node_name)
 
             def entry(ftype: str, ip: str, number: int, backends: tuple[Backend, ...]) -> LBService:
                 return LBService(svc.namespace, svc.name, port.name, ftype, ip, number, port.protocol, backends,
-                                 affinity, timeout, ext_local, int_local)
+                                 affinity, timeout, ext_local, int_local, cluster_affinity)
 
             out.append(entry("ClusterIP", cluster_ip, port.port, local_backends if int_local else all_backends))
             external = local_backends if ext_local else all_backends

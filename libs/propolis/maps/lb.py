@@ -33,6 +33,12 @@ SVC_FLAG_LOADBALANCER = 1 << 5
 SVC_FLAG_ROUTABLE = 1 << 6
 SVC_FLAG2_INT_LOCAL_SCOPE = 1 << 4
 SVC_FLAG2_MAGLEV = 1 << 7
+# Propolis, Cluster Mesh: a global Service's affinity, for `service list` to mark preferred backends (the
+# datapath never reads them: the writer already slots only the side it uses)
+SVC_FLAG2_CLUSTERMESH_AFFINITY_LOCAL = 1 << 5
+SVC_FLAG2_CLUSTERMESH_AFFINITY_REMOTE = 1 << 6
+CLUSTERMESH_AFFINITY_FLAGS = {"local": SVC_FLAG2_CLUSTERMESH_AFFINITY_LOCAL,
+                              "remote": SVC_FLAG2_CLUSTERMESH_AFFINITY_REMOTE}
 
 BE_STATE_ACTIVE = 0
 BE_STATE_TERMINATING = 1
@@ -188,9 +194,9 @@ def dump_services(bpf_map: bpf.BpfMap[Any, Any]) -> list[ServiceRow]:
     return sorted(rows, key=lambda r: (r.rev_nat_index, r.slot))
 
 
-def dump_backends(bpf_map: bpf.BpfMap[Any, Any]) -> dict[int, tuple[str, int, int, int]]:
-    """backend id -> (ip, port, proto, state)."""
-    return {int(k.value): (be32_to_ip4(v.address), ntohs(v.port), v.proto, v.flags)
+def dump_backends(bpf_map: bpf.BpfMap[Any, Any]) -> dict[int, tuple[str, int, int, int, int]]:
+    """backend id -> (ip, port, proto, state, cluster id: 0 = this cluster, else the remote one of Cluster Mesh)."""
+    return {int(k.value): (be32_to_ip4(v.address), ntohs(v.port), v.proto, v.flags, v.cluster_id)
             for k, v in items_batch(bpf_map)}
 
 
@@ -202,8 +208,9 @@ def flag_names(flags: int, flags2: int) -> list[str]:
     names = [n for bit, n in ((SVC_FLAG_EXTERNAL_IP, "ExternalIPs"), (SVC_FLAG_NODEPORT, "NodePort"),
                               (SVC_FLAG_EXT_LOCAL_SCOPE, "eTP=Local"), (SVC_FLAG_AFFINITY, "sessionAffinity"),
                               (SVC_FLAG_LOADBALANCER, "LoadBalancer")) if flags & bit]
-    names += [n for bit, n in ((SVC_FLAG2_INT_LOCAL_SCOPE, "iTP=Local"), (SVC_FLAG2_MAGLEV, "maglev"))
-              if flags2 & bit]
+    names += [n for bit, n in ((SVC_FLAG2_INT_LOCAL_SCOPE, "iTP=Local"), (SVC_FLAG2_MAGLEV, "maglev"),
+                               (SVC_FLAG2_CLUSTERMESH_AFFINITY_LOCAL, "affinity=local"),
+                               (SVC_FLAG2_CLUSTERMESH_AFFINITY_REMOTE, "affinity=remote")) if flags2 & bit]
     return names
 
 
