@@ -94,16 +94,24 @@ class K8sBucketTarget:
         self.may_write = may_write  # "" or why not
         self.on_damage = on_damage
         self.known: dict[str, K8sObject] = {}
+        #: A new epoch started and its watermark is not written yet: every key is written again, whatever
+        #: the bucket seems to hold. Consumers take a purged key the owner did not rewrite under a new epoch
+        #: as gone, and a snapshot (a takeover's load, a refresh round) may predate a purge still running.
+        self.rewrite_all = False
         self.writes = 0
         self.wrote = asyncio.Event()  # set by every write: the watermark can follow at once
         self._snapshot: dict[str, K8sObject] | None = None
 
     async def update(self, key: str, desired: K8sObject) -> None:
-        if self.known.get(key) != desired:
+        if self.rewrite_all or self.known.get(key) != desired:
             async with self.lock:
                 await self._write(key, desired)
 
     async def refresh(self, key: str, desired: K8sObject) -> None:
+        if self.rewrite_all:
+            async with self.lock:
+                await self._write(key, desired)
+            return
         snapshot = self._snapshot if self._snapshot is not None else await bucket_objects(self.kv)
         self._snapshot = snapshot
         if snapshot.get(key) == desired:
@@ -389,8 +397,11 @@ class KvMirror:
                   self.kv.bucket, what, len(self.desired), self.epoch)
 
     def _start_epoch(self) -> None:
+        """A new epoch: every desired key is written again before its watermark (K8sBucketTarget.rewrite_all)."""
         self.epoch = new_epoch()
         self.epoch_announced = False
+        self.target.rewrite_all = True
+        self.reconciler.queue_refresh()
 
     # --- status ----------------------------------------------------------------------
     def mirrored_resource_version(self) -> int:
@@ -429,6 +440,7 @@ class KvMirror:
             self.watermark_written = rv
             self.writes_at_watermark = self.target.writes
             self.epoch_announced = True
+            self.target.rewrite_all = False
 
     # --- leadership --------------------------------------------------------------------
     async def set_leader(self, leader: bool) -> None:
