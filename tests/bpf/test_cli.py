@@ -30,7 +30,7 @@ def test_cli_shows_the_maps(harness, capsys):
 
     eps = run_json(capsys, "bpf", "endpoint", "list", "--pin-dir", pin)
     assert eps == [{"address": "10.244.7.3", "endpoint_id": 33, "identity": 5001, "ifindex": 1,
-                    "ingress_enforced": True, "egress_enforced": False, "flags": 256}]
+                    "ingress_enforced": True, "egress_enforced": False, "policy_audit": False, "flags": 256}]
     cache = run_json(capsys, "bpf", "ipcache", "list", "--pin-dir", pin)
     assert [(c["cidr"], c["identity"]) for c in cache] == [("10.244.7.3/32", 5001), ("10.244.8.0/24", 5002)]
     rows = run_json(capsys, "bpf", "policy", "get", "33", "--pin-dir", pin)
