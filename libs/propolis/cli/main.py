@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "propolis.cli.encrypt_cmd",
     "propolis.cli.clustermesh_cmd",
     "propolis.cli.policy_cmd",
+    "propolis.cli.fqdn_cmd",
     "propolis.cli.identity_cmd",
     "propolis.cli.service_cmd",
     "propolis.cli.bpf_cmd",

@@ -23,6 +23,7 @@ from typing import Any
 from propolis.bus import subjects
 from propolis.bus.kv import EventType
 from propolis.bus.messages import FqdnCacheRecord, Heartbeat
+from propolis.errors import PermanentError, TemporaryError
 from propolis.fqdn.cache import FqdnCache
 from propolis.fqdn.listener import DnsListeners, UdpUpstream
 from propolis.fqdn.policy import DNS_PROXY_PORT, DnsPolicy
@@ -86,11 +87,19 @@ class FqdnCacheComponent(Component):
                     assert self._enforced_moved is not None
                     self._enforced_moved.set()
 
-    async def publish(self) -> int:
-        """Write the cache under the next generation; returns that generation."""
+    async def publish(self) -> int | None:
+        """Write the cache under the next generation; returns that generation, None if NATS refused it
+        (the cache stays dirty and goes out on the next expiry pass; meanwhile the writer keeps the last)."""
         self.generation += 1
         generation, self.dirty = self.generation, False
-        await self.kv.put(subjects.fqdn_key(self.node), FqdnCacheRecord(self.node, generation, self.cache.to_json()))
+        try:
+            await self.kv.put(subjects.fqdn_key(self.node),
+                              FqdnCacheRecord(self.node, generation, self.cache.to_json()))
+        except (TemporaryError, PermanentError) as exc:
+            self.dirty = True
+            self.set_degraded(f"FQDN cache not published: {exc}")
+            return None
+        self.set_ok()
         return generation
 
     async def learn(self, item: Learned) -> None:
@@ -101,7 +110,7 @@ class FqdnCacheComponent(Component):
         generation = await self.publish()
         deadline = time.monotonic() + ENFORCED_WAIT_S
         assert self._enforced_moved is not None
-        while self.enforced < generation and time.monotonic() < deadline:
+        while generation is not None and self.enforced < generation and time.monotonic() < deadline:
             self._enforced_moved.clear()
             try:
                 await asyncio.wait_for(self._enforced_moved.wait(), deadline - time.monotonic())
