@@ -188,6 +188,28 @@ async def test_bad_frames_close_the_connection_and_the_proxy_serves_on(sandbox):
     assert answers == {"error_codes": [[0]], "connected": True}
 
 
+async def pipeline(state, frames: list[bytes], answers_due: int) -> list[bytes]:
+    """Send every frame at once from the consumer to the broker; the answer frames (without size), in order."""
+    loop = asyncio.get_running_loop()
+    sock = netns_mod.socket_in(cluster.source_netns(state, CONSUMER), socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (await broker_ip(state), 9092)), 2)
+        sender = asyncio.ensure_future(loop.sock_sendall(sock, b"".join(frames)))
+        received, answers = b"", []
+        while len(answers) < answers_due:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+            assert chunk, f"closed after {len(answers)} answers"
+            received += chunk
+            while len(received) >= 4 and len(received) >= 4 + struct.unpack_from(">i", received)[0]:
+                size = struct.unpack_from(">i", received)[0]
+                answers.append(received[4:4 + size])
+                received = received[4 + size:]
+        await sender
+        return answers
+    finally:
+        sock.close()
+
+
 def request_frame(request, version: int, correlation_id: int):
     """A request as aiokafka's connection frames it (header + struct, size prefix), and its struct."""
     request_struct = request.prepare({request.API_KEY: (version, version)})
@@ -205,22 +227,7 @@ async def test_pipelined_requests_are_answered_in_request_order(sandbox):
             request_frame(MetadataRequest(["order-events"]), 5, 4),
             request_frame(FetchRequest(100, 1, 1048576, 0, [("payments", [(0, 0, 1048576)])]), 11, 5)]
     structs = {cid: s for cid, (_, s) in enumerate(sent, start=1)}
-    loop = asyncio.get_running_loop()
-    sock = netns_mod.socket_in(cluster.source_netns(sandbox, CONSUMER), socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        await asyncio.wait_for(loop.sock_connect(sock, (await broker_ip(sandbox), 9092)), 2)
-        await loop.sock_sendall(sock, b"".join(frame for frame, _ in sent))  # all at once
-        received, answers = b"", []
-        while len(answers) < 4:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
-            assert chunk, f"closed after {answers}"
-            received += chunk
-            while len(received) >= 4 and len(received) >= 4 + struct.unpack_from(">i", received)[0]:
-                size = struct.unpack_from(">i", received)[0]
-                answers.append(received[4:4 + size])
-                received = received[4 + size:]
-    finally:
-        sock.close()
+    answers = await pipeline(sandbox, [frame for frame, _ in sent], 4)
     order, codes = [], []
     for answer in answers:
         cid = struct.unpack_from(">i", answer)[0]
@@ -234,3 +241,14 @@ async def test_pipelined_requests_are_answered_in_request_order(sandbox):
         codes.append(sorted(found - {0}) or [0])  # the topics' and partitions' errors, [0] = none
     assert order == [1, 2, 4, 5]
     assert codes == [[0], [TOPIC_AUTHORIZATION_FAILED], [0], [TOPIC_AUTHORIZATION_FAILED]], codes
+
+
+async def test_a_long_pipeline_behind_a_waiting_fetch_is_answered_whole(sandbox):
+    """More denied requests than the proxy reads ahead (`MAX_IN_FLIGHT`) behind a Fetch the broker holds for
+    its max_wait: the proxy stops reading, then answers every one, in order."""
+    # min_bytes more than the topic holds: the broker answers after max_wait (1 s)
+    fetch = FetchRequest(1000, 10**6, 10**6, 0, [("order-events", [(0, 0, 10**6)])])
+    waiting_fetch, _ = request_frame(fetch, 11, 0)
+    denied = [request_frame(MetadataRequest(["payments"]), 5, cid)[0] for cid in range(1, 301)]
+    answers = await pipeline(sandbox, [waiting_fetch, *denied], 301)
+    assert [struct.unpack_from(">i", a)[0] for a in answers] == list(range(301))

@@ -10,8 +10,8 @@ responses still due from the broker (`_Pending`).
 
 Bad input (a size over `kafka.MAX_REQUEST_BYTES` or under a header, a body that does not decode, a frame not
 complete within `frame_timeout`, a denied request whose API has no place for an error) closes the
-connection; the proxy itself never stops on a connection's error. Memory per connection: one request frame
-and one relayed chunk.
+connection; the proxy itself never stops on a connection's error. Memory per connection: one request frame,
+one relayed chunk, at most `MAX_IN_FLIGHT` requests awaiting answers and `MAX_QUEUED_ANSWER_BYTES` of ours.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ RELAY_CHUNK = 65536
 #: responses are streamed, never held whole; a size beyond this is no Kafka response (Fetch's max_bytes
 #: defaults to 50 MiB in clients)
 MAX_RESPONSE_BYTES = 1 << 30
+#: requests read ahead of their answers (brokers answer one at a time; clients keep ~5 in flight): past this,
+#: or past MAX_QUEUED_ANSWER_BYTES of our own queued answers, the client is not read until answers go out
+MAX_IN_FLIGHT = 100
+MAX_QUEUED_ANSWER_BYTES = 1024 * 1024
 
 
 class KafkaProxy:
@@ -108,6 +112,8 @@ class _Connection:
         self.relay: asyncio.Task[None] | None = None
         #: in request order: _Pending (the broker answers) or bytes (our answer to a denied request)
         self.pending: collections.deque[_Pending | bytes] = collections.deque()
+        self.queued_answer_bytes = 0
+        self.answered = asyncio.Event()  # set whenever the relay took entries off `pending`
 
     async def close(self) -> None:
         if self.relay is not None:
@@ -140,6 +146,11 @@ class _Connection:
 
     async def run(self) -> None:
         while True:
+            while len(self.pending) >= MAX_IN_FLIGHT or self.queued_answer_bytes >= MAX_QUEUED_ANSWER_BYTES:
+                if self.relay is None or self.relay.done():
+                    raise ConnectionDone()  # the broker's side is gone: nothing will be answered
+                self.answered.clear()
+                await self.answered.wait()  # back-pressure: memory per connection stays bounded
             frame = await self._read_frame()
             if frame is None:
                 return
@@ -174,6 +185,7 @@ class _Connection:
             raise ConnectionDone()
         if self.pending:
             self.pending.append(answer)  # after the responses the broker still owes
+            self.queued_answer_bytes += len(answer)
         else:
             self.writer.write(answer)
             await self.writer.drain()
@@ -210,11 +222,16 @@ class _Connection:
                     self.writer.write(chunk)
                     await self.writer.drain()
                 self.pending.popleft()
-                while self.pending and isinstance(self.pending[0], bytes):
-                    self.writer.write(self.pending.popleft())  # type: ignore[arg-type]
+                while self.pending and isinstance(answer := self.pending[0], bytes):
+                    self.writer.write(answer)
+                    self.pending.popleft()
+                    self.queued_answer_bytes -= len(answer)
                 await self.writer.drain()
+                self.answered.set()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        finally:
+            self.answered.set()
         # the broker closed or broke the protocol: so does the client's connection
         self.writer.close()
 
