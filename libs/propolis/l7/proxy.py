@@ -166,7 +166,8 @@ class _Connection:
         timeout = self.proxy.idle_timeout if started is None else \
             max(0.0, self.proxy.header_timeout - (time.monotonic() - started))
         try:
-            return await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+            async with asyncio.timeout(timeout):  # no task per read, unlike wait_for
+                return await self.reader.read(READ_SIZE)
         except (asyncio.TimeoutError, TimeoutError):
             if started is not None:
                 await self._answer_and_close(408, "Request Timeout", "header_timeout")
