@@ -17,6 +17,7 @@ from aiokafka.protocol.offset import OffsetRequest
 from aiokafka.protocol.produce import ProduceRequest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kio.schema.errors import ErrorCode
 
 from propolis.l7 import kafka
 from propolis.policy.parse import parse_policy_object
@@ -196,3 +197,36 @@ def test_fuzz_mutated_real_requests_never_crash(name, data):
         return
     kafka.allowed(SEED, request)
     kafka.denied_response(request)
+
+
+def api_versions_response(version: int, offered: dict[int, int], correlation_id: int = 9) -> bytes:
+    """A broker's ApiVersions response (after its size prefix), encoded with kio."""
+    from kio.index import load_response_schema
+    from kio.serial import entity_writer
+    response_type = load_response_schema(18, version)
+    key_type = kafka._item_type(response_type, "api_keys")
+    keys = tuple(key_type(api_key=k, min_version=0, max_version=v) for k, v in offered.items())
+    out = BytesIO()
+    entity_writer(response_type)(out, kafka._build(response_type, {"api_keys": keys, "error_code": ErrorCode.none}))
+    return struct.pack(">i", correlation_id) + out.getvalue()
+
+
+@pytest.mark.parametrize("version", [0, 2, 3])
+def test_api_versions_offer_only_versions_that_name_topics(version):
+    """Fetch/Produce v13+ name topics by id and OffsetFetch v8+ nests them in groups: a client offered those
+    would send requests no topic rule can match, so the proxy's relay lowers them."""
+    from kio.index import load_response_schema
+    from kio.serial import entity_reader
+    offered = {0: 13, 1: 18, 2: 11, 3: 13, 8: 10, 9: 10, 18: 4, 11: 9}
+    capped = kafka.cap_api_versions(api_versions_response(version, offered), version)
+    assert capped is not None and struct.unpack_from(">i", capped)[0] == 9  # correlation id kept
+    response, _ = entity_reader(load_response_schema(18, version))(capped, 4)
+    got = {int(k.api_key): int(k.max_version) for k in response.api_keys}
+    assert got == {0: 12, 1: 12, 2: 11, 3: 13, 8: 9, 9: 7, 18: 4, 11: 9}
+    if version <= 2:  # what aiokafka (which speaks ApiVersions v0-v2) reads from it
+        from aiokafka.protocol import admin
+        buf = BytesIO(capped)
+        getattr(admin, f"ApiVersionRequest_v{version}")().parse_response_header(buf)
+        decoded = getattr(admin, f"ApiVersionResponse_v{version}").decode(buf)
+        assert {k: v for k, _, v in decoded.api_versions} == got
+    assert kafka.cap_api_versions(b"\x00\x00\x00\x09garbage", version) is None  # relayed as it came

@@ -168,6 +168,45 @@ def parse_request(frame: bytes) -> KafkaRequest:
     return request
 
 
+# --- versions that name their topics ---------------------------------------------------------------
+@cache
+def named_topic_max_versions() -> dict[int, int]:
+    """API key -> the highest version whose requests name their topics where Cilium reads them (newer Fetch,
+    Produce, OffsetCommit name topics by id, OffsetFetch nests them in groups): from kio's schemas."""
+    from kio.schema.index import api_key_map, schema_name_map
+    caps = {}
+    for api_key, shape in TOPIC_SHAPES.items():
+        named = [v for v in schema_name_map[api_key_map[api_key]] if _names_topics(api_key, v, shape)]
+        caps[api_key] = max(named)
+    return caps
+
+
+def _names_topics(api_key: int, version: int, shape: _TopicShape) -> bool:
+    fields = {f.name for f in dataclasses.fields(load_request_schema(api_key, version))}
+    if shape.request_topics not in fields:
+        return False
+    topic_type = _item_type(load_request_schema(api_key, version), shape.request_topics)
+    return any(f.name in ("name", "topic") for f in dataclasses.fields(topic_type))
+
+
+def cap_api_versions(response: bytes, api_version: int) -> bytes | None:
+    """An ApiVersions response (after its size prefix) offering no version whose topics this proxy cannot
+    name (`named_topic_max_versions`), so clients send names; None if it does not decode (relay it as is)."""
+    try:
+        response_type = load_response_schema(API_KEYS["apiversions"], api_version)
+        body, size = entity_reader(response_type)(response, 4)  # header v0: the correlation id only
+        if 4 + size != len(response):
+            return None
+        caps = named_topic_max_versions()
+        keys = tuple(dataclasses.replace(k, max_version=type(k.max_version)(min(k.max_version, caps[k.api_key])))
+                     if k.api_key in caps and k.max_version > caps[k.api_key] else k for k in body.api_keys)
+        out = io.BytesIO()
+        entity_writer(response_type)(out, dataclasses.replace(body, api_keys=keys))
+    except Exception:  # noqa: BLE001 - a broker's answer kio does not read: leave it alone
+        return None
+    return response[:4] + out.getvalue()
+
+
 # --- rules -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KafkaRuleMatcher:

@@ -6,7 +6,8 @@ connection to the original destination (opened at the first allowed request, sou
 its response relayed as it streams in. Denied: the proxy answers itself (`kafka.denied_response`: the API's
 response with TOPIC_AUTHORIZATION_FAILED and the request's correlation id) and the connection stays up.
 Kafka clients expect responses in request order, so an answer to a denied request waits behind the
-responses still due from the broker (`_Pending`).
+responses still due from the broker (`_Pending`). The broker's ApiVersions answer is relayed without the
+versions whose requests name topics by id (`kafka.cap_api_versions`): clients then send topic names.
 
 Bad input (a size over `kafka.MAX_REQUEST_BYTES` or under a header, a body that does not decode, a frame not
 complete within `frame_timeout`, a denied request whose API has no place for an error) closes the
@@ -39,6 +40,7 @@ MAX_RESPONSE_BYTES = 1 << 30
 #: requests read ahead of their answers (brokers answer one at a time; clients keep ~5 in flight): past this,
 #: or past MAX_QUEUED_ANSWER_BYTES of our own queued answers, the client is not read until answers go out
 MAX_IN_FLIGHT = 100
+MAX_API_VERSIONS_BYTES = 65536  # an ApiVersions response is read whole to be rewritten (a few KiB in practice)
 MAX_QUEUED_ANSWER_BYTES = 1024 * 1024
 
 
@@ -99,8 +101,9 @@ class KafkaProxy:
 class _Pending:
     """A forwarded request whose response is due from the broker (answers to denied ones queue behind it)."""
 
-    def __init__(self, correlation_id: int) -> None:
-        self.correlation_id = correlation_id
+    def __init__(self, request: kafka.KafkaRequest) -> None:
+        self.correlation_id, self.api_key, self.api_version = \
+            request.correlation_id, request.api_key, request.api_version
 
 
 class _Connection:
@@ -170,7 +173,7 @@ class _Connection:
             reader, self.upstream = await self._connect()
             self.relay = asyncio.create_task(self._relay(reader), name=f"kafka-relay {self.client[0]}:{self.client[1]}")
         if request.expects_response:
-            self.pending.append(_Pending(request.correlation_id))
+            self.pending.append(_Pending(request))
         self.upstream.write(request.frame)
         await self.upstream.drain()
 
@@ -212,8 +215,12 @@ class _Connection:
                         or due.correlation_id != correlation_id:
                     self.proxy.stats.error("upstream_bad_response")
                     break
-                self.writer.write(head)
-                left = size - 4
+                if due.api_key == kafka.API_KEYS["apiversions"] and size <= MAX_API_VERSIONS_BYTES:
+                    await self._relay_api_versions(upstream, head, due)
+                    left = 0
+                else:
+                    self.writer.write(head)
+                    left = size - 4
                 while left:
                     chunk = await upstream.read(min(left, RELAY_CHUNK))
                     if not chunk:
@@ -234,6 +241,12 @@ class _Connection:
             self.answered.set()
         # the broker closed or broke the protocol: so does the client's connection
         self.writer.close()
+
+    async def _relay_api_versions(self, upstream: asyncio.StreamReader, head: bytes, due: _Pending) -> None:
+        """The broker's versions, less those whose requests name topics by id (their rules could not match)."""
+        response = head[4:] + await upstream.readexactly(struct.unpack(">i", head[:4])[0] - 4)
+        response = kafka.cap_api_versions(response, due.api_version) or response
+        self.writer.write(struct.pack(">i", len(response)) + response)
 
     def _flow(self, request: kafka.KafkaRequest, verdict: str, error_code: int) -> None:
         if self.proxy.on_flow is None:
