@@ -15,6 +15,7 @@ import struct
 import grpc
 import h2.config
 import h2.connection
+import h2.events
 import h2.exceptions
 import pytest
 from h2.errors import ErrorCodes
@@ -41,8 +42,8 @@ ALLOWED = "/grpc.health.v1.Health/Check"
 DENIED = "/propolis.sandbox.v1.Echo/Say"
 
 
-def proxy_policy(server_port: int) -> ProxyPolicy:
-    """The client may only call Health/Check on the server (a gRPC rule as Cilium writes it)."""
+def proxy_policy(server_port: int, paths: tuple[str, ...] = (ALLOWED,)) -> ProxyPolicy:
+    """The client may only call `paths` (Health/Check) on the server (gRPC rules as Cilium writes them)."""
     policy = ProxyPolicy(NODE, cluster_name="default")
     inputs = policy.inputs
     labels = {ident: idm.pod_security_labels(pod_labels={"app": app}, namespace="prod", cluster="default").strings()
@@ -57,7 +58,7 @@ def proxy_policy(server_port: int) -> ProxyPolicy:
         "spec": {"endpointSelector": {"matchLabels": {"app": "server"}},
                  "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "client"}}],
                               "toPorts": [{"ports": [{"port": str(server_port), "protocol": "TCP"}],
-                                           "rules": {"http": [{"method": "POST", "path": ALLOWED}]}}]}]}})
+                                           "rules": {"http": [{"method": "POST", "path": p} for p in paths]}}]}]}})
     inputs.policy_generation = 1
     for gate in (inputs.k8s_gate, inputs.identities_gate):
         gate.synced, gate.watermark = True, Watermark(1, 0.0, "e")
@@ -67,7 +68,9 @@ def proxy_policy(server_port: int) -> ProxyPolicy:
 class Harness:
     """A grpcio server, the proxy judging connections to it, a loopback listener feeding the proxy."""
 
-    def __init__(self) -> None:
+    def __init__(self, paths: tuple[str, ...] = (ALLOWED,)) -> None:
+        self.paths = paths
+        self.connections: list[http2.Http2Connection] = []
         self.flows: list[dict] = []
         self.crashes: list[BaseException] = []  # what the proxy's connection handler would log as a failure
         self.server_port = 0
@@ -79,7 +82,7 @@ class Harness:
         self.server_port = probe.getsockname()[1]
         probe.close()
         self.grpc_server = await grpc_echo.serve("prod/server", [self.server_port], [SERVER_IP])
-        self.proxy = HTTPProxy(proxy_policy(self.server_port), node=NODE, on_flow=self.flows.append,
+        self.proxy = HTTPProxy(proxy_policy(self.server_port, self.paths), node=NODE, on_flow=self.flows.append,
                                make_socket=lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
         self.listener = await asyncio.start_server(self._serve, CLIENT_IP, 0)
         self.proxy_port = self.listener.sockets[0].getsockname()[1]
@@ -91,6 +94,7 @@ class Harness:
         assert first == http2.PREFACE
         conn = http2.Http2Connection(self.proxy, reader, writer, "ingress", INGRESS,
                                      writer.get_extra_info("peername")[:2], (SERVER_IP, self.server_port))
+        self.connections.append(conn)
         try:
             await conn.run(first)
         except (ConnectionError, asyncio.TimeoutError):
@@ -202,6 +206,44 @@ def ping(n: int) -> bytes:
     frame = PingFrame(0)
     frame.opaque_data = struct.pack(">Q", n)
     return frame.serialize()
+
+
+async def test_a_client_that_stops_reading_holds_the_proxy_to_one_window_and_stalls_the_server():
+    """1 MiB echoed back; the client reads its first window and acknowledges nothing: the proxy buffers at
+    most one flow-control window for it (not the rest of the response) and the server waits."""
+    body = grpc_echo.frame_message(b"x" * (1 << 20))
+    async with Harness(paths=(ALLOWED, DENIED)) as h:
+        reader, writer = await asyncio.open_connection(CLIENT_IP, h.proxy_port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", DENIED), (":authority", "s"),
+                              ("content-type", "application/grpc"), ("te", "trailers")])
+        sent = received = 0
+        ended = False
+        while sent < len(body) or received < 65535:
+            window = conn.local_flow_control_window(1) if sent < len(body) else 0
+            if window:
+                chunk = body[sent:sent + min(window, conn.max_outbound_frame_size)]
+                sent += len(chunk)
+                conn.send_data(1, chunk, end_stream=sent == len(body))
+            else:  # wait for a window update (request) or response data, which is never acknowledged
+                for event in conn.receive_data(await asyncio.wait_for(reader.read(65536), 10)):
+                    received += len(getattr(event, "data", b"") or b"")
+                    ended = ended or isinstance(event, h2.events.StreamEnded)
+            writer.write(conn.data_to_send())
+        (proxied,) = h.connections
+
+        def buffered() -> int:
+            return sum(len(out.data) for out in proxied.down.outbound.values())
+
+        for _ in range(100):  # until the server's next window sits in the proxy
+            if buffered() >= 32768:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # an unbounded proxy would take in the rest of the MiB meanwhile
+        assert received == 65535 and not ended
+        assert 32768 <= buffered() <= 65535
+        writer.close()
 
 
 async def test_malformed_frames_and_floods_end_the_connection_with_goaway():
