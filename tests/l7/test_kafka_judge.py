@@ -119,6 +119,14 @@ def test_the_policy_parser_feeds_the_judge():
                                 {"role": "consume", "topic": "order-events"}]}}]}]}})
     kafka_rules = policy.rules[0].ingress[0].to_ports[0].rules.kafka
     assert kafka.compile_rules(kafka_rules) == SEED
+    mixed_case = parse_policy_object("CiliumNetworkPolicy", {
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": {"name": "k", "namespace": "d"},
+        "spec": {"endpointSelector": {}, "ingress": [{"toPorts": [{
+            "ports": [{"port": "9092", "protocol": "TCP"}],
+            "rules": {"kafka": [{"role": "Produce"}, {"apiKey": "OffsetFetch", "apiVersion": "3"}]}}]}]}})
+    produce, offsetfetch = kafka.compile_rules(mixed_case.rules[0].ingress[0].to_ports[0].rules.kafka)
+    assert produce.api_keys == kafka.ROLE_API_KEYS["produce"]
+    assert (offsetfetch.api_keys, offsetfetch.api_version) == (frozenset({9}), 3)
 
 
 def decode_answer(name: str, request: kafka.KafkaRequest):

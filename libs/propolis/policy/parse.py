@@ -242,7 +242,8 @@ def _http_rule(doc: Any, where: str) -> HTTPRule:
 
 def _kafka_rule(doc: Any, where: str) -> KafkaRule:
     d = _mapping(doc, where, ("role", "apiKey", "apiVersion", "clientID", "topic"))
-    role = _enum(d.get("role"), f"{where}.role", KAFKA_ROLES)
+    role_doc = d.get("role")  # case-insensitive, as Cilium's Sanitize
+    role = _enum(role_doc.lower() if isinstance(role_doc, str) else role_doc, f"{where}.role", KAFKA_ROLES)
     api_key = _string(d.get("apiKey"), f"{where}.apiKey").lower()
     if api_key and api_key not in KAFKA_API_KEYS:
         raise ValidationError(f"{where}.apiKey", f"unknown Kafka API key {d['apiKey']!r}")
