@@ -52,17 +52,22 @@ def proxy_policy(server_port: int, paths: tuple[str, ...] = (ALLOWED,)) -> Proxy
     for pod, ident, ip in (("server", 300, SERVER_IP), ("client", 301, CLIENT_IP)):
         inputs.endpoints[("prod", pod)] = EndpointRecord("prod", pod, NODE, [ip], ident, labels[ident], {})
         policy.ipcache_event(KvEvent(EventType.PUT, f"{NODE}.{ip}", IpcacheEntry(ip, 32, ident, NODE), 1))
-    inputs.policies["cnp"] = KINDS["ciliumnetworkpolicies"].to_record({
+    set_rules(policy, server_port, paths)
+    for gate in (inputs.k8s_gate, inputs.identities_gate):
+        gate.synced, gate.watermark = True, Watermark(1, 0.0, "e")
+    return policy
+
+
+def set_rules(policy: ProxyPolicy, server_port: int, paths: tuple[str, ...]) -> None:
+    """The CiliumNetworkPolicy as the k8s bucket would bring it (a new generation each time)."""
+    policy.inputs.policies["cnp"] = KINDS["ciliumnetworkpolicies"].to_record({
         "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
         "metadata": {"name": "grpc", "namespace": "prod", "uid": "u1", "resourceVersion": "1"},
         "spec": {"endpointSelector": {"matchLabels": {"app": "server"}},
                  "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "client"}}],
                               "toPorts": [{"ports": [{"port": str(server_port), "protocol": "TCP"}],
                                            "rules": {"http": [{"method": "POST", "path": p} for p in paths]}}]}]}})
-    inputs.policy_generation = 1
-    for gate in (inputs.k8s_gate, inputs.identities_gate):
-        gate.synced, gate.watermark = True, Watermark(1, 0.0, "e")
-    return policy
+    policy.inputs.policy_generation += 1
 
 
 class Harness:
@@ -244,6 +249,21 @@ async def test_a_client_that_stops_reading_holds_the_proxy_to_one_window_and_sta
         assert received == 65535 and not ended
         assert 32768 <= buffered() <= 65535
         writer.close()
+
+
+async def test_a_rule_change_judges_the_next_stream_of_an_established_connection():
+    async with Harness() as h:
+        reader, writer = await asyncio.open_connection(CLIENT_IP, h.proxy_port)
+        client = grpc_echo.GrpcClient(reader, writer, "s")
+        try:
+            before = [(await client.call(p)).grpc_status for p in (ALLOWED, DENIED)]
+            set_rules(h.proxy.policy, h.server_port, (DENIED,))
+            after = [(await client.call(p)).grpc_status for p in (ALLOWED, DENIED)]
+        finally:
+            client.close()
+        assert before == [grpc_echo.OK, grpc_echo.PERMISSION_DENIED]
+        assert after == [grpc_echo.PERMISSION_DENIED, grpc_echo.OK]
+        assert len(h.connections) == 1  # one connection all along
 
 
 async def test_malformed_frames_and_floods_end_the_connection_with_goaway():
