@@ -216,8 +216,8 @@ static __always_inline int handle_ipv4(struct __sk_buff *skb, int egress)
 		}
 	}
 
-	/* a new connection to this node meets the host firewall too (lib/host_firewall.h) */
-	if (egress && host_policy_from_pod(&c) < 0)
+	/* a new connection between this pod and its node meets the host firewall too (lib/host_firewall.h) */
+	if (host_policy_with_pod(&c, egress) < 0)
 		return CTX_ACT_DROP;
 
 	/* the verdict is reported once it happened: a connection whose entry

@@ -11,8 +11,8 @@
  *     the node; this also tracks the node's own connections, so their replies
  *     pass an ingress default deny: the node is never locked out of what it
  *     started itself, its NATS and API connections included);
- *   - bpf_lxc.c for a local pod's new connection to its node (host ingress,
- *     the pod as peer; Cilium decides it on cilium_host).
+ *   - bpf_lxc.c for a new connection between a local pod and its node (host
+ *     ingress or egress, the pod as peer; Cilium decides it on cilium_host).
  * Without the row nothing here runs: host firewall off costs one lookup.
  */
 #ifndef __PROPOLIS_HOST_FIREWALL_H_
@@ -59,21 +59,23 @@ static __always_inline int host_policy_decide(struct lxc_ctx *c, __u32 peer, int
 	return 0;
 }
 
-/* A local pod's new connection to its own node (c = the pod's egress
- * context): the host's ingress policy with the pod as peer. 0 = go on, else
+/* A new connection between a local pod and its own node (c = the pod's
+ * context; pod_egress: the pod connects to the node, else the node to the
+ * pod): the host's policy in its direction, the pod as peer. 0 = go on, else
  * the drop is reported for the host endpoint and -reason returned. */
-static __always_inline int host_policy_from_pod(struct lxc_ctx *c)
+static __always_inline int host_policy_with_pod(struct lxc_ctx *c, int pod_egress)
 {
-	struct endpoint_info *host = host_endpoint4(c->p.daddr);
+	struct endpoint_info *host = host_endpoint4(pod_egress ? c->p.daddr : c->p.saddr);
 	struct policy_result pol = {};
 	__u16 ep_id = c->ep_id;
 	__u8 dir = c->dir, enforced = c->enforced, audit = c->audit;
+	int host_egress = !pod_egress;
 	int ret;
 
-	if (!host || !(host->flags & ENDPOINT_F_INGRESS_ENFORCED))
+	if (!host || !(host->flags & (host_egress ? ENDPOINT_F_EGRESS_ENFORCED : ENDPOINT_F_INGRESS_ENFORCED)))
 		return 0;
-	host_ctx_enter(c, host, 0);
-	ret = host_policy_decide(c, c->src_id, 0, &pol);
+	host_ctx_enter(c, host, host_egress);
+	ret = host_policy_decide(c, pod_egress ? c->src_id : c->dst_id, host_egress, &pol);
 	if (ret < 0)
 		send_drop_notify(c, (__u8)(-ret), pol.match_type);
 	c->ep_id = ep_id;	/* the pod's context again */

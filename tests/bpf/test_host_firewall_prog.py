@@ -77,6 +77,18 @@ def test_local_pod_to_its_node_meets_the_host_policy(host):
     assert h.egress(pk.tcp(POD, 42001, NODE, 22)) == TC_ACT_OK
 
 
+def test_node_to_its_local_pod_meets_the_host_egress_policy(host):
+    h = host
+    h.endpoint(EP_POD, POD, ID_POD)
+    assert h.ingress(pk.tcp(NODE, 43000, POD, 8080)) == TC_ACT_OK  # host egress not enforced
+    h.dp.set_enforcement(HOST, ingress=True, egress=True)
+    assert h.ingress(pk.tcp(NODE, 43001, POD, 8080)) == TC_ACT_SHOT
+    drops = [e for e in h.events() if e.type == events.CILIUM_NOTIFY_DROP]
+    assert [(d.endpoint_id, d.direction, d.dst_identity) for d in drops] == [(HOST, 2, ID_POD)]
+    h.dp.set_policy(HOST, [PolicyEntry("egress", identity=ID_POD, protocol=6, port=8080)])
+    assert h.ingress(pk.tcp(NODE, 43002, POD, 8080)) == TC_ACT_OK
+
+
 def test_host_audit_mode_forwards_and_reports(host):
     h = host
     h.dp.set_enforcement(HOST, ingress=True, egress=False, audit=True)
