@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,23 +117,30 @@ def test_a_name_the_dns_rules_do_not_allow_is_refused(sandbox):
     assert not probe(sandbox, "narrow", f"world:{_addresses('s3.amazonaws.com')[0]}")["connected"]
 
 
+def test_queries_and_answers_are_hubble_dns_flows(sandbox):
+    assert probe(sandbox, "api", "api.stripe.com.")["connected"]
+    proc = subprocess.run([sys.executable, "-m", "propolis.cli.main", "observe", "--name", sandbox.config["name"],
+                           "--protocol", "dns", "--pod", f"{NS}/api", "--last", "200", "-o", "jsonpb"],
+                          capture_output=True, text=True, timeout=60)
+    flows = [json.loads(line)["flow"] for line in proc.stdout.splitlines() if line.strip()]
+    stripe = [f for f in flows if f["l7"]["dns"]["query"] == "api.stripe.com."]
+    assert {f["l7"]["type"] for f in stripe} == {"REQUEST", "RESPONSE"}, (proc.stderr, flows[-4:])
+    answer = next(f for f in stripe if f["l7"]["type"] == "RESPONSE")
+    assert sorted(answer["l7"]["dns"]["ips"]) == _addresses("api.stripe.com")
+    assert answer["l7"]["dns"]["observation_source"] == "proxy" and answer["destination"]["pod_name"] == "api"
+
+
 def _dns_proxy(state, node: str) -> int:
     return next(s["pid"] for s in load_state(state.config["name"]).services
                 if s["name"] == "dns-proxy" and s["node"] == node)
 
 
-def _alive(pid: int) -> bool:
-    """Still holding its sockets: running, not yet a zombie the supervisor has to reap."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def _udp_listening(node_netns: str, port: int) -> bool:
-    out = subprocess.run(["ip", "netns", "exec", node_netns, "ss", "-Hlun", f"sport = :{port}"],
+def _udp_listener(node_netns: str, port: int) -> int | None:
+    """The pid of the process bound to UDP `port` in the node, None if nothing is."""
+    out = subprocess.run(["ip", "netns", "exec", node_netns, "ss", "-Hlunp", f"sport = :{port}"],
                          capture_output=True, text=True, check=True).stdout
-    return bool(out.strip())
+    found = re.search(r"pid=(\d+)", out)
+    return int(found.group(1)) if found else None
 
 
 def test_killed_dns_proxy_fails_closed_and_the_restarted_one_keeps_what_was_learned(sandbox):
@@ -144,10 +152,10 @@ def test_killed_dns_proxy_fails_closed_and_the_restarted_one_keeps_what_was_lear
     pid = _dns_proxy(sandbox, node["name"])
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while _udp_listener(node["netns"], DNS_PROXY_PORT) == pid and time.monotonic() < deadline:
+        time.sleep(0.01)  # its sockets close as it exits
     outage: list[dns.message.Message | None] = []
-    while time.monotonic() < deadline and not _udp_listening(node["netns"], DNS_PROXY_PORT):
+    while _udp_listener(node["netns"], DNS_PROXY_PORT) is None and time.monotonic() < deadline:
         outage.append(query(sandbox, "api", "s3.amazonaws.com", timeout=0.3))
         assert probe(sandbox, "api", f"world:{learned}")["connected"]  # learned addresses keep working
     assert outage and all(a is None for a in outage), outage  # dropped, never forwarded unfiltered

@@ -185,7 +185,7 @@ class DnsListeners:
             self._spawn(self._udp_query(data, client[:2], server))
 
     async def _udp_query(self, data: bytes, client: tuple[str, int], server: tuple[str, int]) -> None:
-        out = await self.proxy.handle(data, Redirected(client[0], server[0], server[1], "UDP"))
+        out = await self.proxy.handle(data, Redirected(client[0], server[0], server[1], "UDP", client[1]))
         if out is None:
             return
         try:
@@ -219,7 +219,7 @@ class DnsListeners:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT_S)
                 size, = struct.unpack("!H", head)
                 data = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE_TIMEOUT_S)
-                out = await self.proxy.handle(data, Redirected(client[0], server[0], server[1], "TCP"))
+                out = await self.proxy.handle(data, Redirected(client[0], server[0], server[1], "TCP", client[1]))
                 if out is None:
                     return  # dropped: close the connection
                 writer.write(struct.pack("!H", len(out)) + out)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -27,6 +28,7 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rdatatype
 
 from propolis.fqdn.matchpattern import FqdnSelector, any_matches
 from propolis.fqdn.wire import WireError, answer_a_records
@@ -46,6 +48,7 @@ class Redirected:
     server_ip: str
     server_port: int = 53
     protocol: str = "UDP"
+    client_port: int = 0
 
 
 @dataclass
@@ -59,11 +62,26 @@ class Learned:
     selectors: list[FqdnSelector] = field(default_factory=list)
 
 
+@dataclass
+class Observation:
+    """A query (rcode None) or its answer, for Hubble (`l7.flows.dns_flow`)."""
+
+    where: Redirected
+    query: str
+    qtypes: list[str]
+    verdict: str  # FORWARDED | DROPPED
+    rcode: int | None = None
+    ips: list[str] = field(default_factory=list)
+    ttl: int = 0
+    latency_ns: int = 0
+
+
 #: rules_for(where) -> the DNS rules allowing names from that client to that server, port and protocol;
 #: None = not redirected there by policy
 RulesFor = Callable[[Redirected], "list[FqdnSelector] | None"]
 Exchange = Callable[[bytes, Redirected], Awaitable[bytes]]
 Learn = Callable[[Learned], Awaitable[None]]
+Observe = Callable[[Observation], None]
 
 
 def _formerr(wire: bytes) -> bytes | None:
@@ -76,7 +94,7 @@ def _formerr(wire: bytes) -> bytes | None:
 class DnsProxy:
     def __init__(self, rules_for: RulesFor, exchange: Exchange, learn: Learn,
                  fqdn_selectors: Callable[[], list[FqdnSelector]], *, reject: str = "refused",
-                 max_delay_s: float = PROXY_RESPONSE_MAX_DELAY_S) -> None:
+                 max_delay_s: float = PROXY_RESPONSE_MAX_DELAY_S, observe: Observe | None = None) -> None:
         if reject not in REJECT_RCODES:
             raise ValueError(f"dnsRejectResponseCode must be one of {sorted(REJECT_RCODES)}, got {reject!r}")
         self.rules_for = rules_for
@@ -85,6 +103,7 @@ class DnsProxy:
         self.fqdn_selectors = fqdn_selectors
         self.reject_rcode = REJECT_RCODES[reject]
         self.max_delay_s = max_delay_s
+        self.observe = observe
         self.stats = {"allowed": 0, "denied": 0, "formerr": 0, "dropped": 0, "upstream_errors": 0, "late_learns": 0}
 
     async def handle(self, wire: bytes, where: Redirected) -> bytes | None:
@@ -104,12 +123,19 @@ class DnsProxy:
             self.stats["formerr" if out else "dropped"] += 1
             return out
         name = query.question[0].name.to_text()
+        qtypes = [dns.rdatatype.to_text(query.question[0].rdtype)]
+        started = time.perf_counter_ns()
         if not any_matches(rules, name):
             self.stats["denied"] += 1
             response = dns.message.make_response(query)
             response.set_rcode(self.reject_rcode)
+            if self.observe is not None:
+                self.observe(Observation(where, name, qtypes, "DROPPED"))
+                self.observe(Observation(where, name, qtypes, "FORWARDED", rcode=int(self.reject_rcode)))
             return response.to_wire()
         self.stats["allowed"] += 1
+        if self.observe is not None:
+            self.observe(Observation(where, name, qtypes, "FORWARDED"))
         try:
             answer_wire = await self.exchange(wire, where)
             records = answer_a_records(answer_wire)
@@ -122,6 +148,11 @@ class DnsProxy:
             response.set_rcode(dns.rcode.SERVFAIL)
             return response.to_wire()
         await self._learn_before_release(name, records, where)
+        if self.observe is not None:
+            self.observe(Observation(where, name, qtypes, "FORWARDED", rcode=answer_wire[3] & 0x0F,
+                                     ips=[ip for _, ips, _ in records for ip in ips],
+                                     ttl=min((ttl for _, _, ttl in records), default=0),
+                                     latency_ns=time.perf_counter_ns() - started))
         return answer_wire
 
     async def _learn_before_release(self, qname: str, records: list[tuple[str, list[str], int]],

@@ -27,12 +27,13 @@ from propolis.errors import PermanentError, TemporaryError
 from propolis.fqdn.cache import FqdnCache
 from propolis.fqdn.listener import DnsListeners, UdpUpstream
 from propolis.fqdn.policy import DNS_PROXY_PORT, DnsPolicy
-from propolis.fqdn.proxy import DnsProxy, Learned
-from propolis.l7.redirect import NODE_SYSCTLS, install_proxy_route
+from propolis.fqdn.proxy import DnsProxy, Learned, Observation
+from propolis.l7.flows import dns_flow, publish_flow
+from propolis.l7.redirect import prepare_node
 from propolis.l7.service import PolicyInputsComponent
 from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime
-from propolis.sandbox.netns import iproute_in, socket_in, write_sysctl
+from propolis.sandbox.netns import socket_in
 
 log = logging.getLogger("propolis.fqdn.service")
 
@@ -134,25 +135,28 @@ class DnsProxyComponent(Component):
         self.inputs, self.cache, self.node, self.netns = inputs, cache, node, netns
         self.upstream = UdpUpstream(self._socket)
         self.proxy = DnsProxy(inputs.policy.dns_rules, self.upstream.exchange, cache.learn,
-                              inputs.policy.fqdn_selectors, reject=reject, max_delay_s=max_delay_s)
+                              inputs.policy.fqdn_selectors, reject=reject, max_delay_s=max_delay_s,
+                              observe=self._observe)
+        self._rt: Runtime | None = None
         self.listeners = DnsListeners(self.proxy, self._socket, DNS_PROXY_PORT)
 
     def _socket(self, family: int, kind: int) -> socket.socket:
         return socket_in(self.netns, family, kind) if self.netns else socket.socket(family, kind)
 
-    def _route(self) -> None:
-        if self.netns:
-            for key, value in NODE_SYSCTLS.items():
-                write_sysctl(self.netns, key, value)
-            with iproute_in(self.netns) as ipr:
-                install_proxy_route(ipr)
-        else:
-            from pyroute2 import IPRoute
-            with IPRoute() as ipr:
-                install_proxy_route(ipr)
+    def _observe(self, seen: Observation) -> None:
+        """Each query and answer as a Hubble DNS flow, to the node's observer."""
+        if self._rt is None:
+            return
+        where, policy = seen.where, self.inputs.policy
+        publish_flow(self._rt, self.node, dns_flow(
+            node=self.node, client=(where.client_ip, where.client_port), server=(where.server_ip, where.server_port),
+            client_identity=policy.identity_of(where.client_ip), server_identity=policy.identity_of(where.server_ip),
+            transport=where.protocol, query=seen.query, qtypes=seen.qtypes, verdict=seen.verdict, rcode=seen.rcode,
+            ips=seen.ips, ttl=seen.ttl, latency_ns=seen.latency_ns))
 
     async def start(self, rt: Runtime) -> None:
-        await asyncio.to_thread(self._route)
+        self._rt = rt
+        await asyncio.to_thread(prepare_node, self.netns)
         self.upstream.start()
         await self.listeners.start()
         rt.spawn("readiness", self._readiness(rt), self)

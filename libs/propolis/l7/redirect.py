@@ -108,3 +108,19 @@ def install_proxy_route(ipr) -> None:  # type: ignore[no-untyped-def]
     except Exception as exc:  # noqa: BLE001
         if getattr(exc, "code", None) != errno.EEXIST:
             raise
+
+
+def prepare_node(netns: str | None) -> None:
+    """The node's proxy sysctls and policy route (idempotent: each proxy of the node runs it before listening).
+    ``netns`` None = the calling process's namespace."""
+    from propolis.sandbox.netns import iproute_in, write_sysctl
+
+    if netns:
+        for key, value in NODE_SYSCTLS.items():
+            write_sysctl(netns, key, value)
+        with iproute_in(netns) as ipr:
+            install_proxy_route(ipr)
+    else:
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            install_proxy_route(ipr)

@@ -16,15 +16,15 @@ import logging
 import socket
 from typing import Any
 
-from propolis.bus import codec, subjects
-from propolis.bus.messages import FlowMessage
+from propolis.bus import subjects
+from propolis.l7.flows import publish_flow
 from propolis.l7.kafka_proxy import KafkaProxy
 from propolis.l7.policy import ProxyPolicy
 from propolis.l7.proxy import HTTPProxy
-from propolis.l7.redirect import NODE_SYSCTLS, PROXY_PORTS, install_proxy_route
+from propolis.l7.redirect import PROXY_PORTS, prepare_node
 from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime
-from propolis.sandbox.netns import iproute_in, socket_in, write_sysctl
+from propolis.sandbox.netns import socket_in
 
 log = logging.getLogger("propolis.l7.service")
 
@@ -68,28 +68,13 @@ class ProxyComponent(Component):
             return socket_in(self.netns, socket.AF_INET, socket.SOCK_STREAM)
         return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 
-    def _route(self) -> None:
-        if self.netns:
-            for key, value in NODE_SYSCTLS.items():
-                write_sysctl(self.netns, key, value)
-            with iproute_in(self.netns) as ipr:
-                install_proxy_route(ipr)
-        else:
-            from pyroute2 import IPRoute
-            with IPRoute() as ipr:
-                install_proxy_route(ipr)
-
     def _publish(self, flow: dict[str, Any]) -> None:
-        rt = self._rt
-        if rt is None:
-            return
-        message = codec.encode(FlowMessage(self.node, rt.instance, 0, flow))
-        task = asyncio.ensure_future(rt.bus.nc.publish(subjects.accesslog_subject(self.node), message))
-        task.add_done_callback(lambda t: t.exception())  # NATS away: the flow is lost, the request is not
+        if self._rt is not None:
+            publish_flow(self._rt, self.node, flow)
 
     async def start(self, rt: Runtime) -> None:
         self._rt = rt
-        await asyncio.to_thread(self._route)
+        await asyncio.to_thread(prepare_node, self.netns)
         self.proxy = HTTPProxy(self.inputs.policy, node=self.node, make_socket=self._socket, on_flow=self._publish,
                                header_timeout=self.header_timeout, idle_timeout=self.idle_timeout)
         await self.proxy.start()
