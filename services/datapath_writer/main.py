@@ -447,7 +447,7 @@ class Enforcer(Component):
                                         ifindex=ep.ifindex)
                 self.table.save()
         self.desired.update(self.inputs, list(self.table.by_id.values()))
-        self.ipcache.replace_all(self.desired.ipcache)
+        self.desired.hand_ipcache_changes(self.ipcache)
         self.sync_host_endpoint()
         self.policies.replace_all({ep_id: pol for ep_id, pol in self.desired.policies.items()})
         self.publish_endpoint_states()

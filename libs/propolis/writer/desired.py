@@ -34,6 +34,7 @@ from propolis.writer.targets import EndpointPolicy
 
 if TYPE_CHECKING:
     from propolis.bus.messages import K8sObject
+    from propolis.reconcile import Reconciler
     from propolis.writer.endpoints import LocalEndpoint
     from propolis.writer.inputs import ClusterInputs
 
@@ -95,6 +96,18 @@ class DesiredState:
     services_generation: int = -1
     _endpoint_ips: dict[int, frozenset[str]] = field(default_factory=dict)
     _peer_tables: PeerTables | None = None
+    #: the ipcache in layers, a row of an earlier one wins: this cluster's endpoints; Cluster Mesh remote pods
+    #: (changed row by row, never rebuilt); this cluster's nodes, reserved addresses and CIDR identities;
+    #: remote clusters' nodes (rebuilt only when they change). Rebuilt layers are sized by this cluster alone.
+    _local_rows: dict[str, IPCacheEntry] = field(default_factory=dict)
+    _remote_rows: dict[str, IPCacheEntry] = field(default_factory=dict)
+    _infra_rows: dict[str, IPCacheEntry] = field(default_factory=dict)
+    _remote_node_rows: dict[str, IPCacheEntry] = field(default_factory=dict)
+    _remote_nodes_generation: int = -1
+    #: prefixes whose layers changed and whose row is still to be redone
+    _dirty_prefixes: set[str] = field(default_factory=set)
+    #: prefixes of `ipcache` changed since the writer last took them (`hand_ipcache_changes`)
+    _ipcache_changes: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.engine = PolicyEngine(mode=self.mode, cluster_name=self.cluster_name,
@@ -156,6 +169,28 @@ class DesiredState:
 
     def update(self, inputs: "ClusterInputs", local: list["LocalEndpoint"]) -> None:
         self._sync_engine(inputs)
+        self._update_ipcache(inputs)
+        self.policies, self.policy_errors = self._policies(inputs, local)
+        if self.host_firewall:
+            self.policies[HOST_ENDPOINT_ID] = self.host_policy(inputs)
+        if inputs.services_generation != self.services_generation:
+            self.services = self._services(inputs)
+            self.services_generation = inputs.services_generation
+
+    def hand_ipcache_changes(self, reconciler: "Reconciler[str, IPCacheEntry]") -> None:
+        """The rows changed since the last call into the ipcache reconciler's desired table, and only those:
+        a remote pod's churn costs its row, not a diff of the whole table."""
+        for prefix in self._ipcache_changes:
+            row = self.ipcache.get(prefix)
+            if row is None:
+                reconciler.remove(prefix)
+            else:
+                reconciler.upsert(prefix, row)
+        self._ipcache_changes.clear()
+
+    def _cluster_rows(self, inputs: "ClusterInputs") -> tuple[dict[str, IPCacheEntry], dict[str, IPCacheEntry]]:
+        """(this cluster's nodes, reserved addresses, CIDR identities), (this cluster's endpoints): rebuilt every
+        pass, their size follows this cluster alone."""
         ipc: dict[str, IPCacheEntry] = {}
         node_ids = self.engine.node_identities()
         for (node_name, obj) in inputs.nodes.items():
@@ -164,27 +199,62 @@ class DesiredState:
                 ident = idmodel.RESERVED_HOST if node_name == self.node else \
                     node_ids.get(ip, idmodel.RESERVED_REMOTE_NODE)
                 ipc[f"{ip}/32"] = IPCacheEntry(f"{ip}/32", ident)
-        for ips in inputs.remote_nodes.values():  # Cluster Mesh: other clusters' nodes are remote nodes too
-            for ip in ips:
-                ipc.setdefault(f"{ip}/32", IPCacheEntry(f"{ip}/32", idmodel.RESERVED_REMOTE_NODE))
         for ip, ident in self._reserved_addresses(inputs).items():
             node_row = ipc.get(f"{ip}/32")
             if node_row is None or node_row.identity != idmodel.RESERVED_HOST:  # this node's own address stays host
                 ipc[f"{ip}/32"] = IPCacheEntry(f"{ip}/32", ident)
-        for rec in inputs.endpoints.values():
-            for ip in rec.ips:
-                if ":" not in ip:  # the datapath is IPv4-only for now
-                    ipc[f"{ip}/32"] = IPCacheEntry(f"{ip}/32", rec.identity)
         for prefix, ident in self.engine.cidr_identities().items():
-            if ":" not in prefix:
+            if ":" not in prefix and prefix not in self._remote_node_rows:  # a CIDR never matches a node
                 ipc.setdefault(prefix, IPCacheEntry(prefix, ident))
-        self.ipcache = ipc
-        self.policies, self.policy_errors = self._policies(inputs, local)
-        if self.host_firewall:
-            self.policies[HOST_ENDPOINT_ID] = self.host_policy(inputs)
-        if inputs.services_generation != self.services_generation:
-            self.services = self._services(inputs)
-            self.services_generation = inputs.services_generation
+        endpoints = {f"{ip}/32": IPCacheEntry(f"{ip}/32", rec.identity) for rec in inputs.endpoints.values()
+                     for ip in rec.ips if ":" not in ip}  # the datapath is IPv4-only for now
+        return ipc, endpoints
+
+    def _remote_node_changes(self, inputs: "ClusterInputs") -> None:
+        """Cluster Mesh: other clusters' nodes are remote nodes too; redone only when they changed."""
+        if inputs.remote_nodes_generation == self._remote_nodes_generation:
+            return
+        rows = {f"{ip}/32": IPCacheEntry(f"{ip}/32", idmodel.RESERVED_REMOTE_NODE)
+                for ips in inputs.remote_nodes.values() for ip in ips}
+        self._dirty_prefixes |= {k for k in rows.keys() | self._remote_node_rows.keys()
+                                 if rows.get(k) != self._remote_node_rows.get(k)}
+        self._remote_node_rows = rows
+        self._remote_nodes_generation = inputs.remote_nodes_generation
+
+    def _remote_endpoint_changes(self, inputs: "ClusterInputs") -> None:
+        """Cluster Mesh: the remote pods changed since the last pass, row by row."""
+        for key in inputs.remote_endpoints_changed:
+            record = inputs.remote_endpoints.get(key)
+            for ip in record.ips if record is not None else [key[1]]:
+                if ":" not in ip:
+                    prefix = f"{ip}/32"
+                    if record is None:
+                        self._remote_rows.pop(prefix, None)
+                    else:
+                        self._remote_rows[prefix] = IPCacheEntry(prefix, record.identity)
+                    self._dirty_prefixes.add(prefix)
+        inputs.remote_endpoints_changed.clear()
+
+    def _update_ipcache(self, inputs: "ClusterInputs") -> None:
+        """Redo only the rows whose layers changed (see `_infra_rows`). Changes are collected in
+        `_dirty_prefixes` first, so a pass that fails midway loses none."""
+        self._remote_node_changes(inputs)
+        infra, local_rows = self._cluster_rows(inputs)
+        self._remote_endpoint_changes(inputs)
+        for old, new in ((self._infra_rows, infra), (self._local_rows, local_rows)):
+            if old != new:  # the common case (a remote pod's churn) is equal, compared in C
+                self._dirty_prefixes |= {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+        self._infra_rows, self._local_rows = infra, local_rows
+        for prefix in self._dirty_prefixes:
+            row = next((layer[prefix] for layer in (local_rows, self._remote_rows, infra, self._remote_node_rows)
+                        if prefix in layer), None)
+            if row is None:
+                if self.ipcache.pop(prefix, None) is not None:
+                    self._ipcache_changes.add(prefix)
+            elif self.ipcache.get(prefix) != row:
+                self.ipcache[prefix] = row
+                self._ipcache_changes.add(prefix)
+        self._dirty_prefixes.clear()
 
     def _policies(self, inputs: "ClusterInputs",
                   local: list["LocalEndpoint"]) -> tuple[dict[int, EndpointPolicy], dict[int, str]]:

@@ -42,6 +42,12 @@ class ClusterInputs:
     remote_services: dict[tuple[str, str], dict[str, ClusterService]] = field(default_factory=dict)
     #: Cluster Mesh: other clusters' nodes, (cluster, node) -> InternalIPs (ipcache rows as remote-node)
     remote_nodes: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    remote_nodes_generation: int = 0  # bumps when `remote_nodes` changes (their ipcache rows are redone then)
+    #: Cluster Mesh: other clusters' pod IPs, `imported.endpoint_key` -> record; ipcache rows only (no policy
+    #: input), kept apart from `endpoints` so a remote pod's churn costs its own row, not a pass over all
+    remote_endpoints: dict[tuple[str, str], EndpointRecord] = field(default_factory=dict)
+    #: keys of `remote_endpoints` changed since `DesiredState.update` last consumed them
+    remote_endpoints_changed: set[tuple[str, str]] = field(default_factory=set)
     #: this node's dns-proxy cache (`apply_fqdn`): IP -> names it was learned for, what toFQDNs selects
     fqdn_ips: dict[str, frozenset[str]] = field(default_factory=dict)
     fqdn_generation: int = 0  # the cache's generation these IPs are from
@@ -192,6 +198,7 @@ class ClusterInputs:
                 self.remote_nodes[(cluster, rest)] = [ip for ip in value.ips if ":" not in ip]
             else:
                 self.remote_nodes.pop((cluster, rest), None)
+            self.remote_nodes_generation += 1
             self._bump()
         elif kind == "services":
             ns, _, name = rest.partition(".")
@@ -204,11 +211,13 @@ class ClusterInputs:
                 del self.remote_services[(ns, name)]
             self._bump(services=True)
         elif kind == "ip":
+            key = imported.endpoint_key(cluster, rest)
             record = imported.remote_endpoint(cluster, value)
             if record is None:
-                self.endpoints.pop(imported.endpoint_key(cluster, rest), None)
+                self.remote_endpoints.pop(key, None)
             else:
-                self.endpoints[imported.endpoint_key(cluster, rest)] = record
+                self.remote_endpoints[key] = record
+            self.remote_endpoints_changed.add(key)
             self._bump()
 
     @classmethod
