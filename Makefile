@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit integration integration-encrypted bench clean kind-up
+.PHONY: setup demo test unit integration integration-encrypted integration-encrypted-strict bench clean kind-up
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,9 @@ ENCRYPTED_SUITES = integration/policy/test_policy_packets.py integration/lb/test
 	integration/connectivity/test_connectivity.py integration/hubble/test_hubble_sandbox.py
 integration-encrypted: setup
 	PROPOLIS_TEST_ENCRYPTION=wireguard $(PY) -m pytest -q $(ENCRYPTED_SUITES) $(PYTEST_ARGS)
+
+integration-encrypted-strict: setup
+	PROPOLIS_TEST_ENCRYPTION=wireguard-strict $(PY) -m pytest -q $(ENCRYPTED_SUITES) $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/propolis bench bus

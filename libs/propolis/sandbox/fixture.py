@@ -12,16 +12,23 @@ or wrap it in a pytest fixture of the scope you need.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from propolis.sandbox import cluster, netns
 from propolis.sandbox.config import BPF_ROOT, RUN_ROOT, SANDBOX_ENV, SandboxState
 
 
-#: Set to "wireguard" to run the full-suite test sandboxes with transparent encryption.
+#: Set to "wireguard" to run the full-suite test sandboxes with transparent encryption ("wireguard-strict": and
+#: encryption.strictMode, so any pod traffic that would leave a node unencrypted is dropped and fails its test).
 TEST_ENCRYPTION_ENV = "PROPOLIS_TEST_ENCRYPTION"
+STRICT_SUFFIX = "-strict"
+#: A directory: every test sandbox's logs are copied into <dir>/<sandbox name>/ before it is torn down (to read
+#: the services' side of a failure after the run dir is gone).
+KEEP_LOGS_ENV = "PROPOLIS_TEST_KEEP_LOGS"
 
 
 def unique_name(prefix: str = "t") -> str:
@@ -48,11 +55,16 @@ def running_sandbox(*, nodes: int = 2, services: str = "none", name: str | None 
     name = name or unique_name()
     if encryption is None:
         encryption = os.environ.get(TEST_ENCRYPTION_ENV, "") if services == "all" else ""
+        if encryption.endswith(STRICT_SUFFIX):
+            encryption, encryption_strict_mode = encryption.removesuffix(STRICT_SUFFIX), True
     try:
         yield cluster.up(name, nodes=nodes, services=services, cluster_cidr=cluster_cidr, encryption=encryption,
                          cluster_id=cluster_id, encryption_strict_mode=encryption_strict_mode,
                          encryption_node_encryption=encryption_node_encryption)
     finally:
+        keep = os.environ.get(KEEP_LOGS_ENV)
+        if keep and (RUN_ROOT / name / "logs").is_dir():
+            shutil.copytree(RUN_ROOT / name / "logs", Path(keep) / name, dirs_exist_ok=True)
         cluster.down(name)
         left = leftovers(name)
         assert not any(left.values()), f"sandbox {name} left {left}"
