@@ -170,6 +170,7 @@ async def test_traffic_forced_around_the_tunnel_is_dropped_never_leaked(sandbox,
     assert drops, f"no UNENCRYPTED_TRAFFIC drop flow a -> b in Hubble: {flows[-3:]}"
     assert {f["node_name"] for f in drops} == {cfg.node_names()[0]}
     assert drops[0]["source"]["pod_name"] == "a" and drops[0]["destination"]["pod_name"] == "b"
+    assert not any(f["IP"].get("encrypted") for f in drops), "a packet dropped as unencrypted shown as encrypted"
 
     # the route gone, the tunnel carries a -> b again
     (await connect_with_retry(sandbox, f"{NS}/a", ips["b"])).close()

@@ -45,6 +45,13 @@ def test_same_node_host_world_and_unencrypted_nodes_are_not_encrypted():
     assert "encrypted" not in to_flow(make_event(), node="n2", enricher=make_enricher())["IP"]  # false left out
 
 
+def test_strict_mode_drop_is_not_encrypted():
+    """UNENCRYPTED_TRAFFIC is the drop of a packet that went around the tunnel."""
+    e = wireguard_enricher("n1", "n2")
+    flow = to_flow(make_event(type=1, direction=2, verdict=2, drop_reason=195), node="n1", enricher=e)
+    assert flow["drop_reason_desc"] == "UNENCRYPTED_TRAFFIC" and "encrypted" not in flow["IP"]
+
+
 def test_key_removed_or_foreign_entry_turns_encryption_off_for_that_node():
     e = wireguard_enricher("n1", "n2")
     e.wireguard_event("n1", None)

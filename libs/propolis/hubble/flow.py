@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from propolis.bus.messages import EndpointRecord, IdentityRecord, IpcacheEntry, K8sObject, WireguardNodeKey
-from propolis.datapath.drop import reason_name
+from propolis.datapath.drop import DROP_UNENCRYPTED_TRAFFIC, reason_name
 from propolis.maps import events as ev
 from propolis.model.identity import CLUSTER_LABEL, RESERVED_NAMES
 
@@ -264,7 +264,9 @@ def to_flow(e: ev.FlowEvent, *, node: str, enricher: Enricher) -> Flow:
     dst = enricher.endpoint(e.dst_ip, e.dst_identity, 0 if local_is_src else e.endpoint_id)
     has_ip = not (e.src_ip == e.dst_ip == "0.0.0.0")  # not IPv4 (e.g. an IPv6 frame dropped as unknown L3)
     ip: dict[str, Any] = {"source": e.src_ip, "destination": e.dst_ip, "ipVersion": "IPv4"} if has_ip else {}
-    if has_ip and enricher.wireguard_nodes and enricher.encrypted(node, e.src_ip, e.dst_ip):
+    # a strict-mode drop is exactly a packet that did not go through the tunnel
+    if (has_ip and enricher.wireguard_nodes and e.drop_reason != DROP_UNENCRYPTED_TRAFFIC
+            and enricher.encrypted(node, e.src_ip, e.dst_ip)):
         ip["encrypted"] = True  # like `hubble observe -o json`, false is left out
     flow: Flow = {
         "time": rfc3339(e.wall_time),
