@@ -218,6 +218,9 @@ class _Connection:
                 if due.api_key == kafka.API_KEYS["apiversions"] and size <= MAX_API_VERSIONS_BYTES:
                     await self._relay_api_versions(upstream, head, due)
                     left = 0
+                elif size - 4 <= RELAY_CHUNK:  # most responses: one write (one send) for the whole frame
+                    self.writer.write(head + await upstream.readexactly(size - 4))
+                    left = 0
                 else:
                     self.writer.write(head)
                     left = size - 4
