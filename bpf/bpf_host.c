@@ -39,6 +39,14 @@ static __always_inline int host_firewall4(struct __sk_buff *skb, int egress)
 
 	if (skb->protocol != pp_htons(ETH_P_IP))
 		return CTX_ACT_OK;
+	/* NodePort traffic the node forwards with its own address (lib/nodeport.h
+	 * nodeport_redirect) is the backend's business, not the host's. Trusted
+	 * only on a packet that came in from an interface: a host process can set
+	 * any mark (SO_MARK), but its packets were not received anywhere. */
+	if (egress && (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_SNAT_DONE && skb->ingress_ifindex) {
+		skb->mark = 0;
+		return CTX_ACT_OK;
+	}
 	c.ifindex = skb->ifindex;
 	c.p.len = skb->len;
 	if (parse_ipv4(skb, &c.p) < 0)

@@ -87,6 +87,7 @@
 #define MARK_MAGIC_MASK		0xffff0000
 #define MARK_MAGIC_HAIRPIN	0x4c480000	/* "LH": hairpin, already tracked */
 #define MARK_MAGIC_NODEPORT	0x4c4e0000	/* "LN": low 16 bits = rev_nat_index */
+#define MARK_MAGIC_SNAT_DONE	0x4c530000	/* "LS": forwarded by NodePort (SNAT or reply), not the host's own */
 
 struct lb4_key {
 	__be32 address;		/* service VIP */

@@ -56,6 +56,7 @@ static __always_inline int nodeport_redirect(struct __sk_buff *skb, struct lxc_c
 		return send_drop_notify(c, DROP_FRAG_NEEDED, POLICY_MATCH_NONE);
 	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return send_drop_notify(c, DROP_FIB_LOOKUP, POLICY_MATCH_NONE);
+	skb->mark = MARK_MAGIC_SNAT_DONE;	/* the host firewall's egress is not for it (bpf_host.c) */
 	return pp_redirect_neigh(fib.ifindex, 0, 0, 0);
 }
 

@@ -4,6 +4,8 @@ audit mode; without the host endpoint row nothing is judged."""
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
@@ -19,6 +21,7 @@ NODE, OTHER_NODE, WORLD, POD = "172.30.9.1", "172.30.9.2", "198.51.100.7", "10.2
 ID_POD, EP_POD = 1001, 11
 HOST = endpoints.HOST_ENDPOINT_ID
 AUDIT, DROPPED = 4, 2
+MARK_MAGIC_SNAT_DONE = 0x4C530000  # bpf/lib/lb.h
 
 
 def from_netdev(h, frame: bytes) -> int:
@@ -87,6 +90,24 @@ def test_node_to_its_local_pod_meets_the_host_egress_policy(host):
     assert [(d.endpoint_id, d.direction, d.dst_identity) for d in drops] == [(HOST, 2, ID_POD)]
     h.dp.set_policy(HOST, [PolicyEntry("egress", identity=ID_POD, protocol=6, port=8080)])
     assert h.ingress(pk.tcp(NODE, 43002, POD, 8080)) == TC_ACT_OK
+
+
+def test_forwarded_nodeport_traffic_skips_host_egress_only_when_it_came_in_from_an_interface(host):
+    """nodeport_redirect marks what it forwards with the node's address; a host process setting the same mark
+    (SO_MARK) is still judged."""
+    h = host
+    h.dp.set_enforcement(HOST, ingress=True, egress=True)
+    snat = pk.tcp(NODE, 33000, OTHER_NODE, 8080)
+
+    def run(mark: int, ingress_ifindex: int) -> int:
+        ctx = bytearray(192)
+        struct.pack_into("=I", ctx, 8, mark)
+        struct.pack_into("=II", ctx, 36, ingress_ifindex, 1)
+        return bpf.prog_test_run(h.dp.programs.to_netdev_fd, snat, ctx=bytes(ctx))[0]
+
+    assert run(MARK_MAGIC_SNAT_DONE, ingress_ifindex=1) == TC_ACT_OK
+    assert run(MARK_MAGIC_SNAT_DONE, ingress_ifindex=0) == TC_ACT_SHOT
+    assert run(0, ingress_ifindex=1) == TC_ACT_SHOT
 
 
 def test_host_audit_mode_forwards_and_reports(host):
