@@ -13,7 +13,7 @@ import socket
 import uuid
 
 import pytest
-from test_wireguard_sandbox import NS, pod, write
+from test_wireguard_sandbox import NS, pod, propolis, write
 from wg_helpers import Capture, WG_PORT, admin_bus, keymgr_progress, pod_ip
 
 from propolis.sandbox import cluster
@@ -102,6 +102,8 @@ async def test_node_ips_are_allowed_ips_and_status_says_enabled(sandbox):
             assert feature["detail"].startswith("[NodeEncryption: Enabled, cilium_wg0")
     finally:
         await bus.close()
+    text = (await asyncio.to_thread(propolis, "encrypt", "status", "--name", cfg.name)).stdout
+    assert text.count("Node encryption: Enabled") == 2 and text.count("Strict mode: Disabled") == 2
 
 
 async def test_node_to_node_and_node_to_pod_cross_the_underlay_encrypted(sandbox):

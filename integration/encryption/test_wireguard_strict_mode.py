@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import socket
 import time
 import uuid
 
 import pytest
 from test_wireguard_hubble import observe
-from test_wireguard_sandbox import NS, pod, write
+from test_wireguard_sandbox import NS, pod, propolis, write
 from wg_helpers import Capture, WG_PORT, can_connect, connect_with_retry, pod_ip
 
 from propolis.datapath.drop import DROP_UNENCRYPTED_TRAFFIC
@@ -205,3 +206,18 @@ async def test_node_traffic_with_a_pod_address_goes_through_the_tunnel(sandbox, 
     assert unencrypted_drops(sandbox, 1) == before, "pod-addressed node traffic took the clear path"
     assert not cap.contains(secret), "pod-addressed node traffic seen in cleartext"
     assert cap.count(17, WG_PORT) >= 10, f"expected it as WireGuard UDP {WG_PORT}, saw {cap.count(17, WG_PORT)}"
+
+
+def test_encrypt_status_shows_strict_mode_per_node(sandbox):
+    cfg = sandbox.sandbox()
+    proc = propolis("encrypt", "status", "--name", cfg.name, "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    nodes = json.loads(proc.stdout)["nodes"]
+    assert set(nodes) == set(cfg.node_names())
+    for st in nodes.values():
+        assert st["strict_mode"] == {"cidr": cfg.cluster_cidr, "devices": ["eth0"],
+                                     "allow_remote_node_identities": False}
+        assert st["node_encryption"] is False
+    text = propolis("encrypt", "status", "--name", cfg.name).stdout
+    assert text.count(f"Strict mode: Enabled (CIDR {cfg.cluster_cidr}, allowRemoteNodeIdentities: false)") == 2
+    assert text.count("Node encryption: Disabled") == 2

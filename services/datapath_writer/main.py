@@ -164,6 +164,10 @@ class DatapathComponent(Component):
             rt.features["Host firewall"] = {"state": "Disabled", "detail": "hostFirewall.enabled=false: policies "
                                                                           "with a nodeSelector do nothing"}
         rt.progress["compile_seconds"] = round(self.dp.compile_seconds, 3)
+        if self.settings.encryption_strict_mode_enabled:  # shown by `propolis encrypt status`
+            rt.progress["encryption_strict_mode"] = {
+                "cidr": self.settings.encryption_strict_mode_cidr, "devices": devices,
+                "allow_remote_node_identities": self.settings.encryption_strict_mode_allow_remote_node_identities}
         rt.features["Policy enforcement"] = {
             "state": self.settings.policy_enforcement.capitalize(),
             "detail": "L3/L4 in eBPF on every pod veth" + ("; policyAuditMode: would-be drops are forwarded and "

@@ -21,6 +21,7 @@ from propolis.errors import CliError
 from propolis.status import is_live, read_heartbeats
 
 KEYMGR = "wireguard-keymgr"
+WRITER = "datapath-writer"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,11 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 async def node_states(bus: Any) -> dict[str, dict[str, Any]]:
-    """node -> the live key manager's ``progress["wireguard"]`` (newest instance per node)."""
+    """node -> the live key manager's ``progress["wireguard"]`` (newest instance per node), with the node's
+    strict mode under ``strict_mode`` (the datapath-writer's: it is enforced in BPF; None = off)."""
     now = time.time()
-    beats = sorted((hb for hb in await read_heartbeats(bus) if hb.service == KEYMGR and is_live(hb, now)),
-                   key=lambda hb: hb.sent_at)
-    return {hb.node: dict(hb.progress.get("wireguard", {})) for hb in beats}
+    beats = sorted((hb for hb in await read_heartbeats(bus) if is_live(hb, now)), key=lambda hb: hb.sent_at)
+    strict = {hb.node: hb.progress.get("encryption_strict_mode") for hb in beats if hb.service == WRITER}
+    return {hb.node: {**hb.progress.get("wireguard", {}), "strict_mode": strict.get(hb.node)}
+            for hb in beats if hb.service == KEYMGR}
 
 
 def _ago(ts: float) -> str:
@@ -66,6 +69,10 @@ async def status_cmd(args: argparse.Namespace) -> int:
     for node, st in sorted(states.items()):
         print(f"Node {node}")
         print("  Encryption: Wireguard")
+        print(f"  Node encryption: {'Enabled' if st.get('node_encryption') else 'Disabled'}")
+        strict = st.get("strict_mode")
+        print("  Strict mode: " + (f"Enabled (CIDR {strict['cidr']}, allowRemoteNodeIdentities: "
+                                   f"{str(strict['allow_remote_node_identities']).lower()})" if strict else "Disabled"))
         print(f"  Interface: cilium_wg0 ({st.get('backend', '?')}{', pid ' + str(st['pid']) if st.get('pid') else ''})")
         print(f"    Public key: {st.get('public_key', '?')}")
         print(f"    Port: {st.get('listen_port', '?')}")
