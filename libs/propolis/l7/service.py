@@ -97,9 +97,10 @@ class ProxyComponent(Component):
                 "requests_denied": proxy.stats.requests_denied, "errors": dict(proxy.stats.errors)}
             if self.kafka is not None:
                 rt.progress["l7_proxy"]["kafka"] = dataclasses.asdict(self.kafka.stats)
+            servers = len(proxy.servers) + (len(self.kafka.servers) if self.kafka else 0)
+            active = proxy.stats.active + (self.kafka.stats.active if self.kafka else 0)
             rt.features["L7 proxy"] = {"state": "Ok" if self.inputs.policy.ready else "Warning",
-                                       "detail": f"HTTP, {len(proxy.servers)} listeners, "
-                                                 f"{proxy.stats.active} connections"}
+                                       "detail": f"HTTP, Kafka, {servers} listeners, {active} connections"}
             await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
