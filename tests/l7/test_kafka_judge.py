@@ -164,6 +164,10 @@ def test_denied_answer_of_a_topicless_api_uses_its_error_field():
     correlation_id, response = decode_answer("findcoordinator", request)
     assert (correlation_id, response["error_code"]) == (request.correlation_id, TOPIC_AUTHORIZATION_FAILED)
     assert kafka.denied_response(parsed("produce-acks0")) is None  # acks=0 expects nothing
+    # an API whose response has neither topics the proxy fills nor an error field: no answer (the proxy closes)
+    create_topics = parsed("findcoordinator")
+    create_topics.api_key, create_topics.api_version = kafka.API_KEYS["createtopics"], 5
+    assert kafka.denied_response(create_topics) is None
 
 
 def test_lying_sizes_and_garbage_are_bad_frames():
