@@ -14,7 +14,7 @@ class Rows:
     def __init__(self, actual):
         self.actual = dict(actual)
         self.calls: list[tuple[str, str]] = []
-        self.list_calls = 0
+        self.list_times: list[float] = []
         self.list_error: Exception | None = None
         self.in_update = asyncio.Event()
         self.release = asyncio.Event()
@@ -31,7 +31,7 @@ class Rows:
         self.actual.pop(key, None)
 
     async def list_actual(self):
-        self.list_calls += 1
+        self.list_times.append(asyncio.get_running_loop().time())
         if self.list_error is not None:
             raise self.list_error
         return list(self.actual)
@@ -71,10 +71,11 @@ async def test_deletes_go_before_updates():
 async def test_failing_list_actual_backs_off_and_prunes_once_it_answers(running):
     target = Rows({"stale": 1})
     target.list_error = TemporaryError("NATS away")
-    rec = running(Reconciler("rows", target, refresh_interval=float("inf"), backoff_min=0.05, backoff_max=0.2))
+    rec = running(Reconciler("rows", target, refresh_interval=float("inf"), backoff_min=0.05, backoff_max=1.0))
     rec.mark_synced()
-    await asyncio.sleep(0.5)
-    assert 2 <= target.list_calls <= 10, f"{target.list_calls} listings in 0.5s: not backing off"
+    await wait_for(lambda: len(target.list_times) >= 4)
+    gaps = [b - a for a, b in zip(target.list_times, target.list_times[1:])]
+    assert all(gap >= 0.05 * 2 ** i * 0.9 for i, gap in enumerate(gaps[:3])), f"not backing off: {gaps}"
     assert not rec.idle() and "stale" in target.actual
     target.list_error = None
     await wait_for(lambda: "stale" not in target.actual)

@@ -67,6 +67,17 @@ class ObjectStatus:
 _ABSENT = object()
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Until ``event`` is set or ``timeout`` seconds passed (inf: no limit). The loops' one way to sleep
+    until woken: `asyncio.wait_for` on Python 3.11 can swallow a cancellation that arrives as the event
+    is set, and the loop then never ends (a service that cannot stop)."""
+    try:
+        async with asyncio.timeout(None if timeout == float("inf") else timeout):
+            await event.wait()
+    except TimeoutError:
+        pass
+
+
 def backoff_delay(attempts: int, minimum: float = 0.1, maximum: float = 60.0) -> float:
     """Seconds before retry number ``attempts`` (1-based): exponential from ``minimum``, capped at ``maximum``.
     The one back-off of every desired->actual loop (reconcilers, the identity-allocator's queue)."""
@@ -83,6 +94,7 @@ class Reconciler(Generic[K, V]):
         self.backoff_max = backoff_max
         self.desired: dict[K, V] = {}
         self.status: dict[K, ObjectStatus] = {}
+        self._failing: set[K] = set()  # keys whose status is ERROR or FAILED (health reads them, not every key)
         self._pending: dict[K, Any] = {}  # key -> desired value or _ABSENT (delete)
         self.revision = 0
         self.synced = False
@@ -103,7 +115,7 @@ class Reconciler(Generic[K, V]):
         self.desired[key] = desired
         self._pending[key] = desired
         self._refreshing.discard(key)
-        self.status[key] = ObjectStatus(Status.PENDING, self.revision)
+        self._set_pending(key)
         self._wake.set()
         return self.revision
 
@@ -114,7 +126,7 @@ class Reconciler(Generic[K, V]):
         self.desired.pop(key, None)
         self._pending[key] = _ABSENT
         self._refreshing.discard(key)
-        self.status[key] = ObjectStatus(Status.PENDING, self.revision)
+        self._set_pending(key)
         self._wake.set()
         return self.revision
 
@@ -141,11 +153,15 @@ class Reconciler(Generic[K, V]):
 
     def errors(self) -> dict[K, str]:
         """Every key whose last attempt failed (retrying or failed for good), with the reason."""
-        return {k: s.error for k, s in self.status.items() if s.status in (Status.ERROR, Status.FAILED)}
+        return {k: self.status[k].error for k in self._failing}
 
     def failed(self) -> dict[K, str]:
         """Keys failed permanently: not retried until their desired value changes."""
-        return {k: s.error for k, s in self.status.items() if s.status is Status.FAILED}
+        return {k: self.status[k].error for k in self._failing if self.status[k].status is Status.FAILED}
+
+    def _set_pending(self, key: K) -> None:
+        self.status[key] = ObjectStatus(Status.PENDING, self.revision)
+        self._failing.discard(key)
 
     def health(self) -> Health:
         failed = self.failed()
@@ -176,16 +192,13 @@ class Reconciler(Generic[K, V]):
                 next_refresh = now + self.refresh_interval
             await self.reconcile_once()
             delay = min([next_refresh - time.monotonic()] +
-                        [max(0.0, s.retry_at - time.monotonic()) for k, s in self.status.items()
-                         if s.status is Status.ERROR and k in self._pending] +
+                        [max(0.0, self.status[k].retry_at - time.monotonic()) for k in self._failing
+                         if self.status[k].status is Status.ERROR and k in self._pending] +
                         ([max(0.0, self._prune_retry_at - time.monotonic())] if self._prune_due else []))
             self._wake.clear()
             if self._prune_ready() or any(self._due(k) for k in self._pending):
                 continue  # a change (or mark_synced) came while this pass ran: its wake-up was just cleared
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(delay, 0.01))
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wake, max(delay, 0.01))
 
     def queue_refresh(self) -> None:
         """Repair drift: every desired key is applied again against the actual object (a failed key
@@ -205,6 +218,10 @@ class Reconciler(Generic[K, V]):
     def _due(self, key: K) -> bool:
         st = self.status.get(key)
         return st is None or st.status is not Status.ERROR or st.retry_at <= time.monotonic()
+
+    def _note_failing(self, key: K, st: ObjectStatus) -> None:
+        if self.status.get(key) is st:  # not replaced by a newer change meanwhile
+            self._failing.add(key)
 
     def _prune_ready(self) -> bool:
         return self._prune_due and self._prune_retry_at <= time.monotonic()
@@ -231,11 +248,13 @@ class Reconciler(Generic[K, V]):
                 what = "delete" if value is _ABSENT else "update"
                 if isinstance(exc, PermanentError) and value is not _ABSENT:
                     st.status = Status.FAILED  # retrying will not help: wait for a new desired value
+                    self._note_failing(key, st)
                     if self._pending.get(key) is value:
                         del self._pending[key]
                     log.error("%s: %s %r failed permanently: %s", self.name, what, key, st.error)
                     continue
                 st.status = Status.ERROR
+                self._note_failing(key, st)
                 st.retry_at = time.monotonic() + backoff_delay(st.attempts, self.backoff_min, self.backoff_max)
                 log.warning("%s: %s %r failed (attempt %d): %s", self.name, what, key, st.attempts, st.error)
                 continue
@@ -246,6 +265,7 @@ class Reconciler(Generic[K, V]):
                     self.status.pop(key, None)
                 else:
                     st.status, st.error, st.attempts = Status.DONE, "", 0
+                self._failing.discard(key)
         await self._advance()
 
     async def _prune(self) -> None:
@@ -262,7 +282,7 @@ class Reconciler(Generic[K, V]):
         for key in actual:
             if key not in self.desired and key not in self._pending:
                 self._pending[key] = _ABSENT
-                self.status[key] = ObjectStatus(Status.PENDING, self.revision)
+                self._set_pending(key)
         if any(v is _ABSENT for v in self._pending.values()):
             self._wake.set()
 

@@ -36,7 +36,7 @@ from propolis.errors import TemporaryError
 from propolis.identity.allocator import IdentityAllocator, labels_hash
 from propolis.identity.endpoints import endpoint_for_pod
 from propolis.model import identity as idmodel
-from propolis.reconcile import Reconciler
+from propolis.reconcile import Reconciler, wait_event
 
 log = logging.getLogger("propolis.identity.sync")
 
@@ -298,10 +298,7 @@ class IdentitySync:
             except Exception as exc:  # NATS away: the next round retries
                 log.warning("identities bucket: %s", exc)
             on_step()
-            try:
-                await asyncio.wait_for(self.records.wrote.wait(), TICK)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self.records.wrote, TICK)  # the next step after TICK, or at once after a write
             self.records.wrote.clear()
 
     async def step(self) -> None:

@@ -41,7 +41,7 @@ from propolis.bus.messages import K8sObject, Watermark
 from propolis.bus.watermark import new_epoch
 from propolis.errors import TemporaryError, ValidationError
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
-from propolis.reconcile import Reconciler
+from propolis.reconcile import Reconciler, wait_event
 
 log = logging.getLogger("propolis.k8s.mirror")
 
@@ -349,10 +349,7 @@ class KvMirror:
                         log.warning("watermark not written: %s", exc)
                 if on_step is not None:
                     on_step()
-                try:  # the next step after TICK, or as soon as the bucket was written
-                    await asyncio.wait_for(self.target.wrote.wait(), TICK)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(self.target.wrote, TICK)  # the next step after TICK, or at once after a write
                 self.target.wrote.clear()
         finally:
             if writer is not None:
