@@ -9,6 +9,7 @@ slower, not red.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from propolis.connectivity.scenarios import (ALLOWED, DROPPED, ECHO_PORT, ECHO_U
 from propolis.encryption.backend import LISTEN_PORT
 from propolis.encryption.capture import IPPROTO_UDP, UnderlayCapture
 from propolis.errors import CliError
-from propolis.sandbox import cluster, probe
+from propolis.sandbox import cluster, pod_dns, probe
 from propolis.sandbox.config import SandboxState
 from propolis.sandbox.resources import KINDS, documents_from
 
@@ -109,6 +110,19 @@ class Runner:
                 return
         raise CliError(f"namespace {NAMESPACE} still terminating after {timeout:.0f} s")
 
+    async def _resolved_spec(self, check: Check) -> probe.ProbeSpec:
+        """`fqdn:<name>` targets resolved as the source pod resolves them (through the DNS proxy where policy
+        says so); a name that does not resolve is probed at 0.0.0.0 (refused locally, nothing leaves)."""
+        what, _, name = check.target.partition(":")
+        if what != "fqdn":
+            return self._spec(check)
+        spec = self._spec(dataclasses.replace(check, target="world:0.0.0.0"))
+        try:
+            ip = (await pod_dns.resolve(spec.from_netns, name))[0]
+        except CliError:
+            ip = spec.ip
+        return dataclasses.replace(spec, ip=ip, to_label=check.target)
+
     def _spec(self, check: Check) -> probe.ProbeSpec:
         if check.source.startswith("node:"):
             source_netns = self.cfg.node_netns(int(check.source.split(":", 1)[1]))
@@ -171,7 +185,8 @@ class Runner:
                 await cluster.apply_documents(self.state, docs)
                 await cluster.wait(self.state, timeout=60)
             with UnderlayCapture(self.cfg.underlay_netns) if scenario.underlay_capture else nullcontext() as capture:
-                results = await probe.probe_all([self._spec(c) for c in scenario.checks], timeout=self.timeout)
+                specs = [await self._resolved_spec(c) for c in scenario.checks]
+                results = await probe.probe_all(specs, timeout=self.timeout)
         finally:
             if docs:
                 await cluster.delete_documents(self.state, docs)
@@ -185,7 +200,7 @@ class Runner:
             if check.http:
                 ok = res.http_status == check.status
                 detail = f"HTTP {res.http_status}, expected {check.status}" if allowed else detail
-            if ok and check.expect == DROPPED and check.target.startswith("world:"):
+            if ok and check.expect == DROPPED and check.target.startswith(("world:", "fqdn:")):
                 ok, detail = await self._policy_drop_seen(res.spec, started)
             if ok and capture is not None:
                 ok, detail = underlay_verdict(capture, res, detail)

@@ -33,7 +33,8 @@ class Check:
     ``source``: a pod name of the workload, or ``node:<n>`` (1-based) for a node's own namespace.
     ``target``: ``pod:<name>``, ``service:<name>`` (ClusterIP), ``nodeport:<service>@<n>`` (node n's IP),
     ``world:<ip>`` (a world host outside the cluster; a DROPPED expectation is proven by Hubble too: a flow
-    to that IP with drop reason POLICY_DENIED, not merely by the missing answer).
+    to that IP with drop reason POLICY_DENIED, not merely by the missing answer), ``fqdn:<name>`` (a world
+    name, resolved by the source pod through its own resolver, then like ``world:`` with its first address).
     """
 
     source: str
@@ -76,6 +77,11 @@ ECHO_TCP = [{"ports": [{"port": str(ECHO_PORT), "protocol": "TCP"}]}]
 #: clients may talk to the cluster entity only (two scenarios: what it allows, and what it drops)
 CLIENT_EGRESS_TO_CLUSTER = cnp("client-egress-to-cluster", {"endpointSelector": labels(kind="client"),
                                                             "egress": [{"toEntities": ["cluster"]}]})
+
+#: DNS to kube-dns through the DNS proxy, every name allowed (the seed's allow-aws-egress DNS rule)
+TO_KUBE_DNS = {"toEndpoints": [labels(**{"io.kubernetes.pod.namespace": "kube-system", "k8s-app": "kube-dns"})],
+               "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}], "rules": {"dns": [{"matchPattern": "*"}]}}]}
+WORLD_TLS_PORT = 443  # world hosts answer TCP 80, 443 and 8080
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("no-policies", "without policies everything connects: pod to pod on the same node and across "
@@ -148,7 +154,21 @@ SCENARIOS: tuple[Scenario, ...] = (
                      Check("client", "pod:echo-same-node", http=("GET", "/private"), status=403),
                      Check("client2", "pod:echo-other-node", http=("POST", "/public"), status=403)),
              needs=("L7 proxy",), nodes=2),
-    Scenario("to-fqdns", "egress to an FQDN allowed through the DNS proxy", checks=(), needs=("DNS proxy",)),
+    Scenario("to-fqdns", "clients may reach api.stripe.com (toFQDNs, learned through the DNS proxy) and nothing "
+                         "else: example.org resolves but its connection is dropped by policy",
+             policies=(cnp("client-egress-to-fqdns", {"endpointSelector": labels(kind="client"), "egress": [
+                 {"toFQDNs": [{"matchName": "api.stripe.com"}]}, TO_KUBE_DNS]}),),
+             checks=(Check("client", "fqdn:api.stripe.com.", port=WORLD_TLS_PORT),
+                     Check("client", "fqdn:example.org.", DROPPED, port=WORLD_TLS_PORT),
+                     Check("client", "pod:echo-same-node", DROPPED)),
+             needs=("DNS proxy", "Hubble")),
+    Scenario("dns-only", "clients may only resolve names (DNS through the proxy): a resolved world name is "
+                         "still dropped",
+             policies=(cnp("client-egress-only-dns", {"endpointSelector": labels(kind="client"),
+                                                      "egress": [TO_KUBE_DNS]}),),
+             checks=(Check("client", "fqdn:api.stripe.com.", DROPPED, port=WORLD_TLS_PORT),
+                     Check("client", "pod:echo-same-node", DROPPED)),
+             needs=("DNS proxy", "Hubble")),
     Scenario("encryption", "pod-to-pod traffic between nodes crosses the underlay only as WireGuard UDP 51871, "
              "never in cleartext (captured on the underlay); same-node traffic never leaves the node",
              checks=(Check("client", "pod:echo-other-node"), Check("client", "pod:echo-other-node", port=ECHO_UDP_PORT,
