@@ -28,7 +28,8 @@ def seed_manifest(name: str) -> dict:
 def test_demo_policies_parse_and_name_their_kinds():
     docs = [yaml.safe_load(p.read_text()) for p in demo.POLICIES]
     assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
-        ("NetworkPolicy", "allow-frontend"), ("CiliumNetworkPolicy", "api-l7-policy")]
+        ("NetworkPolicy", "allow-frontend"), ("CiliumNetworkPolicy", "api-l7-policy"),
+        ("CiliumNetworkPolicy", "allow-aws-egress")]
 
 
 @pytest.mark.skipif(not SEED.exists(), reason=f"{SEED} not there (the workplace's shared seed text)")

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from propolis.sandbox import cluster, probe
+from propolis.sandbox import cluster, pod_dns, probe
 from propolis.sandbox.config import SandboxState
 
 MANIFESTS = Path(str(resources.files("propolis.demo") / "manifests"))
 APP = MANIFESTS / "10-app.yaml"
-POLICIES = [MANIFESTS / "20-allow-frontend.yaml", MANIFESTS / "30-api-l7-policy.yaml"]
+POLICIES = [MANIFESTS / "20-allow-frontend.yaml", MANIFESTS / "30-api-l7-policy.yaml",
+            MANIFESTS / "40-allow-aws-egress.yaml"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,28 @@ async def _try_l7(state: SandboxState) -> bool:
     return as_expected
 
 
+#: (name, allowed): what allow-aws-egress lets the api reach in the sandbox's world, by DNS name
+FQDN_TARGETS = (("s3.amazonaws.com.", True), ("api.stripe.com.", True), ("example.org.", False))
+
+
+async def _try_fqdns(state: SandboxState) -> bool:
+    """The api resolves world names through its node's dns-proxy, then connects (TCP 443)."""
+    say("   allow-aws-egress: the api resolves names through its DNS proxy, which lets toFQDNs allow what")
+    say("   *.amazonaws.com and api.stripe.com resolved to before the answer reaches the pod:")
+    netns = state.sandbox().pod_netns("production", "api")
+    as_expected = True
+    for name, allowed in FQDN_TARGETS:
+        ips = await pod_dns.resolve(netns, name)
+        res = await probe.probe(probe.ProbeSpec(netns, ips[0], 443), timeout=1.5)
+        ok = res.connected == allowed
+        as_expected &= ok
+        expected = "allowed" if allowed else "dropped"
+        say(f"   production/api -> {name:<20} {','.join(ips):<28} {'allowed' if res.connected else 'dropped'}"
+            f"{'' if ok else f' (!) expected {expected}'}")
+    cli(state, "fqdn", "cache", "list", "--name", state.config["name"])
+    return as_expected
+
+
 async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = True) -> int:
     started = time.monotonic()
     say("Propolis demo: eBPF networking, policy and observability for Kubernetes, on this one machine.")
@@ -156,6 +179,7 @@ async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = Tr
     say("   NetworkPolicy allow-frontend:      pods app=api accept TCP 8080 from app=frontend only")
     say("   CiliumNetworkPolicy api-l7-policy: the same at L3/L4, plus HTTP rules (GET/POST on /api/v1/...)")
     say("   (each HTTP request is judged by the l7-proxy of the api's node, see step 5)")
+    say("   CiliumNetworkPolicy allow-aws-egress: the api may reach only *.amazonaws.com and api.stripe.com")
     for line in await cluster.apply(state, [str(p) for p in POLICIES]):
         say(f"   {line}")
     caught_up = await cluster.wait(state, timeout=60)
@@ -164,6 +188,7 @@ async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = Tr
     step(5, "The same connections again: the eBPF programs on the pod veths now drop what policy denies")
     policy_ok = await _try_flows(state, with_policy=True)
     l7_ok = await _try_l7(state)
+    fqdn_ok = await _try_fqdns(state)
 
     step(6, "Cluster health")
     cli(state, "status", "--name", name)
@@ -191,7 +216,7 @@ async def run(name: str = "propolis", *, nodes: int = 2, connectivity: bool = Tr
     say(f"   propolis bpf endpoint list --node {state.nodes[0]['name']}               # endpoints in the kernel's maps")
     say(f"   propolis status --name {name}")
     say(f"Stop it and remove everything it created: propolis sandbox down --name {name}")
-    healthy = open_ok and policy_ok and l7_ok and connectivity_rc == 0
+    healthy = open_ok and policy_ok and l7_ok and fqdn_ok and connectivity_rc == 0
     if not healthy:
         say("Something did not behave as expected (marked (!) above).")
     return 0 if healthy else 1
