@@ -130,6 +130,17 @@ def test_queries_and_answers_are_hubble_dns_flows(sandbox):
     assert answer["l7"]["dns"]["observation_source"] == "proxy" and answer["destination"]["pod_name"] == "api"
 
 
+def test_flows_to_learned_addresses_carry_their_names(sandbox):
+    out = probe(sandbox, "api", "s3.amazonaws.com.")
+    assert out["connected"], out
+    proc = subprocess.run([sys.executable, "-m", "propolis.cli.main", "observe", "--name", sandbox.config["name"],
+                           "--to-fqdn", "*.amazonaws.com", "--to-port", "443", "--last", "50", "-o", "jsonpb"],
+                          capture_output=True, text=True, timeout=60)
+    flows = [json.loads(line)["flow"] for line in proc.stdout.splitlines() if line.strip()]
+    assert flows and all(f["destination_names"] == ["s3.amazonaws.com"] for f in flows), (proc.stderr, flows[-2:])
+    assert out["ip"] in {f["IP"]["destination"] for f in flows}
+
+
 def _dns_proxy(state, node: str) -> int:
     return next(s["pid"] for s in load_state(state.config["name"]).services
                 if s["name"] == "dns-proxy" and s["node"] == node)

@@ -84,7 +84,8 @@ class EnricherComponent(Component):
                  (subjects.IPCACHE_BUCKET, self.enricher.ipcache_event),
                  (subjects.K8S_BUCKET, self.enricher.k8s_event),
                  (subjects.CLUSTERMESH_CACHE_BUCKET, self.enricher.clustermesh_event),  # remote clusters' peers
-                 (subjects.WIREGUARD_BUCKET, self.enricher.wireguard_event))  # IP.encrypted: who runs cilium_wg0
+                 (subjects.WIREGUARD_BUCKET, self.enricher.wireguard_event),  # IP.encrypted: who runs cilium_wg0
+                 (subjects.FQDN_BUCKET, self.enricher.fqdn_event))  # destination_names: what DNS proxies learned
         self.feeds = len(feeds)
         for bucket, feed in feeds:
             rt.spawn(f"watch-{bucket}", self._watch(rt, bucket, feed), self)

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from propolis.bus.messages import EndpointRecord, IdentityRecord, IpcacheEntry, K8sObject, WireguardNodeKey
+from propolis.bus.messages import (EndpointRecord, FqdnCacheRecord, IdentityRecord, IpcacheEntry, K8sObject,
+                                   WireguardNodeKey)
 from propolis.datapath.drop import DROP_UNENCRYPTED_TRAFFIC, reason_name
 from propolis.maps import events as ev
 from propolis.model.identity import CLUSTER_LABEL, RESERVED_NAMES
@@ -82,6 +83,7 @@ class Enricher:
     frontends: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
     backends: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
     wireguard_nodes: set[str] = field(default_factory=set)  # nodes whose keymgr published its WireGuard key
+    fqdn_names: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # node -> ip -> names its dns-proxy learned
     _services_dirty: bool = False
     _endpoint_cache: dict[tuple[str, int, int], dict[str, Any]] = field(default_factory=dict)
 
@@ -124,6 +126,20 @@ class Enricher:
             self.wireguard_nodes.add(key)
         else:
             self.wireguard_nodes.discard(key)
+
+    def fqdn_event(self, key: str, value: Any) -> None:
+        """``PROPOLIS_FQDN_V1`` (key = node): what that node's dns-proxy learned (Hubble's `*_names`)."""
+        if isinstance(value, FqdnCacheRecord):
+            names: dict[str, set[str]] = {}
+            for row in value.entries:
+                names.setdefault(str(row.get("ip")), set()).add(str(row.get("name")).rstrip("."))  # as Hubble shows
+            self.fqdn_names[key] = {ip: sorted(n) for ip, n in names.items()}
+        else:
+            self.fqdn_names.pop(key, None)
+
+    def names(self, node: str, ip: str) -> list[str]:
+        """The DNS names `node`'s endpoints resolved to `ip` (toFQDNs is per node, so are the names)."""
+        return self.fqdn_names.get(node, {}).get(ip, [])
 
     def encrypted(self, node: str, src_ip: str, dst_ip: str) -> bool:
         """Hubble's `IP.encrypted`: the packet crosses to or from a pod on another node through cilium_wg0,
@@ -282,6 +298,9 @@ def to_flow(e: ev.FlowEvent, *, node: str, enricher: Enricher) -> Flow:
         "is_reply": e.is_reply,
         "interface": {"index": e.ifindex},
     }
+    for side, address in (("source", e.src_ip), ("destination", e.dst_ip)):
+        if names := enricher.names(node, address):
+            flow[f"{side}_names"] = names
     if e.type == ev.CILIUM_NOTIFY_DROP:
         flow["drop_reason"] = e.drop_reason
         flow["drop_reason_desc"] = reason_name(e.drop_reason)
