@@ -106,6 +106,11 @@ def test_allowed_names_connect_on_the_first_try_and_others_are_dropped(sandbox):
         assert sorted(out["addresses"]) == _addresses(name), out
     out = probe(sandbox, "api", "example.org")
     assert not out["connected"] and out["addresses"] == _addresses("example.org"), out
+    proc = subprocess.run([sys.executable, "-m", "propolis.cli.main", "policy", "selectors", "--name",
+                           sandbox.config["name"], "-o", "json"], capture_output=True, text=True, timeout=60)
+    selections = json.loads(proc.stdout)
+    assert selections["MatchName: api.stripe.com, MatchPattern: "] == _addresses("api.stripe.com")
+    assert selections["MatchName: , MatchPattern: *.amazonaws.com"] == _addresses("s3.amazonaws.com")
 
 
 def test_a_name_the_dns_rules_do_not_allow_is_refused(sandbox):

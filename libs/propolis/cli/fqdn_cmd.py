@@ -29,14 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=cache_list)
 
 
-async def _records(args: argparse.Namespace) -> list[FqdnCacheRecord]:
+async def learned_records(args: argparse.Namespace) -> list[FqdnCacheRecord]:
+    """Every node's FQDN cache record (only `args.node`'s when set)."""
+    node = getattr(args, "node", "")
     bus = await connect_bus(args)
     try:
         try:
             kv = await bus.kv(subjects.FQDN_BUCKET)
         except TemporaryError as exc:
             raise CliError(f"{exc} (is the sandbox up?)") from exc
-        items = await kv.items(subjects.fqdn_key(args.node) if args.node else ">")
+        items = await kv.items(subjects.fqdn_key(node) if node else ">")
     finally:
         await bus.close()
     return sorted((e.value for e in items.values() if isinstance(e.value, FqdnCacheRecord)), key=lambda r: r.node)
@@ -50,7 +52,7 @@ async def cache_list(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"--matchpattern: {exc}") from None
     rows: list[dict[str, Any]] = []
-    for record in await _records(args):
+    for record in await learned_records(args):
         for entry in record.entries:
             if wanted is None or wanted.matches(str(entry.get("name", ""))):
                 rows.append({"node": record.node, **entry})

@@ -12,6 +12,7 @@ import os
 
 from propolis.bus import subjects
 from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json, print_table
+from propolis.cli.fqdn_cmd import learned_records
 from propolis.errors import CliError, TemporaryError
 from propolis.policy.engine import PolicyEngine
 from propolis.policy.entries import PROTOCOL_NAMES
@@ -135,7 +136,11 @@ def _pod_rules(engine: PolicyEngine, inputs: ClusterInputs, args: argparse.Names
 
 async def policy_selectors(args: argparse.Namespace) -> int:
     engine, inputs = await _engine(args)
-    selections = engine.selections()
+    selections: dict[str, list] = dict(engine.selections())  # type: ignore[type-arg]
+    records = await learned_records(args) if engine.fqdn_selectors() else []
+    for fq in sorted(engine.fqdn_selectors(), key=str):  # toFQDNs: the addresses learned for it (any node)
+        selections[str(fq)] = sorted({str(row["ip"]) for r in records for row in r.entries
+                                      if fq.matches(str(row.get("name", "")))})
     if args.output == "json":
         print_json(selections)
         return 0
