@@ -6,6 +6,7 @@ Garbage and lying sizes are one `BadFrame`, never another exception."""
 from __future__ import annotations
 
 import struct
+import uuid
 from io import BytesIO
 
 import pytest
@@ -17,7 +18,10 @@ from aiokafka.protocol.offset import OffsetRequest
 from aiokafka.protocol.produce import ProduceRequest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kio.index import load_request_schema, load_response_schema
 from kio.schema.errors import ErrorCode
+from kio.schema.request_header.v2.header import RequestHeader
+from kio.serial import entity_reader, entity_writer
 
 from propolis.l7 import kafka
 from propolis.policy.parse import parse_policy_object
@@ -213,8 +217,6 @@ def test_fuzz_mutated_real_requests_never_crash(name, data):
 
 def api_versions_response(version: int, offered: dict[int, int], correlation_id: int = 9) -> bytes:
     """A broker's ApiVersions response (after its size prefix), encoded with kio."""
-    from kio.index import load_response_schema
-    from kio.serial import entity_writer
     response_type = load_response_schema(18, version)
     key_type = kafka._item_type(response_type, "api_keys")
     keys = tuple(key_type(api_key=k, min_version=0, max_version=v) for k, v in offered.items())
@@ -227,8 +229,6 @@ def api_versions_response(version: int, offered: dict[int, int], correlation_id:
 def test_api_versions_offer_only_versions_that_name_topics(version):
     """Fetch/Produce v13+ name topics by id and OffsetFetch v8+ nests them in groups: a client offered those
     would send requests no topic rule can match, so the proxy's relay lowers them."""
-    from kio.index import load_response_schema
-    from kio.serial import entity_reader
     offered = {0: 13, 1: 18, 2: 11, 3: 13, 8: 10, 9: 10, 18: 4, 11: 9}
     capped = kafka.cap_api_versions(api_versions_response(version, offered), version)
     assert capped is not None and struct.unpack_from(">i", capped)[0] == 9  # correlation id kept
@@ -242,3 +242,20 @@ def test_api_versions_offer_only_versions_that_name_topics(version):
         decoded = getattr(admin, f"ApiVersionResponse_v{version}").decode(buf)
         assert {k: v for k, _, v in decoded.api_versions} == got
     assert kafka.cap_api_versions(b"\x00\x00\x00\x09garbage", version) is None  # relayed as it came
+
+
+def test_a_topic_named_only_by_id_matches_no_topic_rule():
+    """Metadata v10+ may name a topic by id only: it must not ride along with an allowed named topic."""
+    schema = load_request_schema(3, 12)
+    topic_type = kafka._item_type(schema, "topics")
+    body = schema(topics=(topic_type(name="user-events", topic_id=uuid.UUID(int=0)),
+                          topic_type(name=None, topic_id=uuid.uuid4())),
+                  allow_auto_topic_creation=False, include_topic_authorized_operations=False)
+    out = BytesIO()
+    entity_writer(RequestHeader)(out, RequestHeader(request_api_key=3, request_api_version=12, correlation_id=1,
+                                                    client_id="java"))
+    entity_writer(schema)(out, body)
+    request = kafka.parse_request(struct.pack(">i", len(out.getvalue())) + out.getvalue())
+    assert request.topics == ("user-events", "")
+    assert not kafka.allowed(SEED, request)
+    assert kafka.allowed(rules({"role": "consume"}), request)  # a rule without topic allows it, as in Cilium

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from kio.index import load_request_schema, load_response_schema
@@ -132,7 +132,7 @@ def frame_size(prefix: bytes) -> int:
     return size
 
 
-@cache
+@lru_cache(maxsize=1024)  # bounded: the key and version come from the client
 def _request_schema(api_key: int, api_version: int) -> Any:
     try:
         return load_request_schema(api_key, api_version)
@@ -163,8 +163,9 @@ def parse_request(frame: bytes) -> KafkaRequest:
         raise BadFrame(f"{request.api_key_name} v{api_version}: size prefix does not match the body")
     request.body = body
     entries = getattr(body, shape.request_topics, None) or ()
-    request.topics = tuple(t for t in (getattr(e, "name", None) or getattr(e, "topic", None) for e in entries)
-                           if isinstance(t, str) and t)
+    # a topic named only by id is "": no topic rule allows it, so the request needs a rule without topic
+    request.topics = tuple(t if isinstance(t, str) else "" for t in
+                           (getattr(e, "name", None) or getattr(e, "topic", None) for e in entries))
     return request
 
 
