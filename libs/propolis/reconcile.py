@@ -39,9 +39,7 @@ class Target(Protocol[K, V]):
     """``update`` is idempotent; ``delete`` treats missing as done; ``list_actual`` reads the kernel
     or the bus, never a cache (pruning trusts it). A target that diffs against what it last wrote may
     also define ``refresh(key, desired)``: the periodic refresh calls it instead of ``update`` to diff
-    against the actual object, so a row removed behind the writer's back (bpftool) comes back. It
-    may define ``begin_refresh()`` too, called as each refresh round starts (e.g. to drop a snapshot of
-    the actual state that the round's ``refresh`` calls compare against)."""
+    against the actual object, so a row removed behind the writer's back (bpftool) comes back."""
 
     async def update(self, key: K, desired: V) -> None: ...
     async def delete(self, key: K) -> None: ...
@@ -204,9 +202,6 @@ class Reconciler(Generic[K, V]):
         """Repair drift: every desired key is applied again against the actual object (a failed key
         waits for a change), and actual objects nobody desires are pruned (once synced)."""
         self._prune_due = self.synced
-        begin = getattr(self.target, "begin_refresh", None)
-        if begin is not None:
-            begin()
         for key, value in self.desired.items():
             st = self.status.get(key)
             if key not in self._pending and (st is None or st.status is not Status.FAILED):

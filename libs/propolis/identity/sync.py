@@ -70,7 +70,7 @@ class EndpointRecordTarget:
 
     ``known`` is the records as last read or written (a pod keeps its number while its labels do,
     also across a purge); ``refresh`` compares the record and the identity it uses with the bucket
-    (one snapshot per round, a mismatch confirmed on the key) and re-writes them, telling
+    (as read before the round, a mismatch confirmed on the key) and re-writes them, telling
     ``on_damage`` first. ``on_use`` sees every change of which identities the records use."""
 
     def __init__(self, kv: Kv, alloc: IdentityAllocator, *, on_damage: Callable[[str], None],
@@ -92,9 +92,7 @@ class EndpointRecordTarget:
                                                 list(desired.labels)))
 
     async def refresh(self, key: str, desired: EndpointSource) -> None:
-        if self._snapshot is None:
-            self._snapshot = {k: e.value for k, e in (await self.kv.items()).items()}
-        snapshot = self._snapshot
+        snapshot = self._snapshot if self._snapshot is not None else await self.read_bucket()
         number = self._kept_identity(key, desired.labels)
         if number and not {f"id.{number}", f"labels.{labels_hash(desired.labels)}"} <= set(snapshot):
             self.on_damage(f"identity {number} of {key} missing")
@@ -120,8 +118,10 @@ class EndpointRecordTarget:
     async def list_actual(self) -> Iterable[str]:
         return list(await self.kv.items("endpoints.>"))
 
-    def begin_refresh(self) -> None:
-        self._snapshot = None
+    async def read_bucket(self) -> dict[str, Any]:
+        """The bucket (from NATS) for a refresh round to compare with: read before the round, while writes go on."""
+        self._snapshot = {k: e.value for k, e in (await self.kv.items()).items()}
+        return self._snapshot
 
     def forget_snapshot(self) -> None:
         """The round is over: a copy of the bucket is not kept in memory."""
@@ -319,6 +319,7 @@ class IdentitySync:
     async def refresh_round(self) -> None:
         """Every record and the identity it uses compared with the bucket (the reserved ones first)."""
         await self.alloc.ensure_reserved(idmodel.reserved_identity_labels())
+        await self.records.read_bucket()
         self.endpoints.queue_refresh()
 
     async def pass_on(self) -> None:
