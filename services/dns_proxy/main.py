@@ -11,6 +11,7 @@ from propolis.errors import ValidationError
 from propolis.fqdn.cache import DEFAULT_IDLE_CONNECTION_GRACE_S, DEFAULT_MAX_IPS_PER_HOSTNAME, DEFAULT_MIN_TTL
 from propolis.fqdn.proxy import PROXY_RESPONSE_MAX_DELAY_S, REJECT_RCODES
 from propolis.fqdn.service import SERVICE, DnsInputsComponent, DnsProxyComponent, FqdnCacheComponent
+from propolis.maps.spec import default_pin_dir
 from propolis.runtime.component import Component
 from propolis.runtime.service import run_service
 from propolis.runtime.settings import CommonSettings, setting
@@ -19,6 +20,8 @@ from propolis.runtime.settings import CommonSettings, setting
 @dataclass
 class Settings(CommonSettings):
     node_netns: str = setting("", "network namespace of the node (empty = this one)")
+    bpf_pin_dir: str = setting("", "bpffs directory of this node's maps, for conntrack (zombies; empty = "
+                                   "/sys/fs/bpf/propolis/<node>)")
     policy_enforcement: str = setting("default", "Cilium's policy enforcement mode (as the datapath-writer's)",
                                       choices=("default", "always", "never"))
     dns_reject_response_code: str = setting("refused", "Cilium's dnsProxy.dnsRejectResponseCode: the answer to a "
@@ -45,7 +48,8 @@ class Settings(CommonSettings):
 def build(settings: Settings) -> list[Component]:
     inputs = DnsInputsComponent(settings.node_name, cluster_name=settings.cluster_name,
                                 mode=settings.policy_enforcement)
-    cache = FqdnCacheComponent(settings.node_name, min_ttl=settings.tofqdns_min_ttl,
+    cache = FqdnCacheComponent(settings.node_name, pin_dir=settings.bpf_pin_dir or default_pin_dir(settings.node_name),
+                               min_ttl=settings.tofqdns_min_ttl,
                                max_ips_per_hostname=settings.tofqdns_endpoint_max_ip_per_hostname,
                                idle_connection_grace_s=settings.tofqdns_idle_connection_grace_period)
     return [inputs, cache, DnsProxyComponent(inputs, cache, node=settings.node_name,

@@ -31,6 +31,7 @@ from propolis.fqdn.proxy import DnsProxy, Learned, Observation
 from propolis.l7.flows import dns_flow, publish_flow
 from propolis.l7.redirect import prepare_node
 from propolis.l7.service import PolicyInputsComponent
+from propolis.maps import conntrack
 from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime
 from propolis.sandbox.netns import socket_in
@@ -51,13 +52,26 @@ class DnsInputsComponent(PolicyInputsComponent):
         self.policy: DnsPolicy = DnsPolicy(node, cluster_name=cluster_name, mode=mode)
 
 
+def live_addresses(pin_dir: str) -> set[str]:
+    """Addresses of the node's unexpired conntrack entries (both tables): a learned IP among them is still in
+    use, so it stays past its TTL as a zombie (Cilium's DNSZombieMappings). No maps pinned = none."""
+    found: set[str] = set()
+    for spec in (conntrack.TCP_SPEC, conntrack.ANY_SPEC):
+        try:
+            with spec.open(pin_dir) as bpf_map:
+                found.update(a for row in conntrack.dump(bpf_map) if row.expires_in > 0 for a in (row.src, row.dst))
+        except OSError:
+            continue
+    return found
+
+
 class FqdnCacheComponent(Component):
     name, title = "fqdn-cache", "learned names -> IPs in PROPOLIS_FQDN_V1 <node>, enforced by the writer"
 
-    def __init__(self, node: str, *, min_ttl: int, max_ips_per_hostname: int,
+    def __init__(self, node: str, *, pin_dir: str, min_ttl: int, max_ips_per_hostname: int,
                  idle_connection_grace_s: float) -> None:
         super().__init__()
-        self.node = node
+        self.node, self.pin_dir = node, pin_dir
         self.cache = FqdnCache(min_ttl=min_ttl, max_ips_per_hostname=max_ips_per_hostname,
                                idle_connection_grace_s=idle_connection_grace_s)
         self.generation = 0  # of the last record published
@@ -121,8 +135,11 @@ class FqdnCacheComponent(Component):
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(EXPIRY_INTERVAL_S)
-            removed = self.cache.expire(time.time())
-            if removed or self.dirty:
+            now = time.time()
+            expiring = any(e.expires_at <= now for e in self.cache.dump())
+            live = await asyncio.to_thread(live_addresses, self.pin_dir) if expiring else set()
+            self.cache.expire(now, alive=live.__contains__)
+            if expiring or self.dirty:  # removed entries, or zombies marked (kept across a restart too)
                 await self.publish()
 
 
