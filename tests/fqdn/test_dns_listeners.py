@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import socket
 import struct
 
@@ -35,9 +36,16 @@ async def upstream():
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free for both UDP and TCP (the listeners take both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("0.0.0.0", 0))
+            try:
+                udp.bind(("0.0.0.0", tcp.getsockname()[1]))
+            except OSError:
+                continue
+            return tcp.getsockname()[1]
 
 
 @pytest.fixture
@@ -120,3 +128,30 @@ async def test_tcp_messages_are_length_prefixed_and_a_lying_prefix_closes_only_i
         answer = dns.message.from_wire(await reader.readexactly(size))
         assert answer.rcode() == dns.rcode.NOERROR and str(answer.question[0].name) == name
     writer.close()
+
+
+async def test_garbage_never_stops_the_listeners(listening):
+    listeners, _ = listening
+    rng = random.Random(15)
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        for i in range(2000):  # truncated headers, pointer loops, lying counts, random bytes
+            # each to a fresh loopback address: an answered one's reply socket would take the next (see above)
+            await loop.sock_sendto(sock, bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 80))),
+                                   (f"127.1.{i // 250}.{i % 250 + 1}", listeners.port))
+            if i % 100 == 99:
+                await asyncio.sleep(0.01)  # within the socket buffer (beyond it the kernel drops, as it should)
+    for _ in range(20):
+        reader, writer = await asyncio.open_connection("127.0.0.1", listeners.port)
+        writer.write(bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 40))))
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), 15)
+        writer.close()
+    while listeners.tasks:  # every datagram judged (answered FORMERR or dropped)
+        await asyncio.sleep(0.01)
+    _forget_reply_sockets(listeners)
+    wire, _ = await _udp(listeners.port, dns.message.make_query("s3.amazonaws.com.", "A").to_wire())
+    assert dns.message.from_wire(wire).rcode() == dns.rcode.NOERROR
+    assert listeners.proxy.stats["formerr"] + listeners.proxy.stats["dropped"] >= 1900
+    assert len(listeners.reply_sockets) <= 256  # bounded

@@ -30,6 +30,8 @@ log = logging.getLogger("propolis.fqdn.listener")
 
 IP_RECVORIGDSTADDR = getattr(socket, "IP_RECVORIGDSTADDR", 20)
 IP_ORIGDSTADDR = IP_RECVORIGDSTADDR  # the cmsg type equals the option number
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # beyond net.core.rmem_max (CAP_NET_ADMIN)
+UDP_RECEIVE_BUFFER = 4 << 20
 MAX_INFLIGHT = 4096
 MAX_REPLY_SOCKETS = 256
 UPSTREAM_TIMEOUT_S = 2.0
@@ -138,6 +140,7 @@ class DnsListeners:
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         udp.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         udp.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RECEIVE_BUFFER)  # bursts of queries queue, not drop
         udp.bind(("0.0.0.0", self.port))
         udp.setblocking(False)
         self.udp = udp
