@@ -43,7 +43,7 @@ NARROW = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
               {"toFQDNs": [{"matchName": "api.stripe.com"}]},
               {"toEndpoints": [{"matchLabels": {"io.kubernetes.pod.namespace": "kube-system",
                                                 "k8s-app": "kube-dns"}}],
-               "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}],
+               "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}, {"port": "53", "protocol": "TCP"}],
                             "rules": {"dns": [{"matchName": "api.stripe.com"}]}}]}]}}
 
 
@@ -76,13 +76,13 @@ def probe(state, source: str, target: str) -> dict:
     return json.loads(proc.stdout) if proc.stdout.strip() else {"connected": False, "stderr": proc.stderr}
 
 
-def query(state, pod: str, name: str, timeout: float = 1.0) -> dns.message.Message | None:
-    """One UDP query from the pod to kube-dns, as its resolver sends it; None = no answer."""
+def query(state, pod: str, name: str, timeout: float = 1.0, tcp: bool = False) -> dns.message.Message | None:
+    """One query from the pod to kube-dns (UDP as its resolver sends it, or TCP); None = no answer."""
     q = dns.message.make_query(name, "A")
     try:
         with netns_mod.entered(state.sandbox().pod_netns(NS, pod)):
-            return dns.query.udp(q, KUBE_DNS, timeout=timeout)
-    except dns.exception.Timeout:
+            return (dns.query.tcp if tcp else dns.query.udp)(q, KUBE_DNS, timeout=timeout)
+    except (dns.exception.Timeout, OSError, EOFError):
         return None
 
 
@@ -114,10 +114,11 @@ def test_allowed_names_connect_on_the_first_try_and_others_are_dropped(sandbox):
 
 
 def test_a_name_the_dns_rules_do_not_allow_is_refused(sandbox):
-    answer = query(sandbox, "narrow", "example.org")
-    assert answer is not None and answer.rcode() == dns.rcode.REFUSED, answer
-    answer = query(sandbox, "narrow", "api.stripe.com")
-    assert answer is not None and answer.rcode() == dns.rcode.NOERROR, answer
+    for tcp in (False, True):  # TCP 53 is redirected to the same proxy port (its TCP listener)
+        answer = query(sandbox, "narrow", "example.org", tcp=tcp)
+        assert answer is not None and answer.rcode() == dns.rcode.REFUSED, (tcp, answer)
+        answer = query(sandbox, "narrow", "api.stripe.com", tcp=tcp)
+        assert answer is not None and answer.rcode() == dns.rcode.NOERROR, (tcp, answer)
     assert probe(sandbox, "narrow", "api.stripe.com.")["connected"]  # absolute: its search names would be refused
     assert not probe(sandbox, "narrow", f"world:{_addresses('s3.amazonaws.com')[0]}")["connected"]
 
