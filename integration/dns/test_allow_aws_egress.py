@@ -1,10 +1,9 @@
 """The seed's `allow-aws-egress` (allow-aws-egress.yaml, verbatim) with real DNS and real connections.
 
-What holds today: under the policy the api pod still resolves every name (its DNS rule allows kube-dns,
-reached through the kube-dns ClusterIP) and reaches no world host it is not allowed to (example.org);
-an unselected pod is unaffected. Reaching `s3.amazonaws.com` and `api.stripe.com` needs the DNS proxy
-to learn their addresses for `toFQDNs` (issue 15: the proxy's core is `propolis.fqdn`, its redirect
-and the writer's FQDN identities are not wired yet), so that half is not asserted here yet."""
+Under the policy the api pod still resolves every name (its DNS rule allows kube-dns, reached through the
+kube-dns ClusterIP, now through its node's dns-proxy), reaches `s3.amazonaws.com` (toFQDNs) and no world
+host it is not allowed to (example.org); an unselected pod is unaffected. The proxy's own behaviour
+(REFUSED, restarts, Hubble) is `test_dns_proxy_fqdn.py`."""
 
 from __future__ import annotations
 
@@ -58,4 +57,5 @@ def test_seed_policy_resolves_but_denies_what_it_does_not_allow(sandbox):
     assert out["addresses"] == list(WORLD_ZONE["example.org."].addresses), out  # DNS still allowed (rules.dns "*")
     code, out = probe(sandbox, "api", "s3.amazonaws.com")
     assert sorted(out["addresses"]) == sorted(WORLD_ZONE["s3.amazonaws.com."].addresses), out
+    assert code == 0 and out["connected"], out
     assert probe(sandbox, "other", "example.org")[1]["connected"]  # not selected by the policy
