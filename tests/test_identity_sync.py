@@ -168,3 +168,22 @@ async def _identity_changed(ids_kv: Any, old: int) -> bool:
 
 async def _gone(ids_kv: Any, key: str) -> bool:
     return await ids_kv.get(key) is None
+
+
+async def test_a_new_epoch_rewrites_every_record_not_only_the_missing_ones(buckets, start_allocator):
+    """Consumers take a purged key the owner did not rewrite under a new epoch as gone; a repair's snapshot
+    may predate a purge still running, so everything kept is written again, the watermark last."""
+    k8s_kv, ids_kv = buckets
+    k8s = K8sBucket(k8s_kv)
+    await k8s.put(NAMESPACE, pod("web-1", "web", 2), pod("api-1", "api", 3))
+    sync = await start_allocator({"v": True})
+    await eventually(lambda: passed_on(ids_kv, sync, k8s.rv), what="first watermark")
+    epoch = sync.epoch
+    mark = await ids_kv.get(subjects.WATERMARK_KEY)
+    await ids_kv.store.purge(subjects.WATERMARK_KEY)  # only the watermark: every record is still there
+    await eventually(lambda: passed_on(ids_kv, sync, k8s.rv), what="repaired, watermark last")
+    assert sync.epoch != epoch
+    kept = {k: e for k, e in (await ids_kv.items()).items()
+            if k.startswith("endpoints.") or (k.startswith("id.") and not e.value.reserved)}
+    assert kept and all(e.revision > mark.revision for e in kept.values()), \
+        {k: e.revision for k, e in kept.items() if e.revision <= mark.revision}

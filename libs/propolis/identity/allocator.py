@@ -130,6 +130,14 @@ class IdentityAllocator:
         self.used.add(identity)
         return wrote
 
+    async def rewrite(self, identity: int, labels: list[str]) -> None:
+        """Put ``id.<n>`` and its label index again (an owner's new epoch rewrites every key it keeps: see
+        identity/sync.py); the number is already ours, agreed by ``allocate``'s compare-and-set."""
+        labels = sorted(labels)
+        await self.kv.put(f"id.{identity}", IdentityRecord(identity, labels))
+        await self.kv.put(f"labels.{labels_hash(labels)}", IdentityIndex(identity, labels))
+        self.used.add(identity)
+
     async def ensure_reserved(self, reserved: dict[int, list[str]]) -> None:
         for number, labels in reserved.items():
             existing = await self.kv.get(f"id.{number}")

@@ -80,6 +80,10 @@ class EndpointRecordTarget:
         self.on_damage = on_damage
         self.on_use = on_use  # (identity, labels) now used by one more record, (identity, None) one fewer
         self.known: dict[str, EndpointRecord] = {}
+        #: A new epoch started and its watermark is not written yet: every record and the identity it uses is
+        #: written again, whatever the bucket seems to hold. Consumers take a purged key the owner did not
+        #: rewrite under a new epoch as gone, and the round's snapshot may predate a purge still running.
+        self.rewrite_all = True
         self.wrote = asyncio.Event()
         self._snapshot: dict[str, Any] | None = None
 
@@ -88,10 +92,23 @@ class EndpointRecordTarget:
             self._remember(key, record)
 
     async def update(self, key: str, desired: EndpointSource) -> None:
+        if self.rewrite_all:
+            await self.refresh(key, desired)
+            return
         await self._write(key, endpoint_for_pod(desired.pod, await self._identity(key, desired.labels),
                                                 list(desired.labels)))
 
     async def refresh(self, key: str, desired: EndpointSource) -> None:
+        if self.rewrite_all:
+            number = self._kept_identity(key, desired.labels)
+            if number:
+                await self.alloc.rewrite(number, list(desired.labels))
+            record = endpoint_for_pod(desired.pod, number or await self._identity(key, desired.labels),
+                                      list(desired.labels))
+            await self.kv.put(key, record)
+            self.wrote.set()
+            self._remember(key, record)
+            return
         snapshot = self._snapshot if self._snapshot is not None else await self.read_bucket()
         number = self._kept_identity(key, desired.labels)
         if number and not {f"id.{number}", f"labels.{labels_hash(desired.labels)}"} <= set(snapshot):
@@ -135,7 +152,7 @@ class EndpointRecordTarget:
         return self._kept_identity(key, labels) or await self.alloc.allocate(list(labels))
 
     async def _write(self, key: str, record: EndpointRecord) -> None:
-        if self.known.get(key) != record:
+        if self.rewrite_all or self.known.get(key) != record:
             await self.kv.put(key, record)
             self.wrote.set()
         self._remember(key, record)
@@ -332,6 +349,7 @@ class IdentitySync:
             return
         await self.kv.put(subjects.WATERMARK_KEY, Watermark(mark.resource_version, time.time(), self.epoch))
         self.last_watermark, self.watermark_pending, self.epoch_announced = mark, None, True
+        self.records.rewrite_all = False
 
     def _bucket_damaged(self, what: str) -> None:
         """Damage after a watermark announced the contents: a new epoch before anything is re-written."""
@@ -341,5 +359,7 @@ class IdentitySync:
         self.repairs += 1
         self.epoch = new_epoch()
         self.epoch_announced = False
+        self.records.rewrite_all = True
+        self.endpoints.queue_refresh()  # records this round compared before the damage was found: again
         log.error("bucket %s lost contents (%s; %d endpoint records): re-writing them and the identities they use "
                   "under epoch %s, the watermark last", self.kv.bucket, what, len(self.records.known), self.epoch)
