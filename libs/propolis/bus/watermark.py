@@ -16,6 +16,11 @@ releases nothing until the owner writes a watermark with a *new epoch*, which it
 refilling the whole bucket; what was released before stays in force meanwhile, and the refill
 is then diffed against it (re-sync, never prune). A normal delete by the owner is followed by its
 watermark (same epoch) and goes through.
+
+The owner's side of the contract: before the first watermark of a new epoch, every key it keeps was
+written again after the epoch was picked, not only the keys its snapshot found missing. A snapshot
+(a takeover's load, a repair round) may predate a purge still running, and a purged key the new
+epoch did not rewrite is released here as gone (KvMirror and the identity allocator do this).
 """
 
 from __future__ import annotations
