@@ -63,6 +63,8 @@ class ObjectStatus:
 
 
 _ABSENT = object()
+#: keys attempted between two yields to the event loop
+YIELD_EVERY = 200
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -227,7 +229,9 @@ class Reconciler(Generic[K, V]):
         due = [k for k in list(self._pending) if self._due(k)]
         # deletes first: they free room in a full map, and a reader never sees the old and the new side by side
         due.sort(key=lambda k: self._pending[k] is not _ABSENT)
-        for key in due:
+        for n, key in enumerate(due):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a refresh round of thousands of keys that need no write: let others in
             value = self._pending[key]
             st = self.status.setdefault(key, ObjectStatus(Status.PENDING, self.revision))
             try:

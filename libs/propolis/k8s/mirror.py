@@ -35,9 +35,10 @@ import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
 
-from propolis.bus import subjects
-from propolis.bus.kv import Conflict, Kv
+from propolis.bus import codec, subjects
+from propolis.bus.kv import Conflict, Entry, Kv
 from propolis.bus.messages import K8sObject, Watermark
+from propolis.bus.snapshot import kv_snapshot
 from propolis.bus.watermark import new_epoch
 from propolis.errors import TemporaryError, ValidationError
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
@@ -72,9 +73,11 @@ class Relistable(Protocol):
     async def api_resource_version(self) -> int: ...
 
 
-async def bucket_objects(kv: Kv) -> dict[str, K8sObject]:
-    """The bucket's Kubernetes objects, read from NATS (leases, the watermark and poison left out)."""
-    return {k: e.value for k, e in (await kv.items()).items() if isinstance(e.value, K8sObject)}
+async def bucket_objects(kv: Kv) -> dict[str, Entry]:
+    """The bucket's Kubernetes objects as stored (encoded bytes, revision), read from NATS; leases and the
+    watermark (keys starting with ``_``) left out. Not decoded: see `kv_snapshot`'s ``decode``."""
+    entries = await kv_snapshot(kv.bus, kv.bucket, decode=False)
+    return {k: e for k, e in entries.items() if not k.startswith("_")}
 
 
 class K8sBucketTarget:
@@ -82,9 +85,10 @@ class K8sBucketTarget:
 
     ``known`` is what the bucket held when last read or written: ``update`` skips a put of what is
     already there. ``refresh`` and ``list_actual`` use the bucket as read for the round
-    (`use_snapshot`: read by the mirror while writes go on, since decoding 12,000 objects takes ~0.6 s
-    that must not stall them), a mismatch confirmed by reading the key. A key found missing, changed or not ours is damage: ``on_damage`` is told before it is
-    re-written (the mirror moves to a new epoch). Every write holds ``lock`` (the watermark's too) and
+    (`use_snapshot`: read by the mirror while writes go on, values kept encoded and compared with the
+    encoding of what is desired), a mismatch confirmed by reading the key (an equal value encoded
+    otherwise is no damage). A key found missing, changed or not ours is damage: ``on_damage`` is told
+    before it is re-written (the mirror moves to a new epoch). Every write holds ``lock`` (the watermark's too) and
     is refused while ``may_write`` says no (a store reset holds the bucket from the same instant)."""
 
     def __init__(self, kv: Kv, *, lock: asyncio.Lock, may_write: Callable[[], str],
@@ -94,13 +98,14 @@ class K8sBucketTarget:
         self.may_write = may_write  # "" or why not
         self.on_damage = on_damage
         self.known: dict[str, K8sObject] = {}
+        self.revisions: dict[str, int] = {}  # key -> KV revision of `known[key]`
         #: A new epoch started and its watermark is not written yet: every key is written again, whatever
         #: the bucket seems to hold. Consumers take a purged key the owner did not rewrite under a new epoch
         #: as gone, and a snapshot (a takeover's load, a refresh round) may predate a purge still running.
         self.rewrite_all = False
         self.writes = 0
         self.wrote = asyncio.Event()  # set by every write: the watermark can follow at once
-        self._snapshot: dict[str, K8sObject] | None = None
+        self._snapshot: dict[str, Entry] | None = None  # the bucket as stored, for one refresh round
 
     async def update(self, key: str, desired: K8sObject) -> None:
         if self.rewrite_all or self.known.get(key) != desired:
@@ -113,12 +118,14 @@ class K8sBucketTarget:
                 await self._write(key, desired)
             return
         snapshot = self._snapshot if self._snapshot is not None else await self._read()
-        if snapshot.get(key) == desired:
-            return
+        stored = snapshot.get(key)
+        if stored is not None and self.known.get(key) == desired and \
+                (stored.revision == self.revisions.get(key) or stored.value == codec.encode(desired)):
+            return  # the revision we wrote (no encoding needed), or the same bytes
         async with self.lock:
             entry = await self.kv.get(key)  # the snapshot may predate a write: the key itself decides
             if entry is not None and entry.value == desired:
-                self.known[key] = desired
+                self.known[key], self.revisions[key] = desired, entry.revision
                 return
             self.on_damage(f"{key} {'missing' if entry is None else 'changed'}")
             await self._write(key, desired)
@@ -134,11 +141,11 @@ class K8sBucketTarget:
     async def list_actual(self) -> Iterable[str]:
         return list(self._snapshot if self._snapshot is not None else await self._read())
 
-    def use_snapshot(self, snapshot: dict[str, K8sObject]) -> None:
+    def use_snapshot(self, snapshot: dict[str, Entry]) -> None:
         """The bucket as read (from NATS) just before a refresh round: what the round compares with."""
         self._snapshot = snapshot
 
-    async def _read(self) -> dict[str, K8sObject]:
+    async def _read(self) -> dict[str, Entry]:
         self._snapshot = await bucket_objects(self.kv)
         return self._snapshot
 
@@ -153,8 +160,9 @@ class K8sBucketTarget:
         if rec is None:
             await self.kv.delete(key)
             self.known.pop(key, None)
+            self.revisions.pop(key, None)
         else:
-            await self.kv.put(key, rec)
+            self.revisions[key] = await self.kv.put(key, rec)
             self.known[key] = rec
         self.writes += 1
         self.wrote.set()
@@ -214,7 +222,9 @@ class KvMirror:
     async def load(self) -> None:
         """What KV already holds (from a previous leader or our previous life)."""
         items = await self.kv.items()
-        self.target.known = {k: e.value for k, e in items.items() if isinstance(e.value, K8sObject)}
+        objects = {k: e for k, e in items.items() if isinstance(e.value, K8sObject)}
+        self.target.known = {k: e.value for k, e in objects.items()}
+        self.target.revisions = {k: e.revision for k, e in objects.items()}
         mark = items.get(subjects.WATERMARK_KEY)
         self.bucket_watermark = mark.value if mark is not None and isinstance(mark.value, Watermark) else None
         self.watermark_revision = mark.revision if mark is not None else 0
