@@ -28,8 +28,8 @@ from typing import Any
 from propolis.l7 import kafka
 from propolis.l7.flows import kafka_flow
 from propolis.l7.policy import ProxyPolicy
-from propolis.l7.proxy import ConnectionDone, ProxyStats
-from propolis.l7.redirect import PROXY_PORTS, transparent_listener, upstream_socket
+from propolis.l7.proxy import ConnectionDone, ProxyListeners
+from propolis.l7.redirect import upstream_socket
 
 log = logging.getLogger("propolis.l7.kafka_proxy")
 
@@ -44,37 +44,18 @@ MAX_API_VERSIONS_BYTES = 65536  # an ApiVersions response is read whole to be re
 MAX_QUEUED_ANSWER_BYTES = 1024 * 1024
 
 
-class KafkaProxy:
+class KafkaProxy(ProxyListeners):
     """Serves the Kafka listeners of the node (see the module docstring)."""
+
+    FAMILY = "kafka"
+    READ_LIMIT = RELAY_CHUNK
 
     def __init__(self, policy: ProxyPolicy, *, node: str, make_socket: Callable[[], socket.socket],
                  on_flow: Callable[[dict[str, Any]], None] | None = None, frame_timeout: float = 10.0,
                  idle_timeout: float = 300.0, connect_timeout: float = 5.0) -> None:
-        self.policy = policy
-        self.node = node
-        self.make_socket = make_socket  # a TCP socket in the node's network namespace
-        self.on_flow = on_flow
+        super().__init__(policy, node=node, make_socket=make_socket, on_flow=on_flow, idle_timeout=idle_timeout,
+                         connect_timeout=connect_timeout)
         self.frame_timeout = frame_timeout
-        self.idle_timeout = idle_timeout
-        self.connect_timeout = connect_timeout
-        self.servers: dict[int, asyncio.Server] = {}
-        self.stats = ProxyStats()
-
-    async def start(self) -> None:
-        for (family, direction), port in PROXY_PORTS.items():
-            if family != "kafka":
-                continue
-            sock = transparent_listener(self.make_socket(), port)
-            self.servers[port] = await asyncio.start_server(
-                lambda r, w, d=direction, p=port: self._serve(r, w, d, p), sock=sock, limit=RELAY_CHUNK)
-            log.info("Kafka %s proxy listening on port %d", direction, port)
-
-    async def stop(self) -> None:
-        for server in self.servers.values():
-            server.close()
-        for server in self.servers.values():
-            await server.wait_closed()
-        self.servers.clear()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str,
                      port: int) -> None:

@@ -53,6 +53,46 @@ class ProxyStats:
         self.errors[what] = self.errors.get(what, 0) + 1
 
 
+class ProxyListeners:
+    """The node's transparent listeners of one protocol family (`PROXY_PORTS`): what the HTTP and the
+    Kafka proxies share. A subclass names its FAMILY and serves each accepted connection in ``_serve``."""
+
+    FAMILY = ""
+    READ_LIMIT = READ_SIZE
+
+    def __init__(self, policy: ProxyPolicy, *, node: str, make_socket: Callable[[], socket.socket],
+                 on_flow: Callable[[dict[str, Any]], None] | None = None, idle_timeout: float = 300.0,
+                 connect_timeout: float = 5.0) -> None:
+        self.policy = policy
+        self.node = node
+        self.make_socket = make_socket  # a TCP socket in the node's network namespace
+        self.on_flow = on_flow
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.servers: dict[int, asyncio.Server] = {}
+        self.stats = ProxyStats()
+
+    async def start(self) -> None:
+        for (family, direction), port in PROXY_PORTS.items():
+            if family != self.FAMILY:
+                continue
+            sock = transparent_listener(self.make_socket(), port)
+            self.servers[port] = await asyncio.start_server(
+                lambda r, w, d=direction, p=port: self._serve(r, w, d, p), sock=sock, limit=self.READ_LIMIT)
+            log.info("%s %s proxy listening on port %d", self.FAMILY, direction, port)
+
+    async def stop(self) -> None:
+        for server in self.servers.values():
+            server.close()
+        for server in self.servers.values():
+            await server.wait_closed()
+        self.servers.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str,
+                     port: int) -> None:
+        raise NotImplementedError
+
+
 class _Upstream:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -63,35 +103,15 @@ class _Upstream:
         self.writer.close()
 
 
-class HTTPProxy:
+class HTTPProxy(ProxyListeners):
+    FAMILY = "http"
+
     def __init__(self, policy: ProxyPolicy, *, node: str, make_socket: Callable[[], socket.socket],
                  on_flow: Callable[[dict[str, Any]], None] | None = None, header_timeout: float = 10.0,
                  idle_timeout: float = 300.0, connect_timeout: float = 5.0) -> None:
-        self.policy = policy
-        self.node = node
-        self.make_socket = make_socket  # a TCP socket in the node's network namespace
-        self.on_flow = on_flow
+        super().__init__(policy, node=node, make_socket=make_socket, on_flow=on_flow, idle_timeout=idle_timeout,
+                         connect_timeout=connect_timeout)
         self.header_timeout = header_timeout
-        self.idle_timeout = idle_timeout
-        self.connect_timeout = connect_timeout
-        self.servers: dict[int, asyncio.Server] = {}
-        self.stats = ProxyStats()
-
-    async def start(self) -> None:
-        for (family, direction), port in PROXY_PORTS.items():
-            if family != "http":
-                continue
-            sock = transparent_listener(self.make_socket(), port)
-            self.servers[port] = await asyncio.start_server(
-                lambda r, w, d=direction, p=port: self._serve(r, w, d, p), sock=sock, limit=READ_SIZE)
-            log.info("HTTP %s proxy listening on port %d", direction, port)
-
-    async def stop(self) -> None:
-        for server in self.servers.values():
-            server.close()
-        for server in self.servers.values():
-            await server.wait_closed()
-        self.servers.clear()
 
     # --- one client connection ---------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str,
