@@ -63,6 +63,7 @@
 #define SVC_FLAG_EXTERNAL_IP	(1 << 0)
 #define SVC_FLAG_NODEPORT	(1 << 1)
 #define SVC_FLAG_EXT_LOCAL_SCOPE (1 << 2)
+#define SVC_FLAG_HOSTPORT	(1 << 3)	/* a pod's hostPort on this node's address */
 #define SVC_FLAG_AFFINITY	(1 << 4)
 #define SVC_FLAG_LOADBALANCER	(1 << 5)
 #define SVC_FLAG_ROUTABLE	(1 << 6)

@@ -306,7 +306,8 @@ static __always_inline int nodeport_lb4(struct __sk_buff *skb)
 		return nodeport_redirect(skb, &c);
 
 	svc = lb4_lookup_service(&c.p, &key);
-	if (!svc || !(svc->flags & (SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOADBALANCER)))
+	if (!svc || !(svc->flags & (SVC_FLAG_NODEPORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOADBALANCER |
+			     SVC_FLAG_HOSTPORT)))
 		return CTX_ACT_OK;
 	c.src_id = ID_WORLD;
 	if (!lb4_backend_of_flow(&c.p, &key, svc, &be, 0) || !be)

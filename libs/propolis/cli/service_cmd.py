@@ -28,7 +28,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def _service_type(flags: list[str]) -> str:
-    for name in ("NodePort", "LoadBalancer", "ExternalIPs"):
+    for name in ("NodePort", "LoadBalancer", "ExternalIPs", "HostPort"):
         if name in flags:
             return name
     return "ClusterIP"
@@ -64,7 +64,7 @@ def service_list(args: argparse.Namespace) -> int:
         return 0
     rows: list[list[Any]] = []
     for v in views:
-        extra = [f for f in v.flags if f not in ("NodePort", "LoadBalancer", "ExternalIPs", "ClusterIP")]
+        extra = [f for f in v.flags if f not in ("NodePort", "LoadBalancer", "ExternalIPs", "HostPort", "ClusterIP")]
         if v.affinity_timeout:
             extra = [f"sessionAffinity={v.affinity_timeout}s" if f == "sessionAffinity" else f for f in extra]
         kind = _service_type(v.flags) + (f" ({', '.join(extra)})" if extra else "")

@@ -34,7 +34,8 @@ MAX_FRONTEND_ID = 65535
 _PROTO = lbmaps.PROTO_NUMBERS
 _STATE = {BACKEND_ACTIVE: lbmaps.BE_STATE_ACTIVE, BACKEND_TERMINATING: lbmaps.BE_STATE_TERMINATING}
 _FRONTEND_FLAGS = {"ClusterIP": 0, "NodePort": lbmaps.SVC_FLAG_NODEPORT,
-                   "ExternalIP": lbmaps.SVC_FLAG_EXTERNAL_IP, "LoadBalancer": lbmaps.SVC_FLAG_LOADBALANCER}
+                   "ExternalIP": lbmaps.SVC_FLAG_EXTERNAL_IP, "LoadBalancer": lbmaps.SVC_FLAG_LOADBALANCER,
+                   "HostPort": lbmaps.SVC_FLAG_HOSTPORT}
 
 # identities kept packed (no parsing on a restart's read-back): a frontend is its master
 # key (lb4_key with slot 0), a backend the first 7 bytes of lb4_backend (address, port, proto)

@@ -36,13 +36,15 @@ def norm_namespace(obj: Obj) -> tuple[Obj, Obj]:
 def norm_pod(obj: Obj) -> tuple[Obj, Obj]:
     spec = obj.get("spec") or {}
     containers = [{"name": c.get("name", ""),
-                   "ports": _ports(c.get("ports"), "name", "containerPort", "protocol", "hostPort")}
+                   "ports": _ports(c.get("ports"), "name", "containerPort", "protocol", "hostPort", "hostIP")}
                   for c in spec.get("containers") or []]
     st = obj.get("status") or {}
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
     status = _pick(st, "phase", "podIP", "hostIP")
     status["podIPs"] = [p.get("ip") for p in st.get("podIPs") or [] if p.get("ip")]
     status["ready"] = ready
+    if _meta(obj).get("creationTimestamp"):
+        status["created"] = _meta(obj)["creationTimestamp"]  # HostPort: of two claimants, the later one yields
     if _meta(obj).get("deletionTimestamp"):
         status["terminating"] = True
     return ({"nodeName": spec.get("nodeName", ""), "serviceAccountName": spec.get("serviceAccountName") or "default",

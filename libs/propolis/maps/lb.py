@@ -28,6 +28,7 @@ from propolis.maps.spec import MapSpec, be32_to_ip4, htons, ip4_to_be32, ntohs
 SVC_FLAG_EXTERNAL_IP = 1 << 0
 SVC_FLAG_NODEPORT = 1 << 1
 SVC_FLAG_EXT_LOCAL_SCOPE = 1 << 2
+SVC_FLAG_HOSTPORT = 1 << 3
 SVC_FLAG_AFFINITY = 1 << 4
 SVC_FLAG_LOADBALANCER = 1 << 5
 SVC_FLAG_ROUTABLE = 1 << 6
@@ -207,7 +208,7 @@ def dump_rev_nat(bpf_map: bpf.BpfMap[Any, Any]) -> dict[int, tuple[str, int]]:
 def flag_names(flags: int, flags2: int) -> list[str]:
     names = [n for bit, n in ((SVC_FLAG_EXTERNAL_IP, "ExternalIPs"), (SVC_FLAG_NODEPORT, "NodePort"),
                               (SVC_FLAG_EXT_LOCAL_SCOPE, "eTP=Local"), (SVC_FLAG_AFFINITY, "sessionAffinity"),
-                              (SVC_FLAG_LOADBALANCER, "LoadBalancer")) if flags & bit]
+                              (SVC_FLAG_LOADBALANCER, "LoadBalancer"), (SVC_FLAG_HOSTPORT, "HostPort")) if flags & bit]
     names += [n for bit, n in ((SVC_FLAG2_INT_LOCAL_SCOPE, "iTP=Local"), (SVC_FLAG2_MAGLEV, "maglev"),
                                (SVC_FLAG2_CLUSTERMESH_AFFINITY_LOCAL, "affinity=local"),
                                (SVC_FLAG2_CLUSTERMESH_AFFINITY_REMOTE, "affinity=remote")) if flags2 & bit]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from propolis.clustermesh import imported
 from propolis.datapath.entries import IPCacheEntry
 from propolis.errors import ValidationError
+from propolis.lb import hostport
 from propolis.lb.desired import SERVICE_NAME_LABEL, LBService, desired_services
 from propolis.model import identity as idmodel
 from propolis.policy.engine import CompileResult, PeerObject, PeerTables, PolicyEngine
@@ -94,6 +95,8 @@ class DesiredState:
     _policy_generation: int = -1
     #: inputs.services_generation the `services` list reflects: a pod or policy change costs no LB work
     services_generation: int = -1
+    #: HostPort frontend -> the pod holding it (of two claimants, the later one is reported, not installed)
+    _hostport_owners: dict = field(default_factory=dict)
     _endpoint_ips: dict[int, frozenset[str]] = field(default_factory=dict)
     _peer_tables: PeerTables | None = None
     #: the ipcache in layers, a row of an earlier one wins: this cluster's endpoints; Cluster Mesh remote pods
@@ -292,6 +295,11 @@ class DesiredState:
                                                 inputs.remote_services, (ns, name))))
             except ValidationError as exc:
                 errors[f"{ns}/{name}"] = str(exc)
+        host = hostport.desired_hostports(inputs.pods.values(), node_name=self.node, node_ips=node_ips,
+                                          taken=[s.frontend for s in out], owners=self._hostport_owners)
+        self._hostport_owners = host.owners
+        out.extend(host.services)
+        errors.update(host.conflicts)
         for key in errors.keys() - self.service_errors.keys():
             log.warning("service %s not programmed: %s", key, errors[key])
         self.service_errors = errors

@@ -23,6 +23,7 @@ from propolis.bus.messages import (ClusterNode, ClusterService, EndpointRecord, 
 from propolis.bus.watermark import WatermarkGate
 from propolis.clustermesh import imported
 from propolis.k8s.kinds import POLICY_KINDS
+from propolis.lb import hostport
 
 log = logging.getLogger("propolis.writer.inputs")
 
@@ -134,11 +135,12 @@ class ClusterInputs:
             table, key, policy = self.cidr_groups, name, True
         else:
             return
+        hostports_changed = kind == "pods" and hostport.signature(table.get(key)) != hostport.signature(obj)
         if obj is None:
             table.pop(key, None)
         else:
             table[key] = obj
-        self._bump(policy, services=kind in ("services", "endpointslices", "nodes"))
+        self._bump(policy, services=kind in ("services", "endpointslices", "nodes") or hostports_changed)
 
     def _identities_change(self, ev: KvEvent) -> None:
         head, _, rest = ev.key.partition(".")
