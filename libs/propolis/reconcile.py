@@ -151,6 +151,18 @@ class Reconciler(Generic[K, V]):
         What a writer checks before announcing that the actual state covers the desired one."""
         return not self._pending and not self._prune_due
 
+    def pending_summary(self) -> str:
+        """What keeps the reconciler from being idle, in words ("" when idle): for health messages."""
+        parts = []
+        if self._pending:
+            key = next(iter(self._pending))
+            st = self.status.get(key)
+            parts.append(f"{len(self._pending)} pending (e.g. {key}: {st.status.value if st else 'new'}"
+                         f"{', ' + st.error if st is not None and st.error else ''})")
+        if self._prune_due:
+            parts.append("a prune is due" + (" (listing failed, retrying)" if self._prune_failures else ""))
+        return f"{self.name}: " + "; ".join(parts) if parts else ""
+
     def errors(self) -> dict[K, str]:
         """Every key whose last attempt failed (retrying or failed for good), with the reason."""
         return {k: self.status[k].error for k in self._failing}

@@ -13,6 +13,7 @@ new epoch) when its watermark vanished or, every ``kv_repair_interval``, when it
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from propolis.bus import subjects
@@ -27,6 +28,8 @@ from propolis.runtime.settings import CommonSettings, setting
 
 log = logging.getLogger("propolis.identity_allocator")
 SERVICE = "identity-allocator"
+#: a released k8s watermark not passed on for this long makes the component degraded, saying why
+STALL_S = 5.0
 
 
 @dataclass
@@ -91,7 +94,8 @@ class EndpointRecords(Component):
         sync = self.sync
         self.rt.progress.update({"endpoints": len(sync.records.known), "identities": len(sync.users),
                                  "bucket_epoch": sync.epoch, "bucket_repairs": sync.repairs,
-                                 "identities_collected": sync.gc_target.collected})
+                                 "identities_collected": sync.gc_target.collected,
+                                 "k8s_bucket_released": sync.k8s_gate.resource_version})
         if sync.last_watermark is not None:
             self.rt.progress["k8s_resource_version"] = str(sync.last_watermark.resource_version)
         records = sync.endpoints.health()
@@ -102,6 +106,9 @@ class EndpointRecords(Component):
             self.set_degraded("waiting for the k8s bucket")
         elif records.state is not State.OK:
             self.set_degraded(records.reason)
+        elif sync.watermark_pending is not None and time.monotonic() - sync.watermark_pending_since > STALL_S:
+            self.set_degraded(f"k8s watermark {sync.watermark_pending.resource_version} not passed on for "
+                              f"{time.monotonic() - sync.watermark_pending_since:.0f}s: {sync.pass_on_blocked()}")
         else:
             self.set_ok()
 

@@ -230,6 +230,7 @@ class IdentitySync:
         self.epoch_announced = False
         self.last_watermark: Watermark | None = None  # the k8s watermark last passed on
         self.watermark_pending: Watermark | None = None  # released by the gate, not passed on yet
+        self.watermark_pending_since = 0.0  # monotonic time the oldest pending watermark was released
         self.repairs = 0
         self._next_probe = 0.0
         self._next_full = 0.0
@@ -256,6 +257,8 @@ class IdentitySync:
                 self.endpoints.mark_synced()  # the whole k8s bucket is in the table: pruning is safe
                 self.gc.mark_synced()
             if released is not None:
+                if self.watermark_pending is None:
+                    self.watermark_pending_since = time.monotonic()
                 self.watermark_pending = self.k8s_gate.watermark
             on_change()
 
@@ -347,9 +350,24 @@ class IdentitySync:
             return
         if self.epoch_announced and mark == self.last_watermark and self.watermark_pending is None:
             return
-        await self.kv.put(subjects.WATERMARK_KEY, Watermark(mark.resource_version, time.time(), self.epoch))
-        self.last_watermark, self.watermark_pending, self.epoch_announced = mark, None, True
-        self.records.rewrite_all = False
+        epoch = self.epoch
+        await self.kv.put(subjects.WATERMARK_KEY, Watermark(mark.resource_version, time.time(), epoch))
+        # what came while the put was on its way stays pending: a newer k8s watermark, a new epoch
+        self.last_watermark = mark
+        if self.watermark_pending is mark:
+            self.watermark_pending = None
+        if self.epoch == epoch:
+            self.epoch_announced = True
+            self.records.rewrite_all = False
+
+    def pass_on_blocked(self) -> str:
+        """Why a released k8s watermark is not passed on yet ("" when none waits): health shows a stall."""
+        if self.watermark_pending is None:
+            return ""
+        if not self.k8s_gate.ready:
+            return "the k8s bucket is not ready"
+        pending = self.endpoints.pending_summary()
+        return pending or "passing it on"
 
     def _bucket_damaged(self, what: str) -> None:
         """Damage after a watermark announced the contents: a new epoch before anything is re-written."""

@@ -451,7 +451,8 @@ class KvMirror:
             if self.epoch_announced and rv <= self.watermark_written and \
                     self.target.writes == self.writes_at_watermark:
                 return
-            mark = Watermark(rv, time.time(), self.epoch)
+            epoch = self.epoch
+            mark = Watermark(rv, time.time(), epoch)
             try:
                 if self.watermark_revision:
                     self.watermark_revision = await self.kv.update(subjects.WATERMARK_KEY, mark,
@@ -464,8 +465,9 @@ class KvMirror:
                 return
             self.watermark_written = rv
             self.writes_at_watermark = self.target.writes
-            self.epoch_announced = True
-            self.target.rewrite_all = False
+            if self.epoch == epoch:  # a new term's epoch picked while this write was on its way is not announced
+                self.epoch_announced = True
+                self.target.rewrite_all = False
 
     # --- leadership --------------------------------------------------------------------
     async def set_leader(self, leader: bool) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -195,6 +196,7 @@ class Runtime:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status)
+        app.router.add_get("/debug/tasks", self._debug_tasks)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
@@ -224,6 +226,14 @@ class Runtime:
     async def _status(self, _: web.Request) -> web.Response:
         hb = self.heartbeat()
         return web.json_response({k: getattr(hb, k) for k in hb._FIELDS})  # type: ignore[attr-defined]
+
+    async def _debug_tasks(self, _: web.Request) -> web.Response:
+        """Every asyncio task and where it waits (Go's goroutine dump): what a stalled loop is stuck on."""
+        out = io.StringIO()
+        for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
+            out.write(f"--- {task.get_name()}\n")
+            task.print_stack(limit=12, file=out)
+        return web.Response(text=out.getvalue())
 
     # --- lifecycle -------------------------------------------------------------------
     async def run(self) -> int:
