@@ -23,7 +23,6 @@ from typing import Any
 from propolis.bus import subjects
 from propolis.bus.kv import EventType
 from propolis.bus.messages import FqdnCacheRecord, Heartbeat
-from propolis.errors import PermanentError, TemporaryError
 from propolis.fqdn.cache import FqdnCache
 from propolis.fqdn.listener import DnsListeners, UdpUpstream
 from propolis.fqdn.policy import DNS_PROXY_PORT, DnsPolicy
@@ -32,6 +31,7 @@ from propolis.l7.flows import dns_flow, publish_flow
 from propolis.l7.redirect import prepare_node
 from propolis.l7.service import PolicyInputsComponent
 from propolis.maps import conntrack
+from propolis.reconcile import ReconciledComponent, Reconciler
 from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime
 from propolis.sandbox.netns import socket_in
@@ -42,6 +42,7 @@ SERVICE = "dns-proxy"
 WRITER = "datapath-writer"
 ENFORCED_WAIT_S = 5.0  # a learn gives up waiting for the writer after this (the answer left long before)
 EXPIRY_INTERVAL_S = 1.0
+REFRESH_INTERVAL_S = 10.0  # the node's record is compared with the bucket this often (a purge is repaired)
 
 
 class DnsInputsComponent(PolicyInputsComponent):
@@ -65,7 +66,29 @@ def live_addresses(pin_dir: str) -> set[str]:
     return found
 
 
-class FqdnCacheComponent(Component):
+class FqdnRecordTarget:
+    """The node's key of PROPOLIS_FQDN_V1 as a reconciler target: the cache record the writer enforces.
+    ``refresh`` reads the bucket, so a record purged or overwritten is written again."""
+
+    def __init__(self, kv: Any, node: str) -> None:
+        self.kv, self.key = kv, subjects.fqdn_key(node)
+
+    async def update(self, key: str, desired: FqdnCacheRecord) -> None:
+        await self.kv.put(key, desired)
+
+    async def refresh(self, key: str, desired: FqdnCacheRecord) -> None:
+        entry = await self.kv.get(key)
+        if entry is None or entry.value != desired:
+            await self.kv.put(key, desired)
+
+    async def delete(self, key: str) -> None:
+        await self.kv.delete(key)
+
+    async def list_actual(self) -> list[str]:
+        return [self.key] if await self.kv.get(self.key) is not None else []
+
+
+class FqdnCacheComponent(ReconciledComponent):
     name, title = "fqdn-cache", "learned names -> IPs in PROPOLIS_FQDN_V1 <node>, enforced by the writer"
 
     def __init__(self, node: str, *, pin_dir: str, min_ttl: int, max_ips_per_hostname: int,
@@ -77,17 +100,21 @@ class FqdnCacheComponent(Component):
         self.generation = 0  # of the last record published
         self.enforced = 0  # the generation the node's datapath-writer reports its maps reflect
         self.dirty = False  # TTLs refreshed since the last publish (persisted on the next expiry pass)
-        self.kv: Any = None
+        self.reconciler: Reconciler[str, FqdnCacheRecord] | None = None  # type: ignore[assignment]
         self._enforced_moved: asyncio.Event | None = None
 
     async def start(self, rt: Runtime) -> None:
         self._enforced_moved = asyncio.Event()
-        self.kv = await rt.bus.kv(subjects.FQDN_BUCKET)
-        entry = await self.kv.get(subjects.fqdn_key(self.node))
+        kv = await rt.bus.kv(subjects.FQDN_BUCKET)
+        self.reconciler = Reconciler("fqdn-cache", FqdnRecordTarget(kv, self.node), refresh_interval=REFRESH_INTERVAL_S)
+        entry = await kv.get(subjects.fqdn_key(self.node))
         if entry is not None and isinstance(entry.value, FqdnCacheRecord):
             self.cache.restore(entry.value.entries)
             self.generation = entry.value.generation
+            self.reconciler.upsert(subjects.fqdn_key(self.node), entry.value)  # desired as restored: not pruned
             log.info("FQDN cache restored: %d entries, generation %d", len(self.cache.dump()), self.generation)
+        self.reconciler.mark_synced()  # the node's record is all this target owns, and it was just read
+        rt.spawn("fqdn-record", self.reconciler.run(), self)
         heartbeats = await rt.bus.kv(subjects.HEARTBEATS_BUCKET)
         rt.spawn("writer-progress", self._follow_writer(heartbeats), self)
         rt.spawn("expiry", self._expire_loop(), self)
@@ -102,30 +129,25 @@ class FqdnCacheComponent(Component):
                     assert self._enforced_moved is not None
                     self._enforced_moved.set()
 
-    async def publish(self) -> int | None:
-        """Write the cache under the next generation; returns that generation, None if NATS refused it
-        (the cache stays dirty and goes out on the next expiry pass; meanwhile the writer keeps the last)."""
+    def publish(self) -> int:
+        """The cache as the desired record under the next generation (the reconciler writes it, retrying
+        while NATS is away; meanwhile the writer keeps the last); returns that generation."""
+        assert self.reconciler is not None, "publish before start"
         self.generation += 1
-        generation, self.dirty = self.generation, False
-        try:
-            await self.kv.put(subjects.fqdn_key(self.node),
-                              FqdnCacheRecord(self.node, generation, self.cache.to_json()))
-        except (TemporaryError, PermanentError) as exc:
-            self.dirty = True
-            self.set_degraded(f"FQDN cache not published: {exc}")
-            return None
-        self.set_ok()
-        return generation
+        self.dirty = False
+        self.reconciler.upsert(subjects.fqdn_key(self.node),
+                               FqdnCacheRecord(self.node, self.generation, self.cache.to_json()))
+        return self.generation
 
     async def learn(self, item: Learned) -> None:
         """Record an answer; new IPs are published and awaited until the writer's maps allow them."""
         if not self.cache.update(item.name, item.ips, item.ttl, time.time()):
             self.dirty = True
             return
-        generation = await self.publish()
+        generation = self.publish()
         deadline = time.monotonic() + ENFORCED_WAIT_S
         assert self._enforced_moved is not None
-        while generation is not None and self.enforced < generation and time.monotonic() < deadline:
+        while self.enforced < generation and time.monotonic() < deadline:
             self._enforced_moved.clear()
             try:
                 await asyncio.wait_for(self._enforced_moved.wait(), deadline - time.monotonic())
@@ -140,7 +162,7 @@ class FqdnCacheComponent(Component):
             live = await asyncio.to_thread(live_addresses, self.pin_dir) if expiring else set()
             self.cache.expire(now, alive=live.__contains__)
             if expiring or self.dirty:  # removed entries, or zombies marked (kept across a restart too)
-                await self.publish()
+                self.publish()
 
 
 class DnsProxyComponent(Component):
