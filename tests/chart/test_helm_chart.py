@@ -197,6 +197,9 @@ def test_install_notes_name_what_was_asked_for_but_not_deployed() -> None:
     assert "not built yet (ignored): encryption.type=ipsec." in notes  # hostFirewall, policyAuditMode: built
     quiet = helm("install", "propolis", str(CHART), "--dry-run=client", "--set", "l7Proxy=false").stdout
     assert "Requested but not" not in quiet and "not built yet" not in quiet
+    transparent = helm("install", "propolis", str(CHART), "--dry-run=client",
+                       "--set", "dnsProxy.enableTransparentMode=true").stdout
+    assert "not built yet (ignored): dnsProxy.enableTransparentMode=true." in transparent
 
 
 def test_host_network_pods_schedule_on_nodes_without_a_pod_network() -> None:
