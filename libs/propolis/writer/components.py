@@ -387,7 +387,7 @@ class Enforcer(Component):
         # "L7 proxy" itself is the l7-proxy's feature (HTTP); what no proxy enforces yet is said here
         self.rt.features["L7 rules without a proxy"] = {
             "state": "Disabled",
-            "detail": (f"{l7_pending} endpoint(s) have Kafka/DNS/generic L7 rules: their L4 ports are allowed, "
+            "detail": (f"{l7_pending} endpoint(s) have L7 rules no proxy enforces (l7proto): their L4 ports are allowed, "
                        "the rules are not enforced yet" if l7_pending else "no policy has such L7 rules")}
         self.lb.set_services(self.desired)
         self.bandwidth.set_pods(self.inputs, list(self.table.by_id.values()))

@@ -17,7 +17,7 @@ class EndpointPolicy:
     entries: frozenset[PolicyEntry]
     ingress_enforced: bool
     egress_enforced: bool
-    l7_pending: bool = False  # some entry carries L7 rules the (future) L7 proxy would enforce: L4 only now
+    l7_pending: bool = False  # some entry carries L7 rules no proxy enforces (l7proto): L4 only
     audit: bool = False  # policy audit mode (global policyAuditMode or the endpoint's own): report, do not drop
 
 
