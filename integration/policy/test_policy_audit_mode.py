@@ -63,7 +63,11 @@ async def test_audit_workflow_reports_would_be_drops_and_drops_nothing(sandbox):
         assert bad.returncode != 0 and "PolicyAuditMode" in bad.stderr, bad.stderr
         (config,) = cli_json(sandbox, "endpoint", "config", server, "PolicyAuditMode=Enabled")
         assert config["options"] == {"PolicyAuditMode": "Enabled"}
-        (row,) = [r for r in cli_json(sandbox, "endpoint", "list")[0] if f"{r['namespace']}/{r['pod']}" == server]
+        for _ in range(50):  # `endpoint list` reads the writer's heartbeat, published just after the change
+            (row,) = [r for r in cli_json(sandbox, "endpoint", "list")[0] if f"{r['namespace']}/{r['pod']}" == server]
+            if row["policyEnforcement"]["ingress"] == "Disabled (Audit)":
+                break
+            await asyncio.sleep(0.1)
         assert row["policyEnforcement"]["ingress"] == "Disabled (Audit)", row
 
         assert await w.verify("audit", [(*c, OK) for c in WOULD_DROP + ALLOWED]) == []
