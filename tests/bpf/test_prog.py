@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import socket
 
 import pytest
@@ -219,7 +220,7 @@ def test_spoofing_fragments_ipv6_and_missing_policy_map(harness):
     assert h.metric(drop.DROP_NO_CONFIG, EGRESS) == 1
 
 
-def test_monitor_aggregation_and_lost_counter(harness):
+def test_monitor_aggregation(harness):
     h = harness
     from propolis.datapath import DatapathSettings
     h.endpoint(EP_A, POD_A, ID_A)
@@ -234,7 +235,30 @@ def test_monitor_aggregation_and_lost_counter(harness):
         assert len([e for e in h.events() if e.type == events.CILIUM_NOTIFY_TRACE]) == 3
     finally:
         h.dp.apply_settings(DatapathSettings())
-    assert h.reader.lost() >= 0
+
+
+def test_a_full_ring_counts_lost_events_and_never_blocks_the_packet(harness):
+    """More trace events than the ring holds: every packet still passes, the overflow is counted
+    as ring_full (Hubble's lost events) for the trace type, and what did fit is readable."""
+    h = harness
+    from propolis.datapath import DatapathSettings
+    from propolis.maps import bpf
+    h.endpoint(EP_A, POD_A, ID_A)
+    runs = h.reader.size // (ctypes.sizeof(events.FlowEventRecord) + 8) + 1000  # record + ring header
+    lost_before = h.reader.lost()
+    try:
+        h.dp.apply_settings(DatapathSettings(monitor_aggregation="none"))  # one trace per packet
+        assert h.dp.programs is not None
+        verdict, _, _ = bpf.prog_test_run(h.dp.programs.from_container_fd, pk.udp(POD_A, 7000, REMOTE, 7),
+                                          repeat=runs)
+        assert verdict == TC_ACT_OK
+    finally:
+        h.dp.apply_settings(DatapathSettings())
+    lost = h.reader.lost() - lost_before
+    kept = len([e for e in h.reader.read(limit=runs) if e.type == events.CILIUM_NOTIFY_TRACE])
+    assert lost >= 1000 and kept > 0, (lost, kept)
+    assert kept + lost == runs
+    assert h.reader.lost_by_type()["trace"]["ring_full"] >= lost
 
 
 def test_icmp_errors_about_tracked_flows_are_related(harness):
