@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, TypeVar
 
 from propolis.errors import ValidationError
 from propolis.model import identity as idm
@@ -124,7 +125,10 @@ def _enum(doc: Any, where: str, allowed: tuple[str, ...], *, default: str = "") 
     return str(doc)
 
 
-def _items(doc: Any, where: str, parse: Callable[[Any, str], Any]) -> tuple[Any, ...]:
+_Item = TypeVar("_Item")
+
+
+def _items(doc: Any, where: str, parse: Callable[[Any, str], _Item]) -> tuple[_Item, ...]:
     return tuple(parse(item, f"{where}[{i}]") for i, item in enumerate(_list(doc, where)))
 
 
@@ -501,7 +505,7 @@ def parse_cilium_rule(doc: Any, where: str, *, namespace: str, origin: str = "")
     for key, direction, deny in (("ingress", "ingress", False), ("ingressDeny", "ingress", True),
                                  ("egress", "egress", False), ("egressDeny", "egress", True)):
         sections[key] = _items(d.get(key), f"{where}.{key}",
-                               lambda x, at, dr=direction, dn=deny: _peer_rule(x, at, dr, dn, scope))
+                               partial(_peer_rule, direction=direction, deny=deny, scope=scope))
     edd = _mapping(d.get("enableDefaultDeny") or {}, f"{where}.enableDefaultDeny", ("ingress", "egress"))
     labels = []
     for i, lbl in enumerate(_list(d.get("labels"), f"{where}.labels")):
@@ -582,7 +586,7 @@ def parse_network_policy(spec: Any, *, namespace: str, origin: str = "", where: 
         _enum(t, f"{where}.policyTypes[{i}]", ("Ingress", "Egress"))
     sections: dict[str, tuple[PeerRule, ...]] = {}
     for direction, key, type_name in (("ingress", "ingress", "Ingress"), ("egress", "egress", "Egress")):
-        rules = _items(d.get(key), f"{where}.{key}", lambda x, at, dr=direction: _np_rule(x, at, dr, namespace))
+        rules = _items(d.get(key), f"{where}.{key}", partial(_np_rule, direction=direction, namespace=namespace))
         if type_name in types:
             # Selected for this direction: default deny, even with no rules (an empty PeerRule selects no peer).
             sections[direction] = rules or (PeerRule(),)

@@ -11,10 +11,26 @@ identity added or removed is tested only against the cached selectors.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Mapping
+from collections.abc import Hashable
+from typing import Iterable, Mapping, TypeVar
 
 from propolis.model.labels import SOURCE_ANY, LabelSet
 from propolis.model.selectors import OP_DOES_NOT_EXIST, OP_EXISTS, OP_IN, LabelSelector, Requirement
+
+
+_Key = TypeVar("_Key", bound=Hashable)
+
+
+def _index_one(table: dict[_Key, set[int]], key: _Key, number: int, add: bool) -> None:
+    """Add `number` to (or remove it from) one inverted-index bucket; an emptied bucket goes."""
+    if add:
+        table.setdefault(key, set()).add(number)
+        return
+    bucket = table.get(key)
+    if bucket is not None:
+        bucket.discard(number)
+        if not bucket:
+            del table[key]
 
 
 class SelectorCache:
@@ -32,16 +48,10 @@ class SelectorCache:
     # --- identities ------------------------------------------------------------------
     def _index(self, number: int, labels: LabelSet, add: bool) -> None:
         for lbl in labels:
-            for table, key in ((self._by_label, (lbl.source, lbl.key, lbl.value)),
-                               (self._by_any_label, (lbl.key, lbl.value)),
-                               (self._by_key, (lbl.source, lbl.key)), (self._by_any_key, lbl.key)):
-                bucket = table[key]  # type: ignore[index]
-                if add:
-                    bucket.add(number)
-                else:
-                    bucket.discard(number)
-                    if not bucket:
-                        del table[key]  # type: ignore[attr-defined]
+            _index_one(self._by_label, (lbl.source, lbl.key, lbl.value), number, add)
+            _index_one(self._by_any_label, (lbl.key, lbl.value), number, add)
+            _index_one(self._by_key, (lbl.source, lbl.key), number, add)
+            _index_one(self._by_any_key, lbl.key, number, add)
         if add:
             self._all.add(number)
         else:
