@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from propolis.errors import ValidationError
@@ -51,36 +52,47 @@ def _label_key(key: str) -> tuple[str | None, str]:
     return None, key
 
 
+@dataclass(frozen=True)
+class _LabelTerm:
+    """One term of a label selector: key (in `source`, or any source if None) has a value in `allowed`
+    (any value if None); `negate` inverts the answer (`notin`, `!=`, `!key`)."""
+
+    source: str | None
+    key: str
+    allowed: frozenset[str] | None
+    negate: bool = False
+
+    def __call__(self, labels: dict[tuple[str, str], str]) -> bool:
+        if self.source is not None:
+            values = [labels[(self.source, self.key)]] if (self.source, self.key) in labels else []
+        else:
+            values = [v for (_, k), v in labels.items() if k == self.key]
+        present = bool(values) if self.allowed is None else any(v in self.allowed for v in values)
+        return present != self.negate
+
+
 def compile_selector(text: str) -> Callable[[list[str]], bool]:
     """`app=web,env in (prod,dev),!debug` against Cilium label strings (`k8s:app=web`)."""
-    checks: list[Callable[[dict[tuple[str, str], str]], bool]] = []
-
-    def values_of(labels: dict[tuple[str, str], str], source: str | None, key: str) -> list[str]:
-        if source is not None:
-            return [labels[(source, key)]] if (source, key) in labels else []
-        return [v for (s, k), v in labels.items() if k == key]
-
+    checks: list[_LabelTerm] = []
     for term in _split_terms(text):
         if m := _SET_TERM.match(term):
             src, key = _label_key(m["key"])
-            allowed = {v.strip() for v in m["values"].split(",")}
-            negate = m["op"] == "notin"
-            checks.append(lambda ls, s=src, k=key, a=allowed, n=negate:
-                          any(v in a for v in values_of(ls, s, k)) != n)
+            allowed = frozenset(v.strip() for v in m["values"].split(","))
+            checks.append(_LabelTerm(src, key, allowed, negate=m["op"] == "notin"))
         elif "!=" in term:
             key, value = (x.strip() for x in term.split("!=", 1))
             src, key = _label_key(key)
-            checks.append(lambda ls, s=src, k=key, v=value: v not in values_of(ls, s, k))
+            checks.append(_LabelTerm(src, key, frozenset({value}), negate=True))
         elif "=" in term:
             key, value = (x.strip() for x in term.replace("==", "=").split("=", 1))
             src, key = _label_key(key)
-            checks.append(lambda ls, s=src, k=key, v=value: v in values_of(ls, s, k))
+            checks.append(_LabelTerm(src, key, frozenset({value})))
         elif term.startswith("!"):
             src, key = _label_key(term[1:].strip())
-            checks.append(lambda ls, s=src, k=key: not values_of(ls, s, k))
+            checks.append(_LabelTerm(src, key, None, negate=True))
         else:
             src, key = _label_key(term)
-            checks.append(lambda ls, s=src, k=key: bool(values_of(ls, s, k)))
+            checks.append(_LabelTerm(src, key, None))
     if not checks:
         raise ValidationError("label", f"empty label selector {text!r}")
 
@@ -199,8 +211,8 @@ def _compile_field(name: str, values: Any) -> Predicate:  # noqa: C901 - one bra
         reasons = {str(v).upper() for v in vals}
         return lambda f: f.get("drop_reason_desc") in reasons
     if name == "encrypted":
-        wanted = {_bool(v, name) for v in vals}
-        return lambda f: bool((f.get("IP") or {}).get("encrypted")) in wanted
+        encrypted = {_bool(v, name) for v in vals}
+        return lambda f: bool((f.get("IP") or {}).get("encrypted")) in encrypted
     if name == "ip_version":
         versions = {str(v) for v in vals}
         return lambda f: (f.get("IP") or {}).get("ipVersion") in versions
@@ -249,17 +261,18 @@ def _event_type(value: Any) -> tuple[int, int | None]:
 
 def _http_status(values: list[Any]) -> Predicate:
     """`200`, or a class `5+` (any 5xx) like Hubble."""
-    checks = []
+    classes: list[str] = []  # "5" for 5+
+    codes: set[int] = set()
     for v in values:
         text = str(v)
         if text.endswith("+"):
-            checks.append(lambda code, p=text[:-1]: str(code).startswith(p))
+            classes.append(text[:-1])
         else:
-            checks.append(lambda code, c=int(text): code == c)
+            codes.add(int(text))
 
     def match(f: Flow) -> bool:
         code = ((f.get("l7") or {}).get("http") or {}).get("code")
-        return code is not None and any(c(code) for c in checks)
+        return code is not None and (code in codes or any(str(code).startswith(p) for p in classes))
 
     return match
 

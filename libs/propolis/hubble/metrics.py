@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import prometheus_client as prom
@@ -86,7 +87,8 @@ def parse_enabled(text: str | list[str]) -> list[MetricSpec]:
 
 # --- context labels -------------------------------------------------------------------------
 def _app(ep: dict[str, Any]) -> str:
-    for lbl in ep.get("labels") or []:
+    labels: list[str] = ep.get("labels") or []
+    for lbl in labels:
         for key in ("k8s:app.kubernetes.io/name=", "k8s:app=", "k8s:k8s-app="):
             if lbl.startswith(key):
                 return lbl[len(key):]
@@ -94,18 +96,19 @@ def _app(ep: dict[str, Any]) -> str:
 
 
 def _workload(ep: dict[str, Any]) -> dict[str, str]:
-    return (ep.get("workloads") or [{}])[0]
+    workloads: list[dict[str, str]] = ep.get("workloads") or [{}]
+    return workloads[0]
 
 
 def context_value(kind: str, flow: Flow, side: str) -> str:
     ep = flow.get(side) or {}
-    ns = ep.get("namespace", "")
+    ns: str = ep.get("namespace", "")
     if kind == "namespace":
         return ns
     if kind == "pod":
         return f"{ns}/{ep['pod_name']}" if ep.get("pod_name") else ""
     if kind == "pod-name":
-        return ep.get("pod_name", "")
+        return str(ep.get("pod_name", ""))
     if kind == "workload":
         w = _workload(ep)
         return f"{ns}/{w['name']}" if w.get("name") else ""
@@ -117,7 +120,7 @@ def context_value(kind: str, flow: Flow, side: str) -> str:
         labels = [lbl for lbl in ep.get("labels") or [] if lbl.startswith("reserved:")]
         return labels[0] if labels else ""
     if kind == "ip":
-        return (flow.get("IP") or {}).get(side, "")
+        return str((flow.get("IP") or {}).get(side, ""))
     if kind == "dns":
         return ",".join(flow.get(f"{side}_names") or [])  # Hubble's source_names / destination_names
     if kind == "app":
@@ -150,7 +153,7 @@ class Context:
                                                        ingress or plain or []))
         for name in options.get("labelsContext", []):
             self.names.append(name)
-            self._getters.append(lambda f, n=name: _labels_context_value(n, f))
+            self._getters.append(partial(_labels_context_value, name))
 
     @staticmethod
     def _side_getter(side: str, plain: list[str], egress: list[str], ingress: list[str]) -> Callable[[Flow], str]:

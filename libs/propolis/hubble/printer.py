@@ -45,7 +45,8 @@ def endpoint_text(flow: Flow, side: str) -> str:
 def event_text(flow: Flow) -> str:
     etype = (flow.get("event_type") or {}).get("type")
     if etype == 1:
-        return _DROP_TEXT.get(flow.get("drop_reason_desc", ""), flow.get("drop_reason_desc", "drop"))
+        desc = str(flow.get("drop_reason_desc") or "drop")
+        return _DROP_TEXT.get(desc, desc)
     if etype == 5:
         match = MATCH_TYPE_NAMES.get(flow.get("policy_match_type", 0), "none")
         return f"policy-verdict:{match} {flow.get('traffic_direction', '')}"
@@ -58,7 +59,7 @@ def event_text(flow: Flow) -> str:
 
 
 def verdict_text(flow: Flow) -> str:
-    verdict = flow.get("verdict", "")
+    verdict = str(flow.get("verdict", ""))
     if (flow.get("event_type") or {}).get("type") == 5 and verdict == "DROPPED":
         return "DENIED"
     return verdict

@@ -130,7 +130,7 @@ class MessageStream:
         head.version = p.get_http_version()
         head.upgrade = p.should_upgrade()
         head.keep_alive = p.should_keep_alive() and not head.upgrade  # refused upgrades end the connection
-        if self.response:
+        if isinstance(p, httptools.HttpResponseParser):
             head.status = p.get_status_code()
         else:
             head.method = p.get_method().decode("latin-1")

@@ -52,7 +52,7 @@ def _pod_ip(pod: K8sObject) -> str | None:
     return None
 
 
-def signature(pod: K8sObject | None) -> tuple:
+def signature(pod: K8sObject | None) -> tuple[object, ...]:
     """What of a pod HostPort depends on: a pod change that keeps it costs no LB work."""
     if pod is None:
         return ()
@@ -65,7 +65,7 @@ def signature(pod: K8sObject | None) -> tuple:
             bool(status.get("terminating")), status.get("phase"), ports)
 
 
-def _order(pod: K8sObject) -> tuple:
+def _order(pod: K8sObject) -> tuple[str, int, str, str]:
     try:
         rv = int(pod.resource_version)
     except (TypeError, ValueError):

@@ -46,7 +46,7 @@ class EndpointAnnouncement:
         op = doc.get("op")
         if op not in ("EndpointAdd", "EndpointDelete"):
             raise ValidationError("op", f"must be EndpointAdd or EndpointDelete, got {op!r}")
-        required = {"containerID": str, "podNamespace": str, "podName": str, "hostIfname": str}
+        required: dict[str, type] = {"containerID": str, "podNamespace": str, "podName": str, "hostIfname": str}
         if op == "EndpointAdd":
             required.update({"hostIfindex": int, "ipv4": str, "netns": str})
         for name, typ in required.items():
