@@ -149,7 +149,6 @@ FILTERS = [
     (["--node-name", "pphub-*"], lambda f: f["node_name"].startswith("pphub-")),
     (["--from-pod", f"{NS}/client", "--verdict", "DROPPED"],
      lambda f: pod(f, "source").startswith(f"{NS}/client") and f["verdict"] == "DROPPED"),
-    (["--since", "1h", "--until", "0s"], lambda f: True),
     (["--from-workload", "client"], lambda f: f["source"]["workloads"][0]["name"] == "client"),
     (["--workload", "StatefulSet/server"], lambda f: {"name": "server", "kind": "StatefulSet"} in
      f["source"].get("workloads", []) + f["destination"].get("workloads", [])),
@@ -167,11 +166,31 @@ def test_every_filter_on_recorded_flows(hub: Hub, args, pred):
     assert not bad, f"{args} let through {bad[0]}"
 
 
+def test_since_and_until_split_the_recorded_flows(hub: Hub):
+    """An RFC 3339 instant between two recorded flows: --since keeps only the later, --until only the earlier;
+    a duration ago older than every flow keeps all of them (--since) or none (--until)."""
+    recorded = flows(hub, "--last", "1000")
+    times = sorted({f["time"] for f in recorded})
+    assert len(times) >= 2, "the probes recorded flows at two instants at least"
+    at = [datetime.fromisoformat(t[:26].rstrip("Z")) for t in times]  # microseconds: as precise as the CLI parses
+    gap = max(range(1, len(at)), key=lambda i: at[i] - at[i - 1])  # the widest gap: far from rounding
+    pivot = (at[gap - 1] + (at[gap] - at[gap - 1]) / 2).isoformat() + "Z"
+    since, until = flows(hub, "--last", "1000", "--since", pivot), flows(hub, "--last", "1000", "--until", pivot)
+    assert since and min(f["time"] for f in since) == times[gap], (pivot, times[gap], since[:1])
+    assert until and max(f["time"] for f in until) == times[gap - 1], (pivot, times[gap - 1], until[-1:])
+    assert len(flows(hub, "--last", "1000", "--since", "1h", "--until", "0s")) >= len(recorded)
+    assert flows(hub, "--last", "1000", "--until", "1h") == []
+
+
 def test_ip_filters_first_last_and_l7_flags(hub: Hub):
     a, b, c = (hub.node.pods[k] for k in "abc")
-    assert all(c.ip in (f["IP"]["source"], f["IP"]["destination"]) for f in flows(hub, "--ip", c.ip, "--last", "99"))
-    assert all(f["IP"]["source"] == a.ip for f in flows(hub, "--from-ip", a.ip, "--last", "99"))
-    assert all(f["IP"]["destination"] == b.ip for f in flows(hub, "--to-ip", f"{b.ip}/32", "--last", "99"))
+    for args, pred in (
+            (["--ip", c.ip], lambda f: c.ip in (f["IP"]["source"], f["IP"]["destination"])),
+            (["--from-ip", a.ip], lambda f: f["IP"]["source"] == a.ip),
+            (["--to-ip", f"{b.ip}/32"], lambda f: f["IP"]["destination"] == b.ip)):
+        got = flows(hub, *args, "--last", "99")
+        assert got, f"{args} matched nothing"
+        assert all(pred(f) for f in got), (args, [f for f in got if not pred(f)][:1])
     first, last = flows(hub, "--first", "3"), flows(hub, "--last", "3")
     assert len(first) == 3 and len(last) == 3 and first[-1]["time"] <= last[0]["time"]
     assert len(flows(hub)) == 20  # hubble observe's default
