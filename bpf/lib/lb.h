@@ -329,8 +329,11 @@ static __always_inline __u32 lb4_flow_hash(struct pkt4 *p)
 	return lb_mix(h ^ p->protocol);
 }
 
-static __always_inline __u32 lb4_select_new(struct pkt4 *p, struct lb4_key *key,
-					    struct lb4_service *svc)
+/* A backend id among the service's ACTIVE slots: the Maglev table's entry for
+ * `hash`, else slot hash % count + 1. The per-packet path hashes the flow for
+ * Maglev and draws a random number otherwise; the socket path (bpf_sock.c)
+ * passes its own (lib/sock.h), so both choose from the same maps the same way. */
+static __always_inline __u32 lb4_select_backend_id(struct lb4_key *key, struct lb4_service *svc, __u32 hash)
 {
 	struct lb4_service *slot;
 	struct lb4_maglev *table;
@@ -340,28 +343,42 @@ static __always_inline __u32 lb4_select_new(struct pkt4 *p, struct lb4_key *key,
 		table = lb4_maglev.lookup(&rev);
 		if (!table)
 			return 0;
-		idx = lb4_flow_hash(p) % LB_MAGLEV_TABLE_SIZE;
+		idx = hash % LB_MAGLEV_TABLE_SIZE;
 		asm volatile("" : "+r"(idx));	/* keep the bound check for the verifier */
 		if (idx >= LB_MAGLEV_TABLE_SIZE)
 			return 0;
 		return table->backend_ids[idx];
 	}
-	key->backend_slot = (__u16)(bpf_get_prandom_u32() % svc->count) + 1;
+	key->backend_slot = (__u16)(hash % svc->count) + 1;
 	slot = lb4_services.lookup(key);
 	key->backend_slot = 0;
 	return slot ? slot->backend_id : 0;
 }
 
-static __always_inline __u32 lb4_affinity_backend(struct pkt4 *p, struct lb4_service *svc, __u32 now)
+static __always_inline __u32 lb4_select_new(struct pkt4 *p, struct lb4_key *key,
+					    struct lb4_service *svc)
 {
-	struct lb4_affinity_key akey = {};
+	return lb4_select_backend_id(key, svc, svc->flags2 & SVC_FLAG_MAGLEV ? lb4_flow_hash(p)
+									      : bpf_get_prandom_u32());
+}
+
+/* sessionAffinity: ClientIP. The per-packet path keys on the client's address;
+ * the socket path on the client's network namespace (Cilium's netns cookie). */
+static __always_inline void lb4_affinity_key_of(struct lb4_affinity_key *akey, struct pkt4 *p,
+						struct lb4_service *svc)
+{
+	akey->client_ip = p->saddr;
+	akey->rev_nat_id = svc->rev_nat_index;
+}
+
+static __always_inline __u32 lb4_affinity_backend_by(struct lb4_affinity_key *akey, struct lb4_service *svc,
+						     __u32 now)
+{
 	struct lb_affinity_val *aval;
 	struct lb4_backend *be;
 	__u32 id;
 
-	akey.client_ip = p->saddr;
-	akey.rev_nat_id = svc->rev_nat_index;
-	aval = lb4_affinity.lookup(&akey);
+	aval = lb4_affinity.lookup(akey);
 	if (!aval || aval->last_used + svc->backend_id < now)
 		return 0;
 	id = aval->backend_id;
@@ -371,16 +388,29 @@ static __always_inline __u32 lb4_affinity_backend(struct pkt4 *p, struct lb4_ser
 	return id;
 }
 
+static __always_inline void lb4_affinity_update_by(struct lb4_affinity_key *akey, __u32 id, __u32 now)
+{
+	struct lb_affinity_val aval = {};
+
+	aval.last_used = now;
+	aval.backend_id = id;
+	lb4_affinity.update(akey, &aval);
+}
+
+static __always_inline __u32 lb4_affinity_backend(struct pkt4 *p, struct lb4_service *svc, __u32 now)
+{
+	struct lb4_affinity_key akey = {};
+
+	lb4_affinity_key_of(&akey, p, svc);
+	return lb4_affinity_backend_by(&akey, svc, now);
+}
+
 static __always_inline void lb4_affinity_update(struct pkt4 *p, struct lb4_service *svc, __u32 id, __u32 now)
 {
 	struct lb4_affinity_key akey = {};
-	struct lb_affinity_val aval = {};
 
-	akey.client_ip = p->saddr;
-	akey.rev_nat_id = svc->rev_nat_index;
-	aval.last_used = now;
-	aval.backend_id = id;
-	lb4_affinity.update(&akey, &aval);
+	lb4_affinity_key_of(&akey, p, svc);
+	lb4_affinity_update_by(&akey, id, now);
 }
 
 /* What a CT_SERVICE entry remembers of its backend besides the id (in
