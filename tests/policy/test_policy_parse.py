@@ -5,7 +5,9 @@ import copy
 import pytest
 
 from propolis.errors import ValidationError
+from propolis.model.selectors import LabelSelector, equals, exists
 from propolis.policy.parse import parse_policy_object
+from propolis.policy.rules import CIDRRule, PeerRule, PortProtocol, PortRule
 
 
 def cnp(spec=None, *, specs=None, kind="CiliumNetworkPolicy", ns="prod"):
@@ -214,22 +216,41 @@ def test_bad_objects(obj, field):
     assert err.value.field == field
 
 
-GOOD_NP = [
-    {"podSelector": {}},
-    {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
-    {"podSelector": {"matchLabels": {"app": "api"}}, "ingress": [{}], "egress": []},
-    {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}, {"namespaceSelector": {}},
-                                             {"namespaceSelector": {"matchLabels": {"team": "a"}},
-                                              "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}},
-                                             {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}],
-                                    "ports": [{"port": 80}, {"port": "http"}, {"protocol": "UDP"},
-                                              {"port": 8000, "endPort": 9000, "protocol": "SCTP"}]}]},
+IN_PROD = equals("k8s", "io.kubernetes.pod.namespace", "prod")  # a NetworkPolicy selects only in its namespace
+ANY_NAMESPACE = exists("k8s", "io.kubernetes.pod.namespace")
+SELECTS_NO_PEER = PeerRule()  # a selected direction with no rule: default deny
+
+GOOD_NP = [  # spec -> (subject, ingress, egress) of the one Rule it becomes
+    ({"podSelector": {}},
+     (LabelSelector.of([IN_PROD]), (SELECTS_NO_PEER,), ())),
+    ({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
+     (LabelSelector.of([IN_PROD]), (SELECTS_NO_PEER,), (SELECTS_NO_PEER,))),
+    ({"podSelector": {"matchLabels": {"app": "api"}}, "ingress": [{}], "egress": []},
+     (LabelSelector.of([equals("k8s", "app", "api"), IN_PROD]), (PeerRule(entities=("all",)),), (SELECTS_NO_PEER,))),
+    ({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}, {"namespaceSelector": {}},
+                                              {"namespaceSelector": {"matchLabels": {"team": "a"}},
+                                               "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}},
+                                              {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}],
+                                     "ports": [{"port": 80}, {"port": "http"}, {"protocol": "UDP"},
+                                               {"port": 8000, "endPort": 9000, "protocol": "SCTP"}]}]},
+     (LabelSelector.of([IN_PROD]), (PeerRule(
+         endpoints=(LabelSelector.of([IN_PROD]), LabelSelector.of([ANY_NAMESPACE]),
+                    LabelSelector.of([exists("k8s", "app"), equals("k8s", "io.cilium.k8s.namespace.labels.team", "a"),
+                                      ANY_NAMESPACE])),
+         cidrs=(CIDRRule("10.0.0.0/8", ("10.1.0.0/16",)),),
+         to_ports=(PortRule(ports=(PortProtocol(80, protocol="TCP"), PortProtocol(name="http", protocol="TCP"),
+                                   PortProtocol(protocol="UDP"), PortProtocol(8000, end_port=9000, protocol="SCTP"))),),
+         k8s_ipblock=True),), ())),
 ]
 
 
-@pytest.mark.parametrize("spec", GOOD_NP)
-def test_good_network_policies(spec):
-    parse_policy_object("NetworkPolicy", np_(spec))
+@pytest.mark.parametrize("spec, expected", GOOD_NP)
+def test_good_network_policies(spec, expected):
+    policy = parse_policy_object("NetworkPolicy", np_(spec))
+    assert (policy.kind, policy.namespace, policy.name, len(policy.rules)) == ("NetworkPolicy", "prod", "p", 1)
+    rule = policy.rules[0]
+    assert (rule.subject, rule.ingress, rule.egress) == expected
+    assert (rule.ingress_deny, rule.egress_deny, rule.origin) == ((), (), "NetworkPolicy/prod/p")
 
 
 BAD_NP = [
