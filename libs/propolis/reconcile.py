@@ -32,16 +32,17 @@ from propolis.runtime.health import Health, State
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+V_contra = TypeVar("V_contra", contravariant=True)
 log = logging.getLogger("propolis.reconcile")
 
 
-class Target(Protocol[K, V]):
+class Target(Protocol[K, V_contra]):
     """``update`` is idempotent; ``delete`` treats missing as done; ``list_actual`` reads the kernel
     or the bus, never a cache (pruning trusts it). A target that diffs against what it last wrote may
     also define ``refresh(key, desired)``: the periodic refresh calls it instead of ``update`` to diff
     against the actual object, so a row removed behind the writer's back (bpftool) comes back."""
 
-    async def update(self, key: K, desired: V) -> None: ...
+    async def update(self, key: K, desired: V_contra) -> None: ...
     async def delete(self, key: K) -> None: ...
     async def list_actual(self) -> Iterable[K]: ...
 
@@ -81,7 +82,7 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
 def backoff_delay(attempts: int, minimum: float = 0.1, maximum: float = 60.0) -> float:
     """Seconds before retry number ``attempts`` (1-based): exponential from ``minimum``, capped at ``maximum``.
     The one back-off of every desired->actual loop (reconcilers, the identity-allocator's queue)."""
-    return min(maximum, minimum * 2 ** max(0, attempts - 1))
+    return min(maximum, minimum * 2.0 ** max(0, attempts - 1))
 
 
 class Reconciler(Generic[K, V]):
@@ -250,7 +251,7 @@ class Reconciler(Generic[K, V]):
                 if value is _ABSENT:
                     await self.target.delete(key)
                 elif key in self._refreshing and hasattr(self.target, "refresh"):
-                    await self.target.refresh(key, value)  # type: ignore[attr-defined]
+                    await self.target.refresh(key, value)
                 else:
                     await self.target.update(key, value)
             except Exception as exc:  # any failure: this key only, keep going with the others
@@ -313,8 +314,11 @@ class ReconciledComponent(Component):
 
     reconciler: Reconciler[Any, Any]
 
-    def _reconciled_health(self) -> Health:
-        own = Component.health.fget(self)  # type: ignore[attr-defined]
+    @property
+    def health(self) -> Health:
+        own = super().health
         return self.reconciler.health() if own.state is State.OK and own.reason != "starting" else own
 
-    health = property(_reconciled_health, Component.health.fset)  # type: ignore[assignment]
+    @health.setter
+    def health(self, value: Health) -> None:
+        self._health = value

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from propolis.errors import PermanentError, ValidationError
 from propolis.maps import ALL_SPECS, config, conntrack, endpoints, events, ipcache, metrics, policy, sizing
 from propolis.maps import bpf
+from propolis.maps.conntrack import CtRow, GcResult
 from propolis.maps.spec import default_pin_dir
 from propolis.model.identity import RESERVED_HOST
 from propolis.datapath.loader import (PROGRAM_FROM_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_CONTAINER,
@@ -530,7 +531,7 @@ class Datapath:
     def metrics(self) -> list[metrics.MetricsRow]:
         return metrics.dump(self._map(metrics.SPEC.pin_name))
 
-    def conntrack(self) -> list[conntrack.CtRow]:
+    def conntrack(self) -> list[CtRow]:
         return (conntrack.dump(self._map(conntrack.TCP_SPEC.pin_name))
                 + conntrack.dump(self._map(conntrack.ANY_SPEC.pin_name)))
 
@@ -554,7 +555,7 @@ class Datapath:
     def ct_gc(self) -> int:
         return sum(r.deleted for r in self.ct_gc_report())
 
-    def ct_gc_report(self) -> list[conntrack.GcResult]:
+    def ct_gc_report(self) -> list[GcResult]:
         """One GC pass over both conntrack maps: per map what was deleted, what stays, its size."""
         results = []
         for spec in (conntrack.TCP_SPEC, conntrack.ANY_SPEC):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from propolis.hubble.filters import FlowFilter
 
@@ -62,8 +62,9 @@ HELP = {
     "encrypted": "flows that crossed nodes encrypted (IP.encrypted)",
     "unencrypted": "flows that were not encrypted",
 }
-_TRANSFORM = {"namespace": lambda v: f"{v}/", "from-namespace": lambda v: f"{v}/", "to-namespace": lambda v: f"{v}/",
-              "verdict": str.upper, "traffic-direction": str.upper}
+_TRANSFORM: dict[str, Callable[[str], str]] = {
+    "namespace": lambda v: f"{v}/", "from-namespace": lambda v: f"{v}/", "to-namespace": lambda v: f"{v}/",
+    "verdict": str.upper, "traffic-direction": str.upper}
 
 
 @dataclass
@@ -77,7 +78,9 @@ class _Tracker:
 
     def add(self, flag: str, value: Any) -> None:
         self.touched = True
-        value = _TRANSFORM.get(flag, lambda v: v)(value)
+        transform = _TRANSFORM.get(flag)
+        if transform is not None:
+            value = transform(value)
         if flag in SWITCHES:
             name, value = SWITCHES[flag]
             self.both.setdefault(name, []).append(value)

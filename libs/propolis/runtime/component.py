@@ -9,6 +9,7 @@ so a task that dies is logged, turns its component Failed (sticky: no later
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from propolis.runtime.health import Health
@@ -49,7 +50,7 @@ class Component:
         self.health = Health.degraded(reason)
 
 
-def check_wiring(components: "list[Component] | tuple[Component, ...]") -> None:
+def check_wiring(components: Sequence[Component]) -> None:
     """Every component's dependencies are in the list and start before it; names are unique.
     Raises ValidationError naming the component (a wiring bug, found before anything starts)."""
     from propolis.errors import ValidationError

@@ -67,7 +67,7 @@ class Progress(dict[str, Any]):
             self.changed.set()
         super().__setitem__(key, value)
 
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, *args: Any, **kwargs: Any) -> None:
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
 
@@ -84,7 +84,7 @@ class Runtime:
         self.bus = Bus(settings.nats_url, name=f"{service}@{settings.node_name}",
                        user=settings.nats_user or None, password=settings.nats_password or None)
         self.registry = prometheus_client.CollectorRegistry()
-        self.registry.register(kv.UNDECODABLE)  # type: ignore[arg-type]
+        self.registry.register(kv.UNDECODABLE)
         self.progress = Progress()
         self.features: dict[str, Any] = {}
         self.ready = False

@@ -50,15 +50,15 @@ class ConntrackGC:
         self.last: list[GcResult] = []
         self.last_run = 0.0
         self._wake = asyncio.Event()
-        kw = {"registry": registry}
         self.entries = prometheus_client.Gauge(
             "cilium_datapath_conntrack_gc_entries", "Entries alive and deleted by the last conntrack GC pass",
-            ["family", "protocol", "status"], **kw)
+            ["family", "protocol", "status"], registry=registry)
         self.deleted_total = prometheus_client.Counter(
             "propolis_conntrack_gc_deleted_entries", "Conntrack entries collected by GC",
-            ["family", "protocol"], **kw)
+            ["family", "protocol"], registry=registry)
         self.duration = prometheus_client.Gauge(
-            "cilium_datapath_conntrack_gc_duration_seconds", "Duration of the last conntrack GC pass", **kw)
+            "cilium_datapath_conntrack_gc_duration_seconds", "Duration of the last conntrack GC pass",
+            registry=registry)
 
     def run_once(self) -> list[GcResult]:
         """One pass (blocking syscalls: call in a thread); adapts the interval unless it is fixed."""
