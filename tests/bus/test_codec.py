@@ -92,4 +92,4 @@ def test_every_slice_writes_its_own_buckets_only():
         for bucket, _ in sl.kv_writes:
             if bucket != subjects.HEARTBEATS_BUCKET:
                 owners.setdefault(bucket, set()).add(service)
-    assert all(len(v) == 1 for v in owners.values()), owners
+    assert owners and all(len(v) == 1 for v in owners.values()), owners
