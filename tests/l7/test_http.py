@@ -82,9 +82,11 @@ def test_fuzz_the_request_parser_never_fails_otherwise(chunks):
     stream = http.MessageStream()
     for chunk in chunks:
         try:
-            stream.feed(chunk)
+            events = stream.feed(chunk)
         except (http.BadMessage, http.HeaderTooLarge):
             return
+        for kind, value in events:  # whatever parsed is a message event the proxy knows
+            assert (kind, type(value)) in (("head", http.Head), ("body", bytes), ("end", http.Head)), (kind, value)
 
 
 _token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)

@@ -191,12 +191,7 @@ def test_lying_sizes_and_garbage_are_bad_frames():
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=300))
 def test_fuzz_garbage_never_crashes(data):
-    try:
-        request = kafka.parse_request(struct.pack(">i", len(data)) + data)
-    except kafka.BadFrame:
-        return
-    kafka.allowed(SEED, request)
-    kafka.denied_response(request)
+    judged_or_refused(struct.pack(">i", len(data)) + data)
 
 
 @settings(max_examples=300, deadline=None)
@@ -207,12 +202,22 @@ def test_fuzz_mutated_real_requests_never_crash(name, data):
         at = data.draw(st.integers(4, len(frame) - 1))
         frame[at] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(4 + kafka.HEADER_BYTES, len(frame)))
+    judged_or_refused(bytes(frame[:cut]))
+
+
+def judged_or_refused(frame: bytes) -> None:
+    """What the proxy does with any bytes: refuse them as a BadFrame, or judge the request (a verdict, the frame
+    kept as received) and answer a denied one, if at all, with a whole frame under the request's correlation id."""
     try:
-        request = kafka.parse_request(bytes(frame[:cut]))
+        request = kafka.parse_request(frame)
     except kafka.BadFrame:
         return
-    kafka.allowed(SEED, request)
-    kafka.denied_response(request)
+    assert request.frame == frame
+    assert kafka.allowed(SEED, request) in (True, False)
+    answer = kafka.denied_response(request)
+    if answer is not None:
+        size, correlation_id = struct.unpack_from(">ii", answer)
+        assert (size, correlation_id) == (len(answer) - 4, request.correlation_id)
 
 
 def api_versions_response(version: int, offered: dict[int, int], correlation_id: int = 9) -> bytes:
