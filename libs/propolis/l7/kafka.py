@@ -31,7 +31,7 @@ import io
 import struct
 import typing
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache, lru_cache
@@ -124,7 +124,7 @@ class KafkaRequest:
 
 def frame_size(prefix: bytes) -> int:
     """The size a request frame announces, checked before a byte of it is read."""
-    (size,) = struct.unpack(">i", prefix)
+    size: int = struct.unpack(">i", prefix)[0]
     if size < HEADER_BYTES:
         raise BadFrame(f"request size {size} is shorter than a request header")
     if size > MAX_REQUEST_BYTES:
@@ -146,7 +146,8 @@ def parse_request(frame: bytes) -> KafkaRequest:
         raise BadFrame("frame shorter than a request header")
     api_key, api_version = struct.unpack_from(">hh", frame, 4)
     schema = _request_schema(api_key, api_version)
-    header_type = RequestHeaderV2 if schema is not None and schema.__flexible__ else RequestHeaderV1
+    header_type: type[RequestHeaderV1 | RequestHeaderV2] = (
+        RequestHeaderV2 if schema is not None and schema.__flexible__ else RequestHeaderV1)
     try:
         header, header_size = entity_reader(header_type)(frame, 4)
     except Exception as exc:  # noqa: BLE001 - kio raises several kinds on bad bytes
@@ -195,6 +196,7 @@ def cap_api_versions(response: bytes, api_version: int) -> bytes | None:
     name (`named_topic_max_versions`), so clients send names; None if it does not decode (relay it as is)."""
     try:
         response_type = load_response_schema(API_KEYS["apiversions"], api_version)
+        body: Any  # the ApiVersionsResponse of `api_version`: kio types the loader's answer as any response
         body, size = entity_reader(response_type)(response, 4)  # header v0: the correlation id only
         if 4 + size != len(response):
             return None
@@ -256,6 +258,9 @@ def allowed(rules: Iterable[KafkaRuleMatcher], request: KafkaRequest) -> bool:
 
 
 # --- answers to denied requests ------------------------------------------------------------------
+_BUILTIN_ZEROS: tuple[tuple[type, object], ...] = ((bool, False), (int, 0), (str, ""), (bytes, b""), (float, 0.0))
+
+
 def _zero(annotation: Any) -> Any:
     """The neutral value of a kio field type (for required fields an error answer has no value for)."""
     origin = typing.get_origin(annotation)
@@ -264,7 +269,7 @@ def _zero(annotation: Any) -> Any:
         return ()  # an empty array, also where null is allowed (clients iterate it)
     if type(None) in args:
         return None
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return _build(annotation, {})
     if isinstance(annotation, type):
         if issubclass(annotation, Enum):
@@ -273,9 +278,9 @@ def _zero(annotation: Any) -> Any:
             return annotation.parse(datetime.timedelta(0)) if hasattr(annotation, "parse") else datetime.timedelta(0)
         if issubclass(annotation, uuid.UUID):
             return uuid.UUID(int=0)
-        for base in (bool, int, str, bytes, float):
-            if issubclass(annotation, base):
-                return annotation(base())
+        for base, zero in _BUILTIN_ZEROS:
+            if issubclass(annotation, base):  # kio's int32, str, bytes... subclasses: built from the base's zero
+                return typing.cast(Callable[[object], Any], annotation)(zero)
     raise TypeError(f"no neutral value for {annotation!r}")
 
 

@@ -24,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from propolis.l7 import http, http2
@@ -78,7 +79,7 @@ class ProxyListeners:
                 continue
             sock = transparent_listener(self.make_socket(), port)
             self.servers[port] = await asyncio.start_server(
-                lambda r, w, d=direction, p=port: self._serve(r, w, d, p), sock=sock, limit=self.READ_LIMIT)
+                partial(self._serve, direction=direction, port=port), sock=sock, limit=self.READ_LIMIT)
             log.info("%s %s proxy listening on port %d", self.FAMILY, direction, port)
 
     async def stop(self) -> None:

@@ -330,7 +330,7 @@ class PolicyEngine:
         changed: set[Any] = set(self.cache.remove_identity(number))
         if self.named_ports.pop(number, None) is not None:
             changed |= {("named-ports", number), NAMED_EGRESS}
-        self._identity_moved(number, changed)  # type: ignore[arg-type]
+        self._identity_moved(number, changed)
 
     def update(self, *, policies: Iterable[Any] | Mapping[str, Any] | None = None,
                identities: Mapping[int, Iterable[str] | LabelSet] | None = None,
@@ -431,7 +431,7 @@ class PolicyEngine:
         return []
 
     def _service_addresses(self, svc: ServiceSelector) -> list[str]:
-        out = []
+        out: list[str] = []
         for (ns, name), obj in sorted(self.peer_tables.services.items()):
             if svc.namespace and ns != svc.namespace:
                 continue
@@ -458,7 +458,7 @@ class PolicyEngine:
         fingerprint = (t.local_node, dict(t.services) if uses_services else None,
                        dict(t.nodes) if uses_nodes else None, dict(t.cidr_groups) if uses_groups else None,
                        self.endpoint_ips if uses_services else None)
-        moved = fingerprint != self._peer_fingerprint
+        moved = bool(fingerprint != self._peer_fingerprint)
         self._peer_fingerprint = fingerprint
         if moved:
             self._cidr_selection.clear()
