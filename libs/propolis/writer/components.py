@@ -152,9 +152,18 @@ class LoadBalancer(ReconciledComponent):
         super().__init__(datapath)
         self.node = settings.node_name
         self.kube_proxy_replacement = settings.kube_proxy_replacement
-        self.reconciler = Reconciler("lb-services", ServicesTarget(datapath.dp),
-                                     refresh_interval=settings.reconcile_refresh_interval)
+        self.target = ServicesTarget(datapath.dp)
+        self.reconciler = Reconciler("lb-services", self.target, refresh_interval=settings.reconcile_refresh_interval)
         self.generation = -1  # DesiredState.services_generation last handed to the reconciler
+
+    def bind(self, desired: DesiredState, inputs: ClusterInputs) -> None:
+        """Write `desired`'s frontend table; each periodic refresh first recomputes it from `inputs` in full."""
+        self.target.table = desired.lb
+
+        def recompute() -> None:
+            if inputs.synced:  # a wiped bucket: keep the last state (fail closed)
+                desired.recompute_services(inputs)
+        self.target.recompute = recompute
 
     async def start(self, rt: Runtime) -> None:
         self.rt = rt
@@ -164,9 +173,9 @@ class LoadBalancer(ReconciledComponent):
         """The node's services, when they changed (pod and policy churn costs no LB work)."""
         if desired.services_generation == self.generation:
             return
-        self.reconciler.upsert(self.node, tuple(desired.services))
+        self.reconciler.upsert(self.node, desired.services_generation)
         self.generation = desired.services_generation
-        self.rt.progress["services"] = len(desired.services)
+        self.rt.progress["services"] = len(desired.lb)
         if self.kube_proxy_replacement and desired.service_errors:
             self.rt.progress["service_errors"] = dict(desired.service_errors)
         else:
@@ -271,6 +280,7 @@ class Enforcer(Component):
                                     host_firewall=settings.host_firewall)
         refresh = settings.reconcile_refresh_interval
         self.ipcache = Reconciler("ipcache", IpcacheTarget(self.dp), refresh_interval=refresh)
+        lb.bind(self.desired, self.inputs)
         self.policies = Reconciler("endpoint-policy", EndpointPolicyTarget(self.dp), refresh_interval=refresh)
         self.enforced_watermark = 0
 

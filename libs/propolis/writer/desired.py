@@ -25,6 +25,7 @@ from propolis.datapath.entries import IPCacheEntry
 from propolis.errors import ValidationError
 from propolis.lb import hostport
 from propolis.lb.desired import SERVICE_NAME_LABEL, LBService, desired_services
+from propolis.lb.frontends import HOSTPORTS, FrontendTable, service_owner
 from propolis.model import identity as idmodel
 from propolis.policy.engine import CompileResult, PeerObject, PeerTables, PolicyEngine
 from propolis.encryption.backend import LISTEN_PORT as WIREGUARD_PORT
@@ -86,17 +87,21 @@ class DesiredState:
     host_audit_mode: bool = False  # the host endpoint's own PolicyAuditMode (`endpoint config node:NAME`)
     ipcache: dict[str, IPCacheEntry] = field(default_factory=dict)
     policies: dict[int, EndpointPolicy] = field(default_factory=dict)
-    services: list[LBService] = field(default_factory=list)
+    #: this node's LB frontends per Service (and HostPorts), with the frontends changed since the writer took them
+    lb: FrontendTable = field(default_factory=FrontendTable)
     #: "namespace/name" of a Service -> why it could not be programmed (shown in status)
     service_errors: dict[str, str] = field(default_factory=dict)
     #: endpoint id -> why its policy could not be computed (it keeps its previous desired policy)
     policy_errors: dict[int, str] = field(default_factory=dict)
     engine: PolicyEngine = field(init=False)
     _policy_generation: int = -1
-    #: inputs.services_generation the `services` list reflects: a pod or policy change costs no LB work
+    #: inputs.services_generation the `lb` table reflects: a pod or policy change costs no LB work
     services_generation: int = -1
     #: HostPort frontend -> the pod holding it (of two claimants, the later one is reported, not installed)
-    _hostport_owners: dict = field(default_factory=dict)
+    _hostport_owners: dict[hostport.Frontend, tuple[str, str]] = field(default_factory=dict)
+    _hostport_conflicts: set[str] = field(default_factory=set)  # the "Pod ns/name" keys of `service_errors`
+    _node_ips: list[str] | None = None  # this node's addresses the NodePort and HostPort frontends were made for
+    _hostports_generation: int = -1
     _endpoint_ips: dict[int, frozenset[str]] = field(default_factory=dict)
     _peer_tables: PeerTables | None = None
     #: the ipcache in layers, a row of an earlier one wins: this cluster's endpoints; Cluster Mesh remote pods
@@ -177,8 +182,17 @@ class DesiredState:
         if self.host_firewall:
             self.policies[HOST_ENDPOINT_ID] = self.host_policy(inputs)
         if inputs.services_generation != self.services_generation:
-            self.services = self._services(inputs)
+            self._update_services(inputs, full=self.services_generation < 0)
             self.services_generation = inputs.services_generation
+
+    @property
+    def services(self) -> list[LBService]:
+        """This node's LB frontends, as the maps should hold them."""
+        return list(self.lb.frontends.values())
+
+    def recompute_services(self, inputs: "ClusterInputs") -> None:
+        """Every Service from scratch (the LB reconciler's periodic repair: bookkeeping drift cannot last)."""
+        self._update_services(inputs, full=True)
 
     def hand_ipcache_changes(self, reconciler: "Reconciler[str, IPCacheEntry]") -> None:
         """The rows changed since the last call into the ipcache reconciler's desired table, and only those:
@@ -279,28 +293,63 @@ class DesiredState:
                     policies[ep.endpoint_id] = self.policies[ep.endpoint_id]
         return policies, errors
 
-    def _services(self, inputs: "ClusterInputs") -> list[LBService]:
-        """Per Service, so one invalid Service is reported and skipped instead of stopping all."""
+    def _update_services(self, inputs: "ClusterInputs", *, full: bool) -> None:
+        """Recompute the Services that changed (`inputs.services_changed`; every one when `full`), per Service so
+        one invalid Service is reported and skipped instead of stopping all. A change of this node's addresses
+        redoes the Services with node-address frontends; HostPorts are redone when pods' HostPorts, the node's
+        addresses or a Service's non-ClusterIP frontends changed (those may meet a HostPort)."""
         own = inputs.nodes.get(self.node)
         node_ips = [ip for ip in [node_internal_ip(own) if own else None] if ip]
-        slices: dict[tuple[str, str], list["K8sObject"]] = {}
-        for s in inputs.endpointslices.values():
-            slices.setdefault((s.namespace, s.labels.get(SERVICE_NAME_LABEL, "")), []).append(s)
-        out: list[LBService] = []
-        errors: dict[str, str] = {}
-        for (ns, name), svc in sorted(inputs.services.items()):
-            try:
-                out.extend(desired_services([svc], slices.get((ns, name), []), node_name=self.node,
-                                            node_ips=node_ips, remote_backends=imported.remote_backends(
-                                                inputs.remote_services, (ns, name))))
-            except ValidationError as exc:
-                errors[f"{ns}/{name}"] = str(exc)
+        changed = inputs.take_services_changed()
+        slices: dict[tuple[str, str], list["K8sObject"]] | None = None
+        if full:
+            changed = set(inputs.services) | {(o[1], o[2]) for o in self.lb.owners() if o != HOSTPORTS}
+            slices = {}
+            for s in inputs.endpointslices.values():
+                slices.setdefault((s.namespace, s.labels.get(SERVICE_NAME_LABEL, "")), []).append(s)
+        elif node_ips != self._node_ips:
+            changed |= {key for key, svc in inputs.services.items() if _has_node_port(svc)}
+        hostports_due = full or node_ips != self._node_ips or inputs.hostports_generation != self._hostports_generation
+        for (ns, name) in sorted(changed):
+            owner = service_owner(ns, name)
+            before = self.lb.owned(owner).values()
+            hostports_due = hostports_due or any(s.frontend_type != "ClusterIP" for s in before)
+            svc = inputs.services.get((ns, name))
+            entries: list[LBService] = []
+            reported = self.service_errors.pop(f"{ns}/{name}", None)
+            if svc is not None:
+                own_slices = slices.get((ns, name), []) if slices is not None else \
+                    list(inputs.slices_by_service.get((ns, name), {}).values())
+                try:
+                    entries = desired_services([svc], own_slices, node_name=self.node, node_ips=node_ips,
+                                               remote_backends=imported.remote_backends(inputs.remote_services,
+                                                                                        (ns, name)))
+                except ValidationError as exc:
+                    if reported is None:
+                        log.warning("service %s/%s not programmed: %s", ns, name, exc)
+                    self.service_errors[f"{ns}/{name}"] = str(exc)
+            hostports_due = hostports_due or any(s.frontend_type != "ClusterIP" for s in entries)
+            self.lb.assign(owner, entries)
+        if hostports_due:
+            self._update_hostports(inputs, node_ips)
+        self._node_ips = node_ips
+
+    def _update_hostports(self, inputs: "ClusterInputs", node_ips: list[str]) -> None:
+        taken = [f for owner in self.lb.owners() if owner != HOSTPORTS for f in self.lb.owned(owner)]
         host = hostport.desired_hostports(inputs.pods.values(), node_name=self.node, node_ips=node_ips,
-                                          taken=[s.frontend for s in out], owners=self._hostport_owners)
+                                          taken=taken, owners=self._hostport_owners)
         self._hostport_owners = host.owners
-        out.extend(host.services)
-        errors.update(host.conflicts)
-        for key in errors.keys() - self.service_errors.keys():
-            log.warning("service %s not programmed: %s", key, errors[key])
-        self.service_errors = errors
-        return out
+        self.lb.assign(HOSTPORTS, host.services)
+        for key in self._hostport_conflicts - host.conflicts.keys():
+            self.service_errors.pop(key, None)
+        for key, why in host.conflicts.items():
+            if key not in self.service_errors:
+                log.warning("service %s not programmed: %s", key, why)
+            self.service_errors[key] = why
+        self._hostport_conflicts = set(host.conflicts)
+        self._hostports_generation = inputs.hostports_generation
+
+
+def _has_node_port(svc: "K8sObject") -> bool:
+    """Whether a Service has frontends on the node's own addresses (NodePort, LoadBalancer's node ports)."""
+    return (svc.spec.get("type") or "ClusterIP") in ("NodePort", "LoadBalancer")

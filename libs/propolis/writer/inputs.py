@@ -24,6 +24,7 @@ from propolis.bus.watermark import WatermarkGate
 from propolis.clustermesh import imported
 from propolis.k8s.kinds import POLICY_KINDS
 from propolis.lb import hostport
+from propolis.lb.desired import SERVICE_NAME_LABEL
 
 log = logging.getLogger("propolis.writer.inputs")
 
@@ -59,7 +60,14 @@ class ClusterInputs:
     identities_gate: WatermarkGate = field(default_factory=lambda: WatermarkGate(subjects.IDENTITIES_BUCKET))
     generation: int = 0
     policy_generation: int = 0  # bumps only when policies, namespaces or identities change
-    services_generation: int = 0  # bumps only when Services, EndpointSlices or Nodes change
+    services_generation: int = 0  # bumps only when Services, EndpointSlices, Nodes or HostPorts change
+    #: Services whose LB inputs (the Service, its EndpointSlices, remote clusters' backends) changed since
+    #: `DesiredState` last took them (`take_services_changed`): one event costs its Service, not the table
+    services_changed: set[tuple[str, str]] = field(default_factory=set)
+    #: (namespace, service name) -> EndpointSlice name -> slice, kept with `endpointslices` by the watch
+    slices_by_service: dict[tuple[str, str], dict[str, K8sObject]] = field(default_factory=dict)
+    nodes_generation: int = 0  # bumps when a Node changes (NodePort frontends follow the node's addresses)
+    hostports_generation: int = 0  # bumps when a pod's HostPort signature changes
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -136,11 +144,37 @@ class ClusterInputs:
         else:
             return
         hostports_changed = kind == "pods" and hostport.signature(table.get(key)) != hostport.signature(obj)
+        if kind == "endpointslices":
+            self._index_slice(table.get(key), obj)
         if obj is None:
             table.pop(key, None)
         else:
             table[key] = obj
+        if kind == "services":
+            self.services_changed.add((ns, name))
+        self.nodes_generation += kind == "nodes"
+        self.hostports_generation += hostports_changed
         self._bump(policy, services=kind in ("services", "endpointslices", "nodes") or hostports_changed)
+
+    def _index_slice(self, old: K8sObject | None, new: K8sObject | None) -> None:
+        """`slices_by_service` follows one EndpointSlice; the Services it left and joined are changed."""
+        for obj, present in ((old, False), (new, True)):
+            if obj is None:
+                continue
+            owner = (obj.namespace, obj.labels.get(SERVICE_NAME_LABEL, ""))
+            slices = self.slices_by_service.setdefault(owner, {})
+            if present:
+                slices[obj.name] = obj
+            else:
+                slices.pop(obj.name, None)
+                if not slices:
+                    del self.slices_by_service[owner]
+            self.services_changed.add(owner)
+
+    def take_services_changed(self) -> set[tuple[str, str]]:
+        """The Services changed since the last call (the caller recomputes exactly those)."""
+        changed, self.services_changed = self.services_changed, set()
+        return changed
 
     def _identities_change(self, ev: KvEvent) -> None:
         head, _, rest = ev.key.partition(".")
@@ -211,6 +245,7 @@ class ClusterInputs:
                 shared.pop(cluster, None)
             if not shared:
                 del self.remote_services[(ns, name)]
+            self.services_changed.add((ns, name))
             self._bump(services=True)
         elif kind == "ip":
             key = imported.endpoint_key(cluster, rest)

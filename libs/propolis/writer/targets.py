@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from propolis.datapath.datapath import Datapath
 from propolis.datapath.entries import IPCacheEntry, PolicyEntry
-from propolis.lb.desired import LBService
+from propolis.datapath.services import ServiceDiff
+from propolis.lb.frontends import Frontend, FrontendTable
 
 
 @dataclass(frozen=True)
@@ -67,21 +68,45 @@ class EndpointPolicyTarget:
 
 
 class ServicesTarget:
-    """The node's Service LB maps as one object (key = node name, value = its `LBService`s): the maps
-    share backend ids and slots across frontends, so they are written as one diff (`Datapath.set_services`)."""
+    """The node's Service LB maps as one object (key = node name, value = the services generation of `table`,
+    the DesiredState's frontend table): the maps share backend ids and slots across frontends, so they are
+    written as one diff. Only the frontends changed since the last write are written
+    (`Datapath.update_services`); the first write in this process, one after a failed write, and the periodic
+    refresh are full (`set_services` / `resync_services`: diffed against the maps as read back), so the maps
+    converge after a restart, a purge or a write that failed halfway."""
 
-    def __init__(self, dp: Datapath) -> None:
+    def __init__(self, dp: Datapath, table: FrontendTable | None = None) -> None:
         self.dp = dp
+        self.table = table if table is not None else FrontendTable()
+        #: called before a refresh to rebuild `table` from the inputs (the full recompute), if set
+        self.recompute: Callable[[], None] | None = None
+        self._unwritten: set[Frontend] = set()
+        self._full_due = True  # no full write in this process yet, or the last write may have stopped halfway
+        self.last: ServiceDiff | None = None  # the last write's figures (bench, status)
 
-    async def update(self, key: str, desired: tuple[LBService, ...]) -> None:
-        self.dp.set_services(desired)
+    async def update(self, key: str, desired: int) -> None:
+        self._unwritten |= self.table.take_changes()
+        if self._full_due:
+            await self.refresh(key, desired, recompute=False)
+            return
+        frontends = self.table.frontends
+        changed = self._unwritten
+        self._full_due = True  # until the write below returns
+        self.last = self.dp.update_services([frontends[f] for f in changed if f in frontends],
+                                            [f for f in changed if f not in frontends])
+        self._unwritten, self._full_due = set(), False
 
-    async def refresh(self, key: str, desired: tuple[LBService, ...]) -> None:
-        """Diff against the maps as read back: an entry deleted by hand comes back."""
-        self.dp.resync_services(desired)
+    async def refresh(self, key: str, desired: int, recompute: bool = True) -> None:
+        """Everything again, diffed against the maps as read back: an entry deleted by hand comes back."""
+        if recompute and self.recompute is not None:
+            self.recompute()
+        self._unwritten |= self.table.take_changes()
+        self.last = self.dp.resync_services(self.table.frontends.values())
+        self._unwritten, self._full_due = set(), False
 
     async def delete(self, key: str) -> None:
         self.dp.set_services(())
+        self._full_due = True
 
     async def list_actual(self) -> Iterable[str]:
         return []  # one object per node, never pruned: its desired value is the empty tuple instead
