@@ -1,1 +1,1 @@
-pytest_plugins = ["propolis.testing.fixtures"]
+pytest_plugins = ["propolis_sandbox.testing.fixtures"]

@@ -5,7 +5,7 @@ helm/propolis/files/nats-permissions.json from
 libs/propolis/bus/permissions.py (one user per service of the suite list, publish rights =
 `publish_allow(service)`; per-node services get the any-node slice, since a chart cannot know its nodes).
 `python helm/generate.py --check` fails when the file is stale or a service of the suite list
-(libs/propolis/sandbox/services.py) has no subchart (matched by its definition's `name`), or a subchart
+(libs/propolis/suite.py) has no subchart (matched by its definition's `name`), or a subchart
 has no dependency line in Chart.yaml or disagrees with the suite (scope, command, CNI): tests/chart runs it.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from propolis.bus.permissions import publish_allow
-from propolis.sandbox.services import SANDBOX_SERVICES
+from propolis.suite import SUITE_SERVICES
 
 CHART = Path(__file__).resolve().parent / "propolis"
 PERMISSIONS_FILE = CHART / "files" / "nats-permissions.json"
@@ -28,7 +28,7 @@ def nats_permissions() -> dict[str, object]:
     """What the chart's NATS users Secret is built from (passwords are added at install)."""
     return {"users": [{"user": s.name,
                        "permissions": {"publish": {"allow": publish_allow(s.name)}, "subscribe": {"allow": [">"]}}}
-                      for s in SANDBOX_SERVICES]}
+                      for s in SUITE_SERVICES]}
 
 
 def render_permissions() -> str:
@@ -173,7 +173,7 @@ def problems() -> list[str]:
     for chart_name in sorted(set(definitions) - deps):
         found.append(f"subchart {chart_name}: no dependency entry in helm/propolis/Chart.yaml")
     by_service = {d.get("name"): (chart_name, d) for chart_name, d in definitions.items()}
-    for s in SANDBOX_SERVICES:
+    for s in SUITE_SERVICES:
         if s.name not in by_service:
             found.append(f"service {s.name} (sandbox/services.py) has no subchart: add helm/propolis/charts/{s.name}/ "
                          "(Chart.yaml + values.yaml with its definition) and a dependency line in Chart.yaml")
@@ -186,7 +186,7 @@ def problems() -> list[str]:
             found.append(f"{where}: command {definition.get('command')} does not run {s.argv[0]}")
         if bool(definition.get("installsCNI")) != s.serves_datapath_socket:
             found.append(f"{where}: installsCNI must be {s.serves_datapath_socket} (serves_datapath_socket)")
-    suite = {s.name for s in SANDBOX_SERVICES}
+    suite = {s.name for s in SUITE_SERVICES}
     for name in sorted(set(by_service) - suite):
         found.append(f"subchart {by_service[name][0]} (service {name}) is not in the suite list (sandbox/services.py)")
     return found

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from propolis import demo
+from propolis_sandbox import demo
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "cilium-deep-dive.txt"
 

@@ -8,7 +8,7 @@ import sys
 
 PROBE = """
 import sys
-import services.k8s_watcher.main  # the watcher's imports, as its process runs them
+import propolis_services.k8s_watcher.main  # the watcher's imports, as its process runs them
 light = sorted(m for m in sys.modules if m.startswith("kubernetes_asyncio"))
 assert not any(".models." in m or ".api." in m for m in light), light
 from kubernetes_asyncio.client import CoreV1Api, V1Pod  # deferred packages load on demand

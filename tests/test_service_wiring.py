@@ -64,7 +64,7 @@ def test_wiring_builds_without_io_and_dependencies_come_first(service, no_io):
 
 
 def test_datapath_writer_declares_its_components():
-    module = importlib.import_module("services.datapath_writer.main")
+    module = importlib.import_module("propolis_services.datapath_writer.main")
     components = {c.name: c for c in module.build(module.Settings(node_name="n"))}
     assert list(components) == ["datapath", "inputs", "lb", "ipcache-publisher", "bandwidth", "enforcer", "endpoints",
                                 "ct-gc"]
@@ -75,7 +75,7 @@ def test_datapath_writer_declares_its_components():
 
 
 def test_identity_allocator_declares_its_components():
-    module = importlib.import_module("services.identity_allocator.main")
+    module = importlib.import_module("propolis_services.identity_allocator.main")
     components = {c.name: c for c in module.build(module.Settings(node_name="n"))}
     assert list(components) == ["gc-lease", "endpoint-records", "identity-gc"]
     requires = {name: {d.name for d in c.requires} for name, c in components.items()}
@@ -83,7 +83,7 @@ def test_identity_allocator_declares_its_components():
 
 
 def test_k8s_watcher_declares_its_components():
-    module = importlib.import_module("services.k8s_watcher.main")
+    module = importlib.import_module("propolis_services.k8s_watcher.main")
     components = module.build(module.Settings(node_name="n"))
     assert [c.name for c in components] == ["kube-client", "mirror"]
     assert [d.name for d in components[1].requires] == ["kube-client"]

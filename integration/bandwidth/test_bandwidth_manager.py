@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policy"))  # one w
 
 from policy_workload import NO, OK, PodDef, Workload  # noqa: E402
 from propolis.bandwidth.annotations import EGRESS_BANDWIDTH, INGRESS_BANDWIDTH  # noqa: E402
-from propolis.bandwidth.measure import measure_tcp_rate  # noqa: E402
+from propolis_sandbox.bandwidth_measure import measure_tcp_rate  # noqa: E402
 from propolis.bandwidth.shaper import read_rate, shaped_interfaces  # noqa: E402
-from propolis.sandbox import cluster  # noqa: E402
-from propolis.sandbox.fixture import running_sandbox  # noqa: E402
+from propolis_sandbox import cluster  # noqa: E402
+from propolis_sandbox.fixture import running_sandbox  # noqa: E402
 from propolis.status import newest, read_heartbeats  # noqa: E402
 
 pytestmark = pytest.mark.root

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from propolis.bench import l7
+from propolis_sandbox.bench import l7
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 

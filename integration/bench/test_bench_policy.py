@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from propolis.bench.policy import Options, parse_parts, run
+from propolis_sandbox.bench.policy import Options, parse_parts, run
 from propolis.errors import CliError
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from propolis.bench.watcher import Options, run
+from propolis_sandbox.bench.watcher import Options, run
 from propolis.errors import CliError
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from propolis.connectivity import runner
+from propolis_sandbox import connectivity as runner
 from propolis.connectivity.scenarios import DROPPED, WORLD_IP, Check, Scenario, Selection
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import KINDS
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import KINDS
 
 pytestmark = pytest.mark.root
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import leftovers, unique_name
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import leftovers, unique_name
 
 pytestmark = pytest.mark.root
 

@@ -26,12 +26,12 @@ import dns.rcode
 import pytest
 
 from propolis.bus import subjects
-from propolis.sandbox import cluster
-from propolis.sandbox import netns as netns_mod
-from propolis.sandbox.config import load_state
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import documents_from
-from propolis.sandbox.world import WORLD_ZONE
+from propolis_sandbox import cluster
+from propolis_sandbox import netns as netns_mod
+from propolis_sandbox.config import load_state
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import documents_from
+from propolis_sandbox.world import WORLD_ZONE
 
 pytestmark = pytest.mark.root
 NS = "production"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from propolis.sandbox import cluster, netns
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import documents_from
-from propolis.sandbox.world import WORLD_ZONE
+from propolis_sandbox import cluster, netns
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import documents_from
+from propolis_sandbox.world import WORLD_ZONE
 
 pytestmark = pytest.mark.root
 NS = "dns-test"

@@ -14,8 +14,8 @@ import pytest
 from test_wireguard_sandbox import NS, pod, write
 from wg_helpers import connect_with_retry, pod_ip
 
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import running_sandbox
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
 
 pytestmark = pytest.mark.root
 

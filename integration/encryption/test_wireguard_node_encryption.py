@@ -16,9 +16,9 @@ import pytest
 from test_wireguard_sandbox import NS, pod, propolis, write
 from wg_helpers import Capture, WG_PORT, admin_bus, keymgr_progress, pod_ip
 
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.netns import socket_in
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.netns import socket_in
 from propolis.status import newest, read_heartbeats
 
 pytestmark = pytest.mark.root

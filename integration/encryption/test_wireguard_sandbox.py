@@ -27,9 +27,9 @@ from propolis.bus.messages import Event, WireguardNodeKey
 from propolis.encryption import keys
 from propolis.encryption.backend import DEVICE
 from propolis.encryption.uapi import UapiClient, set_device_request
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.netns import iproute_in
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.netns import iproute_in
 
 from wg_helpers import (Capture, WG_PORT, admin_bus, can_connect, connect_with_retry, keymgr_progress,
                         keymgr_state_dir, pod_ip, service_pid)

@@ -26,9 +26,9 @@ from wg_helpers import Capture, WG_PORT, can_connect, connect_with_retry, pod_ip
 
 from propolis.datapath.drop import DROP_UNENCRYPTED_TRAFFIC
 from propolis.maps import config, metrics
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.netns import iproute_in, socket_in
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.netns import iproute_in, socket_in
 
 pytestmark = pytest.mark.root
 

@@ -11,9 +11,9 @@ from typing import Any
 from propolis.bus.connection import Bus
 from propolis.encryption.backend import LISTEN_PORT as WG_PORT  # noqa: F401 - re-exported for the tests
 from propolis.encryption.capture import UnderlayCapture as Capture  # noqa: F401 - the tests' name for it
-from propolis.sandbox import cluster
-from propolis.sandbox.config import SandboxState
-from propolis.sandbox.netns import socket_in
+from propolis_sandbox import cluster
+from propolis_sandbox.config import SandboxState
+from propolis_sandbox.netns import socket_in
 from propolis.status import newest, read_heartbeats
 
 
@@ -96,7 +96,7 @@ def keymgr_state_dir(state: SandboxState, node: str) -> Path:
 
 
 def service_pid(state: SandboxState, name: str, node: str) -> int:
-    from propolis.sandbox.config import load_state
+    from propolis_sandbox.config import load_state
     fresh = load_state(state.sandbox().name)
     assert fresh is not None
     return next(int(s["pid"]) for s in fresh.services if s["name"] == name and s["node"] == node)

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policy"))  # one w
 from policy_workload import NO, OK, Check, PodDef, Workload, cnp, netpol, sel  # noqa: E402
 
 from propolis.bus.messages import Heartbeat  # noqa: E402
-from propolis.sandbox.config import SandboxState  # noqa: E402
+from propolis_sandbox.config import SandboxState  # noqa: E402
 from propolis.status import newest, read_heartbeats  # noqa: E402
 
 __all__ = ["NO", "OK", "Check", "PodDef", "Workload", "cnp", "netpol", "sel", "beat", "wait_beat", "Prober"]

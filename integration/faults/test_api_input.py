@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 import yaml
 
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import KINDS
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import KINDS
 
 pytestmark = pytest.mark.root
 NS = "default"

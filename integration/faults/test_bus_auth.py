@@ -28,8 +28,8 @@ from propolis.bus import permissions, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.kv import EventType
 from propolis.bus.messages import EndpointRecord
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import running_sandbox
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
 
 pytestmark = pytest.mark.root
 

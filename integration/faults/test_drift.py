@@ -21,9 +21,9 @@ import pytest
 
 from fault_probe import NO, OK, PodDef, Prober, Workload, netpol, sel
 from propolis.maps import endpoints, lb as lbmaps, policy
-from propolis.sandbox import cluster, probe
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import KINDS
+from propolis_sandbox import cluster, probe
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import KINDS
 
 pytestmark = pytest.mark.root
 

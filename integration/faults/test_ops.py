@@ -21,8 +21,8 @@ import pytest
 
 from propolis.bus import subjects
 from propolis.errors import CliError
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import running_sandbox
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
 from propolis.status import collect
 from propolis.writer.inputs import ClusterInputs
 

@@ -14,8 +14,8 @@ import pytest
 
 from fault_probe import NO, OK, PodDef, Prober, Workload, beat, netpol, sel
 from propolis.bus import subjects
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import running_sandbox
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
 
 pytestmark = pytest.mark.root
 

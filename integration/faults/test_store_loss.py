@@ -34,12 +34,12 @@ from test_k8s_watcher import CNP_VALID, Api, eventually, pod, start_service, sto
 from propolis.bus import subjects  # noqa: E402
 from propolis.bus.kv import EventType  # noqa: E402
 from propolis.bus.messages import K8sObject, Watermark  # noqa: E402
-from propolis.sandbox import cluster  # noqa: E402
-from propolis.sandbox.apiserver import ApiServer  # noqa: E402
-from propolis.sandbox.fixture import running_sandbox  # noqa: E402
+from propolis_sandbox import cluster  # noqa: E402
+from propolis_sandbox.apiserver import ApiServer  # noqa: E402
+from propolis_sandbox.fixture import running_sandbox  # noqa: E402
 from propolis.writer.inputs import ClusterInputs  # noqa: E402
-from services.identity_allocator import main as allocator_main  # noqa: E402
-from services.k8s_watcher import main as watcher_main  # noqa: E402
+from propolis_services.identity_allocator import main as allocator_main  # noqa: E402
+from propolis_services.k8s_watcher import main as watcher_main  # noqa: E402
 
 POLICY_KEY = "ciliumnetworkpolicies.prod.api-policy"
 STREAM = f"KV_{subjects.K8S_BUCKET}"

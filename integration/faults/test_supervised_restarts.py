@@ -23,8 +23,8 @@ import pytest
 
 from fault_probe import NO, OK, PodDef, Prober, Workload, beat, cnp, netpol, sel, wait_beat
 from propolis.runtime.service import FAULT_DIR_ENV
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import running_sandbox
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
 
 pytestmark = pytest.mark.root
 

@@ -11,9 +11,9 @@ import sys
 import orjson
 import pytest
 
-from propolis.connectivity import runner
+from propolis_sandbox import connectivity as runner
 from propolis.connectivity.scenarios import ECHO_PORT, NAMESPACE, SCENARIOS
-from propolis.sandbox.fixture import running_sandbox
+from propolis_sandbox.fixture import running_sandbox
 
 pytestmark = pytest.mark.root
 
@@ -59,8 +59,9 @@ async def test_probes_become_flows_with_identities_and_drop_reasons(sandbox):
         assert nodes == {n["name"] for n in sandbox.nodes}, nodes  # the cross-node probes: both observers
         one = sandbox.nodes[-1]["name"]
         assert {f["node_name"] for f in observe(sandbox, "--node-name", one, "--last", "50")} == {one}
-        assert all(f["verdict"] == "DROPPED" for f in observe(sandbox, "--from-pod", f"{NAMESPACE}/client2",
-                                                              "--verdict", "DROPPED", "--last", "50"))
+        client2_drops = observe(sandbox, "--from-pod", f"{NAMESPACE}/client2", "--verdict", "DROPPED", "--last", "50")
+        assert client2_drops, "client2's denied probes are DROPPED flows"
+        assert all(f["verdict"] == "DROPPED" and f["source"]["pod_name"] == "client2" for f in client2_drops)
         status = subprocess.run([sys.executable, "-m", "propolis.cli.main", "hubble", "status", "-o", "json"],
                                 capture_output=True, text=True, timeout=60,
                                 env={**os.environ, "PROPOLIS_SANDBOX_NAME": sandbox.config["name"]})

@@ -16,10 +16,10 @@ import sys
 
 import pytest
 
-from propolis.sandbox import cluster, grpc_echo, probe
-from propolis.sandbox import netns as netns_mod
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import documents_from
+from propolis_sandbox import cluster, grpc_echo, probe
+from propolis_sandbox import netns as netns_mod
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import documents_from
 
 pytestmark = pytest.mark.root
 

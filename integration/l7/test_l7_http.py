@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from propolis import demo
+from propolis_sandbox import demo
 from propolis.l7.redirect import PROXY_PORTS
-from propolis.sandbox import cluster, probe
-from propolis.sandbox import netns as netns_mod
-from propolis.sandbox.config import load_state
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import documents_from
+from propolis_sandbox import cluster, probe
+from propolis_sandbox import netns as netns_mod
+from propolis_sandbox.config import load_state
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import documents_from
 
 pytestmark = pytest.mark.root
 

@@ -25,10 +25,10 @@ from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.protocol.produce import ProduceRequest
 
-from propolis.sandbox import cluster
-from propolis.sandbox import netns as netns_mod
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import documents_from
+from propolis_sandbox import cluster
+from propolis_sandbox import netns as netns_mod
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import documents_from
 
 pytestmark = pytest.mark.root
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from propolis.sandbox import cluster, probe
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import KINDS, documents_from
+from propolis_sandbox import cluster, probe
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import KINDS, documents_from
 from propolis.status import newest, read_heartbeats
 
 pytestmark = pytest.mark.root

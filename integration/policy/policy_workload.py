@@ -19,9 +19,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable
 
-from propolis.sandbox import cluster, probe
-from propolis.sandbox.config import SandboxState
-from propolis.sandbox.resources import KINDS, documents_from
+from propolis_sandbox import cluster, probe
+from propolis_sandbox.config import SandboxState
+from propolis_sandbox.resources import KINDS, documents_from
 
 OK, NO = True, False
 PROBE_TIMEOUT = 0.75

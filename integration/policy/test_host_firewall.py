@@ -24,10 +24,10 @@ import pytest
 import yaml
 
 from policy_workload import PodDef, Workload
-from propolis.sandbox import cluster, probe
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import documents_from
-from propolis.sandbox.world import WORLD_HOST_IP
+from propolis_sandbox import cluster, probe
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import documents_from
+from propolis_sandbox.world import WORLD_HOST_IP
 
 pytestmark = pytest.mark.root
 

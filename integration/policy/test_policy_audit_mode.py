@@ -19,8 +19,8 @@ import orjson
 import pytest
 
 from policy_workload import NO, OK, PodDef, Workload, cnp, sel
-from propolis.sandbox import cluster
-from propolis.sandbox.fixture import running_sandbox
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
 
 pytestmark = pytest.mark.root
 

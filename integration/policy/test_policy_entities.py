@@ -26,10 +26,10 @@ import pytest
 
 from policy_workload import NO, OK, PodDef, Workload, cnp, sel
 from propolis.cli.main import build_parser
-from propolis.sandbox import cluster, probe
-from propolis.sandbox import netns as netns_mod
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import KINDS
+from propolis_sandbox import cluster, probe
+from propolis_sandbox import netns as netns_mod
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import KINDS
 
 pytestmark = pytest.mark.root
 API_PORT = 6443

@@ -28,13 +28,13 @@ import pytest
 import yaml
 
 from policy_workload import NO, OK, Case, PodDef, Workload, ccnp, cnp, lanes, netpol, run_in_lanes, sel
-from propolis import demo
+from propolis_sandbox import demo
 from propolis.bus import subjects
 from propolis.bus.messages import Heartbeat
-from propolis.sandbox import cluster
-from propolis.sandbox import netns as netns_mod
-from propolis.sandbox.config import load_state
-from propolis.sandbox.fixture import running_sandbox
+from propolis_sandbox import cluster
+from propolis_sandbox import netns as netns_mod
+from propolis_sandbox.config import load_state
+from propolis_sandbox.fixture import running_sandbox
 from propolis.status import newest, read_heartbeats
 
 pytestmark = pytest.mark.root

@@ -10,10 +10,10 @@ import signal
 
 import pytest
 
-from propolis.sandbox import cluster, probe
-from propolis.sandbox.config import load_state
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.resources import KINDS, documents_from
+from propolis_sandbox import cluster, probe
+from propolis_sandbox.config import load_state
+from propolis_sandbox.fixture import running_sandbox
+from propolis_sandbox.resources import KINDS, documents_from
 
 pytestmark = pytest.mark.root
 NS = "outage"

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from propolis.sandbox import netns, probe
-from propolis.sandbox.config import lxc_name
+from propolis_sandbox import netns, probe
+from propolis_sandbox.config import lxc_name
 
 pytestmark = pytest.mark.root
 PLUGIN = str(Path(sys.executable).parent / "propolis-cni")
@@ -157,7 +157,7 @@ def test_pods_on_one_node_reach_each_other(node: Node) -> None:
         code, result = node.cni("ADD", f"cid-{i}", pod, node.conf())
         assert code == 0, result
         ips.append(result["ips"][0]["address"].split("/")[0])
-    servers = [subprocess.Popen(["ip", "netns", "exec", pod, sys.executable, "-m", "propolis.sandbox.echo",
+    servers = [subprocess.Popen(["ip", "netns", "exec", pod, sys.executable, "-m", "propolis_sandbox.echo",
                                  "--pod", f"default/{pod}", "--tcp", "80", "--udp", "53"], stdout=subprocess.PIPE)
                for pod in pods]
     try:

@@ -19,12 +19,12 @@ from typing import Any, Iterator
 import pytest
 
 from propolis.errors import CliError, ValidationError
-from propolis.sandbox import cluster, netns
-from propolis.sandbox.config import BPF_ROOT, SANDBOX_ENV, SandboxState, lxc_name
-from propolis.sandbox.fixture import leftovers
+from propolis_sandbox import cluster, netns
+from propolis_sandbox.config import BPF_ROOT, SANDBOX_ENV, SandboxState, lxc_name
+from propolis_sandbox.fixture import leftovers
 
 pytestmark = pytest.mark.root
-pytest.importorskip("propolis.sandbox.apiserver", reason="the sandbox API server is not built yet")
+pytest.importorskip("propolis_sandbox.apiserver", reason="the sandbox API server is not built yet")
 PROPOLIS = [sys.executable, "-m", "propolis.cli.main"]
 
 

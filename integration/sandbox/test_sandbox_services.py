@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from propolis.sandbox import cluster, daemon, services
-from propolis.sandbox.config import SandboxState, allocate, allocation_lock
-from propolis.sandbox.fixture import leftovers, unique_name
+from propolis import suite
+from propolis_sandbox import cluster, daemon
+from propolis_sandbox.config import SandboxState, allocate, allocation_lock
+from propolis_sandbox.fixture import leftovers, unique_name
 
 pytestmark = pytest.mark.root
-pytest.importorskip("propolis.sandbox.apiserver", reason="the sandbox API server is not built yet")
+pytest.importorskip("propolis_sandbox.apiserver", reason="the sandbox API server is not built yet")
 
 ANSWERER = textwrap.dedent('''
     import asyncio, os, sys
@@ -44,9 +45,9 @@ ANSWERER = textwrap.dedent('''
 async def test_node_service_serves_datapath_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     script = tmp_path / "answerer.py"
     script.write_text(ANSWERER)
-    entry = services.SandboxService("test-datapath", "node", (sys.executable, str(script), str(tmp_path / "log-{node}")),
+    entry = suite.SuiteService("test-datapath", "node", (sys.executable, str(script), str(tmp_path / "log-{node}")),
                                     serves_datapath_socket=True, reports_progress=False)
-    monkeypatch.setattr(services, "SANDBOX_SERVICES", [entry])
+    monkeypatch.setattr(suite, "SUITE_SERVICES", [entry])
     name = unique_name()
     with allocation_lock():
         cfg = allocate(name, 1, None, None)

@@ -15,7 +15,7 @@ import yaml
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from propolis.sandbox.apiserver import URL_FILE, ApiServer
+from propolis_sandbox.apiserver import URL_FILE, ApiServer
 
 MERGE = "application/merge-patch+json"
 

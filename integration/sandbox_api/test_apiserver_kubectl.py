@@ -1,4 +1,4 @@
-"""The sandbox API as a process (`python -m propolis.sandbox.apiserver`), driven by the real kubectl:
+"""The sandbox API as a process (`python -m propolis_sandbox.apiserver`), driven by the real kubectl:
 get/apply/create/replace/patch/delete, label selectors, the status subresource, and exit on SIGTERM."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ spec: {podSelector: {}}
 def server(tmp_path: Path) -> Iterator[Path]:
     run_dir = tmp_path / "run"
     log = (tmp_path / "apiserver.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "propolis.sandbox.apiserver", "--run-dir", str(run_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "propolis_sandbox.apiserver", "--run-dir", str(run_dir),
                              "--service-cidr", "10.97.0.0/16"], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20

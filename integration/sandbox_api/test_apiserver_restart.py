@@ -16,12 +16,12 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio import client, config
 
-from propolis.sandbox.apiserver import DATA_DIR, URL_FILE
+from propolis_sandbox.apiserver import DATA_DIR, URL_FILE
 
 
 def start(run_dir: Path, port: int = 0) -> tuple[subprocess.Popen[bytes], str]:
     (run_dir / URL_FILE).unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "propolis.sandbox.apiserver", "--run-dir", str(run_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "propolis_sandbox.apiserver", "--run-dir", str(run_dir),
                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(200):
         if (run_dir / URL_FILE).exists() and (url := (run_dir / URL_FILE).read_text().strip()):

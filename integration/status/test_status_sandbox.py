@@ -18,10 +18,10 @@ import time
 
 import pytest
 
-from propolis.sandbox import cluster
-from propolis.sandbox.config import SandboxConfig, SandboxState
-from propolis.sandbox.fixture import running_sandbox
-from propolis.sandbox.services import SANDBOX_SERVICES
+from propolis_sandbox import cluster
+from propolis_sandbox.config import SandboxConfig, SandboxState
+from propolis_sandbox.fixture import running_sandbox
+from propolis.suite import SUITE_SERVICES
 from propolis.status import collect
 
 pytestmark = pytest.mark.root
@@ -56,7 +56,7 @@ def test_status_reports_every_running_service_and_the_features(sandbox):
     services = current(sandbox).services
     running = {(s["name"], s["node"]) for s in services}
     assert running == {(s.name, node if s.scope == "node" else f"{sandbox.config['name']}-control-plane")
-                       for s in SANDBOX_SERVICES if s.runs_in(sandbox.sandbox())}
+                       for s in SUITE_SERVICES if s.runs_in(sandbox.sandbox())}
     reported = {(s["service"], s["node"]): s for s in doc["services"]}
     for key in running | {("kubelet", node)}:
         assert reported[key]["health"] == "ok" and reported[key]["version"], key
@@ -71,7 +71,7 @@ def test_status_reports_every_running_service_and_the_features(sandbox):
     assert features["Encryption"]["state"] == "Disabled" and "wireguard-keymgr not running" in \
         features["Encryption"]["reason"]
     assert features["Cluster Mesh"] == {"state": "Disabled", "reason": "clustermesh-apiserver not running"}
-    if any(s.name == "hubble" for s in SANDBOX_SERVICES):
+    if any(s.name == "hubble" for s in SUITE_SERVICES):
         assert features["Hubble"]["source"] == "hubble"
     else:
         assert features["Hubble"] == {"state": "Disabled", "reason": "hubble not running"}

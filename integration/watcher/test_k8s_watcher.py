@@ -21,9 +21,9 @@ from propolis.k8s import kubeclient
 from propolis.k8s.kinds import KINDS
 from propolis.k8s.reflector import Reflector
 from propolis.runtime.service import Runtime
-from propolis.sandbox.apiserver import ApiServer
-from services.identity_allocator import main as allocator_main
-from services.k8s_watcher import main as watcher_main
+from propolis_sandbox.apiserver import ApiServer
+from propolis_services.identity_allocator import main as allocator_main
+from propolis_services.k8s_watcher import main as watcher_main
 
 
 class Api:

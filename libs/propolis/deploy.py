@@ -1,6 +1,6 @@
 """Launching the suite's processes outside the sandbox (`propolis dev up`, the bus benchmark).
 
-The suite itself is one list, `propolis.sandbox.services.SANDBOX_SERVICES`:
+The suite itself is one list, `propolis.suite.SUITE_SERVICES`:
 the sandbox, `dev up` and `propolis status` all follow it, so a
 new service is one line there. Per-node services act on a node's network
 namespace, which only the sandbox (or a real node) provides, so outside it
@@ -16,19 +16,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from propolis.sandbox.services import SANDBOX_SERVICES, SandboxService
+from propolis.suite import SUITE_SERVICES, SuiteService
 
 
-def without_node() -> list[SandboxService]:
+def without_node() -> list[SuiteService]:
     """The services that can run without a node network namespace: the cluster-scoped ones."""
-    return [s for s in SANDBOX_SERVICES if s.scope == "cluster"]
+    return [s for s in SUITE_SERVICES if s.scope == "cluster"]
 
 
 @dataclass
 class ServiceProcess:
     """One running service process with its log file (stderr+stdout)."""
 
-    spec: SandboxService
+    spec: SuiteService
     node: str
     proc: subprocess.Popen[bytes]
     log_path: Path
@@ -37,7 +37,7 @@ class ServiceProcess:
         return self.proc.poll() is None
 
 
-def start_service(spec: SandboxService, *, node: str, env: dict[str, str], log_dir: Path) -> ServiceProcess:
+def start_service(spec: SuiteService, *, node: str, env: dict[str, str], log_dir: Path) -> ServiceProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.name}-{node}.log"
     full_env = {**os.environ, **env, "PROPOLIS_NODE_NAME": node}

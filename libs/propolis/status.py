@@ -1,7 +1,7 @@
 """The cluster's health in one document: services (from heartbeats), NATS, Kubernetes, features.
 
 `propolis status` prints it; ``-o json`` gives it to machines. Expected
-services are the suite list (`SANDBOX_SERVICES`): one instance per cluster or
+services are the suite list (`SUITE_SERVICES`): one instance per cluster or
 one per node. An instance that missed `STALE_BEATS` heartbeats in a row counts
 as unhealthy (unless a newer instance of the same service on the same node
 replaced it, as after a restart), and so does an expected service with no
@@ -25,7 +25,7 @@ from propolis.bus.messages import Heartbeat, K8sObject
 from propolis.k8s.kinds import POLICY_KINDS
 from propolis.kernel_probe import probe_all
 from propolis.runtime.settings import CommonSettings
-from propolis.sandbox.services import SANDBOX_SERVICES, SandboxService
+from propolis.suite import SUITE_SERVICES, SuiteService
 
 #: Missed beats before an instance is stale: one late beat is noise, three are a dead or hung process.
 STALE_BEATS = 3
@@ -142,13 +142,13 @@ def malformed_rows(malformed: Mapping[str, str]) -> list[dict[str, Any]]:
     reported as that instance, malformed, instead of a traceback."""
     rows = []
     for key, reason in sorted(malformed.items()):
-        service, node, instance = (key.split(".", 2) + ["", ""])[:3]
+        service, node, instance = subjects.parse_heartbeat_key(key) or (key, "", "")
         rows.append({"service": service, "node": node, "instance": instance, "health": "malformed",
                      "reasons": [f"heartbeat unreadable: {reason}"]})
     return rows
 
 
-def missing_rows(rows: list[dict[str, Any]], suite: Sequence[SandboxService], nodes: Sequence[str]) -> list[dict[str, Any]]:
+def missing_rows(rows: list[dict[str, Any]], suite: Sequence[SuiteService], nodes: Sequence[str]) -> list[dict[str, Any]]:
     """Rows for expected instances that never heartbeat: every cluster service once, every node service per node."""
     seen = {(r["service"], r["node"]) for r in rows}
     services = {r["service"] for r in rows}
@@ -185,7 +185,7 @@ def feature_state(name: str, live: Sequence[Heartbeat], kernel: dict[str, dict[s
 
 
 def build_report(heartbeats: Iterable[Heartbeat], *, now: float, nodes: Sequence[str] = (),
-                 kernel: dict[str, dict[str, Any]] | None = None, suite: Sequence[SandboxService] | None = None,
+                 kernel: dict[str, dict[str, Any]] | None = None, suite: Sequence[SuiteService] | None = None,
                  stale_override: float | None = None, malformed: Mapping[str, str] | None = None) -> StatusReport:
     """Services, Kubernetes and features from heartbeats (and heartbeat keys that did not decode, with why):
     the rules of `propolis status`, without I/O."""
@@ -193,7 +193,7 @@ def build_report(heartbeats: Iterable[Heartbeat], *, now: float, nodes: Sequence
     heartbeats = list(heartbeats)
     rows = instance_rows(heartbeats, now, stale_override) + malformed_rows(malformed or {})
     nodes = sorted(set(nodes) | {r["node"] for r in rows if r["service"] == "kubelet"})
-    rep.services = sorted(rows + missing_rows(rows, SANDBOX_SERVICES if suite is None else suite, nodes),
+    rep.services = sorted(rows + missing_rows(rows, SUITE_SERVICES if suite is None else suite, nodes),
                           key=lambda r: (r["node"], r["service"]))
     for r in rep.services:
         if r["health"] not in FINE:
@@ -249,7 +249,7 @@ def newest(heartbeats: Iterable[Heartbeat], service: str, node: str | None = Non
 
 
 async def collect(bus: Bus, *, stale_after: float | None = None, probe_kernel: bool = True,
-                  suite: Sequence[SandboxService] | None = None) -> StatusReport:
+                  suite: Sequence[SuiteService] | None = None) -> StatusReport:
     """Read heartbeats and mirrored Nodes from the bus, probe the kernel, and judge (`build_report`)."""
     problems: list[str] = []
     heartbeats: list[Heartbeat] = []
@@ -262,9 +262,9 @@ async def collect(bus: Bus, *, stale_after: float | None = None, probe_kernel: b
     policies: list[K8sObject] = []
     try:
         k8s_kv = await bus.kv(subjects.K8S_BUCKET)
-        nodes = [e.value.name for e in (await k8s_kv.items("nodes.>")).values() if isinstance(e.value, K8sObject)]
+        nodes = [e.value.name for e in (await k8s_kv.items(subjects.k8s_keys("nodes"))).values() if isinstance(e.value, K8sObject)]
         for plural in POLICY_KINDS:
-            policies += [e.value for e in (await k8s_kv.items(f"{plural}.>")).values()
+            policies += [e.value for e in (await k8s_kv.items(subjects.k8s_keys(plural))).values()
                          if isinstance(e.value, K8sObject)]
     except Exception:  # noqa: BLE001 - no mirror yet: the k8s-watcher row says why
         pass
@@ -279,12 +279,9 @@ async def collect(bus: Bus, *, stale_after: float | None = None, probe_kernel: b
 
 
 async def nats_status(bus: Bus, problems: list[str]) -> dict[str, Any]:
-    nc = bus.nc
-    version = nc.connected_server_version
-    out: dict[str, Any] = {"url": bus.url, "connected": nc.is_connected,
-                           "server_version": f"{version.major}.{version.minor}.{version.patch}"}
+    out: dict[str, Any] = {"url": bus.url, "connected": bus.is_connected, "server_version": bus.server_version}
     try:
-        info = await bus.js.account_info()
+        info = await bus.jetstream_info()
         out["jetstream"] = {"state": "OK", "streams": info.streams, "consumers": info.consumers,
                             "storage_bytes": info.storage, "memory_bytes": info.memory}
     except Exception as exc:  # noqa: BLE001

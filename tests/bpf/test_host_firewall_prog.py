@@ -127,7 +127,7 @@ def test_no_host_endpoint_no_judgement(harness):
 
 async def test_bench_host_program_cost_runs_every_way_and_cleans_up():
     import os
-    from propolis.bench.host_firewall import measure_host_packet_cost
+    from propolis_sandbox.bench.host_firewall import measure_host_packet_cost
     from propolis.maps.spec import default_pin_dir
 
     rows = await measure_host_packet_cost(repeat=100, rounds=1)

@@ -33,7 +33,7 @@ def test_recompile_adopts_pinned_maps(harness):
 async def test_packet_cost_bench_runs_and_cleans_up():
     import os
 
-    from propolis.datapath.bench import measure_packet_cost
+    from propolis_sandbox.bench.datapath import measure_packet_cost
     rows = await measure_packet_cost(sizes=(0, 200), repeat=1000)
     print("\n[bpf] packet cost:", rows)
     assert [r["policy_rows"] for r in rows] == [1, 201]

@@ -37,7 +37,7 @@ def test_remote_clusters_reach_the_clustermesh_apiserver_as_the_configs_it_loads
     mount = next(m for m in container["volumeMounts"] if m["name"] == "clustermesh-config")
     volume = next(v for v in pod["volumes"] if v["name"] == "clustermesh-config")
     assert volume["secret"]["secretName"] == "propolis-clustermesh" and mount["readOnly"]
-    settings_cls = importlib.import_module("services.clustermesh_apiserver.main").Settings
+    settings_cls = importlib.import_module("propolis_services.clustermesh_apiserver.main").Settings
     flag = next(a for a in container["args"] if a.startswith("--clustermesh-config="))
     configured = settings_cls(nats_url="nats://x:4222", cluster_name="c1", cluster_id=1,
                               clustermesh_config=flag.split("=", 1)[1])

@@ -70,7 +70,7 @@ def project_policies() -> list[tuple[str, dict[str, Any]]]:
         found.append((f"test_policy_parse-{i}", parse_tests.cnp(copy.deepcopy(spec))))
         found.append((f"test_policy_parse-ccnp-{i}", parse_tests.cnp(specs=[copy.deepcopy(spec)],
                                                                     kind="CiliumClusterwideNetworkPolicy", ns=None)))
-    for path in sorted((ROOT / "libs" / "propolis" / "demo" / "manifests").glob("*.yaml")):
+    for path in sorted((ROOT / "libs" / "propolis_sandbox" / "demo" / "manifests").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") in KINDS:
                 found.append((f"demo-{path.name}", doc))

@@ -15,7 +15,7 @@ from chart_render import ALL_FEATURES, CHART, helm, load_generator, render, tool
 from propolis.bus import permissions
 from propolis.maps import conntrack, lb, policy
 from propolis.runtime import settings as settings_mod
-from propolis.sandbox import services as suite
+from propolis import suite
 
 K8S_VERSION = "1.33.0"  # validated against this release's schemas (kubernetes-validate ships them offline)
 
@@ -54,7 +54,7 @@ def test_every_rendered_object_is_valid_kubernetes(sets: list[str]) -> None:
 
 def test_all_features_renders_every_service_of_the_suite() -> None:
     rendered = workloads(render(*ALL_FEATURES))
-    for service in suite.SANDBOX_SERVICES:
+    for service in suite.SUITE_SERVICES:
         kind = "DaemonSet" if service.scope == "node" else "Deployment"
         assert rendered[service.name]["kind"] == kind, service.name
         pod = rendered[service.name]["spec"]["template"]["spec"]
@@ -75,7 +75,7 @@ def test_services_whose_features_are_off_are_not_rendered() -> None:
     assert {"k8s-watcher", "identity-allocator", "datapath-writer", "hubble"} <= names
 
 
-def expected_rules(service: suite.SandboxService) -> list[dict[str, object]]:
+def expected_rules(service: suite.SuiteService) -> list[dict[str, object]]:
     """What a service may do on the Kubernetes API, derived from what its code reads and writes."""
     source = (CHART.parents[1] / "services" / service.name.replace("-", "_") / "main.py").read_text()
     rules: dict[tuple[str, str], set[str]] = {}
@@ -95,7 +95,7 @@ def test_rbac_is_exactly_what_each_service_uses() -> None:
     docs = render(*ALL_FEATURES)
     roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
     accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
-    for service in suite.SANDBOX_SERVICES:
+    for service in suite.SUITE_SERVICES:
         name = f"propolis-{service.name}"
         want = expected_rules(service)
         got = roles[name]["rules"] if name in roles else []
@@ -155,9 +155,9 @@ def test_bpf_map_values_are_the_datapath_sizes() -> None:
 
 
 def test_rendered_objects_the_sandbox_api_serves_are_accepted_by_it() -> None:
-    from propolis.sandbox.api_controllers import ServiceAllocator
-    from propolis.sandbox.api_resources import BY_KIND
-    from propolis.sandbox.api_store import Store
+    from propolis_sandbox.api_controllers import ServiceAllocator
+    from propolis_sandbox.api_resources import BY_KIND
+    from propolis_sandbox.api_store import Store
 
     store = Store(history_limit=50)
     store.admissions.append(ServiceAllocator(store, "10.96.0.0/16"))

@@ -17,7 +17,7 @@ import pytest
 from chart_render import render, tool
 from propolis.bus import permissions, subjects
 from propolis.bus.connection import Bus
-from propolis.sandbox import services as suite
+from propolis import suite
 
 PROPOLIS = str(Path(sys.executable).parent / "propolis")
 
@@ -33,7 +33,7 @@ def test_nats_users_secret_is_the_permission_table() -> None:
     _, data, _ = nats_objects()
     rendered = json.loads(data["auth.conf"].removeprefix("authorization "))
     admin = permissions.Credentials("admin", data["password-admin"])
-    users = {s.name: permissions.Credentials(s.name, data[f"password-{s.name}"]) for s in suite.SANDBOX_SERVICES}
+    users = {s.name: permissions.Credentials(s.name, data[f"password-{s.name}"]) for s in suite.SUITE_SERVICES}
     expected = json.loads(permissions.server_config(users, admin=admin).removeprefix("authorization "))
     assert rendered == expected
 

@@ -8,10 +8,10 @@ import pytest
 
 from propolis.errors import ValidationError
 from propolis.maps import config
-from propolis.sandbox.config import SandboxConfig
-from propolis.sandbox.services import service_env
+from propolis_sandbox.config import SandboxConfig
+from propolis.suite import service_env
 
-WRITER = importlib.import_module("services.datapath_writer.main")
+WRITER = importlib.import_module("propolis_services.datapath_writer.main")
 
 
 def test_runtime_config_carries_the_strict_cidr_and_reads_back():

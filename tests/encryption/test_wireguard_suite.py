@@ -9,18 +9,18 @@ import pytest
 from propolis.bus import permissions, subjects
 from propolis.bus.messages import Heartbeat
 from propolis.errors import ValidationError
-from propolis.sandbox.config import SandboxConfig
-from propolis.sandbox.services import SANDBOX_SERVICES
+from propolis_sandbox.config import SandboxConfig
+from propolis.suite import SUITE_SERVICES
 from propolis.status import build_report
 
-KEYMGR = next(s for s in SANDBOX_SERVICES if s.name == "wireguard-keymgr")
+KEYMGR = next(s for s in SUITE_SERVICES if s.name == "wireguard-keymgr")
 
 
 def test_keymgr_runs_only_in_an_encrypted_sandbox():
     assert KEYMGR.scope == "node" and not KEYMGR.reports_progress
     assert not KEYMGR.runs_in(SandboxConfig(name="s"))
     assert KEYMGR.runs_in(SandboxConfig(name="s", encryption="wireguard"))
-    assert all(s.runs_in(SandboxConfig(name="s")) for s in SANDBOX_SERVICES if not s.enabled_by)
+    assert all(s.runs_in(SandboxConfig(name="s")) for s in SUITE_SERVICES if not s.enabled_by)
 
 
 def test_sandbox_config_refuses_unknown_encryption():

@@ -20,8 +20,8 @@ import pytest
 from propolis.fqdn.listener import DnsListeners, UdpUpstream
 from propolis.fqdn.matchpattern import FqdnSelector
 from propolis.fqdn.proxy import DnsProxy, Learned, Redirected
-from propolis.sandbox.dns_server import DnsServer, bound_sockets
-from propolis.sandbox.world_dns import WorldZone
+from propolis_sandbox.dns_server import DnsServer, bound_sockets
+from propolis_sandbox.world_dns import WorldZone
 
 pytestmark = pytest.mark.root  # IP_TRANSPARENT
 

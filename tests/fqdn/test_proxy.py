@@ -17,8 +17,8 @@ import pytest
 
 from propolis.fqdn.matchpattern import FqdnSelector
 from propolis.fqdn.proxy import DnsProxy, Learned, Redirected
-from propolis.sandbox.dns_server import DnsServer, bound_sockets
-from propolis.sandbox.world_dns import WorldZone
+from propolis_sandbox.dns_server import DnsServer, bound_sockets
+from propolis_sandbox.world_dns import WorldZone
 
 CLIENT = "10.244.1.7"
 # the seed's allow-aws-egress: DNS to kube-dns with matchPattern "*", egress to these FQDNs

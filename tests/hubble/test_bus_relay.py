@@ -28,15 +28,15 @@ def at(offset_s: float, **kw):
 
 @pytest.fixture
 async def observers(bus):
-    obs = {n: Observer(n, instance=f"{n}-i", enricher=make_enricher(), capacity=4, publish=bus.nc.publish)
+    obs = {n: Observer(n, instance=f"{n}-i", enricher=make_enricher(), capacity=4, publish=bus.publish_raw)
            for n in ("n1", "n2")}
-    subs = [await o.serve_queries(bus.nc) for o in obs.values()]
+    subs = [await o.serve_queries(bus) for o in obs.values()]
     # n1: t=1,3,5 ; n2: t=2,4 (drop at 4)
     for i, (node, extra) in enumerate([("n1", {}), ("n2", {}), ("n1", {}),
                                        ("n2", dict(type=ev.CILIUM_NOTIFY_DROP, verdict=2, drop_reason=133)),
                                        ("n1", {})], start=1):
         await obs[node].handle(at(i, dst_port=8000 + i, **extra))
-    await bus.nc.flush()
+    await bus.flush()
     yield obs
     for s in subs:
         await s.unsubscribe()

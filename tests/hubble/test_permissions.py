@@ -24,23 +24,23 @@ async def test_observer_and_relay_stay_in_their_slices(tmp_path):
         await node.connect(max_wait=5)
         await relay.connect(max_wait=5)
         try:
-            obs = Observer("n1", publish=node.nc.publish)
-            await obs.serve_queries(node.nc)
+            obs = Observer("n1", publish=node.publish_raw)
+            await obs.serve_queries(node)
             await obs.handle(make_event())
-            await node.nc.flush()
+            await node.flush()
             flows, done = await BusFlowSource(relay, timeout=2, quiet=0.3).historic(FlowQuery())
             assert list(done) == ["n1"] and len(flows) == 1  # query published, answer to the inbox allowed
             errors = len(node.errors)
-            await node.nc.publish(subjects.flow_subject("n2", "FORWARDED", "a", "b"), b"x")  # not its node
-            await node.nc.flush()
+            await node.publish_raw(subjects.flow_subject("n2", "FORWARDED", "a", "b"), b"x")  # not its node
+            await node.flush()
             for _ in range(50):
                 if len(node.errors) > errors:
                     break
                 await asyncio.sleep(0.05)
             assert any("permissions violation" in e.lower() and "flows.n2" in e for e in node.errors[errors:])
             errors = len(relay.errors)
-            await relay.nc.publish(subjects.flow_subject("n1", "DROPPED", "a", "b"), b"x")  # relays only read flows
-            await relay.nc.flush()
+            await relay.publish_raw(subjects.flow_subject("n1", "DROPPED", "a", "b"), b"x")  # relays only read flows
+            await relay.flush()
             for _ in range(50):
                 if len(relay.errors) > errors:
                     break

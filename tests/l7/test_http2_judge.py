@@ -31,7 +31,7 @@ from propolis.l7.policy import ProxyPolicy
 from propolis.l7.proxy import HTTPProxy
 from propolis.l7.redirect import PROXY_PORTS
 from propolis.model import identity as idm
-from propolis.sandbox import grpc_echo
+from propolis_sandbox import grpc_echo
 
 pytestmark = pytest.mark.root  # the proxy connects onward with IP_TRANSPARENT and SO_MARK
 
@@ -39,7 +39,7 @@ NODE = "n1"
 INGRESS = PROXY_PORTS[("http", "ingress")]
 CLIENT_IP, SERVER_IP = "127.0.0.1", "127.0.0.2"
 ALLOWED = "/grpc.health.v1.Health/Check"
-DENIED = "/propolis.sandbox.v1.Echo/Say"
+DENIED = "/propolis_sandbox.v1.Echo/Say"
 
 
 def proxy_policy(server_port: int, paths: tuple[str, ...] = (ALLOWED,)) -> ProxyPolicy:

@@ -1,6 +1,6 @@
 """The synthetic compiler workload runs and produces the figures `propolis bench policy` reports (no timing asserted)."""
 
-from propolis.policy.bench import measure, synthetic_cluster
+from propolis_sandbox.bench.policy_workload import measure, synthetic_cluster
 from propolis.policy.engine import PolicyEngine
 
 

@@ -11,10 +11,10 @@ import dns.message
 import dns.rcode
 import pytest
 
-from propolis.sandbox.dns_server import DnsServer, bound_sockets
-from propolis.sandbox.kube_dns import ClusterRecords
-from propolis.sandbox.world import WORLD_ZONE
-from propolis.sandbox.world_dns import WorldZone
+from propolis_sandbox.dns_server import DnsServer, bound_sockets
+from propolis_sandbox.kube_dns import ClusterRecords
+from propolis_sandbox.world import WORLD_ZONE
+from propolis_sandbox.world_dns import WorldZone
 
 
 @pytest.fixture

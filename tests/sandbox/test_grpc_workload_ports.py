@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from propolis.errors import ValidationError
-from propolis.sandbox.kubelet import container_ports, grpc_ports
-from propolis.sandbox.probe import ProbeSpec
+from propolis_sandbox.kubelet import container_ports, grpc_ports
+from propolis_sandbox.probe import ProbeSpec
 
 
 def test_tcp_ports_named_grpc_serve_grpc_the_others_echo():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from propolis.errors import ValidationError
-from propolis.sandbox.probe import Matrix, ProbeResult, ProbeSpec, http_request, http_status
+from propolis_sandbox.probe import Matrix, ProbeResult, ProbeSpec, http_request, http_status
 
 
 def result(src: str, dst: str, ok: bool, protocol: str = "TCP", port: int = 80) -> ProbeResult:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from propolis.errors import ValidationError
-from propolis.sandbox import config
-from propolis.sandbox.config import SandboxConfig, SandboxState, allocate
+from propolis_sandbox import config
+from propolis_sandbox.config import SandboxConfig, SandboxState, allocate
 
 
 @pytest.fixture

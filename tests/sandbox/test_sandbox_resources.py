@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from propolis.errors import ValidationError
-from propolis.sandbox.resources import KINDS, load_documents, resolve_kind, validate_documents
+from propolis_sandbox.resources import KINDS, load_documents, resolve_kind, validate_documents
 
 GOOD_POD = """
 apiVersion: v1

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from propolis.sandbox.daemon import SupervisedProcess
+from propolis_sandbox.daemon import SupervisedProcess
 
 DIES = ("import sys; print('starting', flush=True); "
         "sys.exit('ValidationError: field hubble_metrics: unknown metric \"dnss\"')")
@@ -21,7 +21,7 @@ async def test_restart_log_names_the_last_lines_of_the_run(tmp_path, caplog):
     child.start()
     task = asyncio.create_task(child.supervise())
     try:
-        with caplog.at_level(logging.WARNING, logger="propolis.sandbox.daemon"):
+        with caplog.at_level(logging.WARNING, logger="propolis_sandbox.daemon"):
             for _ in range(100):
                 if child.restarts:
                     break

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from propolis.errors import ValidationError
-from propolis.sandbox.api_patch import json_patch, merge_patch, strategic_merge_patch
-from propolis.sandbox.api_selectors import parse_field_selector, parse_label_selector
+from propolis_sandbox.api_patch import json_patch, merge_patch, strategic_merge_patch
+from propolis_sandbox.api_selectors import parse_field_selector, parse_label_selector
 
 LABELS = {"app": "web", "tier": "front", "team": "a"}
 

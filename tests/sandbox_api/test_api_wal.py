@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from propolis.sandbox.api_resources import BY_KIND
-from propolis.sandbox.api_selectors import FieldSelector, LabelSelector
-from propolis.sandbox.api_store import ApiStatusError, Store
-from propolis.sandbox.api_wal import LOG_FILE, SNAPSHOT_FILE, Wal
+from propolis_sandbox.api_resources import BY_KIND
+from propolis_sandbox.api_selectors import FieldSelector, LabelSelector
+from propolis_sandbox.api_store import ApiStatusError, Store
+from propolis_sandbox.api_wal import LOG_FILE, SNAPSHOT_FILE, Wal
 
 NS, POD, NP = BY_KIND["Namespace"], BY_KIND["Pod"], BY_KIND["NetworkPolicy"]
 

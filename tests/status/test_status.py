@@ -15,7 +15,7 @@ from propolis.bus.messages import Heartbeat
 from propolis.cli.main import build_parser
 from propolis.runtime.service import Runtime
 from propolis.runtime.settings import CommonSettings
-from propolis.sandbox.services import SANDBOX_SERVICES
+from propolis.suite import SUITE_SERVICES
 from propolis.status import build_report
 
 NOW = 1_800_000_000.0
@@ -47,7 +47,7 @@ def beat(service: str, node: str, *, age: float = 0.5, interval: float = 2.0, he
 def suite_beats(now: float = NOW, **overrides: Heartbeat) -> list[Heartbeat]:
     """A fresh heartbeat from every instance of the suite list on NODES, plus the sandbox's kubelets."""
     beats = {("kubelet", n): beat("kubelet", n, now=now) for n in NODES}
-    for spec in SANDBOX_SERVICES:
+    for spec in SUITE_SERVICES:
         if spec.enabled_by:  # optional services (wireguard-keymgr) run only when their option is on
             continue
         for node in NODES if spec.scope == "node" else ("s-control-plane",):
@@ -115,7 +115,7 @@ def test_missing_instances_are_unhealthy():
     assert "datapath-writer on s-worker2: missing (not running)" in rep.problems
 
     rep = build_report([], now=NOW)
-    assert {r["service"] for r in rep.services} == {s.name for s in SANDBOX_SERVICES
+    assert {r["service"] for r in rep.services} == {s.name for s in SUITE_SERVICES
                                                     if s.scope == "cluster" and not s.enabled_by}
     assert rep.kubernetes == {"nodes": [], "watchers": 0, "state": "Unavailable",
                               "reason": "k8s-watcher not running", "resource_version": ""}
@@ -134,7 +134,7 @@ def test_every_feature_is_listed_with_the_reason_when_off():
     f = rep.features
     assert list(f)[:7] == ["KubeProxyReplacement", "Policy enforcement", "Hubble", "Encryption",
                            "BandwidthManager", "Host firewall", "Cluster Mesh"]
-    if "hubble" not in {s.name for s in SANDBOX_SERVICES}:
+    if "hubble" not in {s.name for s in SUITE_SERVICES}:
         assert f["Hubble"] == {"state": "Disabled", "reason": "hubble not running"}
     assert f["Encryption"]["state"] == "Disabled"
     assert f["Encryption"]["reason"] == ("wireguard-keymgr not running; no kernel WireGuard (Error: Unknown device "

@@ -24,7 +24,7 @@ SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def network_config(node: str, pod_cidr: str, datapath_socket: str) -> dict[str, object]:
-    """The same shape as the sandbox's (libs/propolis/sandbox/daemon.py `cni_config`)."""
+    """The same shape as the sandbox's (libs/propolis_sandbox/daemon.py `cni_config`)."""
     return {
         "cniVersion": "1.0.0",
         "name": "propolis",

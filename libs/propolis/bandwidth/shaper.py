@@ -30,7 +30,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from propolis.errors import PermanentError, TemporaryError
 from propolis.kernel_probe import KernelFeature
-from propolis.sandbox.netns import entered
+from propolis.runtime.netns import entered
 
 #: 0x5050: our root qdisc (the handle `tc qdisc show` prints as 5050:)
 SHAPER_HANDLE = 0x5050 << 16

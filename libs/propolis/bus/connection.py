@@ -9,6 +9,7 @@ subject) and dropped, and the service keeps its last good state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -16,6 +17,7 @@ from typing import Any, Awaitable, Callable
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import DEFAULT_SUB_PENDING_MSGS_LIMIT, Subscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError
@@ -27,6 +29,7 @@ from propolis.errors import PermanentError, TemporaryError
 log = logging.getLogger("propolis.bus")
 
 Handler = Callable[[Any, Msg], Awaitable[None]]
+RawHandler = Callable[[Msg], Awaitable[None]]
 
 
 class Bus:
@@ -105,8 +108,26 @@ class Bus:
     def is_connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
-    def on_reconnect(self, listener: Callable[[], None]) -> None:
+    def on_reconnect(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` after every reconnect; returns the function that removes it again (a watch
+        removes its own when it ends, so watching many times leaves no listeners behind)."""
         self._reconnect_listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._reconnect_listeners.remove(listener)
+        return remove
+
+    @property
+    def reconnect_listeners(self) -> int:
+        """How many reconnect listeners are registered (bounded by the watches running now)."""
+        return len(self._reconnect_listeners)
+
+    @property
+    def server_version(self) -> str:
+        """The connected server's version, ``major.minor.patch``."""
+        v = self.nc.connected_server_version
+        return f"{v.major}.{v.minor}.{v.patch}"
 
     async def _on_error(self, exc: Exception) -> None:
         self.errors.append(str(exc))
@@ -129,12 +150,31 @@ class Bus:
     async def publish(self, subject: str, msg: Any) -> None:
         await self.nc.publish(subject, codec.encode(msg))
 
+    async def publish_raw(self, subject: str, data: bytes, *, reply: str = "") -> None:
+        """Publish bytes already encoded (a flow encoded once for many sinks), optionally with a reply inbox."""
+        await self.nc.publish(subject, data, reply=reply)
+
     async def request(self, subject: str, msg: Any, timeout: float = 2.0) -> Any:
         reply = await self.nc.request(subject, codec.encode(msg), timeout=timeout)
         return codec.decode(reply.data)
 
+    def new_inbox(self) -> str:
+        """A unique reply subject, for requests answered by many (scatter-gather: hubble's historic flows)."""
+        return self.nc.new_inbox()
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Wait until the server has everything published so far."""
+        await self.nc.flush(timeout)
+
+    async def subscribe_raw(self, subject: str, handler: RawHandler, *, queue: str = "",
+                            pending_msgs_limit: int = DEFAULT_SUB_PENDING_MSGS_LIMIT) -> Subscription:
+        """Subscribe without decoding (``subject`` may be a pattern): tools showing what the codec would
+        refuse, and readers decoding only what they keep. ``pending_msgs_limit`` bounds the messages
+        waiting for ``handler`` (beyond it nats-py drops them and reports a slow consumer)."""
+        return await self.nc.subscribe(subject, queue=queue, cb=handler, pending_msgs_limit=pending_msgs_limit)
+
     async def subscribe(self, subject: str, handler: Handler, *, expected: type | None = None,
-                        queue: str = "") -> Any:
+                        queue: str = "") -> Subscription:
         """Subscribe with decoding; bad payloads are logged and skipped, never passed on."""
 
         async def on_msg(msg: Msg) -> None:
@@ -172,6 +212,10 @@ class Bus:
             except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
                 raise TemporaryError(f"create KV bucket {bucket}: {exc}") from exc
         return Kv(self, bucket, store)
+
+    async def jetstream_info(self) -> js_api.AccountInfo:
+        """This account's JetStream usage (streams, consumers, storage); raises when JetStream is away."""
+        return await self.js.account_info()
 
     async def ensure_buckets(self, *, replicas: int = 1) -> None:
         """Create every bucket Propolis uses, with direct gets allowed (admin only; idempotent)."""

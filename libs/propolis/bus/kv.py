@@ -3,7 +3,11 @@
 `Kv.watch()` yields `KvEvent`s. After the initial values it yields one SYNCED
 event: only then may a consumer prune what it holds that KV does not (a
 restarting writer never deletes live kernel state before its inputs caught
-up). When the connection comes back after an outage the watch is re-created
+up). When the connection comes back and the server still has the watch's
+consumer, the watch keeps it (nats-py's ordered consumer resumes after the last
+sequence it delivered: no re-sync of the whole bucket). When the consumer is
+gone (the server restarted) or the bucket was re-created, the watch is created
+anew, after a random delay and under a per-process cap on concurrent starts,
 and diffed against what it already delivered, so a consumer sees exactly the
 puts and deletes it missed — no lost delete, no stale value — followed by a
 fresh SYNCED.
@@ -19,13 +23,17 @@ reads poison as absent and `create` replaces it, so an owner repairs it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
+import random
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 import nats
+from nats.js import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from propolis.bus import codec
@@ -203,90 +211,120 @@ class Kv:
     async def watch(self, keys: str = ">", *, follow: bool = True) -> AsyncIterator[KvEvent]:
         """Initial values, SYNCED, then updates; survives reconnects (see module doc)."""
         delivered: dict[str, int] = {}  # key -> revision the consumer has seen
-        reconnected = asyncio.Event()
-        self.bus.on_reconnect(reconnected.set)
+        signals = _WatchSignals()
+        remove_listener = self.bus.on_reconnect(signals.on_reconnect)
+        jitter = WATCH_START_JITTER_S
+        try:
+            while True:
+                signals.clear()
+                watcher, created = await self._start_watcher(keys, jitter)
+                jitter = WATCH_RESYNC_JITTER_S  # from now on a start is a re-sync: many may happen at once
+                signals.updates = watcher._updates
+                recreated = asyncio.create_task(self._until_recreated(created, signals),
+                                                name=f"kv-recreated-{self.bucket}")
+                seen: set[str] = set()
+                initial = True
+                marker_seen = False  # nats-py's end-of-initial-values marker arrived
+                initial_until = 0  # ... and the stream sequence the server had delivered to us by then
+                newest = 0  # highest stream sequence received
+                try:
+                    while True:
+                        if initial and marker_seen and newest >= initial_until:  # end of initial values
+                            initial = False
+                            for gone in [k for k in delivered if k not in seen]:
+                                del delivered[gone]
+                                yield KvEvent(EventType.DELETE, gone)
+                            yield SYNCED
+                            if not follow:
+                                return
+                        entry = await self._next(watcher, signals,
+                                                 timeout=INITIAL_CATCH_UP_S if initial and marker_seen else None)
+                        if entry is _RESYNC:
+                            if signals.recreated or not await self._consumer_alive(watcher):
+                                break
+                            signals.reconnected = False  # consumer still there: nats-py resumes it
+                            continue
+                        if entry is _TIMEOUT:
+                            log.warning("watch %s/%s: delivered sequence %d never arrived; initial values end "
+                                        "at %d", self.bucket, keys, initial_until, newest)
+                            newest = initial_until
+                            continue
+                        if entry is None:
+                            # nats-py puts its marker when the consumer had nothing pending, which can be before
+                            # the messages already pushed to us were processed: initial values end only once
+                            # everything the server had delivered by then has arrived.
+                            if initial and not marker_seen:
+                                marker_seen = True
+                                initial_until = await self._delivered_sequence(watcher)
+                            continue
+                        assert isinstance(entry, KeyValue.Entry)
+                        key = entry.key
+                        rev = entry.revision or 0
+                        newest = max(newest, rev)
+                        if initial:
+                            seen.add(key)
+                        if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
+                            UNDECODABLE.healed(self.bucket, key)
+                            if delivered.pop(key, None) is not None:
+                                yield KvEvent(EventType.DELETE, key, None, rev, purged=entry.operation == KV_PURGE)
+                            continue
+                        if delivered.get(key) == rev:
+                            continue
+                        try:
+                            value = codec.decode(entry.value)
+                        except PermanentError as exc:  # poison: a per-key error, the watch goes on
+                            UNDECODABLE.refused(self.bucket, key, rev, str(exc))
+                            continue
+                        UNDECODABLE.healed(self.bucket, key)
+                        delivered[key] = rev
+                        yield KvEvent(EventType.PUT, key, value, rev)
+                finally:
+                    signals.updates = None
+                    recreated.cancel()
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+                log.info("watch %s/%s: re-syncing after losing its consumer or the bucket's re-creation",
+                         self.bucket, keys)
+        finally:
+            remove_listener()
+
+    async def _start_watcher(self, keys: str, jitter: float) -> tuple[KeyValue.KeyWatcher, float | None]:
+        """A new ordered consumer on the bucket, after a random delay of up to ``jitter`` seconds and with at
+        most `MAX_CONCURRENT_WATCH_STARTS` consumer creations of this process in flight, so nodes booting
+        (or reconnecting after a server restart) together spread their initial syncs over time."""
         while True:
-            reconnected.clear()
+            await asyncio.sleep(random.uniform(0.0, jitter))
             try:
-                created = await self._stream_created()
-                watcher = await self.store.watch(keys)
+                async with _watch_start_slots():
+                    created = await self._stream_created()
+                    return await self.store.watch(keys), created
             except (nats.errors.Error, asyncio.TimeoutError) as exc:
                 log.warning("watch %s/%s: %s; retrying", self.bucket, keys, exc)
-                await asyncio.sleep(0.5)
-                continue
-            recreated = asyncio.create_task(self._until_recreated(created, reconnected),
-                                            name=f"kv-recreated-{self.bucket}")
-            seen: set[str] = set()
-            initial = True
-            marker_seen = False  # nats-py's end-of-initial-values marker arrived
-            initial_until = 0  # ... and the stream sequence the server had delivered to us by then
-            newest = 0  # highest stream sequence received
-            try:
-                while True:
-                    if initial and marker_seen and newest >= initial_until:  # end of initial values
-                        initial = False
-                        for gone in [k for k in delivered if k not in seen]:
-                            del delivered[gone]
-                            yield KvEvent(EventType.DELETE, gone)
-                        yield SYNCED
-                        if not follow:
-                            return
-                    entry = await self._next(watcher, reconnected,
-                                             timeout=INITIAL_CATCH_UP_S if initial and marker_seen else None)
-                    if entry is _RECONNECTED:
-                        break
-                    if entry is _TIMEOUT:
-                        log.warning("watch %s/%s: delivered sequence %d never arrived; initial values end at %d",
-                                    self.bucket, keys, initial_until, newest)
-                        newest = initial_until
-                        continue
-                    if entry is None:
-                        # nats-py puts its marker when the consumer had nothing pending, which can be before
-                        # the messages already pushed to us were processed: initial values end only once
-                        # everything the server had delivered by then has arrived.
-                        if initial and not marker_seen:
-                            marker_seen = True
-                            initial_until = await self._delivered_sequence(watcher)
-                        continue
-                    key = entry.key
-                    rev = entry.revision or 0
-                    newest = max(newest, rev)
-                    if initial:
-                        seen.add(key)
-                    if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
-                        UNDECODABLE.healed(self.bucket, key)
-                        if delivered.pop(key, None) is not None:
-                            yield KvEvent(EventType.DELETE, key, None, rev, purged=entry.operation == KV_PURGE)
-                        continue
-                    if delivered.get(key) == rev:
-                        continue
-                    try:
-                        value = codec.decode(entry.value)
-                    except PermanentError as exc:  # poison: a per-key error, the watch goes on
-                        UNDECODABLE.refused(self.bucket, key, rev, str(exc))
-                        continue
-                    UNDECODABLE.healed(self.bucket, key)
-                    delivered[key] = rev
-                    yield KvEvent(EventType.PUT, key, value, rev)
-            finally:
-                recreated.cancel()
-                try:
-                    await watcher.stop()
-                except Exception:
-                    pass
-            log.info("watch %s/%s: re-syncing after a reconnect or the bucket's re-creation", self.bucket, keys)
+                jitter = max(jitter, 0.5)
 
-    async def _stream_created(self) -> Any:
+    async def _consumer_alive(self, watcher: KeyValue.KeyWatcher) -> bool:
+        """After a reconnect: is the watch's consumer still on the server? Then the watch keeps it: nats-py's
+        ordered consumer re-subscribes and, on a sequence gap or missed heartbeats, restarts itself after the
+        last stream sequence it delivered, so nothing is lost and no bucket-wide re-sync runs. A server that
+        restarted lost its (in-memory) ordered consumers: then the watch starts anew and re-syncs."""
+        try:
+            await _subscription(watcher).consumer_info()
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.info("watch %s: consumer gone after the reconnect (%s)", self.bucket, exc or type(exc).__name__)
+            return False
+        return True
+
+    async def _stream_created(self) -> float | None:
         """When the bucket's stream was created: a different value later means it was deleted and made anew."""
         return (await self.bus.js.stream_info(f"KV_{self.bucket}")).created
 
-    async def _until_recreated(self, created: Any, resync: asyncio.Event) -> None:
-        """Set ``resync`` once the bucket's stream is gone or was re-created.
+    async def _until_recreated(self, created: float | None, signals: "_WatchSignals") -> None:
+        """Signal ``recreated`` once the bucket's stream is gone or was re-created.
 
         A deleted-and-recreated bucket restarts its sequence numbers, and nats-py's ordered consumer
         resumes after the *old* last sequence: without this the watch would wait forever for the
         owner's refill (a wedged consumer behind a green status)."""
-        while not resync.is_set():
+        while not signals.recreated:
             await asyncio.sleep(STREAM_CHECK_INTERVAL_S)
             try:
                 now = await self._stream_created()
@@ -296,35 +334,109 @@ class Kv:
                 continue  # NATS away: the reconnect path re-syncs
             if now != created:
                 log.warning("bucket %s was deleted or re-created: re-syncing its watch", self.bucket)
-                resync.set()
+                signals.on_recreated()
 
     @staticmethod
-    async def _delivered_sequence(watcher: Any) -> int:
+    async def _delivered_sequence(watcher: KeyValue.KeyWatcher) -> int:
         """The last stream sequence the server delivered to this watch's consumer (0 if unknown)."""
         try:
-            info = await watcher._sub.consumer_info()
+            info = await _subscription(watcher).consumer_info()
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             log.debug("consumer info for a watch: %s", exc)
             return 0
         return int(getattr(info.delivered, "stream_seq", 0) or 0) if info.delivered else 0
 
     @staticmethod
-    async def _next(watcher: Any, reconnected: asyncio.Event, timeout: float | None = None) -> Any:
-        if reconnected.is_set():
-            return _RECONNECTED
-        if not watcher._updates.empty():  # fast path: no tasks when the next entry is already here
-            return watcher._updates.get_nowait()
-        get = asyncio.ensure_future(watcher._updates.get())
-        rec = asyncio.ensure_future(reconnected.wait())
+    async def _next(watcher: KeyValue.KeyWatcher, signals: "_WatchSignals", timeout: float | None = None) -> object:
+        """The watcher's next entry (None = nats-py's end-of-initial-values marker), `_RESYNC` when a
+        reconnect or the bucket's re-creation needs a look, `_TIMEOUT` after ``timeout`` seconds.
+
+        One queue carries all three (the signals put a wake-up into the watcher's own queue), so an entry
+        costs one ``Queue.get`` and no task: a watch delivers as fast as plain nats-py."""
+        updates = watcher._updates
+        timer: asyncio.TimerHandle | None = None
         try:
-            done, _ = await asyncio.wait({get, rec}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                if signals.pending:
+                    return _RESYNC
+                if not updates.empty():  # fast path: the entry is already here
+                    item: object = updates.get_nowait()
+                else:
+                    if timeout is not None and timer is None:
+                        timer = asyncio.get_running_loop().call_later(timeout, signals.on_timeout)
+                    item = await updates.get()
+                if item is not _WAKE:
+                    return item
+                if signals.timed_out:
+                    return _TIMEOUT
+                # else a signal (seen at the top) or a stale wake-up: wait on
         finally:
-            rec.cancel()
-        if get in done:
-            return get.result()
-        get.cancel()
-        return _RECONNECTED if rec in done or reconnected.is_set() else _TIMEOUT
+            if timer is not None:
+                timer.cancel()
+            signals.timed_out = False  # a wake-up it left in the queue is stale now
 
 
-_RECONNECTED = object()
+class _WatchSignals:
+    """Why a watch must stop and look (a reconnect, its bucket re-created, a timeout), delivered as a
+    wake-up through the watcher's own queue so that waiting for the next entry needs no extra task."""
+
+    def __init__(self) -> None:
+        self.reconnected = False
+        self.recreated = False
+        self.timed_out = False
+        self.updates: asyncio.Queue[Any] | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.reconnected or self.recreated
+
+    def clear(self) -> None:
+        self.reconnected = self.recreated = self.timed_out = False
+
+    def on_reconnect(self) -> None:
+        self.reconnected = True
+        self._wake()
+
+    def on_recreated(self) -> None:
+        self.recreated = True
+        self._wake()
+
+    def on_timeout(self) -> None:
+        self.timed_out = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.updates is not None:
+            with contextlib.suppress(asyncio.QueueFull):  # a full queue is read at once: the flags are seen
+                self.updates.put_nowait(_WAKE)
+
+
+def _subscription(watcher: KeyValue.KeyWatcher) -> JetStreamContext.PushSubscription:
+    """The watcher's JetStream subscription (nats-py keeps it private and untyped)."""
+    sub = watcher._sub
+    assert sub is not None, "a started KeyWatcher has a subscription"
+    return sub  # type: ignore[no-any-return]  # nats-py leaves KeyWatcher._sub unannotated
+
+
+#: a watch's first start waits a random delay up to this long; a re-sync (consumer lost with a server
+#: restart, bucket re-created) up to `WATCH_RESYNC_JITTER_S`: nodes booting or reconnecting together spread out
+WATCH_START_JITTER_S = 0.2
+WATCH_RESYNC_JITTER_S = 2.0
+#: consumer creations (a watch's start) one process runs at once
+MAX_CONCURRENT_WATCH_STARTS = 4
+
+_START_SLOTS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]" = weakref.WeakKeyDictionary()
+
+
+def _watch_start_slots() -> asyncio.Semaphore:
+    """The process's cap on watch starts (one per event loop: a semaphore belongs to its loop)."""
+    loop = asyncio.get_running_loop()
+    slots = _START_SLOTS.get(loop)
+    if slots is None:
+        slots = _START_SLOTS[loop] = asyncio.Semaphore(MAX_CONCURRENT_WATCH_STARTS)
+    return slots
+
+
+_RESYNC = object()
 _TIMEOUT = object()
+_WAKE = object()

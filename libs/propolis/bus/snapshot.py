@@ -20,6 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from nats.aio.msg import Msg
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
 from propolis.bus import codec
@@ -88,12 +89,12 @@ async def kv_snapshot(bus: "Bus", bucket: str, keys: str = ">", *, timeout: floa
 
 async def _page(bus: "Bus", bucket: str, subject: str, seq: int, timeout: float) -> tuple[list[Any], int]:
     """One batched direct get from ``seq`` on: (messages, how many more match after them)."""
-    inbox = bus.nc.new_inbox()
-    got: asyncio.Queue[Any] = asyncio.Queue()
-    sub = await bus.nc.subscribe(inbox, cb=got.put)
+    inbox = bus.new_inbox()
+    got: asyncio.Queue[Msg] = asyncio.Queue()
+    sub = await bus.subscribe_raw(inbox, got.put)
     request = {"seq": seq, "next_by_subj": subject, "batch": PAGE_SIZE}
     try:
-        await bus.nc.publish(f"$JS.API.DIRECT.GET.{stream_name(bucket)}", json.dumps(request).encode(), reply=inbox)
+        await bus.publish_raw(f"$JS.API.DIRECT.GET.{stream_name(bucket)}", json.dumps(request).encode(), reply=inbox)
         page: list[Any] = []
         deadline = time.monotonic() + timeout
         while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from propolis.errors import ValidationError
 
@@ -113,21 +114,127 @@ def events_subject(kind: str) -> str:
     return f"{PREFIX}.events.{token(kind, what='event kind')}"
 
 
+# --- KV keys: one encode/decode pair per key kind (nothing else splits or joins keys) -----------
+#
+# Keys are dot-separated tokens; a decoder splits off only the tokens its kind puts in front, so the
+# last part keeps its dots (an IP, a DNS-subdomain object name). Decoders return None for a key of
+# another kind (an owner's own `_…` keys share the k8s and identities buckets with the records).
+
+
+class HeartbeatKey(NamedTuple):
+    service: str
+    node: str
+    instance: str
+
+
 def heartbeat_key(service: str, node: str, instance: str) -> str:
-    return key(token(service), token(node), token(instance))
+    """``<service>.<node>.<instance>`` in ``PROPOLIS_HEARTBEATS_V1``."""
+    return key(token(service, what="service"), token(node, what="node"), token(instance, what="instance"))
+
+
+def parse_heartbeat_key(k: str) -> HeartbeatKey | None:
+    service, node, instance = (k.split(".", 2) + ["", ""])[:3]
+    return HeartbeatKey(service, node, instance) if service and node and instance else None
+
+
+def heartbeat_keys(service: str, node: str = "*") -> str:
+    """The key filter for one service's heartbeats (of one node, or of every node with ``*``)."""
+    return f"{token(service, what='service')}.{node if node == '*' else token(node, what='node')}.*"
+
+
+class K8sKey(NamedTuple):
+    kind: str  # the resource's plural, e.g. ``pods``
+    namespace: str | None  # None: cluster-scoped
+    name: str
+
+
+#: A cluster-scoped object's namespace token in its k8s key.
+CLUSTER_SCOPE = "_"
 
 
 def k8s_key(kind: str, namespace: str | None, name: str) -> str:
     """``pods.production.frontend-1``; cluster-scoped objects use ``_`` as namespace."""
-    return key(kind, namespace or "_", name)
+    return key(kind, namespace or CLUSTER_SCOPE, name)
+
+
+def parse_k8s_key(k: str) -> K8sKey | None:
+    """A mirrored object's key back into its parts; None for the owner's own keys (lease, watermark)."""
+    if is_owner_key(k):
+        return None
+    kind, _, rest = k.partition(".")
+    namespace, _, name = rest.partition(".")
+    if not kind or not namespace or not name:
+        return None
+    return K8sKey(kind, None if namespace == CLUSTER_SCOPE else namespace, name)
+
+
+def k8s_keys(kind: str) -> str:
+    """The key filter for every object of one kind."""
+    return f"{token(kind, what='kind')}.>"
 
 
 #: Key of the Watermark record in the k8s and identities buckets (see messages.Watermark).
 WATERMARK_KEY = "_meta._.resourceversion"
 
 
+def lease_key(name: str) -> str:
+    """A leadership lease in its owner's bucket (`bus/lease.py`): ``_lease.<name>``."""
+    return key("_lease", name)
+
+
+K8S_WATCHER_LEASE_KEY = lease_key("k8s-watcher._")  # in PROPOLIS_K8S_V1: who mirrors the API
+IDENTITY_GC_LEASE_KEY = lease_key("identity-gc")  # in PROPOLIS_IDENTITIES_V1: who collects unused identities
+
+
+def is_owner_key(k: str) -> bool:
+    """The owner's bookkeeping (its lease, its watermark), not one of the records the bucket holds."""
+    return k.startswith("_")
+
+
+# identities bucket: ``id.<number>`` -> IdentityRecord, ``labels.<hash>`` -> IdentityIndex,
+# ``endpoints.<namespace>.<pod>`` -> EndpointRecord
+IDENTITY_KEYS = "id.>"
+ENDPOINT_KEYS = "endpoints.>"
+
+
+def identity_key(number: int) -> str:
+    return key("id", str(int(number)))
+
+
+def parse_identity_key(k: str) -> int | None:
+    head, _, rest = k.partition(".")
+    return int(rest) if head == "id" and rest.isdigit() else None
+
+
+def identity_labels_key(labels_hash: str) -> str:
+    """The label set's index entry (the point where replicas agree on its number)."""
+    return key("labels", token(labels_hash, what="labels hash"))
+
+
+def endpoint_key(namespace: str, pod: str) -> str:
+    return key("endpoints", namespace, pod)
+
+
+def parse_endpoint_key(k: str) -> tuple[str, str] | None:
+    """(namespace, pod) of an endpoint record's key."""
+    head, _, rest = k.partition(".")
+    namespace, _, pod = rest.partition(".")
+    return (namespace, pod) if head == "endpoints" and namespace and pod else None
+
+
 def ipcache_key(node: str, ip: str) -> str:
     return key(token(node, what="node"), ip)
+
+
+def ipcache_keys(node: str) -> str:
+    """The key filter for one node's ipcache entries."""
+    return f"{token(node, what='node')}.>"
+
+
+def parse_ipcache_key(k: str) -> tuple[str, str]:
+    """(node, ip) of an ipcache key."""
+    node, _, ip = k.partition(".")
+    return node, ip
 
 
 def wireguard_key(node: str) -> str:
@@ -140,9 +247,61 @@ def fqdn_key(node: str) -> str:
     return key(token(node, what="node"))
 
 
+def node_of_key(k: str) -> str:
+    """The node a per-node key (wireguard, fqdn) belongs to: the key is the node name."""
+    return k
+
+
+# Cluster Mesh export (``PROPOLIS_CLUSTERMESH_V1``): ``cluster-config``, ``nodes.<node>``,
+# ``identities.<number>``, ``ip.<ip>``, ``services.<namespace>.<name>``
+CLUSTER_CONFIG_KEY = "cluster-config"
+
+
+class ExportKey(NamedTuple):
+    kind: str  # nodes | identities | ip | services | cluster-config
+    rest: str  # what follows the kind (``""`` for cluster-config)
+
+
+def export_node_key(node: str) -> str:
+    return key("nodes", token(node, what="node"))
+
+
+def export_identity_key(identity: int) -> str:
+    return key("identities", str(int(identity)))
+
+
+def export_ip_key(ip: str) -> str:
+    return key("ip", ip)
+
+
+def export_service_key(namespace: str, name: str) -> str:
+    return key("services", namespace, name)
+
+
+def parse_export_key(k: str) -> ExportKey:
+    kind, _, rest = k.partition(".")
+    return ExportKey(kind, rest)
+
+
+def parse_namespaced_name(rest: str) -> tuple[str, str]:
+    """``<namespace>.<name>`` (what follows the kind in a k8s or services export key) -> (namespace, name)."""
+    namespace, _, name = rest.partition(".")
+    return namespace, name
+
+
+class ClusterMeshCacheKey(NamedTuple):
+    cluster: str
+    export_key: str
+
+
 def clustermesh_cache_key(cluster: str, export_key: str) -> str:
     """A remote cluster's exported key in the local cache bucket: ``<cluster>.<export key>``."""
     return key(token(cluster, what="cluster"), export_key)
+
+
+def parse_clustermesh_cache_key(k: str) -> ClusterMeshCacheKey:
+    cluster, _, export_key = k.partition(".")
+    return ClusterMeshCacheKey(cluster, export_key)
 
 
 def endpoint_config_subject(node: str) -> str:
@@ -169,10 +328,16 @@ class Slice:
 
 def slices(node: str = "*") -> dict[str, Slice]:
     """The ownership table. ``node`` narrows per-node slices to one node (``*`` = any)."""
-    hb = lambda svc: (HEARTBEATS_BUCKET, f"{svc}.>")  # noqa: E731 - tiny local helper
+    def hb(svc: str) -> tuple[str, str]:
+        return HEARTBEATS_BUCKET, f"{svc}.>"
+
     # a per-node instance beats only as its own node (key `<svc>.<node>.<instance>`, subject `…<svc>.<node>`)
-    node_hb = lambda svc: hb(svc) if node == "*" else (HEARTBEATS_BUCKET, f"{svc}.{node}.>")  # noqa: E731
-    node_hb_subject = lambda svc: heartbeat_pattern(svc) if node == "*" else f"{PREFIX}.heartbeat.{svc}.{node}"  # noqa: E731,E501
+    def node_hb(svc: str) -> tuple[str, str]:
+        return hb(svc) if node == "*" else (HEARTBEATS_BUCKET, f"{svc}.{node}.>")
+
+    def node_hb_subject(svc: str) -> str:
+        return heartbeat_pattern(svc) if node == "*" else f"{PREFIX}.heartbeat.{svc}.{node}"
+
     return {
         "k8s-watcher": Slice("k8s-watcher", ((K8S_BUCKET, ">"), hb("k8s-watcher")),
                              (heartbeat_pattern("k8s-watcher"), f"{PREFIX}.events.policy", f"{PREFIX}.events.k8s")),

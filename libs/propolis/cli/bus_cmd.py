@@ -10,6 +10,8 @@ import asyncio
 import sys
 import time
 
+from nats.aio.msg import Msg
+
 from propolis.bus import codec, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.kv import EventType
@@ -47,7 +49,7 @@ async def tail_cmd(args: argparse.Namespace) -> int:
     done = asyncio.Event()
     seen = 0
 
-    async def on_msg(msg) -> None:  # raw subscription: show even what the codec would refuse
+    async def on_msg(msg: Msg) -> None:  # raw subscription: show even what the codec would refuse
         nonlocal seen
         print_json({"subject": msg.subject, "time": time.time(), "data": codec.to_jsonable(msg.data)})
         sys.stdout.flush()
@@ -55,7 +57,7 @@ async def tail_cmd(args: argparse.Namespace) -> int:
         if args.count and seen >= args.count:
             done.set()
 
-    await bus.nc.subscribe(args.subject, cb=on_msg)
+    await bus.subscribe_raw(args.subject, on_msg)
     try:
         if args.timeout:
             try:

@@ -26,6 +26,15 @@ def sandbox_state(name: str = DEFAULT_SANDBOX) -> dict[str, Any] | None:
         return None
 
 
+def local_cluster_states() -> dict[str, dict[str, Any]]:
+    """Every local cluster (a sandbox or `dev up`) with a readable state file under the run root, by name:
+    the CLI's equivalent of kubeconfig contexts, read as data so the product needs no sandbox code."""
+    if not RUN_ROOT.is_dir():
+        return {}
+    found = {entry.name: sandbox_state(entry.name) for entry in sorted(RUN_ROOT.iterdir()) if entry.is_dir()}
+    return {name: state for name, state in found.items() if state is not None}
+
+
 def add_sandbox_flag(parser: argparse.ArgumentParser) -> None:
     """``--name S``: the sandbox a verb reads, as the `sandbox` verbs take it (default $PROPOLIS_SANDBOX_NAME)."""
     parser.add_argument("--name", dest="sandbox", default=os.environ.get("PROPOLIS_SANDBOX_NAME") or None,

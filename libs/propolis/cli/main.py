@@ -1,6 +1,6 @@
 """The `propolis` command: one argparse tree, one module per verb group.
 
-Each module in COMMAND_MODULES exposes `register(subparsers)`, which adds its
+Each module in COMMAND_MODULES (and in the plugins' lists, see PLUGIN_GROUP) exposes `register(subparsers)`, which adds its
 verbs and sets `func` (sync or async, taking the parsed args, returning an
 exit code). Adding a verb group means adding a module and one line here.
 """
@@ -18,14 +18,10 @@ from propolis.errors import CliError
 
 #: In the order `propolis --help` lists them: first what a newcomer runs, then what operators use.
 COMMAND_MODULES = [
-    "propolis.cli.demo_cmd",
-    "propolis.cli.sandbox_cmd",
     "propolis.cli.status_cmd",
-    "propolis.cli.connectivity_cmd",
     "propolis.cli.observe_cmd",
     "propolis.cli.hubble_cmd",
     "propolis.cli.encrypt_cmd",
-    "propolis.cli.clustermesh_cmd",
     "propolis.cli.policy_cmd",
     "propolis.cli.fqdn_cmd",
     "propolis.cli.identity_cmd",
@@ -33,8 +29,19 @@ COMMAND_MODULES = [
     "propolis.cli.bpf_cmd",
     "propolis.cli.bus_cmd",
     "propolis.cli.dev_cmd",
-    "propolis.cli.bench_cmd",
 ]
+
+#: Verb groups other distributions add (the sandbox's `demo`, `sandbox`, `connectivity`, `clustermesh`,
+#: `bench`): each entry point names a list of module names; the product imports none of them itself.
+PLUGIN_GROUP = "propolis.cli"
+
+
+def plugin_command_modules() -> list[str]:
+    from importlib.metadata import entry_points
+    modules: list[str] = []
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        modules.extend(entry.load())
+    return modules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nats-url", default=None,
                         help="NATS server URL (default: $PROPOLIS_NATS_URL, else the sandbox's, else an embedded server)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in plugin_command_modules() + COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:

@@ -10,11 +10,10 @@ import argparse
 from typing import Any
 
 from propolis.cli.bpf_cmd import _open, _pin_dir
-from propolis.cli.common import add_output_flag, print_json, print_table
+from propolis.cli.common import RUN_ROOT, add_output_flag, local_cluster_states, print_json, print_table
 from propolis.clustermesh.remotes import load_remotes
 from propolis.datapath.services import BackendView, read_services
 from propolis.maps import lb as lbmaps
-from propolis.sandbox.config import existing_sandboxes
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -36,10 +35,9 @@ def _service_type(flags: list[str]) -> str:
 
 def remote_cluster_names(node: str | None) -> dict[int, str]:
     """Cluster Mesh: id -> name of the clusters the node's sandbox is connected to (the maps hold only ids)."""
-    for state in existing_sandboxes().values():
-        cfg = state.sandbox()
-        if node in cfg.node_names():
-            return {r.id: r.name for r in load_remotes(cfg.clustermesh_dir).values()}
+    for name, state in local_cluster_states().items():
+        if node in {n.get("name") for n in state.get("nodes", [])}:
+            return {r.id: r.name for r in load_remotes(RUN_ROOT / name / "clustermesh").values()}
     return {}
 
 

@@ -26,30 +26,11 @@ from propolis.runtime.service import Runtime
 
 log = logging.getLogger("propolis.clustermesh.export")
 
-CLUSTER_CONFIG_KEY = "cluster-config"
-
-
-def node_key(node: str) -> str:
-    return subjects.key("nodes", subjects.token(node, what="node"))
-
-
-def identity_key(identity: int) -> str:
-    return subjects.key("identities", str(identity))
-
-
-def ip_key(ip: str) -> str:
-    return subjects.key("ip", ip)
-
-
 def cluster_node(cluster: str, obj: K8sObject, wireguard_keys: dict[str, str]) -> ClusterNode:
     addresses = obj.status.get("addresses") or []
     ips = [a.get("address", "") for a in addresses if a.get("type") == "InternalIP" and a.get("address")]
     cidrs = list(obj.spec.get("podCIDRs") or ([obj.spec["podCIDR"]] if obj.spec.get("podCIDR") else []))
     return ClusterNode(cluster, obj.name, ips, cidrs, wireguard_keys.get(obj.name, ""))
-
-
-def service_key(namespace: str, name: str) -> str:
-    return subjects.key("services", namespace, name)
 
 
 def desired_export(*, cluster_name: str, cluster_id: int, nodes: dict[str, K8sObject],
@@ -60,25 +41,25 @@ def desired_export(*, cluster_name: str, cluster_id: int, nodes: dict[str, K8sOb
     everywhere); an endpoint's IPs carry its identity and the InternalIP of its node."""
     out: dict[str, Any] = {}
     exported_nodes = {name: cluster_node(cluster_name, obj, wireguard_keys or {}) for name, obj in nodes.items()}
-    out[CLUSTER_CONFIG_KEY] = ClusterConfig(cluster_name, cluster_id,
+    out[subjects.CLUSTER_CONFIG_KEY] = ClusterConfig(cluster_name, cluster_id,
                                             sorted({c for n in exported_nodes.values() for c in n.pod_cidrs}))
     for name, node in exported_nodes.items():
-        out[node_key(name)] = node
+        out[subjects.export_node_key(name)] = node
     for ident in identities:
         if not ident.reserved and idm.is_cluster_identity(ident.id) and idm.cluster_id_of(ident.id) == cluster_id:
-            out[identity_key(ident.id)] = ident
+            out[subjects.export_identity_key(ident.id)] = ident
     for ep in endpoints:
         node = exported_nodes.get(ep.node)
         node_ip = node.ips[0] if node and node.ips else ""
         for ip in ep.ips:
             if ":" not in ip:  # IPv4 only, as the datapath
-                out[ip_key(ip)] = IpcacheEntry(ip, 32, ep.identity, ep.node, node_ip)
+                out[subjects.export_ip_key(ip)] = IpcacheEntry(ip, 32, ep.identity, ep.node, node_ip)
     slices: dict[tuple[str, str], list[K8sObject]] = {}
     for s in endpoint_slices:
         slices.setdefault((s.namespace, s.labels.get(SERVICE_NAME_LABEL, "")), []).append(s)
     for svc in services:
         if global_services.is_global(svc):
-            out[service_key(svc.namespace, svc.name)] = global_services.cluster_service(
+            out[subjects.export_service_key(svc.namespace, svc.name)] = global_services.cluster_service(
                 cluster_name, cluster_id, svc, slices.get((svc.namespace, svc.name), []))
     return out
 
@@ -155,12 +136,13 @@ class ExportComponent(Component):
         table: dict[str, Any]
         if bucket == subjects.K8S_BUCKET:
             kinds = {"nodes": self.nodes, "services": self.services, "endpointslices": self.endpoint_slices}
-            if key.partition(".")[0] not in kinds:
+            parsed = subjects.parse_k8s_key(key)
+            if parsed is None or parsed.kind not in kinds:
                 return
-            table, kind = kinds[key.partition(".")[0]], K8sObject
-        elif key.startswith("id."):
+            table, kind = kinds[parsed.kind], K8sObject
+        elif subjects.parse_identity_key(key) is not None:
             table, kind = self.identities, IdentityRecord
-        elif key.startswith("endpoints."):
+        elif subjects.parse_endpoint_key(key) is not None:
             table, kind = self.endpoints, EndpointRecord
         else:
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from propolis.bus import subjects
 from propolis.bus.messages import ClusterService, EndpointRecord, IpcacheEntry
 from propolis.lb.desired import BACKEND_ACTIVE, Backend
 
@@ -18,8 +19,8 @@ REMOTE_NAMESPACE_PREFIX = "@"
 
 def split_cache_key(key: str) -> tuple[str, str, str]:
     """``c2.ip.10.1.2.3`` -> (``c2``, ``ip``, ``10.1.2.3``)."""
-    cluster, _, export_key = key.partition(".")
-    kind, _, rest = export_key.partition(".")
+    cluster, export_key = subjects.parse_clustermesh_cache_key(key)
+    kind, rest = subjects.parse_export_key(export_key)
     return cluster, kind, rest
 
 

@@ -24,7 +24,7 @@ from propolis.bus import subjects
 from propolis.bus.connection import Bus
 from propolis.bus.kv import EventType
 from propolis.bus.messages import ClusterConfig
-from propolis.clustermesh.export import CLUSTER_CONFIG_KEY, KvTarget
+from propolis.clustermesh.export import KvTarget
 from propolis.clustermesh.remotes import RemoteCluster, load_remotes
 from propolis.model import identity as idm
 from propolis.reconcile import Reconciler
@@ -184,7 +184,7 @@ class KvStoreMeshComponent(Component):
         async for ev in kv.watch(">"):
             if ev.type is EventType.SYNCED:
                 status.expired = False
-                why = refusal(self.cluster_name, self.cluster_id, remote, seen.get(CLUSTER_CONFIG_KEY))
+                why = refusal(self.cluster_name, self.cluster_id, remote, seen.get(subjects.CLUSTER_CONFIG_KEY))
                 status.error = why
                 status.synced = True
                 wanted = {} if why else {subjects.clustermesh_cache_key(remote.name, k): v for k, v in seen.items()

@@ -60,7 +60,7 @@ class CniError(Exception):
 
 
 def host_ifname(container_id: str) -> str:
-    """Must equal propolis.sandbox.config.lxc_name (kept import-light: this runs once per pod)."""
+    """Must equal propolis_sandbox.config.lxc_name (kept import-light: this runs once per pod)."""
     import hashlib
     return "lxc" + hashlib.sha256(container_id.encode()).hexdigest()[:11]
 
@@ -193,9 +193,10 @@ def delegate_ipam(inv: Invocation, command: str, prev_result: dict[str, Any] | N
     if command != "ADD":
         return {}
     try:
-        return json.loads(proc.stdout)
+        result: dict[str, Any] = json.loads(proc.stdout)
     except ValueError as exc:
         raise CniError(ERR_DECODE, f"IPAM {ipam_type} returned non-JSON", proc.stdout[:200]) from exc
+    return result
 
 
 # --- datapath announcement ------------------------------------------------------------------
@@ -217,7 +218,7 @@ def announce(socket_path: str, message: dict[str, Any]) -> dict[str, Any]:
         raise CniError(ERR_TRY_AGAIN_LATER, f"datapath service at {socket_path} did not answer",
                        f"{type(exc).__name__}: {exc}") from exc
     try:
-        answer = json.loads(buf)
+        answer: dict[str, Any] = json.loads(buf)
     except ValueError as exc:
         raise CniError(ERR_TRY_AGAIN_LATER, f"datapath service at {socket_path} sent no valid answer",
                        buf[:200].decode(errors="replace")) from exc

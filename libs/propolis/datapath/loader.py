@@ -19,7 +19,7 @@ import hashlib
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,12 @@ PROGRAM_FROM_CONTAINER = "cil_from_container"
 PROGRAM_TO_CONTAINER = "cil_to_container"
 PROGRAM_FROM_NETDEV = "cil_from_netdev"  # bpf_host.c: NodePort on the node's underlay interface
 PROGRAM_TO_NETDEV = "cil_to_netdev"  # bpf_host.c: encryption.strictMode on the node's underlay interface
-PROGRAM_NAMES = (PROGRAM_FROM_CONTAINER, PROGRAM_TO_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_NETDEV)
-MAIN_SOURCES = ("bpf_lxc.c", "bpf_host.c")  # one compile unit: shared maps, one compile per node
+#: bpf_sock.c: socket LB, cgroup sock_addr programs -> the attach type each is loaded for
+SOCK_PROGRAMS = {"cil_sock4_connect": bpf.BPF_CGROUP_INET4_CONNECT, "cil_sock4_sendmsg": bpf.BPF_CGROUP_UDP4_SENDMSG,
+                 "cil_sock4_recvmsg": bpf.BPF_CGROUP_UDP4_RECVMSG,
+                 "cil_sock4_getpeername": bpf.BPF_CGROUP_INET4_GETPEERNAME}
+PROGRAM_NAMES = (PROGRAM_FROM_CONTAINER, PROGRAM_TO_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_NETDEV, *SOCK_PROGRAMS)
+MAIN_SOURCES = ("bpf_lxc.c", "bpf_host.c", "bpf_sock.c")  # one compile unit: shared maps, one compile per node
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
 
@@ -118,6 +122,7 @@ class LoadedPrograms:
     digest: str = ""
     from_netdev_fd: int = -1
     to_netdev_fd: int = -1
+    sock_fds: dict[str, int] = field(default_factory=dict)  # SOCK_PROGRAMS name -> fd
 
     @property
     def compiled(self) -> bool:
@@ -134,9 +139,11 @@ class LoadedPrograms:
             self.module.cleanup()
             self.module = None
         else:
-            for fd in (self.from_container_fd, self.to_container_fd, self.from_netdev_fd, self.to_netdev_fd):
+            for fd in (self.from_container_fd, self.to_container_fd, self.from_netdev_fd, self.to_netdev_fd,
+                       *self.sock_fds.values()):
                 if fd >= 0:
                     os.close(fd)
+        self.sock_fds = {}
         self.from_container_fd = self.to_container_fd = self.from_netdev_fd = self.to_netdev_fd = -1
 
 
@@ -244,7 +251,7 @@ def compile_programs(node: str, pin_dir: str, *, reuse_pinned: bool = True,
         fds = _adopt_pinned_programs(pin_dir, digest)
         if fds is not None:
             return LoadedPrograms(None, fds[0], fds[1], time.perf_counter() - started, adopted, digest, fds[2],
-                                  fds[3])
+                                  fds[3], dict(zip(SOCK_PROGRAMS, fds[4:])))
 
     from bcc import BPF  # imported here: the CLI and readers never need bcc
     try:
@@ -253,8 +260,11 @@ def compile_programs(node: str, pin_dir: str, *, reuse_pinned: bool = True,
         to_fn = module.load_func(PROGRAM_TO_CONTAINER.encode(), BPF.SCHED_CLS)
         netdev_fn = module.load_func(PROGRAM_FROM_NETDEV.encode(), BPF.SCHED_CLS)
         to_netdev_fn = module.load_func(PROGRAM_TO_NETDEV.encode(), BPF.SCHED_CLS)
+        sock_fds = {name: module.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach_type).fd
+                    for name, attach_type in SOCK_PROGRAMS.items()}
     except Exception as exc:
         raise PermanentError(f"compile/load bpf_lxc.c for node {node}: {exc}") from exc
     elapsed = time.perf_counter() - started
-    _pin_programs(pin_dir, digest, (from_fn.fd, to_fn.fd, netdev_fn.fd, to_netdev_fn.fd))
-    return LoadedPrograms(module, from_fn.fd, to_fn.fd, elapsed, adopted, digest, netdev_fn.fd, to_netdev_fn.fd)
+    _pin_programs(pin_dir, digest, (from_fn.fd, to_fn.fd, netdev_fn.fd, to_netdev_fn.fd, *sock_fds.values()))
+    return LoadedPrograms(module, from_fn.fd, to_fn.fd, elapsed, adopted, digest, netdev_fn.fd, to_netdev_fn.fd,
+                          sock_fds)

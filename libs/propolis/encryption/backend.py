@@ -247,14 +247,14 @@ class KernelBackend:
     def _wg(self) -> Any:
         from pyroute2 import WireGuard  # only where the module exists
 
-        from propolis.sandbox.netns import entered
+        from propolis.runtime.netns import entered
         if self.netns:
             with entered(self.netns):
                 return WireGuard()
         return WireGuard()
 
     async def ensure_device(self, *, private_key: str, listen_port: int, fwmark: int = 0) -> bool:
-        from propolis.sandbox.netns import iproute_in
+        from propolis.runtime.netns import iproute_in
 
         def work() -> bool:
             with iproute_in(self.netns) if self.netns else _iproute() as ipr:

@@ -15,7 +15,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from propolis.sandbox.netns import entered
+from propolis.runtime.netns import entered
 
 ETH_P_ALL = 0x0003
 IPPROTO_TCP, IPPROTO_UDP = 6, 17

@@ -244,7 +244,7 @@ class PeersComponent(Component):
         rt.spawn("peer-reconciler", self.peers.run(), self)
         rt.spawn("route-reconciler", self.routes.run(), self)
         rt.spawn("node-route-reconciler", self.node_routes.run(), self)
-        rt.spawn("watch-nodes", self._watch(subjects.K8S_BUCKET, "nodes.>"), self)
+        rt.spawn("watch-nodes", self._watch(subjects.K8S_BUCKET, subjects.k8s_keys("nodes")), self)
         rt.spawn("watch-keys", self._watch(subjects.WIREGUARD_BUCKET, ">"), self)
         rt.spawn("compute", self._compute_loop(), self)
         rt.spawn("report", self._report_loop(), self)
@@ -262,15 +262,18 @@ class PeersComponent(Component):
             if ev.type is EventType.SYNCED:
                 self.synced.add(bucket)
             elif bucket == subjects.K8S_BUCKET:
-                name = ev.key.split(".")[-1]
+                parsed = subjects.parse_k8s_key(ev.key)
+                if parsed is None:
+                    continue
+                name = parsed.name
                 if ev.type is EventType.PUT and isinstance(ev.value, K8sObject):
                     self.nodes[name] = node_info(ev.value)
                 else:
                     self.nodes.pop(name, None)
             elif ev.type is EventType.PUT:
-                self.node_keys[ev.key] = ev.value
+                self.node_keys[subjects.node_of_key(ev.key)] = ev.value
             else:
-                self.node_keys.pop(ev.key, None)
+                self.node_keys.pop(subjects.node_of_key(ev.key), None)
             self.changed.set()
 
     async def _compute_loop(self) -> None:

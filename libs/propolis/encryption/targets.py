@@ -60,7 +60,7 @@ class PeerTarget:
 
 def _iproute(netns: str | None) -> Any:
     if netns:
-        from propolis.sandbox.netns import iproute_in
+        from propolis.runtime.netns import iproute_in
         return iproute_in(netns)
     from pyroute2 import IPRoute
     return IPRoute()

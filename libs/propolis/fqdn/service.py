@@ -34,7 +34,7 @@ from propolis.maps import conntrack
 from propolis.reconcile import ReconciledComponent, Reconciler
 from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime
-from propolis.sandbox.netns import socket_in
+from propolis.runtime.netns import socket_in
 
 log = logging.getLogger("propolis.fqdn.service")
 
@@ -121,7 +121,7 @@ class FqdnCacheComponent(ReconciledComponent):
         self.set_ok()
 
     async def _follow_writer(self, kv: Any) -> None:
-        async for ev in kv.watch(f"{WRITER}.{self.node}.*"):
+        async for ev in kv.watch(subjects.heartbeat_keys(WRITER, self.node)):
             if ev.type is EventType.PUT and isinstance(ev.value, Heartbeat):
                 seen = ev.value.progress.get("fqdn_generation")
                 if isinstance(seen, int) and seen > self.enforced:

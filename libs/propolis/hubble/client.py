@@ -69,7 +69,8 @@ class BusFlowSource:
         """Nodes with a live hubble heartbeat (empty when heartbeats are unavailable)."""
         try:
             kv = await self.bus.kv(subjects.HEARTBEATS_BUCKET)
-            return {key.split(".")[1] for key in (await kv.items()) if key.startswith("hubble.")}
+            return {hb.node for hb in map(subjects.parse_heartbeat_key, await kv.items(subjects.heartbeat_keys("hubble")))
+                    if hb is not None}
         except Exception as exc:  # no bucket, no permission, no JetStream: the answers decide
             log.debug("no heartbeats for node discovery: %s", exc)
             return set()
@@ -83,7 +84,7 @@ class BusFlowSource:
         per_node: dict[str, list[Response]] = {}
         done: dict[str, FlowBatch] = {}
         arrived = asyncio.Event()
-        inbox = self.bus.nc.new_inbox()
+        inbox = self.bus.new_inbox()
 
         async def on_batch(msg: Any) -> None:
             if not msg.data:  # NATS's "no responders" status: no observer is listening
@@ -98,9 +99,9 @@ class BusFlowSource:
                 done[batch.node] = batch
             arrived.set()
 
-        sub = await self.bus.nc.subscribe(inbox, cb=on_batch)
+        sub = await self.bus.subscribe_raw(inbox, on_batch)
         try:
-            await self.bus.nc.publish(subjects.HUBBLE_QUERY, codec.encode(query), reply=inbox)
+            await self.bus.publish_raw(subjects.HUBBLE_QUERY, codec.encode(query), reply=inbox)
             deadline = time.monotonic() + self.timeout
             while True:
                 if expected and expected <= set(done):
@@ -137,7 +138,7 @@ class BusFlowSource:
                 with contextlib.suppress(asyncio.QueueFull):  # shows up as a sequence gap: reported below
                     queue.put_nowait(msg.data)
 
-            sub = await self.bus.nc.subscribe(subjects.FLOWS_ALL, cb=on_msg, pending_msgs_limit=FOLLOW_QUEUE)
+            sub = await self.bus.subscribe_raw(subjects.FLOWS_ALL, on_msg, pending_msgs_limit=FOLLOW_QUEUE)
         try:
             wants_history = query.number or query.since or query.until or not follow
             last_seq: dict[tuple[str, str], int] = {}

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from propolis.bus import subjects
 from propolis.bus.messages import (EndpointRecord, FqdnCacheRecord, IdentityRecord, IpcacheEntry, K8sObject,
                                    WireguardNodeKey)
 from propolis.datapath.drop import DROP_UNENCRYPTED_TRAFFIC, reason_name
@@ -90,13 +91,10 @@ class Enricher:
     # --- feeding (one method per bucket; value None = deleted) -------------------------------
     def identities_event(self, key: str, value: Any) -> None:
         self._endpoint_cache.clear()
-        if key.startswith("id."):
-            number = int(key[3:])
-            if isinstance(value, IdentityRecord):
-                self.identities[number] = list(value.labels)
-            else:
-                self.identities.pop(number, None)
-        elif key.startswith("endpoints."):
+        number = subjects.parse_identity_key(key)
+        if number is not None:
+            self._identity(number, value)
+        elif subjects.parse_endpoint_key(key) is not None:
             old = self.endpoints_by_key.pop(key, None)
             if old is not None:
                 for ip in old.ips:
@@ -108,9 +106,17 @@ class Enricher:
                 for ip in value.ips:
                     self.endpoints_by_ip[ip] = info
 
+    def _identity(self, number: int, value: Any) -> None:
+        if isinstance(value, IdentityRecord):
+            self.identities[number] = list(value.labels)
+        else:
+            self.identities.pop(number, None)
+
     def ipcache_event(self, key: str, value: Any) -> None:
+        self._ipcache(*subjects.parse_ipcache_key(key), value)
+
+    def _ipcache(self, node: str, ip: str, value: Any) -> None:
         self._endpoint_cache.clear()
-        node, _, ip = key.partition(".")
         if isinstance(value, IpcacheEntry):
             self.ipcache.setdefault(value.ip, {})[node] = value.identity
         else:
@@ -156,15 +162,19 @@ class Enricher:
     def clustermesh_event(self, key: str, value: Any) -> None:
         """Cluster Mesh cache (`<cluster>.identities.<id>`, `<cluster>.ip.<ip>`): remote peers get their
         identity and labels (and so their cluster_name and namespace) like local ones."""
-        cluster, _, export_key = key.partition(".")
-        kind, _, rest = export_key.partition(".")
+        cluster, export_key = subjects.parse_clustermesh_cache_key(key)
+        kind, rest = subjects.parse_export_key(export_key)
         if kind == "identities" and rest.isdigit():
-            self.identities_event(f"id.{rest}", value)
+            self._endpoint_cache.clear()
+            self._identity(int(rest), value)
         elif kind == "ip":
-            self.ipcache_event(f"@{cluster}.{rest}", value)
+            self._ipcache(f"@{cluster}", rest, value)  # a remote cluster's IPs, apart from every local node
 
     def k8s_event(self, key: str, value: Any) -> None:
-        kind, _, rest = key.partition(".")
+        parsed = subjects.parse_k8s_key(key)
+        if parsed is None:
+            return
+        kind, rest = parsed.kind, f"{parsed.namespace}.{parsed.name}"  # "ns.name", as lookups spell it
         if kind == "services":
             table = self.services
         elif kind == "endpointslices":
@@ -257,7 +267,7 @@ def summary(flow: Flow) -> str:
     """Hubble's `Summary`: the L4 headline `hubble observe` prints last on a compact line."""
     l4 = flow.get("l4") or {}
     if "TCP" in l4:
-        flags = ", ".join(sorted(l4["TCP"].get("flags") or {}, key=_TCP_ORDER.get))
+        flags = ", ".join(sorted(l4["TCP"].get("flags") or {}, key=lambda f: _TCP_ORDER.get(f, len(_TCP_ORDER))))
         return f"TCP Flags: {flags}" if flags else "TCP"
     if "UDP" in l4:
         return "UDP"

@@ -14,13 +14,18 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
 
 from propolis.bus import codec, subjects
 from propolis.bus.messages import FlowBatch, FlowMessage, FlowQuery, LostEvents
 from propolis.hubble.filters import FlowMatcher
 from propolis.hubble.flow import Enricher, Flow, rfc3339, to_flow
 from propolis.maps import events as ev
+
+if TYPE_CHECKING:
+    from nats.aio.subscription import Subscription
+
+    from propolis.bus.connection import Bus
 
 log = logging.getLogger("propolis.hubble.observer")
 
@@ -177,8 +182,8 @@ class Observer:
         yield FlowBatch(self.node, [], done=True, num_flows=len(self.ring), max_flows=self.ring.capacity,
                         seen_flows=self.ring.seen, instance=self.instance, last_seq=self.seq)
 
-    async def serve_queries(self, nc: Any) -> Any:
-        """Answer historic queries on the bus (nats-py client `nc`); returns the subscription."""
+    async def serve_queries(self, bus: Bus) -> Subscription:
+        """Answer historic queries on the bus; returns the subscription."""
         async def on_query(msg: Any) -> None:
             if not msg.reply:
                 return
@@ -191,11 +196,11 @@ class Observer:
                 return
             try:
                 for batch in self.answer(query):
-                    await nc.publish(msg.reply, codec.encode(batch))
+                    await bus.publish_raw(msg.reply, codec.encode(batch))
             except Exception as exc:  # a bad filter: say so instead of timing the client out
-                await nc.publish(msg.reply, codec.encode(FlowBatch(self.node, [], done=True, error=str(exc))))
+                await bus.publish_raw(msg.reply, codec.encode(FlowBatch(self.node, [], done=True, error=str(exc))))
 
-        return await nc.subscribe(subjects.HUBBLE_QUERY, cb=on_query)
+        return await bus.subscribe_raw(subjects.HUBBLE_QUERY, on_query)
 
     async def run(self, stream: AsyncIterator[ev.FlowEvent]) -> None:
         n = 0

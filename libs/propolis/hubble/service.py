@@ -135,7 +135,7 @@ class ObserverComponent(Component):
             sinks.append(self.exporter)
             rt.spawn("exporter-flush", self._flush_loop(), self)
         self.observer = Observer(s.node_name, instance=rt.instance, enricher=self.enricher.enricher,
-                                 capacity=s.hubble_event_buffer_capacity, sinks=sinks, publish=rt.bus.nc.publish)
+                                 capacity=s.hubble_event_buffer_capacity, sinks=sinks, publish=rt.bus.publish_raw)
         self.observer.on_lost.append(metrics.count_lost)
         unpublished = prom.Counter("hubble_flows_publish_failures_total",
                                    "Flows (and lost-event notices) not published on the bus: NATS was away",
@@ -144,8 +144,8 @@ class ObserverComponent(Component):
         if self.exporter is not None:
             exporter = self.exporter
             self.observer.on_lost.append(lambda src, n: exporter.lost(src, n, s.node_name, rfc3339(time.time())))
-        await self.observer.serve_queries(rt.bus.nc)
-        await rt.bus.nc.subscribe(subjects.accesslog_subject(s.node_name), cb=self._accesslog)
+        await self.observer.serve_queries(rt.bus)
+        await rt.bus.subscribe_raw(subjects.accesslog_subject(s.node_name), self._accesslog)
         rt.spawn("events", self._run(rt), self)
         rt.features["Hubble"] = {"state": "Ok", "detail": f"ring {s.hubble_event_buffer_capacity} flows"}
         self.set_degraded(f"waiting for {ev.SPEC.path(self.pin_dir)}")

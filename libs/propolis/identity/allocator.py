@@ -23,6 +23,7 @@ import logging
 import random
 from typing import Iterable
 
+from propolis.bus import subjects
 from propolis.bus.kv import Conflict, Kv
 from propolis.bus.messages import IdentityIndex, IdentityRecord
 from propolis.errors import TemporaryError
@@ -56,7 +57,7 @@ class IdentityAllocator:
         self.used.discard(identity)
 
     async def load(self) -> None:
-        for key, entry in (await self.kv.items("id.>")).items():
+        for key, entry in (await self.kv.items(subjects.IDENTITY_KEYS)).items():
             if isinstance(entry.value, IdentityRecord):
                 self.used.add(entry.value.id)
 
@@ -70,12 +71,12 @@ class IdentityAllocator:
         raise TemporaryError("identity space exhausted (65280 cluster-local identities in use)")
 
     async def lookup(self, labels: list[str]) -> int | None:
-        entry = await self.kv.get(f"labels.{labels_hash(labels)}")
+        entry = await self.kv.get(subjects.identity_labels_key(labels_hash(labels)))
         return entry.value.id if entry is not None else None
 
     async def allocate(self, labels: list[str]) -> int:
         labels = sorted(labels)
-        index_key = f"labels.{labels_hash(labels)}"
+        index_key = subjects.identity_labels_key(labels_hash(labels))
         for _ in range(1000):
             entry = await self.kv.get(index_key)
             if entry is not None:
@@ -83,7 +84,7 @@ class IdentityAllocator:
                 return int(entry.value.id)
             number = self._candidate()
             try:
-                await self.kv.create(f"id.{number}", IdentityRecord(number, labels))
+                await self.kv.create(subjects.identity_key(number), IdentityRecord(number, labels))
             except Conflict:
                 self.used.add(number)  # someone holds it; try the next number
                 self.conflicts += 1
@@ -93,7 +94,7 @@ class IdentityAllocator:
                 await self.kv.create(index_key, IdentityIndex(number, labels))
             except Conflict:
                 self.conflicts += 1
-                await self.kv.delete(f"id.{number}")  # lost the race for this label set: theirs stands
+                await self.kv.delete(subjects.identity_key(number))  # lost the race for this label set: theirs stands
                 self.used.discard(number)
                 continue
             self.allocations += 1
@@ -104,14 +105,14 @@ class IdentityAllocator:
     async def release(self, identity: int, labels: list[str]) -> bool:
         """Delete an unused identity (GC). The index goes first, compare-and-set, so a label set
         is never left pointing at a number that is gone."""
-        index_key = f"labels.{labels_hash(labels)}"
+        index_key = subjects.identity_labels_key(labels_hash(labels))
         entry = await self.kv.get(index_key)
         if entry is not None and entry.value.id == identity:
             try:
                 await self.kv.delete(index_key, entry.revision)
             except Conflict:
                 return False
-        await self.kv.delete(f"id.{identity}")
+        await self.kv.delete(subjects.identity_key(identity))
         self.used.discard(identity)
         return True
 
@@ -120,8 +121,8 @@ class IdentityAllocator:
         every pod's number); another replica's record already there stands. True if it wrote."""
         labels = sorted(labels)
         wrote = False
-        for key, record in ((f"id.{identity}", IdentityRecord(identity, labels)),
-                            (f"labels.{labels_hash(labels)}", IdentityIndex(identity, labels))):
+        for key, record in ((subjects.identity_key(identity), IdentityRecord(identity, labels)),
+                            (subjects.identity_labels_key(labels_hash(labels)), IdentityIndex(identity, labels))):
             try:
                 await self.kv.create(key, record)
                 wrote = True
@@ -134,15 +135,15 @@ class IdentityAllocator:
         """Put ``id.<n>`` and its label index again (an owner's new epoch rewrites every key it keeps: see
         identity/sync.py); the number is already ours, agreed by ``allocate``'s compare-and-set."""
         labels = sorted(labels)
-        await self.kv.put(f"id.{identity}", IdentityRecord(identity, labels))
-        await self.kv.put(f"labels.{labels_hash(labels)}", IdentityIndex(identity, labels))
+        await self.kv.put(subjects.identity_key(identity), IdentityRecord(identity, labels))
+        await self.kv.put(subjects.identity_labels_key(labels_hash(labels)), IdentityIndex(identity, labels))
         self.used.add(identity)
 
     async def ensure_reserved(self, reserved: dict[int, list[str]]) -> None:
         for number, labels in reserved.items():
-            existing = await self.kv.get(f"id.{number}")
+            existing = await self.kv.get(subjects.identity_key(number))
             if existing is None:
                 try:
-                    await self.kv.create(f"id.{number}", IdentityRecord(number, labels, reserved=True))
+                    await self.kv.create(subjects.identity_key(number), IdentityRecord(number, labels, reserved=True))
                 except Conflict:
                     pass

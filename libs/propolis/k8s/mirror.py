@@ -77,7 +77,7 @@ async def bucket_objects(kv: Kv) -> dict[str, Entry]:
     """The bucket's Kubernetes objects as stored (encoded bytes, revision), read from NATS; leases and the
     watermark (keys starting with ``_``) left out. Not decoded: see `kv_snapshot`'s ``decode``."""
     entries = await kv_snapshot(kv.bus, kv.bucket, decode=False)
-    return {k: e for k, e in entries.items() if not k.startswith("_")}
+    return {k: e for k, e in entries.items() if not subjects.is_owner_key(k)}
 
 
 class K8sBucketTarget:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 import orjson
 
 from propolis.errors import ValidationError
+from propolis.bus import subjects
 from propolis.bus.kv import Kv
 from propolis.bus.messages import Heartbeat
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
@@ -138,7 +139,7 @@ class PolicyFailureReporter:
             if not is_leader():
                 continue
             try:
-                writers = [e.value for e in (await heartbeats.items("datapath-writer.>")).values()
+                writers = [e.value for e in (await heartbeats.items(subjects.heartbeat_keys("datapath-writer"))).values()
                            if isinstance(e.value, Heartbeat)]
                 await self.step(api, writers)
             except Exception as exc:  # NATS or the API away: the next round retries

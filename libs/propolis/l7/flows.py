@@ -114,7 +114,7 @@ def publish_flow(rt: Any, node: str, flow: dict[str, Any]) -> None:
     """Hand a proxy's flow to its node's Hubble observer (the access-log subject), without waiting:
     NATS away = the flow is lost, never the request."""
     message = codec.encode(FlowMessage(node, rt.instance, 0, flow))
-    task = asyncio.ensure_future(rt.bus.nc.publish(subjects.accesslog_subject(node), message))
+    task = asyncio.ensure_future(rt.bus.publish_raw(subjects.accesslog_subject(node), message))
     task.add_done_callback(lambda t: t.exception())
 
 

@@ -113,7 +113,7 @@ def install_proxy_route(ipr) -> None:  # type: ignore[no-untyped-def]
 def prepare_node(netns: str | None) -> None:
     """The node's proxy sysctls and policy route (idempotent: each proxy of the node runs it before listening).
     ``netns`` None = the calling process's namespace."""
-    from propolis.sandbox.netns import iproute_in, write_sysctl
+    from propolis.runtime.netns import iproute_in, write_sysctl
 
     if netns:
         for key, value in NODE_SYSCTLS.items():

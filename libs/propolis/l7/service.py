@@ -24,7 +24,7 @@ from propolis.l7.proxy import HTTPProxy
 from propolis.l7.redirect import PROXY_PORTS, prepare_node
 from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime
-from propolis.sandbox.netns import socket_in
+from propolis.runtime.netns import socket_in
 
 log = logging.getLogger("propolis.l7.service")
 

@@ -8,7 +8,7 @@ policy.inner_pin_name). tests/bpf/test_layouts.py checks every layout against bc
 
 from __future__ import annotations
 
-from propolis.maps import config, conntrack, endpoints, events, fragments, ipcache, lb, metrics, policy
+from propolis.maps import config, conntrack, endpoints, events, fragments, ipcache, lb, metrics, policy, sock
 from propolis.maps.spec import MapSpec, default_pin_dir
 
 ALL_SPECS: tuple[MapSpec, ...] = (
@@ -24,7 +24,8 @@ ALL_SPECS: tuple[MapSpec, ...] = (
     events.LOST_BY_TYPE_SPEC,
     events.RATELIMIT_SPEC,
     *lb.SPECS,
+    *sock.SPECS,
 )
 
 __all__ = ["ALL_SPECS", "MapSpec", "default_pin_dir", "config", "conntrack", "endpoints",
-           "events", "fragments", "ipcache", "lb", "metrics", "policy"]
+           "events", "fragments", "ipcache", "lb", "metrics", "policy", "sock"]

@@ -295,3 +295,72 @@ def prog_test_run(prog_fd: int, data: bytes, *, repeat: int = 1, ctx: bytes | No
     size_out, = struct.unpack_from("=I", attr, 12)
     duration, = struct.unpack_from("=I", attr, 36)
     return retval, duration, data_out.raw[:size_out]
+
+
+# ---- bpf_link: programs attached to a cgroup (socket LB) ----------------------------------
+BPF_PROG_QUERY = 16
+BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
+BPF_LINK_DETACH = 34
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_UDP4_SENDMSG = 14
+BPF_CGROUP_UDP4_RECVMSG = 19
+BPF_CGROUP_INET4_GETPEERNAME = 29
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """What the kernel says about a cgroup link: its program and where it is attached (cgroup id 0 = detached)."""
+
+    id: int
+    prog_id: int
+    cgroup_id: int
+    attach_type: int
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """BPF_LINK_CREATE: attach a program to a cgroup (target_fd) through a link; returns the link's fd.
+    The program stays attached while the link lives (an fd or a pin), and only this link can remove it."""
+    attr = _attr()
+    struct.pack_into("=IIII", attr, 0, prog_fd, target_fd, attach_type, 0)
+    return _bpf(BPF_LINK_CREATE, attr, f"link program fd {prog_fd} to fd {target_fd} (attach type {attach_type})")
+
+
+def link_update(link_fd: int, new_prog_fd: int) -> None:
+    """BPF_LINK_UPDATE: put another program behind a link, atomically (no moment without one)."""
+    attr = _attr()
+    struct.pack_into("=IIII", attr, 0, link_fd, new_prog_fd, 0, 0)
+    _bpf(BPF_LINK_UPDATE, attr, f"update link fd {link_fd} to program fd {new_prog_fd}")
+
+
+def link_detach(link_fd: int) -> None:
+    """BPF_LINK_DETACH: detach now, even while the link is still pinned or open elsewhere."""
+    attr = _attr()
+    struct.pack_into("=I", attr, 0, link_fd)
+    _bpf(BPF_LINK_DETACH, attr, f"detach link fd {link_fd}")
+
+
+def link_info(link_fd: int) -> LinkInfo:
+    info = ctypes.create_string_buffer(64)
+    attr = _attr()
+    struct.pack_into("=IIQ", attr, 0, link_fd, len(info), _addr(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, f"info of link fd {link_fd}")
+    _type, link_id, prog_id = struct.unpack_from("=III", info, 0)
+    cgroup_id, attach_type = struct.unpack_from("=QI", info, 16)
+    return LinkInfo(link_id, prog_id, cgroup_id, attach_type)
+
+
+def prog_query(target_fd: int, attach_type: int, max_progs: int = 64) -> list[int]:
+    """BPF_PROG_QUERY: ids of the programs attached to a cgroup directly (not inherited) for `attach_type`."""
+    ids = (ctypes.c_uint32 * max_progs)()
+    attr = _attr()
+    struct.pack_into("=IIIIQI", attr, 0, target_fd, attach_type, 0, 0, _addr(ids), max_progs)
+    _bpf(BPF_PROG_QUERY, attr, f"query programs on fd {target_fd} (attach type {attach_type})")
+    count, = struct.unpack_from("=I", attr, 24)
+    return list(ids[:min(count, max_progs)])
+
+
+def prog_id(prog_fd: int) -> int:
+    """The kernel's id of a loaded program."""
+    return obj_info(prog_fd).id

@@ -9,6 +9,8 @@ Components, in start order (each declares what it requires; `check_wiring` verif
 3. lb        — the node's Services -> LB maps (reconciler `lb-services`).
 4. ipcache-publisher — our endpoints -> our slice of the ipcache bucket (reconciler over KV).
 4b. bandwidth — pod bandwidth annotations -> a tbf per direction (reconciler `bandwidth`).
+4c. socket-lb — bpf_sock.c's cgroup programs on the node's cgroup, hostNamespaceOnly (reconciler
+   `socket-lb`; `bpf-lb-sock`, `cgroup-root`).
 5. enforcer  — policy compute: desired ipcache and per-endpoint policy on every input change,
    reconciled into the maps (prune only after all inputs synced); hands Services to `lb` and
    endpoints to the publisher. Progress `k8s_resource_version` = the watermark the kernel state reflects.
@@ -50,6 +52,9 @@ from propolis.writer.ipcache_publisher import IpcacheKvTarget, desired_records
 from propolis.writer.bandwidth import BandwidthTarget, desired_bandwidth
 from propolis.bandwidth.shaper import select_mode
 from propolis.kernel_probe import probe_all
+from propolis.datapath.socket_lb import host_netns_cookie
+from propolis.writer import socket_lb
+from propolis.writer.socket_lb import SocketLbTarget
 from propolis.writer.targets import EndpointPolicyTarget, IpcacheTarget, ServicesTarget
 from propolis.writer.settings import Settings
 
@@ -253,6 +258,32 @@ class BandwidthManager(ReconciledComponent):
         self.target.endpoints = endpoints
         self.reconciler.replace_all(desired_bandwidth(inputs.pods, endpoints) if self.enabled else {})
         self.reconciler.mark_synced()
+
+
+class SocketLoadBalancer(ReconciledComponent):
+    name, title = "socket-lb", "bpf_sock.c on the node's cgroup: Services for the node's own processes (socketLB)"
+
+    def __init__(self, settings: Settings, datapath: DatapathComponent) -> None:
+        super().__init__(datapath)
+        self.settings = settings
+        self.reconciler = Reconciler("socket-lb", SocketLbTarget(datapath.dp),
+                                     refresh_interval=settings.reconcile_refresh_interval)
+
+    async def start(self, rt: Runtime) -> None:
+        """Disabled still runs the reconciler with nothing desired: links left from an enabled run go."""
+        cookie = 0
+        if self.settings.bpf_lb_sock:
+            cookie = await asyncio.to_thread(host_netns_cookie, self.settings.node_netns or None)
+            rt.features["Socket LB"] = {"state": socket_lb.ENABLED_STATE,
+                                        "detail": f"cgroup {self.settings.cgroup_root}; pods' sockets are left to "
+                                                  "the per-packet path"}
+        else:
+            rt.features["Socket LB"] = {"state": "Disabled", "detail": "bpf-lb-sock=false: the node's own processes "
+                                                                      "do not reach ClusterIPs"}
+        self.reconciler.replace_all(socket_lb.desired_socket_lb(self.settings.bpf_lb_sock, self.settings.cgroup_root,
+                                                                cookie))
+        self.reconciler.mark_synced()
+        rt.spawn("socket-lb-reconciler", self.reconciler.run(), self)
 
 
 class Enforcer(Component):

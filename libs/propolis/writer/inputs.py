@@ -119,10 +119,10 @@ class ClusterInputs:
             self._bump(policy=gate.ready != was_ready)
 
     def _k8s_change(self, ev: KvEvent) -> None:
-        kind, _, rest = ev.key.partition(".")
-        if kind.startswith("_"):
+        parsed = subjects.parse_k8s_key(ev.key)
+        if parsed is None:
             return  # the owner's own keys (its lease): not Kubernetes objects
-        ns, _, name = rest.partition(".")
+        kind, ns, name = parsed.kind, parsed.namespace or "", parsed.name
         obj = ev.value if ev.type is EventType.PUT else None
         if obj is not None and not isinstance(obj, K8sObject):
             raise DecodeError(f"{ev.key}: expected a k8s-object, got {type(obj).__name__}")
@@ -177,23 +177,22 @@ class ClusterInputs:
         return changed
 
     def _identities_change(self, ev: KvEvent) -> None:
-        head, _, rest = ev.key.partition(".")
-        expected = {"id": IdentityRecord, "endpoints": EndpointRecord}.get(head)
+        number = subjects.parse_identity_key(ev.key)
+        endpoint = subjects.parse_endpoint_key(ev.key)
+        expected = IdentityRecord if number is not None else EndpointRecord if endpoint is not None else None
         if expected is not None and ev.type is EventType.PUT and not isinstance(ev.value, expected):
             raise DecodeError(f"{ev.key}: expected {expected.SCHEMA}, got {type(ev.value).__name__}")  # type: ignore[attr-defined]
-        if head == "id":
-            number = int(rest)
+        if number is not None:
             if ev.type is EventType.PUT and isinstance(ev.value, IdentityRecord):
                 self.identities[number] = list(ev.value.labels)
             else:
                 self.identities.pop(number, None)
             self._bump(policy=True)
-        elif head == "endpoints":
-            ns, _, name = rest.partition(".")
+        elif endpoint is not None:
             if ev.type is EventType.PUT and isinstance(ev.value, EndpointRecord):
-                self.endpoints[(ns, name)] = ev.value
+                self.endpoints[endpoint] = ev.value
             else:
-                self.endpoints.pop((ns, name), None)
+                self.endpoints.pop(endpoint, None)
             self._bump()
 
     def apply_fqdn(self, ev: KvEvent) -> None:
@@ -237,7 +236,7 @@ class ClusterInputs:
             self.remote_nodes_generation += 1
             self._bump()
         elif kind == "services":
-            ns, _, name = rest.partition(".")
+            ns, name = subjects.parse_namespaced_name(rest)
             shared = self.remote_services.setdefault((ns, name), {})
             if isinstance(value, ClusterService):
                 shared[cluster] = value

@@ -43,4 +43,4 @@ class IpcacheKvTarget:
         await self.kv.delete(key)
 
     async def list_actual(self) -> Iterable[str]:
-        return list(await self.kv.items(subjects.token(self.node, what="node") + ".>"))
+        return list(await self.kv.items(subjects.ipcache_keys(self.node)))

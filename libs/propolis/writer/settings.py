@@ -33,6 +33,12 @@ class Settings(CommonSettings):
     kube_proxy_replacement: bool = setting(True, "Cilium's kubeProxyReplacement: Service load-balancing in eBPF "
                                                  "(false = left to kube-proxy)")
     lb_algorithm: str = setting("random", "Cilium's loadBalancer.algorithm", choices=("random", "maglev"))
+    bpf_lb_sock: bool = setting(False, "Cilium's bpf-lb-sock (socketLB.enabled): processes in the node's own "
+                                       "network namespace reach Services through cgroup connect4/sendmsg4/"
+                                       "recvmsg4/getpeername4 programs on `cgroup-root` (hostNamespaceOnly)")
+    cgroup_root: str = setting("", "Cilium's cgroup-root: the cgroup v2 directory whose processes socket LB "
+                                   "applies to (the node's own cgroup in the sandbox; the host's cgroup2 mount "
+                                   "on a real node)")
     map_dynamic_size_ratio: float = setting(0.0, "Cilium's bpf.mapDynamicSizeRatio: conntrack and NAT maps sized "
                                                  "from this share of memory (0 = fixed 64k/32k)")
     events_rate_limit: int = setting(0, "Cilium's bpf.events.default.rateLimit: datapath events per second per "
@@ -64,5 +70,8 @@ class Settings(CommonSettings):
         super().__post_init__()
         if self.encryption_strict_mode_enabled and not self.encryption_strict_mode_cidr:
             raise ValidationError("encryption_strict_mode_cidr", "strict mode needs the CIDR to enforce it on")
+        if self.bpf_lb_sock and not self.cgroup_root:
+            raise ValidationError("cgroup_root", "socket LB attaches to a cgroup v2 directory: name it (never "
+                                                 "assumed: on a shared machine the root cgroup is every process)")
         if self.encryption_strict_mode_enabled and not self.devices:
             raise ValidationError("devices", "strict mode is enforced on the node's devices: name at least one")
