@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 import pytest
 
@@ -40,14 +41,25 @@ def test_map_layout_matches_bcc(loaded_datapath, spec):
         same(spec.value_type, getattr(table, "sLeaf", table.Leaf))  # per-CPU: one CPU's value
 
 
-@pytest.mark.parametrize("spec", KEYED, ids=lambda s: s.pin_name)
-def test_pinned_map_matches_spec(loaded_datapath, spec):
-    if spec is policy.INNER_SPEC:
-        pytest.skip("inner maps are pinned per endpoint")
-    with spec.open(loaded_datapath.pin_dir) as bpf_map:
+def pinned_as(path: str, spec) -> None:
+    with bpf.BpfMap.open_pinned(path, spec.key_type, spec.value_type, percpu=spec.percpu) as bpf_map:
         info = bpf_map.info()
     assert (info.type, info.max_entries) == (spec.map_type, spec.max_entries)
     assert (info.key_size, info.value_size) == (ctypes.sizeof(spec.key_type), ctypes.sizeof(spec.value_type))
+
+
+@pytest.mark.parametrize("spec", [s for s in KEYED if s is not policy.INNER_SPEC], ids=lambda s: s.pin_name)
+def test_pinned_map_matches_spec(loaded_datapath, spec):
+    pinned_as(spec.path(loaded_datapath.pin_dir), spec)
+
+
+def test_an_endpoints_pinned_policy_map_matches_the_inner_spec(harness):
+    """Inner maps are pinned per endpoint (cilium_policy_v2_<id>), once it has a policy."""
+    from propolis.datapath import PolicyEntry
+
+    harness.endpoint(11, "10.244.1.10", 1001, ingress=True)
+    harness.dp.set_policy(11, [PolicyEntry("ingress", identity=1002, protocol=6, port=80)])
+    pinned_as(os.path.join(harness.dp.pin_dir, policy.inner_pin_name(11)), policy.INNER_SPEC)
 
 
 def test_flow_event_record_is_the_c_struct(loaded_datapath):
