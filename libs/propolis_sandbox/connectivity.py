@@ -28,6 +28,7 @@ from propolis_sandbox.config import SandboxState
 from propolis_sandbox.resources import KINDS, documents_from
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
+NO_CHECKS = "no checks ran: a scenario that checks nothing cannot pass"
 
 
 @dataclass
@@ -179,6 +180,8 @@ class Runner:
         reason = self.skip_reason(scenario)
         if reason:
             return ScenarioOutcome(scenario, SKIP, reason)
+        if not scenario.checks:
+            return ScenarioOutcome(scenario, *verdict([]))
         docs = documents_from(scenario.name, list(scenario.policies))
         try:
             if docs:
@@ -205,10 +208,23 @@ class Runner:
             if ok and capture is not None:
                 ok, detail = underlay_verdict(capture, res, detail)
             outcomes.append(CheckOutcome(check, ok, detail))
-        failed = [o for o in outcomes if not o.ok]
-        return ScenarioOutcome(scenario, FAIL if failed else PASS,
-                               f"{len(failed)}/{len(outcomes)} checks failed" if failed else "",
-                               outcomes, time.monotonic() - started)
+        return ScenarioOutcome(scenario, *verdict(outcomes), outcomes, time.monotonic() - started)
+
+
+def verdict(checks: list[CheckOutcome]) -> tuple[str, str]:
+    """(result, reason) of a scenario that ran: PASS only when at least one check ran and none failed."""
+    if not checks:
+        return FAIL, NO_CHECKS
+    failed = sum(not c.ok for c in checks)
+    if failed:
+        return FAIL, f"{failed}/{len(checks)} checks failed"
+    return PASS, ""
+
+
+def run_passed(outcomes: list[ScenarioOutcome]) -> bool:
+    """A run passes when some scenario ran and none failed: a run that skipped everything proved nothing."""
+    results = {o.result for o in outcomes}
+    return PASS in results and FAIL not in results
 
 
 def underlay_verdict(capture: UnderlayCapture, res: probe.ProbeResult, detail: str) -> tuple[bool, str]:
@@ -261,6 +277,8 @@ def render(outcome: ScenarioOutcome, verbose: bool = False) -> str:
 def summary(outcomes: list[ScenarioOutcome]) -> str:
     counts = {r: sum(o.result == r for o in outcomes) for r in (PASS, FAIL, SKIP)}
     ran = counts[PASS] + counts[FAIL]
+    if not ran:
+        return f"No test ran, {counts[SKIP]} skipped: nothing was checked"
     if counts[FAIL]:
         return f"{counts[FAIL]} of {ran} tests failed, {counts[SKIP]} skipped"
     return f"All {ran} tests passed, {counts[SKIP]} skipped"

@@ -47,7 +47,7 @@ async def cmd_test(args: argparse.Namespace) -> int:
         print(f"Connectivity test on sandbox {args.name}: {len(state.nodes)} nodes, namespace propolis-test")
     outcomes = await runner.run_tests(state, selection, features=features, keep=args.keep,
                                       progress=show)
-    failed = any(o.result == runner.FAIL for o in outcomes)
+    failed = not runner.run_passed(outcomes)
     if args.output == "json":
         print(json.dumps({"summary": runner.summary(outcomes), "tests": [o.to_json() for o in outcomes]}, indent=2))
     else:
