@@ -7,6 +7,7 @@ CiliumCIDRGroups; an authentication-required rule allows nothing (fail closed).
 
 from __future__ import annotations
 
+from propolis.bus.kv import EventType, KvEvent
 from propolis.bus.messages import EndpointRecord
 from propolis.k8s.kinds import KINDS
 from propolis.model import identity as idm
@@ -33,13 +34,16 @@ def labels_of(app: str) -> list[str]:
 
 def service(inputs: ClusterInputs, name: str, addresses: list[str], labels: dict | None = None,
             ns: str = "prod") -> None:
-    inputs.services[(ns, name)] = record("services", {
-        "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
-        "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.20", "ports": [{"port": 443, "protocol": "TCP"}]}})
-    inputs.endpointslices[(ns, name + "-x")] = record("endpointslices", {
-        "metadata": {"name": name + "-x", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
-        "addressType": "IPv4", "ports": [{"port": 443, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses]})
+    """Through the k8s watch's change path (as the writer gets them), so its indexes follow."""
+    for plural, key, value in (
+            ("services", name, record("services", {
+                "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+                "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.20", "ports": [{"port": 443, "protocol": "TCP"}]}})),
+            ("endpointslices", name + "-x", record("endpointslices", {
+                "metadata": {"name": name + "-x", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4", "ports": [{"port": 443, "protocol": "TCP"}],
+                "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses]}))):
+        inputs.apply_k8s_released(KvEvent(EventType.PUT, f"{plural}.{ns}.{key}", value, 1))
 
 
 def cluster(egress: list[dict]) -> ClusterInputs:
@@ -81,7 +85,7 @@ def test_kube_apiserver_addresses_carry_identity_7_and_the_entity_allows_only_th
     assert desired.ipcache["192.0.2.10/32"].identity == idm.RESERVED_KUBE_APISERVER  # external API server
     assert desired.ipcache[f"{NODE_IPS[NODE]}/32"].identity == idm.RESERVED_HOST
     assert desired.ipcache[f"{NODE_IPS[THIRD]}/32"].identity == idm.RESERVED_REMOTE_NODE
-    del inputs.endpointslices[("default", "kubernetes-x")]  # without the Service's endpoints: nothing is 7
+    inputs.apply_k8s_released(KvEvent(EventType.DELETE, "endpointslices.default.kubernetes-x"))  # nothing is 7 now
     desired.update(inputs, LOCAL)
     assert idm.RESERVED_KUBE_APISERVER not in {e.identity for e in desired.ipcache.values()}
 

@@ -17,6 +17,7 @@ shapes. CIDR identities stay node-local (allocated from ``1 << 24``, as Cilium d
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -58,21 +59,28 @@ def node_internal_ip(node_obj: "K8sObject") -> str | None:
     return None
 
 
-def peer_tables(inputs: "ClusterInputs", node: str) -> PeerTables:
-    """Nodes, Services (their EndpointSlice addresses) and CIDR groups, as `node` resolves policy peers."""
-    addresses: dict[tuple[str, str], list[str]] = {}
-    for s in inputs.endpointslices.values():
-        target = addresses.setdefault((s.namespace, s.labels.get(SERVICE_NAME_LABEL, "")), [])
-        for ep in s.spec.get("endpoints") or []:
-            target.extend(str(a) for a in ep.get("addresses") or [])
+def peer_tables(inputs: "ClusterInputs", node: str,
+                services: Mapping[tuple[str, str], PeerObject] | None = None) -> PeerTables:
+    """Nodes, Services (their EndpointSlice addresses) and CIDR groups, as `node` resolves policy peers
+    (`services`: the Services' part when the caller keeps it up to date itself, see `service_peer`)."""
+    if services is None:
+        slices: dict[tuple[str, str], list["K8sObject"]] = {}
+        for s in inputs.endpointslices.values():
+            slices.setdefault((s.namespace, s.labels.get(SERVICE_NAME_LABEL, "")), []).append(s)
+        services = {key: service_peer(svc, slices.get(key, [])) for key, svc in inputs.services.items()}
     return PeerTables(
         local_node=node,
         nodes={name: PeerObject(dict(obj.labels), tuple(ip for ip in [node_internal_ip(obj)] if ip))
                for name, obj in inputs.nodes.items()},
-        services={key: PeerObject(dict(svc.labels), tuple(sorted(set(addresses.get(key, [])))))
-                  for key, svc in inputs.services.items()},
+        services=services,
         cidr_groups={name: PeerObject(dict(obj.labels), tuple(str(c) for c in obj.spec.get("externalCIDRs") or []))
                      for name, obj in inputs.cidr_groups.items()})
+
+
+def service_peer(svc: "K8sObject", slices: Iterable["K8sObject"]) -> PeerObject:
+    """A Service as a toServices peer: its labels and its EndpointSlices' addresses."""
+    addresses = {str(a) for s in slices for ep in s.spec.get("endpoints") or [] for a in ep.get("addresses") or []}
+    return PeerObject(dict(svc.labels), tuple(sorted(addresses)))
 
 
 @dataclass
@@ -104,6 +112,11 @@ class DesiredState:
     _hostports_generation: int = -1
     _endpoint_ips: dict[int, frozenset[str]] = field(default_factory=dict)
     _peer_tables: PeerTables | None = None
+    #: the Services as policy peers, redone per changed Service (None: not built yet, the next pass builds all)
+    _peer_services: dict[tuple[str, str], PeerObject] | None = None
+    #: Services taken from `inputs.services_changed`, still to be redone as LB frontends / as policy peers
+    _lb_dirty: set[tuple[str, str]] = field(default_factory=set)
+    _peers_dirty: set[tuple[str, str]] = field(default_factory=set)
     #: the ipcache in layers, a row of an earlier one wins: this cluster's endpoints; Cluster Mesh remote pods
     #: (changed row by row, never rebuilt); this cluster's nodes, reserved addresses and CIDR identities;
     #: remote clusters' nodes (rebuilt only when they change). Rebuilt layers are sized by this cluster alone.
@@ -121,12 +134,37 @@ class DesiredState:
         self.engine = PolicyEngine(mode=self.mode, cluster_name=self.cluster_name,
                                    allow_localhost=self.allow_localhost, default_local_cluster=self.default_local_cluster)
 
+    def _take_service_changes(self, inputs: "ClusterInputs") -> None:
+        changed = inputs.take_services_changed()
+        self._lb_dirty |= changed
+        self._peers_dirty |= changed
+
+    def _current_peer_tables(self, inputs: "ClusterInputs") -> PeerTables:
+        """`peer_tables`, with the Services' part redone only for the Services that changed; a new mapping when
+        any did (the engine compares it with the last one), the same one otherwise."""
+        if self._peer_services is None:
+            inputs.reindex_slices()  # the first pass: everything from the tables, and the index with them
+            self._peer_services = dict(peer_tables(inputs, self.node).services)
+            self._peers_dirty.clear()
+        elif self._peers_dirty:
+            services = dict(self._peer_services)
+            for key in self._peers_dirty:
+                svc = inputs.services.get(key)
+                if svc is None:
+                    services.pop(key, None)
+                else:
+                    services[key] = service_peer(svc, inputs.slices_by_service.get(key, {}).values())
+            self._peer_services = services
+            self._peers_dirty.clear()
+        return peer_tables(inputs, self.node, self._peer_services)
+
     def _sync_engine(self, inputs: "ClusterInputs") -> None:
         endpoint_ips: dict[int, set[str]] = {}
         for rec in inputs.endpoints.values():
             endpoint_ips.setdefault(rec.identity, set()).update(ip for ip in rec.ips if ":" not in ip)
         frozen = {n: frozenset(ips) for n, ips in endpoint_ips.items()}
-        tables = peer_tables(inputs, self.node)
+        self._take_service_changes(inputs)
+        tables = self._current_peer_tables(inputs)
         if inputs.policy_generation != self._policy_generation or frozen != self._endpoint_ips or \
                 tables != self._peer_tables:
             self.engine.update(policies=list(inputs.policies.values()), identities=inputs.identities,
@@ -139,11 +177,10 @@ class DesiredState:
     def _reserved_addresses(self, inputs: "ClusterInputs") -> dict[str, int]:
         """IPv4 -> reserved identity for the API server (7) and the nodes' health endpoints (4)."""
         out: dict[str, int] = {}
-        for (ns, _), s in inputs.endpointslices.items():
-            if (ns, s.labels.get(SERVICE_NAME_LABEL, "")) == KUBE_APISERVER_SERVICE:
-                for ep in s.spec.get("endpoints") or []:
-                    out.update((str(a), idmodel.RESERVED_KUBE_APISERVER) for a in ep.get("addresses") or []
-                               if ":" not in str(a))
+        for s in inputs.slices_by_service.get(KUBE_APISERVER_SERVICE, {}).values():
+            for ep in s.spec.get("endpoints") or []:
+                out.update((str(a), idmodel.RESERVED_KUBE_APISERVER) for a in ep.get("addresses") or []
+                           if ":" not in str(a))
         for obj in inputs.nodes.values():
             health = (obj.spec.get("annotations") or {}).get(HEALTH_IP_ANNOTATION)
             if health and ":" not in str(health):
@@ -192,6 +229,9 @@ class DesiredState:
 
     def recompute_services(self, inputs: "ClusterInputs") -> None:
         """Every Service from scratch (the LB reconciler's periodic repair: bookkeeping drift cannot last)."""
+        self._take_service_changes(inputs)
+        inputs.reindex_slices()
+        self._peer_services = None  # the next pass rebuilds the policy peers as well
         self._update_services(inputs, full=True)
 
     def hand_ipcache_changes(self, reconciler: "Reconciler[str, IPCacheEntry]") -> None:
@@ -300,13 +340,9 @@ class DesiredState:
         addresses or a Service's non-ClusterIP frontends changed (those may meet a HostPort)."""
         own = inputs.nodes.get(self.node)
         node_ips = [ip for ip in [node_internal_ip(own) if own else None] if ip]
-        changed = inputs.take_services_changed()
-        slices: dict[tuple[str, str], list["K8sObject"]] | None = None
+        changed, self._lb_dirty = self._lb_dirty, set()
         if full:
             changed = set(inputs.services) | {(o[1], o[2]) for o in self.lb.owners() if o != HOSTPORTS}
-            slices = {}
-            for s in inputs.endpointslices.values():
-                slices.setdefault((s.namespace, s.labels.get(SERVICE_NAME_LABEL, "")), []).append(s)
         elif node_ips != self._node_ips:
             changed |= {key for key, svc in inputs.services.items() if _has_node_port(svc)}
         hostports_due = full or node_ips != self._node_ips or inputs.hostports_generation != self._hostports_generation
@@ -318,10 +354,8 @@ class DesiredState:
             entries: list[LBService] = []
             reported = self.service_errors.pop(f"{ns}/{name}", None)
             if svc is not None:
-                own_slices = slices.get((ns, name), []) if slices is not None else \
-                    list(inputs.slices_by_service.get((ns, name), {}).values())
                 try:
-                    entries = desired_services([svc], own_slices, node_name=self.node, node_ips=node_ips,
+                    entries = desired_services([svc], inputs.slices_by_service.get((ns, name), {}).values(), node_name=self.node, node_ips=node_ips,
                                                remote_backends=imported.remote_backends(inputs.remote_services,
                                                                                         (ns, name)))
                 except ValidationError as exc:

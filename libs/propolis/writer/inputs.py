@@ -171,6 +171,17 @@ class ClusterInputs:
                     del self.slices_by_service[owner]
             self.services_changed.add(owner)
 
+    def reindex_slices(self) -> None:
+        """`slices_by_service` rebuilt from `endpointslices` (a full recompute; tables filled directly)."""
+        self.slices_by_service = {}
+        for obj in self.endpointslices.values():
+            self.slices_by_service.setdefault((obj.namespace, obj.labels.get(SERVICE_NAME_LABEL, "")),
+                                              {})[obj.name] = obj
+
+    def apply_k8s_released(self, ev: KvEvent) -> None:
+        """One change of the k8s bucket as if its watermark had released it (tests; `snapshot`)."""
+        self._k8s_change(ev)
+
     def take_services_changed(self) -> set[tuple[str, str]]:
         """The Services changed since the last call (the caller recomputes exactly those)."""
         changed, self.services_changed = self.services_changed, set()
