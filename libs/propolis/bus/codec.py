@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, ClassVar, Protocol, TypeVar, cast, overload
 
 import msgpack
 import orjson
@@ -29,7 +29,18 @@ from propolis.errors import PermanentError, SchemaVersionError
 
 T = TypeVar("T")
 
-_REGISTRY: dict[str, type] = {}
+
+class _Message(Protocol):
+    """What `@message` adds to a dataclass (set at registration, so invisible to type checkers otherwise)."""
+
+    SCHEMA: ClassVar[str]
+    VERSION: ClassVar[tuple[int, int]]
+    _FIELDS: ClassVar[tuple[str, ...]]
+    _CHECKS: ClassVar[tuple[tuple[str, str, Callable[[Any], bool]], ...]]
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+_REGISTRY: dict[str, type[_Message]] = {}
 _pack = msgpack.Packer(use_bin_type=True).pack
 _unpackb = msgpack.unpackb
 
@@ -46,11 +57,12 @@ def message(schema: str, version: tuple[int, int] = (1, 0)) -> Callable[[type[T]
             raise TypeError(f"{cls.__name__} must be a dataclass")
         if schema in _REGISTRY and _REGISTRY[schema] is not cls:
             raise TypeError(f"schema {schema!r} registered twice")
-        cls.SCHEMA = schema  # type: ignore[attr-defined]
-        cls.VERSION = version  # type: ignore[attr-defined]
-        cls._FIELDS = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[attr-defined,arg-type]
-        cls._CHECKS = _field_checks(cls)  # type: ignore[attr-defined]
-        _REGISTRY[schema] = cls
+        registered = cast("type[_Message]", cls)  # what the lines below make it
+        registered.SCHEMA = schema
+        registered.VERSION = version
+        registered._FIELDS = tuple(f.name for f in dataclasses.fields(cls))
+        registered._CHECKS = _field_checks(cls)
+        _REGISTRY[schema] = registered
         return cls
 
     return wrap
@@ -65,10 +77,11 @@ def _type_check(tp: Any) -> Check | None:
         return None
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        alternatives = [_type_check(a) for a in args]
-        if any(a is None for a in alternatives):
+        checks = [_type_check(a) for a in args]
+        alternatives = [c for c in checks if c is not None]
+        if len(alternatives) < len(checks):
             return None
-        return lambda v: any(a(v) for a in alternatives)  # type: ignore[misc]
+        return lambda v: any(a(v) for a in alternatives)
     if origin in (list, tuple, set, frozenset):  # every sequence travels as a msgpack array
         homogeneous = origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)
         item = _type_check(args[0]) if args and homogeneous else None
@@ -97,7 +110,7 @@ def _field_checks(cls: type) -> tuple[tuple[str, str, Check], ...]:
     except Exception:  # annotations naming something unresolvable: decode unchecked
         return ()
     out = []
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         check = _type_check(hints.get(f.name, Any))
         if check is not None:
             shown = getattr(hints[f.name], "__name__", None) if typing.get_origin(hints[f.name]) is None else None
@@ -105,12 +118,12 @@ def _field_checks(cls: type) -> tuple[tuple[str, str, Check], ...]:
     return tuple(out)
 
 
-def _checked(cls: type, obj: Any) -> Any:
+def _checked(cls: type[_Message], obj: T) -> T:
     values = obj.__dict__
-    for name, declared, check in cls._CHECKS:  # type: ignore[attr-defined]
+    for name, declared, check in cls._CHECKS:
         if not check(values[name]):
             shown = repr(values[name])
-            raise DecodeError(f"{cls.SCHEMA} field {name!r}: expected {declared}, got "  # type: ignore[attr-defined]
+            raise DecodeError(f"{cls.SCHEMA} field {name!r}: expected {declared}, got "
                               f"{type(values[name]).__name__} {shown[:60]}{'…' if len(shown) > 60 else ''}")
     return obj
 
@@ -122,7 +135,7 @@ def encode(obj: Any) -> bytes:
         schema, (major, minor) = cls.SCHEMA, cls.VERSION
     except AttributeError:
         raise TypeError(f"{cls.__name__} is not a registered message") from None
-    return _pack([schema, major, minor, *obj.__dict__.values()])  # type: ignore[no-any-return]
+    return _pack([schema, major, minor, *obj.__dict__.values()])
 
 
 def _envelope(data: bytes) -> list[Any]:
@@ -133,10 +146,14 @@ def _envelope(data: bytes) -> list[Any]:
     if (not isinstance(payload, list) or len(payload) < 3 or not isinstance(payload[0], str)
             or not isinstance(payload[1], int)):
         raise DecodeError("payload has no schema envelope [schema, major, minor, …]")
-    return payload  # type: ignore[no-any-return]
+    return payload
 
 
-def decode(data: bytes, expected: type[T] | None = None) -> T:
+@overload
+def decode(data: bytes, expected: None = None) -> Any: ...
+@overload
+def decode(data: bytes, expected: type[T]) -> T: ...
+def decode(data: bytes, expected: type[T] | None = None) -> T | Any:
     """Decode to the registered dataclass; ``expected`` pins the schema."""
     payload = _envelope(data)
     schema, major = payload[0], payload[1]
@@ -144,21 +161,21 @@ def decode(data: bytes, expected: type[T] | None = None) -> T:
     if cls is None:
         raise DecodeError(f"unknown schema {schema!r}")
     if expected is not None and cls is not expected:
-        raise DecodeError(f"expected schema {expected.SCHEMA!r}, got {schema!r}")  # type: ignore[attr-defined]
-    if major != cls.VERSION[0]:  # type: ignore[attr-defined]
+        raise DecodeError(f"expected schema {getattr(expected, 'SCHEMA', expected.__name__)!r}, got {schema!r}")
+    if major != cls.VERSION[0]:
         raise SchemaVersionError(
-            f"schema {schema!r} version {major}.{payload[2]}: this build reads major {cls.VERSION[0]} only")  # type: ignore[attr-defined]
-    fields = cls._FIELDS  # type: ignore[attr-defined]
+            f"schema {schema!r} version {major}.{payload[2]}: this build reads major {cls.VERSION[0]} only")
+    fields = cls._FIELDS
     values = payload[3:]
     if len(values) >= len(fields):
         obj = cls.__new__(cls)  # the common case: skip __init__, drop unknown trailing values
         obj.__dict__.update(zip(fields, values))
-        return _checked(cls, obj)  # type: ignore[no-any-return]
-    missing = [f.name for f in dataclasses.fields(cls)[len(values):]  # type: ignore[arg-type]
+        return cast(T, _checked(cls, obj))  # the registry maps the schema to its class: T when expected
+    missing = [f.name for f in dataclasses.fields(cls)[len(values):]
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise DecodeError(f"{schema} {major}.{payload[2]} payload lacks required fields {', '.join(missing)}")
-    return _checked(cls, cls(**dict(zip(fields, values))))  # type: ignore[no-any-return]
+    return cast(T, _checked(cls, cls(**dict(zip(fields, values)))))
 
 
 def to_jsonable(data: bytes) -> Any:
@@ -174,7 +191,7 @@ def to_jsonable(data: bytes) -> Any:
             except UnicodeDecodeError:
                 return {"_raw_hex": data.hex()}
     cls = _REGISTRY.get(payload[0])
-    names = cls._FIELDS if cls is not None else ()  # type: ignore[attr-defined]
+    names = cls._FIELDS if cls is not None else ()
     doc: dict[str, Any] = {"_schema": payload[0], "_version": f"{payload[1]}.{payload[2]}"}
     for i, value in enumerate(payload[3:]):
         doc[names[i] if i < len(names) else f"_{i}"] = value

@@ -162,8 +162,8 @@ class Bus:
         """A unique reply subject, for requests answered by many (scatter-gather: hubble's historic flows)."""
         return self.nc.new_inbox()
 
-    async def flush(self, timeout: float = 2.0) -> None:
-        """Wait until the server has everything published so far."""
+    async def flush(self, timeout: int = 2) -> None:
+        """Wait until the server has everything published so far (``timeout`` seconds at most)."""
         await self.nc.flush(timeout)
 
     async def subscribe_raw(self, subject: str, handler: RawHandler, *, queue: str = "",
@@ -173,7 +173,7 @@ class Bus:
         waiting for ``handler`` (beyond it nats-py drops them and reports a slow consumer)."""
         return await self.nc.subscribe(subject, queue=queue, cb=handler, pending_msgs_limit=pending_msgs_limit)
 
-    async def subscribe(self, subject: str, handler: Handler, *, expected: type | None = None,
+    async def subscribe(self, subject: str, handler: Handler, *, expected: type[Any] | None = None,
                         queue: str = "") -> Subscription:
         """Subscribe with decoding; bad payloads are logged and skipped, never passed on."""
 

@@ -30,6 +30,7 @@ import random
 import weakref
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 import nats
@@ -282,13 +283,13 @@ class Kv:
                     signals.updates = None
                     recreated.cancel()
                     with contextlib.suppress(Exception):
-                        await watcher.stop()
+                        await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
                 log.info("watch %s/%s: re-syncing after losing its consumer or the bucket's re-creation",
                          self.bucket, keys)
         finally:
             remove_listener()
 
-    async def _start_watcher(self, keys: str, jitter: float) -> tuple[KeyValue.KeyWatcher, float | None]:
+    async def _start_watcher(self, keys: str, jitter: float) -> tuple[KeyValue.KeyWatcher, datetime | None]:
         """A new ordered consumer on the bucket, after a random delay of up to ``jitter`` seconds and with at
         most `MAX_CONCURRENT_WATCH_STARTS` consumer creations of this process in flight, so nodes booting
         (or reconnecting after a server restart) together spread their initial syncs over time."""
@@ -314,11 +315,11 @@ class Kv:
             return False
         return True
 
-    async def _stream_created(self) -> float | None:
+    async def _stream_created(self) -> datetime | None:
         """When the bucket's stream was created: a different value later means it was deleted and made anew."""
         return (await self.bus.js.stream_info(f"KV_{self.bucket}")).created
 
-    async def _until_recreated(self, created: float | None, signals: "_WatchSignals") -> None:
+    async def _until_recreated(self, created: datetime | None, signals: "_WatchSignals") -> None:
         """Signal ``recreated`` once the bucket's stream is gone or was re-created.
 
         A deleted-and-recreated bucket restarts its sequence numbers, and nats-py's ordered consumer

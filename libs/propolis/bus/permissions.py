@@ -108,7 +108,7 @@ def generate_credentials(services: list[str], nodes: dict[str, list[str]] | None
     admin = Credentials("admin", secrets.token_hex(16))
     users: dict[str, Credentials] = {}
     for service in services:
-        for node in (nodes or {}).get(service, [None]):  # type: ignore[list-item]
+        for node in (nodes or {}).get(service, [None]):
             name = user_name(service, node)
             users[name] = Credentials(name, secrets.token_hex(16))
     return admin, users

@@ -102,18 +102,19 @@ async def _page(bus: "Bus", bucket: str, subject: str, seq: int, timeout: float)
                 msg = await asyncio.wait_for(got.get(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise TemporaryError(f"KV {bucket}: no answer to a direct get within {timeout:.0f}s") from None
-            status = (msg.headers or {}).get("Status")
+            headers = msg.headers or {}
+            status = headers.get("Status")
             if status is None:
                 page.append(msg)
                 continue
             if status == "204":  # end of batch
-                return page, int(msg.headers.get("Nats-Num-Pending", "0"))
+                return page, int(headers.get("Nats-Num-Pending", "0"))
             if status == "404":  # nothing (more) matches
                 return page, 0
             if status == "503":
                 raise TemporaryError(f"KV {bucket}: direct get unavailable (stream {stream_name(bucket)} "
                                      "without allow_direct: an admin's ensure_buckets enables it)")
             raise TemporaryError(f"KV {bucket}: direct get answered {status} "
-                                 f"{msg.headers.get('Description', '')}".rstrip())
+                                 f"{headers.get('Description', '')}".rstrip())
     finally:
         await sub.unsubscribe()
