@@ -19,7 +19,7 @@ def test_recompile_adopts_pinned_maps(harness):
     fresh = compile_programs(h.dp.node, h.dp.pin_dir, reuse_pinned=False)  # e.g. after an upgrade
     try:
         assert fresh.compiled and set(fresh.adopted_pins) >= {"cilium_lxc", "cilium_ep_to_policy", "cilium_ct4_global"}
-        uses = set(bpf.prog_map_ids(fresh.from_container_fd))
+        uses = {i for fd in (fresh.from_container_fd, *fresh.sock_fds.values()) for i in bpf.prog_map_ids(fd)}
         assert _pinned_map_ids(h.dp.pin_dir) <= uses
         # the state written before the recompile drives the new program
         syn = pk.tcp("192.0.2.1", 1000, "10.244.9.7", 80)

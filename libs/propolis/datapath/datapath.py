@@ -30,6 +30,7 @@ from propolis.maps import bpf
 from propolis.maps.conntrack import CtRow, GcResult
 from propolis.maps.spec import default_pin_dir
 from propolis.model.identity import RESERVED_HOST
+from propolis.datapath.socket_lb import SocketLbAttacher
 from propolis.datapath.loader import (PROGRAM_FROM_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_CONTAINER,
                                       PROGRAM_TO_NETDEV, LoadedPrograms, compile_programs, node_specs)
 from propolis.datapath.services import LB_ALGORITHMS, ServiceDiff, ServiceMaps, ServiceView, read_services
@@ -585,6 +586,9 @@ class Datapath:
         for ifindex, netns in list(self._netdevs.items()):
             await self._tc.detach(netns, ifindex)
         self._netdevs.clear()
+        sock_links = SocketLbAttacher(self.pin_dir)
+        for program in sock_links.attached():  # detached now, even if a link fd is still open somewhere
+            sock_links.detach(program)
         await self.close()
         remove_pins(self.pin_dir)
 
