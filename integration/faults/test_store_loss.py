@@ -211,7 +211,7 @@ async def test_restarted_watcher_holds_the_bucket_when_the_api_store_went_back(a
         old_mark = await watermark(bus)
     finally:
         await stop_service(*w)
-    assert await (await bus.kv(subjects.K8S_BUCKET)).get("_lease.k8s-watcher._") is None, "lease not released"
+    assert await (await bus.kv(subjects.K8S_BUCKET)).get(subjects.K8S_WATCHER_LEASE_KEY) is None, "lease not released"
 
     await replace_api_store(api_cluster)
     api2 = Api(api_cluster["srv"].url)

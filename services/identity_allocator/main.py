@@ -55,7 +55,7 @@ class GcLease(Component):
 
     async def start(self, rt: Runtime) -> None:
         kv = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
-        self.lease = LeaseElector(kv, "_lease.identity-gc", f"{rt.settings.node_name}/{rt.instance}",
+        self.lease = LeaseElector(kv, subjects.IDENTITY_GC_LEASE_KEY, f"{rt.settings.node_name}/{rt.instance}",
                                   duration=self.settings.lease_duration)
         rt.spawn("lease", self.lease.run(), self)
         self.set_ok()

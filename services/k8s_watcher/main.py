@@ -88,7 +88,7 @@ class Mirror(Component):
                                repair_interval=self.settings.kv_repair_interval,
                                store_reset_settle=self.settings.store_reset_settle)
         holder = f"{rt.settings.node_name}/{rt.instance}"
-        self.lease = LeaseElector(kv, "_lease.k8s-watcher._", holder, duration=self.settings.lease_duration,
+        self.lease = LeaseElector(kv, subjects.K8S_WATCHER_LEASE_KEY, holder, duration=self.settings.lease_duration,
                                   on_change=self._leadership)
         if self.client.api is None:
             self.set_degraded("no Kubernetes API configured")

@@ -9,7 +9,7 @@ import time
 from propolis.bus import subjects
 from propolis.bus.lease import LeaseElector
 
-KEY = "_lease.k8s-watcher._"
+KEY = subjects.K8S_WATCHER_LEASE_KEY
 
 
 async def test_released_lease_is_taken_by_the_standby_well_under_a_second(bus):
