@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from propolis.cni.plugin import host_ifname
 from propolis_sandbox import netns, probe
-from propolis_sandbox.config import lxc_name
 
 pytestmark = pytest.mark.root
 PLUGIN = str(Path(sys.executable).parent / "propolis-cni")
@@ -84,14 +84,14 @@ def test_add_check_del_del(node: Node) -> None:
     assert result["cniVersion"] == "1.0.0"
     ip = result["ips"][0]["address"]
     assert ip.startswith("10.199.1.") and ip.endswith("/32")
-    assert lxc_name("cid-a") in node.links()
+    assert host_ifname("cid-a") in node.links()
     with netns.iproute_in(pod) as ipr:
         eth0 = ipr.link_lookup(ifname="eth0")[0]
         assert [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=eth0, family=socket.AF_INET)] == [ip.split("/")[0]]
     code, out = node.cni("CHECK", "cid-a", pod, node.conf(prevResult=result))
     assert code == 0, out
     assert node.cni("DEL", "cid-a", pod, node.conf()) == (0, {})
-    assert lxc_name("cid-a") not in node.links()
+    assert host_ifname("cid-a") not in node.links()
     assert node.cni("DEL", "cid-a", pod, node.conf()) == (0, {})  # idempotent
     code, err = node.cni("CHECK", "cid-a", pod, node.conf(prevResult=result))
     assert code != 0 and err["code"] == 100 and "missing" in err["msg"]
@@ -111,7 +111,7 @@ def test_add_fails_closed_when_datapath_does_not_answer(node: Node, tmp_path: Pa
     pod = node.pod("c")
     code, err = node.cni("ADD", "cid-c", pod, node.conf(datapathSocket=str(tmp_path / "nobody.sock")))
     assert code != 0 and err["code"] == 11 and "did not answer" in err["msg"]
-    assert lxc_name("cid-c") not in node.links()  # rolled back
+    assert host_ifname("cid-c") not in node.links()  # rolled back
     with netns.iproute_in(pod) as ipr:
         assert not ipr.link_lookup(ifname="eth0")
     assert not [f for f in node.ipam_dir.rglob("10.199.*")]  # address released
@@ -145,7 +145,7 @@ def test_add_announces_endpoint(node: Node, tmp_path: Path) -> None:
     add, delete = received
     assert add["op"] == "EndpointAdd" and delete["op"] == "EndpointDelete"
     assert add["containerID"] == "cid-d" and add["podName"] == pod and add["podNamespace"] == "default"
-    assert add["hostIfname"] == lxc_name("cid-d") and add["hostIfindex"] > 0
+    assert add["hostIfname"] == host_ifname("cid-d") and add["hostIfindex"] > 0
     assert add["ipv4"] == result["ips"][0]["address"].split("/")[0] and add["mac"] and add["node"] == "test-worker"
     assert delete["ipv4"] == add["ipv4"] and delete["hostIfname"] == add["hostIfname"]
 

@@ -18,9 +18,10 @@ from typing import Any, Iterator
 
 import pytest
 
+from propolis.cni.plugin import host_ifname
 from propolis.errors import CliError, ValidationError
 from propolis_sandbox import cluster, netns
-from propolis_sandbox.config import BPF_ROOT, SANDBOX_ENV, SandboxState, lxc_name
+from propolis_sandbox.config import BPF_ROOT, SANDBOX_ENV, SandboxState
 from propolis_sandbox.fixture import leftovers
 
 pytestmark = pytest.mark.root
@@ -137,7 +138,7 @@ def test_pod_deletion_removes_namespace_and_veth(sandbox: SandboxState, tmp_path
     node_ns = cfg.node_netns(cfg.node_number(pod["spec"]["nodeName"]))
     record = json.loads((cfg.node_dir(pod["spec"]["nodeName"]) / "pods" / "gone_x.json").read_text())
     host_if = record["host_ifname"]
-    assert host_if == lxc_name(record["container_id"])
+    assert host_if == host_ifname(record["container_id"])
     with netns.iproute_in(node_ns) as ipr:
         assert ipr.link_lookup(ifname=host_if)
     assert netns.netns_exists(cfg.pod_netns("gone", "x"))

@@ -57,11 +57,6 @@ def short_hash(*parts: str, length: int = 11) -> str:
     return hashlib.sha256("/".join(parts).encode()).hexdigest()[:length]
 
 
-def lxc_name(container_id: str) -> str:
-    """Host side of a pod's veth, in the node namespace: `lxc` + 11 hex digits (15-byte IFNAMSIZ limit)."""
-    return "lxc" + short_hash(container_id)
-
-
 @dataclass
 class SandboxConfig:
     """What `up` decided for a sandbox: persisted in state.json so every later command agrees."""

@@ -34,9 +34,10 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from propolis.cni.plugin import host_ifname
 from propolis.errors import TemporaryError
 from propolis_sandbox import netns as netns_mod
-from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig, lxc_name
+from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig
 
 log = logging.getLogger("propolis_sandbox.kubelet")
 
@@ -397,9 +398,9 @@ class Kubelet:
     async def setup(self, key: tuple[str, str], obj: dict[str, Any]) -> PodRecord:
         namespace, name = key
         uid = obj["metadata"].get("uid", "") or f"{namespace}-{name}"
-        container_id = uid.replace("-", "")[:32] or lxc_name(f"{namespace}/{name}")
+        container_id = uid.replace("-", "")[:32] or host_ifname(f"{namespace}/{name}")
         record = PodRecord(namespace=namespace, name=name, uid=uid, container_id=container_id,
-                           netns=self.cfg.pod_netns(namespace, name), host_ifname=lxc_name(container_id),
+                           netns=self.cfg.pod_netns(namespace, name), host_ifname=host_ifname(container_id),
                            started_at=now_rfc3339())
         if netns_mod.netns_exists(record.netns):  # remains of an interrupted setup: start clean
             try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
+from propolis.cni.plugin import host_ifname
 from propolis.errors import ValidationError
 from propolis_sandbox import config
 from propolis_sandbox.config import SandboxConfig, SandboxState, allocate
@@ -29,7 +31,8 @@ def test_names_follow_conventions() -> None:
     assert cfg.node_ip(2) == "172.30.4.2" and cfg.pod_cidr(2) == "10.244.2.0/24"
     assert cfg.pod_netns("default", "web") == "pp-s-default-web"
     assert len(cfg.pod_netns("a" * 63, "b" * 63)) < 70
-    assert config.lxc_name("abc").startswith("lxc") and len(config.lxc_name("abc")) == 14
+    assert re.fullmatch(r"lxc[0-9a-f]{11}", host_ifname("abc"))  # the CNI plugin's name, IFNAMSIZ-safe
+    assert host_ifname("abc") != host_ifname("abd")
     assert cfg.owns_pin_dir("s-worker2") and not cfg.owns_pin_dir("s-worker-x")
 
 

@@ -20,6 +20,7 @@ against the lxc links it finds anyway). CHECK verifies veth, addresses, routes.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -60,8 +61,11 @@ class CniError(Exception):
 
 
 def host_ifname(container_id: str) -> str:
-    """Must equal propolis_sandbox.config.lxc_name (kept import-light: this runs once per pod)."""
-    import hashlib
+    """Host side of a pod's veth, in the node namespace: `lxc` + 11 hex digits of the container id.
+
+    The plugin owns this name (15-byte IFNAMSIZ limit); the sandbox's kubelet and
+    tests ask here for it rather than re-deriving it.
+    """
     return "lxc" + hashlib.sha256(container_id.encode()).hexdigest()[:11]
 
 
