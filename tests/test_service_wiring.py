@@ -66,12 +66,13 @@ def test_wiring_builds_without_io_and_dependencies_come_first(service, no_io):
 def test_datapath_writer_declares_its_components():
     module = importlib.import_module("propolis_services.datapath_writer.main")
     components = {c.name: c for c in module.build(module.Settings(node_name="n"))}
-    assert list(components) == ["datapath", "inputs", "lb", "ipcache-publisher", "bandwidth", "enforcer", "endpoints",
-                                "ct-gc"]
+    assert list(components) == ["datapath", "inputs", "lb", "ipcache-publisher", "bandwidth", "socket-lb", "enforcer",
+                                "endpoints", "ct-gc"]
     requires = {name: {d.name for d in c.requires} for name, c in components.items()}
     assert requires["enforcer"] == {"datapath", "inputs", "lb", "ipcache-publisher", "bandwidth"}
     assert requires["endpoints"] == {"datapath", "inputs", "enforcer"}
     assert requires["ct-gc"] == {"datapath"}
+    assert requires["socket-lb"] == {"datapath"}
 
 
 def test_identity_allocator_declares_its_components():

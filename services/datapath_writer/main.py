@@ -12,7 +12,8 @@ from __future__ import annotations
 from propolis.runtime.component import Component
 from propolis.runtime.service import run_service
 from propolis.writer.components import (SERVICE, BandwidthManager, ConntrackGCComponent, DatapathComponent,
-                                        Endpoints, Enforcer, InputsComponent, IpcachePublisher, LoadBalancer)
+                                        Endpoints, Enforcer, InputsComponent, IpcachePublisher, LoadBalancer,
+                                        SocketLoadBalancer)
 from propolis.writer.settings import Settings
 
 __all__ = ["Settings", "build", "main"]
@@ -25,8 +26,8 @@ def build(settings: Settings) -> list[Component]:
     publisher = IpcachePublisher(settings)
     bandwidth = BandwidthManager(settings)
     enforcer = Enforcer(settings, datapath, inputs, lb, publisher, bandwidth)
-    return [datapath, inputs, lb, publisher, bandwidth, enforcer, Endpoints(settings, datapath, inputs, enforcer),
-            ConntrackGCComponent(settings, datapath)]
+    return [datapath, inputs, lb, publisher, bandwidth, SocketLoadBalancer(settings, datapath), enforcer,
+            Endpoints(settings, datapath, inputs, enforcer), ConntrackGCComponent(settings, datapath)]
 
 
 def main(argv: list[str] | None = None) -> int:
