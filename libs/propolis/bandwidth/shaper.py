@@ -88,7 +88,8 @@ def _root_rate(qdiscs: list[Any], ifindex: int) -> int | None:
     """The rate (bits/s) of our root tbf on `ifindex`, None if it has none."""
     for q in qdiscs:
         if q["index"] == ifindex and q["handle"] == SHAPER_HANDLE and q.get_attr("TCA_KIND") == "tbf":
-            parms = (q.get_attr("TCA_OPTIONS") or {}).get_attr("TCA_TBF_PARMS")
+            options = q.get_attr("TCA_OPTIONS")  # a netlink message (pyroute2 ships no types)
+            parms = options.get_attr("TCA_TBF_PARMS") if options is not None else None
             return int(parms["rate"]) * 8 if parms else 0
     return None
 

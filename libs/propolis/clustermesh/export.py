@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 from propolis.bus import subjects
 from propolis.bus.kv import EventType, Kv
@@ -25,6 +25,16 @@ from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime
 
 log = logging.getLogger("propolis.clustermesh.export")
+_Message = TypeVar("_Message")
+
+
+def _store(table: dict[str, _Message], kind: type[_Message], key: str, value: object) -> None:
+    """`value` under `key` if it is a `kind`; anything else (deleted, poison) removes the key."""
+    if isinstance(value, kind):
+        table[key] = value
+    else:
+        table.pop(key, None)
+
 
 def cluster_node(cluster: str, obj: K8sObject, wireguard_keys: dict[str, str]) -> ClusterNode:
     addresses = obj.status.get("addresses") or []
@@ -49,8 +59,8 @@ def desired_export(*, cluster_name: str, cluster_id: int, nodes: dict[str, K8sOb
         if not ident.reserved and idm.is_cluster_identity(ident.id) and idm.cluster_id_of(ident.id) == cluster_id:
             out[subjects.export_identity_key(ident.id)] = ident
     for ep in endpoints:
-        node = exported_nodes.get(ep.node)
-        node_ip = node.ips[0] if node and node.ips else ""
+        ep_node = exported_nodes.get(ep.node)
+        node_ip = ep_node.ips[0] if ep_node and ep_node.ips else ""
         for ip in ep.ips:
             if ":" not in ip:  # IPv4 only, as the datapath
                 out[subjects.export_ip_key(ip)] = IpcacheEntry(ip, 32, ep.identity, ep.node, node_ip)
@@ -133,23 +143,15 @@ class ExportComponent(Component):
             else:
                 self.wireguard_keys.pop(key, None)
             return
-        table: dict[str, Any]
         if bucket == subjects.K8S_BUCKET:
             kinds = {"nodes": self.nodes, "services": self.services, "endpointslices": self.endpoint_slices}
             parsed = subjects.parse_k8s_key(key)
-            if parsed is None or parsed.kind not in kinds:
-                return
-            table, kind = kinds[parsed.kind], K8sObject
+            if parsed is not None and parsed.kind in kinds:
+                _store(kinds[parsed.kind], K8sObject, key, value)
         elif subjects.parse_identity_key(key) is not None:
-            table, kind = self.identities, IdentityRecord
+            _store(self.identities, IdentityRecord, key, value)
         elif subjects.parse_endpoint_key(key) is not None:
-            table, kind = self.endpoints, EndpointRecord
-        else:
-            return
-        if isinstance(value, kind):
-            table[key] = value
-        else:
-            table.pop(key, None)
+            _store(self.endpoints, EndpointRecord, key, value)
 
     async def _compute_loop(self) -> None:
         inputs = {subjects.K8S_BUCKET, subjects.IDENTITIES_BUCKET, subjects.WIREGUARD_BUCKET}

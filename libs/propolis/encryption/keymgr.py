@@ -249,9 +249,13 @@ class PeersComponent(Component):
         rt.spawn("compute", self._compute_loop(), self)
         rt.spawn("report", self._report_loop(), self)
 
+    @property
+    def _reconcilers(self) -> tuple[Reconciler[str, Any], ...]:
+        return (self.peers, self.routes, self.node_routes)
+
     def _reapply(self) -> None:
         """The device was recreated empty: remove-then-add every peer and route so the reconcilers redo them."""
-        for rec in (self.peers, self.routes, self.node_routes):
+        for rec in self._reconcilers:
             desired = dict(rec.desired)
             rec.replace_all({})
             rec.replace_all(desired)
@@ -292,7 +296,7 @@ class PeersComponent(Component):
         self.routes.replace_all(want.routes)
         self.node_routes.replace_all(want.encrypted_routes)
         if self.synced >= {subjects.K8S_BUCKET, subjects.WIREGUARD_BUCKET}:
-            for rec in (self.peers, self.routes, self.node_routes):
+            for rec in self._reconcilers:
                 rec.mark_synced()
         for node, why in news.items():
             log.warning("node %s refused as WireGuard peer: %s", node, why)

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from functools import partial
 from typing import Any
 
 from propolis.bus import codec, subjects
@@ -475,14 +476,14 @@ class Endpoints(Component):
                 holder: Any = ep
                 endpoint_id, name, save = ep.endpoint_id, f"{ep.namespace}/{ep.pod}", self.table.save
                 programmed = bool(ep.identity and ep.identity != RESERVED_INIT)
-                policy_of = lambda: self.desired.endpoint_policy(self.inputs, ep)  # noqa: E731
+                policy_of = partial(self.desired.endpoint_policy, self.inputs, ep)
             else:
                 if not self.settings.host_firewall:
                     raise ValidationError("endpoint", f"node {node} runs without hostFirewall: it has no host endpoint")
                 holder = self.enforcer.host_options
                 endpoint_id, name, save = HOST_ENDPOINT_ID, f"host of {node}", holder.save
                 programmed = bool(self.enforcer.host_ip)
-                policy_of = lambda: self.desired.host_policy(self.inputs)  # noqa: E731
+                policy_of = partial(self.desired.host_policy, self.inputs)
             if endpoint_config.apply_options(holder, req.options):
                 save()
                 self.desired.host_audit_mode = self.enforcer.host_options.policy_audit_mode
