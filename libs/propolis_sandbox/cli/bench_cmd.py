@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -18,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     bus.add_argument("--samples", type=int, default=2000)
     bus.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.bus").run(
         a.messages, a.samples, a.nats_url))
+    watch = verbs.add_parser("kv-watch", help="KV watch initial sync: events/s of Kv.watch vs plain nats-py")
+    watch.add_argument("--keys", type=int, default=10_000)
+    watch.add_argument("--rounds", type=int, default=3)
+    watch.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.bus").watch_sync(
+        a.keys, a.rounds, a.nats_url))
     services = verbs.add_parser("services", help="service LB: eBPF maps vs kube-proxy iptables, side by side")
     services.add_argument("--counts", default="10,100,1000,10000", help="numbers of services, comma-separated")
     services.add_argument("--connections", type=int, default=2000, help="new connections per measurement")
@@ -30,33 +35,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     mesh.add_argument("--endpoints", type=int, default=5000, help="endpoints per synthetic cluster")
     mesh.add_argument("--sync-endpoints", type=int, default=5000, help="endpoints of the mirrored remote export")
     mesh.add_argument("--changes", type=int, default=200, help="single changes timed remote -> local cache")
-    mesh.set_defaults(func=lambda a: _print(importlib.import_module("propolis_sandbox.bench.clustermesh").run(
-        [int(c) for c in a.clusters.split(",") if c.strip()], a.nodes, a.endpoints, a.sync_endpoints, a.changes)))
+    mesh.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.clustermesh").run(
+        [int(c) for c in a.clusters.split(",") if c.strip()], a.nodes, a.endpoints, a.sync_endpoints, a.changes))
     dns_bench = verbs.add_parser("dns", help="DNS proxy: added latency and queries/s against the same upstream "
                                              "queried directly (loopback, separate processes)")
     dns_bench.add_argument("--rate", type=int, default=1000, help="paced queries/s for the latency figures")
     dns_bench.add_argument("--seconds", type=float, default=3.0)
-    dns_bench.set_defaults(func=lambda a: _print(importlib.import_module("propolis_sandbox.bench.dns").run(a.rate, a.seconds)))
+    dns_bench.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.dns").run(a.rate, a.seconds))
     l7 = verbs.add_parser("l7", help="HTTP and gRPC, same pods, direct (L4 policy) vs through the l7-proxy: "
                                      "requests/s (1, 50 connections), latency at a paced rate, proxy CPU and RSS")
     l7.add_argument("--seconds", type=float, default=5.0, help="how long each measurement runs")
     l7.add_argument("--rate", type=int, default=1000, help="paced requests/s for the latency figures")
     l7.add_argument("--kafka", action="store_true",
                     help="Kafka Produce requests to a real broker pod (bench/l7_kafka.py) instead")
-    l7.set_defaults(func=lambda a: _print(importlib.import_module(
-        "propolis_sandbox.bench.l7_kafka" if a.kafka else "propolis_sandbox.bench.l7").run(a.seconds, a.rate)))
+    l7.set_defaults(func=lambda a: importlib.import_module(
+        "propolis_sandbox.bench.l7_kafka" if a.kafka else "propolis_sandbox.bench.l7").run(a.seconds, a.rate))
     sandbox = verbs.add_parser("sandbox", help="sandbox up + pods ready, probe matrix throughput, down")
     sandbox.add_argument("--nodes", type=int, default=2)
     sandbox.add_argument("--pods", type=int, default=20)
-    sandbox.set_defaults(func=lambda a: _print(importlib.import_module("propolis_sandbox.bench.sandbox").bench_sandbox(
-        nodes=a.nodes, pods=a.pods)))
+    sandbox.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.sandbox").bench_sandbox(
+        nodes=a.nodes, pods=a.pods))
     encryption = verbs.add_parser("encryption", help="pod to pod across nodes with and without WireGuard: TCP "
                                                      "throughput (1 and 4 streams), request/response latency, "
                                                      "wireguard-go CPU")
     encryption.add_argument("--seconds", type=float, default=5.0, help="how long each throughput run streams")
     encryption.add_argument("--samples", type=int, default=2000, help="request/response round trips")
-    encryption.set_defaults(func=lambda a: _print(importlib.import_module("propolis_sandbox.bench.encryption").run(
-        a.seconds, a.samples)))
+    encryption.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.encryption").run(
+        a.seconds, a.samples))
     flows = verbs.add_parser("flows", help="Hubble: flows/s from the BPF ring through the observer to a NATS "
                                            "subscriber, lost events counted where lost")
     flows.add_argument("--rates", default="5000,30000", help="target events/s, comma-separated")
@@ -64,14 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     flows.add_argument("--follow-rate", type=int, default=2000,
                        help="one more run at this rate through hubble-relay to an `observe --follow` client "
                             "(0 = skip)")
-    flows.set_defaults(func=lambda a: _print(importlib.import_module("propolis_sandbox.bench.flows").run(
-        [int(r) for r in a.rates.split(",") if r.strip()], a.seconds, a.nats_url, a.follow_rate)))
+    flows.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.flows").run(
+        [int(r) for r in a.rates.split(",") if r.strip()], a.seconds, a.nats_url, a.follow_rate))
     node = verbs.add_parser("node", help="the node itself: Bandwidth Manager shaping accuracy (target rate, "
                                          "measured, error), host firewall per-packet cost")
     node.add_argument("--targets", default="10M,100M", help="annotation values, comma-separated")
     node.add_argument("--seconds", type=float, default=3.0, help="measurement window of each transfer")
-    node.set_defaults(func=lambda a: _print(importlib.import_module("propolis_sandbox.bench.node").run(
-        [t for t in a.targets.split(",") if t.strip()], a.seconds)))
+    node.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.node").run(
+        [t for t in a.targets.split(",") if t.strip()], a.seconds))
     policy = verbs.add_parser("policy", help="policy: compiler + map reconcile, apply->enforced on a sandbox, "
                                              "per-packet cost, per-pod attach")
     policy.add_argument("--parts", default="1,2,3,4",
@@ -98,6 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     watcher.add_argument("--concurrency", type=int, default=16, help="allocations in flight per allocator")
     watcher.add_argument("--rss-settle", type=float, default=5.0, help="seconds idle services run before RSS")
     watcher.set_defaults(func=_bench_watcher)
+    for verb, parser in verbs.choices.items():
+        parser.set_defaults(func=_measured(verb, parser.get_default("func")))
 
 
 def _bench_policy(a: argparse.Namespace) -> Any:
@@ -117,9 +124,24 @@ def _bench_watcher(a: argparse.Namespace) -> Any:
     return mod.run(opt, command)
 
 
-async def _print(figures: Any) -> int:
-    """Benchmarks that return figures print them as JSON (awaits them when they are coroutines)."""
-    if inspect.isawaitable(figures):
-        figures = await figures
-    print(json.dumps(figures, indent=2))
-    return 0
+def _measured(verb: str, func: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
+    """Every verb: the load average noted at start; figures a bench returns printed in the one shape
+    (`common.report_figures`: a table, then one JSON document), an exit code passed through. Synchronous
+    benches (their own event loops) stay synchronous, coroutines are handed back for the CLI to run."""
+    def run(a: argparse.Namespace) -> Any:
+        common = importlib.import_module("propolis_sandbox.bench.common")
+        common.begin()
+
+        def shown(result: Any) -> int:
+            if isinstance(result, int):
+                return result
+            common.report_figures(verb, result)
+            return 0
+
+        result = func(a)
+        if inspect.isawaitable(result):
+            async def awaited() -> int:
+                return shown(await result)
+            return awaited()
+        return shown(result)
+    return run
