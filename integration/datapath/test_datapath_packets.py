@@ -14,7 +14,7 @@ from datapath_topology import Node, sh, tcp_probe, udp_probe
 from pyroute2.netns import create_socket
 
 from propolis.datapath import Datapath, IPCacheEntry, PolicyEntry
-from propolis.datapath.drop import DROP_POLICY, DROP_POLICY_DENY
+from propolis.maps.drop import DROP_POLICY, DROP_POLICY_DENY
 from propolis.maps import events
 
 pytestmark = pytest.mark.root

@@ -11,7 +11,7 @@ import pytest
 from datapath_topology import udp_probe
 from pyroute2.netns import create_socket
 
-from propolis.datapath.drop import DROP_POLICY
+from propolis.maps.drop import DROP_POLICY
 
 pytestmark = pytest.mark.root
 

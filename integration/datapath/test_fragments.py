@@ -13,7 +13,7 @@ from datapath_topology import Node, Pod
 from pyroute2.netns import create_socket
 
 from propolis.datapath import PolicyEntry
-from propolis.datapath.drop import DROP_FRAG_NOSUPPORT, DROP_FRAG_NOT_FOUND, DROP_POLICY
+from propolis.maps.drop import DROP_FRAG_NOSUPPORT, DROP_FRAG_NOT_FOUND, DROP_POLICY
 
 pytestmark = pytest.mark.root
 

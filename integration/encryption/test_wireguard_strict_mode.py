@@ -24,7 +24,7 @@ from test_wireguard_hubble import observe
 from test_wireguard_sandbox import NS, pod, propolis, write
 from wg_helpers import Capture, WG_PORT, can_connect, connect_with_retry, pod_ip
 
-from propolis.datapath.drop import DROP_UNENCRYPTED_TRAFFIC
+from propolis.maps.drop import DROP_UNENCRYPTED_TRAFFIC
 from propolis.maps import config, metrics
 from propolis_sandbox import cluster
 from propolis_sandbox.fixture import running_sandbox

@@ -15,7 +15,7 @@ from datapath_topology import Pod
 from lb_topology import Cluster
 from pyroute2.netns import create_socket
 
-from propolis.datapath.drop import DROP_FIB_LOOKUP
+from propolis.maps.drop import DROP_FIB_LOOKUP
 from propolis.lb import Backend, LBService
 
 pytestmark = pytest.mark.root

@@ -12,7 +12,7 @@ import pytest
 from test_lb import VIP, LbHarness, fields, lb, service, tcp, udp  # noqa: F401  (lb: fixture)
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
-from propolis.datapath import drop
+from propolis.maps import drop
 from propolis.datapath import packets as pk
 from propolis.lb import Backend
 from propolis.maps import conntrack, endpoints, events, policy

@@ -1,10 +1,10 @@
-"""bpf/lib/drop.h and propolis.datapath.drop say the same (codes, Cilium texts, Hubble names)."""
+"""bpf/lib/drop.h and propolis.maps.drop say the same (codes, Cilium texts, Hubble names)."""
 
 from __future__ import annotations
 
 import re
 
-from propolis.datapath.drop import DROP_REASONS, reason_name, reason_text
+from propolis.maps.drop import DROP_REASONS, reason_name, reason_text
 from propolis.datapath.loader import bpf_source_dir
 
 LINE = re.compile(r'#define\s+(DROP_\w+)\s+(\d+)\s+/\*\s+"([^"]+)"\s+(\w+)\s+\*/')

@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
-from propolis.datapath import drop
+from propolis.maps import drop
 from propolis.datapath import packets as pk
 from propolis.maps import bpf, endpoints, events
 from propolis.model.identity import RESERVED_HOST, RESERVED_REMOTE_NODE, RESERVED_WORLD

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
-from propolis.datapath import drop
+from propolis.maps import drop
 from propolis.datapath import packets as pk
 from propolis.lb import Backend, LBService
 from propolis.maps import bpf, conntrack, events

@@ -13,7 +13,7 @@ import struct
 import pytest
 
 from propolis.datapath import packets as pk
-from propolis.datapath.drop import DROP_POLICY
+from propolis.maps.drop import DROP_POLICY
 from propolis.maps import bpf, conntrack
 
 pytestmark = pytest.mark.root

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
-from propolis.datapath import drop
+from propolis.maps import drop
 from propolis.datapath import packets as pk
 from propolis.maps import events
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
-from propolis.datapath import drop
+from propolis.maps import drop
 from propolis.datapath import packets as pk
 from propolis.maps import conntrack, events
 from propolis.policy.entries import icmp_type_port

@@ -11,7 +11,7 @@ import pytest
 
 from propolis.datapath import IPCacheEntry
 from propolis.datapath import packets as pk
-from propolis.datapath.drop import DROP_UNENCRYPTED_TRAFFIC
+from propolis.maps.drop import DROP_UNENCRYPTED_TRAFFIC
 from propolis.maps import bpf, events
 from propolis.model.identity import RESERVED_REMOTE_NODE
 

@@ -2,7 +2,7 @@
 namespace, and the `Datapath` facade the datapath-writer drives.
 
 Public API: Datapath, DatapathSettings, AttachResult, PolicyEntry, IPCacheEntry,
-PolicyDiff, drop reasons in propolis.datapath.drop. Map layouts: propolis.maps.
+PolicyDiff. Map layouts and drop reasons (bpf/lib/drop.h): propolis.maps.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 from propolis.bus import subjects
 from propolis.bus.messages import (EndpointRecord, FqdnCacheRecord, IdentityRecord, IpcacheEntry, K8sObject,
                                    WireguardNodeKey)
-from propolis.datapath.drop import DROP_UNENCRYPTED_TRAFFIC, reason_name
+from propolis.maps.drop import DROP_UNENCRYPTED_TRAFFIC, reason_name
 from propolis.maps import events as ev
 from propolis.model.identity import CLUSTER_LABEL, RESERVED_NAMES
 

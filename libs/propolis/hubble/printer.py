@@ -12,7 +12,7 @@ from typing import IO, Any
 
 import orjson
 
-from propolis.datapath.drop import DROP_REASONS
+from propolis.maps.drop import DROP_REASONS
 from propolis.hubble.flow import OBSERVATION_POINTS, Flow, flow_ports
 from propolis.maps.events import MATCH_TYPE_NAMES
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from propolis.maps import bpf
+from propolis.maps.drop import reason_name, reason_text
 from propolis.maps.spec import MapSpec, be32_to_ip4, ntohs
 
 CILIUM_NOTIFY_DROP = 1
@@ -184,7 +185,6 @@ class FlowEvent:
         return [name for bit, name in TCP_FLAG_NAMES if self.tcp_flags & bit]
 
     def to_json(self) -> dict[str, Any]:
-        from propolis.datapath.drop import reason_name, reason_text
         out: dict[str, Any] = {
             "type": self.type_name, "endpoint_id": self.endpoint_id, "ifindex": self.ifindex,
             "time": self.wall_time, "length": self.length,

@@ -1,7 +1,7 @@
 """cilium_metrics: packets and bytes per (reason, direction), per CPU.
 
 Mirrors `struct metrics_key` / `struct metrics_value` in bpf/lib/maps.h. Reason 0 is
-"forwarded", anything else a drop reason (propolis.datapath.drop). Readers sum the CPUs.
+"forwarded", anything else a drop reason (propolis.maps.drop). Readers sum the CPUs.
 Show it: `propolis bpf metrics list`.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from propolis.maps import bpf
+from propolis.maps.drop import reason_text
 from propolis.maps.spec import MapSpec
 
 METRIC_DIR_UNKNOWN = 0
@@ -61,7 +62,6 @@ class MetricsRow:
 
     @property
     def reason_name(self) -> str:
-        from propolis.datapath.drop import reason_text
         return reason_text(self.reason)
 
     def to_json(self) -> dict[str, Any]:
