@@ -31,7 +31,7 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Iterator
 
 import nats
 from nats.js import JetStreamContext
@@ -209,7 +209,7 @@ class Kv:
         from propolis.bus.snapshot import kv_snapshot
         return await kv_snapshot(self.bus, self.bucket, keys, refused=refused)
 
-    async def watch(self, keys: str = ">", *, follow: bool = True) -> AsyncIterator[KvEvent]:
+    async def watch(self, keys: str = ">", *, follow: bool = True) -> AsyncGenerator[KvEvent, None]:
         """Initial values, SYNCED, then updates; survives reconnects (see module doc)."""
         delivered: dict[str, int] = {}  # key -> revision the consumer has seen
         signals = _WatchSignals()

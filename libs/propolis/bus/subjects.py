@@ -168,9 +168,11 @@ def parse_k8s_key(k: str) -> K8sKey | None:
     return K8sKey(kind, None if namespace == CLUSTER_SCOPE else namespace, name)
 
 
-def k8s_keys(kind: str) -> str:
-    """The key filter for every object of one kind."""
-    return f"{token(kind, what='kind')}.>"
+def k8s_keys(kind: str, namespace: str | None = None) -> str:
+    """The key filter for every object of one kind (in one namespace, when given)."""
+    if namespace is None:
+        return f"{token(kind, what='kind')}.>"
+    return f"{token(kind, what='kind')}.{token(namespace, what='namespace')}.>"
 
 
 #: Key of the Watermark record in the k8s and identities buckets (see messages.Watermark).

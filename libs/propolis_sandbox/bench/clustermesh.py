@@ -127,8 +127,9 @@ async def kvstoremesh_sync(endpoints: int, changes: int) -> dict[str, Any]:
             for i in range(changes):
                 ip = f"10.99.{i // 250}.{i % 250 + 1}"
                 sent = time.perf_counter()
-                await export.put(f"ip.{ip}", IpcacheEntry(ip, 32, idm.cluster_identity(300, 2), "remote-0", ""))
-                while await cache.get(f"remote.ip.{ip}") is None:
+                key = subjects.export_ip_key(ip)
+                await export.put(key, IpcacheEntry(ip, 32, idm.cluster_identity(300, 2), "remote-0", ""))
+                while await cache.get(subjects.clustermesh_cache_key("remote", key)) is None:
                     await asyncio.sleep(0.002)
                 delays.append(time.perf_counter() - sent)
             delays.sort()

@@ -185,9 +185,9 @@ async def _wait_watermark(kv: Kv, target: int, timeout: float, watcher: deploy.S
 async def _count_objects(kv: Kv) -> dict[str, int]:
     counts: dict[str, int] = {}
     for key in await kv.items():
-        kind = key.split(".", 1)[0]
-        if not kind.startswith("_"):
-            counts[kind] = counts.get(kind, 0) + 1
+        parsed = subjects.parse_k8s_key(key)
+        if parsed is not None:
+            counts[parsed.kind] = counts.get(parsed.kind, 0) + 1
     return counts
 
 
@@ -201,7 +201,7 @@ async def _latency(api: Api, kv: Kv, opt: Options) -> dict[str, Any]:
     latencies: dict[int, float] = {}
     delivered_at: dict[int, float] = {}
     done = asyncio.Event()
-    watch = kv.watch(f"pods.{ns}.>")
+    watch = kv.watch(subjects.k8s_keys("pods", ns))
     async for ev in watch:  # the initial values, then SYNCED
         if ev.type is EventType.SYNCED:
             break
