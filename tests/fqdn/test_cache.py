@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from propolis.fqdn.cache import FqdnCache
-from propolis.fqdn.matchpattern import FqdnSelector
+from propolis.model.matchpattern import FqdnSelector
 
 
 def test_ttl_and_min_ttl():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from propolis.fqdn.matchpattern import FqdnSelector, anchored_regex, validate
+from propolis.model.matchpattern import FqdnSelector, anchored_regex, validate
 
 
 def pattern(p: str) -> FqdnSelector:

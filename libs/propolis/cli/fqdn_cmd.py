@@ -45,7 +45,7 @@ async def learned_records(args: argparse.Namespace) -> list[FqdnCacheRecord]:
 
 
 async def cache_list(args: argparse.Namespace) -> int:
-    from propolis.fqdn.matchpattern import FqdnSelector
+    from propolis.model.matchpattern import FqdnSelector
 
     try:
         wanted = FqdnSelector(match_pattern=args.matchpattern) if args.matchpattern else None

@@ -1,1 +1,1 @@
-"""FQDN policy: Cilium's DNS name matching, the learned-name cache and the DNS proxy's decision core."""
+"""FQDN policy: the learned-name cache and the DNS proxy's decision core (DNS name matching: propolis.model.matchpattern)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
-from propolis.fqdn.matchpattern import FqdnSelector, fqdn
+from propolis.model.matchpattern import FqdnSelector, fqdn
 
 DEFAULT_MIN_TTL = 0  # --tofqdns-min-ttl since Cilium 1.14
 DEFAULT_MAX_IPS_PER_HOSTNAME = 1000  # --tofqdns-endpoint-max-ip-per-hostname (1.19 chart)

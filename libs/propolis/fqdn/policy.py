@@ -8,7 +8,7 @@ port. No such entry = None: the query was not redirected by policy, it is droppe
 
 from __future__ import annotations
 
-from propolis.fqdn.matchpattern import FqdnSelector
+from propolis.model.matchpattern import FqdnSelector
 from propolis.fqdn.proxy import Redirected
 from propolis.l7.policy import ProxyPolicy
 from propolis.l7.redirect import PROXY_PORTS

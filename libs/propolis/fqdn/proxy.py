@@ -6,7 +6,7 @@ decides and returns the bytes to send back, or None to drop. Per query:
 
 1. parse (dnspython); what does not parse gets FORMERR (header readable) or is dropped;
 2. the endpoint's DNS rules for that server and port (`rules_for`) must allow the name
-   (Cilium's matching, `matchpattern.py`); otherwise `dnsRejectResponseCode` (REFUSED or
+   (Cilium's matching, `model/matchpattern.py`); otherwise `dnsRejectResponseCode` (REFUSED or
    NXDOMAIN) — no rules at all (the endpoint is not redirected for that server) drops: fail closed;
 3. forward to the original destination (`exchange`);
 4. every A record whose name matches a toFQDNs selector is handed to `learn` (which allocates
@@ -30,7 +30,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from propolis.fqdn.matchpattern import FqdnSelector, any_matches
+from propolis.model.matchpattern import FqdnSelector, any_matches
 from propolis.fqdn.wire import WireError, answer_a_records
 
 log = logging.getLogger("propolis.fqdn.proxy")

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from propolis.errors import ValidationError
-from propolis.fqdn.matchpattern import FqdnSelector
+from propolis.model.matchpattern import FqdnSelector
 from propolis.l7.redirect import proxy_port_for
 from propolis.model import identity as idm
 from propolis.model.labels import SOURCE_CIDR, SOURCE_FQDN, SOURCE_K8S, SOURCE_RESERVED, Label, LabelSet

@@ -23,7 +23,7 @@ from typing import Any
 
 import dns.message
 
-from propolis.fqdn.matchpattern import FqdnSelector
+from propolis.model.matchpattern import FqdnSelector
 from propolis.fqdn.proxy import DnsProxy, Learned, Redirected
 
 NAMES = ("s3.amazonaws.com", "api.stripe.com", "example.org", "rotating.example.net")
