@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 from propolis.bus import subjects
 from propolis.bus.codec import DecodeError
@@ -27,6 +28,17 @@ from propolis.lb import hostport
 from propolis.lb.desired import SERVICE_NAME_LABEL
 
 log = logging.getLogger("propolis.writer.inputs")
+_Key = TypeVar("_Key", str, tuple[str, str])
+
+
+def _replace(table: dict[_Key, K8sObject], key: _Key, obj: K8sObject | None) -> K8sObject | None:
+    """`obj` under `key` (None: remove it); the object it replaced."""
+    old = table.get(key)
+    if obj is None:
+        table.pop(key, None)
+    else:
+        table[key] = obj
+    return old
 
 
 @dataclass
@@ -107,7 +119,7 @@ class ClusterInputs:
     def apply_identities(self, ev: KvEvent) -> None:
         self._through(self.identities_gate, ev, self._identities_change)
 
-    def _through(self, gate: WatermarkGate, ev: KvEvent, apply) -> None:  # type: ignore[no-untyped-def]
+    def _through(self, gate: WatermarkGate, ev: KvEvent, apply: Callable[[KvEvent], None]) -> None:
         was_ready = gate.ready
         released = gate.feed(ev)
         for change in released or ():
@@ -126,30 +138,25 @@ class ClusterInputs:
         obj = ev.value if ev.type is EventType.PUT else None
         if obj is not None and not isinstance(obj, K8sObject):
             raise DecodeError(f"{ev.key}: expected a k8s-object, got {type(obj).__name__}")
-        table: dict  # type: ignore[type-arg]
         if kind == "namespaces":
-            table, key, policy = self.namespaces, name, True
+            old, policy = _replace(self.namespaces, name, obj), True
         elif kind == "nodes":
-            table, key, policy = self.nodes, name, False
+            old, policy = _replace(self.nodes, name, obj), False
         elif kind == "pods":
-            table, key, policy = self.pods, (ns, name), False
+            old, policy = _replace(self.pods, (ns, name), obj), False
         elif kind == "services":
-            table, key, policy = self.services, (ns, name), False
+            old, policy = _replace(self.services, (ns, name), obj), False
         elif kind == "endpointslices":
-            table, key, policy = self.endpointslices, (ns, name), False
+            old, policy = _replace(self.endpointslices, (ns, name), obj), False
         elif kind in POLICY_KINDS:
-            table, key, policy = self.policies, ev.key, True
+            old, policy = _replace(self.policies, ev.key, obj), True
         elif kind == "ciliumcidrgroups":
-            table, key, policy = self.cidr_groups, name, True
+            old, policy = _replace(self.cidr_groups, name, obj), True
         else:
             return
-        hostports_changed = kind == "pods" and hostport.signature(table.get(key)) != hostport.signature(obj)
+        hostports_changed = kind == "pods" and hostport.signature(old) != hostport.signature(obj)
         if kind == "endpointslices":
-            self._index_slice(table.get(key), obj)
-        if obj is None:
-            table.pop(key, None)
-        else:
-            table[key] = obj
+            self._index_slice(old, obj)
         if kind == "services":
             self.services_changed.add((ns, name))
         self.nodes_generation += kind == "nodes"
@@ -192,7 +199,8 @@ class ClusterInputs:
         endpoint = subjects.parse_endpoint_key(ev.key)
         expected = IdentityRecord if number is not None else EndpointRecord if endpoint is not None else None
         if expected is not None and ev.type is EventType.PUT and not isinstance(ev.value, expected):
-            raise DecodeError(f"{ev.key}: expected {expected.SCHEMA}, got {type(ev.value).__name__}")  # type: ignore[attr-defined]
+            raise DecodeError(f"{ev.key}: expected {getattr(expected, 'SCHEMA', expected.__name__)}, "
+                              f"got {type(ev.value).__name__}")
         if number is not None:
             if ev.type is EventType.PUT and isinstance(ev.value, IdentityRecord):
                 self.identities[number] = list(ev.value.labels)
