@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from propolis_sandbox import demo
-from propolis.l7.redirect import PROXY_PORTS
+from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis_sandbox import cluster, probe
 from propolis_sandbox import netns as netns_mod
 from propolis_sandbox.config import load_state

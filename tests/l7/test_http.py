@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from propolis.errors import ValidationError
 from propolis.l7 import http
-from propolis.l7.redirect import PROXY_PORTS, proxy_port_for
+from propolis.policy.proxy_ports import PROXY_PORTS, proxy_port_for
 from propolis.policy.rules import HeaderMatch, HTTPRule
 
 

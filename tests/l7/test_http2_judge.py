@@ -29,7 +29,7 @@ from propolis.k8s.kinds import KINDS
 from propolis.l7 import http2
 from propolis.l7.policy import ProxyPolicy
 from propolis.l7.proxy import HTTPProxy
-from propolis.l7.redirect import PROXY_PORTS
+from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis.model import identity as idm
 from propolis_sandbox import grpc_echo
 

@@ -8,7 +8,7 @@ from propolis.bus.messages import EndpointRecord, IpcacheEntry, Watermark
 from propolis.k8s.kinds import KINDS
 from propolis.l7.http import Head, allowed
 from propolis.l7.policy import ProxyPolicy
-from propolis.l7.redirect import PROXY_PORTS
+from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis.model import identity as idm
 
 NODE = "n1"

@@ -9,7 +9,7 @@ import pytest
 
 from propolis.bus.messages import K8sObject
 from propolis.model import identity as idm
-from propolis.l7.redirect import PROXY_PORTS
+from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis.policy.engine import PolicyEngine
 from propolis.policy.entries import PolicyEntry, icmp_type_port
 

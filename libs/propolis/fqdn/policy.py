@@ -11,7 +11,7 @@ from __future__ import annotations
 from propolis.model.matchpattern import FqdnSelector
 from propolis.fqdn.proxy import Redirected
 from propolis.l7.policy import ProxyPolicy
-from propolis.l7.redirect import PROXY_PORTS
+from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis.model import identity as idm
 from propolis.policy.entries import PROTOCOL_NUMBERS
 

@@ -30,7 +30,8 @@ from typing import Any
 from propolis.l7 import http, http2
 from propolis.l7.flows import http_flow
 from propolis.l7.policy import ProxyPolicy
-from propolis.l7.redirect import PROXY_PORTS, transparent_listener, upstream_socket
+from propolis.l7.redirect import transparent_listener, upstream_socket
+from propolis.policy.proxy_ports import PROXY_PORTS
 
 log = logging.getLogger("propolis.l7.proxy")
 

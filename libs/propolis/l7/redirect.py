@@ -1,6 +1,6 @@
 """The redirect contract between the policy compiler, the datapath and a local proxy.
 
-A policy entry carries a proxy port; bpf/lib/proxy.h hands every packet of such a connection to
+A policy entry carries a proxy port (`propolis.policy.proxy_ports`); bpf/lib/proxy.h hands every packet of such a connection to
 the socket listening on that port in the node namespace, keeping the original destination (the
 accepted socket's local address). Any proxy (the L7 proxy, the dns-proxy) follows it:
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Iterable
 
 MARK_MASK = 0xFFFF0000
 MARK_MAGIC_TO_PROXY = 0x4C500000
@@ -32,39 +31,10 @@ PROXY_UPSTREAM = {"ingress": 1, "egress": 2}
 PROXY_ROUTE_TABLE = 2004  # Cilium's proxy routing table number
 PROXY_RULE_PRIORITY = 9
 
-#: (L7 family, direction) -> the node's proxy listener port. Only families a proxy enforces are here:
-#: the compiler leaves other families' ports L4-allowed (and says so) instead of redirecting them.
-PROXY_PORTS: dict[tuple[str, str], int] = {
-    ("http", "ingress"): 10080,
-    ("http", "egress"): 10081,
-    ("kafka", "ingress"): 10092,  # the l7-proxy's Kafka listeners (l7/kafka_proxy.py)
-    ("kafka", "egress"): 10093,
-    ("dns", "egress"): 10053,  # the dns-proxy (UDP and TCP); Cilium's DNS proxy is egress only
-}
-
-#: the L7 families a proxy enforces (rules of other families leave their port L4-allowed)
-ENFORCED_FAMILIES = frozenset(family for family, _ in PROXY_PORTS)
-
 NODE_SYSCTLS = {"net.ipv4.tcp_early_demux": "0"}
 
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 SO_MARK = getattr(socket, "SO_MARK", 36)
-
-
-def proxy_port_for(kinds: Iterable[str], direction: str) -> int:
-    """The proxy port of an entry whose L7 rules are of these families; 0 = not redirected."""
-    families = set(kinds)
-    if len(families) != 1:
-        return 0  # two families on one port: no proxy judges both
-    return PROXY_PORTS.get((families.pop(), direction), 0)
-
-
-def listener_direction(port: int) -> tuple[str, str]:
-    """(family, direction) a listener port serves."""
-    for key, value in PROXY_PORTS.items():
-        if value == port:
-            return key
-    raise KeyError(f"port {port} is no proxy port")
 
 
 def transparent_listener(sock: socket.socket, port: int, backlog: int = 1024) -> socket.socket:

@@ -21,7 +21,8 @@ from propolis.l7.flows import publish_flow
 from propolis.l7.kafka_proxy import KafkaProxy
 from propolis.l7.policy import ProxyPolicy
 from propolis.l7.proxy import HTTPProxy
-from propolis.l7.redirect import PROXY_PORTS, prepare_node
+from propolis.l7.redirect import prepare_node
+from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis.runtime.component import Component
 from propolis.runtime.service import Runtime
 from propolis.runtime.netns import socket_in

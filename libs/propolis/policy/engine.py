@@ -26,7 +26,7 @@ Semantics (Cilium, policyEnforcementMode):
 * Named ports: ingress against the endpoint's own container ports, egress against
   each destination identity's.
 * L7 ``rules``: the entry carries an `L7Annotation`; a family the L7 proxy enforces (HTTP) gets
-  the proxy port (`propolis.l7.redirect`), so the datapath hands its flows to the proxy; other
+  the proxy port (`propolis.policy.proxy_ports`), so the datapath hands its flows to the proxy; other
   families leave the L4 port allowed and the result says ``l7_enforced=False``. A rule allowing
   the same peer and port without L7 rules allows every request (no redirect), as in Cilium.
 * Peers resolved through cluster objects (`PeerTables`): ``toServices`` selects the identities
@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from propolis.errors import ValidationError
 from propolis.model.matchpattern import FqdnSelector
-from propolis.l7.redirect import proxy_port_for
+from propolis.policy.proxy_ports import proxy_port_for
 from propolis.model import identity as idm
 from propolis.model.labels import SOURCE_CIDR, SOURCE_FQDN, SOURCE_K8S, SOURCE_RESERVED, Label, LabelSet
 from propolis.model.selectors import LabelSelector, Requirement, equals, exists

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from propolis.l7.redirect import ENFORCED_FAMILIES
+from propolis.policy.proxy_ports import ENFORCED_FAMILIES
 
 L7_PROXY = "no L7 proxy enforces this rule family yet (only HTTP and DNS are): the port is open to every request"
 NOT_ENFORCED_REASONS: dict[str, str] = {
