@@ -331,6 +331,16 @@ def to_flow(e: ev.FlowEvent, *, node: str, enricher: Enricher) -> Flow:
     return flow
 
 
+def enrich_proxy_flow(flow: Flow, enricher: Enricher) -> Flow:
+    """A proxy's L7 flow (propolis.l7.flows) with both ends as Hubble's Endpoint messages (namespace,
+    pod, labels), as the observer knows them."""
+    ip = flow.get("IP") or {}
+    for side, key in (("source", "source"), ("destination", "destination")):
+        if ip.get(key):
+            flow[side] = enricher.endpoint(ip[key], int((flow.get(side) or {}).get("identity") or 0))
+    return flow
+
+
 def protocol_of(flow: Flow) -> str:
     """Hubble's protocol name of a flow (metrics' `protocol` label, `--protocol` filter)."""
     l7 = flow.get("l7") or {}

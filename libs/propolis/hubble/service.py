@@ -31,10 +31,9 @@ from propolis.bus.messages import FlowMessage
 from propolis.bus.kv import EventType
 from propolis.errors import TemporaryError, ValidationError
 from propolis.hubble.exporter import FlowExporter, parse_filter_list
-from propolis.hubble.flow import Enricher, rfc3339
+from propolis.hubble.flow import Enricher, enrich_proxy_flow, rfc3339
 from propolis.hubble.metrics import FlowMetrics, parse_enabled
 from propolis.hubble.observer import DEFAULT_CAPACITY, LOST_PERF_RING, FlowSink, Observer
-from propolis.l7 import flows as l7_flows
 from propolis.maps import events as ev
 from propolis.maps.spec import default_pin_dir
 from propolis.runtime.component import Component
@@ -159,7 +158,7 @@ class ObserverComponent(Component):
         except DecodeError as exc:
             log.warning("undecodable L7 flow: %s", exc)
             return
-        await self.observer.add(l7_flows.enrich(record.flow, self.enricher.enricher))
+        await self.observer.add(enrich_proxy_flow(record.flow, self.enricher.enricher))
 
     async def _open_reader(self) -> ev.EventReader:
         delay = 0.2

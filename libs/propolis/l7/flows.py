@@ -3,7 +3,7 @@
 The proxy builds each record (`http_flow`: Type L7, `l7.type` REQUEST or RESPONSE, `l7.http`
 {code, method, url, protocol, headers}, `l7.latency_ns`, verdict FORWARDED/DROPPED; a denied
 request is a DROPPED REQUEST with code 403, as Cilium logs it) and publishes it on its node's
-access-log subject; that node's Hubble observer enriches both ends (`enrich`) and handles it like
+access-log subject; that node's Hubble observer enriches both ends (`hubble.flow.enrich_proxy_flow`) and handles it like
 every flow (ring, metrics, bus, queries), so `propolis observe --protocol http --http-status 403`
 finds it. Kafka requests are REQUEST flows with `l7.kafka` {error_code, api_version, api_key,
 correlation_id, topic} (`kafka_flow`): FORWARDED with error_code 0, DROPPED with 29. The dns-proxy's
@@ -20,7 +20,7 @@ from typing import Any
 from propolis.bus import codec, subjects
 from propolis.bus.messages import FlowMessage
 
-from propolis.hubble.flow import Enricher, rfc3339
+from propolis.hubble.flow import rfc3339
 from propolis.l7.http import Head
 from propolis.l7.kafka import KafkaRequest
 
@@ -116,12 +116,3 @@ def publish_flow(rt: Any, node: str, flow: dict[str, Any]) -> None:
     message = codec.encode(FlowMessage(node, rt.instance, 0, flow))
     task = asyncio.ensure_future(rt.bus.publish_raw(subjects.accesslog_subject(node), message))
     task.add_done_callback(lambda t: t.exception())
-
-
-def enrich(flow: dict[str, Any], enricher: Enricher) -> dict[str, Any]:
-    """Both ends as Hubble's Endpoint messages (namespace, pod, labels), as the observer knows them."""
-    ip = flow.get("IP") or {}
-    for side, key in (("source", "source"), ("destination", "destination")):
-        if ip.get(key):
-            flow[side] = enricher.endpoint(ip[key], int((flow.get(side) or {}).get("identity") or 0))
-    return flow
