@@ -13,7 +13,7 @@ progress of every entry with `reports_progress`.
 Every process gets the environment of `service_env` (the runtime's settings
 read PROPOLIS_NATS_URL, PROPOLIS_NODE_NAME, PROPOLIS_CLUSTER_NAME; the sandbox
 adds PROPOLIS_KUBECONFIG, PROPOLIS_NODE_NETNS, PROPOLIS_BPF_PIN_DIR,
-PROPOLIS_DATAPATH_SOCKET, PROPOLIS_RUN_DIR and PROPOLIS_SANDBOX). `argv` items
+PROPOLIS_DATAPATH_SOCKET, PROPOLIS_CGROUP_ROOT, PROPOLIS_RUN_DIR and PROPOLIS_SANDBOX). `argv` items
 may use the same values as `{placeholders}`: {sandbox} {node} {node_netns}
 {kubeconfig} {nats_url} {run_dir} {pin_dir} {datapath_socket} {apiserver_url}
 {node_ip} {pod_cidr} {cluster_cidr} {service_cidr}.
@@ -72,7 +72,8 @@ SUITE_SERVICES: list[SuiteService] = [
     SuiteService("k8s-watcher", "cluster", ("propolis-k8s-watcher",)),
     SuiteService("identity-allocator", "cluster", ("propolis-identity-allocator",)),
     SuiteService("datapath-writer", "node", ("propolis-datapath-writer", "--devices", "eth0",
-                                                   "--enable-bandwidth-manager", "true", "--host-firewall", "true"),
+                                                   "--enable-bandwidth-manager", "true", "--host-firewall", "true",
+                                                   "--bpf-lb-sock", "true"),
                    serves_datapath_socket=True),
     SuiteService("hubble", "node", ("propolis-hubble",), reports_progress=False),
     SuiteService("l7-proxy", "node", ("propolis-l7-proxy",), reports_progress=False),
@@ -125,4 +126,6 @@ def service_env(context: dict[str, Any]) -> dict[str, str]:
             "PROPOLIS_BPF_PIN_DIR": context["pin_dir"],
             "PROPOLIS_DATAPATH_SOCKET": context["datapath_socket"],
         })
+        if context.get("cgroup"):  # the node's own cgroup v2 (socket LB attaches there)
+            env["PROPOLIS_CGROUP_ROOT"] = context["cgroup"]
     return env

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from propolis.errors import CliError, PermanentError, TemporaryError, ValidationError
+from propolis_sandbox import cgroups
 from propolis_sandbox import netns as netns_mod
 from propolis_sandbox import readiness
 from propolis_sandbox.node_ports import NODE_TCP_PORTS
@@ -169,7 +170,8 @@ def owned_pin_dirs(name: str) -> list[Path]:
 
 
 def _leftovers_exist(name: str) -> bool:
-    return bool(owned_netns(name) or owned_pin_dirs(name) or (RUN_ROOT / name).exists())
+    return bool(owned_netns(name) or owned_pin_dirs(name) or (RUN_ROOT / name).exists()
+                or cgroups.sandbox_cgroup_exists(name))
 
 
 @dataclass
@@ -178,6 +180,7 @@ class DownReport:
     namespaces: list[str] = field(default_factory=list)
     pin_dirs: list[str] = field(default_factory=list)
     run_dir: str = ""
+    cgroups: list[str] = field(default_factory=list)
 
 
 def down(name: str) -> DownReport:
@@ -200,9 +203,10 @@ def down(name: str) -> DownReport:
     for ns in ordered:
         netns_mod.delete_netns(ns)
         report.namespaces.append(ns)
-    for pin in owned_pin_dirs(name):
+    for pin in owned_pin_dirs(name):  # socket LB's links go with them: nothing stays attached to a cgroup
         shutil.rmtree(pin, ignore_errors=True)
         report.pin_dirs.append(str(pin))
+    report.cgroups = cgroups.remove_sandbox_cgroups(name)  # after the processes: a cgroup goes once empty
     run_dir = RUN_ROOT / name
     if run_dir.exists():
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -514,6 +518,13 @@ def source_netns(state: SandboxState, source: str) -> str:
         raise CliError(f"pod {namespace}/{name} has no network namespace in sandbox {state.sandbox().name} "
                        "(not scheduled or not running yet?)")
     return netns
+
+
+def source_cgroup(state: SandboxState, source: str) -> Path | None:
+    """The cgroup a command or probe FROM `node:NAME` runs in: the node's own (socket LB applies there)."""
+    if not source.startswith("node:"):
+        return None
+    return cgroups.node_cgroup(state.sandbox().name, source.removeprefix("node:"))
 
 
 async def running_pods(api: Api, state: SandboxState) -> list[dict[str, Any]]:

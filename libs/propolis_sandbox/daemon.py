@@ -40,7 +40,7 @@ from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.messages import Heartbeat
 from propolis_sandbox import netns as netns_mod
-from propolis_sandbox import node_ports, world
+from propolis_sandbox import cgroups, node_ports, world
 from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig, SandboxState
 from propolis_sandbox.kubelet import Kubelet, Scheduler, raw_json
 from propolis.suite import SuiteService, selected, service_env
@@ -77,8 +77,10 @@ def cni_config(cfg: SandboxConfig, node: str, n: int, *, datapath_socket: bool) 
 class SupervisedProcess:
     """A child restarted with back-off when it dies (a Propolis service or the API server)."""
 
-    def __init__(self, name: str, scope: str, node: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, name: str, scope: str, node: str, argv: list[str], env: dict[str, str], log_path: Path,
+                 cgroup: Path | None = None) -> None:
         self.name = name
+        self.cgroup = cgroup  # started inside this cgroup v2 (its node's, `cgroups.py`); None = the supervisor's
         self.scope = scope
         self.node = node
         self.argv = argv
@@ -99,7 +101,8 @@ class SupervisedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             self.log_offset = logf.tell()
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            argv = cgroups.in_cgroup_argv(self.cgroup, self.argv) if self.cgroup else self.argv
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                          env=dict(os.environ, **self.env), start_new_session=True)
 
     @property
@@ -184,6 +187,7 @@ class Supervisor:
             "pod_cidr": cfg.pod_cidr(n) if n else "", "cluster_cidr": cfg.cluster_cidr, "service_cidr": cfg.service_cidr,
             "cluster_id": cfg.cluster_id, "encryption_strict_mode": cfg.encryption_strict_mode,
             "encryption_node_encryption": cfg.encryption_node_encryption,
+            "cgroup": str(cgroups.node_cgroup(cfg.name, node)) if n else "",
         }
 
     def save(self, status: str | None = None, error: str = "") -> None:
@@ -207,7 +211,9 @@ class Supervisor:
             "name": cfg.node_name(n), "netns": cfg.node_netns(n), "internal_ip": cfg.node_ip(n),
             "pod_cidr": cfg.pod_cidr(n), "pin_dir": str(cfg.pin_dir(cfg.node_name(n))),
             "datapath_socket": str(cfg.datapath_socket(cfg.node_name(n))),
+            "cgroup": str(cgroups.node_cgroup(cfg.name, cfg.node_name(n))),
         } for n in range(1, cfg.nodes + 1)]
+        await asyncio.to_thread(cgroups.create_node_cgroups, cfg.name, cfg.node_names())
         for node in cfg.node_names():
             cfg.node_dir(node).mkdir(parents=True, exist_ok=True)
         self.save()
@@ -265,8 +271,12 @@ class Supervisor:
     def _start_world(self) -> None:
         """The outside world's servers and the nodes' own listeners (10250, 22), supervised like the API server
         (not suite services: not in `status`)."""
-        for name, argv in world.world_processes(self.cfg) + node_ports.node_processes(self.cfg):
-            proc = SupervisedProcess(name, "world", "", argv, {}, self.cfg.log_dir / f"{name}.log")
+        world_procs: list[tuple[str, list[str], Path | None]] = [(name, argv, None)
+                                                                 for name, argv in world.world_processes(self.cfg)]
+        node_procs = [(name, argv, cgroups.node_cgroup(self.cfg.name, node))
+                      for node, name, argv in node_ports.node_processes(self.cfg)]
+        for name, argv, cgroup in world_procs + node_procs:
+            proc = SupervisedProcess(name, "world", "", argv, {}, self.cfg.log_dir / f"{name}.log", cgroup)
             proc.start()
             self.world.append(proc)
             self.tasks.append(asyncio.create_task(proc.supervise(), name=f"supervise-{name}"))
@@ -396,7 +406,7 @@ class Supervisor:
         env.update(PROPOLIS_NATS_USER=nats_user.user, PROPOLIS_NATS_PASSWORD=nats_user.password)
         label = svc.name + (f"-{node}" if node else "")
         child = SupervisedProcess(svc.name, svc.scope, node or env["PROPOLIS_NODE_NAME"], svc.command(ctx), env,
-                                  self.cfg.log_dir / f"{label}.log")
+                                  self.cfg.log_dir / f"{label}.log", Path(ctx["cgroup"]) if node else None)
         child.on_restart = self.save
         child.before_restart = self._bootstrap_buckets
         child.start()

@@ -36,6 +36,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from propolis.cni.plugin import host_ifname
 from propolis.errors import TemporaryError
+from propolis_sandbox import cgroups
 from propolis_sandbox import netns as netns_mod
 from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig
 
@@ -432,7 +433,9 @@ class Kubelet:
         return record
 
     async def _start_echo(self, key: tuple[str, str], record: PodRecord) -> None:
-        argv = self.workload_argv(record)
+        # in the node's cgroup, as kubepods under a node's root: socket LB sees the pods' sockets and leaves
+        # them to the per-packet path (another network namespace: hostNamespaceOnly)
+        argv = cgroups.in_cgroup_argv(cgroups.node_cgroup(self.cfg.name, self.node), self.workload_argv(record))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{record.namespace}_{record.name}.log", "ab") as logf:
             proc = await asyncio.create_subprocess_exec(

@@ -15,11 +15,11 @@ from propolis_sandbox.config import SandboxConfig
 NODE_TCP_PORTS = (10250, 22)  # kubelet, ssh
 
 
-def node_processes(cfg: SandboxConfig) -> list[tuple[str, list[str]]]:
-    """(name, argv) of every node's listeners, each run inside its node's namespace."""
+def node_processes(cfg: SandboxConfig) -> list[tuple[str, str, list[str]]]:
+    """(node, name, argv) of every node's listeners, each run inside its node's namespace (and cgroup)."""
     out = []
     for n, node in enumerate(cfg.node_names(), start=1):
         echo = [sys.executable, "-m", "propolis_sandbox.echo", "--pod", f"node/{node}"]
         echo += [a for p in NODE_TCP_PORTS for a in ("--tcp", str(p))]
-        out.append((f"node-ports-{node}", netns_mod.netns_exec_argv(cfg.node_netns(n), echo)))
+        out.append((node, f"node-ports-{node}", netns_mod.netns_exec_argv(cfg.node_netns(n), echo)))
     return out

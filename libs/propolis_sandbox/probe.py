@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from propolis.errors import ValidationError
+from propolis_sandbox import cgroups
 from propolis_sandbox import netns as netns_mod
 
 PROBE_PAYLOAD = b"propolis-probe\n"
@@ -39,6 +40,7 @@ class ProbeSpec:
     http: tuple[str, str] | None = None  # (method, path): send one HTTP/1.1 request instead of the payload
     headers: tuple[tuple[str, str], ...] = ()  # extra request headers with `http`
     grpc: str | None = None  # "/package.Service/Method": one unary gRPC call (HTTP/2) instead of the payload
+    from_cgroup: str = ""  # FROM node:NAME: the node's cgroup v2, where the socket is made (socket LB applies)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -89,10 +91,19 @@ def _parse_answer(data: bytes) -> str:
     return first.decode(errors="replace")
 
 
+def _probe_socket(spec: ProbeSpec, kind: int) -> socket.socket:
+    """A socket of FROM: in its network namespace and, for a node, made inside the node's cgroup (a socket
+    keeps the cgroup it was made in), as a process of the node would make it."""
+    if not spec.from_cgroup:
+        return netns_mod.socket_in(spec.from_netns, socket.AF_INET, kind)
+    with cgroups.joined(spec.from_cgroup):
+        return netns_mod.socket_in(spec.from_netns, socket.AF_INET, kind)
+
+
 async def _probe_tcp(spec: ProbeSpec, timeout: float) -> ProbeResult:
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    sock = netns_mod.socket_in(spec.from_netns, socket.AF_INET, socket.SOCK_STREAM)
+    sock = _probe_socket(spec, socket.SOCK_STREAM)
     try:
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (spec.ip, spec.port)), timeout)
@@ -144,7 +155,7 @@ async def _grpc_call(spec: ProbeSpec, sock: socket.socket, started: float, timeo
 async def _probe_udp(spec: ProbeSpec, timeout: float, attempts: int = 3) -> ProbeResult:
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    sock = netns_mod.socket_in(spec.from_netns, socket.AF_INET, socket.SOCK_DGRAM)
+    sock = _probe_socket(spec, socket.SOCK_DGRAM)
     try:
         try:
             sock.connect((spec.ip, spec.port))

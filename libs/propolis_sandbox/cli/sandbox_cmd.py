@@ -71,9 +71,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("-o", "--output", choices=("yaml", "json", "wide"), default="yaml")
     p.set_defaults(func=cmd_get)
 
-    p = verbs.add_parser("exec", help="run a command inside a pod's network namespace")
+    p = verbs.add_parser("exec", help="run a command inside a pod's network namespace, or a node's (and its cgroup)")
     _name_arg(p)
-    p.add_argument("pod", metavar="NS/POD")
+    p.add_argument("pod", metavar="NS/POD|node:NAME")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD …")
     p.set_defaults(func=cmd_exec)
 
@@ -148,6 +148,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     reports = cluster.down_all() if args.all else [cluster.down(args.name)]
     for report in reports:
         print(f"removed {len(report.namespaces)} namespaces, {len(report.pin_dirs)} pin dirs, "
+              f"{len(report.cgroups)} cgroups, "
               f"stopped {len(report.processes)} processes{', removed ' + report.run_dir if report.run_dir else ''}")
     return 0
 
@@ -215,6 +216,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise CliError("usage: propolis sandbox exec NS/POD -- CMD …")
     state = cluster.require_state(args.name)
     netns = cluster.source_netns(state, args.pod)
+    node_cgroup = cluster.source_cgroup(state, args.pod)
+    if node_cgroup is not None:  # `exec node:NAME`: a process of the node, in its cgroup
+        from propolis_sandbox import cgroups
+        cgroups.move_self(node_cgroup)
     sys.stdout.flush()
     os.execvp("ip", ["ip", "netns", "exec", netns, *cmd])
     return 127  # not reached
@@ -245,8 +250,10 @@ async def cmd_probe(args: argparse.Namespace) -> int:
         if not sep or not key.strip():
             raise CliError(f"--header {h!r}: expected K:V")
         headers.append((key.strip(), value.strip()))
+    node_cgroup = cluster.source_cgroup(state, args.source)
     spec = probe.ProbeSpec(netns, dest.ip, port, args.protocol, from_label=args.source, to_label=dest.label,
-                           http=tuple(args.http) if args.http else None, headers=tuple(headers), grpc=args.grpc)
+                           http=tuple(args.http) if args.http else None, headers=tuple(headers), grpc=args.grpc,
+                           from_cgroup=str(node_cgroup or ""))
     result = await probe.probe(spec, timeout=args.timeout or 2.0)
     if args.output == "json":
         print(json.dumps(dict(result.to_json(), addresses=dest.addresses or [dest.ip])))
