@@ -6,7 +6,7 @@ import pytest
 
 from propolis.bus.messages import ClusterService, K8sObject
 from propolis.clustermesh import imported
-from propolis.clustermesh import services as gs
+from propolis.lb import global_services as gs
 from propolis.lb.desired import desired_services
 
 

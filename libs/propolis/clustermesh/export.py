@@ -3,7 +3,7 @@
 Key layout of ``PROPOLIS_CLUSTERMESH_V1`` (Cilium's kvstore prefixes in brackets):
 ``cluster-config`` [cilium/cluster-config/<name>], ``nodes.<node>`` [cilium/state/nodes/v1],
 ``identities.<id>`` [cilium/state/identities/v1], ``ip.<ip>`` [cilium/state/ip/v1], ``services.<ns>.<name>``
-(global Services, `clustermesh/services.py`) [cilium/state/services/v1]. The desired
+(global Services, `lb/global_services.py`) [cilium/state/services/v1]. The desired
 export is a pure function of the local buckets (`desired_export`); `ExportComponent` keeps the bucket
 equal to it with the project's `Reconciler` (pruning only after every input delivered its initial values).
 """
@@ -17,7 +17,7 @@ from typing import Any, Iterable, TypeVar
 from propolis.bus import subjects
 from propolis.bus.kv import EventType, Kv
 from propolis.bus.messages import ClusterConfig, ClusterNode, EndpointRecord, IdentityRecord, IpcacheEntry, K8sObject
-from propolis.clustermesh import services as global_services
+from propolis.lb import global_services
 from propolis.lb.desired import SERVICE_NAME_LABEL
 from propolis.model import identity as idm
 from propolis.reconcile import Reconciler

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from propolis.bus.messages import K8sObject
-from propolis.clustermesh import services as global_services
+from propolis.lb import global_services
 from propolis.errors import ValidationError
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -174,7 +174,7 @@ def desired_services(services: Iterable[K8sObject], endpoint_slices: Iterable[K8
                      ) -> list[LBService]:
     """The LB entries of node `node_name` (whose addresses for NodePort are `node_ips`).
 
-    `remote_backends`: Cluster Mesh, (namespace, name) -> port key (`clustermesh.services.port_key`) -> the
+    `remote_backends`: Cluster Mesh, (namespace, name) -> port key (`lb.global_services.port_key`) -> the
     backends remote clusters share for that Service; used only for Services annotated global, per affinity.
 
     `services`: Service records (kind Service); `endpoint_slices`: EndpointSlice records,
