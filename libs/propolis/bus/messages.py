@@ -35,6 +35,11 @@ class Heartbeat:
     interval: float = 0.0
 
 
+#: Heartbeat progress key of the datapath-writer: policy origin -> {"ns/pod": why} for every endpoint whose
+#: policy its node failed to enforce; the k8s-watcher writes it onto those policies' status.
+POLICY_FAILURES_KEY = "policy_failures"
+
+
 @message("event", (1, 0))
 @dataclass
 class Event:

@@ -118,7 +118,7 @@ class Kind:
         return K8sObject(kind=self.kind, namespace=meta.get("namespace", "") if self.namespaced else "",
                          name=meta.get("name", ""), uid=meta.get("uid", ""),
                          resource_version=str(meta.get("resourceVersion", "")),
-                         labels=dict(meta.get("labels") or {}), spec=spec, status=status)
+                         labels=dict(meta.get("labels") or {}), fields=spec, status=status)
 
 
 KINDS: dict[str, Kind] = {k.plural: k for k in (

@@ -23,10 +23,9 @@ import orjson
 from propolis.errors import ValidationError
 from propolis.bus import subjects
 from propolis.bus.kv import Kv
-from propolis.bus.messages import Heartbeat
+from propolis.bus.messages import POLICY_FAILURES_KEY, Heartbeat
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
 from propolis.k8s.kubeclient import ApiClient
-from propolis.writer.endpoint_state import POLICY_FAILURES_KEY
 
 log = logging.getLogger("propolis.k8s.status")
 Failures = Mapping[str, Mapping[str, str]]  # node -> endpoint ("ns/pod") -> why

@@ -33,7 +33,7 @@ from functools import partial
 from typing import Any
 
 from propolis.bus import codec, subjects
-from propolis.bus.messages import EndpointConfig, IpcacheEntry as IpcacheRecord
+from propolis.bus.messages import POLICY_FAILURES_KEY, EndpointConfig, IpcacheEntry as IpcacheRecord
 from propolis.datapath.datapath import Datapath, DatapathSettings
 from propolis.datapath.pressure import MapPressureCollector
 from propolis.maps.endpoints import HOST_ENDPOINT_ID
@@ -391,7 +391,7 @@ class Enforcer(Component):
         """Per endpoint: ready / regenerating / not-ready (why), for `propolis endpoint list`."""
         self.rt.progress[endpoint_state.PROGRESS_KEY] = endpoint_state.endpoint_states(
             self.table.by_id.values(), self.desired.policies, self.policies.status, self.desired.policy_errors)
-        self.rt.progress[endpoint_state.POLICY_FAILURES_KEY] = endpoint_state.policy_failures(
+        self.rt.progress[POLICY_FAILURES_KEY] = endpoint_state.policy_failures(
             self.table.by_id.values(), self.desired.engine, {**self.desired.policy_errors, **self.policies.errors()})
 
     def sync_host_endpoint(self) -> None:

@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from propolis.writer.targets import EndpointPolicy
 
 PROGRESS_KEY = "endpoint_states"
-#: policy origin -> {"ns/pod": why} for every endpoint whose policy this node failed to enforce
-POLICY_FAILURES_KEY = "policy_failures"
 READY, REGENERATING, NOT_READY = "ready", "regenerating", "not-ready"
 
 

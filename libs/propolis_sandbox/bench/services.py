@@ -373,12 +373,12 @@ def _k8s_pair(i: int) -> tuple[Any, Any]:
     from propolis.bus.messages import K8sObject
 
     service = K8sObject(kind="Service", namespace="bench", name=f"svc-{i}", uid=f"u{i}", resource_version="1",
-                        spec={"clusterIP": vip(i), "ports": [{"name": "http", "port": SERVICE_PORT, "protocol": "TCP"}]})
+                        fields={"clusterIP": vip(i), "ports": [{"name": "http", "port": SERVICE_PORT, "protocol": "TCP"}]})
     endpoints = [{"addresses": [fake_backend(i, j)], "conditions": {"ready": True}, "nodeName": NODE_NAME}
                  for j in range(BACKENDS_PER_SERVICE)]
     eps = K8sObject(kind="EndpointSlice", namespace="bench", name=f"svc-{i}-x", uid=f"s{i}", resource_version="1",
                     labels={"kubernetes.io/service-name": f"svc-{i}"},
-                    spec={"addressType": "IPv4", "endpoints": endpoints,
+                    fields={"addressType": "IPv4", "endpoints": endpoints,
                           "ports": [{"name": "http", "port": SERVER_PORT_BASE, "protocol": "TCP"}]})
     return service, eps
 
