@@ -21,7 +21,8 @@ import random
 import socket
 import struct
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Coroutine
+from typing import Any, Callable
 
 from propolis.fqdn.proxy import DnsProxy, Redirected
 from propolis.l7.redirect import IP_TRANSPARENT, transparent_listener
@@ -163,7 +164,7 @@ class DnsListeners:
             sock.close()
         self.reply_sockets.clear()
 
-    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

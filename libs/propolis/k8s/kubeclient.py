@@ -30,6 +30,7 @@ def _deferred_package(name: str) -> ModuleType:
     spec = importlib.util.find_spec(name)
     assert spec is not None and spec.loader is not None, name
     module = importlib.util.module_from_spec(spec)
+    loader = spec.loader
     executed = False
 
     def __getattr__(attr: str) -> Any:
@@ -37,10 +38,10 @@ def _deferred_package(name: str) -> ModuleType:
         if executed or attr.startswith("__"):
             raise AttributeError(f"module {name!r} has no attribute {attr!r}")
         executed = True
-        spec.loader.exec_module(module)  # type: ignore[union-attr]  # the real __init__, once
+        loader.exec_module(module)  # the real __init__, once
         return getattr(module, attr)
 
-    module.__getattr__ = __getattr__  # type: ignore[method-assign]
+    vars(module)["__getattr__"] = __getattr__  # PEP 562: the module's attribute fallback
     sys.modules[name] = module
     return module
 
@@ -48,16 +49,16 @@ def _deferred_package(name: str) -> ModuleType:
 def _load() -> None:
     package = _deferred_package("kubernetes_asyncio")
     client = _deferred_package("kubernetes_asyncio.client")
-    package.client = client  # type: ignore[attr-defined]
-    client.models = _deferred_package("kubernetes_asyncio.client.models")  # type: ignore[attr-defined]
+    # submodules bound on their packages by hand, as the import system would
+    vars(package)["client"] = client
+    vars(client)["models"] = _deferred_package("kubernetes_asyncio.client.models")
     # submodules bound on the package before api_client does `from kubernetes_asyncio.client import rest`
     importlib.import_module("kubernetes_asyncio.client.exceptions")
     importlib.import_module("kubernetes_asyncio.client.rest")
     configuration = importlib.import_module("kubernetes_asyncio.client.configuration")
     api_client = importlib.import_module("kubernetes_asyncio.client.api_client")
     if "ApiClient" not in vars(client):  # what kube_config imports from the package (no __getattr__)
-        client.ApiClient = api_client.ApiClient  # type: ignore[attr-defined]
-        client.Configuration = configuration.Configuration  # type: ignore[attr-defined]
+        vars(client).update(ApiClient=api_client.ApiClient, Configuration=configuration.Configuration)
 
 
 _load()

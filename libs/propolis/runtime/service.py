@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -225,7 +226,7 @@ class Runtime:
 
     async def _status(self, _: web.Request) -> web.Response:
         hb = self.heartbeat()
-        return web.json_response({k: getattr(hb, k) for k in hb._FIELDS})  # type: ignore[attr-defined]
+        return web.json_response({f.name: getattr(hb, f.name) for f in dataclasses.fields(hb)})
 
     async def _debug_tasks(self, _: web.Request) -> web.Response:
         """Every asyncio task and where it waits (Go's goroutine dump): what a stalled loop is stuck on."""

@@ -222,8 +222,9 @@ class ClusterInputs:
             return
         record = ev.value if ev.type is EventType.PUT else None
         if record is not None and not isinstance(record, FqdnCacheRecord):  # poison: the last good value stays
+            expected = getattr(FqdnCacheRecord, "SCHEMA", "FqdnCacheRecord")
             UNDECODABLE.refused(subjects.FQDN_BUCKET, ev.key, ev.revision,
-                                f"expected {FqdnCacheRecord.SCHEMA}, got {type(record).__name__}")  # type: ignore[attr-defined]
+                                f"expected {expected}, got {type(record).__name__}")
             return
         names: dict[str, set[str]] = {}
         for row in record.entries if record is not None else ():
@@ -292,7 +293,7 @@ class ClusterInputs:
 
     async def follow(self, k8s: Kv, identities: Kv, clustermesh: Kv | None = None) -> None:
         """Run the watches until cancelled (``clustermesh``: the cache of remote clusters, if any)."""
-        async def pump(kv: Kv, apply) -> None:  # type: ignore[no-untyped-def]
+        async def pump(kv: Kv, apply: Callable[[KvEvent], None]) -> None:
             async for ev in kv.watch(">"):
                 apply(ev)
 
