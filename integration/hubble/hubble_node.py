@@ -72,11 +72,11 @@ async def _seed(url: str, node: Node) -> None:
             await ids.put(f"endpoints.{NS}.{POD_NAMES[key]}",
                           EndpointRecord(NS, POD_NAMES[key], node.netns, [pod.ip], pod.identity, labels))
         await k8s.put(f"services.{NS}.server", K8sObject(
-            "Service", NS, "server", "u1", "1", spec={"clusterIP": SERVICE_IP, "ports": [{"port": 80,
+            "Service", NS, "server", "u1", "1", fields={"clusterIP": SERVICE_IP, "ports": [{"port": 80,
                                                                                         "targetPort": 8080}]}))
         await k8s.put(f"endpointslices.{NS}.server-x1", K8sObject(
             "EndpointSlice", NS, "server-x1", "u2", "1", labels={"kubernetes.io/service-name": "server"},
-            spec={"endpoints": [{"addresses": [node.pods["b"].ip]}], "ports": [{"port": 8080}]}))
+            fields={"endpoints": [{"addresses": [node.pods["b"].ip]}], "ports": [{"port": 8080}]}))
     finally:
         await bus.close()
 

@@ -91,11 +91,11 @@ def test_internal_traffic_policy_local(cluster):
 
     c = cluster
     service = K8sObject(kind="Service", namespace="default", name="web", uid="u", resource_version="1",
-                        spec={"clusterIP": VIP, "internalTrafficPolicy": "Local",
+                        fields={"clusterIP": VIP, "internalTrafficPolicy": "Local",
                               "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
     slice_ = K8sObject(kind="EndpointSlice", namespace="default", name="web-1", uid="s", resource_version="1",
                        labels={"kubernetes.io/service-name": "web"},
-                       spec={"addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                       fields={"addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
                              "endpoints": [{"addresses": [c.pod(n).ip], "conditions": {"ready": True},
                                             "nodeName": node} for n, node in (("b", "n1"), ("d", "n2"))]})
     program(c, desired_services([service], [slice_], node_name="n1", node_ips=[c.node1_ip]))

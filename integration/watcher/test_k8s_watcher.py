@@ -125,7 +125,7 @@ async def test_mirror_follows_the_api_and_survives_restarts_and_410(cluster):
         await eventually(lambda: _has(bus, "pods.prod.web-2"), what="initial sync")
         objs = await k8s_items(bus, "pods.>")
         assert objs["pods.prod.web-1"].labels == {"app": "web"}
-        assert objs["pods.prod.web-1"].spec["containers"][0]["ports"][0]["containerPort"] == 8080
+        assert objs["pods.prod.web-1"].fields["containers"][0]["ports"][0]["containerPort"] == 8080
         assert "ciliumnetworkpolicies.prod.api-policy" in await k8s_items(bus, "ciliumnetworkpolicies.>")
         # update and delete flow through
         await api.call("PATCH", "/api/v1/namespaces/prod/pods/web-1", {"metadata": {"labels": {"app": "web2"}}},
@@ -201,7 +201,7 @@ async def test_invalid_policy_is_refused_and_last_good_version_stays(cluster):
         await eventually(lambda: _async(bool(events)), what="refusal event")
         assert "toPorts" in events[0].fields["field"] and events[0].kind == "PolicyRefused"
         mirrored = (await k8s_items(bus, key))[key]
-        assert mirrored.spec["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"] == "8080"  # last good
+        assert mirrored.fields["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"] == "8080"  # last good
         status = await api.call("GET", "/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies/api-policy")
         cond = status["status"]["conditions"][0]
         assert cond["type"] == "Valid" and cond["status"] == "False" and "port" in cond["message"]

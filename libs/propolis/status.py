@@ -223,7 +223,7 @@ def policy_summary(policies: Iterable[K8sObject], heartbeats: Iterable[Heartbeat
 
     policies = list(policies)
     unenforced = {f"{p.kind}/{p.namespace + '/' if p.namespace else ''}{p.name}": [str(i) for i in items]
-                  for p in policies for items in [not_enforced(p.spec)] if items}
+                  for p in policies for items in [not_enforced(p.fields)] if items}
     beats = list(heartbeats)
     watcher = next((hb for hb in sorted(beats, key=lambda h: -h.sent_at)
                     if hb.service == "k8s-watcher" and hb.progress.get("leader")), None)

@@ -46,7 +46,7 @@ def pod(name: str, annotations: dict[str, str]) -> dict:
 
 def test_the_watcher_mirrors_the_bandwidth_annotations_and_not_others():
     record = KINDS["pods"].to_record(pod("p", {EGRESS_BANDWIDTH: "10M", INGRESS_BANDWIDTH: "1G", "team": "x"}))
-    assert record.spec["annotations"] == {EGRESS_BANDWIDTH: "10M", INGRESS_BANDWIDTH: "1G"}
+    assert record.fields["annotations"] == {EGRESS_BANDWIDTH: "10M", INGRESS_BANDWIDTH: "1G"}
 
 
 def endpoint(pod_name: str, n: int) -> LocalEndpoint:

@@ -20,11 +20,11 @@ LOCAL, REMOTE = "10.244.1.20", "10.245.1.20"
 
 def global_api(affinity: str, local_backend: bool = True) -> list:
     """The node's LB entries of a global Service with one local backend (if any) and one of cluster 2."""
-    svc = K8sObject("Service", "ns", "api", "uid", "1", spec={
+    svc = K8sObject("Service", "ns", "api", "uid", "1", fields={
         "clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
         "annotations": {"service.cilium.io/global": "true", "service.cilium.io/affinity": affinity}})
     local = K8sObject("EndpointSlice", "ns", "api-x", "uid", "1", labels={"kubernetes.io/service-name": "api"},
-                      spec={"addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                      fields={"addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
                             "endpoints": [{"addresses": [LOCAL], "nodeName": "n1"}] if local_backend else []})
     remote = {("ns", "api"): {"c2": ClusterService("c2", "ns", "api", True, {"http/TCP": [[REMOTE, 8080]]}, 2)}}
     return desired_services([svc], [local], node_name="n1",

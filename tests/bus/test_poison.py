@@ -22,8 +22,8 @@ POISON = [
      "'ips': expected list[str], got str"),
     ("endpoint ips with a number", msgpack.packb(["endpoint", 1, 0, "ns", "pod", "n1", ["10.0.0.1", 5], 7, []]),
      "'ips': expected list[str]"),
-    ("policy spec a string", msgpack.packb(["k8s-object", 1, 0, "NetworkPolicy", "ns", "p", "u", "1", {}, "spec"]),
-     "'spec': expected dict[str, Any], got str"),
+    ("policy fields a string", msgpack.packb(["k8s-object", 1, 0, "NetworkPolicy", "ns", "p", "u", "1", {}, "spec"]),
+     "'fields': expected dict[str, Any], got str"),
     ("heartbeat components not dicts", msgpack.packb(["heartbeat", 1, 1, "s", "n", "i", "v", 1, 0.0, 0.0, "ok",
                                                        {"bus": "ok"}]), "'components': expected dict[str, dict"),
     ("heartbeat pid a bool", msgpack.packb(["heartbeat", 1, 1, "s", "n", "i", "v", True, 0.0, 0.0, "ok"]),
@@ -46,7 +46,7 @@ def test_well_typed_values_decode_and_floats_accept_ints():
 
 
 def _policy(name: str, spec: dict) -> K8sObject:
-    return K8sObject(kind="NetworkPolicy", namespace="ns", name=name, uid="u", resource_version="1", spec=spec)
+    return K8sObject(kind="NetworkPolicy", namespace="ns", name=name, uid="u", resource_version="1", fields=spec)
 
 
 async def _next(watch, timeout: float = 5.0):

@@ -16,7 +16,7 @@ from propolis_sandbox.config import SandboxState
 
 
 def node(name: str, ip: str, cidr: str) -> K8sObject:
-    return K8sObject("Node", "", name, "uid", "1", spec={"podCIDRs": [cidr]},
+    return K8sObject("Node", "", name, "uid", "1", fields={"podCIDRs": [cidr]},
                      status={"addresses": [{"type": "InternalIP", "address": ip}]})
 
 

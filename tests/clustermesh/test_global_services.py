@@ -11,14 +11,14 @@ from propolis.lb.desired import desired_services
 
 
 def service(annotations: dict[str, str]) -> K8sObject:
-    return K8sObject("Service", "ns", "api", "uid", "1", spec={
+    return K8sObject("Service", "ns", "api", "uid", "1", fields={
         "clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
         "annotations": annotations})
 
 
 def slice_(addresses: list[str], ready: bool = True) -> K8sObject:
     return K8sObject("EndpointSlice", "ns", "api-x", "uid", "1", labels={"kubernetes.io/service-name": "api"},
-                     spec={"addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                     fields={"addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
                            "endpoints": [{"addresses": addresses, "conditions": {"ready": ready}, "nodeName": "n1"}]})
 
 

@@ -59,7 +59,7 @@ def test_undecodable_entry_is_refused():
 
 
 def test_node_info_from_mirrored_node():
-    obj = K8sObject("Node", "", "w2", "uid", "7", spec={"podCIDR": "10.244.2.0/24"},
+    obj = K8sObject("Node", "", "w2", "uid", "7", fields={"podCIDR": "10.244.2.0/24"},
                     status={"addresses": [{"type": "Hostname", "address": "w2"},
                                           {"type": "InternalIP", "address": "172.30.1.2"}]})
     assert node_info(obj) == NodeInfo("w2", "172.30.1.2", ("10.244.2.0/24",))

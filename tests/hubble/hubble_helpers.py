@@ -35,11 +35,11 @@ def make_enricher() -> Enricher:
     e.identities_event("endpoints.shop.backend-0", EndpointRecord(
         "shop", "backend-0", "n2", [B_IP], 40002, ["k8s:app=backend", "k8s:io.kubernetes.pod.namespace=shop"]))
     e.k8s_event("services.shop.backend", K8sObject("Service", "shop", "backend", "u1", "1",
-                                                   spec={"clusterIP": SVC_IP, "ports": [{"port": 80,
+                                                   fields={"clusterIP": SVC_IP, "ports": [{"port": 80,
                                                                                          "targetPort": 8080}]}))
     e.k8s_event("endpointslices.shop.backend-abc", K8sObject(
         "EndpointSlice", "shop", "backend-abc", "u2", "1", labels={"kubernetes.io/service-name": "backend"},
-        spec={"endpoints": [{"addresses": [B_IP]}], "ports": [{"port": 8080, "protocol": "TCP"}]}))
+        fields={"endpoints": [{"addresses": [B_IP]}], "ports": [{"port": 8080, "protocol": "TCP"}]}))
     return e
 
 

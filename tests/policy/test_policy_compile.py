@@ -549,7 +549,7 @@ def test_invalid_policy_is_refused_and_others_still_compile():
 def test_mirrored_k8s_records_are_accepted():
     seed = _yaml(SEED_API_L7)
     record = K8sObject(kind="CiliumNetworkPolicy", namespace="production", name="api-l7-policy", uid="u",
-                       resource_version="7", spec={"spec": seed["spec"], "annotations": {"x.cilium.io/y": "z"}})
+                       resource_version="7", fields={"spec": seed["spec"], "annotations": {"x.cilium.io/y": "z"}})
     e = PolicyEngine()
     e.update(policies=[record], identities=IDENTITIES, namespaces={"production": {}})
     assert rows(e.compile_endpoint(API)) == allow(I, [FRONT], TCP, 8080)

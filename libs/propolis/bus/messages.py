@@ -65,7 +65,10 @@ class K8sObject:
     uid: str
     resource_version: str
     labels: dict[str, str] = field(default_factory=dict)
-    spec: dict[str, Any] = field(default_factory=dict)
+    #: what `k8s/kinds.py` keeps of the object besides metadata and status: the used part of a Pod's, Node's
+    #: or Service's ``spec``, an EndpointSlice's top-level ``endpoints``/``ports``/``addressType``, a policy's
+    #: ``spec`` and ``specs`` (so ``fields["spec"]`` is the policy's spec), annotations where a kind uses them
+    fields: dict[str, Any] = field(default_factory=dict)
     status: dict[str, Any] = field(default_factory=dict)
 
 

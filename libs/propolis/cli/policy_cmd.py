@@ -65,7 +65,7 @@ def not_enforced_by_policy(inputs: ClusterInputs) -> dict[str, list[str]]:
     """Policy (kind/namespace/name) -> its accepted-but-not-enforced fields, each with why."""
     out = {}
     for rec in inputs.policies.values():
-        items = not_enforced(rec.spec)
+        items = not_enforced(rec.fields)
         if items:
             out[f"{rec.kind}/{rec.namespace + '/' if rec.namespace else ''}{rec.name}"] = [str(i) for i in items]
     return dict(sorted(out.items()))

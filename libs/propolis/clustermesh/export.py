@@ -39,7 +39,7 @@ def _store(table: dict[str, _Message], kind: type[_Message], key: str, value: ob
 def cluster_node(cluster: str, obj: K8sObject, wireguard_keys: dict[str, str]) -> ClusterNode:
     addresses = obj.status.get("addresses") or []
     ips = [a.get("address", "") for a in addresses if a.get("type") == "InternalIP" and a.get("address")]
-    cidrs = list(obj.spec.get("podCIDRs") or ([obj.spec["podCIDR"]] if obj.spec.get("podCIDR") else []))
+    cidrs = list(obj.fields.get("podCIDRs") or ([obj.fields["podCIDR"]] if obj.fields.get("podCIDR") else []))
     return ClusterNode(cluster, obj.name, ips, cidrs, wireguard_keys.get(obj.name, ""))
 
 

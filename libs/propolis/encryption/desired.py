@@ -37,9 +37,9 @@ def node_info(obj: K8sObject) -> NodeInfo:
     """A mirrored Node -> what WireGuard needs of it."""
     addresses = obj.status.get("addresses") or []
     internal = next((a.get("address", "") for a in addresses if a.get("type") == "InternalIP"), "")
-    cidrs = list(obj.spec.get("podCIDRs") or [])
-    if not cidrs and obj.spec.get("podCIDR"):
-        cidrs = [obj.spec["podCIDR"]]
+    cidrs = list(obj.fields.get("podCIDRs") or [])
+    if not cidrs and obj.fields.get("podCIDR"):
+        cidrs = [obj.fields["podCIDR"]]
     return NodeInfo(obj.name, internal, tuple(cidrs))
 
 

@@ -191,18 +191,18 @@ class Enricher:
         """(ip, port) of every ClusterIP frontend and every ready backend -> (namespace, service)."""
         self.frontends, self.backends, self._services_dirty = {}, {}, False
         for svc in self.services.values():
-            ips = svc.spec.get("clusterIPs") or [svc.spec.get("clusterIP")]
+            ips = svc.fields.get("clusterIPs") or [svc.fields.get("clusterIP")]
             for ip in ips:
                 if not ip or ip == "None":
                     continue
-                for port in svc.spec.get("ports") or []:
+                for port in svc.fields.get("ports") or []:
                     self.frontends[(ip, int(port.get("port", 0)))] = (svc.namespace, svc.name)
         for sl in self.slices.values():
             owner = sl.labels.get("kubernetes.io/service-name")
             if not owner:
                 continue
-            ports = [int(p["port"]) for p in sl.spec.get("ports") or [] if p.get("port")]
-            for ep in sl.spec.get("endpoints") or []:
+            ports = [int(p["port"]) for p in sl.fields.get("ports") or [] if p.get("port")]
+            for ep in sl.fields.get("endpoints") or []:
                 for ip in ep.get("addresses") or []:
                     for port in ports:
                         self.backends[(ip, port)] = (sl.namespace, owner)

@@ -57,11 +57,11 @@ class EndpointSource:
 def endpoint_source(pod: K8sObject | None, namespace: K8sObject | None, cluster: str) -> EndpointSource | None:
     """A scheduled pod (not hostNetwork) gets its identity before it has an IP, so the datapath can
     enforce policy from its first packet (CNI ADD waits for the record); anything else gets none."""
-    if pod is None or namespace is None or pod.spec.get("hostNetwork") or not pod.spec.get("nodeName"):
+    if pod is None or namespace is None or pod.fields.get("hostNetwork") or not pod.fields.get("nodeName"):
         return None
     labels = idmodel.pod_security_labels(
         pod_labels=pod.labels, namespace=pod.namespace, namespace_labels=namespace.labels,
-        service_account=pod.spec.get("serviceAccountName") or "default", cluster=cluster)
+        service_account=pod.fields.get("serviceAccountName") or "default", cluster=cluster)
     return EndpointSource(pod, tuple(sorted(str(lbl) for lbl in labels)))
 
 

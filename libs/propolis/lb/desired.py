@@ -3,7 +3,7 @@
 Why per node: externalTrafficPolicy / internalTrafficPolicy `Local` mean "only backends on
 this node", so every node's maps hold its own view and the BPF program needs no scope
 logic. Pure functions of the normalized records (`propolis.k8s.kinds.norm_service`,
-`norm_endpointslice` in `K8sObject.spec`), so the datapath-writer can call them on every
+`norm_endpointslice` in `K8sObject.fields`), so the datapath-writer can call them on every
 change and diff the result into the maps (`Datapath.set_services`).
 
 Semantics follow kube-proxy / Cilium:
@@ -103,7 +103,7 @@ class _Endpoints:
 
 
 def _spec(obj: K8sObject | dict[str, Any]) -> dict[str, Any]:
-    return obj.spec if isinstance(obj, K8sObject) else (obj.get("spec") or {})
+    return obj.fields if isinstance(obj, K8sObject) else (obj.get("spec") or {})
 
 
 def _ipv4(value: str, where: str) -> str:

@@ -20,7 +20,7 @@ AFFINITIES = ("local", "remote", "none")
 
 
 def annotation(svc: K8sObject, names: tuple[str, ...]) -> str | None:
-    annotations = svc.spec.get("annotations") or {}
+    annotations = svc.fields.get("annotations") or {}
     return next((str(annotations[n]) for n in names if n in annotations), None)
 
 
@@ -48,13 +48,13 @@ def cluster_service(cluster: str, cluster_id: int, svc: K8sObject, slices: Itera
     shared = is_shared(svc)
     backends: dict[str, list[list[Any]]] = {}
     for s in slices if shared else ():
-        if s.spec.get("addressType", "IPv4") != "IPv4":
+        if s.fields.get("addressType", "IPv4") != "IPv4":
             continue
-        for port in s.spec.get("ports") or []:
+        for port in s.fields.get("ports") or []:
             if not isinstance(port.get("port"), int):
                 continue
             rows = backends.setdefault(port_key(port.get("name") or "", port.get("protocol") or "TCP"), [])
-            for ep in s.spec.get("endpoints") or []:
+            for ep in s.fields.get("endpoints") or []:
                 conditions = ep.get("conditions") or {}
                 if conditions.get("ready") is False or conditions.get("terminating"):
                     continue

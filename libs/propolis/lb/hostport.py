@@ -57,11 +57,11 @@ def signature(pod: K8sObject | None) -> tuple[object, ...]:
     if pod is None:
         return ()
     ports = tuple((p.get("hostPort"), p.get("hostIP") or "", p.get("containerPort"), p.get("protocol") or "TCP")
-                  for c in (pod.spec or {}).get("containers") or [] for p in c.get("ports") or [] if p.get("hostPort"))
+                  for c in (pod.fields or {}).get("containers") or [] for p in c.get("ports") or [] if p.get("hostPort"))
     if not ports:
         return ()
     status = pod.status or {}
-    return ((pod.spec or {}).get("nodeName"), bool((pod.spec or {}).get("hostNetwork")), _pod_ip(pod),
+    return ((pod.fields or {}).get("nodeName"), bool((pod.fields or {}).get("hostNetwork")), _pod_ip(pod),
             bool(status.get("terminating")), status.get("phase"), ports)
 
 
@@ -81,7 +81,7 @@ def desired_hostports(pods: Iterable[K8sObject], *, node_name: str, node_ips: Se
     addrs = [ip for ip in (_ipv4(a) for a in node_ips) if ip]
     claims: dict[Frontend, list[tuple[K8sObject, LBService]]] = {}
     for pod in pods:
-        spec, status = pod.spec or {}, pod.status or {}
+        spec, status = pod.fields or {}, pod.status or {}
         if spec.get("nodeName") != node_name or spec.get("hostNetwork") or status.get("terminating") \
                 or status.get("phase") in ("Succeeded", "Failed"):
             continue

@@ -629,10 +629,10 @@ def parse_policy_object(kind: str, obj: Doc) -> Policy:
 
 
 def policy_from_record(record: Any) -> Policy:
-    """A mirrored K8sObject (bus/messages.py: kind, namespace, name, spec={"spec"|"specs": …}) or a raw dict."""
+    """A mirrored K8sObject (bus/messages.py: kind, namespace, name, fields={"spec"|"specs": …}) or a raw dict."""
     if isinstance(record, dict):
         return parse_policy_object(str(record.get("kind")), record)
-    body = dict(record.spec)
+    body = dict(record.fields)
     body.pop("annotations", None)
     obj = {"kind": record.kind, "metadata": {"name": record.name, "namespace": record.namespace}, **body}
     return parse_policy_object(record.kind, obj)

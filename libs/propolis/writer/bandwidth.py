@@ -39,7 +39,7 @@ def desired_bandwidth(pods: Mapping[tuple[str, str], K8sObject],
     desired = {}
     for ep in endpoints:
         pod = pods.get((ep.namespace, ep.pod))
-        annotations = (pod.spec.get("annotations") or {}) if pod is not None else {}
+        annotations = (pod.fields.get("annotations") or {}) if pod is not None else {}
         name = f"{ep.namespace}/{ep.pod}"
         try:
             limits = pod_limits(annotations)

@@ -73,13 +73,13 @@ def peer_tables(inputs: "ClusterInputs", node: str,
         nodes={name: PeerObject(dict(obj.labels), tuple(ip for ip in [node_internal_ip(obj)] if ip))
                for name, obj in inputs.nodes.items()},
         services=services,
-        cidr_groups={name: PeerObject(dict(obj.labels), tuple(str(c) for c in obj.spec.get("externalCIDRs") or []))
+        cidr_groups={name: PeerObject(dict(obj.labels), tuple(str(c) for c in obj.fields.get("externalCIDRs") or []))
                      for name, obj in inputs.cidr_groups.items()})
 
 
 def service_peer(svc: "K8sObject", slices: Iterable["K8sObject"]) -> PeerObject:
     """A Service as a toServices peer: its labels and its EndpointSlices' addresses."""
-    addresses = {str(a) for s in slices for ep in s.spec.get("endpoints") or [] for a in ep.get("addresses") or []}
+    addresses = {str(a) for s in slices for ep in s.fields.get("endpoints") or [] for a in ep.get("addresses") or []}
     return PeerObject(dict(svc.labels), tuple(sorted(addresses)))
 
 
@@ -178,11 +178,11 @@ class DesiredState:
         """IPv4 -> reserved identity for the API server (7) and the nodes' health endpoints (4)."""
         out: dict[str, int] = {}
         for s in inputs.slices_by_service.get(KUBE_APISERVER_SERVICE, {}).values():
-            for ep in s.spec.get("endpoints") or []:
+            for ep in s.fields.get("endpoints") or []:
                 out.update((str(a), idmodel.RESERVED_KUBE_APISERVER) for a in ep.get("addresses") or []
                            if ":" not in str(a))
         for obj in inputs.nodes.values():
-            health = (obj.spec.get("annotations") or {}).get(HEALTH_IP_ANNOTATION)
+            health = (obj.fields.get("annotations") or {}).get(HEALTH_IP_ANNOTATION)
             if health and ":" not in str(health):
                 out[str(health)] = idmodel.RESERVED_HEALTH
         return out
@@ -386,4 +386,4 @@ class DesiredState:
 
 def _has_node_port(svc: "K8sObject") -> bool:
     """Whether a Service has frontends on the node's own addresses (NodePort, LoadBalancer's node ports)."""
-    return (svc.spec.get("type") or "ClusterIP") in ("NodePort", "LoadBalancer")
+    return (svc.fields.get("type") or "ClusterIP") in ("NodePort", "LoadBalancer")
