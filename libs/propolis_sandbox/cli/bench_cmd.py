@@ -24,10 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     watch.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.bus").watch_sync(
         a.keys, a.rounds, a.nats_url))
     services = verbs.add_parser("services", help="service LB: eBPF maps vs kube-proxy iptables, side by side")
-    services.add_argument("--counts", default="10,100,1000,10000", help="numbers of services, comma-separated")
-    services.add_argument("--connections", type=int, default=2000, help="new connections per measurement")
+    services.add_argument("--counts", default="10,1000,10000", help="numbers of services, comma-separated")
+    services.add_argument("--connections", type=int, default=2000, help="new connections per probe point and side")
+    services.add_argument("--rounds", type=int, default=2, help="alternating eBPF/iptables batches per size")
+    services.add_argument("--update-samples", type=int, default=100, help="writer map writes timed per size, "
+                                                                          "each an add and a remove")
+    services.add_argument("--product-samples", type=int, default=100,
+                          help="API write -> pinned LB map adds and deletes at the largest count (0 = skip)")
     services.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.services").run(
-        [int(c) for c in a.counts.split(",") if c.strip()], connections=a.connections))
+        [int(c) for c in a.counts.split(",") if c.strip()], connections=a.connections, rounds=a.rounds,
+        update_samples=a.update_samples, product_samples=a.product_samples))
     mesh = verbs.add_parser("clustermesh", help="Cluster Mesh: KVStoreMesh sync and propagation over real NATS, "
                                                 "import cost of many synthetic remote clusters")
     mesh.add_argument("--clusters", default="1,8,32", help="remote cluster counts, comma-separated")
