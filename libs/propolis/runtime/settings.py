@@ -15,11 +15,14 @@ import os
 import socket
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 from propolis.errors import ValidationError
 
-S = TypeVar("S")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+S = TypeVar("S", bound="DataclassInstance")
 
 ENV_PREFIX = "PROPOLIS_"
 
@@ -95,7 +98,7 @@ def load(cls: type[S], args: argparse.Namespace | None = None, env: Mapping[str,
     env = os.environ if env is None else env
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         raw = getattr(args, f.name, None) if args is not None else None
         if raw is None:
             raw = env.get(env_name(f.name))
