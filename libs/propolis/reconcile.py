@@ -310,14 +310,17 @@ class Reconciler(Generic[K, V]):
 
 
 class ReconciledComponent(Component):
-    """A component whose health, once started, is its reconciler's (failed keys, retrying errors)."""
+    """A component whose health, once started, is its reconciler's (failed keys, retrying errors).
+    `reconciler` is None until start where it needs the bus (a KV target)."""
 
-    reconciler: Reconciler[Any, Any]
+    reconciler: Reconciler[Any, Any] | None = None
 
     @property
     def health(self) -> Health:
         own = super().health
-        return self.reconciler.health() if own.state is State.OK and own.reason != "starting" else own
+        if self.reconciler is None or own.state is not State.OK or own.reason == "starting":
+            return own
+        return self.reconciler.health()
 
     @health.setter
     def health(self, value: Health) -> None:

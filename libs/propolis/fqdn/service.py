@@ -100,7 +100,7 @@ class FqdnCacheComponent(ReconciledComponent):
         self.generation = 0  # of the last record published
         self.enforced = 0  # the generation the node's datapath-writer reports its maps reflect
         self.dirty = False  # TTLs refreshed since the last publish (persisted on the next expiry pass)
-        self.reconciler: Reconciler[str, FqdnCacheRecord] | None = None  # type: ignore[assignment]
+        self.reconciler: Reconciler[str, FqdnCacheRecord] | None = None
         self._enforced_moved: asyncio.Event | None = None
 
     async def start(self, rt: Runtime) -> None:

@@ -50,10 +50,10 @@ from propolis.writer.endpoints import EndpointTable, LocalEndpoint
 from propolis.writer.inputs import ClusterInputs
 from propolis.writer.ct_gc import ConntrackGC
 from propolis.writer.ipcache_publisher import IpcacheKvTarget, desired_records
-from propolis.writer.bandwidth import BandwidthTarget, desired_bandwidth
+from propolis.writer.bandwidth import BandwidthTarget, PodBandwidth, desired_bandwidth
 from propolis.bandwidth.shaper import select_mode
 from propolis.kernel_probe import probe_all
-from propolis.datapath.socket_lb import host_netns_cookie
+from propolis.datapath.socket_lb import SockAttachment, host_netns_cookie
 from propolis.writer import socket_lb
 from propolis.writer.socket_lb import SocketLbTarget
 from propolis.writer.targets import EndpointPolicyTarget, IpcacheTarget, ServicesTarget
@@ -159,7 +159,8 @@ class LoadBalancer(ReconciledComponent):
         self.node = settings.node_name
         self.kube_proxy_replacement = settings.kube_proxy_replacement
         self.target = ServicesTarget(datapath.dp)
-        self.reconciler = Reconciler("lb-services", self.target, refresh_interval=settings.reconcile_refresh_interval)
+        self.reconciler: Reconciler[str, int] = Reconciler("lb-services", self.target,
+                                                           refresh_interval=settings.reconcile_refresh_interval)
         self.generation = -1  # DesiredState.services_generation last handed to the reconciler
 
     def bind(self, desired: DesiredState, inputs: ClusterInputs) -> None:
@@ -194,7 +195,7 @@ class IpcachePublisher(ReconciledComponent):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
-        self.reconciler: Reconciler[str, IpcacheRecord] | None = None  # type: ignore[assignment]
+        self.reconciler: Reconciler[str, IpcacheRecord] | None = None
 
     async def start(self, rt: Runtime) -> None:
         kv = await rt.bus.kv(subjects.IPCACHE_BUCKET)
@@ -244,7 +245,8 @@ class BandwidthManager(ReconciledComponent):
         super().__init__()
         self.enabled = settings.enable_bandwidth_manager
         self.target = BandwidthTarget(settings.node_netns or None)
-        self.reconciler = Reconciler("bandwidth", self.target, refresh_interval=settings.reconcile_refresh_interval)
+        self.reconciler: Reconciler[str, PodBandwidth] = Reconciler(
+            "bandwidth", self.target, refresh_interval=settings.reconcile_refresh_interval)
 
     async def start(self, rt: Runtime) -> None:
         """Disabled still runs the reconciler with nothing desired: shapers left from an enabled run go."""
@@ -267,8 +269,8 @@ class SocketLoadBalancer(ReconciledComponent):
     def __init__(self, settings: Settings, datapath: DatapathComponent) -> None:
         super().__init__(datapath)
         self.settings = settings
-        self.reconciler = Reconciler("socket-lb", SocketLbTarget(datapath.dp),
-                                     refresh_interval=settings.reconcile_refresh_interval)
+        self.reconciler: Reconciler[str, SockAttachment] = Reconciler(
+            "socket-lb", SocketLbTarget(datapath.dp), refresh_interval=settings.reconcile_refresh_interval)
 
     async def start(self, rt: Runtime) -> None:
         """Disabled still runs the reconciler with nothing desired: links left from an enabled run go."""
