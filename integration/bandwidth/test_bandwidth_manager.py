@@ -28,7 +28,7 @@ from propolis_sandbox.bandwidth_measure import measure_tcp_rate  # noqa: E402
 from propolis.bandwidth.shaper import read_rate, shaped_interfaces  # noqa: E402
 from propolis_sandbox import cluster  # noqa: E402
 from propolis_sandbox.fixture import running_sandbox  # noqa: E402
-from propolis.status import newest, read_heartbeats  # noqa: E402
+from propolis.runtime.heartbeats import newest, read_heartbeats  # noqa: E402
 
 pytestmark = pytest.mark.root
 

@@ -19,7 +19,7 @@ from wg_helpers import Capture, WG_PORT, admin_bus, keymgr_progress, pod_ip
 from propolis_sandbox import cluster
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.netns import socket_in
-from propolis.status import newest, read_heartbeats
+from propolis.runtime.heartbeats import newest, read_heartbeats
 
 pytestmark = pytest.mark.root
 

@@ -14,7 +14,7 @@ from propolis.encryption.capture import UnderlayCapture as Capture  # noqa: F401
 from propolis_sandbox import cluster
 from propolis_sandbox.config import SandboxState
 from propolis_sandbox.netns import socket_in
-from propolis.status import newest, read_heartbeats
+from propolis.runtime.heartbeats import newest, read_heartbeats
 
 
 class PodStream:

@@ -15,7 +15,7 @@ from policy_workload import NO, OK, Check, PodDef, Workload, cnp, netpol, sel  #
 
 from propolis.bus.messages import Heartbeat  # noqa: E402
 from propolis_sandbox.config import SandboxState  # noqa: E402
-from propolis.status import newest, read_heartbeats  # noqa: E402
+from propolis.runtime.heartbeats import newest, read_heartbeats  # noqa: E402
 
 __all__ = ["NO", "OK", "Check", "PodDef", "Workload", "cnp", "netpol", "sel", "beat", "wait_beat", "Prober"]
 

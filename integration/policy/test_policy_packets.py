@@ -35,7 +35,7 @@ from propolis_sandbox import cluster
 from propolis_sandbox import netns as netns_mod
 from propolis_sandbox.config import load_state
 from propolis_sandbox.fixture import running_sandbox
-from propolis.status import newest, read_heartbeats
+from propolis.runtime.heartbeats import newest, read_heartbeats
 
 pytestmark = pytest.mark.root
 

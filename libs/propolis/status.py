@@ -24,13 +24,8 @@ from propolis.bus.connection import Bus
 from propolis.bus.messages import Heartbeat, K8sObject
 from propolis.k8s.kinds import POLICY_KINDS
 from propolis.kernel_probe import probe_all
-from propolis.runtime.settings import CommonSettings
+from propolis.runtime.heartbeats import is_live, read_heartbeats, stale_after
 from propolis.suite import SUITE_SERVICES, SuiteService
-
-#: Missed beats before an instance is stale: one late beat is noise, three are a dead or hung process.
-STALE_BEATS = 3
-#: The interval of an instance that does not say its own (heartbeat schema 1.0).
-DEFAULT_HEARTBEAT_INTERVAL_S: float = CommonSettings.heartbeat_interval
 
 
 @dataclass(frozen=True)
@@ -77,14 +72,6 @@ class StatusReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def stale_after(hb: Heartbeat, override: float | None = None) -> float:
-    return override or STALE_BEATS * (hb.interval or DEFAULT_HEARTBEAT_INTERVAL_S)
-
-
-def is_live(hb: Heartbeat, now: float, override: float | None = None) -> bool:
-    return now - hb.sent_at <= stale_after(hb, override)
 
 
 def enabled(state: str) -> bool:
@@ -233,19 +220,6 @@ def policy_summary(policies: Iterable[K8sObject], heartbeats: Iterable[Heartbeat
     return {"in_force": len(policies), "not_enforced": dict(sorted(unenforced.items())),
             "refused": int(watcher.progress.get("refused_policies") or 0) if watcher else 0,
             "failed_endpoints": failed}
-
-
-async def read_heartbeats(bus: Bus, malformed: dict[str, str] | None = None) -> list[Heartbeat]:
-    """Every instance's last heartbeat (KV `PROPOLIS_HEARTBEATS_V1`), live or not: callers judge with `is_live`.
-    One that does not decode is left out (and named in ``malformed``, key -> why, when given)."""
-    kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
-    return [e.value for e in (await kv.items(refused=malformed)).values() if isinstance(e.value, Heartbeat)]
-
-
-def newest(heartbeats: Iterable[Heartbeat], service: str, node: str | None = None) -> Heartbeat | None:
-    """The latest heartbeat of `service` (on `node`, when given)."""
-    mine = [hb for hb in heartbeats if hb.service == service and node in (None, hb.node)]
-    return max(mine, key=lambda hb: hb.sent_at, default=None)
 
 
 async def collect(bus: Bus, *, stale_after: float | None = None, probe_kernel: bool = True,

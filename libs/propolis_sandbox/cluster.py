@@ -578,7 +578,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
 
     ``timeout`` is a hard limit on the whole call (API, NATS connect and every read included), so a slow
     or stuck NATS fails it on time, saying how far each reporter got."""
-    from propolis.status import is_live, newest, read_heartbeats
+    from propolis.runtime.heartbeats import is_live, newest, read_heartbeats
 
     seen: dict[str, Any] = {"target": "?", "progress": {}, "reasons": {}}
     bus = state.admin_bus("propolis-sandbox-wait")

@@ -25,7 +25,7 @@ def describe(service: str, node: str, hb: object | None) -> str:
 async def wait_healthy(state: SandboxState, *, timeout: float) -> None:
     """Block until every started service has a live heartbeat saying `ok`; CliError after `timeout`
     (a hard limit, NATS connect included) naming each service that is not healthy and why."""
-    from propolis.status import is_live, newest, read_heartbeats
+    from propolis.runtime.heartbeats import is_live, newest, read_heartbeats
 
     wanted = sorted({(s["name"], s["node"]) for s in state.services})
     not_ready = {pair: None for pair in wanted}

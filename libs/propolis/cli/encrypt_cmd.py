@@ -18,7 +18,7 @@ from propolis.bus import subjects
 from propolis.bus.messages import Event, WireguardNodeKey
 from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json, print_table
 from propolis.errors import CliError
-from propolis.status import is_live, read_heartbeats
+from propolis.runtime.heartbeats import is_live, read_heartbeats
 
 KEYMGR = "wireguard-keymgr"
 WRITER = "datapath-writer"

@@ -16,7 +16,7 @@ from propolis.bus import subjects
 from propolis.bus.messages import EndpointConfig, EndpointRecord, Heartbeat, IdentityRecord
 from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json, print_table
 from propolis.errors import CliError, TemporaryError
-from propolis.status import is_live, read_heartbeats
+from propolis.runtime.heartbeats import is_live, read_heartbeats
 from propolis.writer import endpoint_state
 
 

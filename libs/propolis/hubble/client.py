@@ -51,7 +51,7 @@ def select(per_node: list[list[Response]], number: int, first: bool) -> list[Res
 
 async def announced_relay(bus: Bus) -> str:
     """The URL a live hubble-relay announces in its heartbeat (`progress.relay_url`), or ""."""
-    from propolis.status import is_live, newest, read_heartbeats
+    from propolis.runtime.heartbeats import is_live, newest, read_heartbeats
 
     now = time.time()
     relay = newest([hb for hb in await read_heartbeats(bus) if is_live(hb, now)], "hubble-relay")

@@ -152,7 +152,7 @@ class SandboxBench:
             await self.api.__aexit__(*exc)
 
     async def writer_progress(self, node: str) -> dict[str, Any]:
-        from propolis.status import newest, read_heartbeats
+        from propolis.runtime.heartbeats import newest, read_heartbeats
         best = newest(await read_heartbeats(self.bus), "datapath-writer", node)
         return dict(best.progress) if best else {}
 

@@ -16,7 +16,7 @@ from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, 
 from propolis.clustermesh import SERVICE
 from propolis.errors import CliError, PermanentError
 from propolis_sandbox.config import DEFAULT_NAME, load_state
-from propolis.status import is_live, read_heartbeats
+from propolis.runtime.heartbeats import is_live, read_heartbeats
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,41 @@
+"""Reading the heartbeats every service instance publishes (runtime/service.py writes them).
+
+An instance that missed `STALE_BEATS` beats in a row is not live: one late beat is noise, three are a dead
+or hung process. `propolis status`, the Hubble client, the CLI and the sandbox all judge liveness with
+these same functions, so they never disagree about which instances are up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from propolis.bus import subjects
+from propolis.bus.connection import Bus
+from propolis.bus.messages import Heartbeat
+from propolis.runtime.settings import CommonSettings
+
+#: Missed beats before an instance is stale: one late beat is noise, three are a dead or hung process.
+STALE_BEATS = 3
+#: The interval of an instance that does not say its own (heartbeat schema 1.0).
+DEFAULT_HEARTBEAT_INTERVAL_S: float = CommonSettings.heartbeat_interval
+
+
+def stale_after(hb: Heartbeat, override: float | None = None) -> float:
+    return override or STALE_BEATS * (hb.interval or DEFAULT_HEARTBEAT_INTERVAL_S)
+
+
+def is_live(hb: Heartbeat, now: float, override: float | None = None) -> bool:
+    return now - hb.sent_at <= stale_after(hb, override)
+
+
+async def read_heartbeats(bus: Bus, malformed: dict[str, str] | None = None) -> list[Heartbeat]:
+    """Every instance's last heartbeat (KV `PROPOLIS_HEARTBEATS_V1`), live or not: callers judge with `is_live`.
+    One that does not decode is left out (and named in ``malformed``, key -> why, when given)."""
+    kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
+    return [e.value for e in (await kv.items(refused=malformed)).values() if isinstance(e.value, Heartbeat)]
+
+
+def newest(heartbeats: Iterable[Heartbeat], service: str, node: str | None = None) -> Heartbeat | None:
+    """The latest heartbeat of `service` (on `node`, when given)."""
+    mine = [hb for hb in heartbeats if hb.service == service and node in (None, hb.node)]
+    return max(mine, key=lambda hb: hb.sent_at, default=None)
