@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 MARK_MASK = 0xFFFF0000
 MARK_MAGIC_TO_PROXY = 0x4C500000
@@ -64,7 +68,7 @@ def upstream_socket(sock: socket.socket, client_ip: str, direction: str) -> sock
     return sock
 
 
-def install_proxy_route(ipr) -> None:  # type: ignore[no-untyped-def]
+def install_proxy_route(ipr: IPRoute) -> None:
     """Idempotently install the policy route for marked packets (pyroute2 IPRoute in the node netns)."""
     try:
         ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=ipr.link_lookup(ifname="lo")[0],

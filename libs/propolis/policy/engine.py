@@ -58,9 +58,10 @@ from propolis.model import identity as idm
 from propolis.model.labels import SOURCE_CIDR, SOURCE_FQDN, SOURCE_K8S, SOURCE_RESERVED, Label, LabelSet
 from propolis.model.selectors import LabelSelector, Requirement, equals, exists
 from propolis.policy.entries import (PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTOCOL_NUMBERS,
-                                     L7Annotation, PolicyEntry, icmp_type_port)
+                                     Direction, L7Annotation, PolicyEntry, icmp_type_port)
 from propolis.policy.parse import policy_from_record
-from propolis.policy.rules import CIDRRule, DNSRule, PeerRule, Policy, PortProtocol, PortRule, Rule, ServiceSelector
+from propolis.policy.rules import (CIDRRule, DNSRule, PeerRule, Policy, PortProtocol, PortRule, Rule, ServiceSelector,
+                                   subnet_of)
 from propolis.policy.selectorcache import SelectorCache
 
 log = logging.getLogger("propolis.policy")
@@ -92,7 +93,7 @@ class PeerTables:
 
 MODES = ("default", "always", "never")
 NAMED_EGRESS = "named-ports:egress"  # row-cache dependency marker: egress rows resolved named ports
-DIRECTIONS = ("ingress", "egress")
+DIRECTIONS: tuple[Direction, ...] = ("ingress", "egress")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 NamedPorts = Mapping[str, tuple[str, int]]
 Row = tuple[tuple[int, int, int, int], PolicyEntry, "L7Annotation | None"]  # (hash key, entry, L7)
@@ -589,8 +590,7 @@ class PolicyEngine:
             net = ipaddress.ip_network(rule.cidr)
             holes = [ipaddress.ip_network(e) for e in rule.except_]
             for prefix, pnet in self._cidr_nets.items():
-                if pnet.version == net.version and pnet.subnet_of(net) and not any(  # type: ignore[arg-type]
-                        pnet.subnet_of(h) for h in holes):  # type: ignore[arg-type]
+                if subnet_of(pnet, net) and not any(subnet_of(pnet, h) for h in holes):
                     ids.add(self._cidr_ids[prefix])
             if net.prefixlen == 0:  # addresses matching no prefix resolve to world; holes have their own prefixes
                 ids |= {idm.RESERVED_WORLD, idm.RESERVED_WORLD_IPV4 if net.version == 4 else idm.RESERVED_WORLD_IPV6}
@@ -722,12 +722,12 @@ class PolicyEngine:
             return []
         return [(PROTOCOL_NUMBERS.get(proto_name, PROTO_TCP), number)]
 
-    def _rows(self, direction: str, subject: int, peers: set[int], peer: PeerRule, deny: bool,
+    def _rows(self, direction: Direction, subject: int, peers: set[int], peer: PeerRule, deny: bool,
               origin: str) -> list[Row]:
         rows: list[Row] = []
 
         def emit(ident: int, proto: int, port: int, end: int, l7: L7Annotation | None) -> None:
-            rows.append(((ident, proto, port, end), PolicyEntry(direction, ident, proto, port, end, deny),  # type: ignore[arg-type]
+            rows.append(((ident, proto, port, end), PolicyEntry(direction, ident, proto, port, end, deny),
                          l7))
 
         if peer.icmps:
@@ -761,7 +761,7 @@ class PolicyEngine:
                         emit(ident, proto, pp.port, pp.end_port, l7)
         return rows
 
-    def _peer_rows(self, direction: str, subject: int, peer: PeerRule, deny: bool, origin: str,
+    def _peer_rows(self, direction: Direction, subject: int, peer: PeerRule, deny: bool, origin: str,
                    requires: tuple[Requirement, ...]) -> tuple[tuple[Any, ...], list[Row], frozenset[str]]:
         """Rows of one peer rule, shared by every endpoint the rule selects (unless it names ingress ports)."""
         named_ingress = direction == "ingress" and any(pp.name for pr in peer.to_ports for pp in pr.ports)

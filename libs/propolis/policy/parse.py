@@ -25,7 +25,7 @@ from propolis.model.labels import SOURCE_ANY, SOURCE_K8S, SOURCE_RESERVED
 from propolis.model.selectors import (LabelSelector, Requirement, equals, exists, parse_label_selector)
 from propolis.policy.rules import (CIDRRule, DNSRule, HeaderMatch, HTTPRule, ICMPField, KafkaRule, L7Rules,
                                    PeerRule, Policy, PortProtocol, PortRule, Rule,
-                                   ServiceSelector)
+                                   ServiceSelector, subnet_of)
 
 KIND_NP = "NetworkPolicy"
 KIND_CNP = "CiliumNetworkPolicy"
@@ -157,7 +157,7 @@ def _cidr_rule(cidr: Any, excepts: Any, where: str, cidr_key: str, except_key: s
     for i, text in enumerate(_list(excepts, f"{where}.{except_key}")):
         at = f"{where}.{except_key}[{i}]"
         hole = parse_cidr(text, at)
-        if hole.version != net.version or not hole.subnet_of(net):  # type: ignore[arg-type]
+        if not subnet_of(hole, net):
             raise ValidationError(at, f"{text} is not inside {cidr}")
         holes.append(str(hole))
     return CIDRRule(str(net), tuple(holes))
@@ -303,7 +303,8 @@ def _tls(doc: Any, where: str) -> tuple[tuple[str, Any], ...]:
     _string(s.get("name"), f"{where}.secret.name", allow_empty=False)
     for k in ("trustedCA", "certificate", "privateKey"):
         _string(d.get(k), f"{where}.{k}")
-    return _frozen(d)  # type: ignore[no-any-return]
+    frozen: tuple[tuple[str, Any], ...] = _frozen(d)
+    return frozen
 
 
 def _listener(doc: Any, where: str) -> tuple[tuple[str, Any], ...]:
@@ -315,7 +316,8 @@ def _listener(doc: Any, where: str) -> tuple[tuple[str, Any], ...]:
     prio = d.get("priority")
     if prio is not None and (isinstance(prio, bool) or not isinstance(prio, int) or not 1 <= prio <= 100):
         raise ValidationError(f"{where}.priority", "must be an integer 1-100")
-    return _frozen(d)  # type: ignore[no-any-return]
+    frozen: tuple[tuple[str, Any], ...] = _frozen(d)
+    return frozen
 
 
 def _port_rule(doc: Any, where: str, *, deny: bool, egress: bool) -> PortRule:

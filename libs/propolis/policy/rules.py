@@ -8,10 +8,21 @@ the L7 proxy later).
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
 from propolis.model.selectors import LabelSelector
+
+
+def subnet_of(inner: ipaddress.IPv4Network | ipaddress.IPv6Network,
+              outer: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """`inner` lies within `outer`; networks of different families never do (ipaddress raises instead)."""
+    if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return inner.subnet_of(outer)
+    if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return inner.subnet_of(outer)
+    return False
 
 
 @dataclass(frozen=True)
