@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from propolis_sandbox import cluster, netns
+from propolis_sandbox import cgroups, cluster, netns
 from propolis_sandbox.config import BPF_ROOT, RUN_ROOT, SANDBOX_ENV, SandboxState
 
 
@@ -36,12 +36,13 @@ def unique_name(prefix: str = "t") -> str:
 
 
 def leftovers(name: str) -> dict[str, list[str]]:
-    """What of sandbox `name` still exists: namespaces, pins, run dir, processes (empty lists = clean)."""
+    """What of sandbox `name` still exists: namespaces, pins, run dir, processes, cgroups (empty lists = clean)."""
     return {
         "namespaces": cluster.owned_netns(name),
         "pins": [str(p) for p in cluster.owned_pin_dirs(name)],
         "run_dir": [str(RUN_ROOT / name)] if (RUN_ROOT / name).exists() else [],
         "processes": [str(p) for p in netns.pids_with_env(SANDBOX_ENV, name)],
+        "cgroups": [str(cgroups.sandbox_cgroup(name))] if cgroups.sandbox_cgroup_exists(name) else [],
     }
 
 

@@ -22,7 +22,7 @@ ALL_FEATURES = ["kubeProxyReplacement=true", "encryption.enabled=true", "encrypt
                 "hubble.relay.enabled=true", "clustermesh.useAPIServer=true", "hubble.ui.enabled=true",
                 "hubble.export.static.enabled=true", "hubble.metrics.enabled={dns,drop,flow:sourceContext=namespace}",
                 "nats.tls.enabled=true", "k8sServiceHost=10.0.0.1", "k8sServicePort=6443",
-                "loadBalancer.algorithm=maglev", "devices={eth0}", "policyEnforcementMode=always",
+                "loadBalancer.algorithm=maglev", "devices={eth0}", "policyEnforcementMode=always", "socketLB.enabled=true",
                 "cluster.name=mesh-1", "cluster.id=7", "image.useDigest=true", "image.digest=sha256:" + "0" * 64]
 
 

@@ -67,6 +67,7 @@ bpffs: {hostPath: /sys/fs/bpf, mountPath: /sys/fs/bpf, type: DirectoryOrCreate, 
 run: {hostPath: /var/run/propolis, mountPath: /var/run/propolis, type: DirectoryOrCreate}
 lib-modules: {hostPath: /lib/modules, mountPath: /lib/modules, type: Directory, readOnly: true}
 usr-src: {hostPath: /usr/src, mountPath: /usr/src, type: Directory, readOnly: true}
+cgroup: {hostPath: {{ .Values.cgroup.hostRoot }}, mountPath: {{ .Values.cgroup.hostRoot }}, type: Directory, readOnly: true}
 hubble-export: {hostPath: /var/run/cilium/hubble, mountPath: /var/run/cilium/hubble, type: DirectoryOrCreate}
 wireguard-state: {hostPath: /var/lib/propolis/wireguard, mountPath: /var/lib/propolis/wireguard, type: DirectoryOrCreate}
 cni-bin: {hostPath: /opt/cni/bin, mountPath: /host/opt/cni/bin, type: DirectoryOrCreate}
