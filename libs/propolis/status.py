@@ -47,6 +47,7 @@ FEATURE_SPECS: dict[str, FeatureSpec] = {
     "Cluster Mesh": FeatureSpec("clustermesh-apiserver"),
     "L7 proxy": FeatureSpec("l7-proxy"),
     "DNS proxy": FeatureSpec("dns-proxy"),
+    "Socket LB": FeatureSpec("datapath-writer", ("bpffs",)),  # "Enabled (hostNamespaceOnly)" or why not
 }
 FEATURES = tuple(FEATURE_SPECS)
 

@@ -143,6 +143,7 @@ def test_every_feature_is_listed_with_the_reason_when_off():
     assert f["BandwidthManager"]["state"] == "Disabled"
     assert f["BandwidthManager"]["reason"].startswith("not implemented by datapath-writer yet; sch_fq missing")
     assert f["Cluster Mesh"] == {"state": "Disabled", "reason": "clustermesh-apiserver not running"}
+    assert f["Socket LB"]["state"] == "Disabled" and "datapath-writer" in f["Socket LB"]["reason"]
 
 
 def test_features_come_only_from_live_instances_and_are_checked_against_the_kernel():
