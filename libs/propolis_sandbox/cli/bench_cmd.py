@@ -68,15 +68,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     encryption.add_argument("--samples", type=int, default=2000, help="request/response round trips")
     encryption.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.encryption").run(
         a.seconds, a.samples))
-    flows = verbs.add_parser("flows", help="Hubble: flows/s from the BPF ring through the observer to a NATS "
-                                           "subscriber, lost events counted where lost")
+    flows = verbs.add_parser("flows", help="Hubble: flows/s from the BPF ring through the propolis-hubble process "
+                                           "to a NATS subscriber (many 5-tuples, endpoints, identities, ipcache "
+                                           "churn), lost events counted where lost")
     flows.add_argument("--rates", default="5000,30000", help="target events/s, comma-separated")
     flows.add_argument("--seconds", type=float, default=10.0, help="how long each rate is sustained")
     flows.add_argument("--follow-rate", type=int, default=2000,
                        help="one more run at this rate through hubble-relay to an `observe --follow` client "
                             "(0 = skip)")
+    flows.add_argument("--identities", type=int, default=1000, help="identities on the bus")
+    flows.add_argument("--endpoints", type=int, default=200, help="local pods (endpoints) receiving the flows")
+    flows.add_argument("--peers", type=int, default=4000, help="remote addresses (ipcache rows) sending them")
+    flows.add_argument("--five-tuples", type=int, default=8000, help="distinct established connections replayed")
+    flows.add_argument("--churn", type=float, default=20.0, help="ipcache changes per second during each run")
     flows.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.flows").run(
-        [int(r) for r in a.rates.split(",") if r.strip()], a.seconds, a.nats_url, a.follow_rate))
+        [int(r) for r in a.rates.split(",") if r.strip()], a.seconds, a.nats_url, a.follow_rate,
+        identities=a.identities, endpoints=a.endpoints, peers=a.peers, flows=a.five_tuples, churn=a.churn))
     node = verbs.add_parser("node", help="the node itself: Bandwidth Manager shaping accuracy (target rate, "
                                          "measured, error), host firewall per-packet cost")
     node.add_argument("--targets", default="10M,100M", help="annotation values, comma-separated")
