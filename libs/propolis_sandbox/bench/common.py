@@ -128,7 +128,7 @@ def report_figures(name: str, figures: Any) -> None:
     if isinstance(figures, list) and all(isinstance(r, dict) for r in figures):
         report(name, figures)
     elif isinstance(figures, dict) and isinstance(figures.get("rows", figures.get("results")), list):
-        rows = figures.get("rows", figures.get("results"))
+        rows: list[dict[str, Any]] = figures.get("rows", figures.get("results")) or []
         report(name, rows, extra={k: v for k, v in figures.items() if k not in ("rows", "results")})
     elif isinstance(figures, dict):
         rows = [{"figure": k, "value": v} for k, v in _scalars(figures)]

@@ -56,7 +56,9 @@ async def _subscriber(url: str) -> None:
     from propolis.bus import codec, subjects
     from propolis.bus.messages import FlowMessage
     nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
-    received, gaps, delays, last = 0, 0, [], {}
+    received, gaps = 0, 0
+    delays: list[float] = []
+    last: dict[str, int] = {}
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
 
