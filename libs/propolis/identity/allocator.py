@@ -27,6 +27,7 @@ from propolis.bus import subjects
 from propolis.bus.kv import Conflict, Kv
 from propolis.bus.messages import IdentityIndex, IdentityRecord
 from propolis.errors import TemporaryError
+from propolis.model.types import NumericIdentity
 
 log = logging.getLogger("propolis.identity")
 
@@ -42,26 +43,26 @@ class IdentityAllocator:
     def __init__(self, kv: Kv, *, cluster_id: int = 0) -> None:
         self.kv = kv
         self.cluster_id = cluster_id
-        self.used: set[int] = set()
+        self.used: set[NumericIdentity] = set()
         self._cursor = random.randint(MIN_CLUSTER_LOCAL, MAX_CLUSTER_LOCAL)
         self.allocations = 0
         self.conflicts = 0
 
-    def number(self, local: int) -> int:
-        return (self.cluster_id << 16) | local
+    def number(self, local: int) -> NumericIdentity:
+        return NumericIdentity((self.cluster_id << 16) | local)
 
-    def note_used(self, identity: int) -> None:
+    def note_used(self, identity: NumericIdentity) -> None:
         self.used.add(identity)
 
-    def note_free(self, identity: int) -> None:
+    def note_free(self, identity: NumericIdentity) -> None:
         self.used.discard(identity)
 
     async def load(self) -> None:
-        for key, entry in (await self.kv.items(subjects.IDENTITY_KEYS)).items():
+        for entry in (await self.kv.items(subjects.IDENTITY_KEYS)).values():
             if isinstance(entry.value, IdentityRecord):
-                self.used.add(entry.value.id)
+                self.used.add(NumericIdentity(entry.value.id))
 
-    def _candidate(self) -> int:
+    def _candidate(self) -> NumericIdentity:
         span = MAX_CLUSTER_LOCAL - MIN_CLUSTER_LOCAL + 1
         for _ in range(span):
             local = self._cursor
@@ -70,18 +71,19 @@ class IdentityAllocator:
                 return self.number(local)
         raise TemporaryError("identity space exhausted (65280 cluster-local identities in use)")
 
-    async def lookup(self, labels: list[str]) -> int | None:
+    async def lookup(self, labels: list[str]) -> NumericIdentity | None:
         entry = await self.kv.get(subjects.identity_labels_key(labels_hash(labels)))
-        return entry.value.id if entry is not None else None
+        return NumericIdentity(entry.value.id) if entry is not None else None
 
-    async def allocate(self, labels: list[str]) -> int:
+    async def allocate(self, labels: list[str]) -> NumericIdentity:
         labels = sorted(labels)
         index_key = subjects.identity_labels_key(labels_hash(labels))
         for _ in range(1000):
             entry = await self.kv.get(index_key)
             if entry is not None:
-                self.used.add(entry.value.id)
-                return int(entry.value.id)
+                agreed = NumericIdentity(int(entry.value.id))
+                self.used.add(agreed)
+                return agreed
             number = self._candidate()
             try:
                 await self.kv.create(subjects.identity_key(number), IdentityRecord(number, labels))
@@ -102,7 +104,7 @@ class IdentityAllocator:
             return number
         raise TemporaryError(f"could not allocate an identity for {labels} after 1000 attempts")
 
-    async def release(self, identity: int, labels: list[str]) -> bool:
+    async def release(self, identity: NumericIdentity, labels: list[str]) -> bool:
         """Delete an unused identity (GC). The index goes first, compare-and-set, so a label set
         is never left pointing at a number that is gone."""
         index_key = subjects.identity_labels_key(labels_hash(labels))
@@ -116,7 +118,7 @@ class IdentityAllocator:
         self.used.discard(identity)
         return True
 
-    async def restore(self, identity: int, labels: list[str]) -> bool:
+    async def restore(self, identity: NumericIdentity, labels: list[str]) -> bool:
         """Re-create ``id.<n>`` and its label index where they are missing (a purged bucket keeps
         every pod's number); another replica's record already there stands. True if it wrote."""
         labels = sorted(labels)
@@ -131,7 +133,7 @@ class IdentityAllocator:
         self.used.add(identity)
         return wrote
 
-    async def rewrite(self, identity: int, labels: list[str]) -> None:
+    async def rewrite(self, identity: NumericIdentity, labels: list[str]) -> None:
         """Put ``id.<n>`` and its label index again (an owner's new epoch rewrites every key it keeps: see
         identity/sync.py); the number is already ours, agreed by ``allocate``'s compare-and-set."""
         labels = sorted(labels)
@@ -139,7 +141,7 @@ class IdentityAllocator:
         await self.kv.put(subjects.identity_labels_key(labels_hash(labels)), IdentityIndex(identity, labels))
         self.used.add(identity)
 
-    async def ensure_reserved(self, reserved: dict[int, list[str]]) -> None:
+    async def ensure_reserved(self, reserved: dict[NumericIdentity, list[str]]) -> None:
         for number, labels in reserved.items():
             existing = await self.kv.get(subjects.identity_key(number))
             if existing is None:

@@ -36,6 +36,7 @@ from propolis.errors import TemporaryError
 from propolis.identity.allocator import IdentityAllocator, labels_hash
 from propolis.identity.endpoints import endpoint_for_pod
 from propolis.model import identity as idmodel
+from propolis.model.types import NumericIdentity
 from propolis.reconcile import Reconciler, wait_event
 
 log = logging.getLogger("propolis.identity.sync")
@@ -74,7 +75,7 @@ class EndpointRecordTarget:
     ``on_damage`` first. ``on_use`` sees every change of which identities the records use."""
 
     def __init__(self, kv: Kv, alloc: IdentityAllocator, *, on_damage: Callable[[str], None],
-                 on_use: Callable[[int, list[str] | None], None]) -> None:
+                 on_use: Callable[[NumericIdentity, list[str] | None], None]) -> None:
         self.kv = kv
         self.alloc = alloc
         self.on_damage = on_damage
@@ -129,7 +130,7 @@ class EndpointRecordTarget:
         await self.kv.delete(key)
         old = self.known.pop(key, None)
         if old is not None and old.identity:
-            self.on_use(old.identity, None)
+            self.on_use(NumericIdentity(old.identity), None)
         self.wrote.set()
 
     async def list_actual(self) -> Iterable[str]:
@@ -144,11 +145,11 @@ class EndpointRecordTarget:
         """The round is over: a copy of the bucket is not kept in memory."""
         self._snapshot = None
 
-    def _kept_identity(self, key: str, labels: tuple[str, ...]) -> int:
+    def _kept_identity(self, key: str, labels: tuple[str, ...]) -> NumericIdentity:
         record = self.known.get(key)
-        return record.identity if record is not None and tuple(record.labels) == labels else 0
+        return NumericIdentity(record.identity if record is not None and tuple(record.labels) == labels else 0)
 
-    async def _identity(self, key: str, labels: tuple[str, ...]) -> int:
+    async def _identity(self, key: str, labels: tuple[str, ...]) -> NumericIdentity:
         return self._kept_identity(key, labels) or await self.alloc.allocate(list(labels))
 
     async def _write(self, key: str, record: EndpointRecord) -> None:
@@ -162,9 +163,9 @@ class EndpointRecordTarget:
         self.known[key] = record
         if old is None or old.identity != record.identity:
             if record.identity:
-                self.on_use(record.identity, record.labels)
+                self.on_use(NumericIdentity(record.identity), record.labels)
             if old is not None and old.identity:
-                self.on_use(old.identity, None)
+                self.on_use(NumericIdentity(old.identity), None)
 
 
 class IdentityGCTarget:
@@ -178,14 +179,14 @@ class IdentityGCTarget:
         self.alloc = alloc
         self.grace = grace
         self.is_holder = is_holder
-        self.unused_since: dict[int, float] = {}
-        self.actual: dict[int, list[str]] = {}  # non-reserved identities in the bucket, as last read
+        self.unused_since: dict[NumericIdentity, float] = {}
+        self.actual: dict[NumericIdentity, list[str]] = {}  # non-reserved identities in the bucket, as last read
         self.collected = 0
 
-    async def update(self, key: int, desired: list[str]) -> None:
+    async def update(self, key: NumericIdentity, desired: list[str]) -> None:
         self.unused_since.pop(key, None)
 
-    async def delete(self, key: int) -> None:
+    async def delete(self, key: NumericIdentity) -> None:
         if not self.is_holder():
             return
         now = time.monotonic()
@@ -200,8 +201,8 @@ class IdentityGCTarget:
         self.actual.pop(key, None)
         self.collected += 1
 
-    async def list_actual(self) -> Iterable[int]:
-        self.actual = {e.value.id: e.value.labels for e in (await self.kv.items(subjects.IDENTITY_KEYS)).values()
+    async def list_actual(self) -> Iterable[NumericIdentity]:
+        self.actual = {NumericIdentity(e.value.id): e.value.labels for e in (await self.kv.items(subjects.IDENTITY_KEYS)).values()
                        if isinstance(e.value, IdentityRecord) and not e.value.reserved}
         return list(self.actual)
 
@@ -223,8 +224,8 @@ class IdentitySync:
         self.endpoints: Reconciler[str, EndpointSource] = Reconciler(
             "endpoint-records", self.records, refresh_interval=float("inf"), backoff_max=ENDPOINT_RETRY_MAX)
         self.gc_target = IdentityGCTarget(ids_kv, alloc, grace=gc_grace, is_holder=is_holder)
-        self.gc: Reconciler[int, list[str]] = Reconciler("identity-gc", self.gc_target, refresh_interval=gc_interval)
-        self.users: dict[int, int] = {}  # identity -> how many of our records use it
+        self.gc: Reconciler[NumericIdentity, list[str]] = Reconciler("identity-gc", self.gc_target, refresh_interval=gc_interval)
+        self.users: dict[NumericIdentity, int] = {}  # identity -> how many of our records use it
         self.repair_interval = repair_interval
         self.epoch = new_epoch()  # of our bucket's contents (changes when repaired)
         self.epoch_announced = False
@@ -241,7 +242,7 @@ class IdentitySync:
         records = {}
         for key, entry in (await self.kv.items()).items():
             if isinstance(entry.value, IdentityRecord):
-                self.alloc.note_used(entry.value.id)
+                self.alloc.note_used(NumericIdentity(entry.value.id))
             elif isinstance(entry.value, EndpointRecord):
                 records[key] = entry.value
         self.records.load(records)
@@ -266,11 +267,11 @@ class IdentitySync:
         """Other replicas' allocations: keep the used set current so candidates rarely collide."""
         async for ev in self.kv.watch(subjects.IDENTITY_KEYS):
             if ev.type is EventType.PUT and isinstance(ev.value, IdentityRecord):
-                self.alloc.note_used(ev.value.id)
+                self.alloc.note_used(NumericIdentity(ev.value.id))
             elif ev.type is EventType.DELETE:
                 number = subjects.parse_identity_key(ev.key)
                 if number is not None:
-                    self.alloc.note_free(number)
+                    self.alloc.note_free(NumericIdentity(number))
 
     def _k8s_change(self, ev: KvEvent) -> None:
         parsed = subjects.parse_k8s_key(ev.key)
@@ -302,7 +303,7 @@ class IdentitySync:
         else:
             self.endpoints.upsert(key, source)
 
-    def _used(self, identity: int, labels: list[str] | None) -> None:
+    def _used(self, identity: NumericIdentity, labels: list[str] | None) -> None:
         count = self.users.get(identity, 0) + (1 if labels is not None else -1)
         if count > 0:
             self.users[identity] = count

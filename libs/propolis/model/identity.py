@@ -13,20 +13,21 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from propolis.model.labels import SOURCE_K8S, SOURCE_RESERVED, Label, LabelSet
+from propolis.model.types import NumericIdentity
 
 # --- reserved identities (Cilium's numbers) ---------------------------------------------
-IDENTITY_UNKNOWN = 0  # invalid as an identity; in policy maps: "any peer"
-RESERVED_HOST = 1
-RESERVED_WORLD = 2
-RESERVED_UNMANAGED = 3
-RESERVED_HEALTH = 4
-RESERVED_INIT = 5
-RESERVED_REMOTE_NODE = 6
-RESERVED_KUBE_APISERVER = 7
-RESERVED_INGRESS = 8
-RESERVED_WORLD_IPV4 = 9
-RESERVED_WORLD_IPV6 = 10
-RESERVED_ENCRYPTED_OVERLAY = 11
+IDENTITY_UNKNOWN = NumericIdentity(0)  # invalid as an identity; in policy maps: "any peer"
+RESERVED_HOST = NumericIdentity(1)
+RESERVED_WORLD = NumericIdentity(2)
+RESERVED_UNMANAGED = NumericIdentity(3)
+RESERVED_HEALTH = NumericIdentity(4)
+RESERVED_INIT = NumericIdentity(5)
+RESERVED_REMOTE_NODE = NumericIdentity(6)
+RESERVED_KUBE_APISERVER = NumericIdentity(7)
+RESERVED_INGRESS = NumericIdentity(8)
+RESERVED_WORLD_IPV4 = NumericIdentity(9)
+RESERVED_WORLD_IPV6 = NumericIdentity(10)
+RESERVED_ENCRYPTED_OVERLAY = NumericIdentity(11)
 
 RESERVED_NAMES: dict[int, str] = {
     RESERVED_HOST: "host", RESERVED_WORLD: "world", RESERVED_UNMANAGED: "unmanaged",
@@ -34,7 +35,8 @@ RESERVED_NAMES: dict[int, str] = {
     RESERVED_KUBE_APISERVER: "kube-apiserver", RESERVED_INGRESS: "ingress",
     RESERVED_WORLD_IPV4: "world-ipv4", RESERVED_WORLD_IPV6: "world-ipv6",
 }
-RESERVED_BY_NAME: dict[str, int] = {name: number for number, name in RESERVED_NAMES.items()}
+RESERVED_BY_NAME: dict[str, NumericIdentity] = {
+    name: NumericIdentity(number) for number, name in RESERVED_NAMES.items()}
 
 # --- numeric ranges ------------------------------------------------------------------
 MIN_USER_RESERVED = 128
@@ -64,18 +66,18 @@ def reserved_labels(number: int) -> LabelSet:
     return LabelSet(labels)
 
 
-def reserved_identity_labels() -> dict[int, list[str]]:
+def reserved_identity_labels() -> dict[NumericIdentity, list[str]]:
     """Every reserved identity -> its sorted label strings (what the allocator writes at start)."""
-    return {number: reserved_labels(number).strings() for number in RESERVED_NAMES}
+    return {NumericIdentity(number): reserved_labels(number).strings() for number in RESERVED_NAMES}
 
 
-def cluster_identity(local: int, cluster_id: int = 0) -> int:
+def cluster_identity(local: int, cluster_id: int = 0) -> NumericIdentity:
     """A cluster-local number (256..65535) placed in cluster ``cluster_id``'s range."""
     if not MIN_CLUSTER_LOCAL <= local <= MAX_CLUSTER_LOCAL:
         raise ValueError(f"cluster-local identity {local} outside {MIN_CLUSTER_LOCAL}..{MAX_CLUSTER_LOCAL}")
     if not 0 <= cluster_id <= MAX_CLUSTER_ID:
         raise ValueError(f"cluster id {cluster_id} outside 0..{MAX_CLUSTER_ID}")
-    return (cluster_id << CLUSTER_ID_SHIFT) | local
+    return NumericIdentity((cluster_id << CLUSTER_ID_SHIFT) | local)
 
 
 def cluster_id_of(identity: int) -> int:
