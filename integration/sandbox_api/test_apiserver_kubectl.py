@@ -4,7 +4,6 @@ get/apply/create/replace/patch/delete, label selectors, the status subresource, 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
-KUBECTL = shutil.which("kubectl")
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed on this machine")
+from propolis_sandbox.testing.tools import required_tool
 
 MANIFEST = """
 apiVersion: v1
@@ -78,8 +75,7 @@ def server(tmp_path: Path) -> Iterator[Path]:
 
 
 def kubectl(run_dir: Path, *args: str, stdin: str | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    assert KUBECTL is not None
-    result = subprocess.run([KUBECTL, "--kubeconfig", str(run_dir / "kubeconfig"), *args], input=stdin,
+    result = subprocess.run([required_tool("kubectl"), "--kubeconfig", str(run_dir / "kubeconfig"), *args], input=stdin,
                             capture_output=True, text=True, timeout=60)
     if ok:
         assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import subprocess
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from propolis_sandbox.testing.tools import required_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "propolis"
-BIN = Path(sys.executable).parent
 
 #: The issue's "done when" install: every feature on.
 ALL_FEATURES = ["kubeProxyReplacement=true", "encryption.enabled=true", "encryption.type=wireguard",
@@ -26,15 +24,7 @@ ALL_FEATURES = ["kubeProxyReplacement=true", "encryption.enabled=true", "encrypt
                 "cluster.name=mesh-1", "cluster.id=7", "image.useDigest=true", "image.digest=sha256:" + "0" * 64]
 
 
-def tool(name: str) -> str:
-    """A tool the tests need; missing = set-up is broken, which must fail (never skip) in CI."""
-    path = BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if not found:
-        pytest.fail(f"{name} is not installed: run `make setup` (scripts/setup.sh installs it)")
-    return found
+tool = required_tool  # a tool the tests need; missing = set-up is broken, which must fail (never skip) in CI
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
