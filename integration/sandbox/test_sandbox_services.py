@@ -20,7 +20,6 @@ from propolis_sandbox.config import SandboxState, allocate, allocation_lock
 from propolis_sandbox.fixture import leftovers, unique_name
 
 pytestmark = pytest.mark.root
-pytest.importorskip("propolis_sandbox.apiserver", reason="the sandbox API server is not built yet")
 
 ANSWERER = textwrap.dedent('''
     import asyncio, os, sys
