@@ -25,7 +25,6 @@ from propolis_sandbox.config import BPF_ROOT, SANDBOX_ENV, SandboxState
 from propolis_sandbox.fixture import leftovers
 
 pytestmark = pytest.mark.root
-pytest.importorskip("propolis_sandbox.apiserver", reason="the sandbox API server is not built yet")
 PROPOLIS = [sys.executable, "-m", "propolis.cli.main"]
 
 
