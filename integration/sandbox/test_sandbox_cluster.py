@@ -156,7 +156,7 @@ def test_bad_input_is_refused_and_nothing_applied(sandbox: SandboxState, tmp_pat
         "- {containerPort: 53, protocol: UDP, name: dns}", "- {containerPort: 80, name: again}"))
     proc = cli("apply", "--name", name, "-f", str(bad), check=False)
     assert proc.returncode != 0
-    assert "document 2" in proc.stderr and "duplicate port 80/TCP" in proc.stderr
+    assert "document 2" in proc.stderr and 'containerPort: Duplicate value: "80/TCP"' in proc.stderr
     assert cli("get", "--name", name, "pod", "bad/ok1", check=False).returncode != 0
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n")

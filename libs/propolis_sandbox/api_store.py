@@ -349,21 +349,12 @@ class Store:
         return meta
 
     def _validate(self, resource: Resource, obj: Obj) -> None:
-        """The kind's structure (api_resources), then the validators the k8s-watcher uses (k8s/validate.py)."""
-        meta = obj["metadata"]
-        name = meta.get("name", "")
+        """The product's validators (propolis.k8s.validate): what `sandbox apply` and the k8s-watcher check too."""
+        name = obj["metadata"].get("name", "")
         size = len(orjson.dumps(obj))
         if size > MAX_OBJECT_BYTES:
             raise too_large(resource, name, size)
-        errors = resource.name_check("metadata.name", name) if name else []
-        annotations = meta.get("annotations")
-        if annotations is not None and (not isinstance(annotations, dict)
-                                        or not all(isinstance(v, str) for v in annotations.values())):
-            errors.append(ValidationError("metadata.annotations", "Invalid value: must be a map of strings"))
-        errors += validate.label_errors(obj)
-        errors += resource.validate(obj)
-        if not errors and self.validate_policies:
-            errors += validate.policy_errors(resource.kind, obj)
+        errors = validate.object_errors(resource.kind, obj, policies=self.validate_policies)
         if errors:
             raise unprocessable(resource, name, errors)
 

@@ -25,13 +25,15 @@ from typing import Any
 import aiohttp
 
 from propolis.errors import CliError, PermanentError, TemporaryError, ValidationError
+from propolis.k8s.kinds import Kind
 from propolis_sandbox import cgroups
 from propolis_sandbox import netns as netns_mod
 from propolis_sandbox import readiness
 from propolis_sandbox.node_ports import NODE_TCP_PORTS
 from propolis_sandbox.config import (BPF_ROOT, RUN_ROOT, SANDBOX_ENV, SandboxConfig, SandboxState, allocate,
                                      allocation_lock, existing_sandboxes, load_state, validate_sandbox_name)
-from propolis_sandbox.resources import KINDS, Document, ResourceKind, load_documents, resolve_kind, validate_documents
+from propolis_sandbox.resources import (KINDS, Document, apply_order, load_documents, resolve_kind,
+                                        validate_documents)
 
 UP_TIMEOUT_S = 60.0
 
@@ -263,10 +265,10 @@ class Api:
         except aiohttp.ClientError as exc:
             raise TemporaryError(f"{method} {path}: {exc}") from exc
 
-    async def get(self, kind: ResourceKind, namespace: str | None, name: str) -> dict[str, Any]:
+    async def get(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any]:
         return await self.request("GET", kind.path(namespace, name))
 
-    async def list(self, kind: ResourceKind, namespace: str | None = None) -> dict[str, Any]:
+    async def list(self, kind: Kind, namespace: str | None = None) -> dict[str, Any]:
         return await self.request("GET", kind.path(namespace))
 
     async def resource_version(self) -> str:
@@ -319,7 +321,7 @@ async def apply_documents(state: SandboxState, docs: list[Document], *, dry_run_
                               body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
             out.append(f"namespace/{ns} created (implicitly)")
         failures = []
-        for doc in sorted(docs, key=lambda d: d.kind.apply_order):
+        for doc in sorted(docs, key=lambda d: apply_order(d.kind)):
             try:
                 out.append(f"{kubectl_name(doc)} {await _apply_one(api, doc)}")
             except ApiError as exc:
@@ -377,7 +379,7 @@ async def delete_documents(state: SandboxState, docs: list[Document]) -> list[st
     validate_documents(docs)
     out = []
     async with Api(state.apiserver_url) as api:
-        for doc in sorted(docs, key=lambda d: -d.kind.apply_order):
+        for doc in sorted(docs, key=lambda d: -apply_order(d.kind)):
             label = f"{doc.kind.singular}/{doc.name}" + (f" in {doc.namespace}" if doc.kind.namespaced else "")
             try:
                 await api.request("DELETE", doc.kind.path(doc.namespace, doc.name))

@@ -1,4 +1,4 @@
-"""The Kubernetes kinds Propolis mirrors onto the bus, and how each is listed, watched and trimmed.
+"""The Kubernetes kinds Propolis names (the one table), and how each is listed, watched and trimmed.
 
 ``Kind.plural`` is also the first token of the object's key in the
 ``PROPOLIS_K8S_V1`` bucket (see `subjects.k8s_key`). ``normalize`` keeps only
@@ -7,8 +7,9 @@ the fields Propolis uses, so the bus carries small, stable records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from propolis.bandwidth.annotations import ANNOTATIONS as BANDWIDTH_ANNOTATIONS
 from propolis.bus.messages import K8sObject
@@ -89,23 +90,60 @@ def norm_cidr_group(obj: Obj) -> tuple[Obj, Obj]:
     return {"externalCIDRs": list((obj.get("spec") or {}).get("externalCIDRs") or [])}, {}
 
 
+def norm_nothing(obj: Obj) -> tuple[Obj, Obj]:
+    """For kinds Propolis names but does not mirror (their records would carry nothing it reads)."""
+    return {}, {}
+
+
 @dataclass(frozen=True)
 class Kind:
+    """One Kubernetes kind: where the API serves it, the names kubectl accepts, and its trimmed bus record.
+
+    The one kind table (`ALL_KINDS`): the k8s-watcher lists and mirrors `KINDS`,
+    the sandbox's API server serves `ALL_KINDS`, and its `apply` resolves names
+    with `short_names`, so the three cannot disagree on a group, a plural or
+    whether a kind is namespaced.
+    """
+
     plural: str
     kind: str
     api_version: str
     namespaced: bool
     normalize: Callable[[Obj], tuple[Obj, Obj]]
+    short_names: tuple[str, ...] = ()
 
     @property
     def group_version(self) -> tuple[str, str]:
         group, _, version = self.api_version.rpartition("/")
         return group, version
 
-    def list_path(self) -> str:
+    @property
+    def group(self) -> str:
+        return self.group_version[0]
+
+    @property
+    def version(self) -> str:
+        return self.group_version[1]
+
+    @property
+    def singular(self) -> str:
+        return self.kind.lower()
+
+    @property
+    def list_kind(self) -> str:
+        return self.kind + "List"
+
+    def path(self, namespace: str | None = None, name: str | None = None) -> str:
+        """`/api/v1/namespaces/x/pods/a`; without a namespace, the all-namespaces (or cluster) collection."""
         group, version = self.group_version
-        prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
-        return f"{prefix}/{self.plural}"
+        path = f"/apis/{group}/{version}" if group else f"/api/{version}"
+        if self.namespaced and namespace:
+            path += f"/namespaces/{namespace}"
+        path += f"/{self.plural}"
+        return path + (f"/{name}" if name else "")
+
+    def list_path(self) -> str:
+        return self.path()
 
     def to_record(self, obj: Obj) -> K8sObject:
         meta = _meta(obj)
@@ -122,15 +160,23 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {k.plural: k for k in (
-    Kind("namespaces", "Namespace", "v1", False, norm_namespace),
-    Kind("pods", "Pod", "v1", True, norm_pod),
-    Kind("nodes", "Node", "v1", False, norm_node),
-    Kind("services", "Service", "v1", True, norm_service),
+    Kind("namespaces", "Namespace", "v1", False, norm_namespace, ("ns",)),
+    Kind("pods", "Pod", "v1", True, norm_pod, ("po",)),
+    Kind("nodes", "Node", "v1", False, norm_node, ("no",)),
+    Kind("services", "Service", "v1", True, norm_service, ("svc",)),
     Kind("endpointslices", "EndpointSlice", "discovery.k8s.io/v1", True, norm_endpointslice),
-    Kind("networkpolicies", "NetworkPolicy", "networking.k8s.io/v1", True, norm_policy),
-    Kind("ciliumnetworkpolicies", "CiliumNetworkPolicy", "cilium.io/v2", True, norm_policy),
-    Kind("ciliumclusterwidenetworkpolicies", "CiliumClusterwideNetworkPolicy", "cilium.io/v2", False, norm_policy),
-    Kind("ciliumcidrgroups", "CiliumCIDRGroup", "cilium.io/v2", False, norm_cidr_group),
+    Kind("networkpolicies", "NetworkPolicy", "networking.k8s.io/v1", True, norm_policy, ("netpol",)),
+    Kind("ciliumnetworkpolicies", "CiliumNetworkPolicy", "cilium.io/v2", True, norm_policy, ("cnp", "ciliumnp")),
+    Kind("ciliumclusterwidenetworkpolicies", "CiliumClusterwideNetworkPolicy", "cilium.io/v2", False, norm_policy,
+         ("ccnp",)),
+    Kind("ciliumcidrgroups", "CiliumCIDRGroup", "cilium.io/v2", False, norm_cidr_group, ("ccg",)),
 )}
+"""The kinds the k8s-watcher mirrors onto the bus, by plural."""
+
+EVENT = Kind("events", "Event", "v1", True, norm_nothing, ("ev",))
+"""Not mirrored (Propolis reads none); an API server serves it, so the sandbox's does too."""
+
+ALL_KINDS: tuple[Kind, ...] = (*KINDS.values(), EVENT)
+BY_KIND: dict[str, Kind] = {k.kind: k for k in ALL_KINDS}
 
 POLICY_KINDS = ("networkpolicies", "ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies")
