@@ -8,6 +8,9 @@ streams; error = measured / target - 1. Goodput excludes headers (Ethernet + IP 
 
 Part `host_firewall`: the host program's per-packet cost with and without a host policy
 (`bench/host_firewall.py`).
+
+Part `socket_lb`: connect latency to a ClusterIP from the node (socket LB) and from a pod (per-packet
+LB), same run and Service, with the node straight to a backend as the floor (`bench/socket_lb.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from propolis_sandbox.bandwidth_measure import measure_tcp_rate
 from propolis.bandwidth.shaper import select_mode
 from propolis_sandbox.bench.common import versions
 from propolis_sandbox.bench.host_firewall import measure_host_packet_cost
+from propolis_sandbox.bench.socket_lb import connect_latency
 from propolis.kernel_probe import probe_all
 from propolis_sandbox import cluster
 from propolis_sandbox.config import SandboxState
@@ -68,12 +72,16 @@ async def shaping_accuracy(state: SandboxState, targets: Sequence[str], seconds:
     return rows
 
 
-def run(targets: Sequence[str] = ("10M", "100M"), seconds: float = 3.0) -> dict[str, Any]:
+def run(targets: Sequence[str] = ("10M", "100M"), seconds: float = 3.0, connects: int = 500) -> dict[str, Any]:
     mode = select_mode(probe_all())
     host_firewall = asyncio.run(measure_host_packet_cost())
     with running_sandbox(nodes=2, services=SERVICES) as state:
-        rows = asyncio.run(shaping_accuracy(state, targets, seconds))
+        rows = asyncio.run(shaping_accuracy(state, targets, seconds)) if targets else []
+        socket_lb = asyncio.run(connect_latency(state, connects)) if connects else []
     return {"shaping": {"mode": mode.name, "detail": mode.detail, "seconds_per_measurement": seconds,
                         "rows": rows, "goal": "within ±10 % of the annotation (issue 19)"},
             "host_firewall": {"program": "cil_from_netdev, BPF_PROG_TEST_RUN", "rows": host_firewall},
+            "socket_lb": {"connects_per_path": 2 * connects, "rows": socket_lb,
+                          "clients": "one process per path and round (2 interleaved rounds), in node 1's cgroup; "
+                                     "backends: 2 pods on node 2"},
             "versions": versions()}

@@ -85,11 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         [int(r) for r in a.rates.split(",") if r.strip()], a.seconds, a.nats_url, a.follow_rate,
         identities=a.identities, endpoints=a.endpoints, peers=a.peers, flows=a.five_tuples, churn=a.churn))
     node = verbs.add_parser("node", help="the node itself: Bandwidth Manager shaping accuracy (target rate, "
-                                         "measured, error), host firewall per-packet cost")
+                                         "measured, error), host firewall per-packet cost, connect latency to a "
+                                         "ClusterIP with socket LB (node) vs per-packet LB (pod)")
     node.add_argument("--targets", default="10M,100M", help="annotation values, comma-separated")
     node.add_argument("--seconds", type=float, default=3.0, help="measurement window of each transfer")
+    node.add_argument("--connects", type=int, default=500, help="socket LB part: connects per path and round "
+                                                                "(0 = skip)")
     node.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.node").run(
-        [t for t in a.targets.split(",") if t.strip()], a.seconds))
+        [t for t in a.targets.split(",") if t.strip()], a.seconds, a.connects))
     policy = verbs.add_parser("policy", help="policy: compiler + map reconcile, apply->enforced on a sandbox, "
                                              "per-packet cost, per-pod attach")
     policy.add_argument("--parts", default="1,2,3,4",
