@@ -10,6 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 
+def _ints(csv: str) -> list[int]:
+    return [int(c) for c in csv.split(",") if c.strip()]
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks (figures, not pass/fail)")
     verbs = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
@@ -23,6 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     watch.add_argument("--rounds", type=int, default=3)
     watch.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.bus").watch_sync(
         a.keys, a.rounds, a.nats_url))
+    fanout = verbs.add_parser("fanout", help="one nats-server telling N nodes about changes: whole-bucket "
+                                             "watches vs per-node keys, side by side; initial sync")
+    fanout.add_argument("--nodes", default="10,100,500,1000", help="simulated node counts, comma-separated")
+    fanout.add_argument("--rates", default="50,500", help="updates/s, comma-separated")
+    fanout.add_argument("--seconds", type=float, default=5.0, help="steady-state window per point")
+    fanout.add_argument("--sync-keys", type=int, default=10_000, help="bucket size for the initial-sync part")
+    fanout.add_argument("--sync-consumers", default="1,100", help="consumers syncing at once, comma-separated")
+    fanout.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.fanout").run(
+        _ints(a.nodes), _ints(a.rates), a.seconds, a.sync_keys, _ints(a.sync_consumers)))
     services = verbs.add_parser("services", help="service LB: eBPF maps vs kube-proxy iptables, side by side")
     services.add_argument("--counts", default="10,1000,10000", help="numbers of services, comma-separated")
     services.add_argument("--connections", type=int, default=2000, help="new connections per probe point and side")
