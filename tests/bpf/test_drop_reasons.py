@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from propolis.maps.drop import DROP_REASONS, reason_name, reason_text
 from propolis.datapath.loader import bpf_source_dir
+from propolis.maps.drop import DROP_REASONS, reason_name, reason_text
 
 LINE = re.compile(r'#define\s+(DROP_\w+)\s+(\d+)\s+/\*\s+"([^"]+)"\s+(\w+)\s+\*/')
 

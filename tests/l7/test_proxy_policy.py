@@ -8,8 +8,8 @@ from propolis.bus.messages import EndpointRecord, IpcacheEntry, Watermark
 from propolis.k8s.kinds import KINDS
 from propolis.l7.http import Head, allowed
 from propolis.l7.policy import ProxyPolicy
-from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis.model import identity as idm
+from propolis.policy.proxy_ports import PROXY_PORTS
 
 NODE = "n1"
 INGRESS, EGRESS = PROXY_PORTS[("http", "ingress")], PROXY_PORTS[("http", "egress")]

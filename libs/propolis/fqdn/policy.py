@@ -8,12 +8,12 @@ port. No such entry = None: the query was not redirected by policy, it is droppe
 
 from __future__ import annotations
 
-from propolis.model.matchpattern import FqdnSelector
 from propolis.fqdn.proxy import Redirected
 from propolis.l7.policy import ProxyPolicy
-from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis.model import identity as idm
+from propolis.model.matchpattern import FqdnSelector
 from propolis.policy.entries import PROTOCOL_NUMBERS
+from propolis.policy.proxy_ports import PROXY_PORTS
 
 DNS_PROXY_PORT = PROXY_PORTS[("dns", "egress")]
 

@@ -30,8 +30,8 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from propolis.model.matchpattern import FqdnSelector, any_matches
 from propolis.fqdn.wire import WireError, answer_a_records
+from propolis.model.matchpattern import FqdnSelector, any_matches
 
 log = logging.getLogger("propolis.fqdn.proxy")
 

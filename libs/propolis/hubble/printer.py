@@ -12,8 +12,8 @@ from typing import IO, Any
 
 import orjson
 
-from propolis.maps.drop import DROP_REASONS
 from propolis.hubble.flow import OBSERVATION_POINTS, Flow, flow_ports
+from propolis.maps.drop import DROP_REASONS
 from propolis.maps.events import MATCH_TYPE_NAMES
 
 FORMATS = ("compact", "dict", "json", "jsonpb", "table")

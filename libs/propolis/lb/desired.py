@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from propolis.bus.messages import K8sObject
-from propolis.lb import global_services
 from propolis.errors import ValidationError
+from propolis.lb import global_services
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_AFFINITY_TIMEOUT = 10800  # Kubernetes' default for ClientIP affinity

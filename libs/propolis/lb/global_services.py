@@ -9,7 +9,8 @@ which picks per `affinity`: `local` uses this cluster's backends while one is ac
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from propolis.bus.messages import ClusterService, K8sObject
 
