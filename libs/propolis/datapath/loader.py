@@ -123,6 +123,7 @@ class LoadedPrograms:
     from_netdev_fd: int = -1
     to_netdev_fd: int = -1
     sock_fds: dict[str, int] = field(default_factory=dict)  # SOCK_PROGRAMS name -> fd
+    sock_error: str = ""  # why sock_fds is empty (the kernel refused bpf_sock.c)
 
     @property
     def compiled(self) -> bool:
@@ -260,11 +261,22 @@ def compile_programs(node: str, pin_dir: str, *, reuse_pinned: bool = True,
         to_fn = module.load_func(PROGRAM_TO_CONTAINER.encode(), BPF.SCHED_CLS)
         netdev_fn = module.load_func(PROGRAM_FROM_NETDEV.encode(), BPF.SCHED_CLS)
         to_netdev_fn = module.load_func(PROGRAM_TO_NETDEV.encode(), BPF.SCHED_CLS)
-        sock_fds = {name: module.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach_type).fd
-                    for name, attach_type in SOCK_PROGRAMS.items()}
     except Exception as exc:
         raise PermanentError(f"compile/load bpf_lxc.c for node {node}: {exc}") from exc
+    sock_fds, sock_error = _load_sock_programs(module)
     elapsed = time.perf_counter() - started
     _pin_programs(pin_dir, digest, (from_fn.fd, to_fn.fd, netdev_fn.fd, to_netdev_fn.fd, *sock_fds.values()))
     return LoadedPrograms(module, from_fn.fd, to_fn.fd, elapsed, adopted, digest, netdev_fn.fd, to_netdev_fn.fd,
-                          sock_fds)
+                          sock_fds, sock_error)
+
+
+def _load_sock_programs(module: Any) -> tuple[dict[str, int], str]:
+    """bpf_sock.c's programs, or why the kernel refused them: socket LB is then off and says why, the rest
+    of the datapath does not need it (cgroup sock_addr programs want bpf_get_netns_cookie, 5.7, and
+    bpf_set_retval, 5.18). Pinned after the tc programs, so a build without them pins those alone."""
+    from bcc import BPF
+    try:
+        return {name: module.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach_type).fd
+                for name, attach_type in SOCK_PROGRAMS.items()}, ""
+    except Exception as exc:  # noqa: BLE001 - bcc raises Exception with the verifier's verdict
+        return {}, f"the kernel refused bpf_sock.c: {exc}"

@@ -269,13 +269,18 @@ class SocketLoadBalancer(ReconciledComponent):
     def __init__(self, settings: Settings, datapath: DatapathComponent) -> None:
         super().__init__(datapath)
         self.settings = settings
+        self.datapath = datapath
         self.reconciler: Reconciler[str, SockAttachment] = Reconciler(
             "socket-lb", SocketLbTarget(datapath.dp), refresh_interval=settings.reconcile_refresh_interval)
 
     async def start(self, rt: Runtime) -> None:
         """Disabled still runs the reconciler with nothing desired: links left from an enabled run go."""
         cookie = 0
-        if self.settings.bpf_lb_sock:
+        programs = self.datapath.dp.programs
+        refused = programs.sock_error if programs is not None else "programs not loaded"
+        if self.settings.bpf_lb_sock and refused:
+            rt.features["Socket LB"] = {"state": "Disabled", "detail": refused}
+        elif self.settings.bpf_lb_sock:
             cookie = await asyncio.to_thread(host_netns_cookie, self.settings.node_netns or None)
             rt.features["Socket LB"] = {"state": socket_lb.ENABLED_STATE,
                                         "detail": f"cgroup {self.settings.cgroup_root}; pods' sockets are left to "
@@ -283,8 +288,8 @@ class SocketLoadBalancer(ReconciledComponent):
         else:
             rt.features["Socket LB"] = {"state": "Disabled", "detail": "bpf-lb-sock=false: the node's own processes "
                                                                       "do not reach ClusterIPs"}
-        self.reconciler.replace_all(socket_lb.desired_socket_lb(self.settings.bpf_lb_sock, self.settings.cgroup_root,
-                                                                cookie))
+        self.reconciler.replace_all(socket_lb.desired_socket_lb(self.settings.bpf_lb_sock and not refused,
+                                                                self.settings.cgroup_root, cookie))
         self.reconciler.mark_synced()
         rt.spawn("socket-lb-reconciler", self.reconciler.run(), self)
 
