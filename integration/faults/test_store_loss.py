@@ -149,7 +149,8 @@ async def test_purged_k8s_bucket_heals_and_nothing_is_pruned(api_cluster):
                 await eventually(lambda: _async(rec.inputs.synced), what=f"inputs re-synced after {how}")
                 assert POLICY_KEY in rec.inputs.policies and ("prod", "api-1") in rec.inputs.endpoints
             assert endpoint_deletes == [], "the identity-allocator deleted endpoint records of a purged bucket"
-            assert all(p >= 1 and e >= 1 for p, e in rec.acted_on), "the writer could act on a pruned view"
+            assert rec.acted_on and all(p >= 1 and e >= 1 for p, e in rec.acted_on), \
+                f"the writer could act on a pruned view (or never acted): {rec.acted_on}"
             await eventually(lambda: _async(int(w[0].progress.get("bucket_repairs", 0)) >= 2),
                              what="both repairs counted in the watcher's progress (updated every 50 ms)")
             # later changes and normal deletes still flow
@@ -185,7 +186,8 @@ async def test_purged_identities_bucket_is_repaired_by_its_owner(api_cluster):
             assert (await ids.get("endpoints.prod.api-1")).value == record
             await eventually(lambda: _async(rec.inputs.synced), what="inputs re-synced")
             assert rec.inputs.endpoints[("prod", "api-1")] == record and record.identity in rec.inputs.identities
-            assert all(e >= 1 for _, e in rec.acted_on), "the writer could act without the endpoint"
+            assert rec.acted_on and all(e >= 1 for _, e in rec.acted_on), \
+                f"the writer could act without the endpoint (or never acted): {rec.acted_on}"
             assert int(a[0].progress["bucket_repairs"]) >= 1
     finally:
         await stop_service(*a)
@@ -266,7 +268,7 @@ async def test_running_watcher_holds_the_bucket_when_the_api_store_goes_back(api
             assert w[0].progress["bucket_epoch"] != old_epoch and int(w[0].progress["store_resets"]) == 1
             # the policy was there, uninterrupted, until the full re-list replaced the bucket
             first_without = next(i for i, (p, _) in enumerate(rec.acted_on) if p == 0)
-            assert all(p == 1 for p, _ in rec.acted_on[:first_without])
+            assert first_without > 0 and all(p == 1 for p, _ in rec.acted_on[:first_without]), rec.acted_on
             # and it follows the new store from then on
             await api2.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", named_cnp("after"))
             await eventually(lambda: _async("ciliumnetworkpolicies.prod.after" in rec.inputs.policies),
