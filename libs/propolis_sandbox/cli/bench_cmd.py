@@ -24,9 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         a.messages, a.samples, a.nats_url))
     watch = verbs.add_parser("kv-watch", help="KV watch initial sync: events/s of Kv.watch vs plain nats-py")
     watch.add_argument("--keys", type=int, default=10_000)
+    watch.add_argument("--updates", type=int, default=10_000, help="puts followed after the initial sync")
     watch.add_argument("--rounds", type=int, default=3)
     watch.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.bus").watch_sync(
-        a.keys, a.rounds, a.nats_url))
+        a.keys, a.rounds, a.nats_url, a.updates))
     fanout = verbs.add_parser("fanout", help="one nats-server telling N nodes about changes: whole-bucket "
                                              "watches vs per-node keys, side by side; initial sync")
     fanout.add_argument("--nodes", default="10,100,500,1000", help="simulated node counts, comma-separated")
