@@ -34,6 +34,7 @@ def test_demo_policies_parse_and_name_their_kinds():
 
 @pytest.mark.skipif(not SEED.exists(), reason=f"{SEED} not there (the workplace's shared seed text)")
 def test_demo_policies_are_the_seed_examples_verbatim():
+    assert demo.POLICIES
     for path in demo.POLICIES:
         mine = yaml.safe_load(path.read_text())
         assert mine == seed_manifest(mine["metadata"]["name"]), path.name

@@ -92,6 +92,7 @@ def test_k8s_watcher_declares_its_components():
 
 def test_no_service_main_runs_a_sync_loop_of_its_own():
     """Desired -> actual loops live in the library on the reconciler (reconcile.py); main.py wires them."""
+    assert SERVICES
     for name in SERVICES:
         source = Path(MODULES[name].__file__).read_text()
         assert "while True" not in source and "asyncio.sleep" not in source, f"services/{name}/main.py loops"

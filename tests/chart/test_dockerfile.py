@@ -64,7 +64,8 @@ def test_the_image_has_every_command_the_chart_runs() -> None:
 def test_unprivileged_services_run_as_the_images_user() -> None:
     (user,) = [args for op, args in instructions() if op == "USER"]
     uid = int(user.split(":")[0])
-    for name, workload in workloads(render(*ALL_FEATURES)).items():
-        pod = workload["spec"]["template"]["spec"]
-        if not pod.get("hostNetwork"):
-            assert pod["securityContext"]["runAsUser"] == uid, name
+    pod_network = {name: w["spec"]["template"]["spec"] for name, w in workloads(render(*ALL_FEATURES)).items()
+                   if not w["spec"]["template"]["spec"].get("hostNetwork")}
+    assert pod_network, "some services run unprivileged in the pod network"
+    assert {name: pod["securityContext"]["runAsUser"] for name, pod in pod_network.items()} == \
+        dict.fromkeys(pod_network, uid)

@@ -206,11 +206,12 @@ def test_host_network_pods_schedule_on_nodes_without_a_pod_network() -> None:
     """Until the datapath-writer serves the CNI plugin every node is NotReady (node.kubernetes.io/not-ready
     taint) and no pod (cluster DNS included) has a network: what it waits for must tolerate the taint and
     resolve names with the node's resolver, or nothing ever starts."""
-    for doc in render(*ALL_FEATURES):
-        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
-        if pod.get("hostNetwork"):
-            tolerations = pod.get("tolerations", [])
-            assert any(t.get("operator") == "Exists" and "key" not in t for t in tolerations) or any(
-                t.get("key") == "node.kubernetes.io/not-ready" for t in tolerations), doc["metadata"]["name"]
-            if doc["metadata"]["name"] != "propolis-nats":  # its routes use cluster DNS (docs/architecture.md)
-                assert pod["dnsPolicy"] == "Default", doc["metadata"]["name"]
+    host_network = {doc["metadata"]["name"]: pod for doc in render(*ALL_FEATURES)
+                    if (pod := doc.get("spec", {}).get("template", {}).get("spec", {})).get("hostNetwork")}
+    assert host_network, "the datapath-writer and the other node agents run in the host network"
+    for name, pod in host_network.items():
+        tolerations = pod.get("tolerations", [])
+        assert any(t.get("operator") == "Exists" and "key" not in t for t in tolerations) or any(
+            t.get("key") == "node.kubernetes.io/not-ready" for t in tolerations), name
+        if name != "propolis-nats":  # its routes use cluster DNS (docs/architecture.md)
+            assert pod["dnsPolicy"] == "Default", name
