@@ -122,7 +122,7 @@ async def test_only_the_identity_allocator_writes_endpoint_records(sandbox):
                     return await refused(bus, lambda: kv.put(forged_key, forged), f"put {forged_key}")
 
                 violations = await asyncio.gather(*(forge(b) for b in buses))
-                assert all("endpoints" in v for v in violations), violations
+                assert violations and all("endpoints" in v for v in violations), violations
                 assert await ids.get(forged_key) is None
                 # the owner's own user writes its slice (re-putting the intruder's true record changes nothing)
                 allocator = await connected(sandbox, ALLOCATOR)
