@@ -16,6 +16,7 @@ from typing import Any
 from propolis.errors import ValidationError
 from propolis.maps import bpf
 from propolis.maps.spec import ENDPOINT_KEY_IPV4, L3Addr, MapSpec, be32_to_ip4, ip4_to_be32
+from propolis.model.types import NumericIdentity
 
 IPCACHE_PREFIX_STATIC = 32  # cluster_id + pad1 + family, always matched
 IPCACHE_F_SKIP_TUNNEL = 1 << 0
@@ -63,7 +64,7 @@ class IPCacheEntry:
     """Desired ipcache row: an IP or CIDR ("10.244.1.5", "10.0.0.0/8") -> identity."""
 
     cidr: str
-    identity: int
+    identity: NumericIdentity
     tunnel_endpoint: str | None = None
 
     def normalized(self) -> "IPCacheEntry":
@@ -102,7 +103,7 @@ def make_value(entry: IPCacheEntry) -> RemoteEndpointInfo:
 def decode(key: IPCacheKey, value: RemoteEndpointInfo) -> IPCacheEntry:
     cidr = f"{be32_to_ip4(key.addr.ip4)}/{key.prefixlen - IPCACHE_PREFIX_STATIC}"
     tunnel = be32_to_ip4(value.tunnel_endpoint.ip4) if value.flags & IPCACHE_F_HAS_TUNNEL_EP else None
-    return IPCacheEntry(cidr, value.sec_identity, tunnel)
+    return IPCacheEntry(cidr, NumericIdentity(value.sec_identity), tunnel)
 
 
 def dump(bpf_map: bpf.BpfMap[Any, Any]) -> list[IPCacheEntry]:

@@ -57,6 +57,7 @@ from propolis.policy.proxy_ports import proxy_port_for
 from propolis.model import identity as idm
 from propolis.model.labels import SOURCE_CIDR, SOURCE_FQDN, SOURCE_K8S, SOURCE_RESERVED, Label, LabelSet
 from propolis.model.selectors import LabelSelector, Requirement, equals, exists
+from propolis.model.types import NumericIdentity
 from propolis.policy.entries import (PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTOCOL_NUMBERS,
                                      Direction, L7Annotation, PolicyEntry, icmp_type_port)
 from propolis.policy.parse import policy_from_record
@@ -129,16 +130,16 @@ class LocalIdentityAllocator:
     """Default CIDR-prefix -> node-local identity allocator (from ``1 << 24``, reused after release)."""
 
     def __init__(self) -> None:
-        self.by_prefix: dict[str, int] = {}
-        self._free: list[int] = []
+        self.by_prefix: dict[str, NumericIdentity] = {}
+        self._free: list[NumericIdentity] = []
         self._next = idm.MIN_LOCAL_IDENTITY
 
-    def allocate(self, prefix: str) -> int:
+    def allocate(self, prefix: str) -> NumericIdentity:
         if prefix not in self.by_prefix:
             if self._free:
                 number = self._free.pop()
             else:
-                number, self._next = self._next, self._next + 1
+                number, self._next = NumericIdentity(self._next), self._next + 1
                 if number > idm.MAX_LOCAL_IDENTITY:
                     raise ValidationError("cidr", "node-local identity space exhausted")
             self.by_prefix[prefix] = number
@@ -149,7 +150,7 @@ class LocalIdentityAllocator:
         if number is not None:
             self._free.append(number)
 
-    def adopt(self, prefix: str, number: int) -> bool:
+    def adopt(self, prefix: str, number: NumericIdentity) -> bool:
         """Keep the number a previous process gave `prefix` (read back from the pinned ipcache).
 
         Why: numbers depend on allocation history, so a restarted writer allocating afresh could
@@ -212,7 +213,7 @@ class PolicyEngine:
     """
 
     def __init__(self, *, mode: str = "default", cluster_name: str | None = None,
-                 cidr_allocator: Callable[[str], int] | None = None,
+                 cidr_allocator: Callable[[str], NumericIdentity] | None = None,
                  cidr_release: Callable[[str], None] | None = None, allow_localhost: bool = False,
                  default_local_cluster: bool = False) -> None:
         if mode not in MODES:
@@ -235,7 +236,7 @@ class PolicyEngine:
         self._raw_policies: dict[str, Any] = {}
         self._raw_identities: dict[int, Any] = {}
         self.named_ports: dict[int, dict[str, tuple[str, int]]] = {}
-        self._cidr_ids: dict[str, int] = {}
+        self._cidr_ids: dict[str, NumericIdentity] = {}
         self._cidr_nets: dict[str, Network] = {}
         self._results: dict[int, CompileResult] = {}
         self._subject_index: dict[int, list[Rule]] | None = None
@@ -249,7 +250,7 @@ class PolicyEngine:
         self._ipblock_selection: dict[CIDRRule, frozenset[int]] = {}
         self.peer_tables = PeerTables()
         self._peer_fingerprint: Any = None
-        self._node_ids: dict[str, int] = {}  # remote node name -> node-local identity
+        self._node_ids: dict[str, NumericIdentity] = {}  # remote node name -> node-local identity
         self.revision = 0
         self._batch = False
         for number in idm.RESERVED_NAMES:
@@ -467,7 +468,7 @@ class PolicyEngine:
 
     def _sync_nodes(self) -> bool:
         """Give every other node a labelled node selector matches its node-local identity."""
-        wanted: dict[str, int] = {}
+        wanted: dict[str, NumericIdentity] = {}
         taken: set[int] = set()
         for peer in self._all_peers():
             for sel in peer.nodes or ():
@@ -479,7 +480,7 @@ class PolicyEngine:
                     ips = [a for a in self.peer_tables.nodes[name].addresses if ":" not in a]
                     if not ips:
                         continue
-                    number = NODE_IDENTITY_BASE | (int(ipaddress.ip_address(ips[0])) & 0xFFFFFF)
+                    number = NumericIdentity(NODE_IDENTITY_BASE | (int(ipaddress.ip_address(ips[0])) & 0xFFFFFF))
                     if number in taken:  # two nodes alike in their address's low 24 bits: the later stays out
                         log.warning("node %s: node identity %d already taken; labelled node selectors skip it",
                                     name, number)
@@ -498,7 +499,7 @@ class PolicyEngine:
         self._node_ids = wanted
         return moved
 
-    def node_identities(self) -> dict[str, int]:
+    def node_identities(self) -> dict[str, NumericIdentity]:
         """IPv4 address of another node -> its node-local identity (for the ipcache), when a policy needs it."""
         return {a: number for name, number in self._node_ids.items()
                 for a in self.peer_tables.nodes[name].addresses if ":" not in a}
@@ -568,14 +569,14 @@ class PolicyEngine:
         self._cidr_selection.clear()
         return True
 
-    def adopt_cidr_identities(self, numbers: dict[str, int]) -> int:
+    def adopt_cidr_identities(self, numbers: dict[str, NumericIdentity]) -> int:
         """Prefix -> node-local identity a previous instance used (its pinned ipcache): allocate those
         prefixes the same numbers again (default allocator only). Call before the first `update`."""
         if self._alloc != self._local_alloc.allocate:
             return 0
         return sum(self._local_alloc.adopt(prefix, number) for prefix, number in sorted(numbers.items()))
 
-    def cidr_identities(self) -> dict[str, int]:
+    def cidr_identities(self) -> dict[str, NumericIdentity]:
         """Every CIDR prefix the policies need -> its node-local identity (for the ipcache)."""
         return dict(self._cidr_ids)
 

@@ -28,6 +28,7 @@ from propolis.lb import hostport
 from propolis.lb.desired import SERVICE_NAME_LABEL, LBService, desired_services
 from propolis.lb.frontends import HOSTPORTS, FrontendTable, service_owner
 from propolis.model import identity as idmodel
+from propolis.model.types import NumericIdentity
 from propolis.policy.engine import CompileResult, PeerObject, PeerTables, PolicyEngine
 from propolis.encryption.backend import LISTEN_PORT as WIREGUARD_PORT
 from propolis.maps.endpoints import HOST_ENDPOINT_ID
@@ -174,9 +175,9 @@ class DesiredState:
             self._endpoint_ips = frozen
             self._peer_tables = tables
 
-    def _reserved_addresses(self, inputs: "ClusterInputs") -> dict[str, int]:
+    def _reserved_addresses(self, inputs: "ClusterInputs") -> dict[str, NumericIdentity]:
         """IPv4 -> reserved identity for the API server (7) and the nodes' health endpoints (4)."""
-        out: dict[str, int] = {}
+        out: dict[str, NumericIdentity] = {}
         for s in inputs.slices_by_service.get(KUBE_APISERVER_SERVICE, {}).values():
             for ep in s.fields.get("endpoints") or []:
                 out.update((str(a), idmodel.RESERVED_KUBE_APISERVER) for a in ep.get("addresses") or []
@@ -263,7 +264,8 @@ class DesiredState:
         for prefix, ident in self.engine.cidr_identities().items():
             if ":" not in prefix and prefix not in self._remote_node_rows:  # a CIDR never matches a node
                 ipc.setdefault(prefix, IPCacheEntry(prefix, ident))
-        endpoints = {f"{ip}/32": IPCacheEntry(f"{ip}/32", rec.identity) for rec in inputs.endpoints.values()
+        endpoints = {f"{ip}/32": IPCacheEntry(f"{ip}/32", NumericIdentity(rec.identity))
+                     for rec in inputs.endpoints.values()
                      for ip in rec.ips if ":" not in ip}  # the datapath is IPv4-only for now
         return ipc, endpoints
 
@@ -288,7 +290,7 @@ class DesiredState:
                     if record is None:
                         self._remote_rows.pop(prefix, None)
                     else:
-                        self._remote_rows[prefix] = IPCacheEntry(prefix, record.identity)
+                        self._remote_rows[prefix] = IPCacheEntry(prefix, NumericIdentity(record.identity))
                     self._dirty_prefixes.add(prefix)
         inputs.remote_endpoints_changed.clear()
 

@@ -23,6 +23,7 @@ from propolis.datapath.entries import IPCacheEntry, PolicyEntry
 from propolis_sandbox.bench.common import percentile
 from propolis.maps import bpf
 from propolis.maps.policy import PolicyEntryLike
+from propolis.model.types import NumericIdentity
 
 _POD = "10.200.0.10"
 _PEER = "10.201.0.1"
@@ -43,8 +44,9 @@ async def measure_packet_cost(sizes: tuple[int, ...] = (0, 10_000), repeat: int 
         for size in sizes:
             dp.upsert_endpoint(endpoint_id=_ENDPOINT, ip=_POD, identity=1000, ifindex=1,
                                ingress_enforced=True, egress_enforced=False)
-            cache = [IPCacheEntry(str(net.network_address + i * 4) + "/30", 100_000 + i) for i in range(size)]
-            dp.set_ipcache([*cache, IPCacheEntry(_PEER, 99)])
+            cache = [IPCacheEntry(str(net.network_address + i * 4) + "/30", NumericIdentity(100_000 + i))
+                     for i in range(size)]
+            dp.set_ipcache([*cache, IPCacheEntry(_PEER, NumericIdentity(99))])
             dp.set_policy(_ENDPOINT, [PolicyEntry("ingress", identity=100_000 + i, protocol=6, port=80 + i % 1000)
                                       for i in range(size)] + [PolicyEntry("ingress", identity=99, protocol=6, port=443)])
             allowed = pk.tcp(_PEER, 40000, _POD, 443)

@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from propolis.model.types import NumericIdentity
 from propolis_sandbox.bench.common import percentile
 
 # Imports sit in the functions that need them: the subscriber children run this module too and
@@ -160,8 +161,8 @@ class Workload:
     def identity_of_pod(self, i: int) -> int:
         return IDENTITY_BASE + i % self.identities
 
-    def identity_of_peer(self, j: int) -> int:
-        return IDENTITY_BASE + (j * 7 + 3) % self.identities
+    def identity_of_peer(self, j: int) -> NumericIdentity:
+        return NumericIdentity(IDENTITY_BASE + (j * 7 + 3) % self.identities)
 
     async def publish(self, bus: Any, node: str) -> None:
         from propolis.bus import subjects

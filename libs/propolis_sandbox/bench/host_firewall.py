@@ -20,9 +20,10 @@ from propolis.datapath.entries import IPCacheEntry, PolicyEntry
 from propolis.maps import bpf
 from propolis.maps.endpoints import HOST_ENDPOINT_ID
 from propolis.model.identity import RESERVED_HOST, RESERVED_REMOTE_NODE
+from propolis.model.types import NumericIdentity
 
 _NODE, _OTHER_NODE, _WORLD = "172.31.0.1", "172.31.0.2", "198.51.100.9"
-_CIDR_IDENTITY = 1 << 24
+_CIDR_IDENTITY = NumericIdentity(1 << 24)
 #: the seed's host-firewall as rows: 10250 from the cluster's reserved identities, 22 from 10.0.0.0/8
 _SEED_ROWS = [PolicyEntry("ingress", identity=i, protocol=6, port=10250) for i in (1, 3, 4, 5, 6, 7, 8)] + \
              [PolicyEntry("ingress", identity=_CIDR_IDENTITY, protocol=6, port=22)]
