@@ -114,7 +114,7 @@ async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int)
     for node in nodes:
         for flt in _filters(layout, node):
             await js.subscribe(f"$KV.{bucket}.{flt}", cb=handler(node), ordered_consumer=True,
-                               deliver_policy=policy, pending_msgs_limit=1_000_000,
+                               deliver_policy=policy, pending_msgs_limit=1_000_000, inactive_threshold=2.0,
                                pending_bytes_limit=512 * 1024 * 1024)
     print("ready", flush=True)
     if mode == "sync":  # done when every node holds every key (or gives up: the missing ones count as failures)
@@ -214,6 +214,17 @@ async def _write(js: Any, layout: str, nodes: int, rate: int, seconds: float) ->
     return {n: per_node[n] + shared for n in range(nodes)}
 
 
+async def _consumers_gone(js: Any, bucket: str, timeout: float = 60.0) -> None:
+    """Wait until the server has dropped the stopped workers' ephemeral consumers (it does so after their
+    inactivity threshold), so the next point starts from zero consumers instead of hitting the limit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = await js.stream_info(f"KV_{bucket}")
+        if info.state.consumer_count == 0:
+            return
+        await asyncio.sleep(0.5)
+
+
 async def steady(url: str, server_pid: int, layout: str, nodes: int, rate: int, seconds: float) -> Point:
     import nats
     nc = await nats.connect(url)
@@ -226,6 +237,7 @@ async def steady(url: str, server_pid: int, layout: str, nodes: int, rate: int, 
         await asyncio.sleep(1.0)  # the last deliveries
         cpu = (_cpu_seconds(server_pid) - cpu0) / (time.monotonic() - t0)
         results = await asyncio.get_running_loop().run_in_executor(None, workers.collect)
+        await _consumers_gone(js, _bucket(layout))
     finally:
         workers.kill()
         await nc.close()
