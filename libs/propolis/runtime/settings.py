@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 from propolis.errors import ValidationError
+from propolis.model.types import NodeName
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -39,7 +40,7 @@ class CommonSettings:
     nats_url: str = setting("nats://127.0.0.1:4222", "NATS server URL")
     nats_user: str = setting("", "NATS user (one per service; empty = no auth)")
     nats_password: str = setting("", "NATS password")
-    node_name: str = setting(socket.gethostname(), "Kubernetes node this instance serves")
+    node_name: NodeName = setting(socket.gethostname(), "Kubernetes node this instance serves")
     cluster_name: str = setting("default", "cluster name (Cluster Mesh: unique per cluster)")
     cluster_id: int = setting(0, "cluster ID 0-255 (identities are shifted by cluster_id << 16)")
     http_host: str = setting("127.0.0.1", "address of /healthz, /readyz and /metrics")
@@ -68,6 +69,7 @@ def env_name(name: str) -> str:
 
 
 def _convert(name: str, typ: Any, raw: str) -> Any:
+    typ = getattr(typ, "__supertype__", typ)  # a NewType (NodeName) converts as the type it names
     try:
         if typ is bool:
             if raw.lower() in ("1", "true", "yes", "on"):

@@ -14,10 +14,11 @@ from typing import Iterable
 from propolis.bus import subjects
 from propolis.bus.kv import Kv
 from propolis.bus.messages import IpcacheEntry as IpcacheRecord
+from propolis.model.types import NodeName
 from propolis.writer.endpoints import LocalEndpoint
 
 
-def desired_records(node: str, endpoints: Iterable[LocalEndpoint]) -> dict[str, IpcacheRecord]:
+def desired_records(node: NodeName, endpoints: Iterable[LocalEndpoint]) -> dict[str, IpcacheRecord]:
     """Our endpoints with an identity and an address, keyed as in the bucket."""
     return {subjects.ipcache_key(node, ep.ip): IpcacheRecord(ip=ep.ip, prefix_len=32, identity=ep.identity, node=node)
             for ep in endpoints if ep.identity and ep.ip}
@@ -26,7 +27,7 @@ def desired_records(node: str, endpoints: Iterable[LocalEndpoint]) -> dict[str, 
 class IpcacheKvTarget:
     """Key = bucket key (`<node>.<ip>`), value = IpcacheRecord."""
 
-    def __init__(self, kv: Kv, node: str) -> None:
+    def __init__(self, kv: Kv, node: NodeName) -> None:
         self.kv = kv
         self.node = node
 

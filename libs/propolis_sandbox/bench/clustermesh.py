@@ -29,6 +29,7 @@ from propolis.clustermesh.kvstoremesh import KvStoreMeshComponent
 from propolis.clustermesh.remotes import RemoteCluster, save_remote
 from propolis.model import identity as idm
 from propolis.runtime.service import Runtime
+from propolis.model.types import NodeName
 from propolis.runtime.settings import CommonSettings
 
 IDENTITIES_PER_CLUSTER = 200
@@ -114,7 +115,7 @@ async def kvstoremesh_sync(endpoints: int, changes: int) -> dict[str, Any]:
             remotes = Path(tmp) / "remotes"
             save_remote(remotes, RemoteCluster("remote", 2, url, "", ""))
             component = KvStoreMeshComponent(cluster_name="local", cluster_id=1, remotes_dir=remotes)
-            rt = Runtime("clustermesh-apiserver", CommonSettings(nats_url=url, node_name="bench"), [component])
+            rt = Runtime("clustermesh-apiserver", CommonSettings(nats_url=url, node_name=NodeName("bench")), [component])
             await rt.bus.connect(max_wait=5)
             started = time.perf_counter()
             await component.start(rt)
