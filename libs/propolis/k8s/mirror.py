@@ -42,6 +42,7 @@ from propolis.bus.snapshot import kv_snapshot
 from propolis.bus.watermark import new_epoch
 from propolis.errors import TemporaryError, ValidationError
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
+from propolis.model.types import ResourceVersion
 from propolis.reconcile import Reconciler, wait_event
 
 log = logging.getLogger("propolis.k8s.mirror")
@@ -70,7 +71,7 @@ class Relistable(Protocol):
     list_finished_at: float
 
     def relist(self) -> None: ...
-    async def api_resource_version(self) -> int: ...
+    async def api_resource_version(self) -> ResourceVersion: ...
 
 
 async def bucket_objects(kv: Kv) -> dict[str, Entry]:
@@ -199,7 +200,7 @@ class KvMirror:
         self.on_verdict = on_verdict
         self.leader = False
         self._lease_held = False  # the latest word of the lease (leader follows once the bucket is loaded)
-        self.watermarks: dict[str, int] = {}
+        self.watermarks: dict[str, ResourceVersion] = {}
         self.refused: dict[str, str] = {}  # key -> error text, for status
         self.watermark_written = 0
 
@@ -266,11 +267,11 @@ class KvMirror:
 
     def progress(self, kind: Kind, resource_version: str) -> None:
         try:
-            self.watermarks[kind.plural] = int(resource_version)
+            self.watermarks[kind.plural] = ResourceVersion(int(resource_version))
         except ValueError:
             pass
 
-    def resource_version_regressed(self, kind: Kind, previous: int, current: int) -> None:
+    def resource_version_regressed(self, kind: Kind, previous: ResourceVersion, current: ResourceVersion) -> None:
         self.enter_store_reset(f"{kind.plural} resourceVersion went back from {previous} to {current}")
 
     # --- API store reset ---------------------------------------------------------------
@@ -429,10 +430,10 @@ class KvMirror:
         self.reconciler.queue_refresh()
 
     # --- status ----------------------------------------------------------------------
-    def mirrored_resource_version(self) -> int:
+    def mirrored_resource_version(self) -> ResourceVersion:
         """Every kind has caught up to at least this resourceVersion (0 until all listed)."""
         if len(self.watermarks) < len(KINDS):
-            return 0
+            return ResourceVersion(0)
         return min(self.watermarks.values())
 
     async def write_watermark(self) -> None:

@@ -22,6 +22,7 @@ import orjson
 
 from propolis.k8s.kinds import Kind
 from propolis.k8s.kubeclient import ApiClient, ApiException
+from propolis.model.types import ResourceVersion
 
 log = logging.getLogger("propolis.k8s.reflector")
 
@@ -81,7 +82,7 @@ class Sink(Protocol):
         """The complete set, page by page; only after the last page may what is absent be pruned."""
     async def apply(self, kind: Kind, event_type: str, obj: dict[str, Any]) -> None: ...
     def progress(self, kind: Kind, resource_version: str) -> None: ...
-    def resource_version_regressed(self, kind: Kind, previous: int, current: int) -> None:
+    def resource_version_regressed(self, kind: Kind, previous: ResourceVersion, current: ResourceVersion) -> None:
         """A list or watch event is behind what this reflector saw: the API serves another store.
         Called before anything from that list or event reaches the sink."""
 
@@ -99,7 +100,7 @@ class Reflector:
         self.synced = asyncio.Event()
         self.relists = 0
         self.error = ""
-        self.highest_resource_version = 0  # the newest this reflector saw (a store never goes back)
+        self.highest_resource_version = ResourceVersion(0)  # the newest this reflector saw (a store never goes back)
         self.list_started_at = 0.0  # monotonic times of the last list (see relist)
         self.list_finished_at = 0.0
         self._relist_requested = False
@@ -146,15 +147,15 @@ class Reflector:
             self._watch_closed_by_relist = True
             self._watch_response.close()
 
-    async def api_resource_version(self) -> int:
+    async def api_resource_version(self) -> ResourceVersion:
         """The API's current resourceVersion (a one-item list: a consistent read, as etcd's revision)."""
         resp = await self._request([("limit", 1)], 10)
         body = orjson.loads(await resp.read())
-        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
+        return ResourceVersion(int((body.get("metadata") or {}).get("resourceVersion") or 0))
 
     def _observe(self, resource_version: str) -> None:
         try:
-            value = int(resource_version)
+            value = ResourceVersion(int(resource_version))
         except ValueError:
             return
         if value < self.highest_resource_version:
