@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit integration integration-encrypted integration-encrypted-strict bench clean kind-up
+.PHONY: setup demo test unit lint integration integration-encrypted integration-encrypted-strict bench clean kind-up
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,12 @@ integration-encrypted: setup
 
 integration-encrypted-strict: setup
 	PROPOLIS_TEST_ENCRYPTION=wireguard-strict $(PY) -m pytest -q $(ENCRYPTED_SUITES) $(PYTEST_ARGS)
+
+# Static checks: mypy --strict and ruff, both configured in pyproject.toml ([tool.mypy], [tool.ruff]).
+lint: setup
+	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff check libs services tests integration
+# lint-imports (the import-linter contracts) joins here
 
 bench: setup
 	$(VENV)/bin/propolis bench bus
