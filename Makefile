@@ -33,7 +33,7 @@ integration-encrypted-strict: setup
 lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/ruff check libs services tests integration
-# lint-imports (the import-linter contracts) joins here
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(VENV)/bin/propolis bench bus
