@@ -29,7 +29,7 @@ integration-encrypted: setup
 integration-encrypted-strict: setup
 	PROPOLIS_TEST_ENCRYPTION=wireguard-strict $(PY) -m pytest -q $(ENCRYPTED_SUITES) $(PYTEST_ARGS)
 
-# Static checks: mypy --strict and ruff, both configured in pyproject.toml ([tool.mypy], [tool.ruff]).
+# Static checks: mypy --strict, ruff and the import-linter contracts, configured in pyproject.toml ([tool.mypy], [tool.ruff], [tool.importlinter]).
 lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/ruff check libs services tests integration
