@@ -10,7 +10,8 @@ the sink protocol (`replace`, `apply`, `progress`) as they do.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from propolis.errors import ValidationError
 from propolis.reconcile import Reconciler, Status
 

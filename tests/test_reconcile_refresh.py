@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from propolis.errors import ValidationError
 from propolis.reconcile import Reconciler, Status
 from propolis.writer.ct_gc import GC_MIN_INTERVAL, next_interval

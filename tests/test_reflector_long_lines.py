@@ -10,7 +10,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from propolis.k8s import kubeclient, reflector as reflector_mod
+from propolis.k8s import kubeclient
+from propolis.k8s import reflector as reflector_mod
 from propolis.k8s.kinds import KINDS
 from propolis.k8s.reflector import Reflector
 

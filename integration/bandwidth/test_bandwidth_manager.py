@@ -22,13 +22,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policy"))  # one workload helper, not two
 
-from policy_workload import NO, OK, PodDef, Workload  # noqa: E402
-from propolis.bandwidth.annotations import EGRESS_BANDWIDTH, INGRESS_BANDWIDTH  # noqa: E402
-from propolis_sandbox.bandwidth_measure import measure_tcp_rate  # noqa: E402
-from propolis.bandwidth.shaper import read_rate, shaped_interfaces  # noqa: E402
-from propolis_sandbox import cluster  # noqa: E402
-from propolis_sandbox.fixture import running_sandbox  # noqa: E402
-from propolis.runtime.heartbeats import newest, read_heartbeats  # noqa: E402
+from policy_workload import NO, OK, PodDef, Workload
+
+from propolis.bandwidth.annotations import EGRESS_BANDWIDTH, INGRESS_BANDWIDTH
+from propolis.bandwidth.shaper import read_rate, shaped_interfaces
+from propolis.runtime.heartbeats import newest, read_heartbeats
+from propolis_sandbox import cluster
+from propolis_sandbox.bandwidth_measure import measure_tcp_rate
+from propolis_sandbox.fixture import running_sandbox
 
 pytestmark = pytest.mark.root
 

@@ -13,8 +13,8 @@ import os
 
 import pytest
 
-from propolis_sandbox.bench.policy import Options, parse_parts, run
 from propolis.errors import CliError
+from propolis_sandbox.bench.policy import Options, parse_parts, run
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 

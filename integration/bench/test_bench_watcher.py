@@ -13,8 +13,8 @@ import math
 
 import pytest
 
-from propolis_sandbox.bench.watcher import Options, run
 from propolis.errors import CliError
+from propolis_sandbox.bench.watcher import Options, run
 
 pytestmark = pytest.mark.timeout(60)
 

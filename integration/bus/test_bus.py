@@ -8,12 +8,11 @@ import msgpack
 import nats
 import pytest
 
-from propolis.bus import subjects
+from propolis.bus import permissions, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.kv import Conflict, EventType
 from propolis.bus.messages import Event, Heartbeat
-from propolis.bus import permissions
 from propolis.errors import TemporaryError
 
 
@@ -131,7 +130,7 @@ async def test_watch_converges_after_server_restart(nats_server: EmbeddedNats):
                 await wkv.delete("pods.a.gone")
                 await wkv.put("pods.a.new", _event("new"))
                 break
-            except (nats.errors.Error, asyncio.TimeoutError, TemporaryError):
+            except (TimeoutError, nats.errors.Error, TemporaryError):
                 await asyncio.sleep(0.1)
         await asyncio.wait_for(resynced.wait(), 15)
         for _ in range(50):

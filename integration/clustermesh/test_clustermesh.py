@@ -24,11 +24,11 @@ import yaml
 
 from propolis.bus import subjects
 from propolis.bus.connection import Bus
-from propolis_sandbox.cli.clustermesh_cmd import mesh_report, render
-from propolis_sandbox import clustermesh as mesh_sandbox
 from propolis.clustermesh.remotes import load_remotes
 from propolis.model import identity as idm
 from propolis_sandbox import cluster, probe
+from propolis_sandbox import clustermesh as mesh_sandbox
+from propolis_sandbox.cli.clustermesh_cmd import mesh_report, render
 from propolis_sandbox.config import load_state
 from propolis_sandbox.fixture import running_sandbox, unique_name
 

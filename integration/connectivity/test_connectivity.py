@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from propolis_sandbox import connectivity as runner
 from propolis.connectivity.scenarios import DROPPED, WORLD_IP, Check, Scenario, Selection
 from propolis_sandbox import cluster
+from propolis_sandbox import connectivity as runner
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.resources import KINDS
 

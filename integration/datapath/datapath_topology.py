@@ -46,7 +46,7 @@ class Node:
     pods: dict[str, Pod] = field(default_factory=dict)
     remotes: dict[str, Pod] = field(default_factory=dict)
     dp: Datapath | None = None
-    servers: list["EchoServers"] = field(default_factory=list)
+    servers: list[EchoServers] = field(default_factory=list)
 
     def all_netns(self) -> list[str]:
         return [self.netns] + [p.netns for p in (*self.pods.values(), *self.remotes.values())]

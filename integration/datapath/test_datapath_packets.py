@@ -14,8 +14,8 @@ from datapath_topology import Node, sh, tcp_probe, udp_probe
 from pyroute2.netns import create_socket
 
 from propolis.datapath import Datapath, IPCacheEntry, PolicyEntry
-from propolis.maps.drop import DROP_POLICY, DROP_POLICY_DENY
 from propolis.maps import events
+from propolis.maps.drop import DROP_POLICY, DROP_POLICY_DENY
 
 pytestmark = pytest.mark.root
 

@@ -14,12 +14,12 @@ import uuid
 
 import pytest
 from test_wireguard_sandbox import NS, pod, propolis, write
-from wg_helpers import Capture, WG_PORT, admin_bus, keymgr_progress, pod_ip
+from wg_helpers import WG_PORT, Capture, admin_bus, keymgr_progress, pod_ip
 
+from propolis.runtime.heartbeats import newest, read_heartbeats
 from propolis_sandbox import cluster
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.netns import socket_in
-from propolis.runtime.heartbeats import newest, read_heartbeats
 
 pytestmark = pytest.mark.root
 
@@ -54,7 +54,7 @@ async def echo_from_node(state, n: int, address: tuple[str, int], line: bytes, *
                     break
                 answer += chunk
             return answer.strip()
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             if attempt == attempts - 1:
                 raise
             await asyncio.sleep(0.2)
@@ -69,7 +69,7 @@ class NodeEchoServer:
     def __init__(self, state, n: int) -> None:
         self.netns = state.sandbox().node_netns(n)
 
-    async def __aenter__(self) -> "NodeEchoServer":
+    async def __aenter__(self) -> NodeEchoServer:
         listener = socket_in(self.netns, socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("0.0.0.0", NODE_PORT))

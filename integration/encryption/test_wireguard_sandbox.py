@@ -21,6 +21,17 @@ import uuid
 
 import pytest
 import yaml
+from wg_helpers import (
+    WG_PORT,
+    Capture,
+    admin_bus,
+    can_connect,
+    connect_with_retry,
+    keymgr_progress,
+    keymgr_state_dir,
+    pod_ip,
+    service_pid,
+)
 
 from propolis.bus import subjects
 from propolis.bus.messages import Event, WireguardNodeKey
@@ -30,9 +41,6 @@ from propolis.encryption.uapi import UapiClient, set_device_request
 from propolis_sandbox import cluster
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.netns import iproute_in
-
-from wg_helpers import (Capture, WG_PORT, admin_bus, can_connect, connect_with_retry, keymgr_progress,
-                        keymgr_state_dir, pod_ip, service_pid)
 
 pytestmark = pytest.mark.root
 

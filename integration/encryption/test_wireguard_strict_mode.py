@@ -22,10 +22,10 @@ import uuid
 import pytest
 from test_wireguard_hubble import observe
 from test_wireguard_sandbox import NS, pod, propolis, write
-from wg_helpers import Capture, WG_PORT, can_connect, connect_with_retry, pod_ip
+from wg_helpers import WG_PORT, Capture, can_connect, connect_with_retry, pod_ip
 
-from propolis.maps.drop import DROP_UNENCRYPTED_TRAFFIC
 from propolis.maps import config, metrics
+from propolis.maps.drop import DROP_UNENCRYPTED_TRAFFIC
 from propolis_sandbox import cluster
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.netns import iproute_in, socket_in
@@ -75,7 +75,7 @@ class ClearRoute:
         with iproute_in(self.netns) as ipr:  # pyroute2's sync API: off the event loop
             ipr.route(op, dst=self.dst, gateway=self.gateway)
 
-    async def __aenter__(self) -> "ClearRoute":
+    async def __aenter__(self) -> ClearRoute:
         await asyncio.to_thread(self._route, "replace")
         return self
 
@@ -90,7 +90,7 @@ class StrictModeOff:
         cfg = state.sandbox()
         self.pin_dir = str(cfg.pin_dir(cfg.node_names()[n - 1]))
 
-    def __enter__(self) -> "StrictModeOff":
+    def __enter__(self) -> StrictModeOff:
         with config.SPEC.open(self.pin_dir) as bpf_map:
             self.saved = bpf_map.lookup(ctypes.c_uint32(0))
             assert self.saved is not None and config.decode(self.saved)["strict_mode_cidr"], "strict mode not on"

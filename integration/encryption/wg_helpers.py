@@ -11,10 +11,10 @@ from typing import Any
 from propolis.bus.connection import Bus
 from propolis.encryption.backend import LISTEN_PORT as WG_PORT  # noqa: F401 - re-exported for the tests
 from propolis.encryption.capture import UnderlayCapture as Capture  # noqa: F401 - the tests' name for it
+from propolis.runtime.heartbeats import newest, read_heartbeats
 from propolis_sandbox import cluster
 from propolis_sandbox.config import SandboxState
 from propolis_sandbox.netns import socket_in
-from propolis.runtime.heartbeats import newest, read_heartbeats
 
 
 class PodStream:
@@ -57,7 +57,7 @@ async def connect_with_retry(state: SandboxState, source: str, ip: str, *, deadl
             await stream.connect(timeout=1.0)
             await stream.echo(b"hello", timeout=2.0)
             return stream
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             stream.close()
             if time.monotonic() > end:
                 raise
@@ -70,7 +70,7 @@ async def can_connect(state: SandboxState, source: str, ip: str, timeout: float 
         await stream.connect(timeout=timeout)
         await stream.echo(b"probe", timeout=timeout)
         return True
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     finally:
         stream.close()

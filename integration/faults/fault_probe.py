@@ -11,11 +11,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "policy"))  # one workload helper, not two
 
-from policy_workload import NO, OK, Check, PodDef, Workload, cnp, netpol, sel  # noqa: E402
+from policy_workload import NO, OK, Check, PodDef, Workload, cnp, netpol, sel
 
-from propolis.bus.messages import Heartbeat  # noqa: E402
-from propolis_sandbox.config import SandboxState  # noqa: E402
-from propolis.runtime.heartbeats import newest, read_heartbeats  # noqa: E402
+from propolis.bus.messages import Heartbeat
+from propolis.runtime.heartbeats import newest, read_heartbeats
+from propolis_sandbox.config import SandboxState
 
 __all__ = ["NO", "OK", "Check", "PodDef", "Workload", "cnp", "netpol", "sel", "beat", "wait_beat", "Prober"]
 
@@ -64,7 +64,7 @@ class Prober:
                                                  timeout=self.timeout)
             self.rounds += 1
 
-    async def __aenter__(self) -> "Prober":
+    async def __aenter__(self) -> Prober:
         self._tasks = [asyncio.create_task(self._loop(i * self.timeout / self.loops)) for i in range(self.loops)]
         return self
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import nats
 import pytest
-
 from fault_probe import NO, OK, PodDef, Prober, Workload, netpol, sel
+
 from propolis.bus import permissions, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.kv import EventType
@@ -59,7 +59,7 @@ async def refused(bus: Bus, attempt, what: str, timeout: float = 3.0) -> str:
     before = len(bus.errors)
     try:
         await asyncio.wait_for(attempt(), timeout)
-    except (asyncio.TimeoutError, nats.errors.Error):
+    except (TimeoutError, nats.errors.Error):
         pass
     else:
         raise AssertionError(f"{bus.name}: {what} was accepted")

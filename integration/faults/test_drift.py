@@ -18,9 +18,10 @@ import subprocess
 import time
 
 import pytest
-
 from fault_probe import NO, OK, PodDef, Prober, Workload, netpol, sel
-from propolis.maps import endpoints, lb as lbmaps, policy
+
+from propolis.maps import endpoints, policy
+from propolis.maps import lb as lbmaps
 from propolis_sandbox import cluster, probe
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.resources import KINDS

@@ -21,10 +21,10 @@ import pytest
 
 from propolis.bus import subjects
 from propolis.errors import CliError
-from propolis_sandbox import cluster
-from propolis_sandbox.fixture import running_sandbox
 from propolis.status import collect
 from propolis.writer.inputs import ClusterInputs
+from propolis_sandbox import cluster
+from propolis_sandbox.fixture import running_sandbox
 
 pytestmark = pytest.mark.root
 

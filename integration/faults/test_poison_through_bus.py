@@ -11,8 +11,8 @@ import asyncio
 import aiohttp
 import msgpack
 import pytest
-
 from fault_probe import NO, OK, PodDef, Prober, Workload, beat, netpol, sel
+
 from propolis.bus import subjects
 from propolis_sandbox import cluster
 from propolis_sandbox.fixture import running_sandbox

@@ -21,25 +21,26 @@ import asyncio
 import shutil
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "watcher"))  # its API client and service helpers
 
-from fault_probe import NO, OK, PodDef, Prober, Workload, beat, cnp, sel  # noqa: E402
-from test_k8s_watcher import CNP_VALID, Api, eventually, pod, start_service, stop_service  # noqa: E402
+from fault_probe import NO, OK, PodDef, Prober, Workload, beat, cnp, sel
+from test_k8s_watcher import CNP_VALID, Api, eventually, pod, start_service, stop_service
 
-from propolis.bus import subjects  # noqa: E402
-from propolis.bus.kv import EventType  # noqa: E402
-from propolis.bus.messages import K8sObject, Watermark  # noqa: E402
-from propolis_sandbox import cluster  # noqa: E402
-from propolis_sandbox.apiserver import ApiServer  # noqa: E402
-from propolis_sandbox.fixture import running_sandbox  # noqa: E402
-from propolis.writer.inputs import ClusterInputs  # noqa: E402
-from propolis_services.identity_allocator import main as allocator_main  # noqa: E402
-from propolis_services.k8s_watcher import main as watcher_main  # noqa: E402
+from propolis.bus import subjects
+from propolis.bus.kv import EventType
+from propolis.bus.messages import K8sObject, Watermark
+from propolis.writer.inputs import ClusterInputs
+from propolis_sandbox import cluster
+from propolis_sandbox.apiserver import ApiServer
+from propolis_sandbox.fixture import running_sandbox
+from propolis_services.identity_allocator import main as allocator_main
+from propolis_services.k8s_watcher import main as watcher_main
 
 POLICY_KEY = "ciliumnetworkpolicies.prod.api-policy"
 STREAM = f"KV_{subjects.K8S_BUCKET}"
@@ -67,7 +68,7 @@ class InputsRecorder:
         self.acted_on: list[tuple[int, int]] = []  # (policies, endpoints) whenever synced
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def __aenter__(self) -> "InputsRecorder":
+    async def __aenter__(self) -> InputsRecorder:
         k8s, ids = await self.bus.kv(subjects.K8S_BUCKET), await self.bus.kv(subjects.IDENTITIES_BUCKET)
         self._tasks = [asyncio.create_task(self.inputs.follow(k8s, ids)), asyncio.create_task(self._record())]
         return self

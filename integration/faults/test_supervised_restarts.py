@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fault_probe import NO, OK, PodDef, Prober, Workload, beat, cnp, netpol, sel, wait_beat
+
 from propolis.runtime.service import FAULT_DIR_ENV
 from propolis_sandbox import cluster
 from propolis_sandbox.fixture import running_sandbox

@@ -13,20 +13,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "datapath"))
-from datapath_topology import EchoServers, Node, add_pod, sh, teardown  # noqa: E402
+from datapath_topology import EchoServers, Node, add_pod, sh, teardown
 
-from propolis.bus import subjects  # noqa: E402
-from propolis.bus.connection import Bus  # noqa: E402
-from propolis.bus.embedded import EmbeddedNats  # noqa: E402
-from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject  # noqa: E402
-from propolis.datapath import Datapath, IPCacheEntry  # noqa: E402
+from propolis.bus import subjects
+from propolis.bus.connection import Bus
+from propolis.bus.embedded import EmbeddedNats
+from propolis.bus.messages import EndpointRecord, IdentityRecord, K8sObject
+from propolis.datapath import Datapath, IPCacheEntry
 
 NS = "hubtest"
 POD_NAMES = {"a": "client-7d4b9c6f5d-abcde", "b": "server-0", "c": "intruder-x7k2p"}

@@ -8,7 +8,6 @@ observer's ring buffer.
 from __future__ import annotations
 
 import ctypes
-from datetime import datetime
 import os
 import re
 import signal
@@ -17,12 +16,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import orjson
 import pytest
-from hubble_node import EXPORT_MB, NS, POD_NAMES, RING, Hub
 from datapath_topology import tcp_probe, udp_probe
+from hubble_node import EXPORT_MB, NS, POD_NAMES, RING, Hub
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2.netns import create_socket
 

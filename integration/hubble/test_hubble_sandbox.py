@@ -11,8 +11,8 @@ import sys
 import orjson
 import pytest
 
-from propolis_sandbox import connectivity as runner
 from propolis.connectivity.scenarios import ECHO_PORT, NAMESPACE, SCENARIOS
+from propolis_sandbox import connectivity as runner
 from propolis_sandbox.fixture import running_sandbox
 
 pytestmark = pytest.mark.root

@@ -111,7 +111,7 @@ async def main(bootstrap: str, action: str, *args: str) -> dict:
         return await asyncio.wait_for(ACTIONS[action](bootstrap, *args), TIMEOUT_S)
     except KafkaError as exc:
         return {"error": type(exc).__name__, "detail": str(exc)[:200]}
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return {"error": "timeout"}
 
 

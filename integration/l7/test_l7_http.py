@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from propolis_sandbox import demo
 from propolis.policy.proxy_ports import PROXY_PORTS
-from propolis_sandbox import cluster, probe
+from propolis_sandbox import cluster, demo, probe
 from propolis_sandbox import netns as netns_mod
 from propolis_sandbox.config import load_state
 from propolis_sandbox.fixture import running_sandbox
@@ -137,7 +136,7 @@ async def slow_head(state, start: bytes, *, every: float) -> bytes:
         for _ in range(20):
             try:
                 return await asyncio.wait_for(loop.sock_recv(sock, 65536), every)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 await loop.sock_sendall(sock, b"x")
         return b""
     finally:

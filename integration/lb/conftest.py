@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from lb_topology import Cluster, build, teardown  # noqa: E402
+from lb_topology import Cluster, build, teardown
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pyroute2.netns import create_socket
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "datapath"))
-from datapath_topology import EchoServers, Node, Pod, add_pod, sh  # noqa: E402
+from datapath_topology import EchoServers, Node, Pod, add_pod, sh
 
-from propolis.datapath import Datapath, IPCacheEntry  # noqa: E402
+from propolis.datapath import Datapath, IPCacheEntry
 
 
 @dataclass

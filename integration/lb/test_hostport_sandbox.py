@@ -14,10 +14,10 @@ import time
 
 import pytest
 
+from propolis.runtime.heartbeats import newest, read_heartbeats
 from propolis_sandbox import cluster, probe
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.resources import KINDS, documents_from
-from propolis.runtime.heartbeats import newest, read_heartbeats
 
 pytestmark = pytest.mark.root
 NS = "hostport-test"

@@ -15,8 +15,8 @@ from datapath_topology import Pod
 from lb_topology import Cluster
 from pyroute2.netns import create_socket
 
-from propolis.maps.drop import DROP_FIB_LOOKUP
 from propolis.lb import Backend, LBService
+from propolis.maps.drop import DROP_FIB_LOOKUP
 
 pytestmark = pytest.mark.root
 

@@ -14,8 +14,8 @@ import socket
 
 import pytest
 
-from propolis.runtime.netns import socket_in
 from propolis.runtime.heartbeats import newest, read_heartbeats
+from propolis.runtime.netns import socket_in
 from propolis.writer.socket_lb import ENABLED_STATE
 from propolis_sandbox import cgroups, cluster, probe
 from propolis_sandbox.fixture import running_sandbox

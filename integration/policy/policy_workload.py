@@ -15,9 +15,10 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable
+from typing import Any
 
 from propolis_sandbox import cluster, probe
 from propolis_sandbox.config import SandboxState
@@ -143,7 +144,7 @@ class Workload:
                     await asyncio.sleep(0.2)
         # gone from the API = every pod torn down by its kubelet; the next test's first wait covers the rest
 
-    async def __aenter__(self) -> "Workload":
+    async def __aenter__(self) -> Workload:
         started = time.monotonic()
         try:
             await self.deploy()

@@ -22,8 +22,8 @@ import sys
 import orjson
 import pytest
 import yaml
-
 from policy_workload import PodDef, Workload
+
 from propolis_sandbox import cluster, probe
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.resources import documents_from

@@ -17,8 +17,8 @@ import sys
 
 import orjson
 import pytest
-
 from policy_workload import NO, OK, PodDef, Workload, cnp, sel
+
 from propolis_sandbox import cluster
 from propolis_sandbox.fixture import running_sandbox
 

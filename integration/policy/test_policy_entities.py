@@ -23,8 +23,8 @@ import subprocess
 import time
 
 import pytest
-
 from policy_workload import NO, OK, PodDef, Workload, cnp, sel
+
 from propolis.cli.main import build_parser
 from propolis_sandbox import cluster, probe
 from propolis_sandbox import netns as netns_mod

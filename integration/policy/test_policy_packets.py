@@ -26,16 +26,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from policy_workload import NO, OK, Case, PodDef, Workload, ccnp, cnp, lanes, netpol, run_in_lanes, sel
-from propolis_sandbox import demo
+
 from propolis.bus import subjects
 from propolis.bus.messages import Heartbeat
-from propolis_sandbox import cluster
+from propolis.runtime.heartbeats import newest, read_heartbeats
+from propolis_sandbox import cluster, demo
 from propolis_sandbox import netns as netns_mod
 from propolis_sandbox.config import load_state
 from propolis_sandbox.fixture import running_sandbox
-from propolis.runtime.heartbeats import newest, read_heartbeats
 
 pytestmark = pytest.mark.root
 
@@ -446,7 +445,7 @@ class Stream:
             if not answer.endswith(line.rstrip(b"\n")):
                 raise ValueError(f"wrong echo {answer!r}")
             return True
-        except (OSError, ValueError, asyncio.TimeoutError, TimeoutError) as exc:
+        except (OSError, ValueError, TimeoutError) as exc:
             self.errors.append(f"{self.name} seq {self.sent}: {type(exc).__name__} {exc}")
             return False
 

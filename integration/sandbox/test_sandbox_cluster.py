@@ -6,20 +6,19 @@ it fast; a second, small one is crashed on purpose to prove `down` cleans up.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from propolis.cni.plugin import host_ifname
-from propolis.errors import CliError, ValidationError
 from propolis_sandbox import cluster, netns
 from propolis_sandbox.config import BPF_ROOT, SANDBOX_ENV, SandboxState
 from propolis_sandbox.fixture import leftovers

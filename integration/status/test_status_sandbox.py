@@ -18,11 +18,11 @@ import time
 
 import pytest
 
+from propolis.status import collect
+from propolis.suite import SUITE_SERVICES
 from propolis_sandbox import cluster
 from propolis_sandbox.config import SandboxConfig, SandboxState
 from propolis_sandbox.fixture import running_sandbox
-from propolis.suite import SUITE_SERVICES
-from propolis.status import collect
 
 pytestmark = pytest.mark.root
 

@@ -23,8 +23,9 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, Hashable, Iterable, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from propolis.errors import PermanentError
 from propolis.runtime.component import Component

@@ -16,8 +16,9 @@ without a cluster; `collect` gathers its inputs from the bus.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from propolis.bus import subjects
 from propolis.bus.connection import Bus

@@ -147,7 +147,7 @@ class PodUpdateRules(Admission):
         for key in self.MUTABLE:
             old_spec.pop(key, None)
             new_spec.pop(key, None)
-        strip = lambda cs: [{k: v for k, v in c.items() if k != "image"} for c in cs or []]  # noqa: E731
+        strip = lambda cs: [{k: v for k, v in c.items() if k != "image"} for c in cs or []]
         old_spec["containers"] = strip(old_spec.get("containers"))
         new_spec["containers"] = strip(new_spec.get("containers"))
         if old_spec != new_spec:

@@ -8,8 +8,9 @@ adds IP and NODE; services: TYPE CLUSTER-IP EXTERNAL-IP PORT(S) …).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from propolis_sandbox.api_resources import Resource
 
@@ -22,10 +23,10 @@ def human_age(timestamp: str | None) -> str:
     if not timestamp:
         return "<unknown>"
     try:
-        then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     except ValueError:
         return "<invalid>"
-    s = max(int((datetime.now(timezone.utc) - then).total_seconds()), 0)
+    s = max(int((datetime.now(UTC) - then).total_seconds()), 0)
     if s < 120:
         return f"{s}s"
     m = s // 60

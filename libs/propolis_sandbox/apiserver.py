@@ -29,8 +29,9 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import orjson
 import yaml
@@ -167,7 +168,7 @@ class ApiServer:
             self._tmpdir.cleanup()
             self._tmpdir = None
 
-    async def __aenter__(self) -> "ApiServer":
+    async def __aenter__(self) -> ApiServer:
         await self.start()
         return self
 
@@ -193,7 +194,7 @@ class ApiServer:
                                                                       f"{MAX_REQUEST_BODY_BYTES}").status(), 413)
         except web.HTTPException:
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug must still answer as a Status, and be logged
+        except Exception as exc:  # a bug must still answer as a Status, and be logged
             log.exception("%s %s failed", request.method, request.path)
             return _json(ApiStatusError(500, "InternalError", f"Internal error occurred: {exc}").status(), 500)
 
@@ -431,7 +432,7 @@ class ApiServer:
                 wait = min(left, PROGRESS_CHECK_S) if bookmarks else left
                 try:
                     item = await asyncio.wait_for(watch.queue.get(), timeout=wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     now = time.monotonic()
                     # Progress bookmarks (like etcd's progress notify): once the store moved on and this
                     # watch has nothing queued, say so within PROGRESS_CHECK_S — consumers waiting for

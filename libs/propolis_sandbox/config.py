@@ -14,10 +14,11 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from propolis.errors import PermanentError, ValidationError
 from propolis.runtime.netns import NETNS_DIR as NETNS_DIR  # the runtime's, re-exported for the sandbox
@@ -248,7 +249,7 @@ class SandboxState:
     def sandbox(self) -> SandboxConfig:
         return SandboxConfig(**self.config)
 
-    def admin_bus(self, name: str) -> "Bus":
+    def admin_bus(self, name: str) -> Bus:
         """A (not yet connected) bus to this sandbox's NATS as its admin user: the supervisor, the CLI
         and tests; services connect as their own users. Reading the credentials needs root."""
         from propolis.bus.connection import Bus
@@ -267,7 +268,7 @@ class SandboxState:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> "SandboxState":
+    def load(cls, path: Path) -> SandboxState:
         data = json.loads(path.read_text())
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)

@@ -18,8 +18,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from propolis.connectivity.scenarios import (ALLOWED, DROPPED, ECHO_PORT, ECHO_UDP_PORT, NAMESPACE, Check, Scenario,
-                                             Selection)
+from propolis.connectivity.scenarios import (
+    ALLOWED,
+    DROPPED,
+    ECHO_PORT,
+    ECHO_UDP_PORT,
+    NAMESPACE,
+    Check,
+    Scenario,
+    Selection,
+)
 from propolis.encryption.backend import LISTEN_PORT
 from propolis.encryption.capture import IPPROTO_UDP, UnderlayCapture
 from propolis.errors import CliError

@@ -28,10 +28,12 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from kubernetes_asyncio import client, config as kube_config
+from kubernetes_asyncio import client
+from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 import propolis
@@ -39,11 +41,11 @@ from propolis.bus import permissions, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.messages import Heartbeat
-from propolis_sandbox import netns as netns_mod
+from propolis.suite import SuiteService, selected, service_env
 from propolis_sandbox import cgroups, node_ports, world
+from propolis_sandbox import netns as netns_mod
 from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig, SandboxState
 from propolis_sandbox.kubelet import Kubelet, Scheduler, raw_json
-from propolis.suite import SuiteService, selected, service_env
 
 log = logging.getLogger("propolis_sandbox.daemon")
 
@@ -482,7 +484,7 @@ async def run(name: str, services: str | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await sup.start()
-    except Exception as exc:  # noqa: BLE001 - reported through state.json to the waiting `up`
+    except Exception as exc:  # reported through state.json to the waiting `up`
         log.exception("sandbox %s failed to start", name)
         sup.save("failed", error=f"{type(exc).__name__}: {exc}")
         await sup.stop()

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import dns.exception
 import dns.flags
@@ -46,7 +46,7 @@ async def handle_wire(answer: Answer, wire: bytes, *, max_size: int) -> bytes | 
         return formerr(wire) if not query.flags & dns.flags.QR else None
     try:
         response = await answer(query)
-    except Exception:  # noqa: BLE001 - one bad query must not stop the server
+    except Exception:  # one bad query must not stop the server
         log.exception("answering %s failed", query.question[0])
         response = dns.message.make_response(query)
         response.set_rcode(dns.rcode.SERVFAIL)
@@ -93,7 +93,7 @@ class DnsServer:
                     return
                 writer.write(struct.pack("!H", len(out)) + out)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()

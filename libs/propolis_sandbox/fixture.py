@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from propolis_sandbox import cgroups, cluster, netns
 from propolis_sandbox.config import BPF_ROOT, RUN_ROOT, SANDBOX_ENV, SandboxState
-
 
 #: Set to "wireguard" to run the full-suite test sandboxes with transparent encryption ("wireguard-strict": and
 #: encryption.strictMode, so any pod traffic that would leave a node unencrypted is dropped and fails its test).

@@ -89,7 +89,7 @@ class ClusterRecords:
                                 break
                             if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
                                 self._apply(kind, event["type"], event.get("object", {}))
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                     log.warning("watching %s: %s; relisting", kind, exc)
                     await asyncio.sleep(0.5)
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(args))
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         print(f"kube-dns: {exc!r}", file=sys.stderr)
         return 1
     return 0

@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ async def raw_json(call: Any) -> dict[str, Any]:
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def pod_key(obj: dict[str, Any]) -> tuple[str, str]:
@@ -445,7 +445,7 @@ class Kubelet:
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), ECHO_READY_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             line = b""
         if line.strip() != b"ready":
             if proc.returncode is None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from propolis.errors import ValidationError
 from propolis_sandbox import cgroups
@@ -107,7 +108,7 @@ async def _probe_tcp(spec: ProbeSpec, timeout: float) -> ProbeResult:
     try:
         try:
             await asyncio.wait_for(loop.sock_connect(sock, (spec.ip, spec.port)), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             return ProbeResult(spec, False, error="timeout", elapsed_s=time.monotonic() - started)
         except OSError as exc:
             return ProbeResult(spec, False, error=exc.strerror or str(exc), elapsed_s=time.monotonic() - started)
@@ -122,7 +123,7 @@ async def _probe_tcp(spec: ProbeSpec, timeout: float) -> ProbeResult:
                 status = http_status(data)
             else:
                 answered = _parse_answer(data) if data else ""
-        except (OSError, asyncio.TimeoutError, TimeoutError):
+        except (OSError, TimeoutError):
             pass  # connected is about the handshake; the echo is a bonus
         return ProbeResult(spec, True, answered_by=answered, elapsed_s=time.monotonic() - started,
                            http_status=status)
@@ -143,7 +144,7 @@ async def _grpc_call(spec: ProbeSpec, sock: socket.socket, started: float, timeo
             grpc_echo.unary_calls(reader, writer, f"{spec.ip}:{spec.port}", [(spec.grpc, b"propolis-probe")]),
             remaining)
         http_status, grpc_status = result.http_status, result.grpc_status
-    except (OSError, asyncio.TimeoutError, TimeoutError):
+    except (OSError, TimeoutError):
         pass  # connected is about the handshake; the status is a bonus
     finally:
         if writer is not None:
@@ -167,7 +168,7 @@ async def _probe_udp(spec: ProbeSpec, timeout: float, attempts: int = 3) -> Prob
                 sock.send(PROBE_PAYLOAD)
                 data = await asyncio.wait_for(loop.sock_recv(sock, 4096), per_try)
                 return ProbeResult(spec, True, answered_by=_parse_answer(data), elapsed_s=time.monotonic() - started)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 continue
             except OSError as exc:  # ICMP unreachable surfaces as ECONNREFUSED
                 return ProbeResult(spec, False, error=exc.strerror or str(exc), elapsed_s=time.monotonic() - started)
@@ -202,7 +203,7 @@ class Matrix:
     cells: dict[tuple[str, int], dict[tuple[str, str], bool]] = field(default_factory=dict)
 
     @classmethod
-    def from_results(cls, results: list[ProbeResult]) -> "Matrix":
+    def from_results(cls, results: list[ProbeResult]) -> Matrix:
         matrix = cls()
         seen: dict[str, None] = {}
         for r in results:

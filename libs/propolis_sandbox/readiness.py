@@ -45,7 +45,7 @@ async def wait_healthy(state: SandboxState, *, timeout: float) -> None:
 
     try:
         await asyncio.wait_for(healthy(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise CliError(f"sandbox {state.config.get('name', '?')}: services not healthy within {timeout:.0f}s: "
                        + ", ".join(describe(s, n, hb) for (s, n), hb in not_ready.items())) from None
     finally:

@@ -11,9 +11,18 @@ from __future__ import annotations
 
 from propolis.runtime.component import Component
 from propolis.runtime.service import run_service
-from propolis.writer.components import (SERVICE, BandwidthManager, ConntrackGCComponent, DatapathComponent,
-                                        Endpoints, Enforcer, InputsComponent, IpcachePublisher, LoadBalancer,
-                                        SocketLoadBalancer)
+from propolis.writer.components import (
+    SERVICE,
+    BandwidthManager,
+    ConntrackGCComponent,
+    DatapathComponent,
+    Endpoints,
+    Enforcer,
+    InputsComponent,
+    IpcachePublisher,
+    LoadBalancer,
+    SocketLoadBalancer,
+)
 from propolis.writer.settings import Settings
 
 __all__ = ["Settings", "build", "main"]

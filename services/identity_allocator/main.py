@@ -20,8 +20,8 @@ from propolis.bus import subjects
 from propolis.bus.lease import LeaseElector
 from propolis.identity.allocator import IdentityAllocator
 from propolis.identity.sync import IdentitySync
-from propolis.runtime.component import Component
 from propolis.reconcile import ReconciledComponent
+from propolis.runtime.component import Component
 from propolis.runtime.health import State
 from propolis.runtime.service import Runtime, run_service
 from propolis.runtime.settings import CommonSettings, setting

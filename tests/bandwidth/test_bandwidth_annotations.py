@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from propolis.bandwidth.annotations import (EGRESS_BANDWIDTH, INGRESS_BANDWIDTH, BandwidthLimits, parse_quantity,
-                                            pod_limits)
+from propolis.bandwidth.annotations import (
+    EGRESS_BANDWIDTH,
+    INGRESS_BANDWIDTH,
+    BandwidthLimits,
+    parse_quantity,
+    pod_limits,
+)
 from propolis.bandwidth.shaper import select_mode
 from propolis.bus.messages import K8sObject
 from propolis.errors import ValidationError

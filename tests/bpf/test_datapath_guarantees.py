@@ -12,10 +12,9 @@ import pytest
 from test_lb import VIP, LbHarness, fields, lb, service, tcp, udp  # noqa: F401  (lb: fixture)
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
-from propolis.maps import drop
 from propolis.datapath import packets as pk
 from propolis.lb import Backend
-from propolis.maps import conntrack, endpoints, events, policy
+from propolis.maps import conntrack, drop, endpoints, events, policy
 from propolis.maps import lb as lbmaps
 from propolis.maps.spec import htons, ip4_to_be32
 from propolis.policy.entries import icmp_type_port

@@ -13,7 +13,6 @@ import pytest
 
 from propolis.datapath import IPCacheEntry
 from propolis.datapath import packets as pk
-from propolis.datapath.datapath import DatapathSettings
 from propolis.errors import ValidationError
 from propolis.maps import events
 

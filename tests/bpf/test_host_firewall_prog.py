@@ -9,9 +9,8 @@ import struct
 import pytest
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
-from propolis.maps import drop
 from propolis.datapath import packets as pk
-from propolis.maps import bpf, endpoints, events
+from propolis.maps import bpf, drop, endpoints, events
 from propolis.model.identity import RESERVED_HOST, RESERVED_REMOTE_NODE, RESERVED_WORLD
 
 pytestmark = pytest.mark.root
@@ -127,8 +126,9 @@ def test_no_host_endpoint_no_judgement(harness):
 
 async def test_bench_host_program_cost_runs_every_way_and_cleans_up():
     import os
-    from propolis_sandbox.bench.host_firewall import measure_host_packet_cost
+
     from propolis.maps.spec import default_pin_dir
+    from propolis_sandbox.bench.host_firewall import measure_host_packet_cost
 
     rows = await measure_host_packet_cost(repeat=100, rounds=1)
     assert [r["way"] for r in rows] == ["no host endpoint", "host endpoint, no policy", "seed host-firewall enforced"]

@@ -13,10 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
-from propolis.maps import drop
 from propolis.datapath import packets as pk
 from propolis.lb import Backend, LBService
-from propolis.maps import bpf, conntrack, events
+from propolis.maps import bpf, conntrack, drop, events
 from propolis.maps import lb as lbmaps
 
 pytestmark = pytest.mark.root
@@ -70,7 +69,7 @@ def fields(frame: bytes) -> tuple[str, int, str, int]:
 
 # ------------------------------------------------------------------ fixture
 @pytest.fixture
-def lb(harness) -> Iterator["LbHarness"]:
+def lb(harness) -> Iterator[LbHarness]:
     h = LbHarness(harness)
     h.clear()
     try:

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+
 from propolis.datapath import Datapath
 from propolis.errors import PermanentError
 from propolis.lb import Backend, LBService

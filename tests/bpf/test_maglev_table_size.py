@@ -9,7 +9,7 @@ import os
 import uuid
 
 import pytest
-from test_lb import VIP, fields, service, tcp  # noqa: F401
+from test_lb import VIP, fields, service, tcp
 
 from propolis.datapath import Datapath
 from propolis.datapath.datapath import DatapathSettings

@@ -13,8 +13,8 @@ import struct
 import pytest
 
 from propolis.datapath import packets as pk
-from propolis.maps.drop import DROP_POLICY
 from propolis.maps import bpf, conntrack
+from propolis.maps.drop import DROP_POLICY
 
 pytestmark = pytest.mark.root
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
-from propolis.maps import drop
 from propolis.datapath import packets as pk
-from propolis.maps import events
+from propolis.maps import drop, events
 
 pytestmark = pytest.mark.root
 

@@ -6,8 +6,7 @@ import pytest
 
 from propolis.datapath import PolicyEntry
 from propolis.errors import ValidationError
-from propolis.maps.policy import (POLICY_PREFIX_STATIC, PolicyRowKey, compute_rows, describe_row,
-                                  port_blocks)
+from propolis.maps.policy import POLICY_PREFIX_STATIC, PolicyRowKey, compute_rows, describe_row, port_blocks
 
 
 @pytest.mark.parametrize("first,last", [(0, 65535), (80, 80), (8000, 8100), (1, 65534), (1024, 2047), (7, 9)])

@@ -8,9 +8,8 @@ import socket
 import pytest
 
 from propolis.datapath import IPCacheEntry, PolicyEntry
-from propolis.maps import drop
 from propolis.datapath import packets as pk
-from propolis.maps import conntrack, events
+from propolis.maps import conntrack, drop, events
 from propolis.policy.entries import icmp_type_port
 
 pytestmark = pytest.mark.root
@@ -214,6 +213,7 @@ def test_spoofing_fragments_ipv6_and_missing_policy_map(harness):
     # enforced endpoint whose policy map vanished: fail closed
     h.dp.set_enforcement(EP_A, ingress=False, egress=True)
     import ctypes
+
     from propolis.maps import policy
     h.dp._map(policy.OUTER_SPEC.pin_name).delete(ctypes.c_uint32(EP_A))
     assert h.egress(pk.tcp(POD_A, 2, REMOTE, 80)) == TC_ACT_SHOT

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+
 from propolis.datapath import Datapath
 from propolis.datapath.loader import SOCK_PROGRAMS
 from propolis.datapath.socket_lb import (

@@ -11,8 +11,8 @@ import pytest
 
 from propolis.datapath import IPCacheEntry
 from propolis.datapath import packets as pk
-from propolis.maps.drop import DROP_UNENCRYPTED_TRAFFIC
 from propolis.maps import bpf, events
+from propolis.maps.drop import DROP_UNENCRYPTED_TRAFFIC
 from propolis.model.identity import RESERVED_REMOTE_NODE
 
 pytestmark = pytest.mark.root

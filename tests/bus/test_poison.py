@@ -9,7 +9,8 @@ import asyncio
 import msgpack
 import pytest
 
-from propolis.bus import codec, kv as kv_mod, subjects
+from propolis.bus import codec, subjects
+from propolis.bus import kv as kv_mod
 from propolis.bus.connection import Bus
 from propolis.bus.kv import EventType
 from propolis.bus.messages import EndpointRecord, Heartbeat, K8sObject, Watermark

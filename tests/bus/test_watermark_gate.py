@@ -7,7 +7,8 @@ purged key by key (watermark last) and as a whole stream."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from propolis.bus import subjects
 from propolis.bus.kv import EventType, KvEvent

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
 from propolis_sandbox.testing.tools import required_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +46,7 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _render(sets: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
     args = ["template", "propolis", str(CHART), "--namespace", "kube-system", "--include-crds"]
     for s in sets:

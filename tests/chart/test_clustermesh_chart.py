@@ -8,8 +8,8 @@ import importlib
 
 import kubernetes_validate
 import pytest
-
 from chart_render import CHART, helm, render, workloads
+
 from propolis.bus import subjects
 from propolis.clustermesh.remotes import RemoteCluster, load_remotes
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
-
 from chart_render import CHART, ROOT
+
 from propolis.connectivity.scenarios import SCENARIOS
 
 SEED = ROOT.parent / "shared" / "seed"
@@ -43,7 +43,7 @@ def strict(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-@lru_cache(maxsize=None)
+@cache
 def validator(kind: str) -> jsonschema.Draft7Validator:
     crd = yaml.load((CHART / "crds" / f"{KINDS[kind]}.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     assert crd["spec"]["names"]["kind"] == kind

@@ -6,16 +6,14 @@ import argparse
 import importlib
 import json
 import shutil
-import subprocess
 
 import kubernetes_validate
 import pytest
+from chart_render import ALL_FEATURES, CHART, helm, load_generator, render, workloads
 
-from chart_render import ALL_FEATURES, CHART, helm, load_generator, render, tool, workloads
-from propolis.bus import permissions
+from propolis import suite
 from propolis.maps import conntrack, lb, policy
 from propolis.runtime import settings as settings_mod
-from propolis import suite
 
 K8S_VERSION = "1.33.0"  # validated against this release's schemas (kubernetes-validate ships them offline)
 

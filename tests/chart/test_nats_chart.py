@@ -8,16 +8,17 @@ import json
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import nats.errors
 import pytest
-
 from chart_render import render, tool
+
+from propolis import suite
 from propolis.bus import permissions, subjects
 from propolis.bus.connection import Bus
-from propolis import suite
 
 PROPOLIS = str(Path(sys.executable).parent / "propolis")
 

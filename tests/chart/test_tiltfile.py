@@ -12,7 +12,6 @@ from typing import Any
 
 import starlark
 import yaml
-
 from chart_render import ROOT, StrictLoader, tool
 
 TILT = ROOT / "tilt"

@@ -9,9 +9,9 @@ from propolis.clustermesh import imported
 from propolis.clustermesh.export import desired_export
 from propolis.clustermesh.kvstoremesh import importable, refusal
 from propolis.clustermesh.remotes import RemoteCluster, load_remotes, save_remote
-from propolis_sandbox.clustermesh import check_pair
 from propolis.errors import ValidationError
 from propolis.model import identity as idm
+from propolis_sandbox.clustermesh import check_pair
 from propolis_sandbox.config import SandboxState
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from propolis.errors import ValidationError
 from propolis.maps import config
-from propolis_sandbox.config import SandboxConfig
 from propolis.suite import service_env
+from propolis_sandbox.config import SandboxConfig
 
 WRITER = importlib.import_module("propolis_services.datapath_writer.main")
 

@@ -9,9 +9,9 @@ import pytest
 from propolis.bus import permissions, subjects
 from propolis.bus.messages import Heartbeat
 from propolis.errors import ValidationError
-from propolis_sandbox.config import SandboxConfig
-from propolis.suite import SUITE_SERVICES
 from propolis.status import build_report
+from propolis.suite import SUITE_SERVICES
+from propolis_sandbox.config import SandboxConfig
 
 KEYMGR = next(s for s in SUITE_SERVICES if s.name == "wireguard-keymgr")
 

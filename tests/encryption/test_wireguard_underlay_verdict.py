@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from propolis_sandbox.connectivity import underlay_verdict
 from propolis.encryption.capture import Frame, UnderlayCapture, parse
+from propolis_sandbox.connectivity import underlay_verdict
 from propolis_sandbox.probe import PROBE_PAYLOAD, ProbeResult, ProbeSpec
 
 RESULT = ProbeResult(ProbeSpec("ns", "10.244.2.2", 8080, "TCP", "client", "pod:echo-other-node"), True,

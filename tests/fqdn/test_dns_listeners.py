@@ -18,8 +18,8 @@ import dns.rcode
 import pytest
 
 from propolis.fqdn.listener import DnsListeners, UdpUpstream
-from propolis.model.matchpattern import FqdnSelector
 from propolis.fqdn.proxy import DnsProxy, Learned, Redirected
+from propolis.model.matchpattern import FqdnSelector
 from propolis_sandbox.dns_server import DnsServer, bound_sockets
 from propolis_sandbox.world_dns import WorldZone
 

@@ -15,8 +15,8 @@ import dns.message
 import dns.rcode
 import pytest
 
-from propolis.model.matchpattern import FqdnSelector
 from propolis.fqdn.proxy import DnsProxy, Learned, Redirected
+from propolis.model.matchpattern import FqdnSelector
 from propolis_sandbox.dns_server import DnsServer, bound_sockets
 from propolis_sandbox.world_dns import WorldZone
 

@@ -29,8 +29,8 @@ from propolis.k8s.kinds import KINDS
 from propolis.l7 import http2
 from propolis.l7.policy import ProxyPolicy
 from propolis.l7.proxy import HTTPProxy
-from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis.model import identity as idm
+from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis_sandbox import grpc_echo
 
 pytestmark = pytest.mark.root  # the proxy connects onward with IP_TRANSPARENT and SO_MARK
@@ -81,7 +81,7 @@ class Harness:
         self.server_port = 0
         self.proxy_port = 0
 
-    async def __aenter__(self) -> "Harness":
+    async def __aenter__(self) -> Harness:
         probe = socket.socket()
         probe.bind((SERVER_IP, 0))
         self.server_port = probe.getsockname()[1]
@@ -102,7 +102,7 @@ class Harness:
         self.connections.append(conn)
         try:
             await conn.run(first)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             pass
         except Exception as exc:  # noqa: BLE001 - the tests assert there is none
             self.crashes.append(exc)

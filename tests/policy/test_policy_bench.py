@@ -1,7 +1,7 @@
 """The synthetic compiler workload runs and produces the figures `propolis bench policy` reports (no timing asserted)."""
 
-from propolis_sandbox.bench.policy_workload import measure, synthetic_cluster
 from propolis.policy.engine import PolicyEngine
+from propolis_sandbox.bench.policy_workload import measure, synthetic_cluster
 
 
 def test_synthetic_cluster_is_valid_and_selects_something():

@@ -9,9 +9,9 @@ import pytest
 
 from propolis.bus.messages import K8sObject
 from propolis.model import identity as idm
-from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis.policy.engine import PolicyEngine
 from propolis.policy.entries import PolicyEntry, icmp_type_port
+from propolis.policy.proxy_ports import PROXY_PORTS
 
 NS_LABELS = {"production": {"env": "prod"}, "other": {"team": "a"}, "kube-system": {}}
 

@@ -2,11 +2,10 @@
 every port, but only for the rule's own peers — never a wildcard peer (issue 11, fail-open scenario 4)."""
 
 import pytest
+from test_policy_compile import API, FRONT, FRONT_OTHER, TCP, UDP, I, allow, cnp, engine, np_, rows
 
 from propolis.errors import ValidationError
 from propolis.policy import parse
-
-from test_policy_compile import API, FRONT, FRONT_OTHER, I, TCP, UDP, allow, cnp, engine, np_, rows
 
 FROM_FRONT = [{"matchLabels": {"app": "frontend"}}]
 

@@ -9,7 +9,8 @@ import asyncio
 
 import aiohttp
 
-from propolis.bus import kv as kv_mod, subjects
+from propolis.bus import kv as kv_mod
+from propolis.bus import subjects
 from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.messages import Heartbeat
 from propolis.runtime.component import Component

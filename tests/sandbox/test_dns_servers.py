@@ -33,7 +33,7 @@ async def udp_exchange(port: int, wire: bytes, timeout: float = 0.5) -> bytes | 
     try:
         await loop.sock_sendto(sock, wire, ("127.0.0.1", port))
         return await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return None
     finally:
         sock.close()

@@ -8,12 +8,17 @@ from typing import Any
 
 import pytest
 
-from propolis_sandbox.api_controllers import (CONTROLLER_NAME, MANAGED_BY_LABEL, SERVICE_NAME_LABEL,
-                                              EndpointSliceController, PodUpdateRules, ServiceAllocator,
-                                              desired_slices)
+from propolis_sandbox.api_controllers import (
+    CONTROLLER_NAME,
+    MANAGED_BY_LABEL,
+    SERVICE_NAME_LABEL,
+    EndpointSliceController,
+    PodUpdateRules,
+    ServiceAllocator,
+    desired_slices,
+)
 from propolis_sandbox.api_resources import BY_KIND
-from propolis_sandbox.api_selectors import parse_label_selector
-from propolis_sandbox.api_selectors import FieldSelector, LabelSelector
+from propolis_sandbox.api_selectors import FieldSelector, LabelSelector, parse_label_selector
 from propolis_sandbox.api_store import ApiStatusError, Store
 
 POD, SVC, NS, SLICE = BY_KIND["Pod"], BY_KIND["Service"], BY_KIND["Namespace"], BY_KIND["EndpointSlice"]

@@ -15,8 +15,8 @@ from propolis.bus.messages import Heartbeat
 from propolis.cli.main import build_parser
 from propolis.runtime.service import Runtime
 from propolis.runtime.settings import CommonSettings
-from propolis.suite import SUITE_SERVICES
 from propolis.status import build_report
+from propolis.suite import SUITE_SERVICES
 
 NOW = 1_800_000_000.0
 NODES = ("s-worker", "s-worker2")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 
 import msgpack
+from test_status import NODES, NOW, run_status, suite_beats
 
 from propolis.bus import subjects
 from propolis.status import build_report
-from test_status import NODES, NOW, run_status, suite_beats
 
 #: the datapath-writer of node 1, with `components` a string and `pid` a string
 BAD_KEY = subjects.heartbeat_key("datapath-writer", NODES[0], "bad1")

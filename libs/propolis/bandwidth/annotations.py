@@ -8,9 +8,9 @@ last enforced limits and reports it (never more open because of a typo).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Mapping
 
 from propolis.errors import ValidationError
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError

@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Callable, ClassVar, Protocol, TypeVar, cast, overload
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol, TypeVar, cast, overload
 
 import msgpack
 import orjson

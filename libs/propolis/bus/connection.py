@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -70,7 +71,7 @@ class Bus:
                 self._js = self._nc.jetstream()
                 self.disconnected.clear()
                 return
-            except (OSError, asyncio.TimeoutError, nats.errors.NoServersError) as exc:
+            except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
                 refused = next((e for e in self.errors if "authorization violation" in e.lower()), "")
                 if refused:
                     who = f"user {self.user!r}" if self.user else "a connection without credentials"

@@ -117,14 +117,14 @@ class EmbeddedNats:
     async def stop(self) -> None:
         await asyncio.to_thread(self.stop_sync)
 
-    async def __aenter__(self) -> "EmbeddedNats":
+    async def __aenter__(self) -> EmbeddedNats:
         await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def __enter__(self) -> "EmbeddedNats":
+    def __enter__(self) -> EmbeddedNats:
         self.start_sync()
         return self
 

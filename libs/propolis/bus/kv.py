@@ -29,9 +29,10 @@ import logging
 import random
 import weakref
 from collections import Counter
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Iterator
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.js import JetStreamContext
@@ -133,7 +134,7 @@ _NATS_UNAVAILABLE = (nats.errors.TimeoutError, nats.errors.ConnectionClosedError
 class Kv:
     """One bucket; values are codec messages (``raw=True`` methods for bytes)."""
 
-    def __init__(self, bus: "Bus", bucket: str, store: KeyValue) -> None:
+    def __init__(self, bus: Bus, bucket: str, store: KeyValue) -> None:
         self.bus = bus
         self.bucket = bucket
         self.store = store
@@ -299,7 +300,7 @@ class Kv:
                 async with _watch_start_slots():
                     created = await self._stream_created()
                     return await self.store.watch(keys), created
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("watch %s/%s: %s; retrying", self.bucket, keys, exc)
                 jitter = max(jitter, 0.5)
 
@@ -310,7 +311,7 @@ class Kv:
         restarted lost its (in-memory) ordered consumers: then the watch starts anew and re-syncs."""
         try:
             await _subscription(watcher).consumer_info()
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             log.info("watch %s: consumer gone after the reconnect (%s)", self.bucket, exc or type(exc).__name__)
             return False
         return True
@@ -319,7 +320,7 @@ class Kv:
         """When the bucket's stream was created: a different value later means it was deleted and made anew."""
         return (await self.bus.js.stream_info(f"KV_{self.bucket}")).created
 
-    async def _until_recreated(self, created: datetime | None, signals: "_WatchSignals") -> None:
+    async def _until_recreated(self, created: datetime | None, signals: _WatchSignals) -> None:
         """Signal ``recreated`` once the bucket's stream is gone or was re-created.
 
         A deleted-and-recreated bucket restarts its sequence numbers, and nats-py's ordered consumer
@@ -331,7 +332,7 @@ class Kv:
                 now = await self._stream_created()
             except nats.js.errors.NotFoundError:
                 now = None
-            except (nats.errors.Error, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.Error):
                 continue  # NATS away: the reconnect path re-syncs
             if now != created:
                 log.warning("bucket %s was deleted or re-created: re-syncing its watch", self.bucket)
@@ -342,13 +343,13 @@ class Kv:
         """The last stream sequence the server delivered to this watch's consumer (0 if unknown)."""
         try:
             info = await _subscription(watcher).consumer_info()
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             log.debug("consumer info for a watch: %s", exc)
             return 0
         return int(getattr(info.delivered, "stream_seq", 0) or 0) if info.delivered else 0
 
     @staticmethod
-    async def _next(watcher: KeyValue.KeyWatcher, signals: "_WatchSignals", timeout: float | None = None) -> object:
+    async def _next(watcher: KeyValue.KeyWatcher, signals: _WatchSignals, timeout: float | None = None) -> object:
         """The watcher's next entry (None = nats-py's end-of-initial-values marker), `_RESYNC` when a
         reconnect or the bucket's re-creation needs a look, `_TIMEOUT` after ``timeout`` seconds.
 
@@ -426,7 +427,7 @@ WATCH_RESYNC_JITTER_S = 2.0
 #: consumer creations (a watch's start) one process runs at once
 MAX_CONCURRENT_WATCH_STARTS = 4
 
-_START_SLOTS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]" = weakref.WeakKeyDictionary()
+_START_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
 
 def _watch_start_slots() -> asyncio.Semaphore:

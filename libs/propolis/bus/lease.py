@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from propolis.bus.kv import Conflict, EventType, Kv
 from propolis.bus.messages import Lease
@@ -81,7 +81,7 @@ class LeaseElector:
                 await self.renew()
                 try:
                     await asyncio.wait_for(released.wait(), self.duration / 3)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             watch.cancel()

@@ -44,8 +44,8 @@ def stream_name(bucket: str) -> str:
     return f"KV_{bucket}"
 
 
-async def kv_snapshot(bus: "Bus", bucket: str, keys: str = ">", *, timeout: float = 5.0,
-                      refused: dict[str, str] | None = None, decode: bool = True) -> dict[str, "Entry"]:
+async def kv_snapshot(bus: Bus, bucket: str, keys: str = ">", *, timeout: float = 5.0,
+                      refused: dict[str, str] | None = None, decode: bool = True) -> dict[str, Entry]:
     """Every live key under ``keys`` with its decoded value; an undecodable value is logged and left out
     (in ``refused``, when given: key -> why, so a reader can report it). ``decode=False``: the values as
     stored (bytes), undecodable ones included: a writer comparing thousands of keys with what it would
@@ -87,7 +87,7 @@ async def kv_snapshot(bus: "Bus", bucket: str, keys: str = ">", *, timeout: floa
     return out
 
 
-async def _page(bus: "Bus", bucket: str, subject: str, seq: int, timeout: float) -> tuple[list[Any], int]:
+async def _page(bus: Bus, bucket: str, subject: str, seq: int, timeout: float) -> tuple[list[Any], int]:
     """One batched direct get from ``seq`` on: (messages, how many more match after them)."""
     inbox = bus.new_inbox()
     got: asyncio.Queue[Msg] = asyncio.Queue()
@@ -100,7 +100,7 @@ async def _page(bus: "Bus", bucket: str, subject: str, seq: int, timeout: float)
         while True:
             try:
                 msg = await asyncio.wait_for(got.get(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise TemporaryError(f"KV {bucket}: no answer to a direct get within {timeout:.0f}s") from None
             headers = msg.headers or {}
             status = headers.get("Status")

@@ -17,7 +17,7 @@ from propolis.maps import bpf, conntrack, endpoints, ipcache, metrics, policy
 from propolis.maps.spec import MapSpec, default_pin_dir
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = sub.add_parser("bpf", help="show the node's BPF maps (like `cilium bpf`)")
     nouns = group.add_subparsers(dest="bpf_command", metavar="MAP")
     verbs_of: dict[str, Any] = {}

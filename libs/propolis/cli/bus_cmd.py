@@ -62,7 +62,7 @@ async def tail_cmd(args: argparse.Namespace) -> int:
         if args.timeout:
             try:
                 await asyncio.wait_for(done.wait(), args.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         else:
             await done.wait()

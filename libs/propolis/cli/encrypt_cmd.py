@@ -103,7 +103,7 @@ async def rotate_cmd(args: argparse.Namespace) -> int:
                 reply = await bus.request(subjects.encryption_rotate_subject(node),
                                           Event("RotateKey", f"Node {node}", "propolis encrypt rotate-key", "cli",
                                                 node, time.time()), timeout=5.0)
-            except Exception as exc:  # noqa: BLE001 - timeouts and no-responders alike
+            except Exception as exc:  # timeouts and no-responders alike
                 raise CliError(f"rotate-key on {node}: no answer from its wireguard-keymgr ({exc})") from exc
             if not isinstance(reply, WireguardNodeKey):
                 raise CliError(f"rotate-key on {node}: unexpected answer {reply!r}")

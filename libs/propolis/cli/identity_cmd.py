@@ -181,7 +181,7 @@ async def endpoint_config_cmd(args: argparse.Namespace) -> int:
     try:
         reply = await bus.request(subjects.endpoint_config_subject(node),
                                   EndpointConfig(namespace, pod, options), timeout=10.0)
-    except Exception as exc:  # noqa: BLE001 - timeouts and no-responders alike
+    except Exception as exc:  # timeouts and no-responders alike
         raise CliError(f"endpoint {args.endpoint}: no answer from the datapath-writer of node {node} ({exc})") from exc
     finally:
         await bus.close()

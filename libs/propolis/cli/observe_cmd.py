@@ -12,7 +12,8 @@ import argparse
 import asyncio
 import os
 import sys
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -112,7 +113,7 @@ async def _reachable(url: str) -> bool:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             async with session.get(f"{url}/healthz") as resp:
                 return resp.status == 200
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         return False
 
 
@@ -141,7 +142,7 @@ async def observe_cmd(args: argparse.Namespace) -> int:
             await asyncio.wait_for(run(), args.timeout)
         else:
             await run()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     except BrokenPipeError:
         return 0

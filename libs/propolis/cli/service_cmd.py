@@ -16,7 +16,7 @@ from propolis.datapath.services import BackendView, read_services
 from propolis.maps import lb as lbmaps
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = sub.add_parser("service", help="service load-balancing (kube-proxy replacement), like `cilium service`")
     verbs = group.add_subparsers(dest="service_command", metavar="VERB")
     show = verbs.add_parser("list", help="frontends -> backends of a node (cilium_lb4_* maps)")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from typing import Any, Awaitable, TypeVar
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from propolis.bus.connection import Bus
 from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json, print_table
@@ -60,7 +61,7 @@ async def status_cmd(args: argparse.Namespace) -> int:
 async def _within(seconds: float, work: Awaitable[T]) -> T:
     try:
         return await asyncio.wait_for(work, seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise CliError(f"NATS did not answer within {seconds:g}s (--timeout)") from None
 
 

@@ -186,7 +186,7 @@ class Selection:
     exclude: list[str] = field(default_factory=list)
 
     @classmethod
-    def parse(cls, values: list[str] | None) -> "Selection":
+    def parse(cls, values: list[str] | None) -> Selection:
         sel = cls()
         for raw in values or []:
             for item in (v.strip() for v in raw.split(",")):

@@ -20,23 +20,29 @@ import asyncio
 import ctypes
 import os
 import time
-from typing import Any
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
+from propolis.datapath.loader import (
+    PROGRAM_FROM_CONTAINER,
+    PROGRAM_FROM_NETDEV,
+    PROGRAM_TO_CONTAINER,
+    PROGRAM_TO_NETDEV,
+    LoadedPrograms,
+    compile_programs,
+    node_specs,
+)
+from propolis.datapath.services import LB_ALGORITHMS, ServiceDiff, ServiceMaps, ServiceView, read_services
+from propolis.datapath.socket_lb import SocketLbAttacher
+from propolis.datapath.tc import InterfaceGone, TcAttacher
 from propolis.errors import PermanentError, ValidationError
-from propolis.maps import ALL_SPECS, config, conntrack, endpoints, events, ipcache, metrics, policy, sizing
-from propolis.maps import bpf
+from propolis.lb.desired import LBService
+from propolis.maps import bpf, config, conntrack, endpoints, events, ipcache, metrics, policy, sizing
+from propolis.maps import lb as lbmaps
 from propolis.maps.conntrack import CtRow, GcResult
 from propolis.maps.spec import default_pin_dir
 from propolis.model.identity import RESERVED_HOST
-from propolis.datapath.socket_lb import SocketLbAttacher
-from propolis.datapath.loader import (PROGRAM_FROM_CONTAINER, PROGRAM_FROM_NETDEV, PROGRAM_TO_CONTAINER,
-                                      PROGRAM_TO_NETDEV, LoadedPrograms, compile_programs, node_specs)
-from propolis.datapath.services import LB_ALGORITHMS, ServiceDiff, ServiceMaps, ServiceView, read_services
-from propolis.datapath.tc import InterfaceGone, TcAttacher
-from propolis.lb.desired import LBService
-from propolis.maps import lb as lbmaps
 
 MAX_ENDPOINT_ID = 65535
 

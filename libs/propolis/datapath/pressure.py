@@ -25,7 +25,7 @@ PRESSURE_SPECS: tuple[MapSpec, ...] = (conntrack.TCP_SPEC, conntrack.ANY_SPEC, l
                                        lb.AFFINITY_SPEC, fragments.SPEC)
 
 
-def map_pressure(dp: "Datapath") -> dict[str, float]:
+def map_pressure(dp: Datapath) -> dict[str, float]:
     """Entries / max_entries of every map in PRESSURE_SPECS, by pin name (Cilium's map_name)."""
     out: dict[str, float] = {}
     for spec in PRESSURE_SPECS:
@@ -38,7 +38,7 @@ def map_pressure(dp: "Datapath") -> dict[str, float]:
 class MapPressureCollector:
     """prometheus_client collector: one gauge sample per map, read when scraped."""
 
-    def __init__(self, dp: "Datapath") -> None:
+    def __init__(self, dp: Datapath) -> None:
         self.dp = dp
 
     def describe(self) -> list[Any]:

@@ -33,8 +33,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from propolis.encryption import keys
-from propolis.encryption.uapi import (DeviceState, PeerConfig, PeerState, UapiClient, remove_peer_request,
-                                      set_device_request, set_peer_request)
+from propolis.encryption.uapi import (
+    DeviceState,
+    PeerConfig,
+    PeerState,
+    UapiClient,
+    remove_peer_request,
+    set_device_request,
+    set_peer_request,
+)
 from propolis.errors import PermanentError, TemporaryError
 
 log = logging.getLogger("propolis.encryption.backend")

@@ -44,7 +44,7 @@ class UnderlayCapture:
     netns: str
     frames: list[Frame] = field(default_factory=list)
 
-    def __enter__(self) -> "UnderlayCapture":
+    def __enter__(self) -> UnderlayCapture:
         with entered(self.netns):
             self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self._sock.settimeout(0.1)
@@ -57,7 +57,7 @@ class UnderlayCapture:
         while not self._stop.is_set():
             try:
                 data = self._sock.recv(65535)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from propolis.bus import subjects
 from propolis.bus.kv import EventType
@@ -34,8 +35,13 @@ from propolis.bus.messages import Event, K8sObject, WireguardNodeKey
 from propolis.encryption import keys
 from propolis.encryption.backend import DEVICE, WireguardBackend, select_backend
 from propolis.encryption.desired import NodeInfo, compute, node_info
-from propolis.encryption.targets import (WIREGUARD_ROUTE_TABLE, PeerTarget, RouteTarget, set_link_up,
-                                         set_node_encryption_rule)
+from propolis.encryption.targets import (
+    WIREGUARD_ROUTE_TABLE,
+    PeerTarget,
+    RouteTarget,
+    set_link_up,
+    set_node_encryption_rule,
+)
 from propolis.encryption.uapi import PeerConfig
 from propolis.reconcile import Reconciler
 from propolis.runtime.component import Component

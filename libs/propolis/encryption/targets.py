@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from propolis.encryption.backend import DEVICE, WireguardBackend
 from propolis.encryption.uapi import PeerConfig
 from propolis.errors import TemporaryError
-
 
 #: Keepalive (s) set for a moment on a new peer: WireGuard sends a keepalive at once when keepalive is turned
 #: on, which starts the handshake now instead of with the first packet. After a key rotation the node that

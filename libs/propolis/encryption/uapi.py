@@ -129,7 +129,7 @@ class UapiClient:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.socket_path)),
                                                     UAPI_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise TemporaryError(f"{what}: cannot reach {self.socket_path}: {exc}") from exc
         try:
             writer.write(request.encode())
@@ -143,7 +143,7 @@ class UapiClient:
                 if chunk == b"\n" and chunks and len(chunks) > 1 and chunks[-2].startswith("errno="):
                     break
             return _check_errno("".join(chunks), what)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise TemporaryError(f"{what}: {self.socket_path}: {exc}") from exc
         finally:
             writer.close()

@@ -9,8 +9,9 @@ so the dns-proxy can persist it in its bus bucket and restore it after a restart
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from propolis.model.matchpattern import FqdnSelector, fqdn
 

@@ -21,8 +21,8 @@ import random
 import socket
 import struct
 from collections import OrderedDict
-from collections.abc import Coroutine
-from typing import Any, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from propolis.fqdn.proxy import DnsProxy, Redirected
 from propolis.l7.redirect import IP_TRANSPARENT, transparent_listener
@@ -228,7 +228,7 @@ class DnsListeners:
                     return  # dropped: close the connection
                 writer.write(struct.pack("!H", len(out)) + out)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             return  # a length prefix that lies, an idle or gone client
         finally:
             writer.close()

@@ -21,8 +21,8 @@ import asyncio
 import logging
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import dns.exception
 import dns.flags
@@ -141,7 +141,7 @@ class DnsProxy:
             records = answer_a_records(answer_wire)
             if answer_wire[:2] != wire[:2]:
                 raise WireError("the answer's id is not the query's")
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:
             self.stats["upstream_errors"] += 1
             log.info("forwarding %s to %s: %s", name, where.server_ip, exc)
             response = dns.message.make_response(query)

@@ -33,8 +33,8 @@ from propolis.l7.service import PolicyInputsComponent
 from propolis.maps import conntrack
 from propolis.reconcile import ReconciledComponent, Reconciler
 from propolis.runtime.component import Component
-from propolis.runtime.service import Runtime
 from propolis.runtime.netns import socket_in
+from propolis.runtime.service import Runtime
 
 log = logging.getLogger("propolis.fqdn.service")
 
@@ -151,7 +151,7 @@ class FqdnCacheComponent(ReconciledComponent):
             self._enforced_moved.clear()
             try:
                 await asyncio.wait_for(self._enforced_moved.wait(), deadline - time.monotonic())
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
 
     async def _expire_loop(self) -> None:

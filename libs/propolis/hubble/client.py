@@ -17,7 +17,8 @@ import datetime
 import heapq
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from propolis.bus import codec, subjects
 from propolis.bus.connection import Bus
@@ -113,7 +114,7 @@ class BusFlowSource:
                 arrived.clear()
                 try:
                     await asyncio.wait_for(arrived.wait(), wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if not expected and done:
                         break
         finally:
@@ -195,5 +196,5 @@ def parse_time(text: str, now: float | None = None) -> str:
     except ValueError:
         raise ValidationError("since", f"{text!r} is neither RFC 3339 nor a duration like 5m") from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=datetime.timezone.utc)
+        dt = dt.replace(tzinfo=datetime.UTC)
     return rfc3339(dt.timestamp())

@@ -10,8 +10,9 @@ so the newest backup is always `.1`. `field_mask` keeps only the listed (dotted)
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from propolis.errors import ValidationError
 from propolis.hubble.flow import Flow, flow_ports, protocol_of
@@ -145,7 +146,7 @@ def _side(flow: Flow, side: str) -> dict[str, Any]:
     return flow.get(side) or {}
 
 
-def _compile_field(name: str, values: Any) -> Predicate:  # noqa: C901 - one branch per field, flat
+def _compile_field(name: str, values: Any) -> Predicate:
     vals = list(values) if isinstance(values, (list, tuple)) else [values]
     side = "source" if name.startswith("source_") else "destination" if name.startswith("destination_") else ""
     field = name.split("_", 1)[1] if side else name

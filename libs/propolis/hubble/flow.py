@@ -14,10 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from propolis.bus import subjects
-from propolis.bus.messages import (EndpointRecord, FqdnCacheRecord, IdentityRecord, IpcacheEntry, K8sObject,
-                                   WireguardNodeKey)
-from propolis.maps.drop import DROP_UNENCRYPTED_TRAFFIC, reason_name
+from propolis.bus.messages import (
+    EndpointRecord,
+    FqdnCacheRecord,
+    IdentityRecord,
+    IpcacheEntry,
+    K8sObject,
+    WireguardNodeKey,
+)
 from propolis.maps import events as ev
+from propolis.maps.drop import DROP_UNENCRYPTED_TRAFFIC, reason_name
 from propolis.model.identity import CLUSTER_LABEL, RESERVED_NAMES
 
 Flow = dict[str, Any]

@@ -11,9 +11,10 @@ wins (`pod|ip`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import prometheus_client as prom
 

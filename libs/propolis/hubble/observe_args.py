@@ -11,8 +11,9 @@ alternative (as in Hubble); `--pod N/name` names a pod in a namespace, `--pod /n
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from propolis.hubble.filters import FlowFilter
 

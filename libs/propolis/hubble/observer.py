@@ -14,7 +14,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from propolis.bus import codec, subjects
 from propolis.bus.messages import FlowBatch, FlowMessage, FlowQuery, LostEvents

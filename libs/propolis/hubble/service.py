@@ -27,8 +27,8 @@ import prometheus_client as prom
 
 from propolis.bus import codec, subjects
 from propolis.bus.codec import DecodeError
-from propolis.bus.messages import FlowMessage
 from propolis.bus.kv import EventType
+from propolis.bus.messages import FlowMessage
 from propolis.errors import TemporaryError, ValidationError
 from propolis.hubble.exporter import FlowExporter, parse_filter_list
 from propolis.hubble.flow import Enricher, enrich_proxy_flow, rfc3339

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from typing import Iterable
+from collections.abc import Iterable
 
 from propolis.bus import subjects
 from propolis.bus.kv import Conflict, Kv

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -127,7 +128,7 @@ class Reflector:
                 self.error = f"{exc} after resourceVersion {self.resource_version}: relisted"
                 log.error("%s: %s", self.kind.plural, self.error)
                 self._relist_requested = True
-            except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            except (TimeoutError, ApiException, aiohttp.ClientError, OSError, ValueError) as exc:
                 if self._watch_closed_by_relist:
                     self._watch_closed_by_relist = False
                     continue

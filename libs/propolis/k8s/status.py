@@ -16,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import orjson
 
-from propolis.errors import ValidationError
 from propolis.bus import subjects
 from propolis.bus.kv import Kv
 from propolis.bus.messages import POLICY_FAILURES_KEY, Heartbeat
+from propolis.errors import ValidationError
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
 from propolis.k8s.kubeclient import ApiClient
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from propolis.bus import codec, subjects
 from propolis.bus.messages import FlowMessage
-
 from propolis.hubble.flow import rfc3339
 from propolis.l7.http import Head
 from propolis.l7.kafka import KafkaRequest

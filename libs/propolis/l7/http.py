@@ -188,7 +188,7 @@ class HTTPRuleMatcher:
     header_matches: tuple[tuple[str, str, str], ...]  # (lowercase name, value, mismatch action)
 
     @classmethod
-    def compile(cls, rule: HTTPRule, where: str = "http") -> "HTTPRuleMatcher":
+    def compile(cls, rule: HTTPRule, where: str = "http") -> HTTPRuleMatcher:
         headers = []
         for h in rule.headers:
             name, sep, value = h.partition(":")

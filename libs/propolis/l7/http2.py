@@ -191,7 +191,7 @@ def _acknowledger(conn: h2.connection.H2Connection, stream_id: int) -> Any:
 class Http2Connection:
     """One client connection speaking HTTP/2 (same shape as the HTTP/1.1 `_Connection`)."""
 
-    def __init__(self, proxy: "HTTPProxy", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    def __init__(self, proxy: HTTPProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  direction: str, port: int, client: tuple[str, int], server: tuple[str, int]) -> None:
         self.proxy, self.reader = proxy, reader
         self.direction, self.port, self.client, self.server = direction, port, client, server
@@ -233,7 +233,7 @@ class Http2Connection:
             try:
                 async with asyncio.timeout(self.proxy.idle_timeout):  # no task per read, unlike wait_for
                     data = await self.reader.read(READ_SIZE)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 self.down.conn.close_connection(ErrorCodes.NO_ERROR)
                 return await self._flush_and_end()
 

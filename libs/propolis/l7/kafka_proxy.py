@@ -116,13 +116,13 @@ class _Connection:
             if exc.partial:
                 raise kafka.BadFrame("connection closed inside a size prefix") from None
             return None
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise ConnectionDone() from None
         size = kafka.frame_size(prefix)
         try:
             async with asyncio.timeout(self.proxy.frame_timeout):
                 body = await self.reader.readexactly(size)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise kafka.BadFrame(f"request of {size} bytes not complete within {self.proxy.frame_timeout}s") from None
         except asyncio.IncompleteReadError:
             raise kafka.BadFrame(f"connection closed inside a request of {size} bytes") from None
@@ -179,7 +179,7 @@ class _Connection:
         sock = upstream_socket(self.proxy.make_socket(), self.client[0], self.direction)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, self.server), self.proxy.connect_timeout)
-        except (OSError, asyncio.TimeoutError, TimeoutError):
+        except (OSError, TimeoutError):
             sock.close()
             self.proxy.stats.error("upstream_connect")
             raise ConnectionDone() from None

@@ -129,7 +129,7 @@ class HTTPProxy(ProxyListeners):
             protocol = http2.Http2Connection if first == http2.PREFACE else _Connection
             conn = protocol(self, reader, writer, direction, port, client, server)
             await conn.run(first)
-        except (ConnectionDone, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionDone, ConnectionError, asyncio.IncompleteReadError):
             pass
         except Exception as exc:  # noqa: BLE001 - one connection's failure never stops the proxy
             self.stats.error(type(exc).__name__)
@@ -147,7 +147,7 @@ class HTTPProxy(ProxyListeners):
         sock = upstream_socket(self.make_socket(), client[0], direction)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, server), self.connect_timeout)
-        except (OSError, asyncio.TimeoutError, TimeoutError):
+        except (OSError, TimeoutError):
             sock.close()
             return None
         return await asyncio.open_connection(sock=sock, limit=READ_SIZE)
@@ -190,7 +190,7 @@ class _Connection:
         try:
             async with asyncio.timeout(timeout):  # no task per read, unlike wait_for
                 return await self.reader.read(READ_SIZE)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             if started is not None:
                 await self._answer_and_close(408, "Request Timeout", "header_timeout")
             raise ConnectionDone() from None

@@ -73,13 +73,13 @@ def install_proxy_route(ipr: IPRoute) -> None:
     try:
         ipr.route("add", dst="0.0.0.0/0", type="local", scope="host", oif=ipr.link_lookup(ifname="lo")[0],
                   table=PROXY_ROUTE_TABLE)
-    except Exception as exc:  # noqa: BLE001 - pyroute2 raises NetlinkError
+    except Exception as exc:  # pyroute2 raises NetlinkError
         if getattr(exc, "code", None) != errno.EEXIST:
             raise
     try:
         ipr.rule("add", fwmark=MARK_MAGIC_TO_PROXY, fwmask=MARK_MASK, table=PROXY_ROUTE_TABLE,
                  priority=PROXY_RULE_PRIORITY)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if getattr(exc, "code", None) != errno.EEXIST:
             raise
 

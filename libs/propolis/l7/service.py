@@ -24,8 +24,8 @@ from propolis.l7.proxy import HTTPProxy
 from propolis.l7.redirect import prepare_node
 from propolis.policy.proxy_ports import PROXY_PORTS
 from propolis.runtime.component import Component
-from propolis.runtime.service import Runtime
 from propolis.runtime.netns import socket_in
+from propolis.runtime.service import Runtime
 
 log = logging.getLogger("propolis.l7.service")
 

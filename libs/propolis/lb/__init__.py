@@ -5,8 +5,7 @@ node from Services and EndpointSlices, and Maglev tables. The kernel half is
 
 from __future__ import annotations
 
-from propolis.lb.desired import (BACKEND_ACTIVE, BACKEND_TERMINATING, Backend, LBService,
-                                 desired_services)
+from propolis.lb.desired import BACKEND_ACTIVE, BACKEND_TERMINATING, Backend, LBService, desired_services
 from propolis.lb.maglev import maglev_table
 
 __all__ = ["BACKEND_ACTIVE", "BACKEND_TERMINATING", "Backend", "LBService", "desired_services", "maglev_table"]

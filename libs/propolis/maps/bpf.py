@@ -172,7 +172,7 @@ class BpfMap(Generic[K, V]):
 
     @classmethod
     def open_pinned(cls, path: str, key_type: type[K], value_type: type[Any], *,
-                    percpu: bool = False, check: bool = True) -> "BpfMap[K, V]":
+                    percpu: bool = False, check: bool = True) -> BpfMap[K, V]:
         fd = obj_get(path)
         bpf_map: BpfMap[K, V] = cls(fd, key_type, value_type, path=path, percpu=percpu)
         if check:
@@ -197,7 +197,7 @@ class BpfMap(Generic[K, V]):
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "BpfMap[K, V]":
+    def __enter__(self) -> BpfMap[K, V]:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -308,7 +308,7 @@ class EventReader:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "EventReader":
+    def __enter__(self) -> EventReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -67,7 +67,7 @@ class IPCacheEntry:
     identity: NumericIdentity
     tunnel_endpoint: str | None = None
 
-    def normalized(self) -> "IPCacheEntry":
+    def normalized(self) -> IPCacheEntry:
         try:
             net = ipaddress.ip_network(self.cidr, strict=False)
         except ValueError as exc:

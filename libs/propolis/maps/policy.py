@@ -136,7 +136,7 @@ class PolicyRowKey:
         return key
 
     @classmethod
-    def from_c(cls, key: PolicyKey) -> "PolicyRowKey":
+    def from_c(cls, key: PolicyKey) -> PolicyRowKey:
         return cls(key.sec_label, key.egress, key.prefixlen, key.protocol, ntohs(key.dport))
 
     @property
@@ -151,7 +151,7 @@ class PolicyRowKey:
         span = 1 << (POLICY_PREFIX_DPORT - self.port_bits)
         return self.dport, self.dport + span - 1
 
-    def covers(self, other: "PolicyRowKey") -> bool:
+    def covers(self, other: PolicyRowKey) -> bool:
         """True when every packet matching `other` also matches self (same identity/direction)."""
         if (self.sec_label, self.egress) != (other.sec_label, other.egress):
             return False
@@ -186,7 +186,7 @@ class PolicyRowValue:
         return value
 
     @classmethod
-    def from_c(cls, value: PolicyValue) -> "PolicyRowValue":
+    def from_c(cls, value: PolicyValue) -> PolicyRowValue:
         return cls(bool(value.flags & POLICY_F_DENY), ntohs(value.proxy_port), value.flags, value.prefix_len)
 
 

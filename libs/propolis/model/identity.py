@@ -9,8 +9,8 @@ No I/O: allocation itself (compare-and-set on the bus) lives in propolis.identit
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 from propolis.model.labels import SOURCE_K8S, SOURCE_RESERVED, Label, LabelSet
 from propolis.model.types import NumericIdentity

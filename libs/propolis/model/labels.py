@@ -13,7 +13,8 @@ short form of ``reserved:host``.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 from propolis.errors import ValidationError
 
@@ -168,11 +169,11 @@ class LabelSet:
         self._hash = hash(self._strings)
 
     @classmethod
-    def from_strings(cls, labels: Iterable[str]) -> "LabelSet":
+    def from_strings(cls, labels: Iterable[str]) -> LabelSet:
         return cls(parse_label(s) for s in labels)
 
     @classmethod
-    def from_map(cls, mapping: Mapping[str, str], source: str = SOURCE_K8S) -> "LabelSet":
+    def from_map(cls, mapping: Mapping[str, str], source: str = SOURCE_K8S) -> LabelSet:
         return cls(Label(source, k, str(v)) for k, v in mapping.items())
 
     # --- set protocol ------------------------------------------------------------
@@ -219,5 +220,5 @@ class LabelSet:
     def has_source(self, source: str) -> bool:
         return any(lbl.source == source for lbl in self._labels)
 
-    def union(self, other: Iterable[Label]) -> "LabelSet":
+    def union(self, other: Iterable[Label]) -> LabelSet:
         return LabelSet([*self._labels, *other])

@@ -14,8 +14,9 @@ Operators follow Kubernetes: ``In``, ``NotIn`` (true when the key is absent),
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from propolis.errors import ValidationError
 from propolis.model.labels import SOURCE_ANY, Label, LabelSet, parse_selector_key
@@ -79,7 +80,7 @@ class LabelSelector:
     requirements: tuple[Requirement, ...] = ()
 
     @staticmethod
-    def of(requirements: Iterable[Requirement]) -> "LabelSelector":
+    def of(requirements: Iterable[Requirement]) -> LabelSelector:
         return LabelSelector(tuple(sorted(set(requirements))))
 
     def __str__(self) -> str:
@@ -92,7 +93,7 @@ class LabelSelector:
     def matches(self, labels: LabelSet) -> bool:
         return all(r.matches(labels) for r in self.requirements)
 
-    def with_requirements(self, extra: Iterable[Requirement]) -> "LabelSelector":
+    def with_requirements(self, extra: Iterable[Requirement]) -> LabelSelector:
         return LabelSelector.of([*self.requirements, *extra])
 
     def has_key(self, source: str, key: str) -> bool:

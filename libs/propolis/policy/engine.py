@@ -48,21 +48,40 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from propolis.errors import ValidationError
-from propolis.model.matchpattern import FqdnSelector
-from propolis.policy.proxy_ports import proxy_port_for
 from propolis.model import identity as idm
 from propolis.model.labels import SOURCE_CIDR, SOURCE_FQDN, SOURCE_K8S, SOURCE_RESERVED, Label, LabelSet
+from propolis.model.matchpattern import FqdnSelector
 from propolis.model.selectors import LabelSelector, Requirement, equals, exists
 from propolis.model.types import NumericIdentity
-from propolis.policy.entries import (PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTOCOL_NUMBERS,
-                                     Direction, L7Annotation, PolicyEntry, icmp_type_port)
+from propolis.policy.entries import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+    PROTOCOL_NUMBERS,
+    Direction,
+    L7Annotation,
+    PolicyEntry,
+    icmp_type_port,
+)
 from propolis.policy.parse import policy_from_record
-from propolis.policy.rules import (CIDRRule, DNSRule, PeerRule, Policy, PortProtocol, PortRule, Rule, ServiceSelector,
-                                   subnet_of)
+from propolis.policy.proxy_ports import proxy_port_for
+from propolis.policy.rules import (
+    CIDRRule,
+    DNSRule,
+    PeerRule,
+    Policy,
+    PortProtocol,
+    Rule,
+    ServiceSelector,
+    subnet_of,
+)
 from propolis.policy.selectorcache import SelectorCache
 
 log = logging.getLogger("propolis.policy")

@@ -16,16 +16,30 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from propolis.errors import ValidationError
 from propolis.model import identity as idm
 from propolis.model.labels import SOURCE_ANY, SOURCE_K8S, SOURCE_RESERVED
-from propolis.model.selectors import (LabelSelector, Requirement, equals, exists, parse_label_selector)
-from propolis.policy.rules import (CIDRRule, DNSRule, HeaderMatch, HTTPRule, ICMPField, KafkaRule, L7Rules,
-                                   PeerRule, Policy, PortProtocol, PortRule, Rule,
-                                   ServiceSelector, subnet_of)
+from propolis.model.selectors import LabelSelector, Requirement, equals, exists, parse_label_selector
+from propolis.policy.rules import (
+    CIDRRule,
+    DNSRule,
+    HeaderMatch,
+    HTTPRule,
+    ICMPField,
+    KafkaRule,
+    L7Rules,
+    PeerRule,
+    Policy,
+    PortProtocol,
+    PortRule,
+    Rule,
+    ServiceSelector,
+    subnet_of,
+)
 
 KIND_NP = "NetworkPolicy"
 KIND_CNP = "CiliumNetworkPolicy"

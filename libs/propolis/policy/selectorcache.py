@@ -11,12 +11,11 @@ identity added or removed is tested only against the cached selectors.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Hashable
-from typing import Iterable, Mapping, TypeVar
+from collections.abc import Hashable, Iterable, Mapping
+from typing import TypeVar
 
 from propolis.model.labels import SOURCE_ANY, LabelSet
 from propolis.model.selectors import OP_DOES_NOT_EXIST, OP_EXISTS, OP_IN, LabelSelector, Requirement
-
 
 _Key = TypeVar("_Key", bound=Hashable)
 

@@ -22,7 +22,7 @@ class Component:
     name: str = "component"
     title: str = ""
 
-    def __init__(self, *requires: "Component") -> None:
+    def __init__(self, *requires: Component) -> None:
         self._health: Health = Health.stopped("not started")
         self.failure = ""  # set by the runtime when a guarded task of this component died
         #: the components this one uses (declared, like hive's constructor parameters): they start before it
@@ -37,7 +37,7 @@ class Component:
     def health(self, value: Health) -> None:
         self._health = value
 
-    async def start(self, rt: "Runtime") -> None:
+    async def start(self, rt: Runtime) -> None:
         """Acquire resources and spawn tasks; return once the component can serve."""
 
     async def stop(self) -> None:

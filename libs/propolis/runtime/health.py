@@ -28,19 +28,19 @@ class Health:
     reason: str = ""
 
     @classmethod
-    def ok(cls, reason: str = "") -> "Health":
+    def ok(cls, reason: str = "") -> Health:
         return cls(State.OK, reason)
 
     @classmethod
-    def degraded(cls, reason: str) -> "Health":
+    def degraded(cls, reason: str) -> Health:
         return cls(State.DEGRADED, reason)
 
     @classmethod
-    def stopped(cls, reason: str = "") -> "Health":
+    def stopped(cls, reason: str = "") -> Health:
         return cls(State.STOPPED, reason)
 
     @classmethod
-    def failed(cls, reason: str) -> "Health":
+    def failed(cls, reason: str) -> Health:
         return cls(State.FAILED, reason)
 
     def as_dict(self) -> dict[str, str]:

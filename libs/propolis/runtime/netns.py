@@ -14,9 +14,9 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from pyroute2 import IPRoute
 

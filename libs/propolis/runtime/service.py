@@ -27,8 +27,9 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import prometheus_client
 from aiohttp import web
@@ -280,7 +281,7 @@ class Runtime:
                     await asyncio.wait_for(self.publish_heartbeat(), 1.0)
             try:
                 await asyncio.wait_for(self._shutdown(started), self.settings.shutdown_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("graceful stop exceeded %.1fs", self.settings.shutdown_timeout)
                 code = code or 1
             if runner is not None:

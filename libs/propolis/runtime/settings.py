@@ -14,8 +14,9 @@ import dataclasses
 import os
 import socket
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from propolis.errors import ValidationError
 from propolis.model.types import NodeName

@@ -12,8 +12,8 @@ Inspect: `tc qdisc show` in the node namespace (`qdisc tbf 5050: root … rate 1
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from propolis.bandwidth.annotations import BandwidthLimits, pod_limits
 from propolis.bandwidth.shaper import read_rate, set_rate, shaped_interfaces

@@ -28,36 +28,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+from propolis.bandwidth.shaper import select_mode
 from propolis.bus import codec, subjects
-from propolis.bus.messages import POLICY_FAILURES_KEY, EndpointConfig, IpcacheEntry as IpcacheRecord
+from propolis.bus.messages import POLICY_FAILURES_KEY, EndpointConfig
+from propolis.bus.messages import IpcacheEntry as IpcacheRecord
 from propolis.datapath.datapath import Datapath, DatapathSettings
 from propolis.datapath.pressure import MapPressureCollector
+from propolis.datapath.socket_lb import SockAttachment, host_netns_cookie
+from propolis.errors import TemporaryError, ValidationError
+from propolis.kernel_probe import probe_all
 from propolis.maps.endpoints import HOST_ENDPOINT_ID
 from propolis.model.identity import RESERVED_INIT
 from propolis.reconcile import ReconciledComponent, Reconciler
 from propolis.runtime.component import Component
 from propolis.runtime.health import Health, State
 from propolis.runtime.service import Runtime
-from propolis.errors import TemporaryError, ValidationError
-from propolis.writer import endpoint_config, endpoint_state
+from propolis.writer import endpoint_config, endpoint_state, socket_lb
+from propolis.writer.bandwidth import BandwidthTarget, PodBandwidth, desired_bandwidth
+from propolis.writer.ct_gc import ConntrackGC
 from propolis.writer.desired import DesiredState, node_internal_ip
 from propolis.writer.endpoint_api import EndpointAnnouncement, EndpointApiServer
 from propolis.writer.endpoints import EndpointTable, LocalEndpoint
 from propolis.writer.inputs import ClusterInputs
-from propolis.writer.ct_gc import ConntrackGC
 from propolis.writer.ipcache_publisher import IpcacheKvTarget, desired_records
-from propolis.writer.bandwidth import BandwidthTarget, PodBandwidth, desired_bandwidth
-from propolis.bandwidth.shaper import select_mode
-from propolis.kernel_probe import probe_all
-from propolis.datapath.socket_lb import SockAttachment, host_netns_cookie
-from propolis.writer import socket_lb
+from propolis.writer.settings import Settings
 from propolis.writer.socket_lb import SocketLbTarget
 from propolis.writer.targets import EndpointPolicyTarget, IpcacheTarget, ServicesTarget
-from propolis.writer.settings import Settings
 
 log = logging.getLogger("propolis.datapath_writer")
 SERVICE = "datapath-writer"
@@ -350,7 +350,7 @@ class Enforcer(Component):
                 continue
             try:
                 await self._recompute_pass()
-            except Exception as exc:  # noqa: BLE001 - a bug or a kernel hiccup: report, retry in a second
+            except Exception as exc:  # a bug or a kernel hiccup: report, retry in a second
                 log.exception("recompute failed")
                 self.set_degraded(f"recompute failed: {exc}")
                 asyncio.get_running_loop().call_later(RECOMPUTE_RETRY, self.inputs.changed.set)
@@ -367,7 +367,7 @@ class Enforcer(Component):
             for reconciler, revision in revisions:
                 reconciler.mark_synced()
                 await reconciler.wait_until_reconciled(revision, timeout=RECONCILE_WAIT)
-        except asyncio.TimeoutError:  # the kernel is slow, not wrong: the reconcilers keep going
+        except TimeoutError:  # the kernel is slow, not wrong: the reconcilers keep going
             self.set_degraded(f"changes not applied within {RECONCILE_WAIT:.0f}s; retrying")
             self.inputs.changed.set()
             return
@@ -502,7 +502,7 @@ class Endpoints(Component):
                         raise TemporaryError(f"endpoint {endpoint_id} ({name}): {failed[endpoint_id]}")
                 self.inputs.changed.set()
             answer.options = endpoint_config.options_of(holder)
-        except (ValidationError, TemporaryError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ValidationError, TemporaryError) as exc:
             answer.error = str(exc) or type(exc).__name__
         if msg.reply:
             await msg.respond(codec.encode(answer))
@@ -539,7 +539,7 @@ class Endpoints(Component):
                 failed = await self.policies.wait_until_reconciled(self.policies.upsert(ep.endpoint_id, policy),
                                                                    timeout=self.settings.identity_wait)
                 failure = failed.get(ep.endpoint_id, "")
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 failure = "policy not written yet"
         self.inputs.changed.set()  # ipcache and other endpoints' policies may name this pod
         seconds = time.perf_counter() - started
@@ -561,5 +561,5 @@ class Endpoints(Component):
             self.inputs.changed.clear()
             try:
                 await asyncio.wait_for(self.inputs.changed.wait(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

@@ -84,7 +84,7 @@ class ConntrackGC:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             results = await asyncio.to_thread(self.run_once)

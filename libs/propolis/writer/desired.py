@@ -22,18 +22,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from propolis.clustermesh import imported
-from propolis.datapath.entries import IPCacheEntry
+from propolis.datapath.entries import IPCacheEntry, PolicyEntry
+from propolis.encryption.backend import LISTEN_PORT as WIREGUARD_PORT
 from propolis.errors import ValidationError
 from propolis.lb import hostport
 from propolis.lb.desired import SERVICE_NAME_LABEL, LBService, desired_services
 from propolis.lb.frontends import HOSTPORTS, FrontendTable, service_owner
+from propolis.maps.endpoints import HOST_ENDPOINT_ID
 from propolis.model import identity as idmodel
 from propolis.model.types import NumericIdentity
 from propolis.policy.engine import CompileResult, PeerObject, PeerTables, PolicyEngine
-from propolis.encryption.backend import LISTEN_PORT as WIREGUARD_PORT
-from propolis.maps.endpoints import HOST_ENDPOINT_ID
 from propolis.policy.entries import PROTO_TCP, PROTO_UDP
-from propolis.datapath.entries import PolicyEntry
 from propolis.writer.targets import EndpointPolicy
 
 if TYPE_CHECKING:
@@ -53,19 +52,19 @@ KUBE_APISERVER_SERVICE = ("default", "kubernetes")
 HOST_CONTROL_PORTS = ((PROTO_TCP, 4222), (PROTO_TCP, 6222), (PROTO_UDP, WIREGUARD_PORT))
 
 
-def node_internal_ip(node_obj: "K8sObject") -> str | None:
+def node_internal_ip(node_obj: K8sObject) -> str | None:
     for addr in node_obj.status.get("addresses") or []:
         if addr.get("type") == "InternalIP":
             return str(addr.get("address"))
     return None
 
 
-def peer_tables(inputs: "ClusterInputs", node: str,
+def peer_tables(inputs: ClusterInputs, node: str,
                 services: Mapping[tuple[str, str], PeerObject] | None = None) -> PeerTables:
     """Nodes, Services (their EndpointSlice addresses) and CIDR groups, as `node` resolves policy peers
     (`services`: the Services' part when the caller keeps it up to date itself, see `service_peer`)."""
     if services is None:
-        slices: dict[tuple[str, str], list["K8sObject"]] = {}
+        slices: dict[tuple[str, str], list[K8sObject]] = {}
         for s in inputs.endpointslices.values():
             slices.setdefault((s.namespace, s.labels.get(SERVICE_NAME_LABEL, "")), []).append(s)
         services = {key: service_peer(svc, slices.get(key, [])) for key, svc in inputs.services.items()}
@@ -78,7 +77,7 @@ def peer_tables(inputs: "ClusterInputs", node: str,
                      for name, obj in inputs.cidr_groups.items()})
 
 
-def service_peer(svc: "K8sObject", slices: Iterable["K8sObject"]) -> PeerObject:
+def service_peer(svc: K8sObject, slices: Iterable[K8sObject]) -> PeerObject:
     """A Service as a toServices peer: its labels and its EndpointSlices' addresses."""
     addresses = {str(a) for s in slices for ep in s.fields.get("endpoints") or [] for a in ep.get("addresses") or []}
     return PeerObject(dict(svc.labels), tuple(sorted(addresses)))
@@ -135,12 +134,12 @@ class DesiredState:
         self.engine = PolicyEngine(mode=self.mode, cluster_name=self.cluster_name,
                                    allow_localhost=self.allow_localhost, default_local_cluster=self.default_local_cluster)
 
-    def _take_service_changes(self, inputs: "ClusterInputs") -> None:
+    def _take_service_changes(self, inputs: ClusterInputs) -> None:
         changed = inputs.take_services_changed()
         self._lb_dirty |= changed
         self._peers_dirty |= changed
 
-    def _current_peer_tables(self, inputs: "ClusterInputs") -> PeerTables:
+    def _current_peer_tables(self, inputs: ClusterInputs) -> PeerTables:
         """`peer_tables`, with the Services' part redone only for the Services that changed; a new mapping when
         any did (the engine compares it with the last one), the same one otherwise."""
         if self._peer_services is None:
@@ -159,7 +158,7 @@ class DesiredState:
             self._peers_dirty.clear()
         return peer_tables(inputs, self.node, self._peer_services)
 
-    def _sync_engine(self, inputs: "ClusterInputs") -> None:
+    def _sync_engine(self, inputs: ClusterInputs) -> None:
         endpoint_ips: dict[int, set[str]] = {}
         for rec in inputs.endpoints.values():
             endpoint_ips.setdefault(rec.identity, set()).update(ip for ip in rec.ips if ":" not in ip)
@@ -175,7 +174,7 @@ class DesiredState:
             self._endpoint_ips = frozen
             self._peer_tables = tables
 
-    def _reserved_addresses(self, inputs: "ClusterInputs") -> dict[str, NumericIdentity]:
+    def _reserved_addresses(self, inputs: ClusterInputs) -> dict[str, NumericIdentity]:
         """IPv4 -> reserved identity for the API server (7) and the nodes' health endpoints (4)."""
         out: dict[str, NumericIdentity] = {}
         for s in inputs.slices_by_service.get(KUBE_APISERVER_SERVICE, {}).values():
@@ -188,19 +187,19 @@ class DesiredState:
                 out[str(health)] = idmodel.RESERVED_HEALTH
         return out
 
-    def compiled(self, inputs: "ClusterInputs", identity: int) -> CompileResult:
+    def compiled(self, inputs: ClusterInputs, identity: int) -> CompileResult:
         """The compiled policy of an identity, as the writer compiles it (the L7 proxy reads its rules)."""
         self._sync_engine(inputs)
         return self.engine.compile_endpoint(identity)
 
-    def endpoint_policy(self, inputs: "ClusterInputs", ep: "LocalEndpoint") -> EndpointPolicy:
+    def endpoint_policy(self, inputs: ClusterInputs, ep: LocalEndpoint) -> EndpointPolicy:
         self._sync_engine(inputs)
         result = self.engine.compile_endpoint(ep.identity, namespace=ep.namespace)
         return EndpointPolicy(frozenset(result.entries), result.ingress_enforced, result.egress_enforced,
                               l7_pending=not result.l7_enforced,
                               audit=self.policy_audit_mode or ep.policy_audit_mode)
 
-    def host_policy(self, inputs: "ClusterInputs") -> EndpointPolicy:
+    def host_policy(self, inputs: ClusterInputs) -> EndpointPolicy:
         """The node's own policy (hostFirewall): CCNPs whose nodeSelector selects it, plus the suite's bus
         from the cluster's nodes (`HOST_CONTROL_PORTS`) whenever ingress is enforced."""
         self._sync_engine(inputs)
@@ -213,7 +212,7 @@ class DesiredState:
         return EndpointPolicy(frozenset(entries), result.ingress_enforced, result.egress_enforced,
                               audit=self.policy_audit_mode or self.host_audit_mode)
 
-    def update(self, inputs: "ClusterInputs", local: list["LocalEndpoint"]) -> None:
+    def update(self, inputs: ClusterInputs, local: list[LocalEndpoint]) -> None:
         self._sync_engine(inputs)
         self._update_ipcache(inputs)
         self.policies, self.policy_errors = self._policies(inputs, local)
@@ -228,14 +227,14 @@ class DesiredState:
         """This node's LB frontends, as the maps should hold them."""
         return list(self.lb.frontends.values())
 
-    def recompute_services(self, inputs: "ClusterInputs") -> None:
+    def recompute_services(self, inputs: ClusterInputs) -> None:
         """Every Service from scratch (the LB reconciler's periodic repair: bookkeeping drift cannot last)."""
         self._take_service_changes(inputs)
         inputs.reindex_slices()
         self._peer_services = None  # the next pass rebuilds the policy peers as well
         self._update_services(inputs, full=True)
 
-    def hand_ipcache_changes(self, reconciler: "Reconciler[str, IPCacheEntry]") -> None:
+    def hand_ipcache_changes(self, reconciler: Reconciler[str, IPCacheEntry]) -> None:
         """The rows changed since the last call into the ipcache reconciler's desired table, and only those:
         a remote pod's churn costs its row, not a diff of the whole table."""
         for prefix in self._ipcache_changes:
@@ -246,7 +245,7 @@ class DesiredState:
                 reconciler.upsert(prefix, row)
         self._ipcache_changes.clear()
 
-    def _cluster_rows(self, inputs: "ClusterInputs") -> tuple[dict[str, IPCacheEntry], dict[str, IPCacheEntry]]:
+    def _cluster_rows(self, inputs: ClusterInputs) -> tuple[dict[str, IPCacheEntry], dict[str, IPCacheEntry]]:
         """(this cluster's nodes, reserved addresses, CIDR identities), (this cluster's endpoints): rebuilt every
         pass, their size follows this cluster alone."""
         ipc: dict[str, IPCacheEntry] = {}
@@ -269,7 +268,7 @@ class DesiredState:
                      for ip in rec.ips if ":" not in ip}  # the datapath is IPv4-only for now
         return ipc, endpoints
 
-    def _remote_node_changes(self, inputs: "ClusterInputs") -> None:
+    def _remote_node_changes(self, inputs: ClusterInputs) -> None:
         """Cluster Mesh: other clusters' nodes are remote nodes too; redone only when they changed."""
         if inputs.remote_nodes_generation == self._remote_nodes_generation:
             return
@@ -280,7 +279,7 @@ class DesiredState:
         self._remote_node_rows = rows
         self._remote_nodes_generation = inputs.remote_nodes_generation
 
-    def _remote_endpoint_changes(self, inputs: "ClusterInputs") -> None:
+    def _remote_endpoint_changes(self, inputs: ClusterInputs) -> None:
         """Cluster Mesh: the remote pods changed since the last pass, row by row."""
         for key in inputs.remote_endpoints_changed:
             record = inputs.remote_endpoints.get(key)
@@ -294,7 +293,7 @@ class DesiredState:
                     self._dirty_prefixes.add(prefix)
         inputs.remote_endpoints_changed.clear()
 
-    def _update_ipcache(self, inputs: "ClusterInputs") -> None:
+    def _update_ipcache(self, inputs: ClusterInputs) -> None:
         """Redo only the rows whose layers changed (see `_infra_rows`). Changes are collected in
         `_dirty_prefixes` first, so a pass that fails midway loses none."""
         self._remote_node_changes(inputs)
@@ -315,8 +314,8 @@ class DesiredState:
                 self._ipcache_changes.add(prefix)
         self._dirty_prefixes.clear()
 
-    def _policies(self, inputs: "ClusterInputs",
-                  local: list["LocalEndpoint"]) -> tuple[dict[int, EndpointPolicy], dict[int, str]]:
+    def _policies(self, inputs: ClusterInputs,
+                  local: list[LocalEndpoint]) -> tuple[dict[int, EndpointPolicy], dict[int, str]]:
         """Per endpoint, so one that cannot be computed keeps its previous policy (never more open) and is
         reported, while every other endpoint gets its changes."""
         policies: dict[int, EndpointPolicy] = {}
@@ -335,7 +334,7 @@ class DesiredState:
                     policies[ep.endpoint_id] = self.policies[ep.endpoint_id]
         return policies, errors
 
-    def _update_services(self, inputs: "ClusterInputs", *, full: bool) -> None:
+    def _update_services(self, inputs: ClusterInputs, *, full: bool) -> None:
         """Recompute the Services that changed (`inputs.services_changed`; every one when `full`), per Service so
         one invalid Service is reported and skipped instead of stopping all. A change of this node's addresses
         redoes the Services with node-address frontends; HostPorts are redone when pods' HostPorts, the node's
@@ -370,7 +369,7 @@ class DesiredState:
             self._update_hostports(inputs, node_ips)
         self._node_ips = node_ips
 
-    def _update_hostports(self, inputs: "ClusterInputs", node_ips: list[str]) -> None:
+    def _update_hostports(self, inputs: ClusterInputs, node_ips: list[str]) -> None:
         taken = [f for owner in self.lb.owners() if owner != HOSTPORTS for f in self.lb.owned(owner)]
         host = hostport.desired_hostports(inputs.pods.values(), node_name=self.node, node_ips=node_ips,
                                           taken=taken, owners=self._hostport_owners)
@@ -386,6 +385,6 @@ class DesiredState:
         self._hostports_generation = inputs.hostports_generation
 
 
-def _has_node_port(svc: "K8sObject") -> bool:
+def _has_node_port(svc: K8sObject) -> bool:
     """Whether a Service has frontends on the node's own addresses (NodePort, LoadBalancer's node ports)."""
     return (svc.fields.get("type") or "ClusterIP") in ("NodePort", "LoadBalancer")

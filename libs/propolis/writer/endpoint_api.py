@@ -14,9 +14,10 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from propolis.errors import ValidationError
 
@@ -40,7 +41,7 @@ class EndpointAnnouncement:
     host_mac: str
 
     @classmethod
-    def parse(cls, doc: Any) -> "EndpointAnnouncement":
+    def parse(cls, doc: Any) -> EndpointAnnouncement:
         if not isinstance(doc, dict):
             raise ValidationError("", "request must be a JSON object")
         op = doc.get("op")
@@ -93,7 +94,7 @@ class EndpointApiServer:
                 answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.LimitOverrunError, ConnectionError) as exc:
+        except (TimeoutError, asyncio.LimitOverrunError, ConnectionError) as exc:
             log.warning("endpoint socket client dropped: %s", exc)
         finally:
             writer.close()

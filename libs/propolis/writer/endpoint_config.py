@@ -57,7 +57,7 @@ class HostEndpointOptions:
         os.replace(tmp, self.path)
 
 
-def apply_options(ep: "LocalEndpoint | HostEndpointOptions", options: dict[str, str]) -> bool:
+def apply_options(ep: LocalEndpoint | HostEndpointOptions, options: dict[str, str]) -> bool:
     """Validate every option first, then set them; True when something changed."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -69,5 +69,5 @@ def apply_options(ep: "LocalEndpoint | HostEndpointOptions", options: dict[str, 
     return changed
 
 
-def options_of(ep: "LocalEndpoint | HostEndpointOptions") -> dict[str, str]:
+def options_of(ep: LocalEndpoint | HostEndpointOptions) -> dict[str, str]:
     return {POLICY_AUDIT_MODE: "Enabled" if ep.policy_audit_mode else "Disabled"}

@@ -13,8 +13,9 @@ policy could not be computed, or writing it failed).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from propolis.reconcile import ObjectStatus, Status
 
@@ -38,7 +39,7 @@ class EndpointState:
     audit: bool = False  # policy audit mode: would-be drops forwarded and reported (Cilium: "Disabled (Audit)")
 
 
-def endpoint_state(ep: "LocalEndpoint", policy: "EndpointPolicy | None", status: ObjectStatus | None,
+def endpoint_state(ep: LocalEndpoint, policy: EndpointPolicy | None, status: ObjectStatus | None,
                    compute_error: str | None) -> EndpointState:
     def state(name: str, reason: str = "") -> EndpointState:
         return EndpointState(ep.endpoint_id, ep.identity, name, reason,
@@ -57,7 +58,7 @@ def endpoint_state(ep: "LocalEndpoint", policy: "EndpointPolicy | None", status:
     return state(READY)
 
 
-def endpoint_states(endpoints: Iterable["LocalEndpoint"], policies: Mapping[int, "EndpointPolicy"],
+def endpoint_states(endpoints: Iterable[LocalEndpoint], policies: Mapping[int, EndpointPolicy],
                     statuses: Mapping[int, ObjectStatus], compute_errors: Mapping[int, str]) -> dict[str, Any]:
     """"ns/pod" -> the endpoint's state as plain fields (the heartbeat's progress is msgpack)."""
     return {f"{ep.namespace}/{ep.pod}": asdict(endpoint_state(ep, policies.get(ep.endpoint_id),
@@ -66,7 +67,7 @@ def endpoint_states(endpoints: Iterable["LocalEndpoint"], policies: Mapping[int,
             for ep in sorted(endpoints, key=lambda e: (e.namespace, e.pod))}
 
 
-def policy_failures(endpoints: Iterable["LocalEndpoint"], engine: "PolicyEngine",
+def policy_failures(endpoints: Iterable[LocalEndpoint], engine: PolicyEngine,
                     failed: Mapping[int, str]) -> dict[str, dict[str, str]]:
     """Policy origin -> "ns/pod" -> why, for each failed endpoint and every policy selecting it (the
     k8s-watcher writes it onto those policies' status as ``Enforced`` False)."""

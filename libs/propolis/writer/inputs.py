@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from propolis.bus import subjects
 from propolis.bus.codec import DecodeError
 from propolis.bus.kv import UNDECODABLE, EventType, Kv, KvEvent
-from propolis.bus.messages import (ClusterNode, ClusterService, EndpointRecord, FqdnCacheRecord, IdentityRecord,
-                                   K8sObject)
+from propolis.bus.messages import (
+    ClusterNode,
+    ClusterService,
+    EndpointRecord,
+    FqdnCacheRecord,
+    IdentityRecord,
+    K8sObject,
+)
 from propolis.bus.watermark import WatermarkGate
 from propolis.clustermesh import imported
 from propolis.k8s.kinds import POLICY_KINDS
@@ -277,7 +284,7 @@ class ClusterInputs:
             self._bump()
 
     @classmethod
-    async def snapshot(cls, k8s: Kv, identities: Kv) -> "ClusterInputs":
+    async def snapshot(cls, k8s: Kv, identities: Kv) -> ClusterInputs:
         """The buckets as they are now (CLI tools): initial values only, then synced."""
         inputs = cls()
         for kv, gate, apply in ((k8s, inputs.k8s_gate, inputs._k8s_change),

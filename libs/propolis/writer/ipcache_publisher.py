@@ -9,7 +9,7 @@ waiting for the next input change.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from propolis.bus import subjects
 from propolis.bus.kv import Kv

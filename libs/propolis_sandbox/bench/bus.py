@@ -6,15 +6,16 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
-from propolis_sandbox.bench.common import idle_rss, percentile, print_table, report
 from propolis.bus import codec, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.kv import EventType, Kv
 from propolis.bus.messages import BenchProbe, K8sObject
+from propolis_sandbox.bench.common import idle_rss, percentile, print_table, report
 
 
 def _probe(seq: int) -> BenchProbe:
@@ -228,11 +229,11 @@ async def run(messages: int = 100_000, samples: int = 2000, nats_url: str | None
             await bus.connect(max_wait=5)
             await bus.ensure_buckets()
             raw_payload = codec.encode(_probe(0))
-            raw_enc: Callable[[int], bytes] = lambda i: raw_payload  # noqa: E731 - same bytes, no codec
-            raw_dec: Callable[[bytes], Any] = lambda b: b  # noqa: E731
+            raw_enc: Callable[[int], bytes] = lambda i: raw_payload
+            raw_dec: Callable[[bytes], Any] = lambda b: b
             probe = _probe(0)
-            codec_enc: Callable[[int], bytes] = lambda i: codec.encode(probe)  # noqa: E731
-            codec_dec: Callable[[bytes], Any] = lambda b: codec.decode(b, BenchProbe)  # noqa: E731
+            codec_enc: Callable[[int], bytes] = lambda i: codec.encode(probe)
+            codec_dec: Callable[[bytes], Any] = lambda b: codec.decode(b, BenchProbe)
             rows: list[dict[str, Any]] = []
             for path, enc, dec in (("raw nats-py bytes", raw_enc, raw_dec), ("propolis codec", codec_enc, codec_dec)):
                 rate = await _throughput(bus, messages, enc, dec)

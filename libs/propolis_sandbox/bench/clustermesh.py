@@ -28,8 +28,8 @@ from propolis.bus.messages import ClusterConfig, ClusterNode, IdentityRecord, Ip
 from propolis.clustermesh.kvstoremesh import KvStoreMeshComponent
 from propolis.clustermesh.remotes import RemoteCluster, save_remote
 from propolis.model import identity as idm
-from propolis.runtime.service import Runtime
 from propolis.model.types import NodeName
+from propolis.runtime.service import Runtime
 from propolis.runtime.settings import CommonSettings
 
 IDENTITIES_PER_CLUSTER = 200

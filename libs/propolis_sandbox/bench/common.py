@@ -14,10 +14,10 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
 
 from propolis import deploy
 from propolis.bus.embedded import nats_server_binary

@@ -20,10 +20,10 @@ from typing import Any
 from propolis.datapath import packets as pk
 from propolis.datapath.datapath import Datapath, DatapathSettings
 from propolis.datapath.entries import IPCacheEntry, PolicyEntry
-from propolis_sandbox.bench.common import percentile
 from propolis.maps import bpf
 from propolis.maps.policy import PolicyEntryLike
 from propolis.model.types import NumericIdentity
+from propolis_sandbox.bench.common import percentile
 
 _POD = "10.200.0.10"
 _PEER = "10.201.0.1"

@@ -23,8 +23,8 @@ from typing import Any
 
 import dns.message
 
-from propolis.model.matchpattern import FqdnSelector
 from propolis.fqdn.proxy import DnsProxy, Learned, Redirected
+from propolis.model.matchpattern import FqdnSelector
 
 NAMES = ("s3.amazonaws.com", "api.stripe.com", "example.org", "rotating.example.net")
 
@@ -105,7 +105,7 @@ async def _query_loop(port: int, *, count: int, rate: float, concurrency: int) -
             transport.sendto(wire)
             try:
                 latencies.append(await asyncio.wait_for(fut, 2) - sent)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 client.waiting.pop(qid, None)
                 lost += 1
 

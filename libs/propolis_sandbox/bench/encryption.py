@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from propolis_sandbox.bench.common import percentile
 from propolis_sandbox import cluster
+from propolis_sandbox.bench.common import percentile
 from propolis_sandbox.config import SandboxState
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.netns import socket_in

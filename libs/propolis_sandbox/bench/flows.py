@@ -54,6 +54,7 @@ def _wall(rfc: str) -> float:
 async def _subscriber(url: str) -> None:
     """Child process: count flows and gaps until SIGTERM, then print one JSON line."""
     import nats
+
     from propolis.bus import codec, subjects
     from propolis.bus.messages import FlowMessage
     nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
@@ -288,11 +289,12 @@ async def run(rates: list[int], seconds: float, nats_url: str | None = None, fol
               churn: float = 20.0) -> dict[str, Any]:
     """Each rate through a NATS subscriber; with `follow_rate`, one more run through the relay to an
     `observe --follow`-style HTTP client (end-to-end delay)."""
+    import tempfile
+
+    from propolis import suite
     from propolis.bus.connection import Bus
     from propolis.bus.embedded import EmbeddedNats
-    from propolis import suite
     from propolis.datapath.datapath import Datapath, DatapathSettings
-    import tempfile
     server = None
     if not nats_url:
         server = EmbeddedNats(tempfile.mkdtemp(prefix="bench-flows-nats-"))

@@ -13,7 +13,6 @@ import os
 import uuid
 from typing import Any
 
-from propolis_sandbox.bench.common import percentile
 from propolis.datapath import packets as pk
 from propolis.datapath.datapath import Datapath, DatapathSettings
 from propolis.datapath.entries import IPCacheEntry, PolicyEntry
@@ -21,6 +20,7 @@ from propolis.maps import bpf
 from propolis.maps.endpoints import HOST_ENDPOINT_ID
 from propolis.model.identity import RESERVED_HOST, RESERVED_REMOTE_NODE
 from propolis.model.types import NumericIdentity
+from propolis_sandbox.bench.common import percentile
 
 _NODE, _OTHER_NODE, _WORLD = "172.31.0.1", "172.31.0.2", "198.51.100.9"
 _CIDR_IDENTITY = NumericIdentity(1 << 24)

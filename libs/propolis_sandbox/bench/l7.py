@@ -23,9 +23,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from propolis_sandbox.bench.common import percentile, rss_mb, versions
 from propolis.l7 import http
 from propolis_sandbox import cluster, grpc_echo
+from propolis_sandbox.bench.common import percentile, rss_mb, versions
 from propolis_sandbox.config import SandboxState, load_state
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.netns import socket_in
@@ -41,7 +41,7 @@ Call = Callable[[], Awaitable[bool]]  # one request on a connection: True = answ
 
 
 def _manifest(n1: str, n2: str) -> list[dict[str, Any]]:
-    pod = lambda name, node, ports: {  # noqa: E731
+    pod = lambda name, node, ports: {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": name}},
         "spec": {"nodeName": node, "containers": [{"name": name, "image": "echo", "ports": ports}]}}
     return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},

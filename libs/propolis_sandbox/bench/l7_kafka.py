@@ -18,9 +18,9 @@ from importlib import metadata
 from io import BytesIO
 from typing import Any
 
+from propolis_sandbox import cluster
 from propolis_sandbox.bench.common import rss_mb, versions
 from propolis_sandbox.bench.l7 import Call, _connect, _paced, _throughput
-from propolis_sandbox import cluster
 from propolis_sandbox.config import SandboxState, load_state
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.resources import documents_from
@@ -32,7 +32,7 @@ PRODUCE_VERSION = 7  # what aiokafka negotiates with a Kafka 4 broker
 
 
 def _manifest(n1: str, n2: str) -> list[dict[str, Any]]:
-    pod = lambda name, node, image, ports: {  # noqa: E731
+    pod = lambda name, node, image, ports: {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": name}},
         "spec": {"nodeName": node, "containers": [{"name": name, "image": image, "ports": ports}]}}
     return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},

@@ -16,16 +16,17 @@ LB), same run and Service, with the node straight to a backend as the floor (`be
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from propolis.bandwidth.annotations import EGRESS_BANDWIDTH, INGRESS_BANDWIDTH, parse_quantity
-from propolis_sandbox.bandwidth_measure import measure_tcp_rate
 from propolis.bandwidth.shaper import select_mode
+from propolis.kernel_probe import probe_all
+from propolis_sandbox import cluster
+from propolis_sandbox.bandwidth_measure import measure_tcp_rate
 from propolis_sandbox.bench.common import versions
 from propolis_sandbox.bench.host_firewall import measure_host_packet_cost
 from propolis_sandbox.bench.socket_lb import connect_latency
-from propolis.kernel_probe import probe_all
-from propolis_sandbox import cluster
 from propolis_sandbox.config import SandboxState
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.resources import documents_from

@@ -24,8 +24,9 @@ import asyncio
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from propolis_sandbox.bench.common import percentile, report
 from propolis_sandbox.resources import KINDS
@@ -137,7 +138,7 @@ class SandboxBench:
         self.bus: Any = None
         self.created = 0  # pods in NAMESPACE
 
-    async def __aenter__(self) -> "SandboxBench":
+    async def __aenter__(self) -> SandboxBench:
         self.api = await self.cluster.Api(self.state.apiserver_url).__aenter__()
         self.bus = self.state.admin_bus("propolis-bench-policy")
         await self.bus.connect(max_wait=5)
@@ -215,7 +216,7 @@ def _flip_policy(port: int) -> dict[str, Any]:
 
 async def _until_map(policy_map: Any, key: Any, allowed: bool, deadline: float) -> float | None:
     """Poll the pinned policy map (LPM lookup, one syscall) until the row's presence is ``allowed``."""
-    from propolis.maps.policy import POLICY_PREFIX_PROTO, POLICY_PREFIX_DPORT
+    from propolis.maps.policy import POLICY_PREFIX_DPORT, POLICY_PREFIX_PROTO
     full = POLICY_PREFIX_PROTO + POLICY_PREFIX_DPORT
     while time.perf_counter() < deadline:
         value = policy_map.lookup(key)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from propolis.model.identity import pod_security_labels
-from propolis_sandbox.bench.common import percentile
 from propolis.policy.engine import CompileResult, PolicyEngine
+from propolis_sandbox.bench.common import percentile
 
 
 def synthetic_cluster(*, policies: int = 1000, identities: int = 1000, namespaces: int = 20, apps: int = 200,

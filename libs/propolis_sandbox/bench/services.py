@@ -541,7 +541,6 @@ async def product_path(n: int, samples: int, concurrency: int = 16) -> dict[str,
     """API write of one Service + EndpointSlice at `n` existing -> its frontend in the pinned LB map (and the
     delete), through the real k8s-watcher, identity-allocator and datapath-writer of a one-node sandbox."""
     from propolis.maps import lb as lbmaps
-
     from propolis_sandbox import cluster, fixture
     from propolis_sandbox.resources import KINDS
 

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from propolis import deploy
-from propolis_sandbox.bench.common import RSS_TARGET_MB, idle_rss, percentile, report, rss_mb
 from propolis.bus import subjects
 from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
@@ -44,6 +43,7 @@ from propolis.bus.messages import K8sObject, Watermark
 from propolis.errors import CliError, TemporaryError
 from propolis.identity.allocator import IdentityAllocator
 from propolis_sandbox.apiserver import KUBECONFIG_FILE, URL_FILE
+from propolis_sandbox.bench.common import RSS_TARGET_MB, idle_rss, percentile, report, rss_mb
 from propolis_sandbox.cluster import Api
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -237,7 +237,7 @@ async def _latency(api: Api, kv: Kv, opt: Options) -> dict[str, Any]:
         await asyncio.gather(*patches)
         try:
             await asyncio.wait_for(done.wait(), 30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         elapsed = time.perf_counter() - start
     finally:

@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from propolis_sandbox.cli.sandbox_cmd import DEFAULT_NAME
 from propolis.errors import CliError
+from propolis_sandbox.cli.sandbox_cmd import DEFAULT_NAME
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 async def cmd_test(args: argparse.Namespace) -> int:
-    from propolis_sandbox import connectivity as runner
     from propolis.connectivity.scenarios import SCENARIOS, Selection
     from propolis_sandbox import cluster
+    from propolis_sandbox import connectivity as runner
 
     if args.list:
         for s in SCENARIOS:

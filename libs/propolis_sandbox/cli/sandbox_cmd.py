@@ -156,6 +156,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 @_user_errors
 def cmd_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
+
     from propolis_sandbox.config import load_state
     state = load_state(args.name)
     if state is None:
@@ -305,6 +306,7 @@ async def _probe_all(args: argparse.Namespace, state: Any) -> int:
 @_user_errors
 async def cmd_wait(args: argparse.Namespace) -> int:
     import logging
+
     from propolis_sandbox import cluster
     logging.getLogger("propolis.bus").setLevel(logging.ERROR)  # our own disconnect at the end is not news
     progress = await cluster.wait(cluster.require_state(args.name), timeout=args.timeout)
