@@ -54,7 +54,6 @@ def _wall(rfc: str) -> float:
 async def _subscriber(url: str) -> None:
     """Child process: count flows and gaps until SIGTERM, then print one JSON line."""
     import nats
-
     from propolis.bus import codec, subjects
     from propolis.bus.messages import FlowMessage
     nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
@@ -236,6 +235,20 @@ async def _hubble_counts(bus: Any, node: str, after: float) -> tuple[int, int]:
     raise RuntimeError(f"no heartbeat with flows_seen from hubble on {node} within 15 s")
 
 
+async def _settled(bus: Any, node: str, timeout: float, at_least: int = 0) -> tuple[int, int]:
+    """Hubble's (flows seen, ring losses) once their sum reaches `at_least` and stopped moving for half a
+    second (or after `timeout`): a run starts and ends on a drained observer, never charged with a backlog."""
+    deadline = time.perf_counter() + timeout
+    last = await _hubble_counts(bus, node, time.time())
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(0.5)
+        now = await _hubble_counts(bus, node, time.time())
+        if now == last and sum(now) >= at_least:
+            break
+        last = now
+    return last
+
+
 async def _one_rate(dp: Any, bus: Any, url: str, node: str, hubble: subprocess.Popen[bytes], packets: list[bytes],
                     workload: Workload, rate: int, seconds: float, churn: float,
                     via_relay: bool = False) -> dict[str, Any]:
@@ -252,7 +265,7 @@ async def _one_rate(dp: Any, bus: Any, url: str, node: str, hubble: subprocess.P
                                stdout=subprocess.PIPE, text=True)
     assert sub.stdout is not None
     await asyncio.to_thread(sub.stdout.readline)  # "ready"
-    seen_before, lost_before = await _hubble_counts(bus, node, time.time())
+    seen_before, lost_before = await _settled(bus, node, 60.0)
     churner = asyncio.create_task(workload.churn(bus, node, churn))
     sent = [0]
     cpu0, wall0 = _cpu_seconds(hubble.pid), time.perf_counter()
@@ -260,11 +273,7 @@ async def _one_rate(dp: Any, bus: Any, url: str, node: str, hubble: subprocess.P
     wall = time.perf_counter() - wall0
     churner.cancel()
     await asyncio.gather(churner, return_exceptions=True)
-    deadline = time.perf_counter() + 30
-    while True:  # drain: until hubble accounted for every event, or 30 s
-        seen, lost = await _hubble_counts(bus, node, time.time())
-        if seen - seen_before + lost - lost_before >= sent[0] or time.perf_counter() > deadline:
-            break
+    seen, lost = await _settled(bus, node, 60.0, seen_before + lost_before + sent[0])  # drained, or 60 s
     cpu = _cpu_seconds(hubble.pid) - cpu0
     drain = time.perf_counter() - wall0 - wall
     await asyncio.sleep(0.3)
@@ -289,12 +298,11 @@ async def run(rates: list[int], seconds: float, nats_url: str | None = None, fol
               churn: float = 20.0) -> dict[str, Any]:
     """Each rate through a NATS subscriber; with `follow_rate`, one more run through the relay to an
     `observe --follow`-style HTTP client (end-to-end delay)."""
-    import tempfile
-
-    from propolis import suite
     from propolis.bus.connection import Bus
     from propolis.bus.embedded import EmbeddedNats
+    from propolis import suite
     from propolis.datapath.datapath import Datapath, DatapathSettings
+    import tempfile
     server = None
     if not nats_url:
         server = EmbeddedNats(tempfile.mkdtemp(prefix="bench-flows-nats-"))
@@ -305,7 +313,7 @@ async def run(rates: list[int], seconds: float, nats_url: str | None = None, fol
     workload = Workload(identities, endpoints, peers, flows)
     bus = Bus(nats_url, name="bench-flows")
     hubble: subprocess.Popen[bytes] | None = None
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         await bus.connect(max_wait=5)
         await bus.ensure_buckets()
