@@ -132,6 +132,11 @@ class ServiceAllocator(Admission):
             self._assign(new, old)
 
 
+def _without_images(containers: list[Obj] | None) -> list[Obj]:
+    """Containers as far as a pod update may not change them (the image may change)."""
+    return [{k: v for k, v in c.items() if k != "image"} for c in containers or []]
+
+
 class PodUpdateRules(Admission):
     """Pods are nearly immutable: an update may bind an unbound pod (spec.nodeName) or change images,
     activeDeadlineSeconds and tolerations, nothing else in spec (as kube-apiserver)."""
@@ -147,9 +152,8 @@ class PodUpdateRules(Admission):
         for key in self.MUTABLE:
             old_spec.pop(key, None)
             new_spec.pop(key, None)
-        strip = lambda cs: [{k: v for k, v in c.items() if k != "image"} for c in cs or []]
-        old_spec["containers"] = strip(old_spec.get("containers"))
-        new_spec["containers"] = strip(new_spec.get("containers"))
+        old_spec["containers"] = _without_images(old_spec.get("containers"))
+        new_spec["containers"] = _without_images(new_spec.get("containers"))
         if old_spec != new_spec:
             changed = sorted(k for k in set(old_spec) | set(new_spec) if old_spec.get(k) != new_spec.get(k))
             raise unprocessable(resource, new["metadata"]["name"], [ValidationError(

@@ -18,38 +18,41 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import json
 import logging
 import random
 import uuid
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable
 
 import orjson
 
 from propolis.errors import ValidationError
-from propolis.k8s import validate
 from propolis_sandbox.api_resources import RESOURCES, Resource
+from propolis.k8s import validate
 from propolis_sandbox.api_selectors import FieldSelector, LabelSelector
 from propolis_sandbox.api_wal import Wal
 
 log = logging.getLogger("propolis_sandbox.api")
 
 Obj = dict[str, Any]
+ObjList = list[Obj]  # `Store.list` shadows the builtin inside the class
 DEFAULT_HISTORY_LIMIT = 5000
 MAX_OBJECT_BYTES = 1536 * 1024  # etcd's default request limit (--max-request-bytes 1.5 MiB)
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 
 def now_rfc3339(offset_s: float = 0.0) -> str:
-    t = datetime.now(UTC) + timedelta(seconds=offset_s)
+    t = datetime.now(timezone.utc) + timedelta(seconds=offset_s)
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def clone(obj: Any) -> Any:
-    return orjson.loads(orjson.dumps(obj))
+def clone(obj: Obj) -> Obj:
+    """A deep copy through JSON: what a client would get back (and no aliasing into the store)."""
+    copied: Obj = orjson.loads(orjson.dumps(obj))
+    return copied
 
 
 class ApiStatusError(Exception):
@@ -226,18 +229,18 @@ class Store:
         """Timers die with the process: re-arm pod GC for terminating pods and namespace finalization."""
         pods = next(r for r in RESOURCES if r.plural == "pods")
         namespaces = next(r for r in RESOURCES if r.plural == "namespaces")
-        now = datetime.now(UTC)
+        now = datetime.now(timezone.utc)
         for pod in self.stored(pods):
             meta = pod["metadata"]
             if meta.get("deletionTimestamp"):
                 left = (datetime.strptime(meta["deletionTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
-                        .replace(tzinfo=UTC) - now).total_seconds()
+                        .replace(tzinfo=timezone.utc) - now).total_seconds()
                 self._schedule_forced_delete(pods, meta.get("namespace"), meta["name"], max(int(left), 0))
         for ns in self.stored(namespaces):
             name = ns["metadata"]["name"]
             if ns["metadata"].get("deletionTimestamp"):
                 self._schedule(("namespaces", "", name), self.namespace_finalize_delay,
-                               lambda n=name: self._finalize_namespace(namespaces, n), run_without_loop=False)
+                               functools.partial(self._finalize_namespace, namespaces, name), run_without_loop=False)
 
     async def sync(self) -> None:
         """Return once every commit so far is on disk (group commit; immediate without a store on disk)."""
@@ -263,7 +266,7 @@ class Store:
         return clone(obj) if obj is not None else None
 
     def list(self, resource: Resource, namespace: str | None = None, labels: LabelSelector = LabelSelector(),
-             fields: FieldSelector = FieldSelector(), *, limit: int = 0, continue_token: str = "") -> tuple[list[Obj], str, str]:
+             fields: FieldSelector = FieldSelector(), *, limit: int = 0, continue_token: str = "") -> tuple[ObjList, str, str]:
         """(items, resourceVersion, continue) sorted by namespace/name, like etcd's key order."""
         start_after: tuple[str, str] | None = None
         rv = str(self.rv)
@@ -273,7 +276,7 @@ class Store:
                 start_after, rv = (token["ns"], token["name"]), token["rv"]
             except (ValueError, KeyError, TypeError):
                 raise bad_request(f"continue key is not valid: {continue_token!r}") from None
-        items = []
+        items: ObjList = []
         for key in sorted(self._bucket(resource)):
             if start_after is not None and key <= start_after:
                 continue
@@ -486,7 +489,7 @@ class Store:
                     self.delete(other, name, key[1], grace_period=0)
         self.delete(resource, None, name, grace_period=0, _finalize=True)
 
-    def _schedule(self, key: tuple[str, str, str], delay: float, action: Callable[[], None], *,
+    def _schedule(self, key: tuple[str, str, str], delay: float, action: Callable[[], object], *,
                   run_without_loop: bool) -> None:
         """Run `action` after `delay` on the event loop (outside a loop: now, or never)."""
         def run() -> None:
@@ -563,7 +566,7 @@ class Store:
     def all_objects(self, resource: Resource) -> Iterable[Obj]:
         return (clone(o) for o in self._bucket(resource).values())
 
-    def stored(self, resource: Resource, namespace: str | None = None) -> list[Obj]:
+    def stored(self, resource: Resource, namespace: str | None = None) -> ObjList:
         """The stored objects themselves (no copy): for in-process readers that never mutate them."""
         return [o for o in self._bucket(resource).values()
                 if namespace is None or o["metadata"].get("namespace") == namespace]

@@ -23,9 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import orjson
 
@@ -62,7 +61,8 @@ class Wal:
     def load(self) -> tuple[int, Objects]:
         """The last committed revision and every object as of it (0 and nothing for a new directory)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        rv, objects = 0, {}
+        rv: int = 0
+        objects: Objects = {}
         snapshot = self.directory / SNAPSHOT_FILE
         if snapshot.exists():
             doc = orjson.loads(snapshot.read_bytes())

@@ -26,22 +26,14 @@ import aiohttp
 
 from propolis.errors import CliError, PermanentError, TemporaryError, ValidationError
 from propolis.k8s.kinds import Kind
-from propolis_sandbox import cgroups, readiness
+from propolis_sandbox import cgroups
 from propolis_sandbox import netns as netns_mod
-from propolis_sandbox.config import (
-    BPF_ROOT,
-    RUN_ROOT,
-    SANDBOX_ENV,
-    SandboxConfig,
-    SandboxState,
-    allocate,
-    allocation_lock,
-    existing_sandboxes,
-    load_state,
-    validate_sandbox_name,
-)
+from propolis_sandbox import readiness
 from propolis_sandbox.node_ports import NODE_TCP_PORTS
-from propolis_sandbox.resources import KINDS, Document, apply_order, load_documents, resolve_kind, validate_documents
+from propolis_sandbox.config import (BPF_ROOT, RUN_ROOT, SANDBOX_ENV, SandboxConfig, SandboxState, allocate,
+                                     allocation_lock, existing_sandboxes, load_state, validate_sandbox_name)
+from propolis_sandbox.resources import (KINDS, Document, apply_order, load_documents, resolve_kind,
+                                        validate_documents)
 
 UP_TIMEOUT_S = 60.0
 
@@ -250,7 +242,7 @@ class Api:
         self.base_url = base_url.rstrip("/")
         self.session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Api:
+    async def __aenter__(self) -> "Api":
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         return self
 
@@ -312,8 +304,8 @@ async def apply_documents(state: SandboxState, docs: list[Document], *, dry_run_
     out: list[str] = []
     async with Api(state.apiserver_url) as api:
         namespaces = {d.name for d in docs if d.kind.kind == "Namespace"}
-        missing = set()
-        for ns in sorted({d.namespace for d in docs if d.kind.namespaced} - namespaces):
+        missing: set[str] = set()
+        for ns in sorted({d.namespace for d in docs if d.namespace is not None} - namespaces):
             try:
                 await api.get(KINDS["Namespace"], None, ns)
             except ApiError as exc:
@@ -613,7 +605,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
 
     try:
         return await asyncio.wait_for(caught_up(), timeout)
-    except (TimeoutError, TemporaryError) as exc:
+    except (asyncio.TimeoutError, TemporaryError) as exc:
         progress, reasons = seen["progress"], seen["reasons"]
         behind = [k for k, rv in progress.items() if not rv_at_least(rv, seen["target"])]
         detail = (", ".join(f"{k} at {progress[k] or 'nothing'}" + (f" ({reasons[k]})" if reasons.get(k) else "")

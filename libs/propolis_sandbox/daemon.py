@@ -28,12 +28,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
-from kubernetes_asyncio import client
-from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio import client, config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 import propolis
@@ -41,11 +39,12 @@ from propolis.bus import permissions, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.messages import Heartbeat
-from propolis.suite import SuiteService, selected, service_env
-from propolis_sandbox import cgroups, node_ports, world
 from propolis_sandbox import netns as netns_mod
+from propolis_sandbox import cgroups, kube_api, node_ports, world
 from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig, SandboxState
-from propolis_sandbox.kubelet import Kubelet, Scheduler, raw_json
+from propolis_sandbox.kube_api import NODES, PODS, SERVICES
+from propolis_sandbox.kubelet import Kubelet, Scheduler
+from propolis.suite import SuiteService, selected, service_env
 
 log = logging.getLogger("propolis_sandbox.daemon")
 
@@ -337,7 +336,7 @@ class Supervisor:
     async def _register_nodes(self) -> None:
         """Node objects with spec.podCIDR, InternalIP and a Ready condition, as a kubelet registers them."""
         assert self.api is not None
-        core = client.CoreV1Api(self.api)
+        api = self.api
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for n in range(1, self.cfg.nodes + 1):
             name = self.cfg.node_name(n)
@@ -358,20 +357,19 @@ class Supervisor:
                     "spec": {"podCIDR": self.cfg.pod_cidr(n), "podCIDRs": [self.cfg.pod_cidr(n)]},
                     "status": status}
             try:
-                await raw_json(core.create_node(body, _preload_content=False))
+                await kube_api.call(api, "POST", NODES.path(), body=body)
             except ApiException as exc:
                 if exc.status != 409:
                     raise
             try:
-                await raw_json(core.patch_node_status(name, {"status": status},
-                                                      _content_type="application/merge-patch+json",
-                                                      _preload_content=False))
+                await kube_api.call(api, "PATCH", NODES.path(None, name) + "/status", body={"status": status},
+                                    content_type=kube_api.MERGE_PATCH)
             except ApiException as exc:
                 if exc.status not in (404, 405):
                     raise
                 # no nodes/status subresource: status travels on the object itself
-                await raw_json(core.patch_node(name, {"status": status},
-                                               _content_type="application/merge-patch+json", _preload_content=False))
+                await kube_api.call(api, "PATCH", NODES.path(None, name), body={"status": status},
+                                    content_type=kube_api.MERGE_PATCH)
 
     async def _deploy_kube_dns(self) -> None:
         """kube-system's cluster DNS, as kind deploys CoreDNS: Service `kube-dns` at the service CIDR's 10th
@@ -380,7 +378,6 @@ class Supervisor:
         # once every node's datapath answers: created earlier, the pod would only collect kubelet back-off
         while not all(self.cfg.datapath_socket(node).exists() for node in self.cfg.node_names()):
             await asyncio.sleep(0.05)
-        core = client.CoreV1Api(self.api)
         labels = {"k8s-app": "kube-dns"}
         ports = [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]
         service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kube-dns", "namespace": "kube-system",
@@ -392,9 +389,9 @@ class Supervisor:
                "spec": {"containers": [{"name": "coredns", "image": "registry.k8s.io/coredns/coredns:v1.11.3",
                                         "ports": [{"name": p["name"], "containerPort": 53, "protocol": p["protocol"]}
                                                   for p in ports]}]}}
-        for create, body in ((core.create_namespaced_service, service), (core.create_namespaced_pod, pod)):
+        for kind, body in ((SERVICES, service), (PODS, pod)):
             try:
-                await raw_json(create("kube-system", body, _preload_content=False))
+                await kube_api.call(self.api, "POST", kind.path("kube-system"), body=body)
             except ApiException as exc:
                 if exc.status != 409:
                     raise
@@ -484,7 +481,7 @@ async def run(name: str, services: str | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await sup.start()
-    except Exception as exc:  # reported through state.json to the waiting `up`
+    except Exception as exc:  # noqa: BLE001 - reported through state.json to the waiting `up`
         log.exception("sandbox %s failed to start", name)
         sup.save("failed", error=f"{type(exc).__name__}: {exc}")
         await sup.stop()

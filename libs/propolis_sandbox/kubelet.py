@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +35,15 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from propolis.cni.plugin import host_ifname
-from propolis.errors import TemporaryError
+from propolis.errors import TemporaryError, ValidationError
 from propolis_sandbox import cgroups
+from propolis_sandbox import kube_api
 from propolis_sandbox import netns as netns_mod
+from propolis_sandbox.kube_api import PODS
 from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig
 
 log = logging.getLogger("propolis_sandbox.kubelet")
 
-MERGE_PATCH = "application/merge-patch+json"
 CNI_IFNAME = "eth0"
 CNI_BIN_DIRS = [str(Path(sys.executable).parent), "/usr/lib/cni", "/opt/cni/bin"]
 ECHO_READY_TIMEOUT_S = 10.0
@@ -52,21 +53,8 @@ MAX_PARALLEL_SANDBOXES = 8
 WORKLOAD_IMAGES = {"registry.k8s.io/coredns/coredns": "kube-dns", "apache/kafka": "kafka"}
 
 
-async def raw_json(call: Any) -> dict[str, Any]:
-    """Await a kubernetes-asyncio call made with _preload_content=False: check the status (the client does not
-    then), read the JSON, release the connection."""
-    resp = await call
-    try:
-        text = await resp.text()
-        if not 200 <= resp.status <= 299:
-            raise ApiException(status=resp.status, reason=text[:300])
-        return json.loads(text) if text.strip() else {}
-    finally:
-        resp.release()
-
-
 def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def pod_key(obj: dict[str, Any]) -> tuple[str, str]:
@@ -172,8 +160,10 @@ class Kubelet:
         self.node = node
         self.node_number = cfg.node_number(node)
         self.node_netns = cfg.node_netns(self.node_number)
-        self.core = client.CoreV1Api(api)
-        self.apiserver_url = api.configuration.host
+        self.api = api
+        if not api.configuration.host:
+            raise ValidationError("api", f"kubelet {node}: the API client has no host")
+        self.apiserver_url: str = api.configuration.host
         self.cni = CniRuntime(cfg, self.node_netns, cni_conf)
         self.datapath_socket_required = datapath_socket_required
         self.record_dir = cfg.node_dir(node) / "pods"
@@ -236,7 +226,7 @@ class Kubelet:
             await asyncio.gather(resync, return_exceptions=True)
 
     async def _list(self, selector: str) -> str:
-        body = await raw_json(self.core.list_pod_for_all_namespaces(field_selector=selector, _preload_content=False))
+        body = await kube_api.call(self.api, "GET", PODS.path(), query=[("fieldSelector", selector)])
         fresh = {pod_key(item): item for item in body.get("items", [])}
         for key in set(self.cache) | set(fresh) | set(self.records):
             if key in fresh:
@@ -248,9 +238,9 @@ class Kubelet:
 
     async def _watch(self, selector: str, rv: str) -> None:
         while not self._stopping:
-            resp = await self.core.list_pod_for_all_namespaces(
-                field_selector=selector, watch=True, resource_version=rv, allow_watch_bookmarks=True,
-                timeout_seconds=300, _preload_content=False)
+            resp = await kube_api.request(self.api, "GET", PODS.path(), query=[
+                ("fieldSelector", selector), ("watch", "true"), ("resourceVersion", rv),
+                ("allowWatchBookmarks", "true"), ("timeoutSeconds", "300")])
             async with resp:
                 if resp.status != 200:
                     raise TemporaryError(f"watch answered {resp.status}: {(await resp.text())[:200]}")
@@ -331,8 +321,7 @@ class Kubelet:
 
     async def refresh_progress(self) -> None:
         """Publishes `synced_resource_version` = the API's revision if every pod of this node is as wanted."""
-        body = await raw_json(self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={self.node}",
-                                                                    _preload_content=False))
+        body = await kube_api.call(self.api, "GET", PODS.path(), query=[("fieldSelector", f"spec.nodeName={self.node}")])
         rv = str(body.get("metadata", {}).get("resourceVersion", ""))
         wanted = {pod_key(item): item for item in body.get("items", [])}
         self._catch_up(wanted, rv)
@@ -445,7 +434,7 @@ class Kubelet:
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), ECHO_READY_TIMEOUT_S)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             line = b""
         if line.strip() != b"ready":
             if proc.returncode is None:
@@ -493,8 +482,7 @@ class Kubelet:
 
     async def _finalize(self, key: tuple[str, str]) -> None:
         try:
-            await raw_json(self.core.delete_namespaced_pod(key[1], key[0], grace_period_seconds=0,
-                                                           _preload_content=False))
+            await kube_api.call(self.api, "DELETE", PODS.path(key[0], key[1]), query=[("gracePeriodSeconds", "0")])
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -522,8 +510,8 @@ class Kubelet:
             ],
         }
         try:
-            await self.core.patch_namespaced_pod_status(key[1], key[0], {"status": status},
-                                                        _content_type=MERGE_PATCH)
+            await kube_api.call(self.api, "PATCH", PODS.path(key[0], key[1]) + "/status", body={"status": status},
+                                content_type=kube_api.MERGE_PATCH)
         except ApiException as exc:
             if exc.status == 404:
                 return  # deleted meanwhile: the DELETED event cleans up
@@ -538,8 +526,8 @@ class Kubelet:
              "lastTransitionTime": now_rfc3339()},
             {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}]}
         try:
-            await self.core.patch_namespaced_pod_status(key[1], key[0], {"status": status},
-                                                        _content_type=MERGE_PATCH)
+            await kube_api.call(self.api, "PATCH", PODS.path(key[0], key[1]) + "/status", body={"status": status},
+                                content_type=kube_api.MERGE_PATCH)
         except Exception:  # noqa: BLE001 - best effort: the retry is what matters
             pass
 
@@ -588,20 +576,20 @@ class Scheduler:
     """Binds unscheduled pods to nodes round-robin (spec.nodeName), as kube-scheduler would."""
 
     def __init__(self, api: client.ApiClient, nodes: list[str]) -> None:
-        self.core = client.CoreV1Api(api)
+        self.api = api
         self.nodes = nodes
         self.next = 0
 
     async def run(self) -> None:
         while True:
             try:
-                body = await raw_json(self.core.list_pod_for_all_namespaces(_preload_content=False))
+                body = await kube_api.call(self.api, "GET", PODS.path())
                 for item in body.get("items", []):
                     await self._maybe_bind(item)
                 rv = str(body.get("metadata", {}).get("resourceVersion", ""))
-                resp = await self.core.list_pod_for_all_namespaces(
-                    watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=300,
-                    _preload_content=False)
+                resp = await kube_api.request(self.api, "GET", PODS.path(), query=[
+                    ("watch", "true"), ("resourceVersion", rv), ("allowWatchBookmarks", "true"),
+                    ("timeoutSeconds", "300")])
                 async with resp:
                     if resp.status != 200:
                         raise TemporaryError(f"watch answered {resp.status}")
@@ -627,8 +615,8 @@ class Scheduler:
         binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]},
                    "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
         try:  # the pods/binding subresource, as kube-scheduler binds
-            await raw_json(self.core.create_namespaced_pod_binding(meta["name"], meta.get("namespace", "default"),
-                                                                   binding, _preload_content=False))
+            await kube_api.call(self.api, "POST", PODS.path(meta.get("namespace", "default"), meta["name"]) + "/binding",
+                                body=binding)
         except ApiException as exc:
             if exc.status not in (404, 409):  # gone meanwhile / bound meanwhile
                 raise

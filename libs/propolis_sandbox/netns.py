@@ -28,13 +28,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from propolis.errors import PermanentError, TemporaryError
-
 # Entering namespaces is the runtime's (agents do it too); re-exported for the sandbox's callers.
-from propolis.runtime.netns import entered as entered
-from propolis.runtime.netns import iproute_in as iproute_in
-from propolis.runtime.netns import netns_path as netns_path
-from propolis.runtime.netns import socket_in as socket_in
-from propolis.runtime.netns import write_sysctl as write_sysctl
+from propolis.runtime.netns import entered as entered, iproute_in as iproute_in, netns_path as netns_path
+from propolis.runtime.netns import socket_in as socket_in, write_sysctl as write_sysctl
 from propolis_sandbox.config import NETNS_DIR, SandboxConfig
 
 UNDERLAY_BRIDGE = "br0"
@@ -109,7 +105,7 @@ def netns_inode(name: str) -> int | None:
 def pids_in_netns(names: list[str]) -> list[int]:
     """Processes whose network namespace is one of `names` (leftover pod servers, shells)."""
     inodes = {ino for ino in (netns_inode(n) for n in names) if ino is not None}
-    found = []
+    found: list[int] = []
     if not inodes:
         return found
     for entry in os.listdir("/proc"):

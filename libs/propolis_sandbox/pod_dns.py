@@ -30,11 +30,12 @@ def resolve_blocking(netns: str, name: str, *, timeout: float = RESOLVE_TIMEOUT_
         with netns_mod.entered(netns):
             answer = resolver.resolve(name, "A", search=True)
     except dns.resolver.NXDOMAIN as exc:
-        raise CliError(f"{name}: no such name (NXDOMAIN; tried {', '.join(str(n) for n in exc.qnames())})") from None
+        tried = exc.qnames()  # type: ignore[no-untyped-call]  # dnspython leaves NXDOMAIN.qnames unannotated
+        raise CliError(f"{name}: no such name (NXDOMAIN; tried {', '.join(str(n) for n in tried)})") from None
     except (dns.resolver.NoAnswer, dns.resolver.NoNameservers) as exc:
         raise CliError(f"{name}: no address ({exc})") from None
     except dns.exception.Timeout:
-        raise CliError(f"{name}: no DNS answer within {timeout:.0f} s from {', '.join(resolver.nameservers)}") from None
+        raise CliError(f"{name}: no DNS answer within {timeout:.0f} s from {', '.join(str(n) for n in resolver.nameservers)}") from None
     return [rr.to_text() for rr in answer]
 
 

@@ -14,7 +14,7 @@ def _ints(csv: str) -> list[int]:
     return [int(c) for c in csv.split(",") if c.strip()]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="benchmarks (figures, not pass/fail)")
     verbs = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     bus = verbs.add_parser("bus", help="codec vs raw nats-py throughput/latency, KV latencies, idle RSS")

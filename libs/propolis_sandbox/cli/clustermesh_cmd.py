@@ -15,11 +15,11 @@ from typing import Any
 from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json
 from propolis.clustermesh import SERVICE
 from propolis.errors import CliError, PermanentError
-from propolis.runtime.heartbeats import is_live, read_heartbeats
 from propolis_sandbox.config import DEFAULT_NAME, load_state
+from propolis.runtime.heartbeats import is_live, read_heartbeats
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cm = sub.add_parser("clustermesh", help="Cluster Mesh: connect clusters, global services, cross-cluster policy")
     verbs = cm.add_subparsers(dest="clustermesh_command", metavar="VERB")
     en = verbs.add_parser("enable", help="check that this cluster exports (its clustermesh-apiserver runs)")
@@ -37,7 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--wait", action="store_true", help="wait until every remote cluster is ready")
     st.add_argument("--wait-duration", type=float, default=60.0, metavar="S", help="how long --wait waits")
     st.set_defaults(func=status_cmd)
-    cm.set_defaults(func=lambda args: (cm.print_help(), 0)[1])
+
+    def show_help(args: argparse.Namespace) -> int:
+        cm.print_help()
+        return 0
+    cm.set_defaults(func=show_help)
 
 
 def _state(name: str | None) -> Any:

@@ -7,7 +7,7 @@ import argparse
 from propolis_sandbox.cli.sandbox_cmd import DEFAULT_NAME
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="bring up a sandbox, deploy an app with policies, show traffic and flows")
     demo.add_argument("--name", default=DEFAULT_NAME, help="sandbox name (default %(default)s)")
     demo.add_argument("--nodes", type=int, default=2)

@@ -9,7 +9,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, overload
 
 import yaml
 
@@ -22,7 +23,7 @@ def _name_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=DEFAULT_NAME, help="sandbox name (default %(default)s)")
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sandbox = subparsers.add_parser("sandbox", help="a Kubernetes cluster on one machine (netns nodes and pods)")
     verbs = sandbox.add_subparsers(dest="sandbox_command", metavar="VERB")
 
@@ -100,29 +101,49 @@ def register(subparsers: Any) -> None:
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_wait)
 
-    sandbox.set_defaults(func=lambda args: (sandbox.print_help(), 2)[1])
+
+    def show_help(args: argparse.Namespace) -> int:
+        sandbox.print_help()
+        return 2
+    sandbox.set_defaults(func=show_help)
 
 
-def _user_errors(fn: Any) -> Any:
+Command = Callable[[argparse.Namespace], int]
+AsyncCommand = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+@overload
+def _user_errors(fn: AsyncCommand) -> AsyncCommand: ...
+@overload
+def _user_errors(fn: Command) -> Command: ...
+def _user_errors(fn: Command | AsyncCommand) -> Command | AsyncCommand:
     """Bad input and an unreachable sandbox are one-line CLI errors, not tracebacks."""
     import functools
     import inspect
 
     if inspect.iscoroutinefunction(fn):
-        @functools.wraps(fn)
+        coroutine_fn = fn
+
+        @functools.wraps(coroutine_fn)
         async def async_wrapper(args: argparse.Namespace) -> int:
             try:
-                return await fn(args)
+                status: int = await coroutine_fn(args)  # iscoroutinefunction's narrowing drops the int
+                return status
             except (PermanentError, TemporaryError) as exc:
                 raise CliError(str(exc)) from exc
         return async_wrapper
 
-    @functools.wraps(fn)
+    plain_fn = fn
+
+    @functools.wraps(plain_fn)
     def wrapper(args: argparse.Namespace) -> int:
         try:
-            return fn(args)
+            result = plain_fn(args)
         except (PermanentError, TemporaryError) as exc:
             raise CliError(str(exc)) from exc
+        if not isinstance(result, int):
+            raise TypeError(f"{plain_fn.__name__} returned {type(result).__name__}, not an exit status")
+        return result
     return wrapper
 
 
@@ -156,7 +177,6 @@ def cmd_down(args: argparse.Namespace) -> int:
 @_user_errors
 def cmd_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
-
     from propolis_sandbox.config import load_state
     state = load_state(args.name)
     if state is None:
@@ -306,7 +326,6 @@ async def _probe_all(args: argparse.Namespace, state: Any) -> int:
 @_user_errors
 async def cmd_wait(args: argparse.Namespace) -> int:
     import logging
-
     from propolis_sandbox import cluster
     logging.getLogger("propolis.bus").setLevel(logging.ERROR)  # our own disconnect at the end is not news
     progress = await cluster.wait(cluster.require_state(args.name), timeout=args.timeout)

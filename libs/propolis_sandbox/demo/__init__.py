@@ -24,6 +24,7 @@ from pathlib import Path
 
 from propolis_sandbox import cluster, pod_dns, probe
 from propolis_sandbox.config import SandboxState
+from propolis_sandbox.resources import KINDS
 
 MANIFESTS = Path(str(resources.files("propolis_sandbox.demo") / "manifests"))
 APP = MANIFESTS / "10-app.yaml"
@@ -85,7 +86,7 @@ async def _targets(state: SandboxState) -> dict[str, str]:
     """Every demo target -> IP (pod IPs and Service ClusterIPs)."""
     ips = await cluster.wait_running(state, 4)
     async with cluster.Api(state.apiserver_url) as api:
-        svc = await api.get(cluster.KINDS["Service"], "production", "api-svc")
+        svc = await api.get(KINDS["Service"], "production", "api-svc")
     ips["svc:production/api-svc"] = svc["spec"]["clusterIP"]
     return ips
 
