@@ -255,7 +255,7 @@ class Reconciler(Generic[K, V]):
                     await self.target.refresh(key, value)
                 else:
                     await self.target.update(key, value)
-            except Exception as exc:  # any failure: this key only, keep going with the others
+            except Exception as exc:  # noqa: BLE001 - any failure: this key only, keep going with the others
                 st.attempts += 1
                 st.error = str(exc) or type(exc).__name__
                 what = "delete" if value is _ABSENT else "update"
@@ -284,7 +284,7 @@ class Reconciler(Generic[K, V]):
     async def _prune(self) -> None:
         try:
             actual = list(await self.target.list_actual())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a target that cannot list: prune later, with back-off
             self._prune_failures += 1
             self._prune_retry_at = time.monotonic() + backoff_delay(self._prune_failures, self.backoff_min,
                                                                     self.backoff_max)

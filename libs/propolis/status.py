@@ -238,7 +238,8 @@ async def collect(bus: Bus, *, stale_after: float | None = None, probe_kernel: b
     policies: list[K8sObject] = []
     try:
         k8s_kv = await bus.kv(subjects.K8S_BUCKET)
-        nodes = [e.value.name for e in (await k8s_kv.items(subjects.k8s_keys("nodes"))).values() if isinstance(e.value, K8sObject)]
+        nodes = [e.value.name for e in (await k8s_kv.items(subjects.k8s_keys("nodes"))).values()
+                 if isinstance(e.value, K8sObject)]
         for plural in POLICY_KINDS:
             policies += [e.value for e in (await k8s_kv.items(subjects.k8s_keys(plural))).values()
                          if isinstance(e.value, K8sObject)]

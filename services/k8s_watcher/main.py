@@ -142,11 +142,11 @@ class Mirror(Component):
                 await self.rt.bus.publish(subjects.events_subject("policy"), Event(
                     kind="PolicyRefused", object=ref, message=str(error), service=SERVICE,
                     node=self.rt.settings.node_name, time=time.time(), fields={"field": error.field}))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the refusal is logged either way
                 log.warning("could not publish refusal of %s: %s", ref, exc)
         try:
             await patch_policy_status(self.client.api, kind, obj, error, self.failures.for_object(kind, obj))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a status patch is best effort
             log.warning("could not update status of %s: %s", ref, exc)
 
     async def stop(self) -> None:

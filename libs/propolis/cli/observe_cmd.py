@@ -77,7 +77,7 @@ async def _relay_url(args: argparse.Namespace) -> str:
         return ""
     try:
         return await announced_relay(bus)
-    except Exception:  # no heartbeats bucket or no permission: fall back to NATS
+    except Exception:  # noqa: BLE001 - no heartbeats bucket or no permission: fall back to NATS
         return ""
     finally:
         await bus.close()

@@ -3,8 +3,9 @@
 Why one facade: the writer reconciles desired state (endpoints, policy rows, ipcache) into
 the kernel; it needs idempotent, diffing, restart-safe operations, not map plumbing.
 * `load()` compiles bpf_lxc.c once per node (in a thread; a restart with the same build
-  adopts the pinned programs instead) and adopts the node's pinned maps; nothing is flushed, so a restarted writer keeps conntrack, policy and endpoints, and
-  the programs already attached keep enforcing while it starts (fail closed).
+  adopts the pinned programs instead) and adopts the node's pinned maps; nothing is flushed, so a restarted
+  writer keeps conntrack, policy and endpoints, and the programs already attached keep enforcing while it
+  starts (fail closed).
 * `attach_endpoint` = policy map ensured + cilium_lxc entry + tc attach (milliseconds).
 * `set_policy` diffs one endpoint's policy map; `set_ipcache` diffs the ipcache.
 * `set_services` diffs the service LB maps (kube-proxy replacement, propolis.lb for the

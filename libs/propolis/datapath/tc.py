@@ -70,7 +70,7 @@ class TcAttacher:
         for ipr in self._sockets.values():
             try:
                 ipr.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 - closing on the way out: a failure changes nothing
                 pass
         self._sockets.clear()
 

@@ -186,11 +186,12 @@ class UserspaceBackend:
         if self.netns:
             netns_path = self.netns if self.netns.startswith("/") else f"/run/netns/{self.netns}"
         env = {**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error", **self.extra_env}
-        with open(self.state_dir / "wireguard-go.log", "ab") as logf:
-            # Own session: the device process outlives this key manager (a restart adopts it).
-            proc = subprocess.Popen([binary, "-f", self.device_name], stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=logf, env=env, start_new_session=True,
-                                    preexec_fn=lambda: _enter_device_namespaces(netns_path, self.socket_dir))
+        with open(self.state_dir / "wireguard-go.log", "ab") as logf:  # noqa: ASYNC230 - once per device start
+            # Own session: the device process outlives this key manager (a restart adopts it), so a plain
+            # Popen, not asyncio's, whose child watcher would own and reap it.
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                [binary, "-f", self.device_name], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
+                start_new_session=True, preexec_fn=lambda: _enter_device_namespaces(netns_path, self.socket_dir))
         self.pid, self.started_at = proc.pid, time.time()
         self.pid_file.write_text(str(proc.pid))
         deadline = time.monotonic() + DEVICE_START_TIMEOUT_S

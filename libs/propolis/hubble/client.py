@@ -72,7 +72,7 @@ class BusFlowSource:
             kv = await self.bus.kv(subjects.HEARTBEATS_BUCKET)
             return {hb.node for hb in map(subjects.parse_heartbeat_key, await kv.items(subjects.heartbeat_keys("hubble")))
                     if hb is not None}
-        except Exception as exc:  # no bucket, no permission, no JetStream: the answers decide
+        except Exception as exc:  # noqa: BLE001 - no bucket, no permission, no JetStream: the answers decide
             log.debug("no heartbeats for node discovery: %s", exc)
             return set()
 
@@ -92,7 +92,7 @@ class BusFlowSource:
                 return
             try:
                 batch = codec.decode(msg.data, FlowBatch)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one bad message is dropped, never fatal
                 log.warning("bad flow batch: %s", exc)
                 return
             per_node.setdefault(batch.node, []).extend(flow_response(batch.node, f) for _, f in batch.flows)
@@ -155,7 +155,7 @@ class BusFlowSource:
                 data = await queue.get()
                 try:
                     msg = codec.decode(data)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - one bad message is dropped, never fatal
                     log.warning("undecodable flow message: %s", exc)
                     continue
                 if isinstance(msg, LostEvents):

@@ -113,7 +113,8 @@ class EndpointRecordTarget:
             return
         snapshot = self._snapshot if self._snapshot is not None else await self.read_bucket()
         number = self._kept_identity(key, desired.labels)
-        if number and not {subjects.identity_key(number), subjects.identity_labels_key(labels_hash(desired.labels))} <= set(snapshot):
+        keys = {subjects.identity_key(number), subjects.identity_labels_key(labels_hash(desired.labels))}
+        if number and not keys <= set(snapshot):
             self.on_damage(f"identity {number} of {key} missing")
             await self.alloc.restore(number, list(desired.labels))
         record = endpoint_for_pod(desired.pod, number or await self._identity(key, desired.labels),
@@ -321,7 +322,7 @@ class IdentitySync:
         while True:
             try:
                 await self.step()
-            except Exception as exc:  # NATS away: the next round retries
+            except Exception as exc:  # noqa: BLE001 - NATS away: the next round retries
                 log.warning("identities bucket: %s", exc)
             on_step()
             await wait_event(self.records.wrote, TICK)  # the next step after TICK, or at once after a write

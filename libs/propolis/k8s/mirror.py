@@ -346,13 +346,13 @@ class KvMirror:
                     writer.result()  # the reconciler never returns: an exception is a bug, the service restarts
                 try:
                     await self.guard_step()
-                except Exception as exc:  # NATS or the API away: the next round retries
+                except Exception as exc:  # noqa: BLE001 - NATS or the API away: the next round retries
                     log.warning("bucket guard: %s", exc)
                 if self.writable and writer is None:
                     self.reconciler.mark_synced()  # writable implies every kind was listed: pruning is safe
                     try:
                         await self.refresh_round()  # a new term or store: diff everything against the bucket
-                    except Exception as exc:  # NATS away: the round reads the bucket itself
+                    except Exception as exc:  # noqa: BLE001 - NATS away: the round reads the bucket itself
                         log.warning("bucket not read: %s", exc)
                         self.reconciler.queue_refresh()
                     writer = asyncio.create_task(self.reconciler.run(), name="k8s-mirror-reconciler")
@@ -365,7 +365,7 @@ class KvMirror:
                 if writer is not None:  # never before the first diff of this term was queued
                     try:
                         await self.write_watermark()
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - NATS away: the next round writes it
                         log.warning("watermark not written: %s", exc)
                 if on_step is not None:
                     on_step()

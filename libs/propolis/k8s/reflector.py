@@ -5,8 +5,8 @@ relist; on a broken connection reconnect with back-off and resume. A relist
 hands the sink the complete set, so deletes missed while disconnected are
 found. Lists are paged (``limit``/``continue``, 500 a page like client-go), so
 only one page of raw JSON is in memory at a time: a 10,000-pod list parsed at
-once left the watcher ~30 MB bigger for good (freed objects fragment the heap). Objects are read as raw JSON (orjson) rather than typed models: CRDs
-have none, and the sink keeps only a few fields anyway (so `k8s.kubeclient`
+once left the watcher ~30 MB bigger for good (freed objects fragment the heap). Objects are read as raw
+JSON (orjson) rather than typed models: CRDs have none, and the sink keeps only a few fields anyway (so `k8s.kubeclient`
 imports kubernetes-asyncio without its generated models).
 """
 

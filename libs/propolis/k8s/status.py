@@ -142,7 +142,7 @@ class PolicyFailureReporter:
                 writers = [e.value for e in (await heartbeats.items(subjects.heartbeat_keys("datapath-writer"))).values()
                            if isinstance(e.value, Heartbeat)]
                 await self.step(api, writers)
-            except Exception as exc:  # NATS or the API away: the next round retries
+            except Exception as exc:  # noqa: BLE001 - NATS or the API away: the next round retries
                 log.warning("policy enforcement status: %s", exc)
 
     async def step(self, api: ApiClient, heartbeats: Iterable[Heartbeat]) -> list[str]:

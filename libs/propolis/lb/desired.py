@@ -212,7 +212,7 @@ def desired_services(services: Iterable[K8sObject], endpoint_slices: Iterable[K8
         int_local = spec.get("internalTrafficPolicy") == "Local"
 
         gathered: dict[tuple[str, str], list[Backend]] = {}
-        for i, s in enumerate(sorted(slices.get((svc.namespace, svc.name), []), key=lambda o: o.name)):
+        for s in sorted(slices.get((svc.namespace, svc.name), []), key=lambda o: o.name):
             for key, backends in _slice_backends(_spec(s), publish, f"{s.namespace}/{s.name}").by_port.items():
                 gathered.setdefault(key, []).extend(backends)
 
@@ -233,8 +233,10 @@ def desired_services(services: Iterable[K8sObject], endpoint_slices: Iterable[K8
             local_backends = tuple(b for b in all_backends if b.node_name == node_name)
 
             def entry(ftype: str, ip: str, number: int, backends: tuple[Backend, ...]) -> LBService:
-                return LBService(svc.namespace, svc.name, port.name, ftype, ip, number, port.protocol, backends,
-                                 affinity, timeout, ext_local, int_local, cluster_affinity)
+                # called only within this iteration, so the loop's current values are the ones meant
+                return LBService(svc.namespace, svc.name, port.name, ftype, ip, number,  # noqa: B023
+                                 port.protocol, backends, affinity, timeout, ext_local, int_local,  # noqa: B023
+                                 cluster_affinity)  # noqa: B023
 
             out.append(entry("ClusterIP", cluster_ip, port.port, local_backends if int_local else all_backends))
             external = local_backends if ext_local else all_backends

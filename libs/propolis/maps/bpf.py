@@ -206,7 +206,7 @@ class BpfMap(Generic[K, V]):
     def __del__(self) -> None:  # best effort; fds are cheap but finite
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - closing on the way out: a failure changes nothing
             pass
 
     # -- element operations --------------------------------------------------------

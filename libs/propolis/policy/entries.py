@@ -59,7 +59,7 @@ class PolicyEntry:
             port = "*" if self.port == 0 else str(self.port)
         if self.end_port:
             port += f"-{self.end_port}"
-        verdict = "deny" if self.deny else ("redirect:%d" % self.proxy_port if self.proxy_port else "allow")
+        verdict = "deny" if self.deny else (f"redirect:{self.proxy_port}" if self.proxy_port else "allow")
         return f"{self.direction} {peer} {proto}/{port} {verdict}"
 
 

@@ -182,7 +182,7 @@ class Runtime:
             try:
                 if self.bus.is_connected:
                     await self.publish_heartbeat()
-            except Exception as exc:  # a missed beat is not fatal; the next one retries
+            except Exception as exc:  # noqa: BLE001 - a missed beat is not fatal; the next one retries
                 log.debug("heartbeat failed: %s", exc)
             self.progress.changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):

@@ -356,7 +356,8 @@ class DesiredState:
             reported = self.service_errors.pop(f"{ns}/{name}", None)
             if svc is not None:
                 try:
-                    entries = desired_services([svc], inputs.slices_by_service.get((ns, name), {}).values(), node_name=self.node, node_ips=node_ips,
+                    entries = desired_services([svc], inputs.slices_by_service.get((ns, name), {}).values(),
+                                               node_name=self.node, node_ips=node_ips,
                                                remote_backends=imported.remote_backends(inputs.remote_services,
                                                                                         (ns, name)))
                 except ValidationError as exc:
