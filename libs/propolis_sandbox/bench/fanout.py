@@ -87,7 +87,7 @@ async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int)
     """Watch for every node in `nodes`; print `ready`, then on stdin EOF/`stop` print the figures as JSON.
     mode `steady`: only new updates (deliver new); `sync`: everything in the bucket, report when complete."""
     import nats
-    from nats.js.api import DeliverPolicy
+    from nats.js.api import ConsumerConfig, DeliverPolicy
 
     nc = await nats.connect(url, max_reconnect_attempts=0, pending_size=256 * 1024 * 1024)
     js = nc.jetstream()
@@ -112,10 +112,13 @@ async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int)
 
     policy = DeliverPolicy.NEW if mode == "steady" else DeliverPolicy.LAST_PER_SUBJECT
     for node in nodes:
-        for flt in _filters(layout, node):
-            await js.subscribe(f"$KV.{bucket}.{flt}", cb=handler(node), ordered_consumer=True,
-                               deliver_policy=policy, pending_msgs_limit=1_000_000, inactive_threshold=2.0,
-                               pending_bytes_limit=512 * 1024 * 1024)
+        # one consumer per node even with two filters (NATS 2.10 filter_subjects): the server caps a stream
+        # at 1,000 consumers here, so two watches per node would stop a 1,000-node cluster at 500 nodes
+        subjects = [f"$KV.{bucket}.{flt}" for flt in _filters(layout, node)]
+        config = ConsumerConfig(filter_subjects=subjects) if len(subjects) > 1 else None
+        await js.subscribe(subjects[0], cb=handler(node), ordered_consumer=True, config=config,
+                           deliver_policy=policy, pending_msgs_limit=1_000_000, inactive_threshold=2.0,
+                           pending_bytes_limit=512 * 1024 * 1024)
     print("ready", flush=True)
     if mode == "sync":  # done when every node holds every key (or gives up: the missing ones count as failures)
         try:
