@@ -135,3 +135,23 @@ def test_an_invalid_service_is_reported_until_fixed_and_the_full_recompute_agree
     desired.lb.take_changes()
     desired.recompute_services(inputs)  # the periodic repair: nothing drifted, nothing to write
     assert desired.lb.frontends == before and desired.lb.take_changes() == set()
+
+
+def test_a_hostport_yields_to_a_node_port_service_and_gets_it_back_when_the_service_goes():
+    inputs = synced_inputs(3)
+    put(inputs, "pods", {"metadata": {"name": "hp", "namespace": "ns"},
+                         "spec": {"nodeName": NODE, "containers": [{"name": "c", "ports": [
+                             {"containerPort": 8080, "hostPort": 30100, "protocol": "TCP"}]}]},
+                         "status": {"phase": "Running", "podIP": "10.244.5.5"}})
+    desired = DesiredState(NODE)
+    desired.update(inputs, [])
+    frontend = ("172.30.1.1", 30100, "TCP")
+    assert desired.lb.frontends[frontend].frontend_type == "HostPort"
+    service(inputs, 100, svc_type="NodePort")  # nodePort 30100: the same frontend
+    desired.update(inputs, [])
+    assert desired.lb.frontends[frontend].frontend_type == "NodePort"
+    assert "is a Service's frontend" in desired.service_errors["Pod ns/hp"]
+    delete(inputs, "services", "ns", "s100")
+    desired.update(inputs, [])
+    assert desired.lb.frontends[frontend].frontend_type == "HostPort" and "Pod ns/hp" not in desired.service_errors
+    assert desired.lb.frontends == full(inputs)
