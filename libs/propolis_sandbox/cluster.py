@@ -26,14 +26,22 @@ import aiohttp
 
 from propolis.errors import CliError, PermanentError, TemporaryError, ValidationError
 from propolis.k8s.kinds import Kind
-from propolis_sandbox import cgroups
+from propolis_sandbox import cgroups, readiness
 from propolis_sandbox import netns as netns_mod
-from propolis_sandbox import readiness
+from propolis_sandbox.config import (
+    BPF_ROOT,
+    RUN_ROOT,
+    SANDBOX_ENV,
+    SandboxConfig,
+    SandboxState,
+    allocate,
+    allocation_lock,
+    existing_sandboxes,
+    load_state,
+    validate_sandbox_name,
+)
 from propolis_sandbox.node_ports import NODE_TCP_PORTS
-from propolis_sandbox.config import (BPF_ROOT, RUN_ROOT, SANDBOX_ENV, SandboxConfig, SandboxState, allocate,
-                                     allocation_lock, existing_sandboxes, load_state, validate_sandbox_name)
-from propolis_sandbox.resources import (KINDS, Document, apply_order, load_documents, resolve_kind,
-                                        validate_documents)
+from propolis_sandbox.resources import KINDS, Document, apply_order, load_documents, resolve_kind, validate_documents
 
 UP_TIMEOUT_S = 60.0
 
@@ -55,7 +63,7 @@ def supervisor_alive(state: SandboxState) -> bool:
 def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_cidr: str | None = None,
        services: str = "all", timeout: float = UP_TIMEOUT_S, encryption: str | None = None,
        cluster_id: int = 0, encryption_strict_mode: bool = False,
-       encryption_node_encryption: bool = False) -> SandboxState:
+       encryption_node_encryption: bool = False, nats_replicas: int = 1) -> SandboxState:
     """Start sandbox `name` in the background and return its ready state. Idempotent."""
     validate_sandbox_name(name)
     started = time.monotonic()
@@ -74,6 +82,9 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
                 raise ValidationError("cluster_id", f"sandbox {name!r} is already up with cluster id "
                                                     f"{cfg.cluster_id}; `propolis sandbox down --name {name}` "
                                                     "first to change it")
+            if nats_replicas != cfg.nats_replicas:
+                raise ValidationError("nats_replicas", f"sandbox {name!r} is already up with {cfg.nats_replicas} "
+                                                       f"NATS servers; `propolis sandbox down --name {name}` first")
             return existing
         return _wait_ready(name, timeout)
     if existing is not None or _leftovers_exist(name):
@@ -83,7 +94,8 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
         cfg.encryption = encryption or ""
         cfg.encryption_strict_mode, cfg.encryption_node_encryption = encryption_strict_mode, encryption_node_encryption
         cfg.cluster_id = cluster_id
-        cfg.__post_init__()  # validates the encryption type and cluster id
+        cfg.nats_replicas = nats_replicas
+        cfg.__post_init__()  # validates the encryption type, cluster id and NATS replicas
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         SandboxState(config=_config_dict(cfg)).save(cfg.state_path)
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +136,8 @@ def _config_dict(cfg: SandboxConfig) -> dict[str, Any]:
             out[option] = True
     if cfg.cluster_id:  # only when set: Cluster Mesh
         out["cluster_id"] = cfg.cluster_id
+    if cfg.nats_replicas != 1:  # only when clustered
+        out["nats_replicas"] = cfg.nats_replicas
     return out
 
 
@@ -242,7 +256,7 @@ class Api:
         self.base_url = base_url.rstrip("/")
         self.session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "Api":
+    async def __aenter__(self) -> Api:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         return self
 
@@ -605,7 +619,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
 
     try:
         return await asyncio.wait_for(caught_up(), timeout)
-    except (asyncio.TimeoutError, TemporaryError) as exc:
+    except (TimeoutError, TemporaryError) as exc:
         progress, reasons = seen["progress"], seen["reasons"]
         behind = [k for k, rv in progress.items() if not rv_at_least(rv, seen["target"])]
         detail = (", ".join(f"{k} at {progress[k] or 'nothing'}" + (f" ({reasons[k]})" if reasons.get(k) else "")

@@ -76,11 +76,16 @@ class SandboxConfig:
     #: Cluster Mesh `cluster.id` 1-255 (`sandbox up --cluster-id`); 0 = no Cluster Mesh (the cluster name is the
     #: sandbox name). With an id the sandbox runs the clustermesh-apiserver and its identities carry the id.
     cluster_id: int = 0
+    #: nats-server processes, and replicas of every KV bucket: 1, or a JetStream cluster of 3 or 5 on loopback
+    #: (`sandbox up --nats-replicas 3`, as the chart's nats.replicas)
+    nats_replicas: int = 1
 
     def __post_init__(self) -> None:
         validate_sandbox_name(self.name)
         if not 0 <= self.cluster_id <= 255:
             raise ValidationError("cluster_id", f"must be 1-255 (0 = no Cluster Mesh), got {self.cluster_id}")
+        if self.nats_replicas not in (1, 3, 5):
+            raise ValidationError("nats_replicas", f"must be 1, 3 or 5 (a JetStream quorum), got {self.nats_replicas}")
         if self.encryption not in ENCRYPTION_TYPES:
             raise ValidationError("encryption", f"must be one of {', '.join(t or '(none)' for t in ENCRYPTION_TYPES)}, "
                                                 f"got {self.encryption!r}")
@@ -237,7 +242,8 @@ class SandboxState:
     error: str = ""
     supervisor_pid: int = 0
     nats_url: str = ""
-    nats_pid: int = 0
+    nats_pid: int = 0  # the first server's (all of them: nats_servers)
+    nats_servers: list[dict[str, Any]] = field(default_factory=list)  # {url, pid, dir} per nats-server
     apiserver_url: str = ""
     apiserver_pid: int = 0
     kubeconfig: str = ""

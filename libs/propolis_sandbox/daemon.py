@@ -28,29 +28,34 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-from kubernetes_asyncio import client, config as kube_config
+import nats.errors
+from kubernetes_asyncio import client
+from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 import propolis
 from propolis.bus import permissions, subjects
 from propolis.bus.connection import Bus
-from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.messages import Heartbeat
-from propolis_sandbox import netns as netns_mod
+from propolis.errors import TemporaryError
+from propolis.suite import SuiteService, selected, service_env
 from propolis_sandbox import cgroups, kube_api, node_ports, world
+from propolis_sandbox import netns as netns_mod
 from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig, SandboxState
 from propolis_sandbox.kube_api import NODES, PODS, SERVICES
 from propolis_sandbox.kubelet import Kubelet, Scheduler
-from propolis.suite import SuiteService, selected, service_env
+from propolis_sandbox.nats_cluster import NatsServers
 
 log = logging.getLogger("propolis_sandbox.daemon")
 
 APISERVER_START_TIMEOUT_S = 20.0
 HEARTBEAT_INTERVAL_S = 2.0
 RESTART_BACKOFF_MAX_S = 10.0
+JETSTREAM_READY_TIMEOUT_S = 30.0  # a fresh cluster elects its meta leader first (a few seconds)
 
 
 def apiserver_command(cfg: SandboxConfig) -> list[str]:
@@ -166,7 +171,7 @@ class Supervisor:
         self.state = SandboxState.load(self.state_path)
         self.cfg = self.state.sandbox()
         self.service_defs: list[SuiteService] = [s for s in selected(services) if s.runs_in(self.cfg)]
-        self.nats: EmbeddedNats | None = None
+        self.nats: NatsServers | None = None
         self.nats_users: dict[str, permissions.Credentials] = {}  # service user name -> credentials
         self.bus: Bus | None = None
         self.apiserver: SupervisedProcess | None = None
@@ -227,12 +232,13 @@ class Supervisor:
             if svc.name not in subjects.slices():
                 log.warning("%s has no slice in bus/subjects.py: its NATS user may read but write nothing", svc.name)
         self.state.nats_credentials = str(cfg.nats_credentials)
-        self.nats = EmbeddedNats(cfg.nats_dir, config_text=permissions.server_config(self.nats_users, admin=admin))
+        self.nats = NatsServers(cfg.nats_dir, replicas=cfg.nats_replicas, cluster_name=f"propolis-{cfg.name}",
+                                config_text=permissions.server_config(self.nats_users, admin=admin))
         self.state.nats_url = await self.nats.start()
-        self.state.nats_pid = self.nats.proc.pid if self.nats.proc else 0
+        self._record_nats()
         self.bus = self.state.admin_bus(f"sandbox-supervisor@{cfg.name}")
         await self.bus.connect(max_wait=10)
-        await self.bus.ensure_buckets()
+        await self._create_buckets()
         self.save()
         self.tasks.append(asyncio.create_task(self._supervise_nats(), name="supervise-nats"))
 
@@ -282,23 +288,43 @@ class Supervisor:
             self.world.append(proc)
             self.tasks.append(asyncio.create_task(proc.supervise(), name=f"supervise-{name}"))
 
+    def _record_nats(self) -> None:
+        """state.json: every server (url, pid, dir); ``nats_pid`` stays the first one's."""
+        assert self.nats is not None
+        self.state.nats_servers = self.nats.describe()
+        self.state.nats_pid = self.state.nats_servers[0]["pid"]
+
+    async def _create_buckets(self) -> None:
+        """The buckets, each with one replica per server; retried while a fresh cluster has no meta leader."""
+        assert self.bus is not None and self.nats is not None
+        deadline = time.monotonic() + JETSTREAM_READY_TIMEOUT_S
+        while True:
+            try:
+                await self.bus.ensure_buckets(replicas=self.nats.replicas)
+                return
+            except (TemporaryError, nats.errors.Error) as exc:
+                if time.monotonic() > deadline:
+                    raise TemporaryError(f"JetStream not ready within {JETSTREAM_READY_TIMEOUT_S:g}s: {exc}") from exc
+                log.info("JetStream not ready yet (%s); retrying", exc or type(exc).__name__)
+                await asyncio.sleep(0.5)
+
     async def _supervise_nats(self) -> None:
-        """Restart a dead nats-server on the same port and JetStream store, as its StatefulSet would:
-        the services reconnect and their KV watches re-sync; the kernel keeps enforcing meanwhile."""
+        """Restart a dead nats-server on the same ports and JetStream store, as its StatefulSet would:
+        the services reconnect (to a peer, in a cluster) and their KV watches re-sync or carry on;
+        a restarted cluster member catches up from its peers; the kernel keeps enforcing meanwhile."""
         assert self.nats is not None
         while True:
             await asyncio.sleep(0.5)
-            proc = self.nats.proc
-            if proc is None or proc.poll() is None:
-                continue
-            log.warning("nats-server exited with %s; restarting on the same port and store", proc.returncode)
-            try:
-                await asyncio.to_thread(self.nats.restart_sync)
-            except Exception as exc:  # noqa: BLE001 - e.g. the port is briefly busy: next round retries
-                log.warning("restarting nats-server failed: %s", exc)
-                continue
-            self.state.nats_pid = self.nats.proc.pid if self.nats.proc else 0
-            self.save()
+            for server in self.nats.dead():
+                code = server.proc.returncode if server.proc else None
+                log.warning("nats-server %s exited with %s; restarting on the same port and store", server.url, code)
+                try:
+                    await asyncio.to_thread(server.restart_sync)
+                except Exception as exc:  # noqa: BLE001 - e.g. the port is briefly busy: next round retries
+                    log.warning("restarting nats-server %s failed: %s", server.url, exc)
+                    continue
+                self._record_nats()
+                self.save()
 
     async def _start_apiserver(self) -> None:
         cfg = self.cfg
@@ -417,7 +443,7 @@ class Supervisor:
         if self.bus is None:
             return
         try:
-            await asyncio.wait_for(self.bus.ensure_buckets(), timeout=5)
+            await asyncio.wait_for(self.bus.ensure_buckets(replicas=self.cfg.nats_replicas), timeout=5)
         except Exception as exc:  # noqa: BLE001 - the restart goes ahead; the service reports what it lacks
             log.warning("bucket bootstrap before a restart failed: %s", exc)
 
@@ -481,7 +507,7 @@ async def run(name: str, services: str | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await sup.start()
-    except Exception as exc:  # noqa: BLE001 - reported through state.json to the waiting `up`
+    except Exception as exc:  # reported through state.json to the waiting `up`
         log.exception("sandbox %s failed to start", name)
         sup.save("failed", error=f"{type(exc).__name__}: {exc}")
         await sup.stop()

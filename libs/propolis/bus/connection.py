@@ -34,7 +34,8 @@ RawHandler = Callable[[Msg], Awaitable[None]]
 
 
 class Bus:
-    """A NATS connection plus the project's codec. Construct, then ``await connect()``."""
+    """A NATS connection plus the project's codec. Construct, then ``await connect()``. ``url`` may list
+    several servers of one NATS cluster, comma-separated (nats-py fails over between them)."""
 
     def __init__(self, url: str, *, name: str, user: str | None = None, password: str | None = None,
                  connect_timeout: float = 2.0, reconnect_wait: float = 0.5) -> None:
@@ -62,7 +63,7 @@ class Bus:
             left = None if deadline is None else max(0.05, deadline - time.monotonic())
             try:
                 self._nc = await asyncio.wait_for(nats.connect(
-                    servers=[self.url], name=self.name, user=self.user, password=self.password,
+                    servers=self.url.split(","), name=self.name, user=self.user, password=self.password,
                     connect_timeout=min(self.connect_timeout, left or self.connect_timeout), allow_reconnect=True,
                     max_reconnect_attempts=-1, reconnect_time_wait=self.reconnect_wait,
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,

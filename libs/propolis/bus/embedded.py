@@ -41,8 +41,10 @@ class EmbeddedNats:
     """
 
     def __init__(self, run_dir: Path | str, *, host: str = "127.0.0.1", port: int = -1,
-                 config_text: str | None = None, log_file: str | None = "nats-server.log") -> None:
+                 config_text: str | None = None, log_file: str | None = "nats-server.log",
+                 env: dict[str, str] | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.env = env  # added to this process's environment (e.g. GOMEMLIMIT)
         self.host = host
         self.port = port
         self.config_text = config_text
@@ -74,7 +76,7 @@ class EmbeddedNats:
             stale.unlink(missing_ok=True)
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **self.env} if self.env else None)
         ports_file = self.run_dir / f"nats-server_{self.proc.pid}.ports"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="Cilium's encryption.nodeEncryption: node-to-node traffic through the tunnel too")
     p.add_argument("--cluster-id", type=int, default=0,
                    help="Cluster Mesh cluster.id 1-255 (runs the clustermesh-apiserver); default 0 = no Cluster Mesh")
+    p.add_argument("--nats-replicas", type=int, choices=(1, 3, 5), default=1,
+                   help="nats-server processes: 3 or 5 = a JetStream cluster on loopback, every KV bucket "
+                        "replicated on each (as the chart's nats.replicas); default %(default)s")
     p.set_defaults(func=cmd_up)
 
     p = verbs.add_parser("down", help="stop everything and remove every namespace, veth, pin and run dir")
@@ -155,7 +158,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     state = cluster.up(args.name, nodes=args.nodes, cluster_cidr=args.cluster_cidr, service_cidr=args.service_cidr,
                        services=args.services, timeout=args.timeout, encryption=args.encryption,
                        cluster_id=args.cluster_id, encryption_strict_mode=args.encryption_strict_mode,
-                       encryption_node_encryption=args.encryption_node_encryption)
+                       encryption_node_encryption=args.encryption_node_encryption, nats_replicas=args.nats_replicas)
     cfg = state.sandbox()
     print(f"sandbox {cfg.name} ready: {cfg.nodes} nodes, cluster CIDR {cfg.cluster_cidr}")
     print(f"kubeconfig: {state.kubeconfig}")
@@ -177,6 +180,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 @_user_errors
 def cmd_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
+
     from propolis_sandbox.config import load_state
     state = load_state(args.name)
     if state is None:
@@ -326,6 +330,7 @@ async def _probe_all(args: argparse.Namespace, state: Any) -> int:
 @_user_errors
 async def cmd_wait(args: argparse.Namespace) -> int:
     import logging
+
     from propolis_sandbox import cluster
     logging.getLogger("propolis.bus").setLevel(logging.ERROR)  # our own disconnect at the end is not news
     progress = await cluster.wait(cluster.require_state(args.name), timeout=args.timeout)
