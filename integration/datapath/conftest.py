@@ -16,7 +16,8 @@ from propolis.datapath import Datapath, IPCacheEntry
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
-    """Node namespace + pods a, b, c (echo servers on b) and remote pod r behind an underlay veth; bpf_lxc compiled once and attached."""
+    """Node namespace + pods a, b, c (echo servers on b) and remote pod r behind an underlay veth; bpf_lxc
+    compiled once and attached."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     suffix = secrets.token_hex(3)

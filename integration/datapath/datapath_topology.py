@@ -97,7 +97,7 @@ def teardown(node: Node) -> None:
     if node.dp is not None:
         try:
             asyncio.run(node.dp.remove_all())
-        except BaseException as exc:  # keep cleaning
+        except BaseException as exc:  # noqa: BLE001 - keep cleaning, raise what failed at the end
             errors.append(exc)
     for servers in node.servers:
         servers.stop()

@@ -114,7 +114,7 @@ async def test_node_to_node_and_node_to_pod_cross_the_underlay_encrypted(sandbox
         await echo_from_node(sandbox, 1, (cfg.node_ip(2), NODE_PORT), b"handshake")
         await echo_from_node(sandbox, 1, (b, 8080), b"handshake")
         with Capture(cfg.underlay_netns) as cap:
-            for i in range(5):
+            for _ in range(5):
                 assert await echo_from_node(sandbox, 1, (cfg.node_ip(2), NODE_PORT), secret) == secret
                 assert await echo_from_node(sandbox, 1, (b, 8080), secret) == f"{NS}/b ".encode() + secret
             await asyncio.sleep(0.2)

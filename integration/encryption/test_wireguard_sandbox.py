@@ -224,7 +224,8 @@ async def test_bad_node_keys_are_refused_by_name_and_peers_follow_nodes(sandbox,
                             (WireguardNodeKey(cfg.node_name(1), keys.public_key(keys.generate_private_key()),
                                               WG_PORT), "foreign key")):
             await kv.put(subjects.wireguard_key(fake), bad)
-            await until(lambda s: reason in s.get("refused", {}).get(fake, ""), f"{fake} refused for {reason}")
+            await until(lambda s: reason in s.get("refused", {}).get(fake, ""),  # noqa: B023 - awaited here
+                        f"{fake} refused for {reason}")
             assert await stream.echo(b"still-working") == f"{NS}/b still-working".encode()
         logs = (cfg.log_dir / f"wireguard-keymgr-{cfg.node_name(1)}.log").read_text()
         assert f"node {fake} refused as WireGuard peer" in logs

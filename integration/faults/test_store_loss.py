@@ -145,7 +145,8 @@ async def test_purged_k8s_bucket_heals_and_nothing_is_pruned(api_cluster):
                     await k8s.store.purge(subjects.WATERMARK_KEY)
                 purged_at = time.monotonic()
                 # the watcher refills its bucket by itself, under a new epoch
-                await eventually(lambda: _refilled(bus, before), timeout=5, what=f"bucket refilled after {how}")
+                await eventually(lambda: _refilled(bus, before),  # noqa: B023 - awaited in this iteration
+                                 timeout=5, what=f"bucket refilled after {how}")
                 print(f"{how}: refilled in {time.monotonic() - purged_at:.2f}s")
                 await eventually(lambda: _async(rec.inputs.synced), what=f"inputs re-synced after {how}")
                 assert POLICY_KEY in rec.inputs.policies and ("prod", "api-1") in rec.inputs.endpoints
@@ -393,7 +394,7 @@ async def test_sandbox_bucket_purges_let_no_denied_connection_through(sandbox):
                              "spec": {"selector": {"app": "nothing"}, "ports": [{"port": 80}]}}
 
                 async def unrelated_change() -> None:
-                    await cluster.apply_documents(sandbox, w.documents([unrelated], "unrelated"))
+                    await cluster.apply_documents(sandbox, w.documents([unrelated], "unrelated"))  # noqa: B023 - awaited here
                     await asyncio.sleep(0.5)
 
                 before = await purge_k8s_bucket(sandbox, how, unrelated_change)

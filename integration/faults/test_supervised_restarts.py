@@ -85,12 +85,14 @@ async def test_a_dead_task_restarts_its_service_and_enforcement_continues(sandbo
             async with Prober(w, checks) as prober:
                 (sandbox.fault_dir / f"{service}@{before.node}:{task}").touch()
                 last = await wait_beat(sandbox, service, where, "its last heartbeat saying the task died",
-                                       lambda hb: hb.pid != before.pid or hb.health == "failed", timeout=15)
+                                       lambda hb: hb.pid != before.pid or hb.health == "failed",  # noqa: B023 - awaited here
+                                       timeout=15)
                 if last.pid == before.pid:
                     assert any(f"{task} died: RuntimeError('fault injected" in c.get("reason", "")
                                for c in last.components.values()), last.components
                 after = await wait_beat(sandbox, service, where, "a restarted instance",
-                                        lambda hb: hb.pid != before.pid and hb.health != "failed", timeout=30)
+                                        lambda hb: hb.pid != before.pid and hb.health != "failed",  # noqa: B023 - awaited here
+                                        timeout=30)
                 await cluster.wait(sandbox, timeout=60)
             assert exits_with_1(sandbox, service) == exits + 1, f"{service}: no exit code 1 in the supervisor log"
             print(f"{service}: pid {before.pid} -> {after.pid}; {prober.rounds} probe rounds")

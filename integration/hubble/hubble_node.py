@@ -1,6 +1,6 @@
-"""The `hub` fixture (registered by conftest.py): a node namespace with pods (integration/datapath's topology), bpf_lxc attached, a real
-nats-server with identities/services written as the suite would, and the real `propolis-hubble`
-and `propolis-hubble-relay` processes. Everything is torn down even when tests fail."""
+"""The `hub` fixture (registered by conftest.py): a node namespace with pods (integration/datapath's topology),
+bpf_lxc attached, a real nats-server with identities/services written as the suite would, and the real
+`propolis-hubble` and `propolis-hubble-relay` processes. Everything is torn down even when tests fail."""
 
 from __future__ import annotations
 

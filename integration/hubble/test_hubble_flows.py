@@ -318,7 +318,7 @@ def test_overload_counts_lost_events_evicts_ring_and_rotates_export(hub: Hub):
         overflow = 2 * ev.SPEC.max_entries // ctypes.sizeof(ev.FlowEventRecord)  # twice a ring of packets, 2+ events each
         s = create_socket(a.netns, socket.AF_INET, socket.SOCK_DGRAM, flags=0)
         try:
-            for i in range(overflow):
+            for _ in range(overflow):
                 s.sendto(b"x", (b.ip, 5353))
         finally:
             s.close()

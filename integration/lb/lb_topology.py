@@ -162,7 +162,7 @@ def teardown(cluster: Cluster) -> None:
         if node.dp is not None:
             try:
                 asyncio.run(node.dp.remove_all())
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - keep cleaning, raise what failed at the end
                 errors.append(exc)
     for servers in cluster.servers:
         servers.stop()

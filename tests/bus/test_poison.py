@@ -81,7 +81,8 @@ async def test_watch_keeps_the_last_good_value_and_stays_alive(bus: Bus):
             await kv.store.put(key, payload)
             # one at a time: a bucket keeps one revision per key, so a poison replaced before the watch read
             # it would never be seen (and rightly not counted)
-            await until(f"poison {n} counted", lambda: kv_mod.UNDECODABLE.total[subjects.K8S_BUCKET] - before >= n)
+            await until(f"poison {n} counted",
+                        lambda: kv_mod.UNDECODABLE.total[subjects.K8S_BUCKET] - before >= n)  # noqa: B023 - awaited here
         later = _policy("later", {"podSelector": {"matchLabels": {"app": "x"}}})
         await kv.put("networkpolicies.ns.later", later)
         await until("the later policy", lambda: events[-1].key == "networkpolicies.ns.later")

@@ -8,6 +8,7 @@ import copy
 import pytest
 
 from propolis.bus.messages import K8sObject
+from propolis.errors import ValidationError
 from propolis.model import identity as idm
 from propolis.policy.engine import PolicyEngine
 from propolis.policy.entries import PolicyEntry, icmp_type_port
@@ -291,7 +292,7 @@ def test_modes_always_and_never():
     assert rows(engine(pol, "always").compile_endpoint(API)) == allow(I, [1])
     never = engine(pol, "never").compile_endpoint(API)
     assert (never.ingress_enforced, never.egress_enforced, never.entries) == (False, False, ())
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="mode"):
         PolicyEngine(mode="sometimes")
 
 
