@@ -119,7 +119,8 @@ class SupervisedProcess:
         delay = 0.5
         while not self.stopping:
             assert self.proc is not None
-            while (code := self.proc.poll()) is None:  # polling: a waiting thread per child would starve the pool
+            # polling: a waiting thread per child would starve the pool
+            while (code := self.proc.poll()) is None:  # noqa: ASYNC110
                 await asyncio.sleep(0.5)
             if self.stopping:
                 return
@@ -402,7 +403,8 @@ class Supervisor:
         address (UDP and TCP 53) in front of a pod labelled `k8s-app: kube-dns` (the kubelet runs kube_dns.py)."""
         assert self.api is not None
         # once every node's datapath answers: created earlier, the pod would only collect kubelet back-off
-        while not all(self.cfg.datapath_socket(node).exists() for node in self.cfg.node_names()):
+        # a socket file appearing has no event to wait on
+        while not all(self.cfg.datapath_socket(node).exists() for node in self.cfg.node_names()):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         labels = {"k8s-app": "kube-dns"}
         ports = [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]

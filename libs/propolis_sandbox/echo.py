@@ -73,16 +73,16 @@ class EchoServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((address, port))
             self.servers.append(await asyncio.start_server(self.handle_tcp, sock=sock, backlog=512))
+        pod = self.pod
+
+        class Udp(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                self.transport.sendto(pod + b" " + data, addr)  # type: ignore[attr-defined]
+
         for address, port in ((a, p) for a in self.addresses for p in self.udp_ports):
-            pod = self.pod
-
-            class Udp(asyncio.DatagramProtocol):
-                def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                    self.transport = transport
-
-                def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-                    self.transport.sendto(pod + b" " + data, addr)  # type: ignore[attr-defined]
-
             transport, _ = await loop.create_datagram_endpoint(Udp, local_addr=(address, port))
             self.transports.append(transport)
 

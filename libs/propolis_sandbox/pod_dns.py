@@ -35,7 +35,8 @@ def resolve_blocking(netns: str, name: str, *, timeout: float = RESOLVE_TIMEOUT_
     except (dns.resolver.NoAnswer, dns.resolver.NoNameservers) as exc:
         raise CliError(f"{name}: no address ({exc})") from None
     except dns.exception.Timeout:
-        raise CliError(f"{name}: no DNS answer within {timeout:.0f} s from {', '.join(str(n) for n in resolver.nameservers)}") from None
+        servers = ", ".join(str(n) for n in resolver.nameservers)
+        raise CliError(f"{name}: no DNS answer within {timeout:.0f} s from {servers}") from None
     return [rr.to_text() for rr in answer]
 
 

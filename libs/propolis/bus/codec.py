@@ -108,7 +108,7 @@ def _field_checks(cls: type) -> tuple[tuple[str, str, Check], ...]:
     """(field, declared type as text, predicate) for every field whose type can be checked."""
     try:
         hints = typing.get_type_hints(cls)
-    except Exception:  # annotations naming something unresolvable: decode unchecked
+    except Exception:  # noqa: BLE001 - annotations naming something unresolvable: decode unchecked
         return ()
     out = []
     for f in dataclasses.fields(cls):
@@ -186,7 +186,7 @@ def to_jsonable(data: bytes) -> Any:
     except DecodeError:
         try:
             return _unpackb(data, raw=False, strict_map_key=False)
-        except Exception:
+        except Exception:  # noqa: BLE001 - not msgpack: the fallback below decides
             try:
                 return {"_raw": data.decode()}
             except UnicodeDecodeError:

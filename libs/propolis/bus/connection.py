@@ -91,7 +91,7 @@ class Bus:
         if nc is not None and not nc.is_closed:
             try:
                 await asyncio.wait_for(nc.drain(), timeout)
-            except Exception:  # draining a broken connection: close is what matters
+            except Exception:  # noqa: BLE001 - draining a broken connection: close is what matters
                 await nc.close()
 
     @property

@@ -66,7 +66,7 @@ class LeaseElector:
         except Conflict:  # somebody else holds it now, or the key vanished (bucket purged): take it if free
             self._set(False)
             return await self.try_acquire()
-        except Exception as exc:  # NATS away: we stay leader only while the lease would still hold
+        except Exception as exc:  # noqa: BLE001 - NATS away: we stay leader only while the lease would still hold
             if time.monotonic() >= self._expires_local:
                 log.warning("lease %s expired while NATS unreachable: %s", self.key, exc)
                 return self._set(False)
@@ -97,7 +97,7 @@ class LeaseElector:
                         released.set()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # NATS away: polling still works; watch again shortly
+            except Exception as exc:  # noqa: BLE001 - NATS away: polling still works; watch again shortly
                 log.debug("lease %s watch: %s", self.key, exc)
                 await asyncio.sleep(1.0)
 
@@ -107,7 +107,7 @@ class LeaseElector:
             try:
                 await self.kv.delete(self.key, self._revision)
                 log.info("lease %s released", self.key)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the lease expires by itself
                 log.warning("lease %s not released (it expires in %.0fs): %s", self.key, self.duration, exc)
         self._set(False)
 

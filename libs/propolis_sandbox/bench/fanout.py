@@ -188,7 +188,7 @@ async def _make_buckets(js: Any) -> None:
     for layout in LAYOUTS:
         try:
             await js.delete_key_value(_bucket(layout))
-        except Exception:
+        except Exception:  # noqa: BLE001 - cleanup: the bucket may be gone already
             pass
         await js.create_key_value(KeyValueConfig(bucket=_bucket(layout), history=1))
 
@@ -260,7 +260,6 @@ async def initial_sync(url: str, server_pid: int, layout: str, keys: int, consum
     for i in range(keys):
         await js.publish(f"$KV.{bucket}.pods.0.{i}", _value(VALUE_SIZE))
     rss_before = rss_mb(server_pid)
-    t0 = time.monotonic()
     workers = Workers(url, "full", consumers, "sync", keys=keys)
     peak = rss_before
     try:

@@ -679,7 +679,7 @@ def run(counts: Sequence[int], connections: int = 2000, warmup: int = 200, updat
         if dp is not None:
             try:
                 asyncio.run(dp.remove_all())
-            except Exception as exc:  # keep cleaning
+            except Exception as exc:  # noqa: BLE001 - keep cleaning
                 print(f"cleanup: {exc}", file=sys.stderr)
         for w in worlds:
             _destroy_world(w)

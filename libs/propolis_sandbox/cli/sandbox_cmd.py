@@ -84,7 +84,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = verbs.add_parser("probe", help="connect from a pod to a pod, service or IP (exit 0 = connected)")
     _name_arg(p)
     p.add_argument("source", nargs="?", metavar="FROM", help="ns/pod, node:NAME (the node itself) or world")
-    p.add_argument("dest", nargs="?", metavar="TO", help="ns/pod, ns/service, IP, world:IP, node:NAME, or a DNS name (resolved by the pod, through kube-dns)")
+    p.add_argument("dest", nargs="?", metavar="TO",
+                   help="ns/pod, ns/service, IP, world:IP, node:NAME, or a DNS name (resolved by the pod, through kube-dns)")
     p.add_argument("--port", type=int, default=None, help="default: the target's first declared port, else 80")
     p.add_argument("--protocol", type=str.upper, choices=("TCP", "UDP"), default="TCP")
     p.add_argument("--timeout", type=float, default=None, help="seconds per probe (default 2, --all: 1)")
