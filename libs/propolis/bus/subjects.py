@@ -21,7 +21,7 @@ K8S_BUCKET = "PROPOLIS_K8S_V1"              # mirrored Kubernetes objects; owner
 IDENTITIES_BUCKET = "PROPOLIS_IDENTITIES_V1"  # identities + endpoint assignments; owner: identity-allocator
 IPCACHE_BUCKET = "PROPOLIS_IPCACHE_V1"        # IP -> identity of each node's endpoints; owner: datapath-writer (per node)
 HEARTBEATS_BUCKET = "PROPOLIS_HEARTBEATS_V1"  # last heartbeat of every service instance; owner: each service, own key
-WIREGUARD_BUCKET = "PROPOLIS_WIREGUARD_V1"    # WireGuard public key per node (key = node name); owner: wireguard-keymgr (per node)
+WIREGUARD_BUCKET = "PROPOLIS_WIREGUARD_V1"    # WireGuard public key per node (key: node name); owner: wireguard-keymgr
 #: Cluster Mesh: what this cluster exports to remote clusters (Cilium's `cilium/state/…` prefixes), and the local
 #: cache of every remote cluster's export (KVStoreMesh's `cilium/cache/…`); owner of both: clustermesh-apiserver.
 CLUSTERMESH_BUCKET = "PROPOLIS_CLUSTERMESH_V1"
