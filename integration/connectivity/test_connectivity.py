@@ -9,11 +9,12 @@ import sys
 
 import pytest
 
+from propolis.connectivity import runner
 from propolis.connectivity.scenarios import DROPPED, WORLD_IP, Check, Scenario, Selection
 from propolis_sandbox import cluster
-from propolis_sandbox import connectivity as runner
+from propolis_sandbox.connectivity_cluster import SandboxCluster
 from propolis_sandbox.fixture import running_sandbox
-from propolis_sandbox.resources import KINDS
+from propolis_sandbox.resources import KINDS, documents_from
 
 pytestmark = pytest.mark.root
 
@@ -30,7 +31,8 @@ def test_every_scenario_passes_and_cleans_up(sandbox):
                           capture_output=True, text=True, timeout=300)
     report = json.loads(proc.stdout)
     results = {t["name"]: t["result"] for t in report["tests"]}
-    assert proc.returncode == 0, [t for t in report["tests"] if t["result"] == "fail"]
+    assert proc.returncode == 0, [(t["name"], [c["detail"] for c in t["checks"] if not c["ok"]])
+                                  for t in report["tests"] if t["result"] == "fail"]
     assert results["no-policies"] == "pass" and results["deny-beats-allow"] == "pass"
     assert results["to-world-denied"] == "pass"  # Hubble runs in the sandbox and saw the policy drop
     assert all(r in ("pass", "skip") for r in results.values()), results
@@ -54,7 +56,7 @@ async def test_a_wrong_expectation_fails(sandbox):
     wrong = Scenario("wrong", "expects drops that no policy causes",
                      checks=(Check("client", "pod:echo-same-node", DROPPED),
                              Check("client", f"world:{WORLD_IP}", DROPPED, port=80)))
-    r = runner.Runner(sandbox)
+    r = runner.Runner(SandboxCluster(sandbox))
     try:
         await r.deploy()
         outcome = await r.run(wrong)
@@ -77,8 +79,8 @@ async def test_policy_cli_shows_what_a_pod_enforces(sandbox):
     from propolis.connectivity.scenarios import SCENARIOS
 
     scenario = next(s for s in SCENARIOS if s.name == "echo-ingress-from-label")
-    r = runner.Runner(sandbox)
-    docs = runner.documents_from("test", list(scenario.policies))
+    r = runner.Runner(SandboxCluster(sandbox))
+    docs = documents_from("test", list(scenario.policies))
     env = {**__import__("os").environ, "PROPOLIS_SANDBOX_NAME": sandbox.config["name"]}
 
     def policy_get(pod: str) -> dict:
@@ -102,3 +104,22 @@ async def test_policy_cli_shows_what_a_pod_enforces(sandbox):
     # the client's TCP 8080, and (allow-localhost) its own node on anything
     assert rows == [("ingress", False, 6, 8080, False), ("ingress", True, 0, 0, False)]
     assert not client["ingressEnforced"] and client["entries"] == []
+
+
+def test_kubeconfig_cluster_runs_scenarios_through_the_api_and_exec(sandbox):
+    """`--kubeconfig`: the product's Kubernetes-API cluster (kube.py) against the sandbox's API server: pods
+    created through the API, probes by pods/exec in the client pods (and a host-netns pod for node sources),
+    waits on the suite's heartbeats. No sandbox code on the client side."""
+    kubeconfig = sandbox.sandbox().run_dir / "kubeconfig"
+    proc = subprocess.run([sys.executable, "-m", "propolis.cli.main", "connectivity", "test", "--kubeconfig",
+                           str(kubeconfig), "--name", sandbox.config["name"], "-o", "json",
+                           "--test", "no-policies,echo-ingress-from-label"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert {t["name"]: t["result"] for t in report["tests"]} == {"no-policies": "pass",
+                                                                 "echo-ingress-from-label": "pass"}
+    details = {c["check"]: c["detail"] for t in report["tests"] for c in t["checks"]}
+    assert details["node:1 -> nodeport:echo-other-node@2:8080/TCP"] == \
+        "connected, answered by propolis-test/echo-other-node"
+    assert details["client2 -> pod:echo-same-node:8080/TCP"].startswith("not connected")  # the policy's drop

@@ -11,8 +11,9 @@ import sys
 import orjson
 import pytest
 
+from propolis.connectivity import runner
 from propolis.connectivity.scenarios import ECHO_PORT, NAMESPACE, SCENARIOS
-from propolis_sandbox import connectivity as runner
+from propolis_sandbox.connectivity_cluster import SandboxCluster
 from propolis_sandbox.fixture import running_sandbox
 
 pytestmark = pytest.mark.root
@@ -35,7 +36,7 @@ def sandbox():
 async def test_probes_become_flows_with_identities_and_drop_reasons(sandbox):
     names = [s["name"] for s in sandbox.services]
     assert names.count("hubble") == 2 and names.count("hubble-relay") == 1
-    r = runner.Runner(sandbox)
+    r = runner.Runner(SandboxCluster(sandbox))
     try:
         await r.deploy()
         scenarios = {s.name: s for s in SCENARIOS}

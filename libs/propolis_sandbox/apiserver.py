@@ -39,13 +39,14 @@ from aiohttp import web
 
 from propolis.errors import ValidationError
 from propolis_sandbox import api_discovery as discovery
-from propolis_sandbox import api_tables
+from propolis_sandbox import api_exec, api_tables
 from propolis_sandbox.api_controllers import EndpointSliceController, PodUpdateRules, ServiceAllocator
 from propolis_sandbox.api_patch import APPLY_PATCH, apply_patch
 from propolis_sandbox.api_resources import BY_KIND, BY_PATH, Resource
 from propolis_sandbox.api_selectors import parse_field_selector, parse_label_selector
 from propolis_sandbox.api_store import DEFAULT_HISTORY_LIMIT, ApiStatusError, Store, bad_request, clone
 from propolis_sandbox.api_wal import Wal
+from propolis_sandbox.config import SandboxConfig
 
 log = logging.getLogger("propolis_sandbox.apiserver")
 
@@ -84,13 +85,15 @@ class ApiServer:
     def __init__(self, *, run_dir: str | Path | None = None, host: str = "127.0.0.1", port: int = 0,
                  service_cidr: str = DEFAULT_SERVICE_CIDR, bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL_S,
                  history_limit: int = DEFAULT_HISTORY_LIMIT, cluster_name: str = "propolis-sandbox",
-                 validate_policies: bool = True, data_dir: str | Path | None = None) -> None:
+                 validate_policies: bool = True, data_dir: str | Path | None = None,
+                 pod_netns: Callable[[str, str], str] | None = None) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.data_dir = Path(data_dir) if data_dir is not None else None  # None: the store lives in memory only
         self.host = host
         self.requested_port = port
         self.bookmark_interval = bookmark_interval
         self.cluster_name = cluster_name
+        self.pod_netns = pod_netns  # (namespace, pod) -> its network namespace: what pods/exec runs in
         self.store = Store(history_limit=history_limit, validate_policies=validate_policies)
         self.allocator = ServiceAllocator(self.store, service_cidr)
         self.store.admissions += [self.allocator, PodUpdateRules()]
@@ -229,6 +232,8 @@ class ApiServer:
         name, sub = rest[1], rest[2] if len(rest) == 3 else ""
         if resource.namespaced and namespace is None:
             raise _not_found_path()
+        if sub == "exec" and resource.kind == "Pod" and request.method in ("GET", "POST"):
+            return await self._exec(request, namespace or "", name)
         if sub and (sub not in SUBRESOURCES or (sub == "status" and not resource.has_status)
                     or (sub == "binding" and resource.kind != "Pod")):
             raise _not_found_path()
@@ -373,6 +378,14 @@ class ApiServer:
         raise ApiStatusError(405, "MethodNotAllowed", f"the server does not allow this method on the requested "
                                                       f"resource ({method} {resource.plural})")
 
+    async def _exec(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
+        """pods/exec (api_exec.py): in the pod's network namespace, where the server knows how it is named."""
+        pod = self.store.get(BY_KIND["Pod"], namespace, name)
+        if self.pod_netns is None:
+            raise ApiStatusError(400, "BadRequest", "this API server runs no pods (no --cluster-name of a sandbox): "
+                                                    "pods/exec is not available")
+        return await api_exec.serve_exec(request, namespace, name, pod, self.pod_netns(namespace, name))
+
     def _bind(self, namespace: str | None, name: str, body: Any, dry_run: bool) -> web.Response:
         """A scheduler's Binding (`pods/NAME/binding` or `bindings`): set spec.nodeName of an unbound pod."""
         pods = BY_KIND["Pod"]
@@ -482,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between BOOKMARK events on watches that allow them")
     parser.add_argument("--history-limit", type=int, default=DEFAULT_HISTORY_LIMIT,
                         help="watch events kept for resuming; older resourceVersions get 410 Gone")
-    parser.add_argument("--cluster-name", default="propolis-sandbox", help="cluster/context name in the kubeconfig")
+    parser.add_argument("--cluster-name", default="propolis-sandbox",
+                        help="cluster/context name in the kubeconfig: the sandbox name (pods/exec finds pods by it)")
     parser.add_argument("--data-dir", default=None,
                         help=f"where the store is kept on disk (default RUN_DIR/{DATA_DIR}); a restart resumes it")
     return parser
@@ -495,7 +509,8 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with ApiServer(run_dir=args.run_dir, host=args.host, port=args.port, service_cidr=args.service_cidr,
                          bookmark_interval=args.bookmark_interval, history_limit=args.history_limit,
-                         cluster_name=args.cluster_name, data_dir=args.data_dir or Path(args.run_dir) / DATA_DIR):
+                         cluster_name=args.cluster_name, data_dir=args.data_dir or Path(args.run_dir) / DATA_DIR,
+                         pod_netns=SandboxConfig(name=args.cluster_name).pod_netns):
         await stop.wait()
 
 

@@ -20,11 +20,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from propolis.connectivity.probe import PROBE_PAYLOAD  # the same payload the in-pod probe sends
 from propolis.errors import ValidationError
 from propolis_sandbox import cgroups
 from propolis_sandbox import netns as netns_mod
 
-PROBE_PAYLOAD = b"propolis-probe\n"
 PROTOCOLS = ("TCP", "UDP")
 
 

@@ -3,9 +3,10 @@ scenario was skipped, is an error, never a PASS (issue 13)."""
 
 from __future__ import annotations
 
+from propolis.connectivity import runner
 from propolis.connectivity.scenarios import DROPPED, SCENARIOS, Check, Scenario
-from propolis_sandbox import connectivity as runner
 from propolis_sandbox.config import SandboxState
+from propolis_sandbox.connectivity_cluster import SandboxCluster
 
 ALLOWED_CHECK = Check("client", "pod:echo-same-node")
 DROPPED_CHECK = Check("client2", "pod:echo-same-node", DROPPED)
@@ -13,7 +14,7 @@ DROPPED_CHECK = Check("client2", "pod:echo-same-node", DROPPED)
 
 def one_node() -> runner.Runner:
     """A runner for a one-node sandbox that is never contacted: the verdicts below need no cluster."""
-    return runner.Runner(SandboxState(config={"name": "verdict"}, nodes=[{"name": "verdict-worker"}]))
+    return runner.Runner(SandboxCluster(SandboxState(config={"name": "verdict"}, nodes=[{"name": "verdict-worker"}])))
 
 
 def outcome(scenario: Scenario, result: str) -> runner.ScenarioOutcome:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import struct
 
+from propolis.connectivity.cluster import Probe, ProbeResult
+from propolis.connectivity.probe import PROBE_PAYLOAD
+from propolis.connectivity.runner import underlay_verdict
 from propolis.encryption.capture import Frame, UnderlayCapture, parse
-from propolis_sandbox.connectivity import underlay_verdict
-from propolis_sandbox.probe import PROBE_PAYLOAD, ProbeResult, ProbeSpec
 
-RESULT = ProbeResult(ProbeSpec("ns", "10.244.2.2", 8080, "TCP", "client", "pod:echo-other-node"), True,
+RESULT = ProbeResult(Probe("client", "10.244.2.2", 8080, "TCP", target="pod:echo-other-node"), True,
                      answered_by="propolis-test/echo-other-node")
 
 

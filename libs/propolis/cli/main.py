@@ -19,6 +19,7 @@ from propolis.errors import CliError
 #: In the order `propolis --help` lists them: first what a newcomer runs, then what operators use.
 COMMAND_MODULES = [
     "propolis.cli.status_cmd",
+    "propolis.cli.connectivity_cmd",
     "propolis.cli.observe_cmd",
     "propolis.cli.hubble_cmd",
     "propolis.cli.encrypt_cmd",
@@ -31,7 +32,7 @@ COMMAND_MODULES = [
     "propolis.cli.dev_cmd",
 ]
 
-#: Verb groups other distributions add (the sandbox's `demo`, `sandbox`, `connectivity`, `clustermesh`,
+#: Verb groups other distributions add (the sandbox's `demo`, `sandbox`, `clustermesh`,
 #: `bench`): each entry point names a list of module names; the product imports none of them itself.
 PLUGIN_GROUP = "propolis.cli"
 

@@ -5,7 +5,6 @@ entry point (so `propolis demo`, `propolis sandbox …` work while the product n
 COMMAND_MODULES = [
     "propolis_sandbox.cli.demo_cmd",
     "propolis_sandbox.cli.sandbox_cmd",
-    "propolis_sandbox.cli.connectivity_cmd",
     "propolis_sandbox.cli.clustermesh_cmd",
     "propolis_sandbox.cli.bench_cmd",
 ]

@@ -1,9 +1,9 @@
-"""Runs the connectivity scenarios against a sandbox: deploy, per scenario apply/wait/probe/delete, clean up.
+"""Runs the connectivity scenarios against a cluster: deploy, per scenario apply/wait/probe/delete, clean up.
 
-Why waits and not sleeps: after a policy change the runner blocks on `sandbox wait`
-(every service's heartbeat says it enforces the API's latest revision), so a
-probe never races the policy it tests, and a slow machine only makes the run
-slower, not red.
+Why waits and not sleeps: after a policy change the runner blocks on `Cluster.wait_enforced` (every
+service's heartbeat says it enforces the API's latest revision), so a probe never races the policy it
+tests, and a slow machine only makes the run slower, not red. The cluster is any `cluster.Cluster`: the
+sandbox, or a real one reached by a kubeconfig (`kube.py`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from propolis.connectivity.cluster import Cluster, Manifest, Probe, ProbeResult
+from propolis.connectivity.probe import PROBE_PAYLOAD
 from propolis.connectivity.scenarios import (
     ALLOWED,
     DROPPED,
@@ -31,12 +34,13 @@ from propolis.connectivity.scenarios import (
 from propolis.encryption.backend import LISTEN_PORT
 from propolis.encryption.capture import IPPROTO_UDP, UnderlayCapture
 from propolis.errors import CliError
-from propolis_sandbox import cluster, pod_dns, probe
-from propolis_sandbox.config import SandboxState
-from propolis_sandbox.resources import KINDS, documents_from
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 NO_CHECKS = "no checks ran: a scenario that checks nothing cannot pass"
+ENFORCE_TIMEOUT_S = 60.0
+HUBBLE_WAIT_S = 5.0  # how long a policy drop may take to show up in `propolis observe`
+#: the workload's pods: name -> extra labels (`kind` and `name` come from the name)
+WORKLOAD_PODS = {"client": {}, "client2": {"other": "client"}, "echo-same-node": {}, "echo-other-node": {}}
 
 
 @dataclass
@@ -61,82 +65,63 @@ class ScenarioOutcome:
                            for c in self.checks]}
 
 
-def workload(state: SandboxState) -> list[dict[str, Any]]:
+def workload(cluster: Cluster) -> list[Manifest]:
     """The test namespace, clients and echo pods (node 1 and the last node), and their Services."""
-    first, last = state.nodes[0]["name"], state.nodes[-1]["name"]
+    first, last = cluster.nodes[0].name, cluster.nodes[-1].name
 
-    def pod(name: str, node: str, **extra: str) -> dict[str, Any]:
-        kind = "echo" if name.startswith("echo") else "client"
-        ports = [{"name": "http", "containerPort": ECHO_PORT, "protocol": "TCP"},
-                 {"name": "dns-test", "containerPort": ECHO_UDP_PORT, "protocol": "UDP"}] if kind == "echo" else []
+    def pod(name: str, extra: dict[str, str]) -> Manifest:
+        role = "echo" if name.startswith("echo") else "client"
+        ports: list[Manifest] = ([{"name": "http", "containerPort": ECHO_PORT, "protocol": "TCP"},
+                                  {"name": "dns-test", "containerPort": ECHO_UDP_PORT, "protocol": "UDP"}]
+                                 if role == "echo" else [])
         return {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"kind": kind, "name": name, **extra}},
-                "spec": {"nodeName": node, "containers": [{"name": name, "image": "echo", "ports": ports}]}}
+                "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"kind": role, "name": name, **extra}},
+                "spec": {"nodeName": last if name == "echo-other-node" else first,
+                         "containers": cluster.containers(role, name, ports)}}
 
-    def service(name: str, svc_type: str) -> dict[str, Any]:
+    def service(name: str, svc_type: str) -> Manifest:
         return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NAMESPACE},
                 "spec": {"type": svc_type, "selector": {"name": name},
                          "ports": [{"name": "http", "port": ECHO_PORT, "targetPort": "http", "protocol": "TCP"}]}}
 
     return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
-            pod("client", first), pod("client2", first, other="client"),
-            pod("echo-same-node", first), pod("echo-other-node", last),
+            *(pod(name, extra) for name, extra in WORKLOAD_PODS.items()),
             service("echo-same-node", "ClusterIP"), service("echo-other-node", "NodePort")]
 
 
 class Runner:
-    def __init__(self, state: SandboxState, *, timeout: float = 1.5, features: dict[str, str] | None = None) -> None:
-        self.state = state
-        self.cfg = state.sandbox()
+    def __init__(self, cluster: Cluster, *, timeout: float = 1.5, features: dict[str, str] | None = None) -> None:
+        self.cluster = cluster
         self.timeout = timeout
         self.features = features or {}  # feature name -> state, from `propolis status`
         self.pods: dict[str, str] = {}  # name -> IP
-        self.services: dict[str, dict[str, Any]] = {}
+        self.services: dict[str, Manifest] = {}
 
     async def deploy(self) -> None:
         await self.cleanup()  # a previous run that was interrupted
-        await cluster.apply_documents(self.state, documents_from("connectivity-test", workload(self.state)))
-        running = await cluster.wait_running(self.state, 4, namespace=NAMESPACE)
-        self.pods = {key.split("/", 1)[1]: ip for key, ip in running.items()}
-        async with cluster.Api(self.state.apiserver_url) as api:
-            for svc in (await api.list(KINDS["Service"], NAMESPACE)).get("items", []):
-                self.services[svc["metadata"]["name"]] = svc["spec"]
-        await cluster.wait(self.state, timeout=60)
+        await self.cluster.apply(workload(self.cluster))
+        self.pods = await self.cluster.wait_running(NAMESPACE, len(WORKLOAD_PODS), timeout=ENFORCE_TIMEOUT_S)
+        self.services = await self.cluster.services(NAMESPACE)
+        await self.cluster.wait_enforced(timeout=ENFORCE_TIMEOUT_S)
 
-    async def cleanup(self, timeout: float = 60.0) -> None:
-        """Delete the test namespace and wait until it is gone (Terminating first, like Kubernetes)."""
-        path = KINDS["Namespace"].path(None, NAMESPACE)
-        deadline = time.monotonic() + timeout
-        async with cluster.Api(self.state.apiserver_url) as api:
-            try:
-                await api.request("DELETE", path)
-                while time.monotonic() < deadline:
-                    await api.request("GET", path)
-                    await asyncio.sleep(0.2)
-            except cluster.ApiError as exc:
-                if exc.status != 404:
-                    raise
-                return
-        raise CliError(f"namespace {NAMESPACE} still terminating after {timeout:.0f} s")
+    async def cleanup(self, timeout: float = ENFORCE_TIMEOUT_S) -> None:
+        """Delete the test namespace and wait until it is gone."""
+        await self.cluster.delete_namespace(NAMESPACE, timeout=timeout)
 
-    async def _resolved_spec(self, check: Check) -> probe.ProbeSpec:
+    async def _resolved_probe(self, check: Check) -> Probe:
         """`fqdn:<name>` targets resolved as the source pod resolves them (through the DNS proxy where policy
         says so); a name that does not resolve is probed at 0.0.0.0 (refused locally, nothing leaves)."""
         what, _, name = check.target.partition(":")
         if what != "fqdn":
-            return self._spec(check)
-        spec = self._spec(dataclasses.replace(check, target="world:0.0.0.0"))
+            return self._probe(check)
+        spec = self._probe(dataclasses.replace(check, target="world:0.0.0.0"))
         try:
-            ip = (await pod_dns.resolve(spec.from_netns, name))[0]
+            ip = (await self.cluster.resolve(check.source, name))[0]
         except CliError:
             ip = spec.ip
-        return dataclasses.replace(spec, ip=ip, to_label=check.target)
+        return dataclasses.replace(spec, ip=ip, target=check.target)
 
-    def _spec(self, check: Check) -> probe.ProbeSpec:
-        if check.source.startswith("node:"):
-            source_netns = self.cfg.node_netns(int(check.source.split(":", 1)[1]))
-        else:
-            source_netns = self.cfg.pod_netns(NAMESPACE, check.source)
+    def _probe(self, check: Check) -> Probe:
         what, _, name = check.target.partition(":")
         port = check.port
         if what == "pod":
@@ -147,19 +132,34 @@ class Runner:
             ip = name
         elif what == "nodeport":
             service, _, node = name.partition("@")
-            ip = self.state.nodes[int(node) - 1]["internal_ip"]
+            ip = self.cluster.nodes[int(node) - 1].internal_ip
             port = next(p["nodePort"] for p in self.services[service]["ports"] if p["port"] == check.port)
         else:
             raise ValueError(f"unknown target {check.target!r}")
-        return probe.ProbeSpec(source_netns, ip, port, check.protocol, check.source, check.target, http=check.http)
+        return Probe(check.source, ip, port, check.protocol, http=check.http, target=check.target)
 
-    async def _policy_drop_seen(self, spec: probe.ProbeSpec, since: float) -> tuple[bool, str]:
-        """Did Hubble see this probe dropped by policy? Asks `propolis observe`, as an operator would."""
-        argv = [sys.executable, "-m", "propolis.cli.main", "observe", "--to-ip", spec.ip, "--to-port", str(spec.port),
-                "--verdict", "DROPPED", "--since", f"{max(1, int(time.monotonic() - since) + 2)}s", "-o", "json"]
+    async def _policy_drop_seen(self, probe: Probe, since: float) -> tuple[bool, str]:
+        """Did Hubble see this probe dropped by policy? Asks `propolis observe`, as an operator would, until
+        the flow shows up or HUBBLE_WAIT_S passed (a drop reaches Hubble asynchronously, through the perf
+        buffer, the node's observer and the relay)."""
+        deadline = time.monotonic() + HUBBLE_WAIT_S
+        while True:
+            reasons, err = await self._drop_reasons(probe, since)
+            if "POLICY_DENIED" in reasons:
+                return True, "dropped by policy (Hubble: POLICY_DENIED)"
+            if time.monotonic() > deadline:
+                return False, (f"no POLICY_DENIED flow to {probe.ip}:{probe.port} in Hubble within {HUBBLE_WAIT_S:.0f}"
+                               f" s (saw {sorted(reasons) or 'none'}{'; ' + err[:200] if err else ''})")
+            await asyncio.sleep(0.2)
+
+    async def _drop_reasons(self, probe: Probe, since: float) -> tuple[set[str], str]:
+        """Drop reasons of the DROPPED flows to the probe's address since ``since`` (monotonic), and stderr."""
+        argv = [sys.executable, "-m", "propolis.cli.main", "observe", "--to-ip", probe.ip, "--to-port",
+                str(probe.port), "--verdict", "DROPPED", "--since", f"{max(1, int(time.monotonic() - since) + 2)}s",
+                "-o", "json"]
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.PIPE,
-                                                    env=dict(os.environ, PROPOLIS_SANDBOX_NAME=self.state.config["name"]))
+                                                    env=dict(os.environ, **self.cluster.command_env))
         out, err = await proc.communicate()
         reasons = set()
         for line in out.decode().splitlines():
@@ -169,14 +169,12 @@ class Runner:
                 continue
             flow = doc.get("flow", doc)  # -o json prints flows; jsonpb wraps them in {"flow": …}
             reasons.add(flow.get("drop_reason_desc", ""))
-        if "POLICY_DENIED" in reasons:
-            return True, "dropped by policy (Hubble: POLICY_DENIED)"
-        return False, (f"no POLICY_DENIED flow to {spec.ip}:{spec.port} in Hubble (saw {sorted(reasons) or 'none'}"
-                       f"{'; ' + err.decode().strip()[:200] if err.strip() else ''})")
+        return reasons, err.decode().strip()
 
     def skip_reason(self, scenario: Scenario) -> str:
-        if scenario.nodes > len(self.state.nodes):
-            return f"needs {scenario.nodes} nodes, the sandbox has {len(self.state.nodes)}"
+        nodes = len(self.cluster.nodes)
+        if scenario.nodes > nodes:
+            return f"needs {scenario.nodes} nodes, the cluster has {nodes}"
         for need in scenario.needs:
             state = self.features.get(need, "")
             if not state or state.lower().startswith(("disabled", "false", "off")):
@@ -190,18 +188,25 @@ class Runner:
             return ScenarioOutcome(scenario, SKIP, reason)
         if not scenario.checks:
             return ScenarioOutcome(scenario, *verdict([]))
-        docs = documents_from(scenario.name, list(scenario.policies))
+        capturing: AbstractContextManager[UnderlayCapture | None] = nullcontext()
+        if scenario.underlay_capture:
+            underlay = self.cluster.underlay_capture()
+            if underlay is None:
+                return ScenarioOutcome(scenario, SKIP, f"needs a capture of the underlay ({self.cluster.description} "
+                                                       f"offers none)")
+            capturing = underlay
+        docs = list(scenario.policies)
         try:
             if docs:
-                await cluster.apply_documents(self.state, docs)
-                await cluster.wait(self.state, timeout=60)
-            with UnderlayCapture(self.cfg.underlay_netns) if scenario.underlay_capture else nullcontext() as capture:
-                specs = [await self._resolved_spec(c) for c in scenario.checks]
-                results = await probe.probe_all(specs, timeout=self.timeout)
+                await self.cluster.apply(docs)
+                await self.cluster.wait_enforced(timeout=ENFORCE_TIMEOUT_S)
+            with capturing as capture:
+                probes = [await self._resolved_probe(c) for c in scenario.checks]
+                results = await self.cluster.probe_all(probes, timeout=self.timeout)
         finally:
             if docs:
-                await cluster.delete_documents(self.state, docs)
-                await cluster.wait(self.state, timeout=60)
+                await self.cluster.delete(docs)
+                await self.cluster.wait_enforced(timeout=ENFORCE_TIMEOUT_S)
         outcomes = []
         for check, res in zip(scenario.checks, results):
             allowed = res.connected
@@ -212,7 +217,7 @@ class Runner:
                 ok = res.http_status == check.status
                 detail = f"HTTP {res.http_status}, expected {check.status}" if allowed else detail
             if ok and check.expect == DROPPED and check.target.startswith(("world:", "fqdn:")):
-                ok, detail = await self._policy_drop_seen(res.spec, started)
+                ok, detail = await self._policy_drop_seen(res.probe, started)
             if ok and capture is not None:
                 ok, detail = underlay_verdict(capture, res, detail)
             outcomes.append(CheckOutcome(check, ok, detail))
@@ -235,10 +240,10 @@ def run_passed(outcomes: list[ScenarioOutcome]) -> bool:
     return PASS in results and FAIL not in results
 
 
-def underlay_verdict(capture: UnderlayCapture, res: probe.ProbeResult, detail: str) -> tuple[bool, str]:
+def underlay_verdict(capture: UnderlayCapture, res: ProbeResult, detail: str) -> tuple[bool, str]:
     """A probe that connected passes only if neither it nor its answer crossed the underlay in cleartext,
     while WireGuard traffic (UDP 51871) did cross it."""
-    clear = [text for text in (probe.PROBE_PAYLOAD.strip(), (res.answered_by or "").encode()) if text]
+    clear = [text for text in (PROBE_PAYLOAD.strip(), (res.answered_by or "").encode()) if text]
     seen = [t.decode() for t in clear if capture.contains(t)]
     if seen:
         return False, f"{detail}; CLEARTEXT on the underlay: {', '.join(seen)}"
@@ -248,13 +253,14 @@ def underlay_verdict(capture: UnderlayCapture, res: probe.ProbeResult, detail: s
     return True, f"{detail}; underlay: {wireguard} frames UDP {LISTEN_PORT}, no cleartext"
 
 
-async def run_tests(state: SandboxState, selection: Selection, *, features: dict[str, str] | None = None,
-                    keep: bool = False, progress: Any = None) -> list[ScenarioOutcome]:
+async def run_tests(cluster: Cluster, selection: Selection, *, features: dict[str, str] | None = None,
+                    keep: bool = False,
+                    progress: Callable[[ScenarioOutcome], None] | None = None) -> list[ScenarioOutcome]:
     """Deploy, run every chosen scenario in order, clean up (unless ``keep``). ``progress(outcome)`` per scenario."""
     unknown = selection.unknown()
     if unknown:
         raise CliError(f"unknown test(s): {', '.join(unknown)}")
-    runner = Runner(state, features=features)
+    runner = Runner(cluster, features=features)
     outcomes: list[ScenarioOutcome] = []
     try:
         await runner.deploy()
