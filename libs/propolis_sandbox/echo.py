@@ -22,6 +22,7 @@ import asyncio
 import signal
 import socket
 import sys
+from typing import cast
 
 HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"PATCH ", b"OPTIONS ")
 
@@ -77,10 +78,11 @@ class EchoServer:
 
         class Udp(asyncio.DatagramProtocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                self.transport = transport
+                # a datagram endpoint's (asyncio's selector transport implements, not subclasses, DatagramTransport)
+                self.transport = cast(asyncio.DatagramTransport, transport)
 
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-                self.transport.sendto(pod + b" " + data, addr)  # type: ignore[attr-defined]
+                self.transport.sendto(pod + b" " + data, addr)
 
         for address, port in ((a, p) for a in self.addresses for p in self.udp_ports):
             transport, _ = await loop.create_datagram_endpoint(Udp, local_addr=(address, port))
