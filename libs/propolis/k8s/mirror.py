@@ -43,7 +43,7 @@ from propolis.bus.snapshot import kv_snapshot
 from propolis.bus.watermark import new_epoch
 from propolis.errors import TemporaryError, ValidationError
 from propolis.k8s.kinds import KINDS, POLICY_KINDS, Kind
-from propolis.model.types import ResourceVersion
+from propolis.model.types import ResourceVersion, Revision
 from propolis.reconcile import Reconciler, wait_event
 
 log = logging.getLogger("propolis.k8s.mirror")
@@ -100,7 +100,7 @@ class K8sBucketTarget:
         self.may_write = may_write  # "" or why not
         self.on_damage = on_damage
         self.known: dict[str, K8sObject] = {}
-        self.revisions: dict[str, int] = {}  # key -> KV revision of `known[key]`
+        self.revisions: dict[str, Revision] = {}  # key -> KV revision of `known[key]`
         #: A new epoch started and its watermark is not written yet: every key is written again, whatever
         #: the bucket seems to hold. Consumers take a purged key the owner did not rewrite under a new epoch
         #: as gone, and a snapshot (a takeover's load, a refresh round) may predate a purge still running.
@@ -127,7 +127,7 @@ class K8sBucketTarget:
         async with self.lock:
             entry = await self.kv.get(key)  # the snapshot may predate a write: the key itself decides
             if entry is not None and entry.value == desired:
-                self.known[key], self.revisions[key] = desired, entry.revision
+                self.known[key], self.revisions[key] = desired, Revision(entry.revision)
                 return
             self.on_damage(f"{key} {'missing' if entry is None else 'changed'}")
             await self._write(key, desired)
@@ -164,7 +164,7 @@ class K8sBucketTarget:
             self.known.pop(key, None)
             self.revisions.pop(key, None)
         else:
-            self.revisions[key] = await self.kv.put(key, rec)
+            self.revisions[key] = Revision(await self.kv.put(key, rec))
             self.known[key] = rec
         self.writes += 1
         self.wrote.set()
@@ -189,7 +189,7 @@ class KvMirror:
         self.epoch_announced = False  # a watermark of `epoch` was written: damage from now on needs a new epoch
         self.verified = False  # the API serves the store the bucket mirrors (a new leader checks first)
         self.bucket_watermark: Watermark | None = None  # what the bucket said when we took over
-        self.watermark_revision = 0  # KV revision of the watermark we last wrote or found (0 = none)
+        self.watermark_revision = Revision(0)  # KV revision of the watermark we last wrote or found (0 = none)
         self.writes_at_watermark = -1
         self.store_reset = ""  # why the bucket is held: the API serves another store
         self.store_reset_since = 0.0
@@ -226,10 +226,10 @@ class KvMirror:
         items = await self.kv.items()
         objects = {k: e for k, e in items.items() if isinstance(e.value, K8sObject)}
         self.target.known = {k: e.value for k, e in objects.items()}
-        self.target.revisions = {k: e.revision for k, e in objects.items()}
+        self.target.revisions = {k: Revision(e.revision) for k, e in objects.items()}
         mark = items.get(subjects.WATERMARK_KEY)
         self.bucket_watermark = mark.value if mark is not None and isinstance(mark.value, Watermark) else None
-        self.watermark_revision = mark.revision if mark is not None else 0
+        self.watermark_revision = Revision(mark.revision if mark is not None else 0)
         self.watermark_written = 0
         self.writes_at_watermark = -1
 
@@ -396,7 +396,7 @@ class KvMirror:
         """The watermark is the cheap canary: gone or overwritten means the bucket was damaged (purged).
         Then a refresh round now (every key against the bucket, prune). True if it found damage."""
         mark = await self.kv.get(subjects.WATERMARK_KEY)
-        revision = mark.revision if mark is not None else 0
+        revision = Revision(mark.revision if mark is not None else 0)
         if revision == self.watermark_revision:
             return False
         self._bucket_damaged(f"watermark {'gone' if mark is None else 'overwritten'}")
@@ -457,10 +457,10 @@ class KvMirror:
             mark = Watermark(rv, time.time(), epoch)
             try:
                 if self.watermark_revision:
-                    self.watermark_revision = await self.kv.update(subjects.WATERMARK_KEY, mark,
-                                                                   self.watermark_revision)
+                    self.watermark_revision = Revision(await self.kv.update(subjects.WATERMARK_KEY, mark,
+                                                                            self.watermark_revision))
                 else:
-                    self.watermark_revision = await self.kv.create(subjects.WATERMARK_KEY, mark)
+                    self.watermark_revision = Revision(await self.kv.create(subjects.WATERMARK_KEY, mark))
             except Conflict as exc:
                 log.error("watermark not written: %s; checking the whole bucket", exc)
                 self._next_probe = 0.0
