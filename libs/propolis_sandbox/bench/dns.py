@@ -32,7 +32,8 @@ NAMES = ("s3.amazonaws.com", "api.stripe.com", "example.org", "rotating.example.
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 async def _serve_proxy(port: int, upstream_port: int) -> None:
@@ -122,7 +123,9 @@ async def _query_loop(port: int, *, count: int, rate: float, concurrency: int) -
     elapsed = time.perf_counter() - started
     transport.close()
     latencies.sort()
-    pct = lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 3) if latencies else None
+
+    def pct(q: float) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 3) if latencies else None
     return {"queries": count, "lost": lost, "qps": round(len(latencies) / elapsed), "p50_ms": pct(0.5),
             "p99_ms": pct(0.99), "mean_ms": round(statistics.fmean(latencies) * 1000, 3) if latencies else None}
 

@@ -49,6 +49,7 @@ async def measure_host_packet_cost(repeat: int = 100_000, rounds: int = 5) -> li
                 dp.set_policy(HOST_ENDPOINT_ID, _SEED_ROWS)
                 dp.set_enforcement(HOST_ENDPOINT_ID, ingress=True, egress=False)
             sport = 40000 + len(rows)
+            assert dp.programs is not None
             bpf.prog_test_run(dp.programs.from_netdev_fd, pk.tcp(_OTHER_NODE, sport, _NODE, 10250))  # tracked
             established = run(pk.tcp(_OTHER_NODE, sport, _NODE, 10250, pk.TCP_ACK))
             row: dict[str, Any] = {"way": way, "repeat": repeat, "rounds": rounds,

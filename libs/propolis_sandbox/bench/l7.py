@@ -26,7 +26,7 @@ from typing import Any
 from propolis.l7 import http
 from propolis_sandbox import cluster, grpc_echo
 from propolis_sandbox.bench.common import percentile, rss_mb, versions
-from propolis_sandbox.config import SandboxState, load_state
+from propolis_sandbox.config import SandboxState
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.netns import socket_in
 from propolis_sandbox.resources import documents_from
@@ -41,16 +41,17 @@ Call = Callable[[], Awaitable[bool]]  # one request on a connection: True = answ
 
 
 def _manifest(n1: str, n2: str) -> list[dict[str, Any]]:
-    pod = lambda name, node, ports: {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": name}},
-        "spec": {"nodeName": node, "containers": [{"name": name, "image": "echo", "ports": ports}]}}
+    def pod(name: str, node: str, ports: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": name}},
+                "spec": {"nodeName": node, "containers": [{"name": name, "image": "echo", "ports": ports}]}}
     return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
             pod("client", n1, []), pod("server", n2, [{"name": "grpc", "containerPort": GRPC_PORT}])]
 
 
 def _policy(l7: bool) -> dict[str, Any]:
     """Client -> server on both ports; with `l7`, rules that allow exactly the benchmark's requests."""
-    to_ports = [{"ports": [{"port": str(HTTP_PORT), "protocol": "TCP"}]},
+    to_ports: list[dict[str, Any]] = [{"ports": [{"port": str(HTTP_PORT), "protocol": "TCP"}]},
                 {"ports": [{"port": str(GRPC_PORT), "protocol": "TCP"}]}]
     if l7:
         to_ports[0]["rules"] = {"http": [{"method": "GET", "path": HTTP_PATH}]}
@@ -195,7 +196,7 @@ async def _bench(state: SandboxState, opt: dict[str, Any]) -> dict[str, Any]:
     await cluster.wait_running(state, 2, namespace=NAMESPACE)
     server_ip = str((await cluster.get(state, "pods", f"{NAMESPACE}/server"))["status"]["podIP"])
     client_netns, server_netns = cfg.pod_netns(NAMESPACE, "client"), cfg.pod_netns(NAMESPACE, "server")
-    proxy_pid = next(s["pid"] for s in load_state(state.config["name"]).services
+    proxy_pid = next(s["pid"] for s in cluster.require_state(state.config["name"]).services
                      if s["name"] == "l7-proxy" and s["node"] == n2)
     server = await _http_server(server_netns)
     results: dict[str, Any] = {"proxy_idle_rss_mb": round(rss_mb(proxy_pid), 1)}

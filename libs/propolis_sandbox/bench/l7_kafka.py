@@ -21,7 +21,7 @@ from typing import Any
 from propolis_sandbox import cluster
 from propolis_sandbox.bench.common import rss_mb, versions
 from propolis_sandbox.bench.l7 import Call, _connect, _paced, _throughput
-from propolis_sandbox.config import SandboxState, load_state
+from propolis_sandbox.config import SandboxState
 from propolis_sandbox.fixture import running_sandbox
 from propolis_sandbox.resources import documents_from
 
@@ -32,9 +32,10 @@ PRODUCE_VERSION = 7  # what aiokafka negotiates with a Kafka 4 broker
 
 
 def _manifest(n1: str, n2: str) -> list[dict[str, Any]]:
-    pod = lambda name, node, image, ports: {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": name}},
-        "spec": {"nodeName": node, "containers": [{"name": name, "image": image, "ports": ports}]}}
+    def pod(name: str, node: str, image: str, ports: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": name}},
+                "spec": {"nodeName": node, "containers": [{"name": name, "image": image, "ports": ports}]}}
     return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
             pod("client", n1, "echo", []),
             pod("broker", n2, "apache/kafka", [{"name": "kafka", "containerPort": PORT}])]
@@ -99,7 +100,7 @@ async def _bench(state: SandboxState, opt: dict[str, Any]) -> dict[str, Any]:
     await cluster.wait_running(state, 2, namespace=NAMESPACE)
     broker_ip = str((await cluster.get(state, "pods", f"{NAMESPACE}/broker"))["status"]["podIP"])
     client_netns = cfg.pod_netns(NAMESPACE, "client")
-    proxy_pid = next(s["pid"] for s in load_state(state.config["name"]).services
+    proxy_pid = next(s["pid"] for s in cluster.require_state(state.config["name"]).services
                      if s["name"] == "l7-proxy" and s["node"] == n2)
     results: dict[str, Any] = {"proxy_idle_rss_mb": round(rss_mb(proxy_pid), 1)}
     for mode, l7 in (("direct", False), ("proxy", True)):

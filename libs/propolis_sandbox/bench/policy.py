@@ -272,6 +272,7 @@ async def part_apply(sb: SandboxBench, opt: Options) -> tuple[list[dict[str, Any
     flips: list[float] = []
     waits: list[float] = []
     missed = 0
+    policy_map: bpf.BpfMap[PolicyKey, PolicyValue]
     with bpf.BpfMap.open_pinned(f"{nodes[echo_node]['pin_dir']}/{inner_pin_name(echo.endpoint_id)}",
                                 PolicyKey, PolicyValue) as policy_map:
         for i in range(opt.updates):
