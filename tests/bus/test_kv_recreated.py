@@ -40,7 +40,7 @@ async def test_watch_follows_a_recreated_bucket(bus, monkeypatch):
             while not any(e.type is EventType.PUT and e.key == "pods.ns.a" for e in events):
                 await asyncio.sleep(0.05)
 
-        await asyncio.wait_for(refill_seen(), 5)
+        await asyncio.wait_for(refill_seen(), 5 + kv_mod.WATCH_RESYNC_JITTER_S)  # a re-sync starts after its jitter
         # the old watermark is gone from the new bucket: the consumer is told so
         assert any(e.type is EventType.DELETE and e.key == subjects.WATERMARK_KEY for e in events)
     finally:
