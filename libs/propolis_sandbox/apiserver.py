@@ -130,8 +130,7 @@ class ApiServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.requested_port)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1]
+        self.port = int(self._runner.addresses[0][1])  # the port the kernel picked for port 0
         self._tasks.append(asyncio.create_task(self.endpointslices.run(), name="endpointslice-controller"))
         self._write_files()
         log.info("sandbox API server listening on %s (kubeconfig %s)", self.url, self.kubeconfig_path)
