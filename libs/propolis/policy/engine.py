@@ -354,7 +354,7 @@ class PolicyEngine:
         self._identity_moved(number, changed)
 
     def update(self, *, policies: Iterable[Any] | Mapping[str, Any] | None = None,
-               identities: Mapping[int, Iterable[str] | LabelSet] | None = None,
+               identities: Mapping[NumericIdentity, Iterable[str] | LabelSet] | None = None,
                namespaces: Mapping[str, Mapping[str, str]] | None = None,
                named_ports: Mapping[int, Mapping[str, Any]] | None = None,
                endpoint_ips: Mapping[int, Iterable[str]] | None = None,

@@ -33,6 +33,7 @@ from propolis.clustermesh import imported
 from propolis.k8s.kinds import POLICY_KINDS
 from propolis.lb import hostport
 from propolis.lb.desired import SERVICE_NAME_LABEL
+from propolis.model.types import NumericIdentity
 
 log = logging.getLogger("propolis.writer.inputs")
 _Key = TypeVar("_Key", str, tuple[str, str])
@@ -57,7 +58,7 @@ class ClusterInputs:
     endpointslices: dict[tuple[str, str], K8sObject] = field(default_factory=dict)
     policies: dict[str, K8sObject] = field(default_factory=dict)  # KV key -> policy object
     cidr_groups: dict[str, K8sObject] = field(default_factory=dict)  # CiliumCIDRGroup name -> object
-    identities: dict[int, list[str]] = field(default_factory=dict)
+    identities: dict[NumericIdentity, list[str]] = field(default_factory=dict)
     endpoints: dict[tuple[str, str], EndpointRecord] = field(default_factory=dict)
     #: Cluster Mesh: global Services as remote clusters share them, (namespace, name) -> cluster -> record
     remote_services: dict[tuple[str, str], dict[str, ClusterService]] = field(default_factory=dict)
@@ -210,9 +211,9 @@ class ClusterInputs:
                               f"got {type(ev.value).__name__}")
         if number is not None:
             if ev.type is EventType.PUT and isinstance(ev.value, IdentityRecord):
-                self.identities[number] = list(ev.value.labels)
+                self.identities[NumericIdentity(number)] = list(ev.value.labels)
             else:
-                self.identities.pop(number, None)
+                self.identities.pop(NumericIdentity(number), None)
             self._bump(policy=True)
         elif endpoint is not None:
             if ev.type is EventType.PUT and isinstance(ev.value, EndpointRecord):
@@ -251,9 +252,9 @@ class ClusterInputs:
         value = ev.value if ev.type is EventType.PUT else None
         if kind == "identities" and rest.isdigit():
             if isinstance(value, IdentityRecord):
-                self.identities[int(rest)] = list(value.labels)
+                self.identities[NumericIdentity(int(rest))] = list(value.labels)
             else:
-                self.identities.pop(int(rest), None)
+                self.identities.pop(NumericIdentity(int(rest)), None)
             self._bump(policy=True)
         elif kind == "nodes":
             if isinstance(value, ClusterNode):

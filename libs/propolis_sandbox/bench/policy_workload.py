@@ -14,18 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from propolis.model.identity import pod_security_labels
+from propolis.model.types import NumericIdentity
 from propolis.policy.engine import CompileResult, PolicyEngine
 from propolis_sandbox.bench.common import percentile
 
 
 def synthetic_cluster(*, policies: int = 1000, identities: int = 1000, namespaces: int = 20, apps: int = 200,
-                      seed: int = 1) -> tuple[list[dict[str, Any]], dict[int, list[str]], dict[int, dict[str, Any]]]:
+                      seed: int = 1) -> tuple[list[dict[str, Any]], dict[NumericIdentity, list[str]],
+                                              dict[int, dict[str, Any]]]:
     """(policy documents, identity table, named ports) shaped like a busy cluster."""
     rng = random.Random(seed)
-    table = {256 + i: pod_security_labels(pod_labels={"app": f"app{i % apps}", "tier": f"t{i % 7}"},
+    table = {NumericIdentity(256 + i): pod_security_labels(pod_labels={"app": f"app{i % apps}", "tier": f"t{i % 7}"},
                                           namespace=f"ns{i % namespaces}", cluster="default").strings()
              for i in range(identities)}
-    named = {n: {"http": ["TCP", 8080], "metrics": ["TCP", 9090]} for n in table}
+    named: dict[int, dict[str, Any]] = {n: {"http": ["TCP", 8080], "metrics": ["TCP", 9090]} for n in table}
     docs = []
     for i in range(policies):
         peer_app = f"app{rng.randrange(apps)}"
@@ -85,7 +87,7 @@ def compile_workload(*, policies: int = 1000, identities: int = 1000, local_endp
         change_seconds.append(time.perf_counter() - started)
 
     grown = dict(table)
-    grown[max(table) + 1] = pod_security_labels(pod_labels={"app": "app3", "tier": "t1"}, namespace="ns3",
+    grown[NumericIdentity(max(table) + 1)] = pod_security_labels(pod_labels={"app": "app3", "tier": "t1"}, namespace="ns3",
                                                 cluster="default").strings()
     started = time.perf_counter()
     engine.update(identities=grown)
