@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -111,7 +113,13 @@ async def test_node_processes_reach_services_through_socket_lb(sandbox):
         # the same namespace from the test machine's root cgroup: nothing translates it (no route to a ClusterIP)
         assert cgroups.current_cgroup() != cgroups.node_cgroup(cfg.name, n1["name"])
         seen = await answered(node_ns, cluster_ip, 80, 3)
-        assert not set(seen) & WEB, seen
+        assert seen == {"Network is unreachable": 3}, seen  # as every node without socket LB
+
+        # `propolis status` names it
+        status = subprocess.run([sys.executable, "-m", "propolis.cli.main", "status", "--name", cfg.name],
+                                capture_output=True, text=True, timeout=60, check=False)
+        line = next((x for x in status.stdout.splitlines() if x.startswith("Socket LB")), "")
+        assert ENABLED_STATE in line, status.stdout
 
         # a pod (its own namespace, its workload in the node's cgroup): the per-packet path serves it as before
         seen = await answered(cfg.pod_netns(NS, "client"), cluster_ip, 80, 15, cgroup=node_cg)
