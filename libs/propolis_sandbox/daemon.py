@@ -234,6 +234,7 @@ class Supervisor:
                 log.warning("%s has no slice in bus/subjects.py: its NATS user may read but write nothing", svc.name)
         self.state.nats_credentials = str(cfg.nats_credentials)
         self.nats = NatsServers(cfg.nats_dir, replicas=cfg.nats_replicas, cluster_name=f"propolis-{cfg.name}",
+                                log_dir=cfg.log_dir,
                                 config_text=permissions.server_config(self.nats_users, admin=admin))
         self.state.nats_url = await self.nats.start()
         self._record_nats()

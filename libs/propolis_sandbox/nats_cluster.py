@@ -4,8 +4,9 @@ Why a cluster in the sandbox: the chart runs 3 servers with every KV bucket
 replicated 3 times, and what a service sees when one of them dies (its
 connection fails over, a watch's consumer moves, a put waits for a new stream
 leader) only shows with real routes and real Raft. Each server listens on its
-own loopback client and route port, keeps its own JetStream store and log
-under `<run dir>/nats/nats-<n>/`, and a restart (`EmbeddedNats.restart_sync`)
+own loopback client and route port, keeps its own JetStream store under
+`<run dir>/nats/nats-<n>/` and its log in `<run dir>/logs/nats-server-<n>.log`
+(beside the services', so a test keeping logs keeps it), and a restart (`EmbeddedNats.restart_sync`)
 brings it back on the same ports and store, as the chart's StatefulSet does.
 """
 
@@ -68,20 +69,22 @@ class NatsServers:
     """The sandbox's nats-server processes: one (``replicas=1``, store in ``run_dir`` as before) or a
     JetStream cluster of ``replicas`` servers named ``<cluster_name>-<n>``."""
 
-    def __init__(self, run_dir: Path, *, replicas: int, config_text: str, cluster_name: str) -> None:
+    def __init__(self, run_dir: Path, *, replicas: int, config_text: str, cluster_name: str, log_dir: Path) -> None:
         if replicas not in REPLICA_COUNTS:
             raise ValueError(f"nats replicas: must be one of {REPLICA_COUNTS}, got {replicas}")
         self.replicas = replicas
         base = config_text + limits_config()
         if replicas == 1:
-            self.servers = [EmbeddedNats(run_dir, config_text=base, env=server_env())]
+            self.servers = [EmbeddedNats(run_dir, config_text=base, env=server_env(),
+                                         log_file=str(log_dir / "nats-server.log"))]
             return
         route_ports = free_loopback_ports(replicas)
         route_user, route_password = "route", secrets.token_hex(16)
-        self.servers = [
-            EmbeddedNats(run_dir / f"nats-{n}", env=server_env(), config_text=base + cluster_config(
-                cluster_name, f"{cluster_name}-{n}", port, route_ports, route_user, route_password))
-            for n, port in enumerate(route_ports, start=1)]
+        self.servers = []
+        for n, port in enumerate(route_ports, start=1):
+            routes = cluster_config(cluster_name, f"{cluster_name}-{n}", port, route_ports, route_user, route_password)
+            self.servers.append(EmbeddedNats(run_dir / f"nats-{n}", config_text=base + routes, env=server_env(),
+                                             log_file=str(log_dir / f"nats-server-{n}.log")))
 
     @property
     def url(self) -> str:
