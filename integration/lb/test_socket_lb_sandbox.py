@@ -1,8 +1,9 @@
 """Socket LB (issue 19, Cilium's socketLB with hostNamespaceOnly) through the whole suite: each node's
 datapath-writer attaches bpf_sock.c to the node's own cgroup; a process of the node (its cgroup and its
 network namespace) reaches ClusterIP and NodePort Services with real connections, spread over the
-backends; a UDP reply comes from the Service's address; a process in the same namespace but outside the
-node's cgroup (the test machine's root cgroup) is not translated; pods keep the per-packet path.
+backends; a UDP reply comes from the Service's address; its own hostPort answers; a process in the same
+namespace but outside the node's cgroup (the test machine's root cgroup) is not translated; pods keep the
+per-packet path.
 
 Never from the machine's root namespace: a ClusterIP there would be routed out of the machine."""
 
@@ -26,6 +27,7 @@ from propolis_sandbox.resources import KINDS, documents_from
 pytestmark = pytest.mark.root
 NS = "socklb-test"
 WEB = {f"{NS}/web-1", f"{NS}/web-2", f"{NS}/web-3"}
+HOST_PORT = 18081
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +39,15 @@ def sandbox():
 def manifests(state) -> list[dict]:
     n1, n2 = state.nodes[0]["name"], state.nodes[1]["name"]
 
-    def pod(name: str, node: str, labels: dict[str, str]) -> dict:
+    def pod(name: str, node: str, labels: dict[str, str], host_port: int = 0) -> dict:
+        http = {"name": "http", "containerPort": 8080, "protocol": "TCP", **({"hostPort": host_port} if host_port else {})}
         return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": labels},
                 "spec": {"nodeName": node, "containers": [{"name": "c", "image": "echo", "ports": [
-                    {"name": "http", "containerPort": 8080, "protocol": "TCP"},
-                    {"name": "dns", "containerPort": 5353, "protocol": "UDP"}]}]}}
+                    http, {"name": "dns", "containerPort": 5353, "protocol": "UDP"}]}]}}
 
     return [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
             pod("client", n1, {"role": "client"}),
-            pod("web-1", n1, {"app": "web"}), pod("web-2", n2, {"app": "web"}), pod("web-3", n2, {"app": "web"}),
+            pod("web-1", n1, {"app": "web"}, HOST_PORT), pod("web-2", n2, {"app": "web"}), pod("web-3", n2, {"app": "web"}),
             {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": NS},
              "spec": {"type": "NodePort", "selector": {"app": "web"},
                       "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
@@ -109,6 +111,10 @@ async def test_node_processes_reach_services_through_socket_lb(sandbox):
         # NodePort on the node's own address, from the node itself
         seen = await answered(node_ns, n1["internal_ip"], node_port, 12, cgroup=node_cg)
         assert set(seen) <= WEB and sum(seen.values()) == 12, seen
+
+        # the node's own hostPort (Cilium: a HostPort frontend on a local address is translated at connect)
+        seen = await answered(node_ns, n1["internal_ip"], HOST_PORT, 3, cgroup=node_cg)
+        assert seen == {f"{NS}/web-1": 3}, seen
 
         # the same namespace from the test machine's root cgroup: nothing translates it (no route to a ClusterIP)
         assert cgroups.current_cgroup() != cgroups.node_cgroup(cfg.name, n1["name"])
