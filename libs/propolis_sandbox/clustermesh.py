@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import os
 import subprocess
+from collections.abc import Callable
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -56,9 +57,10 @@ def check_pair(local: SandboxState, remote: SandboxState) -> tuple[SandboxConfig
     return a, b
 
 
-def _ignore(code: int, fn: object, *args: object, **kw: object) -> None:
+def _ignore(code: int, fn: Callable[..., object], *args: object, **kw: object) -> None:
+    """Call `fn`, treating netlink error `code` (already gone, no such device) as done."""
     try:
-        fn(*args, **kw)  # type: ignore[operator]
+        fn(*args, **kw)
     except NetlinkError as exc:
         if exc.code != code:
             raise

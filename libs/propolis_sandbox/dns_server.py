@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import dns.exception
 import dns.flags
@@ -61,7 +62,8 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # asyncio's selector datagram transport has DatagramTransport's methods without subclassing it
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         asyncio.ensure_future(self._reply(data, addr))

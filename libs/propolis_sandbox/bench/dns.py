@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import dns.message
 
@@ -53,16 +53,19 @@ async def _serve_proxy(port: int, upstream_port: int) -> None:
     proxy = DnsProxy(lambda where: every, exchange, learn, lambda: every)
 
     class Listener(asyncio.DatagramProtocol):
+        transport: asyncio.DatagramTransport | None = None
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
+            # asyncio's selector datagram transport has DatagramTransport's methods without subclassing it
+            self.transport = cast(asyncio.DatagramTransport, transport)
 
         def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
             asyncio.ensure_future(self.reply(data, addr))
 
         async def reply(self, data: bytes, addr: tuple[str, int]) -> None:
             out = await proxy.handle(data, Redirected(addr[0], "127.0.0.1", upstream_port))
-            if out is not None:
-                self.transport.sendto(out, addr)  # type: ignore[attr-defined]
+            if out is not None and self.transport is not None:
+                self.transport.sendto(out, addr)
 
     await loop.create_datagram_endpoint(Listener, local_addr=("127.0.0.1", port))
     print("ready", flush=True)
