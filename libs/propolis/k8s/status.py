@@ -78,12 +78,6 @@ def _essence(conditions: Any) -> list[tuple[Any, ...]]:
             for c in conditions or [] if isinstance(c, dict)]
 
 
-def _path(kind: Kind, namespace: str, name: str) -> str:
-    group, version = kind.group_version
-    ns = f"/namespaces/{namespace}" if kind.namespaced else ""
-    return f"/apis/{group}/{version}{ns}/{kind.plural}/{name}"
-
-
 async def patch_policy_status(api: ApiClient, kind: Kind, obj: dict[str, Any], error: ValidationError | None,
                               failures: Failures | None = None) -> None:
     """Merge-patch ``status.conditions`` (CRDs only; NetworkPolicy has none) when they changed."""
@@ -93,7 +87,7 @@ async def patch_policy_status(api: ApiClient, kind: Kind, obj: dict[str, Any], e
     if _essence(conditions) == _essence((obj.get("status") or {}).get("conditions")):
         return
     meta = obj.get("metadata") or {}
-    path = _path(kind, meta.get("namespace", ""), meta["name"]) + "/status"
+    path = kind.path(meta.get("namespace", ""), meta["name"]) + "/status"
     body = {"status": {"conditions": conditions}}
     resp = await api.call_api(path, "PATCH", header_params={"Content-Type": "application/merge-patch+json"},
                               body=orjson.loads(orjson.dumps(body)), auth_settings=["BearerToken"],
@@ -156,7 +150,7 @@ class PolicyFailureReporter:
                 continue  # a NetworkPolicy has no status: `propolis status` names its failures
             namespace, _, name = rest.rpartition("/") if kind.namespaced else ("", "", rest)
             try:
-                resp = await api.call_api(_path(kind, namespace, name), "GET", auth_settings=["BearerToken"],
+                resp = await api.call_api(kind.path(namespace, name), "GET", auth_settings=["BearerToken"],
                                           _preload_content=False, _return_http_data_only=True, _request_timeout=10)
             except Exception as exc:
                 if getattr(exc, "status", None) == 404:
