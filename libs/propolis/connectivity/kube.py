@@ -6,7 +6,12 @@ Probes run as `kubectl exec` does (the `pods/exec` websocket, `v4.channel.k8s.io
 with the command and runs in the client pod's network namespace; probes from a node run in a
 `host-netns-<n>` pod (hostNetwork, created on first use, like Cilium's `host-netns` DaemonSet). Waits
 read the suite's heartbeats on the bus, as the sandbox's do: every progress-reporting service has caught
-up with the API's latest resourceVersion.
+up with the API's latest resourceVersion. No underlay capture: the `encryption` scenario is skipped.
+
+Tested against the sandbox's API server (it serves pods/exec in the pod's network namespace):
+`integration/sandbox_api/test_apiserver_exec.py` (manifests accepted, exec, probe and echo programs) and
+`integration/connectivity/test_connectivity.py` (scenarios end to end with `--kubeconfig`). On a real
+cluster the pods pull PYTHON_IMAGE, and `host-netns-<n>` needs hostNetwork allowed in the test namespace.
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ from propolis.errors import CliError
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 NO_CHECKS = "no checks ran: a scenario that checks nothing cannot pass"
 ENFORCE_TIMEOUT_S = 60.0
-HUBBLE_WAIT_S = 5.0  # how long a policy drop may take to show up in `propolis observe`
+#: how long a policy drop may take to show up in `propolis observe` (a loaded machine delays the observers'
+#: reading of the events ring by seconds; a drop that shows up ends the wait at once)
+HUBBLE_WAIT_S = 15.0
 #: the workload's pods: name -> extra labels (`kind` and `name` come from the name)
 WORKLOAD_PODS = {"client": {}, "client2": {"other": "client"}, "echo-same-node": {}, "echo-other-node": {}}
 
