@@ -19,7 +19,7 @@ from propolis.cli.common import add_sandbox_flag, connect_bus, print_json, resol
 from propolis.errors import CliError, TemporaryError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bus = sub.add_parser("bus", help="tail NATS subjects and read KV buckets as JSON")
     verbs = bus.add_subparsers(dest="bus_command", metavar="VERB", required=True)
 
@@ -96,7 +96,7 @@ async def kv_cmd(args: argparse.Namespace) -> int:
         keys = args.key or ">"
 
         def show(key: str, op: EventType, revision: int, value: object) -> None:
-            shown = None if value is None else {"_schema": type(value).SCHEMA, **codec.as_dict(value)}
+            shown = None if value is None else {"_schema": getattr(type(value), "SCHEMA", "?"), **codec.as_dict(value)}
             print_json({"key": key, "op": op.value, "revision": revision, "value": shown})
             sys.stdout.flush()
 

@@ -23,7 +23,7 @@ from propolis.bus.messages import Heartbeat
 from propolis.cli.common import DEV_RUN_NAME, RUN_ROOT
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dev = sub.add_parser("dev", help="run NATS and every service locally (no sandbox)")
     verbs = dev.add_subparsers(dest="dev_command", metavar="VERB", required=True)
     up = verbs.add_parser("up", help="start embedded NATS and all services; print heartbeats until Ctrl-C")

@@ -24,7 +24,7 @@ KEYMGR = "wireguard-keymgr"
 WRITER = "datapath-writer"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     enc = sub.add_parser("encrypt", help="transparent encryption (WireGuard): status and key rotation")
     verbs = enc.add_subparsers(dest="encrypt_command", metavar="VERB")
     st = verbs.add_parser("status", help="mode, keys and peers of every node (like `cilium encrypt status`)")
@@ -37,7 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     rot.add_argument("--wait", type=float, default=10.0, metavar="S",
                      help="wait up to S seconds until every other node has the new key as peer (0 = do not wait)")
     rot.set_defaults(func=rotate_cmd)
-    enc.set_defaults(func=lambda args: (enc.print_help(), 0)[1])
+
+    def usage(_args: argparse.Namespace) -> int:
+        enc.print_help()
+        return 0
+    enc.set_defaults(func=usage)
 
 
 async def node_states(bus: Any) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,7 @@ from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, 
 from propolis.errors import CliError, TemporaryError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fqdn = sub.add_parser("fqdn", help="DNS-based policy (toFQDNs): what the dns-proxies learned")
     verbs = fqdn.add_subparsers(dest="fqdn_command", metavar="VERB", required=True)
     cache = verbs.add_parser("cache", help="the FQDN cache")

@@ -16,7 +16,7 @@ from propolis.errors import CliError
 from propolis.hubble.client import BusFlowSource
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hubble = sub.add_parser("hubble", help="Hubble status and nodes (`hubble status`, `hubble list nodes`)")
     verbs = hubble.add_subparsers(dest="hubble_command", metavar="VERB", required=True)
     for name, func, text in (("status", status_cmd, "flows held, seen, nodes connected"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, TypedDict
 
 from propolis.bus import subjects
 from propolis.bus.messages import EndpointConfig, EndpointRecord, Heartbeat, IdentityRecord
@@ -20,7 +20,7 @@ from propolis.runtime.heartbeats import is_live, read_heartbeats
 from propolis.writer import endpoint_state
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ident = sub.add_parser("identity", help="security identities")
     verbs = ident.add_subparsers(dest="identity_command", metavar="VERB", required=True)
     ls = verbs.add_parser("list", help="every identity with its labels and reference count")
@@ -66,7 +66,16 @@ async def _load(args: argparse.Namespace,
     return ids, eps
 
 
-def _row(rec: IdentityRecord, refs: Counter[int]) -> dict[str, object]:
+class IdentityRow(TypedDict):
+    """One row of `identity list/get` (also its JSON shape)."""
+
+    id: int
+    labels: list[str]
+    reserved: bool
+    references: int
+
+
+def _row(rec: IdentityRecord, refs: Counter[int]) -> IdentityRow:
     return {"id": rec.id, "labels": rec.labels, "reserved": rec.reserved, "references": refs.get(rec.id, 0)}
 
 

@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import inspect
 import sys
+from collections.abc import Awaitable
 from typing import Any
 
 from propolis.errors import CliError
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def _awaited(result: Awaitable[Any]) -> Any:
+    """A verb's awaitable as the coroutine asyncio.run wants."""
+    return await result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = func(args)
         if inspect.isawaitable(result):
-            result = asyncio.run(result)
+            result = asyncio.run(_awaited(result))
     except KeyboardInterrupt:
         return 130
     except CliError as exc:

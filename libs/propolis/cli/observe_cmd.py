@@ -30,7 +30,7 @@ DEFAULT_LAST = 20
 ALL = 1 << 30
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("observe", help="observe flows (the flags of `hubble observe`)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_filter_flags(p)

@@ -14,6 +14,7 @@ from propolis.bus import subjects
 from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json, print_table
 from propolis.cli.fqdn_cmd import learned_records
 from propolis.errors import CliError, TemporaryError
+from propolis.model.types import NumericIdentity
 from propolis.policy.engine import PolicyEngine
 from propolis.policy.entries import PROTOCOL_NAMES
 from propolis.policy.unenforced import not_enforced
@@ -21,7 +22,7 @@ from propolis.writer.desired import peer_tables
 from propolis.writer.inputs import ClusterInputs
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     policy = sub.add_parser("policy", help="the policy repository and what it compiles to")
     verbs = policy.add_subparsers(dest="policy_command", metavar="VERB", required=True)
     get = verbs.add_parser("get", help="every policy in force; with NS/POD, that pod's compiled rules")
@@ -121,7 +122,7 @@ def _pod_rules(engine: PolicyEngine, inputs: ClusterInputs, args: argparse.Names
     def peer(identity: int) -> str:
         if identity == 0:
             return "any"
-        labels = inputs.identities.get(identity) or []
+        labels = inputs.identities.get(NumericIdentity(identity)) or []
         shown = [lbl for lbl in labels if "namespace.labels" not in lbl]
         return f"{identity} ({', '.join(shown[:3])}{'…' if len(shown) > 3 else ''})"
 

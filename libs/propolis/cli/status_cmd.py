@@ -20,7 +20,7 @@ from propolis.status import StatusReport, collect
 T = TypeVar("T")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st = sub.add_parser("status", help="health of every service, NATS, Kubernetes and every feature")
     add_sandbox_flag(st)
     st.add_argument("--wait", action="store_true", help="block until healthy (see --wait-duration)")
