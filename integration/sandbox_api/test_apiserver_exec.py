@@ -22,6 +22,7 @@ from propolis.connectivity.scenarios import NAMESPACE
 from propolis.errors import CliError
 from propolis_sandbox.apiserver import ApiServer
 from propolis_sandbox.netns import create_netns, delete_netns
+from propolis_sandbox.testing.tools import required_tool
 
 pytestmark = pytest.mark.root
 
@@ -113,3 +114,16 @@ async def test_probes_and_the_echo_program_through_exec(kube: tuple[ApiServer, K
     assert await cluster.resolve("client", "localhost") == ["127.0.0.1"]
     with pytest.raises(CliError, match="does not resolve"):
         await cluster.resolve("client", "no-such-name.invalid")
+
+
+async def test_kubectl_exec(kube: tuple[ApiServer, KubeCluster]) -> None:
+    """kubectl speaks v5.channel.k8s.io: the pod's interfaces come back, and its exit code is kubectl's."""
+    srv, cluster = kube
+    await cluster.apply(workload(cluster)[:2])
+    await running(cluster, ["client"])
+    proc = await asyncio.create_subprocess_exec(
+        required_tool("kubectl"), "--kubeconfig", str(srv.kubeconfig_path), "exec", "-n", NAMESPACE, "client", "--",
+        "sh", "-c", "ip -o link | cut -d: -f2; exit 4", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode, out.decode().split()) == (4, ["lo"]), err.decode()
+    assert "command terminated with exit code 4" in err.decode()

@@ -4,9 +4,10 @@ Why: `propolis connectivity test --kubeconfig` probes a real cluster by exec int
 the same code runs against a sandbox, end to end. A sandbox pod has no container filesystem, so the
 command runs like `ip netns exec <pod netns> COMMAND…`: the host's programs (python3) in the pod's network
 namespace, with the pod's resolv.conf bind-mounted over /etc/resolv.conf (what the pod sees on the
-network is the pod's). Only the websocket protocol `v4.channel.k8s.io` is spoken: each binary frame is one
-channel byte then data (1 stdout, 2 stderr), and the end is a Status on channel 3 (`Success`, or
-`Failure` with reason NonZeroExitCode and the exit code as the cause's message). No stdin, no tty.
+network is the pod's). Only the websocket protocols `v4.channel.k8s.io` and `v5.channel.k8s.io` (kubectl's)
+are spoken, not SPDY: each binary frame is one channel byte then data (1 stdout, 2 stderr), and the end is a
+Status on channel 3 (`Success`, or `Failure` with reason NonZeroExitCode and the exit code as the cause's
+message). No stdin, no tty.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from propolis_sandbox.api_store import ApiStatusError, bad_request
 
 log = logging.getLogger("propolis_sandbox.apiserver")
 
-PROTOCOL = "v4.channel.k8s.io"
+#: v5 (kubectl >= 1.30) is v4 plus a channel 255 the client may use to close stdin: without stdin they are the same
+PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 STDOUT_CHANNEL, STDERR_CHANNEL, ERROR_CHANNEL = 1, 2, 3
 NETNS_DIR = Path("/run/netns")
 CHUNK_BYTES = 32 * 1024
@@ -54,10 +56,10 @@ async def serve_exec(request: web.Request, namespace: str, name: str, pod: dict[
         raise bad_request("stdin and tty are not supported by the sandbox API server's exec")
     if not (pod.get("status") or {}).get("podIP") or not (NETNS_DIR / netns).exists():
         raise bad_request(f"pod {namespace}/{name} is not running (no network namespace {netns})")
-    ws = web.WebSocketResponse(protocols=(PROTOCOL,))
+    ws = web.WebSocketResponse(protocols=PROTOCOLS)
     if not ws.can_prepare(request).ok:
         raise ApiStatusError(400, "BadRequest", "Upgrade request required (pods/exec speaks websocket "
-                                                f"{PROTOCOL} only)")
+                                                f"{' or '.join(PROTOCOLS)} only)")
     await ws.prepare(request)
     proc = await asyncio.create_subprocess_exec("ip", "netns", "exec", netns, *command,
                                                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
