@@ -11,7 +11,8 @@ setup:
 demo: setup
 	$(VENV)/bin/propolis demo
 
-test: setup
+# The static checks first (about a minute): a type or layering error fails fast, before the packet tests.
+test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 unit: setup
