@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,13 @@ from propolis_sandbox.config import SandboxConfig
 from propolis_sandbox.nats_cluster import NatsServers
 
 
-async def until_true(what: str, check: object, timeout: float = 30.0) -> None:
+async def until_true(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if await check():  # type: ignore[operator]
+            if await check():
                 return
-        except Exception:  # noqa: BLE001, S110 - the cluster settles (elections): ask again
+        except Exception:  # noqa: BLE001 - the cluster settles (elections): ask again
             pass
         assert time.monotonic() < deadline, f"{what} not within {timeout}s"
         await asyncio.sleep(0.2)
