@@ -26,6 +26,7 @@ import aiohttp
 
 from propolis.errors import CliError, PermanentError, TemporaryError, ValidationError
 from propolis.k8s.kinds import Kind
+from propolis.runtime.heartbeats import revision_at_least
 from propolis_sandbox import cgroups, readiness
 from propolis_sandbox import netns as netns_mod
 from propolis_sandbox.config import (
@@ -582,13 +583,6 @@ def expected_reporters(state: SandboxState) -> list[tuple[str, str]]:
     return pairs
 
 
-def rv_at_least(have: Any, want: str) -> bool:
-    have_s = str(have or "")
-    if have_s.isdigit() and want.isdigit():
-        return int(have_s) >= int(want)
-    return have_s == want and bool(want)
-
-
 async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
     """Block until every expected reporter's heartbeat says it caught up with the API's latest revision.
 
@@ -613,7 +607,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
                                for (s, n), hb in latest.items() if hb is not None}
             progress = seen["progress"] = {f"{s}/{n}": str(hb.progress.get("k8s_resource_version", "")) if hb else ""
                                            for (s, n), hb in latest.items()}
-            if all(rv_at_least(rv, target) for rv in progress.values()):
+            if all(revision_at_least(rv, target) for rv in progress.values()):
                 return {"resourceVersion": target, **progress}
             await asyncio.sleep(0.05)
 
@@ -621,7 +615,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
         return await asyncio.wait_for(caught_up(), timeout)
     except (TimeoutError, TemporaryError) as exc:
         progress, reasons = seen["progress"], seen["reasons"]
-        behind = [k for k, rv in progress.items() if not rv_at_least(rv, seen["target"])]
+        behind = [k for k, rv in progress.items() if not revision_at_least(rv, seen["target"])]
         detail = (", ".join(f"{k} at {progress[k] or 'nothing'}" + (f" ({reasons[k]})" if reasons.get(k) else "")
                             for k in behind) if progress else f"no heartbeats read ({exc or 'NATS too slow'})")
         raise CliError(f"not caught up with resourceVersion {seen['target']} within {timeout:.0f}s: {detail}") from None

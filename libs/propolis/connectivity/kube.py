@@ -47,14 +47,6 @@ POLL_S = 0.2
 BY_KIND = {k.kind: k for k in KINDS.values()}
 
 
-def revision_at_least(have: Any, want: str) -> bool:
-    """Has a reporter caught up with resourceVersion ``want``? (numeric where both are, else equal)."""
-    have_s = str(have or "")
-    if have_s.isdigit() and want.isdigit():
-        return int(have_s) >= int(want)
-    return have_s == want and bool(want)
-
-
 def manifest_path(doc: Manifest, *, item: bool) -> str:
     """The API path of a document's collection (``item=False``) or of the object itself."""
     kind = BY_KIND.get(str(doc.get("kind", "")))
@@ -223,7 +215,7 @@ class KubeCluster:
         return {svc["metadata"]["name"]: svc["spec"] for svc in items}
 
     async def wait_enforced(self, *, timeout: float) -> None:
-        from propolis.runtime.heartbeats import is_live, newest, read_heartbeats
+        from propolis.runtime.heartbeats import is_live, newest, read_heartbeats, revision_at_least
         from propolis.suite import SUITE_SERVICES
 
         target = str((await self.request("GET", "/api/v1/namespaces")).get("metadata", {}).get("resourceVersion", ""))

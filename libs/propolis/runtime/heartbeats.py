@@ -8,6 +8,7 @@ these same functions, so they never disagree about which instances are up.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from propolis.bus import subjects
 from propolis.bus.connection import Bus
@@ -33,6 +34,15 @@ async def read_heartbeats(bus: Bus, malformed: dict[str, str] | None = None) -> 
     One that does not decode is left out (and named in ``malformed``, key -> why, when given)."""
     kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
     return [e.value for e in (await kv.items(refused=malformed)).values() if isinstance(e.value, Heartbeat)]
+
+
+def revision_at_least(have: Any, want: str) -> bool:
+    """Has a reporter caught up with resourceVersion ``want`` (its progress["k8s_resource_version"] is
+    ``have``)? Numeric where both are, else equal: `sandbox wait` and `connectivity test` judge alike."""
+    have_s = str(have or "")
+    if have_s.isdigit() and want.isdigit():
+        return int(have_s) >= int(want)
+    return have_s == want and bool(want)
 
 
 def newest(heartbeats: Iterable[Heartbeat], service: str, node: str | None = None) -> Heartbeat | None:
