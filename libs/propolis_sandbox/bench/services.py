@@ -599,7 +599,8 @@ async def product_path(n: int, samples: int, concurrency: int = 16) -> dict[str,
 
 
 def run(counts: Sequence[int], connections: int = 2000, warmup: int = 200, update_samples: int = 100,
-        iptables_samples: int = 5, repeat: int = 100_000, rounds: int = 2, product_samples: int = 100) -> int:
+        iptables_samples: int = 5, repeat: int = 100_000, rounds: int = 2, product_samples: int = 100,
+        product_count: int | None = None) -> int:
     from propolis.datapath import Datapath
     from propolis.maps import lb as lbmaps
 
@@ -685,7 +686,7 @@ def run(counts: Sequence[int], connections: int = 2000, warmup: int = 200, updat
             _destroy_world(w)
         tools.remove()
     if product_samples:  # after the worlds are gone: the sandbox gets the machine to itself
-        product = asyncio.run(product_path(counts[-1], product_samples))
+        product = asyncio.run(product_path(product_count or counts[-1], product_samples))
 
     tail = "p99" if connections >= P99_MIN_SAMPLES else "max"
     columns = ["services", "probe", "ebpf_p50_us", f"ebpf_{tail}_us", "ebpf_conn_s", "ebpf_fails", "ebpf_mark",

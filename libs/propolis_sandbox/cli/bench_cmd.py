@@ -45,9 +45,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                                                           "each an add and a remove")
     services.add_argument("--product-samples", type=int, default=100,
                           help="API write -> pinned LB map adds and deletes at the largest count (0 = skip)")
+    services.add_argument("--product-count", type=int, default=0,
+                          help="existing Services for the product path (0 = the largest of --counts)")
     services.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.services").run(
         [int(c) for c in a.counts.split(",") if c.strip()], connections=a.connections, rounds=a.rounds,
-        update_samples=a.update_samples, product_samples=a.product_samples))
+        update_samples=a.update_samples, product_samples=a.product_samples, product_count=a.product_count or None))
     mesh = verbs.add_parser("clustermesh", help="Cluster Mesh: KVStoreMesh sync and propagation over real NATS, "
                                                 "import cost of many synthetic remote clusters")
     mesh.add_argument("--clusters", default="1,8,32", help="remote cluster counts, comma-separated")
