@@ -23,15 +23,16 @@ import json
 import logging
 import random
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 
 from propolis.errors import ValidationError
-from propolis_sandbox.api_resources import RESOURCES, Resource
 from propolis.k8s import validate
+from propolis_sandbox.api_resources import RESOURCES, Resource
 from propolis_sandbox.api_selectors import FieldSelector, LabelSelector
 from propolis_sandbox.api_wal import Wal
 
@@ -43,9 +44,13 @@ DEFAULT_HISTORY_LIMIT = 5000
 MAX_OBJECT_BYTES = 1536 * 1024  # etcd's default request limit (--max-request-bytes 1.5 MiB)
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
+#: the empty selectors (immutable): a list without selectors matches everything
+MATCH_ALL_LABELS = LabelSelector()
+MATCH_ALL_FIELDS = FieldSelector()
+
 
 def now_rfc3339(offset_s: float = 0.0) -> str:
-    t = datetime.now(timezone.utc) + timedelta(seconds=offset_s)
+    t = datetime.now(UTC) + timedelta(seconds=offset_s)
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -229,12 +234,12 @@ class Store:
         """Timers die with the process: re-arm pod GC for terminating pods and namespace finalization."""
         pods = next(r for r in RESOURCES if r.plural == "pods")
         namespaces = next(r for r in RESOURCES if r.plural == "namespaces")
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for pod in self.stored(pods):
             meta = pod["metadata"]
             if meta.get("deletionTimestamp"):
                 left = (datetime.strptime(meta["deletionTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
-                        .replace(tzinfo=timezone.utc) - now).total_seconds()
+                        .replace(tzinfo=UTC) - now).total_seconds()
                 self._schedule_forced_delete(pods, meta.get("namespace"), meta["name"], max(int(left), 0))
         for ns in self.stored(namespaces):
             name = ns["metadata"]["name"]
@@ -265,8 +270,9 @@ class Store:
         obj = self._bucket(resource).get(self._key(resource, namespace, name))
         return clone(obj) if obj is not None else None
 
-    def list(self, resource: Resource, namespace: str | None = None, labels: LabelSelector = LabelSelector(),
-             fields: FieldSelector = FieldSelector(), *, limit: int = 0, continue_token: str = "") -> tuple[ObjList, str, str]:
+    def list(self, resource: Resource, namespace: str | None = None, labels: LabelSelector = MATCH_ALL_LABELS,
+             fields: FieldSelector = MATCH_ALL_FIELDS, *, limit: int = 0,
+             continue_token: str = "") -> tuple[ObjList, str, str]:
         """(items, resourceVersion, continue) sorted by namespace/name, like etcd's key order."""
         start_after: tuple[str, str] | None = None
         rv = str(self.rv)

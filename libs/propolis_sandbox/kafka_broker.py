@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--advertise", required=True, help="the pod's IP, advertised to clients")
     parser.add_argument("--port", type=int, default=9092)
     args = parser.parse_args(argv)
-    broker = subprocess.Popen(  # noqa: S603 - the packaged broker binary, our arguments
+    broker = subprocess.Popen(  # the packaged broker binary, our arguments
         [broker_binary(), "broker", "--listener-url", f"tcp://0.0.0.0:{args.port}",
          "--advertised-listener-url", f"tcp://{args.advertise}:{args.port}", "--storage-engine", "memory://tansu/",
          "--cluster-id", "propolis-sandbox"],

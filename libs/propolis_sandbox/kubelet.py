@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from propolis.cni.plugin import host_ifname
 from propolis.errors import TemporaryError, ValidationError
-from propolis_sandbox import cgroups
-from propolis_sandbox import kube_api
+from propolis_sandbox import cgroups, kube_api
 from propolis_sandbox import netns as netns_mod
-from propolis_sandbox.kube_api import PODS
 from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig
+from propolis_sandbox.kube_api import PODS
 
 log = logging.getLogger("propolis_sandbox.kubelet")
 
@@ -54,7 +53,7 @@ WORKLOAD_IMAGES = {"registry.k8s.io/coredns/coredns": "kube-dns", "apache/kafka"
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def pod_key(obj: dict[str, Any]) -> tuple[str, str]:
@@ -426,7 +425,8 @@ class Kubelet:
         # them to the per-packet path (another network namespace: hostNamespaceOnly)
         argv = cgroups.in_cgroup_argv(cgroups.node_cgroup(self.cfg.name, self.node), self.workload_argv(record))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"{record.namespace}_{record.name}.log", "ab") as logf:
+        # a local append-only log file: opening it does not block the loop in any way that matters
+        with open(self.log_dir / f"{record.namespace}_{record.name}.log", "ab") as logf:  # noqa: ASYNC230
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=logf, start_new_session=True,
@@ -434,7 +434,7 @@ class Kubelet:
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), ECHO_READY_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             line = b""
         if line.strip() != b"ready":
             if proc.returncode is None:

@@ -28,9 +28,13 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from propolis.errors import PermanentError, TemporaryError
+
 # Entering namespaces is the runtime's (agents do it too); re-exported for the sandbox's callers.
-from propolis.runtime.netns import entered as entered, iproute_in as iproute_in, netns_path as netns_path
-from propolis.runtime.netns import socket_in as socket_in, write_sysctl as write_sysctl
+from propolis.runtime.netns import entered as entered
+from propolis.runtime.netns import iproute_in as iproute_in
+from propolis.runtime.netns import netns_path as netns_path
+from propolis.runtime.netns import socket_in as socket_in
+from propolis.runtime.netns import write_sysctl as write_sysctl
 from propolis_sandbox.config import NETNS_DIR, SandboxConfig
 
 UNDERLAY_BRIDGE = "br0"

@@ -54,6 +54,7 @@ def _wall(rfc: str) -> float:
 async def _subscriber(url: str) -> None:
     """Child process: count flows and gaps until SIGTERM, then print one JSON line."""
     import nats
+
     from propolis.bus import codec, subjects
     from propolis.bus.messages import FlowMessage
     nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
@@ -298,11 +299,12 @@ async def run(rates: list[int], seconds: float, nats_url: str | None = None, fol
               churn: float = 20.0) -> dict[str, Any]:
     """Each rate through a NATS subscriber; with `follow_rate`, one more run through the relay to an
     `observe --follow`-style HTTP client (end-to-end delay)."""
+    import tempfile
+
+    from propolis import suite
     from propolis.bus.connection import Bus
     from propolis.bus.embedded import EmbeddedNats
-    from propolis import suite
     from propolis.datapath.datapath import Datapath, DatapathSettings
-    import tempfile
     server = None
     if not nats_url:
         server = EmbeddedNats(tempfile.mkdtemp(prefix="bench-flows-nats-"))
@@ -320,7 +322,8 @@ async def run(rates: list[int], seconds: float, nats_url: str | None = None, fol
         await dp.load()
         packets = workload.program(dp)
         await workload.publish(bus, node)
-        hubble = subprocess.Popen([*suite.selected("hubble")[0].command({"node": node}), "--nats-url", nats_url, "--node-name", node,
+        hubble = subprocess.Popen([*suite.selected("hubble")[0].command({"node": node}), "--nats-url", nats_url,
+                                   "--node-name", node,
                                    "--bpf-pin-dir", dp.pin_dir, "--http-port", "-1", "--heartbeat-interval", "0.2",
                                    "--lost-poll-interval", "0.1", "--log-level", "warning"])
         await _hubble_counts(bus, node, 0.0)  # running and reading the ring

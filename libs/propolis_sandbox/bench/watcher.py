@@ -75,8 +75,8 @@ class Options:
 async def _start_apiserver(run_dir: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     """The sandbox API server in its own process (the sandbox starts it the same way)."""
     # once per bench run, before any timing: a plain Popen (its own session, as the sandbox starts it)
-    with open(log_path, "ab") as log:  # noqa: ASYNC230
-        proc = subprocess.Popen(  # noqa: ASYNC220
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
             [sys.executable, "-m", "propolis_sandbox.apiserver", "--run-dir", str(run_dir)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 20

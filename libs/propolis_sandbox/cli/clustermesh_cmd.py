@@ -15,8 +15,8 @@ from typing import Any
 from propolis.cli.common import add_output_flag, add_sandbox_flag, connect_bus, print_json
 from propolis.clustermesh import SERVICE
 from propolis.errors import CliError, PermanentError
-from propolis_sandbox.config import DEFAULT_NAME, load_state
 from propolis.runtime.heartbeats import is_live, read_heartbeats
+from propolis_sandbox.config import DEFAULT_NAME, load_state
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
