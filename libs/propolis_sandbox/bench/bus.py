@@ -1,4 +1,4 @@
-"""`propolis bench bus`: the codec path against raw nats-py bytes, KV latencies, idle service RSS."""
+"""`propolis bench bus`: the codec path against raw nats-py bytes, KV latencies, idle RSS of every service."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from propolis.bus.embedded import EmbeddedNats
 from propolis.bus.kv import EventType, Kv
 from propolis.bus.messages import BenchProbe, K8sObject
 from propolis_sandbox.bench.common import idle_rss, percentile, print_table, report
+from propolis_sandbox.bench.suite_rss import sandbox_idle_rss
 
 
 def _probe(seq: int) -> BenchProbe:
@@ -246,8 +247,10 @@ async def run(messages: int = 100_000, samples: int = 2000, nats_url: str | None
                          "vs_raw": "target p99 < 1 ms"})
             rows.append({"path": "KV put -> watch delivery", "p50_ms": percentile(deliveries, 50),
                          "p99_ms": percentile(deliveries, 99), "vs_raw": "target p99 < 2 ms"})
-            rss = await idle_rss({"PROPOLIS_NATS_URL": nats_url}, rss_settle)
-            print_table(rss, ["service", "idle_rss_mb", "target_mb"])
+            rss = [{**r, "scope": "cluster", "measured": "own process, the bench's NATS, no API server"}
+                   for r in await idle_rss({"PROPOLIS_NATS_URL": nats_url}, rss_settle)]
+            rss += await sandbox_idle_rss(rss_settle)  # every service, node-scoped ones on their node
+            print_table(rss, ["service", "scope", "idle_rss_mb", "target_mb", "measured"])
             report("bus", rows, ["path", "msgs_per_s", "p50_ms", "p99_ms", "vs_raw"],
                    {"messages": messages, "samples": samples, "idle_rss": rss})
         finally:
