@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from propolis.connectivity.cluster import Cluster, Manifest, Node, Probe, ProbeResult
+from propolis.connectivity.cluster import Cluster, Manifest, Node, Probe, ProbeResult, feature_states_on
 from propolis.encryption.capture import UnderlayCapture
 from propolis.errors import CliError
 from propolis_sandbox import cluster, pod_dns, probe
@@ -96,15 +96,7 @@ class SandboxCluster:
         return UnderlayCapture(self.cfg.underlay_netns)
 
     async def feature_states(self) -> dict[str, str]:
-        from propolis.status import collect
-
-        bus = self.state.admin_bus("propolis-connectivity")
-        await bus.connect(max_wait=5)
-        try:
-            report = await collect(bus, probe_kernel=False)
-        finally:
-            await bus.close()
-        return {name: str(f.get("state", "")) for name, f in report.features.items()}
+        return await feature_states_on(self.state.admin_bus("propolis-connectivity"))
 
     async def close(self) -> None:
         """Nothing is held open between calls (each opens its own API session or bus)."""

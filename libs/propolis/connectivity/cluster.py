@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
+from propolis.bus.connection import Bus
 from propolis.encryption.capture import UnderlayCapture
 from propolis.errors import CliError
 
@@ -126,6 +127,18 @@ class Cluster(Protocol):
 class ClusterFactory(Protocol):
     async def __call__(self, name: str) -> Cluster:
         ...
+
+
+async def feature_states_on(bus: Bus) -> dict[str, str]:
+    """`Cluster.feature_states` for any cluster whose suite reports on `bus` (connected here, closed after)."""
+    from propolis.status import collect  # status pulls in most of the library: only when a run asks
+
+    await bus.connect(max_wait=5)
+    try:
+        report = await collect(bus, probe_kernel=False)
+    finally:
+        await bus.close()
+    return {name: str(f.get("state", "")) for name, f in report.features.items()}
 
 
 def installed_cluster(kind: str) -> ClusterFactory:

@@ -32,7 +32,7 @@ from kubernetes_asyncio.stream import WsApiClient
 from propolis.bus.connection import Bus
 from propolis.connectivity import echo as echo_program
 from propolis.connectivity import probe as probe_program
-from propolis.connectivity.cluster import Manifest, Node, Probe, ProbeResult
+from propolis.connectivity.cluster import Manifest, Node, Probe, ProbeResult, feature_states_on
 from propolis.connectivity.scenarios import NAMESPACE
 from propolis.encryption.capture import UnderlayCapture
 from propolis.errors import CliError
@@ -336,15 +336,8 @@ class KubeCluster:
         return None  # the wires between a real cluster's nodes are not ours to capture
 
     async def feature_states(self) -> dict[str, str]:
-        from propolis.status import collect
-
-        bus = Bus(self.bus_url, name="propolis-connectivity", user=self.bus_user, password=self.bus_password)
-        await bus.connect(max_wait=5)
-        try:
-            report = await collect(bus, probe_kernel=False)
-        finally:
-            await bus.close()
-        return {name: str(f.get("state", "")) for name, f in report.features.items()}
+        return await feature_states_on(
+            Bus(self.bus_url, name="propolis-connectivity", user=self.bus_user, password=self.bus_password))
 
     async def close(self) -> None:
         await self.ws.close()
