@@ -163,7 +163,9 @@ class KvStoreMeshComponent(Component):
             status.bus = bus
             try:
                 await bus.connect(max_wait=5)
-                status.connected = True
+                # connected now: a loss the scan noted before (or "not connected yet" at start) is over, so
+                # cacheTTL counts from the next loss, not from then
+                status.connected, status.lost_since = True, 0.0
                 kv = await bus.kv(subjects.CLUSTERMESH_BUCKET)
                 await self._follow(remote, status, kv)
             except asyncio.CancelledError:
