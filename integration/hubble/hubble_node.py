@@ -82,7 +82,8 @@ async def _seed(url: str, node: Node) -> None:
 
 
 async def _urls(url: str, timeout: float = 30.0) -> tuple[str, str]:
-    """(relay URL, hubble /metrics base) from the heartbeats, once hubble reads the ring."""
+    """(relay URL, hubble /metrics base) from the heartbeats, once hubble reads the ring and has synced its
+    enricher (its watches start with jitter, so the ring can be read before the Services are known)."""
     bus = Bus(url, name="hubble-test-wait")
     await bus.connect(max_wait=5)
     try:
@@ -94,7 +95,9 @@ async def _urls(url: str, timeout: float = 30.0) -> tuple[str, str]:
                 hb = entry.value
                 if key.startswith("hubble-relay."):
                     relay = hb.progress.get("relay_url", "")
-                elif key.startswith("hubble.") and hb.components.get("observer", {}).get("state") == "ok":
+                elif key.startswith("hubble.") and all(hb.components.get(c, {}).get("state") == "ok"
+                                                       for c in ("observer", "enricher")):
+                    # the enricher synced too: a flow recorded before it knows the Service has no service name
                     hubble = hb.http
             if relay and hubble:
                 return relay, hubble
