@@ -346,7 +346,11 @@ class Kv:
         except (TimeoutError, nats.errors.Error) as exc:
             log.debug("consumer info for a watch: %s", exc)
             return 0
-        return int(getattr(info.delivered, "stream_seq", 0) or 0) if info.delivered else 0
+        if not info.delivered or not getattr(info.delivered, "consumer_seq", 0):
+            # nothing delivered to this consumer (an empty key subset): the server still reports the stream's
+            # last sequence as its position, which would never "arrive" and hold SYNCED back for the timeout
+            return 0
+        return int(getattr(info.delivered, "stream_seq", 0) or 0)
 
     @staticmethod
     async def _next(watcher: KeyValue.KeyWatcher, signals: _WatchSignals, timeout: float | None = None) -> object:
