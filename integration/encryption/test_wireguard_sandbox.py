@@ -189,7 +189,7 @@ async def test_bad_node_keys_are_refused_by_name_and_peers_follow_nodes(sandbox,
     fake = f"{cfg.name}-worker99"
     fake_node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": fake},
                  "spec": {"podCIDR": cfg.pod_cidr(99)},
-                 "status": {"addresses": [{"type": "InternalIP", "address": str(cfg.underlay_network.network_address + 99)}]}}
+                 "status": {"addresses": [{"type": "InternalIP", "address": cfg.node_ip(99)}]}}
     path = write(tmp_path, [fake_node])
     bus = admin_bus(sandbox, "wg-test-bad")
     await bus.connect(max_wait=5)
@@ -232,7 +232,8 @@ async def test_bad_node_keys_are_refused_by_name_and_peers_follow_nodes(sandbox,
 
         good = keys.public_key(keys.generate_private_key())
         await kv.put(subjects.wireguard_key(fake), WireguardNodeKey(fake, good, WG_PORT))
-        added = await devices_until(lambda d: good in d.peers and d.peers[good].allowed_ips == [cfg.pod_cidr(99)],
+        allowed = [cfg.pod_cidr(99), f"{cfg.node_ip(99)}/32"]
+        added = await devices_until(lambda d: good in d.peers and d.peers[good].allowed_ips == allowed,
                                     "peer of the added node")
         await until(lambda s: fake not in s.get("refused", {}), "refusal cleared")
         await cluster.delete(sandbox, [path])

@@ -85,13 +85,15 @@ WORLD_TLS_PORT = 443  # world hosts answer TCP 80, 443 and 8080
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("no-policies", "without policies everything connects: pod to pod on the same node and across "
-                            "nodes, TCP and UDP, pod to Service ClusterIP, NodePort from another node",
+                            "nodes, TCP and UDP, pod to Service ClusterIP, NodePort from another node and "
+                            "from a pod (Cilium's pod-to-remote-nodeport)",
              checks=(Check("client", "pod:echo-same-node"),
                      Check("client", "pod:echo-other-node"),
                      Check("client", "pod:echo-other-node", port=ECHO_UDP_PORT, protocol="UDP"),
                      Check("client2", "service:echo-same-node"),
                      Check("client", "service:echo-other-node"),
                      Check("node:1", "nodeport:echo-other-node@2"),
+                     Check("client", "nodeport:echo-other-node@2"),
                      Check("client", f"world:{WORLD_IP}", port=80)),
              nodes=2),
     Scenario("client-egress-only-dns", "a client allowed egress only to port 53 reaches no echo pod; "

@@ -2,12 +2,17 @@
 
 Inputs: the mirrored Nodes (InternalIP, podCIDRs; k8s bucket) and every node's
 published public key (`WireguardNodeKey`, wireguard bucket). Output: one peer
-per other node (endpoint = its InternalIP:port, allowed IPs = its pod CIDRs),
-one route per other node's pod CIDR through the device, and the nodes refused
-with the reason (malformed or foreign key, duplicate key, no InternalIP).
-With `encryption.nodeEncryption` each peer's allowed IPs also hold its node's
-InternalIP, and `encrypted_routes` (the policy-routed table node traffic meets
-first) sends every other node's InternalIP and pod CIDRs into the device.
+per other node (endpoint = its InternalIP:port, allowed IPs = its pod CIDRs and
+its InternalIP), one route per other node's pod CIDR through the device, and the
+nodes refused with the reason (malformed or foreign key, duplicate key, no
+InternalIP). The InternalIP is allowed unconditionally, as Cilium does since
+1.16: a NodePort reply from a backend on that node carries the node's IP as its
+source and arrives through the tunnel (it is routed by its pod destination), so
+without it WireGuard drops the reply. Allowed IPs only say what a peer may send
+and be sent; what enters the device is the routes' choice. With
+`encryption.nodeEncryption`, `encrypted_routes` (the policy-routed table node
+traffic meets first) sends every other node's InternalIP and pod CIDRs into the
+device.
 
 A refused node gets no peer, but its pod CIDR is still routed into the device:
 with no peer owning those addresses WireGuard drops the packets, so traffic to
@@ -92,7 +97,7 @@ def compute(*, own_node: str, nodes: dict[str, NodeInfo], node_keys: dict[str, A
             out.refused[name] = "node has no podCIDR: nothing to route to its peer"
             continue
         port = node_keys[name].listen_port
-        allowed = info.pod_cidrs + ((node_ip,) if node_encryption else ())
+        allowed = (*info.pod_cidrs, node_ip)
         out.peers[valid[name]] = PeerConfig(valid[name], f"{info.internal_ip}:{port}", allowed,
                                             persistent_keepalive, name)
     return out
