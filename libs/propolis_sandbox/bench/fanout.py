@@ -11,8 +11,11 @@ delivered about once. This bench measures both side by side in one run against t
   expected deliveries that arrived ("delivered"; history 1 lets a slow watcher skip revisions, which a
   level-based consumer tolerates, so fewer than 100 % is a figure, not an error), the server's CPU (cores,
   from /proc) and RSS.
-* initial sync: one consumer, then 100 at once, read a bucket of K keys from scratch (a node rebooting, a
-  cluster rebooting): seconds until every consumer holds every key, server RSS peak.
+* initial sync: C consumers at once (a node rebooting, a cluster rebooting) read what they need of a bucket of
+  K keys from scratch, both layouts side by side: seconds until every consumer holds its keys, server RSS peak,
+  server CPU seconds and deliveries (so the cost per delivery). Full layout: every consumer reads all K keys.
+  Per-node layout: the same K keys split as the steady state writes them (1 in `SHARED_SHARE` a compact shared
+  entry, the rest node-local, spread over the C nodes), and each consumer reads `node.<its>.>` and `shared.>`.
 
 Full layout: every update is a full-size value under `pods.<node>.<pod>` and every node watches `>`.
 Per-node layout: 90 % of updates are node-local (full size, `node.<node>.<pod>`), 10 % go to a compact shared
@@ -44,6 +47,12 @@ SHARED_SHARE = 10  # every 10th update of the per-node layout goes to the shared
 WORKERS = 4  # consumer processes (2 cores: more only adds scheduling)
 STAMP = struct.Struct("!d")  # the put time, first bytes of every value
 LAYOUTS = ("full", "per-node")
+#: initial-sync points that would deliver more than this are skipped, not run (whole bucket, 1,000 consumers,
+#: 50k keys: 95 GB through one server on a shared 2-core machine), and a point is stopped once the server's RSS
+#: passes `SYNC_RSS_ABORT_MB` (the machine's memory is shared): both are reported as such
+SYNC_MAX_DELIVERED_GB = 25.0
+SYNC_RSS_ABORT_MB = 8000.0
+SYNC_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -81,11 +90,31 @@ def _bucket(layout: str) -> str:
     return "FANOUT_FULL" if layout == "full" else "FANOUT_NODE"
 
 
+def _sync_contents(layout: str, keys: int, nodes: int) -> list[tuple[str, int, int | None]]:
+    """The initial-sync bucket: (key, value size, owning node or None for a key every node reads)."""
+    if layout == "full":
+        return [(f"pods.{i % nodes}.{i}", VALUE_SIZE, None) for i in range(keys)]
+    return [(f"shared.{i}", SHARED_VALUE_SIZE, None) if i % SHARED_SHARE == 0
+            else (f"node.{i % nodes}.{i}", VALUE_SIZE, i % nodes) for i in range(keys)]
+
+
+def _sync_expected(layout: str, keys: int, nodes: int) -> dict[int, int]:
+    """How many keys each node reads at initial sync (its own plus every shared one)."""
+    contents = _sync_contents(layout, keys, nodes)
+    shared = sum(1 for _, _, owner in contents if owner is None)
+    own = {n: 0 for n in range(nodes)}
+    for _, _, owner in contents:
+        if owner is not None:
+            own[owner] += 1
+    return {n: own[n] + shared for n in range(nodes)}
+
+
 # --- the consumer worker (a separate process) ------------------------------------------------------------
 
-async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int) -> None:
+async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int, cluster_nodes: int) -> None:
     """Watch for every node in `nodes`; print `ready`, then on stdin EOF/`stop` print the figures as JSON.
-    mode `steady`: only new updates (deliver new); `sync`: everything in the bucket, report when complete."""
+    mode `steady`: only new updates (deliver new); `sync`: what the node reads of a bucket of `keys` keys laid
+    out for `cluster_nodes` nodes, report when complete."""
     import nats
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -97,6 +126,7 @@ async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int)
     start = time.time()
     bucket = _bucket(layout)
     all_synced = asyncio.Event()
+    expected = _sync_expected(layout, keys, cluster_nodes) if mode == "sync" else {}
 
     def handler(node: int) -> Any:
         async def on_msg(msg: Any) -> None:
@@ -104,7 +134,7 @@ async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int)
             counts[node] += 1
             if mode == "steady":
                 latencies.append((now - STAMP.unpack_from(msg.data)[0]) * 1000)
-            elif counts[node] == keys:
+            elif counts[node] == expected[node]:
                 done_at[node] = now - start
                 if len(done_at) == len(nodes):
                     all_synced.set()
@@ -122,7 +152,7 @@ async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int)
     print("ready", flush=True)
     if mode == "sync":  # done when every node holds every key (or gives up: the missing ones count as failures)
         try:
-            await asyncio.wait_for(all_synced.wait(), 300)
+            await asyncio.wait_for(all_synced.wait(), SYNC_TIMEOUT_S)
         except TimeoutError:
             pass
     else:  # until the driver has written everything and says stop
@@ -141,7 +171,8 @@ class Workers:
         share = [list(range(w, nodes, WORKERS)) for w in range(min(WORKERS, nodes))]
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "propolis_sandbox.bench.fanout", "--worker", "--url", url, "--layout", layout,
-             "--nodes", ",".join(map(str, part)), "--mode", mode, "--keys", str(keys)],
+             "--nodes", ",".join(map(str, part)), "--mode", mode, "--keys", str(keys),
+             "--cluster-nodes", str(nodes)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for part in share]
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -252,37 +283,61 @@ async def steady(url: str, server_pid: int, layout: str, nodes: int, rate: int, 
                  sum(expected.values()), cpu, rss_mb(server_pid), sum(1 for r in results if r.get("failed")))
 
 
+async def _fill(js: Any, bucket: str, contents: list[tuple[str, int, int | None]], batch: int = 200) -> None:
+    """Put every key, `batch` acknowledged puts in flight at a time (a 50k-key bucket in seconds)."""
+    for i in range(0, len(contents), batch):
+        await asyncio.gather(*(js.publish(f"$KV.{bucket}.{key}", _value(size))
+                               for key, size, _ in contents[i:i + batch]))
+
+
 async def initial_sync(url: str, server_pid: int, layout: str, keys: int, consumers: int) -> dict[str, Any]:
-    """`consumers` nodes start at once against a bucket of `keys` keys they all need (full layout: every key;
-    per-node: the same number of keys spread over 10 nodes' prefixes + shared would be smaller, so this
-    measures the full-bucket read, the worst case a rebooting node meets)."""
+    """`consumers` nodes start at once against a bucket of `keys` keys and read what they need of it (the
+    whole bucket, or their own keys plus the shared projection): seconds until each holds its keys, the
+    server's RSS peak and CPU seconds (per delivery: what a relay or a bigger cluster would pay)."""
     import nats
+    expected = _sync_expected(layout, keys, consumers)
+    row: dict[str, Any] = {"part": "initial sync", "layout": layout, "keys": keys, "consumers": consumers,
+                           "deliveries": sum(expected.values())}
+    contents = _sync_contents(layout, keys, consumers)
+    delivered_gb = sum(size * (consumers if owner is None else 1) for _, size, owner in contents) / 1e9
+    if delivered_gb > SYNC_MAX_DELIVERED_GB:
+        return {**row, "failures": consumers,
+                "mark": f"not run: {delivered_gb:.0f} GB to deliver (> {SYNC_MAX_DELIVERED_GB:g} GB)"}
     nc = await nats.connect(url)
     js = nc.jetstream()
-    bucket = _bucket("full")
-    for i in range(keys):
-        await js.publish(f"$KV.{bucket}.pods.0.{i}", _value(VALUE_SIZE))
+    await _fill(js, _bucket(layout), contents)
     rss_before = rss_mb(server_pid)
-    workers = Workers(url, "full", consumers, "sync", keys=keys)
-    peak = rss_before
+    cpu0 = _cpu_seconds(server_pid)
+    started = time.monotonic()
+    workers = Workers(url, layout, consumers, "sync", keys=keys)
+    peak, aborted = rss_before, ""
     try:
         await asyncio.get_running_loop().run_in_executor(None, workers.wait_ready)
-        while any(proc.poll() is None for proc in workers.procs):  # each exits once its nodes hold every key
+        while any(proc.poll() is None for proc in workers.procs):  # each exits once its nodes hold their keys
             peak = max(peak, rss_mb(server_pid))
+            if peak > SYNC_RSS_ABORT_MB:
+                aborted = f"stopped after {time.monotonic() - started:.0f} s: server RSS > {SYNC_RSS_ABORT_MB:g} MB"
+                workers.kill()
+                break
             await asyncio.sleep(0.1)
-        results = await asyncio.get_running_loop().run_in_executor(None, workers.collect)
+        cpu = _cpu_seconds(server_pid) - cpu0
+        results = [] if aborted else await asyncio.get_running_loop().run_in_executor(None, workers.collect)
     finally:
         workers.kill()
         await nc.close()
     times = [t for r in results for t in r.get("sync_seconds", [])]
+    delivered = sum(r.get("delivered", 0) for r in results)
     complete = len(times)
-    return {"part": "initial sync", "keys": keys, "consumers": consumers, "complete": complete,
-            "failures": consumers - complete, "p50_s": percentile(times, 50) if times else None,
-            "last_s": max(times) if times else None, "server_rss_before_mb": round(rss_before, 1),
-            "server_rss_peak_mb": round(peak, 1)}
+    return {**row, "complete": complete, "failures": consumers - complete,
+            "p50_s": percentile(times, 50) if times else None, "last_s": max(times) if times else None,
+            "server_rss_before_mb": round(rss_before, 1), "server_rss_peak_mb": round(peak, 1),
+            "server_cpu_s": round(cpu, 2),
+            "us_per_delivery": round(1e6 * cpu / delivered, 1) if delivered else None,
+            "mark": aborted or ("" if complete == consumers else "FAILED: not every consumer synced")}
 
 
-async def run(nodes: list[int], rates: list[int], seconds: float, sync_keys: int, sync_consumers: list[int]) -> int:
+async def run(nodes: list[int], rates: list[int], seconds: float, sync_keys: list[int], sync_consumers: list[int],
+              sync_layouts: tuple[str, ...] = LAYOUTS) -> int:
     rows: list[dict[str, Any]] = []
     sync_rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="propolis-fanout-") as tmp:
@@ -304,16 +359,20 @@ async def run(nodes: list[int], rates: list[int], seconds: float, sync_keys: int
                             rows.append({"layout": layout, "nodes": n, "updates_per_s": rate, "failures": 1,
                                          "mark": f"FAILED: {type(exc).__name__}: {exc}"[:120]})
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            for consumers in sync_consumers:
-                nc = await nats.connect(url)
-                await _make_buckets(nc.jetstream())
-                await nc.close()
-                sync_rows.append(await initial_sync(url, pid, "full", sync_keys, consumers))
+            for keys in sync_keys:
+                for consumers in sync_consumers:
+                    for layout in sync_layouts:  # side by side, each on a fresh bucket
+                        nc = await nats.connect(url)
+                        await _make_buckets(nc.jetstream())
+                        await nc.close()
+                        sync_rows.append(await initial_sync(url, pid, layout, keys, consumers))
+                        print(json.dumps(sync_rows[-1]), file=sys.stderr, flush=True)
         finally:
             await server.stop()
     if sync_rows:
-        print_table(sync_rows, ["part", "keys", "consumers", "complete", "failures", "p50_s", "last_s",
-                                "server_rss_before_mb", "server_rss_peak_mb"])
+        print_table(sync_rows, ["part", "layout", "keys", "consumers", "deliveries", "complete", "p50_s", "last_s",
+                                "server_rss_before_mb", "server_rss_peak_mb", "server_cpu_s", "us_per_delivery",
+                                "mark"])
         print()
     report("fanout", rows, extra={"initial_sync": sync_rows, "value_bytes": VALUE_SIZE, "seconds": seconds})
     return 0
@@ -327,8 +386,10 @@ def main() -> None:
     parser.add_argument("--nodes", required=True)
     parser.add_argument("--mode", choices=("steady", "sync"), required=True)
     parser.add_argument("--keys", type=int, default=0)
+    parser.add_argument("--cluster-nodes", type=int, default=0)
     args = parser.parse_args()
-    asyncio.run(_worker(args.url, args.layout, [int(n) for n in args.nodes.split(",")], args.mode, args.keys))
+    asyncio.run(_worker(args.url, args.layout, [int(n) for n in args.nodes.split(",")], args.mode, args.keys,
+                        args.cluster_nodes))
 
 
 if __name__ == "__main__":

@@ -33,10 +33,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fanout.add_argument("--nodes", default="10,100,500,1000", help="simulated node counts, comma-separated")
     fanout.add_argument("--rates", default="50,500", help="updates/s, comma-separated")
     fanout.add_argument("--seconds", type=float, default=5.0, help="steady-state window per point")
-    fanout.add_argument("--sync-keys", type=int, default=10_000, help="bucket size for the initial-sync part")
+    fanout.add_argument("--sync-keys", default="10000", help="bucket sizes for the initial-sync part, comma-separated")
     fanout.add_argument("--sync-consumers", default="1,100", help="consumers syncing at once, comma-separated")
+    fanout.add_argument("--sync-layouts", default="full,per-node", help="initial-sync layouts (full, per-node)")
     fanout.set_defaults(func=lambda a: importlib.import_module("propolis_sandbox.bench.fanout").run(
-        _ints(a.nodes), _ints(a.rates), a.seconds, a.sync_keys, _ints(a.sync_consumers)))
+        _ints(a.nodes), _ints(a.rates), a.seconds, _ints(a.sync_keys), _ints(a.sync_consumers),
+        tuple(x for x in a.sync_layouts.split(",") if x)))
     services = verbs.add_parser("services", help="service LB: eBPF maps vs kube-proxy iptables, side by side")
     services.add_argument("--counts", default="10,1000,10000", help="numbers of services, comma-separated")
     services.add_argument("--connections", type=int, default=2000, help="new connections per probe point and side")
