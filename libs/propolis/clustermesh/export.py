@@ -16,7 +16,8 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from propolis.bus import subjects
-from propolis.bus.kv import EventType, Kv
+from propolis.bus.kv import EventType
+from propolis.bus.kv_target import KvTarget
 from propolis.bus.messages import ClusterConfig, ClusterNode, EndpointRecord, IdentityRecord, IpcacheEntry, K8sObject
 from propolis.lb import global_services
 from propolis.lb.desired import SERVICE_NAME_LABEL
@@ -73,25 +74,6 @@ def desired_export(*, cluster_name: str, cluster_id: int, nodes: dict[str, K8sOb
             out[subjects.export_service_key(svc.namespace, svc.name)] = global_services.cluster_service(
                 cluster_name, cluster_id, svc, slices.get((svc.namespace, svc.name), []))
     return out
-
-
-class KvTarget:
-    """A reconciler target writing one bucket (optionally only keys under ``prefix``)."""
-
-    def __init__(self, kv: Kv, prefix: str = "") -> None:
-        self.kv = kv
-        self.prefix = prefix
-
-    async def update(self, key: str, desired: Any) -> None:
-        current = await self.kv.get(key)
-        if current is None or current.value != desired:
-            await self.kv.put(key, desired)
-
-    async def delete(self, key: str) -> None:
-        await self.kv.delete(key)
-
-    async def list_actual(self) -> Iterable[str]:
-        return list(await self.kv.items(f"{self.prefix}>" if self.prefix else ">"))
 
 
 class ExportComponent(Component):

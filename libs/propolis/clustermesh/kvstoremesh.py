@@ -23,8 +23,8 @@ from typing import Any
 from propolis.bus import subjects
 from propolis.bus.connection import Bus
 from propolis.bus.kv import EventType
+from propolis.bus.kv_target import KvTarget
 from propolis.bus.messages import ClusterConfig
-from propolis.clustermesh.export import KvTarget
 from propolis.clustermesh.remotes import RemoteCluster, load_remotes
 from propolis.model import identity as idm
 from propolis.reconcile import Reconciler

@@ -8,7 +8,8 @@ Components (started in this order, stopped in reverse):
   restart never tears the tunnel down.
 * `PublisherComponent` — the public key into ``PROPOLIS_WIREGUARD_V1`` (key = node
   name; only this node's keymgr may write it) and the Node annotation
-  ``network.cilium.io/wg-pub-key``; answers ``propolis encrypt rotate-key``.
+  ``network.cilium.io/wg-pub-key``, both reconciler targets (written back when
+  changed behind its back); answers ``propolis encrypt rotate-key``.
 * `PeersComponent` — watches Nodes (k8s bucket) and keys (wireguard bucket),
   computes the desired device (`desired.compute`) and hands peers and routes to
   `Reconciler`s (with `encryption.nodeEncryption` also the WireGuard routing
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from propolis.bus import subjects
-from propolis.bus.kv import EventType
+from propolis.bus.kv import EventType, Kv
+from propolis.bus.kv_target import KvTarget
 from propolis.bus.messages import Event, K8sObject, WireguardNodeKey
 from propolis.encryption import keys
 from propolis.encryption.backend import DEVICE, WireguardBackend, select_backend
@@ -45,6 +47,7 @@ from propolis.encryption.targets import (
 from propolis.encryption.uapi import PeerConfig
 from propolis.reconcile import Reconciler
 from propolis.runtime.component import Component
+from propolis.runtime.health import Health, State
 from propolis.runtime.service import Runtime
 
 log = logging.getLogger("propolis.encryption.keymgr")
@@ -131,93 +134,127 @@ class DeviceComponent(Component):
         return self.public_key
 
 
+class NodeAnnotationTarget:
+    """``network.cilium.io/wg-pub-key`` on the node's Node object (key = node name, value = public key), where
+    Cilium keeps it too. ``refresh`` reads the Node, so an annotation removed or changed by hand comes back;
+    nothing is ever pruned (the annotation outlives a keymgr restart)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+
+    async def update(self, node: str, public_key: str) -> None:
+        await self.api.call_api(f"/api/v1/nodes/{node}", "PATCH",
+                                header_params={"Content-Type": "application/merge-patch+json",
+                                               "Accept": "application/json"},
+                                body={"metadata": {"annotations": {WG_PUBKEY_ANNOTATION: public_key}}},
+                                auth_settings=["BearerToken"], _preload_content=False,
+                                _return_http_data_only=True, _request_timeout=5)
+
+    async def refresh(self, node: str, public_key: str) -> None:
+        response = await self.api.call_api(f"/api/v1/nodes/{node}", "GET", header_params={"Accept": "application/json"},
+                                           auth_settings=["BearerToken"], _preload_content=False,
+                                           _return_http_data_only=True, _request_timeout=5)
+        annotations = ((await response.json()).get("metadata") or {}).get("annotations") or {}
+        if annotations.get(WG_PUBKEY_ANNOTATION) != public_key:
+            await self.update(node, public_key)
+
+    async def delete(self, node: str) -> None:
+        pass  # never desired away: the key stays announced while the node exists
+
+    async def list_actual(self) -> list[str]:
+        return []
+
+
 class PublisherComponent(Component):
+    """The node's public key where the cluster reads it, as two reconciler targets: the node's entry of
+    ``PROPOLIS_WIREGUARD_V1`` (`KvTarget`; the other nodes' peers come from it) and, with a kubeconfig, the Node
+    annotation. A watch on the entry asks for an immediate refresh when anything else lands there (an admin's
+    mistake, a bucket that lost its store), so the other nodes never keep a wrong key for long; the periodic
+    refresh repairs what the watch could not see (NATS away at that moment). Answers ``encrypt rotate-key``."""
+
     name, title = "publish", "public key on the bus and as Node annotation; answers rotate-key"
 
-    def __init__(self, device: DeviceComponent, *, kubeconfig: str) -> None:
+    def __init__(self, device: DeviceComponent, *, kubeconfig: str, refresh_interval: float = 30.0) -> None:
         super().__init__()
         self.device = device
         self.kubeconfig = kubeconfig
-        self.annotated = ""
-        self._annotate_wake = asyncio.Event()
+        self.refresh_interval = refresh_interval
         self._sub: Any = None
+        self._api: Any = None
         self.rotated_at = 0.0
+        self.annotation: Reconciler[str, str] | None = None
 
     async def start(self, rt: Runtime) -> None:
-        self.kv = await rt.bus.kv(subjects.WIREGUARD_BUCKET)
-        current = await self.kv.get(subjects.wireguard_key(self.device.node))
+        kv = await rt.bus.kv(subjects.WIREGUARD_BUCKET)
+        key = subjects.wireguard_key(self.device.node)
+        current = await kv.get(key)
         if current is not None and isinstance(current.value, WireguardNodeKey):
             self.rotated_at = current.value.rotated_at
-        await self.publish()
-        self._sub = await rt.bus.subscribe(subjects.encryption_rotate_subject(self.device.node), self._on_rotate)
+        self.entry: Reconciler[str, WireguardNodeKey] = Reconciler(
+            "wireguard-key", KvTarget(kv, key), refresh_interval=self.refresh_interval)
+        self.entry.mark_synced()  # one key, always desired: nothing to prune
+        rt.spawn("key-reconciler", self.entry.run(), self)
         if self.kubeconfig:  # no API, no Node to annotate
-            rt.spawn("annotate-node", self._annotate_loop(), self)
-        rt.spawn("reassert-key", self._reassert_loop(), self)
+            from propolis.k8s import kubeclient
+            conf = kubeclient.Configuration()
+            await kubeclient.load_kube_config(config_file=self.kubeconfig, client_configuration=conf)
+            self._api = kubeclient.ApiClient(configuration=conf)
+            self.annotation = Reconciler("wg-pub-key-annotation", NodeAnnotationTarget(self._api),
+                                         refresh_interval=self.refresh_interval)
+            rt.spawn("annotation-reconciler", self.annotation.run(), self)
+        self.publish()
+        await self.entry.wait_until_reconciled(timeout=10.0)
+        self._sub = await rt.bus.subscribe(subjects.encryption_rotate_subject(self.device.node), self._on_rotate)
+        rt.spawn("watch-key", self._watch_entry(kv, key), self)
         self.set_ok()
 
-    async def _reassert_loop(self) -> None:
-        """The node's entry is this keymgr's slice: overwritten or deleted (an admin's mistake, a bucket that
-        lost its store) it is written back at once, so the other nodes never keep a wrong key for long."""
-        key = subjects.wireguard_key(self.device.node)
-        async for ev in self.kv.watch(key):
+    async def _watch_entry(self, kv: Kv, key: str) -> None:
+        async for ev in kv.watch(key):
             if ev.type is EventType.SYNCED:
                 continue
-            value = ev.value if ev.type is EventType.PUT else None
-            if not (isinstance(value, WireguardNodeKey) and value.public_key == self.device.public_key
-                    and value.node == self.device.node and value.listen_port == self.device.listen_port):
+            if ev.type is not EventType.PUT or ev.value != self.entry.desired.get(key):
                 log.warning("entry %s of %s is %s, not this node's key: writing it back", key,
-                            subjects.WIREGUARD_BUCKET, "gone" if value is None else repr(value)[:120])
-                await self.publish()
+                            subjects.WIREGUARD_BUCKET, "gone" if ev.type is not EventType.PUT else repr(ev.value)[:120])
+                self.entry.queue_refresh()
 
-    async def publish(self) -> None:
+    def publish(self) -> int:
+        """Desired = the device's current key; returns the entry reconciler's revision of the change."""
         d = self.device
-        await self.kv.put(subjects.wireguard_key(d.node),
-                          WireguardNodeKey(d.node, d.public_key, d.listen_port, self.rotated_at))
-        self._annotate_wake.set()
+        if self.annotation is not None:
+            self.annotation.upsert(d.node, d.public_key)
+        return self.entry.upsert(subjects.wireguard_key(d.node),
+                                 WireguardNodeKey(d.node, d.public_key, d.listen_port, self.rotated_at))
 
     async def _on_rotate(self, _request: Any, msg: Any) -> None:
         await self.device.rotate()
         self.rotated_at = time.time()
-        await self.publish()
+        failed = await self.entry.wait_until_reconciled(self.publish(), timeout=10.0)
         d = self.device
         if msg.reply:
             from propolis.bus import codec
+            if failed:
+                log.warning("rotated key of %s not published yet (retrying): %s", d.node, failed)
             await msg.respond(codec.encode(WireguardNodeKey(d.node, d.public_key, d.listen_port, self.rotated_at)))
 
-    async def _annotate_loop(self) -> None:
-        """Keep ``network.cilium.io/wg-pub-key`` on our Node equal to the current key (retries until the API
-        answers)."""
-        from propolis.k8s import kubeclient
-        conf = kubeclient.Configuration()
-        await kubeclient.load_kube_config(config_file=self.kubeconfig, client_configuration=conf)
-        api = kubeclient.ApiClient(configuration=conf)
-        delay = 0.5
-        try:
-            while True:
-                await self._annotate_wake.wait()
-                self._annotate_wake.clear()
-                want = self.device.public_key
-                if want == self.annotated:
-                    continue
-                try:
-                    await api.call_api(f"/api/v1/nodes/{self.device.node}", "PATCH",
-                                       header_params={"Content-Type": "application/merge-patch+json",
-                                                      "Accept": "application/json"},
-                                       body={"metadata": {"annotations": {WG_PUBKEY_ANNOTATION: want}}},
-                                       auth_settings=["BearerToken"], _preload_content=False,
-                                       _return_http_data_only=True, _request_timeout=5)
-                    self.annotated, delay = want, 0.5
-                except Exception as exc:  # noqa: BLE001 - API down or Node not registered yet: retry
-                    log.warning("annotating Node %s with %s failed: %s", self.device.node, WG_PUBKEY_ANNOTATION, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-                    self._annotate_wake.set()
-        finally:
-            await api.close()
+    @property
+    def health(self) -> Health:
+        own = super().health
+        if own.state is not State.OK or own.reason == "starting":
+            return own
+        for reconciler in (self.entry, self.annotation):
+            if reconciler is not None and reconciler.health().state is not State.OK:
+                return reconciler.health()
+        return own
+
+    @health.setter
+    def health(self, value: Health) -> None:
+        self._health = value
 
     async def stop(self) -> None:
         if self._sub is not None:
             await self._sub.unsubscribe()
+        if self._api is not None:
+            await self._api.close()
 
 
 class PeersComponent(Component):

@@ -22,6 +22,7 @@ from typing import Any
 
 from propolis.bus import subjects
 from propolis.bus.kv import EventType
+from propolis.bus.kv_target import KvTarget
 from propolis.bus.messages import FqdnCacheRecord, Heartbeat
 from propolis.fqdn.cache import FqdnCache
 from propolis.fqdn.listener import DnsListeners, UdpUpstream
@@ -66,28 +67,6 @@ def live_addresses(pin_dir: str) -> set[str]:
     return found
 
 
-class FqdnRecordTarget:
-    """The node's key of PROPOLIS_FQDN_V1 as a reconciler target: the cache record the writer enforces.
-    ``refresh`` reads the bucket, so a record purged or overwritten is written again."""
-
-    def __init__(self, kv: Any, node: str) -> None:
-        self.kv, self.key = kv, subjects.fqdn_key(node)
-
-    async def update(self, key: str, desired: FqdnCacheRecord) -> None:
-        await self.kv.put(key, desired)
-
-    async def refresh(self, key: str, desired: FqdnCacheRecord) -> None:
-        entry = await self.kv.get(key)
-        if entry is None or entry.value != desired:
-            await self.kv.put(key, desired)
-
-    async def delete(self, key: str) -> None:
-        await self.kv.delete(key)
-
-    async def list_actual(self) -> list[str]:
-        return [self.key] if await self.kv.get(self.key) is not None else []
-
-
 class FqdnCacheComponent(ReconciledComponent):
     name, title = "fqdn-cache", "learned names -> IPs in PROPOLIS_FQDN_V1 <node>, enforced by the writer"
 
@@ -106,7 +85,8 @@ class FqdnCacheComponent(ReconciledComponent):
     async def start(self, rt: Runtime) -> None:
         self._enforced_moved = asyncio.Event()
         kv = await rt.bus.kv(subjects.FQDN_BUCKET)
-        self.reconciler = Reconciler("fqdn-cache", FqdnRecordTarget(kv, self.node), refresh_interval=REFRESH_INTERVAL_S)
+        self.reconciler = Reconciler("fqdn-cache", KvTarget(kv, subjects.fqdn_key(self.node)),
+                                     refresh_interval=REFRESH_INTERVAL_S)
         entry = await kv.get(subjects.fqdn_key(self.node))
         if entry is not None and isinstance(entry.value, FqdnCacheRecord):
             self.cache.restore(entry.value.entries)

@@ -34,6 +34,7 @@ from typing import Any
 
 from propolis.bandwidth.shaper import select_mode
 from propolis.bus import codec, subjects
+from propolis.bus.kv_target import KvTarget
 from propolis.bus.messages import POLICY_FAILURES_KEY, EndpointConfig
 from propolis.bus.messages import IpcacheEntry as IpcacheRecord
 from propolis.datapath.datapath import Datapath, DatapathSettings
@@ -54,7 +55,7 @@ from propolis.writer.desired import DesiredState, node_internal_ip
 from propolis.writer.endpoint_api import EndpointAnnouncement, EndpointApiServer
 from propolis.writer.endpoints import EndpointTable, LocalEndpoint
 from propolis.writer.inputs import ClusterInputs
-from propolis.writer.ipcache_publisher import IpcacheKvTarget, desired_records
+from propolis.writer.ipcache_publisher import desired_records
 from propolis.writer.settings import Settings
 from propolis.writer.socket_lb import SocketLbTarget
 from propolis.writer.targets import EndpointPolicyTarget, IpcacheTarget, ServicesTarget
@@ -199,7 +200,7 @@ class IpcachePublisher(ReconciledComponent):
 
     async def start(self, rt: Runtime) -> None:
         kv = await rt.bus.kv(subjects.IPCACHE_BUCKET)
-        self.reconciler = Reconciler("ipcache-publisher", IpcacheKvTarget(kv, self.settings.node_name),
+        self.reconciler = Reconciler("ipcache-publisher", KvTarget(kv, subjects.ipcache_keys(self.settings.node_name)),
                                      refresh_interval=self.settings.reconcile_refresh_interval)
         rt.spawn("ipcache-publisher", self.reconciler.run(), self)
 

@@ -1,4 +1,4 @@
-"""This node's slice of the ipcache bucket (`<node>.<ip>` -> IP, identity, node), as a reconciler target.
+"""This node's slice of the ipcache bucket (`<node>.<ip>` -> IP, identity, node), reconciled through a `KvTarget`.
 
 Other nodes (and clusters) learn our endpoints' identities from it. The actual state is read from the
 bus (our keys in `PROPOLIS_IPCACHE_V1`), never from what this process remembers writing: a restarted
@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from propolis.bus import subjects
-from propolis.bus.kv import Kv
 from propolis.bus.messages import IpcacheEntry as IpcacheRecord
 from propolis.model.types import NodeName
 from propolis.writer.endpoints import LocalEndpoint
@@ -22,26 +21,3 @@ def desired_records(node: NodeName, endpoints: Iterable[LocalEndpoint]) -> dict[
     """Our endpoints with an identity and an address, keyed as in the bucket."""
     return {subjects.ipcache_key(node, ep.ip): IpcacheRecord(ip=ep.ip, prefix_len=32, identity=ep.identity, node=node)
             for ep in endpoints if ep.identity and ep.ip}
-
-
-class IpcacheKvTarget:
-    """Key = bucket key (`<node>.<ip>`), value = IpcacheRecord."""
-
-    def __init__(self, kv: Kv, node: NodeName) -> None:
-        self.kv = kv
-        self.node = node
-
-    async def update(self, key: str, desired: IpcacheRecord) -> None:
-        await self.kv.put(key, desired)
-
-    async def refresh(self, key: str, desired: IpcacheRecord) -> None:
-        """Write only when the bucket holds something else (no write, no revision, when in step)."""
-        entry = await self.kv.get(key)
-        if entry is None or entry.value != desired:
-            await self.kv.put(key, desired)
-
-    async def delete(self, key: str) -> None:
-        await self.kv.delete(key)
-
-    async def list_actual(self) -> Iterable[str]:
-        return list(await self.kv.items(subjects.ipcache_keys(self.node)))
