@@ -40,8 +40,8 @@ class K8sBucket:
     async def put(self, *objects: Any) -> None:
         for obj in objects:
             self.rv += 1
-            await self.kv.put(subjects.k8s_key(KINDS[obj.kind.lower() + "s"].plural,
-                                               obj.namespace or None, obj.name), obj)
+            await self.kv.put(subjects.k8s_key(KINDS[obj.kind.lower() + "s"].plural, obj.namespace or None,
+                                               obj.name, node=obj.fields.get("nodeName", "")), obj)
         await self.kv.put(subjects.WATERMARK_KEY, Watermark(self.rv, time.time(), self.epoch))
 
     async def delete(self, key: str) -> None:
@@ -106,7 +106,7 @@ async def test_records_follow_covered_pods_and_the_watermark_is_passed_on_behind
     await ids_kv.put("endpoints.prod.gone", EndpointRecord("prod", "gone", "n1", [], 4242, ["k8s:app=gone"]))
     # objects without a watermark behind them: nothing is acted on, nothing pruned
     await k8s_kv.put("namespaces._.prod", NAMESPACE)
-    await k8s_kv.put("pods.prod.web-1", pod("web-1", "web", 2))
+    await k8s_kv.put("pods.n1.prod.web-1", pod("web-1", "web", 2))
     sync = await start_allocator({"v": True})
     await asyncio.sleep(0.3)
     assert await ids_kv.get("endpoints.prod.web-1") is None and await ids_kv.get("endpoints.prod.gone") is not None
@@ -118,7 +118,7 @@ async def test_records_follow_covered_pods_and_the_watermark_is_passed_on_behind
     assert await ids_kv.get("endpoints.prod.gone") is None, "a record of a pod gone meanwhile was kept"
     assert isinstance((await ids_kv.get(f"id.{web1.identity}")).value, IdentityRecord)
 
-    await k8s.delete("pods.prod.web-2")
+    await k8s.delete("pods.n1.prod.web-2")
     await eventually(lambda: passed_on(ids_kv, sync, k8s.rv), what="delete's watermark passed on")
     assert await ids_kv.get("endpoints.prod.web-2") is None and sync.repairs == 0
 

@@ -134,7 +134,7 @@ async def test_new_leader_rewrites_every_key_under_its_epoch_and_prunes_once_eve
     await eventually(lambda: announced(k8s_kv, mirror), what="the new leader's watermark")
     values, revisions = await contents(k8s_kv)
     assert "namespaces._.gone" not in values
-    assert values["namespaces._.stale"].labels == {"changed": "yes"} and "pods.prod.web" in values
+    assert values["namespaces._.stale"].labels == {"changed": "yes"} and "pods.n1.prod.web" in values
     # under its new epoch the leader writes every key again, even one the bucket held: consumers holding a
     # purged key release it as gone unless the new epoch rewrote it (its load may predate a running purge)
     assert revisions["namespaces._.same"] > same_rev, "a key not rewritten under the new epoch"
@@ -153,7 +153,7 @@ async def test_purged_bucket_is_rewritten_under_a_new_epoch_watermark_last(bus, 
     await bus.js.purge_stream(STREAM)
     await eventually(lambda: announced(k8s_kv, mirror), what="the bucket refilled under a new epoch")
     values, _ = await contents(k8s_kv)
-    assert {"namespaces._.prod", "pods.prod.web", "pods.prod.api"} <= set(values)
+    assert {"namespaces._.prod", "pods.n1.prod.web", "pods.n1.prod.api"} <= set(values)
     assert mirror.epoch != first_epoch and mirror.repairs == 1
 
     # later changes flow, each followed by a watermark; no repair
@@ -161,7 +161,7 @@ async def test_purged_bucket_is_rewritten_under_a_new_epoch_watermark_last(bus, 
     mirror.progress(PODS, "8")
     await eventually(lambda: announced(k8s_kv, mirror), what="a delete's watermark")
     values, _ = await contents(k8s_kv)
-    assert "pods.prod.api" not in values and values[subjects.WATERMARK_KEY].resource_version == 7  # min over kinds
+    assert "pods.n1.prod.api" not in values and values[subjects.WATERMARK_KEY].resource_version == 7  # min over kinds
     assert mirror.repairs == 1
 
 
@@ -172,16 +172,35 @@ async def test_key_deleted_or_written_behind_the_owners_back_is_repaired_by_the_
     await eventually(lambda: announced(k8s_kv, mirror), what="first watermark")
     epochs = [mirror.epoch]
 
-    await k8s_kv.delete("pods.prod.web")  # the watermark stays: only the refresh round can see this
-    await eventually(lambda: _has(k8s_kv, "pods.prod.web"), what="deleted key re-written")
+    await k8s_kv.delete("pods.n1.prod.web")  # the watermark stays: only the refresh round can see this
+    await eventually(lambda: _has(k8s_kv, "pods.n1.prod.web"), what="deleted key re-written")
     await eventually(lambda: announced(k8s_kv, mirror), what="watermark of the repair")
     assert mirror.epoch not in epochs and mirror.repairs == 1
     epochs.append(mirror.epoch)
 
-    await k8s_kv.put("pods.prod.forged", PODS.to_record(pod("forged")))
-    await eventually(lambda: _gone(k8s_kv, "pods.prod.forged"), what="a key nobody desires pruned")
+    await k8s_kv.put("pods.n1.prod.forged", PODS.to_record(pod("forged")))
+    await eventually(lambda: _gone(k8s_kv, "pods.n1.prod.forged"), what="a key nobody desires pruned")
     await eventually(lambda: announced(k8s_kv, mirror), what="watermark of the second repair")
     assert mirror.epoch not in epochs and mirror.repairs == 2
+
+
+async def test_pods_are_keyed_by_node_unscheduled_ones_wait_and_old_layout_keys_are_pruned(k8s_kv, run_mirror):
+    """Pods are keyed ``pods.<node>.<ns>.<name>``: a leader taking over a bucket written with the old layout
+    (``pods.<ns>.<name>``) prunes those keys like any key nobody desires; a Pod not scheduled yet is not
+    mirrored (no node to key it under, no reader needs it) until it is."""
+    await k8s_kv.put("pods.prod.web", PODS.to_record(pod("web")))  # written by a mirror before the node was in keys
+    mirror = run_mirror(KvMirror(k8s_kv, repair_interval=60.0))
+    await mirror.set_leader(True)
+    pending = {**pod("pending"), "spec": {}}
+    await list_every_kind(mirror, 7, namespaces=[namespace("prod")], pods=[pod("web"), pending])
+    await eventually(lambda: announced(k8s_kv, mirror), what="first watermark")
+    values, _ = await contents(k8s_kv)
+    assert {k for k in values if k.startswith("pods.")} == {"pods.n1.prod.web"}
+
+    await mirror.apply(PODS, "MODIFIED", {**pending, "spec": {"nodeName": "n2"}})  # scheduled
+    await eventually(lambda: _has(k8s_kv, "pods.n2.prod.pending"), what="the pod mirrored once scheduled")
+    await mirror.apply(PODS, "DELETED", {**pending, "spec": {"nodeName": "n2"}})
+    await eventually(lambda: _gone(k8s_kv, "pods.n2.prod.pending"), what="its delete")
 
 
 async def test_standby_and_held_bucket_write_nothing(k8s_kv, run_mirror):

@@ -42,7 +42,7 @@ def poison(w: Workload) -> list[tuple[str, str, bytes]]:
         (subjects.K8S_BUCKET, subjects.WATERMARK_KEY, msgpack.packb(["watermark", 1, 0, "abc", 0.0])),
         (subjects.IDENTITIES_BUCKET, subjects.key("endpoints", ns, "server"), msgpack.packb(  # ips a string
             ["endpoint", 1, 0, ns, "server", sandboxed_node(w), w.ip("a/server"), 7, []])),
-        (subjects.K8S_BUCKET, subjects.k8s_key("pods", ns, "ghost"), msgpack.packb(["k8s-object", 1, 0])),
+        (subjects.K8S_BUCKET, subjects.k8s_key("pods", ns, "ghost", node=sandboxed_node(w)), msgpack.packb(["k8s-object", 1, 0])),
     ]
 
 

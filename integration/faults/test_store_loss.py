@@ -70,7 +70,7 @@ class InputsRecorder:
 
     async def __aenter__(self) -> InputsRecorder:
         k8s, ids = await self.bus.kv(subjects.K8S_BUCKET), await self.bus.kv(subjects.IDENTITIES_BUCKET)
-        self._tasks = [asyncio.create_task(self.inputs.follow(k8s, ids)), asyncio.create_task(self._record())]
+        self._tasks = [asyncio.create_task(self.inputs.follow(k8s, ids, node="n1")), asyncio.create_task(self._record())]
         return self
 
     async def _record(self) -> None:
@@ -231,13 +231,13 @@ async def test_restarted_watcher_holds_the_bucket_when_the_api_store_went_back(a
             assert component.health.state.value != "ok" and "store reset" in component.health.reason
             # held: the old contents stay, the watermark is not moved
             keys = await k8s_keys(bus)
-            assert POLICY_KEY in keys and "pods.prod.p19" in keys
+            assert POLICY_KEY in keys and "pods.n1.prod.p19" in keys
             assert (await watermark(bus)) == old_mark
             # after the settle time and a full re-list: replaced under a new epoch
             await eventually(lambda: _async(not w[0].progress.get("store_reset")), timeout=10, what="reset done")
             await eventually(lambda: _has_key(bus, "ciliumnetworkpolicies.prod.new-store"), what="new store mirrored")
             keys = await k8s_keys(bus)
-            assert POLICY_KEY not in keys and "pods.prod.p19" not in keys
+            assert POLICY_KEY not in keys and "pods.n1.prod.p19" not in keys
             mark = await watermark(bus)
             assert mark.epoch != old_mark.epoch and mark.resource_version < old_mark.resource_version
         finally:
@@ -298,7 +298,7 @@ async def _mark_epoch_is(bus: Any, w: Any) -> bool:
 async def _refilled(bus: Any, before: Watermark | None) -> bool:
     keys = await k8s_keys(bus)
     mark = keys.get(subjects.WATERMARK_KEY)
-    return (POLICY_KEY in keys and isinstance(keys.get("pods.prod.api-1"), K8sObject)
+    return (POLICY_KEY in keys and isinstance(keys.get("pods.n1.prod.api-1"), K8sObject)
             and isinstance(mark, Watermark) and before is not None and mark.epoch != before.epoch)
 
 

@@ -123,17 +123,17 @@ async def test_mirror_follows_the_api_and_survives_restarts_and_410(cluster):
     await api.create("/apis/cilium.io/v2/namespaces/prod/ciliumnetworkpolicies", CNP_VALID)
     rt, task = await start_service(watcher_main, {**cluster["common"], "kubeconfig": cluster["kubeconfig"]})
     try:
-        await eventually(lambda: _has(bus, "pods.prod.web-2"), what="initial sync")
+        await eventually(lambda: _has(bus, "pods.n1.prod.web-2"), what="initial sync")
         objs = await k8s_items(bus, "pods.>")
-        assert objs["pods.prod.web-1"].labels == {"app": "web"}
-        assert objs["pods.prod.web-1"].fields["containers"][0]["ports"][0]["containerPort"] == 8080
+        assert objs["pods.n1.prod.web-1"].labels == {"app": "web"}
+        assert objs["pods.n1.prod.web-1"].fields["containers"][0]["ports"][0]["containerPort"] == 8080
         assert "ciliumnetworkpolicies.prod.api-policy" in await k8s_items(bus, "ciliumnetworkpolicies.>")
         # update and delete flow through
         await api.call("PATCH", "/api/v1/namespaces/prod/pods/web-1", {"metadata": {"labels": {"app": "web2"}}},
                        "application/merge-patch+json")
-        await eventually(lambda: _label_is(bus, "pods.prod.web-1", "app", "web2"), what="label update")
+        await eventually(lambda: _label_is(bus, "pods.n1.prod.web-1", "app", "web2"), what="label update")
         await api.delete("/api/v1/namespaces/prod/pods/web-2")
-        await eventually(lambda: _gone(bus, "pods.prod.web-2"), what="delete")
+        await eventually(lambda: _gone(bus, "pods.n1.prod.web-2"), what="delete")
         # progress is published
         await eventually(lambda: _async(int(rt.progress.get("k8s_resource_version", "0")) > 0), what="progress")
     finally:
@@ -145,13 +145,13 @@ async def test_mirror_follows_the_api_and_survives_restarts_and_410(cluster):
     await api.call("POST", "/_sandbox/compact")
     rt, task = await start_service(watcher_main, {**cluster["common"], "kubeconfig": cluster["kubeconfig"]})
     try:
-        await eventually(lambda: _has(bus, "pods.prod.web-3"), what="add after restart")
-        await eventually(lambda: _gone(bus, "pods.prod.web-1"), what="delete found by relist")
+        await eventually(lambda: _has(bus, "pods.n1.prod.web-3"), what="add after restart")
+        await eventually(lambda: _gone(bus, "pods.n1.prod.web-1"), what="delete found by relist")
         # 410 while running: compact, then change things; the watcher relists and converges
         await api.call("POST", "/_sandbox/compact")
         await api.create("/api/v1/namespaces/prod/pods", pod("web-4", {"app": "web"}))
-        await eventually(lambda: _has(bus, "pods.prod.web-4"), what="add after compaction")
-        assert set(await k8s_items(bus, "pods.>")) == {"pods.prod.web-3", "pods.prod.web-4"}
+        await eventually(lambda: _has(bus, "pods.n1.prod.web-4"), what="add after compaction")
+        assert set(await k8s_items(bus, "pods.>")) == {"pods.n1.prod.web-3", "pods.n1.prod.web-4"}
     finally:
         await stop_service(rt, task)
 

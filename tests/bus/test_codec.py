@@ -76,7 +76,7 @@ def test_unregistered_class_cannot_be_encoded():
 
 def test_subjects_are_validated():
     assert subjects.heartbeat_subject("hubble", "node-1") == "propolis.v1.heartbeat.hubble.node-1"
-    assert subjects.k8s_key("pods", "production", "web-1") == "pods.production.web-1"
+    assert subjects.k8s_key("pods", "production", "web-1", node="w1") == "pods.w1.production.web-1"
     assert subjects.k8s_key("nodes", None, "kind-worker") == "nodes._.kind-worker"
     for bad in ("a.b", "a*", "", "a b", ">"):
         with pytest.raises(ValidationError):

@@ -10,15 +10,26 @@ from propolis.errors import ValidationError
 
 
 def test_k8s_keys_round_trip_with_dotted_names_and_cluster_scope() -> None:
-    key = subjects.k8s_key("pods", "prod", "web.v2-1")  # object names may hold dots (DNS subdomains)
-    assert key == "pods.prod.web.v2-1"
-    assert subjects.parse_k8s_key(key) == subjects.K8sKey("pods", "prod", "web.v2-1")
+    key = subjects.k8s_key("services", "prod", "web.v2-1")  # object names may hold dots (DNS subdomains)
+    assert key == "services.prod.web.v2-1"
+    assert subjects.parse_k8s_key(key) == subjects.K8sKey("services", "prod", "web.v2-1")
     node = subjects.k8s_key("nodes", None, "w1")
     assert node == "nodes._.w1"
     assert subjects.parse_k8s_key(node) == subjects.K8sKey("nodes", None, "w1")
 
 
-@pytest.mark.parametrize("key", [subjects.WATERMARK_KEY, subjects.K8S_WATCHER_LEASE_KEY, "pods", "pods.ns"])
+def test_pod_keys_carry_the_node_so_a_node_watches_only_its_own() -> None:
+    key = subjects.k8s_key("pods", "prod", "web.v2-1", node="w1")
+    assert key == "pods.w1.prod.web.v2-1"
+    assert subjects.parse_k8s_key(key) == subjects.K8sKey("pods", "prod", "web.v2-1", "w1")
+    assert subjects.node_pods_keys("w1") == "pods.w1.>"
+    assert subjects.k8s_keys("pods", "prod") == "pods.*.prod.>"  # one namespace's pods, of every node
+    with pytest.raises(ValidationError):  # an unscheduled pod has no key (it is not mirrored)
+        subjects.k8s_key("pods", "prod", "web")
+
+
+@pytest.mark.parametrize("key", [subjects.WATERMARK_KEY, subjects.K8S_WATCHER_LEASE_KEY, "pods", "pods.ns",
+                                 "pods.w1.ns"])
 def test_owner_keys_and_partial_keys_are_not_k8s_objects(key: str) -> None:
     assert subjects.parse_k8s_key(key) is None
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from propolis.bus import kv as kv_mod
 from propolis.bus import subjects
 from propolis.bus.kv import EventType
 from propolis.bus.messages import Watermark
 
 
-async def test_watch_follows_a_recreated_bucket(bus, monkeypatch):
+@pytest.mark.parametrize("keys", [">", ["pods.>", subjects.WATERMARK_KEY]], ids=["whole-bucket", "filters"])
+async def test_watch_follows_a_recreated_bucket(bus, monkeypatch, keys):
     monkeypatch.setattr(kv_mod, "STREAM_CHECK_INTERVAL_S", 0.1)
     bucket = subjects.K8S_BUCKET
     kv = await bus.kv(bucket)
@@ -23,7 +26,7 @@ async def test_watch_follows_a_recreated_bucket(bus, monkeypatch):
     synced = asyncio.Event()
 
     async def follow() -> None:
-        async for ev in kv.watch(">"):
+        async for ev in kv.watch(keys):
             events.append(ev)
             if ev.type is EventType.SYNCED:
                 synced.set()

@@ -124,8 +124,10 @@ async def relayed_bus(nats_server: EmbeddedNats) -> AsyncIterator[tuple[Bus, _Re
         await relay.close()
 
 
+@pytest.mark.parametrize("keys", ["pods.>", ["pods.>", subjects.WATERMARK_KEY]], ids=["one-filter", "filters"])
 async def test_a_reconnect_keeps_the_watch_consumer_and_misses_nothing(
-        relayed_bus: tuple[Bus, _Relay], nats_server: EmbeddedNats, no_start_jitter: None) -> None:
+        relayed_bus: tuple[Bus, _Relay], nats_server: EmbeddedNats, no_start_jitter: None,
+        keys: str | list[str]) -> None:
     bus, relay = relayed_bus
     writer = Bus(nats_server.url, name="writer")
     await writer.connect(max_wait=5)
@@ -139,7 +141,7 @@ async def test_a_reconnect_keeps_the_watch_consumer_and_misses_nothing(
         synced = asyncio.Event()
 
         async def follow() -> None:
-            async for ev in kv.watch("pods.>"):
+            async for ev in kv.watch(keys):
                 events.append(ev)
                 if ev.type is EventType.SYNCED:
                     synced.set()

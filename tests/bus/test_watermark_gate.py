@@ -110,7 +110,7 @@ async def test_writer_inputs_keep_their_state_while_the_k8s_bucket_is_purged(bus
     await k8s.put(subjects.WATERMARK_KEY, Watermark(10, 0.0, "e1"))
     await ids.put(subjects.WATERMARK_KEY, Watermark(10, 0.0, "i1"))
     inputs = ClusterInputs()
-    follow = asyncio.create_task(inputs.follow(k8s, ids))
+    follow = asyncio.create_task(inputs.follow(k8s, ids, node="n1"))
     seen: list[tuple[bool, int]] = []  # (synced, policies) after every change the writer would act on
 
     async def record() -> None:

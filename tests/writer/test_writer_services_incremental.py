@@ -21,7 +21,7 @@ def put(inputs: ClusterInputs, plural: str, obj: dict) -> K8sObject:  # type: ig
     meta["resourceVersion"] = str(next(REV))
     record = KINDS[plural].to_record(obj)
     ns = meta.get("namespace")
-    key = subjects.k8s_key(plural, ns, meta["name"])
+    key = subjects.k8s_key(plural, ns, meta["name"], node=record.fields.get("nodeName", ""))
     inputs.apply_k8s(KvEvent(EventType.PUT, key, record, int(meta["resourceVersion"])))
     release(inputs)
     return record

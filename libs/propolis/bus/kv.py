@@ -12,6 +12,10 @@ and diffed against what it already delivered, so a consumer sees exactly the
 puts and deletes it missed — no lost delete, no stale value — followed by a
 fresh SYNCED.
 
+A watch takes one key filter or several (``kv.watch([subjects.node_pods_keys(node), "services.>"])``):
+several are served by ONE consumer (nats-server >= 2.10 ``filter_subjects``) with the same guarantees, so a
+node-scoped service receives only the keys it reads. The filters must not overlap (the server refuses it).
+
 Poison (a value that does not decode, or decodes with wrong field types) is a
 per-key error, never a dead watch: the watch skips it, so the consumer keeps
 the key's last good value; it is logged once per key, counted in
@@ -29,17 +33,18 @@ import logging
 import random
 import weakref
 from collections import Counter
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import nats
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from propolis.bus import codec
-from propolis.errors import PermanentError, TemporaryError
+from propolis.bus import codec, subjects
+from propolis.errors import PermanentError, TemporaryError, ValidationError
 
 if TYPE_CHECKING:
     from propolis.bus.connection import Bus
@@ -204,14 +209,23 @@ class Kv:
         except _NATS_UNAVAILABLE as exc:
             raise TemporaryError(f"delete {self.bucket}/{key}: {exc or type(exc).__name__}") from exc
 
-    async def items(self, keys: str = ">", *, refused: dict[str, str] | None = None) -> dict[str, Entry]:
-        """A snapshot of the bucket, read with direct gets (no consumer left behind: `bus/snapshot.py`);
-        undecodable values are left out (and named in ``refused``, when given)."""
+    async def items(self, keys: str | Sequence[str] = ">", *,
+                    refused: dict[str, str] | None = None) -> dict[str, Entry]:
+        """A snapshot of the bucket (the keys under ``keys``: one filter or several), read with direct gets
+        (no consumer left behind: `bus/snapshot.py`); undecodable values are left out (and named in
+        ``refused``, when given)."""
         from propolis.bus.snapshot import kv_snapshot
-        return await kv_snapshot(self.bus, self.bucket, keys, refused=refused)
+        out: dict[str, Entry] = {}
+        for flt in key_filters(keys):
+            out.update(await kv_snapshot(self.bus, self.bucket, flt, refused=refused))
+        return out
 
-    async def watch(self, keys: str = ">", *, follow: bool = True) -> AsyncGenerator[KvEvent, None]:
-        """Initial values, SYNCED, then updates; survives reconnects (see module doc)."""
+    async def watch(self, keys: str | Sequence[str] = ">", *, follow: bool = True
+                    ) -> AsyncGenerator[KvEvent, None]:
+        """Initial values, SYNCED, then updates of the keys under ``keys`` (one filter or several, one
+        consumer); survives reconnects (see module doc)."""
+        filters = key_filters(keys)
+        shown = ",".join(filters)
         delivered: dict[str, int] = {}  # key -> revision the consumer has seen
         signals = _WatchSignals()
         remove_listener = self.bus.on_reconnect(signals.on_reconnect)
@@ -219,7 +233,7 @@ class Kv:
         try:
             while True:
                 signals.clear()
-                watcher, created = await self._start_watcher(keys, jitter)
+                watcher, created = await self._start_watcher(filters, jitter)
                 jitter = WATCH_RESYNC_JITTER_S  # from now on a start is a re-sync: many may happen at once
                 signals.updates = watcher._updates
                 recreated = asyncio.create_task(self._until_recreated(created, signals),
@@ -248,7 +262,7 @@ class Kv:
                             continue
                         if entry is _TIMEOUT:
                             log.warning("watch %s/%s: delivered sequence %d never arrived; initial values end "
-                                        "at %d", self.bucket, keys, initial_until, newest)
+                                        "at %d", self.bucket, shown, initial_until, newest)
                             newest = initial_until
                             continue
                         if entry is None:
@@ -286,11 +300,12 @@ class Kv:
                     with contextlib.suppress(Exception):
                         await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
                 log.info("watch %s/%s: re-syncing after losing its consumer or the bucket's re-creation",
-                         self.bucket, keys)
+                         self.bucket, shown)
         finally:
             remove_listener()
 
-    async def _start_watcher(self, keys: str, jitter: float) -> tuple[KeyValue.KeyWatcher, datetime | None]:
+    async def _start_watcher(self, filters: tuple[str, ...], jitter: float
+                             ) -> tuple[KeyValue.KeyWatcher, datetime | None]:
         """A new ordered consumer on the bucket, after a random delay of up to ``jitter`` seconds and with at
         most `MAX_CONCURRENT_WATCH_STARTS` consumer creations of this process in flight, so nodes booting
         (or reconnecting after a server restart) together spread their initial syncs over time."""
@@ -299,10 +314,20 @@ class Kv:
             try:
                 async with _watch_start_slots():
                     created = await self._stream_created()
-                    return await self.store.watch(keys), created
+                    return await self._open_watcher(filters), created
             except (TimeoutError, nats.errors.Error) as exc:
-                log.warning("watch %s/%s: %s; retrying", self.bucket, keys, exc)
+                log.warning("watch %s/%s: %s; retrying", self.bucket, ",".join(filters), exc)
                 jitter = max(jitter, 0.5)
+
+    async def _open_watcher(self, filters: tuple[str, ...]) -> KeyValue.KeyWatcher:
+        """nats-py's KeyWatcher (its ordered consumer, markers and reconnect handling) on one filter, or on
+        several through one consumer: nats-py's `KeyValue.watch` takes one, so its consumer is created
+        through `_FilterSubjects`, which hands the server all of them (``filter_subjects``)."""
+        if len(filters) == 1:
+            return await self.store.watch(filters[0])
+        s = self.store
+        js = _FilterSubjects(s._js, [s._pre + f for f in filters])
+        return await KeyValue(s._name, s._stream, s._pre, cast(JetStreamContext, js), s._direct).watch(">")
 
     async def _consumer_alive(self, watcher: KeyValue.KeyWatcher) -> bool:
         """After a reconnect: is the watch's consumer still on the server? Then the watch keeps it: nats-py's
@@ -415,6 +440,35 @@ class _WatchSignals:
         if self.updates is not None:
             with contextlib.suppress(asyncio.QueueFull):  # a full queue is read at once: the flags are seen
                 self.updates.put_nowait(_WAKE)
+
+
+def key_filters(keys: str | Sequence[str]) -> tuple[str, ...]:
+    """One key filter or several as a tuple, checked: at least one, none overlapping another."""
+    filters = (keys,) if isinstance(keys, str) else tuple(dict.fromkeys(keys))
+    if not filters:
+        raise ValidationError("keys", "a KV watch needs at least one key filter")
+    for i, a in enumerate(filters):
+        for b in filters[i + 1:]:
+            if subjects.filters_overlap(a, b):
+                raise ValidationError("keys", f"KV key filters {a!r} and {b!r} overlap")
+    return filters
+
+
+class _FilterSubjects:
+    """A JetStream context whose `subscribe` gives the consumer several filter subjects: what nats-py's
+    `KeyValue.watch` asks of its ``_js`` is this method (and attributes, passed through). The ordered
+    consumer keeps its config (``filter_subjects`` included) when it restarts after a gap or a reconnect."""
+
+    def __init__(self, js: JetStreamContext, filter_subjects: list[str]) -> None:
+        self._js = js
+        self._filter_subjects = filter_subjects
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._js, name)
+
+    async def subscribe(self, subject: str, **kwargs: Any) -> JetStreamContext.PushSubscription:
+        config = ConsumerConfig(filter_subjects=list(self._filter_subjects))
+        return await self._js.subscribe(subject, config=config, **kwargs)
 
 
 def _subscription(watcher: KeyValue.KeyWatcher) -> JetStreamContext.PushSubscription:

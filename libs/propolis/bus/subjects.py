@@ -146,14 +146,24 @@ class K8sKey(NamedTuple):
     kind: str  # the resource's plural, e.g. ``pods``
     namespace: str | None  # None: cluster-scoped
     name: str
+    node: str = ""  # a node-scoped kind's node (`NODE_SCOPED_KINDS`), else ""
 
 
 #: A cluster-scoped object's namespace token in its k8s key.
 CLUSTER_SCOPE = "_"
 
+#: Kinds whose objects belong to one node: the node is in their key (``pods.<node>.<namespace>.<name>``), so a
+#: node's services watch only their own node's objects (`node_pods_keys`) and a 1,000-node cluster does not
+#: deliver every Pod to every node. A Pod's ``spec.nodeName`` never changes once set (the key is stable); a Pod
+#: not scheduled yet has no node, no IP and no reader, and is not mirrored until it is (`k8s/mirror.py`).
+NODE_SCOPED_KINDS = ("pods",)
 
-def k8s_key(kind: str, namespace: str | None, name: str) -> str:
-    """``pods.production.frontend-1``; cluster-scoped objects use ``_`` as namespace."""
+
+def k8s_key(kind: str, namespace: str | None, name: str, *, node: str = "") -> str:
+    """``services.production.frontend``; cluster-scoped objects use ``_`` as namespace; node-scoped kinds
+    (`NODE_SCOPED_KINDS`) put their node first: ``pods.w1.production.frontend-1`` (``node`` required)."""
+    if kind in NODE_SCOPED_KINDS:
+        return key(kind, token(node, what=f"{kind} node"), namespace or CLUSTER_SCOPE, name)
     return key(kind, namespace or CLUSTER_SCOPE, name)
 
 
@@ -162,17 +172,41 @@ def parse_k8s_key(k: str) -> K8sKey | None:
     if is_owner_key(k):
         return None
     kind, _, rest = k.partition(".")
+    node = ""
+    if kind in NODE_SCOPED_KINDS:
+        node, _, rest = rest.partition(".")
+        if not node:
+            return None
     namespace, _, name = rest.partition(".")
     if not kind or not namespace or not name:
         return None
-    return K8sKey(kind, None if namespace == CLUSTER_SCOPE else namespace, name)
+    return K8sKey(kind, None if namespace == CLUSTER_SCOPE else namespace, name, node)
 
 
 def k8s_keys(kind: str, namespace: str | None = None) -> str:
-    """The key filter for every object of one kind (in one namespace, when given)."""
+    """The key filter for every object of one kind (in one namespace, when given; of every node for a
+    node-scoped kind)."""
     if namespace is None:
         return f"{token(kind, what='kind')}.>"
-    return f"{token(kind, what='kind')}.{token(namespace, what='namespace')}.>"
+    nodes = ".*" if kind in NODE_SCOPED_KINDS else ""
+    return f"{token(kind, what='kind')}{nodes}.{token(namespace, what='namespace')}.>"
+
+
+def node_pods_keys(node: str) -> str:
+    """The key filter for the Pods of one node: ``pods.<node>.>``."""
+    return f"pods.{token(node, what='node')}.>"
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some key matches both key filters (``*`` = one token, ``>`` = the rest): the filters of one
+    watch must not overlap (nats-server refuses a consumer whose filter subjects do)."""
+    ta, tb = a.split("."), b.split(".")
+    for x, y in zip(ta, tb, strict=False):
+        if ">" in (x, y):
+            return True
+        if x != y and "*" not in (x, y):
+            return False
+    return len(ta) == len(tb)
 
 
 #: Key of the Watermark record in the k8s and identities buckets (see messages.Watermark).

@@ -76,6 +76,13 @@ class _Endpoint:
     node: str = ""
 
 
+#: What the enricher reads of the k8s bucket (`Enricher.k8s_event`): Services and their EndpointSlices, not
+#: Pods (names come from the identities bucket's endpoint records, of every node)
+ENRICHER_K8S_KEYS = (subjects.k8s_keys("services"), subjects.k8s_keys("endpointslices"))
+#: ... and of the identities bucket (`Enricher.identities_event`): identities and endpoints, not the label index
+ENRICHER_IDENTITIES_KEYS = (subjects.IDENTITY_KEYS, subjects.ENDPOINT_KEYS)
+
+
 @dataclass
 class Enricher:
     """What a node knows about addresses and identities, kept current from KV watches."""

@@ -31,7 +31,7 @@ from propolis.bus.kv import EventType
 from propolis.bus.messages import FlowMessage
 from propolis.errors import TemporaryError, ValidationError
 from propolis.hubble.exporter import FlowExporter, parse_filter_list
-from propolis.hubble.flow import Enricher, enrich_proxy_flow, rfc3339
+from propolis.hubble.flow import ENRICHER_IDENTITIES_KEYS, ENRICHER_K8S_KEYS, Enricher, enrich_proxy_flow, rfc3339
 from propolis.hubble.metrics import FlowMetrics, parse_enabled
 from propolis.hubble.observer import DEFAULT_CAPACITY, LOST_PERF_RING, FlowSink, Observer
 from propolis.maps import events as ev
@@ -80,25 +80,26 @@ class EnricherComponent(Component):
         self.synced: set[str] = set()
 
     async def start(self, rt: Runtime) -> None:
-        feeds = ((subjects.IDENTITIES_BUCKET, self.enricher.identities_event),
-                 (subjects.IPCACHE_BUCKET, self.enricher.ipcache_event),
-                 (subjects.K8S_BUCKET, self.enricher.k8s_event),
-                 (subjects.CLUSTERMESH_CACHE_BUCKET, self.enricher.clustermesh_event),  # remote clusters' peers
-                 (subjects.WIREGUARD_BUCKET, self.enricher.wireguard_event),  # IP.encrypted: who runs cilium_wg0
-                 (subjects.FQDN_BUCKET, self.enricher.fqdn_event))  # destination_names: what DNS proxies learned
+        feeds: tuple[tuple[str, str | tuple[str, ...], Any], ...] = (
+            (subjects.IDENTITIES_BUCKET, ENRICHER_IDENTITIES_KEYS, self.enricher.identities_event),
+            (subjects.IPCACHE_BUCKET, ">", self.enricher.ipcache_event),
+            (subjects.K8S_BUCKET, ENRICHER_K8S_KEYS, self.enricher.k8s_event),  # no Pods: a node gets no Pod churn
+            (subjects.CLUSTERMESH_CACHE_BUCKET, ">", self.enricher.clustermesh_event),  # remote clusters' peers
+            (subjects.WIREGUARD_BUCKET, ">", self.enricher.wireguard_event),  # IP.encrypted: who runs cilium_wg0
+            (subjects.FQDN_BUCKET, ">", self.enricher.fqdn_event))  # destination_names: what DNS proxies learned
         self.feeds = len(feeds)
-        for bucket, feed in feeds:
-            rt.spawn(f"watch-{bucket}", self._watch(rt, bucket, feed), self)
+        for bucket, keys, feed in feeds:
+            rt.spawn(f"watch-{bucket}", self._watch(rt, bucket, keys, feed), self)
         self.set_degraded("waiting for buckets")
 
-    async def _watch(self, rt: Runtime, bucket: str, feed: Any) -> None:
+    async def _watch(self, rt: Runtime, bucket: str, keys: str | tuple[str, ...], feed: Any) -> None:
         while True:
             try:
                 kv = await rt.bus.kv(bucket)
                 break
             except TemporaryError:
                 await asyncio.sleep(1.0)
-        async for event in kv.watch(">"):
+        async for event in kv.watch(keys):
             if event.type is EventType.SYNCED:
                 self.synced.add(bucket)
                 if len(self.synced) == self.feeds:

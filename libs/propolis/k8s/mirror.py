@@ -56,9 +56,16 @@ TICK = 0.05
 WRITE_RETRY_MAX = 1.0
 
 
-def record_key(kind: Kind, obj: dict[str, Any]) -> str:
+def record_key(kind: Kind, obj: dict[str, Any]) -> str | None:
+    """The object's key in the bucket; None for a Pod not scheduled yet: a node-scoped key needs the node
+    (`subjects.NODE_SCOPED_KINDS`), and no reader needs such a Pod (no IP, no node to enforce on). It is
+    mirrored once scheduled (``spec.nodeName`` never changes after that, so neither does its key)."""
     meta = obj.get("metadata") or {}
-    return subjects.k8s_key(kind.plural, meta.get("namespace") if kind.namespaced else None, meta.get("name", ""))
+    namespace = meta.get("namespace") if kind.namespaced else None
+    if kind.plural in subjects.NODE_SCOPED_KINDS:
+        node = (obj.get("spec") or {}).get("nodeName") or ""
+        return subjects.k8s_key(kind.plural, namespace, meta.get("name", ""), node=node) if node else None
+    return subjects.k8s_key(kind.plural, namespace, meta.get("name", ""))
 
 
 #: The API store's identity: a new (not restored) store creates kube-system with a new uid.
@@ -238,7 +245,9 @@ class KvMirror:
         keys = set()
         async for objects in pages:
             for obj in objects:
-                keys.add(record_key(kind, obj))
+                key = record_key(kind, obj)
+                if key is not None:
+                    keys.add(key)
                 await self.apply(kind, "ADDED", obj)
         prefix = kind.plural + "."
         for key in [k for k in self.desired if k.startswith(prefix) and k not in keys]:
@@ -246,6 +255,8 @@ class KvMirror:
 
     async def apply(self, kind: Kind, event_type: str, obj: dict[str, Any]) -> None:
         key = record_key(kind, obj)
+        if key is None:
+            return  # a Pod not scheduled yet: mirrored once it is
         if key == KUBE_SYSTEM_KEY and event_type != "DELETED" and not self.store_reset:
             self._check_store_identity(self.desired.get(key), (obj.get("metadata") or {}).get("uid", ""))
         if event_type == "DELETED":

@@ -43,7 +43,7 @@ class PolicyInputsComponent(Component):
         k8s = await rt.bus.kv(subjects.K8S_BUCKET)
         ids = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
         ipcache = await rt.bus.kv(subjects.IPCACHE_BUCKET)
-        rt.spawn("inputs", self.policy.inputs.follow(k8s, ids), self)
+        rt.spawn("inputs", self.policy.inputs.follow(k8s, ids, node=self.policy.node), self)
         rt.spawn("ipcache", self._ipcache(ipcache), self)
         self.set_ok()
 

@@ -144,7 +144,7 @@ class InputsComponent(Component):
         ids = await rt.bus.kv(subjects.IDENTITIES_BUCKET)
         mesh = await rt.bus.kv(subjects.CLUSTERMESH_CACHE_BUCKET)  # remote clusters (empty without Cluster Mesh)
         fqdn = await rt.bus.kv(subjects.FQDN_BUCKET)  # the node's dns-proxy cache: what toFQDNs selects
-        rt.spawn("inputs", self.inputs.follow(k8s, ids, mesh), self)
+        rt.spawn("inputs", self.inputs.follow(k8s, ids, mesh, node=self.node), self)
         rt.spawn("fqdn-cache", self._follow_fqdn(fqdn), self)
 
     async def _follow_fqdn(self, kv: Any) -> None:

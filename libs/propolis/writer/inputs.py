@@ -36,6 +36,20 @@ from propolis.lb.desired import SERVICE_NAME_LABEL
 from propolis.model.types import NumericIdentity
 
 log = logging.getLogger("propolis.writer.inputs")
+
+#: The kinds `ClusterInputs.apply_k8s` reads from every node (Pods: only the node's own, `k8s_filters`).
+CLUSTER_KINDS = ("namespaces", "nodes", "services", "endpointslices", *POLICY_KINDS, "ciliumcidrgroups")
+#: What it reads of the identities bucket: identities, endpoints (every node's: ipcache rows and policy peers)
+#: and the owner's watermark (`WatermarkGate`); not the label index nor the GC lease.
+IDENTITIES_FILTERS = (subjects.IDENTITY_KEYS, subjects.ENDPOINT_KEYS, subjects.WATERMARK_KEY)
+
+
+def k8s_filters(node: str) -> tuple[str, ...]:
+    """What a node's `ClusterInputs` watches of the k8s bucket: its own node's Pods (HostPorts, bandwidth), the
+    `CLUSTER_KINDS` and the owner's watermark; not other nodes' Pods nor the watcher's lease, so a Pod update
+    reaches only its node."""
+    return (subjects.node_pods_keys(node), *(subjects.k8s_keys(kind) for kind in CLUSTER_KINDS),
+            subjects.WATERMARK_KEY)
 _Key = TypeVar("_Key", str, tuple[str, str])
 
 
@@ -299,11 +313,13 @@ class ClusterInputs:
         inputs._bump(policy=True)
         return inputs
 
-    async def follow(self, k8s: Kv, identities: Kv, clustermesh: Kv | None = None) -> None:
-        """Run the watches until cancelled (``clustermesh``: the cache of remote clusters, if any)."""
-        async def pump(kv: Kv, apply: Callable[[KvEvent], None]) -> None:
-            async for ev in kv.watch(">"):
+    async def follow(self, k8s: Kv, identities: Kv, clustermesh: Kv | None = None, *, node: str) -> None:
+        """Run the watches until cancelled: of the k8s and identities buckets only what ``node``'s services
+        read (`k8s_filters`, `IDENTITIES_FILTERS`); ``clustermesh``: the cache of remote clusters, if any."""
+        async def pump(kv: Kv, keys: str | tuple[str, ...], apply: Callable[[KvEvent], None]) -> None:
+            async for ev in kv.watch(keys):
                 apply(ev)
 
-        await asyncio.gather(pump(k8s, self.apply_k8s), pump(identities, self.apply_identities),
-                             *([pump(clustermesh, self.apply_clustermesh)] if clustermesh is not None else []))
+        await asyncio.gather(pump(k8s, k8s_filters(node), self.apply_k8s),
+                             pump(identities, IDENTITIES_FILTERS, self.apply_identities),
+                             *([pump(clustermesh, ">", self.apply_clustermesh)] if clustermesh is not None else []))

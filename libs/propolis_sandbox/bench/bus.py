@@ -111,7 +111,7 @@ async def _publish_updates(writer: Bus, bucket: str, keys: int, updates: int) ->
     """``updates`` puts, pipelined (core publishes into the bucket's stream, no ack waited for)."""
     data = codec.encode(_pod(0))
     for i in range(updates):
-        await writer.publish_raw(f"$KV.{bucket}.{subjects.k8s_key('pods', 'bench', f'pod-{i % keys}')}", data)
+        await writer.publish_raw(f"$KV.{bucket}.{subjects.k8s_key('pods', 'bench', f'pod-{i % keys}', node='n1')}", data)
     await writer.flush(30)
 
 
@@ -172,7 +172,7 @@ async def _watch_sync(bus: Bus, writer: Bus, keys: int, updates: int, rounds: in
     interleaved so machine noise hits both."""
     kv = await bus.kv(subjects.K8S_BUCKET)
     for i in range(keys):
-        await kv.put(subjects.k8s_key("pods", "bench", f"pod-{i}"), _pod(i))
+        await kv.put(subjects.k8s_key("pods", "bench", f"pod-{i}", node="n1"), _pod(i))
     flt = subjects.k8s_keys("pods", "bench")
     times: dict[str, list[_Round]] = {"Kv.watch": [], "nats-py KeyValue.watch": []}
     for _ in range(rounds):
