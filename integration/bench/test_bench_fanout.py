@@ -31,7 +31,7 @@ async def test_bench_fanout_tiny_run_counts_every_delivery(capsys):
     syncs = doc["initial_sync"]
     assert [(s["layout"], s["consumers"], s["complete"]) for s in syncs] == [
         ("full", 1, 1), ("per-node", 1, 1), ("full", 3, 3), ("per-node", 3, 3)]
-    assert all(s["failures"] == 0 and s["server_cpu_s"] > 0 for s in syncs)
+    assert all(s["failures"] == 0 for s in syncs)
     # whole bucket: every consumer reads all 200 keys; per-node: its own third of 180 plus the 20 shared ones
     assert [s["deliveries"] for s in syncs] == [200, 200, 600, 3 * 20 + 180]
     assert any(line.startswith("layout") for line in out[:-1])  # the table before the JSON
