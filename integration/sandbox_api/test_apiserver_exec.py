@@ -20,6 +20,7 @@ from propolis.connectivity.kube import ExecFailed, KubeCluster
 from propolis.connectivity.runner import workload
 from propolis.connectivity.scenarios import NAMESPACE
 from propolis.errors import CliError
+from propolis_sandbox.api_exec import ExecTarget
 from propolis_sandbox.apiserver import ApiServer
 from propolis_sandbox.netns import create_netns, delete_netns
 from propolis_sandbox.testing.tools import required_tool
@@ -42,7 +43,7 @@ def pod_netns() -> Iterator[str]:
 @pytest.fixture
 async def kube(tmp_path: Path, pod_netns: str) -> AsyncIterator[tuple[ApiServer, KubeCluster]]:
     """An API server whose every pod lives in ``pod_netns``, one Node, and the product's cluster on it."""
-    async with ApiServer(run_dir=tmp_path / "run", pod_netns=lambda namespace, pod: pod_netns) as srv:
+    async with ApiServer(run_dir=tmp_path / "run", exec_target=lambda pod: ExecTarget(pod_netns)) as srv:
         async with aiohttp.ClientSession() as http:
             node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
                     "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}]}}

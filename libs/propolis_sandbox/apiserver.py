@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -86,14 +87,14 @@ class ApiServer:
                  service_cidr: str = DEFAULT_SERVICE_CIDR, bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL_S,
                  history_limit: int = DEFAULT_HISTORY_LIMIT, cluster_name: str = "propolis-sandbox",
                  validate_policies: bool = True, data_dir: str | Path | None = None,
-                 pod_netns: Callable[[str, str], str] | None = None) -> None:
+                 exec_target: Callable[[dict[str, Any]], api_exec.ExecTarget] | None = None) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.data_dir = Path(data_dir) if data_dir is not None else None  # None: the store lives in memory only
         self.host = host
         self.requested_port = port
         self.bookmark_interval = bookmark_interval
         self.cluster_name = cluster_name
-        self.pod_netns = pod_netns  # (namespace, pod) -> its network namespace: what pods/exec runs in
+        self.exec_target = exec_target  # pod -> where pods/exec runs its command (its network namespace, cgroup)
         self.store = Store(history_limit=history_limit, validate_policies=validate_policies)
         self.allocator = ServiceAllocator(self.store, service_cidr)
         self.store.admissions += [self.allocator, PodUpdateRules()]
@@ -378,12 +379,14 @@ class ApiServer:
                                                       f"resource ({method} {resource.plural})")
 
     async def _exec(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
-        """pods/exec (api_exec.py): in the pod's network namespace, where the server knows how it is named."""
+        """pods/exec (api_exec.py): in the pod's network namespace and cgroup, where the server knows them."""
         pod = self.store.get(BY_KIND["Pod"], namespace, name)
-        if self.pod_netns is None:
+        if self.exec_target is None:
             raise ApiStatusError(400, "BadRequest", "this API server runs no pods (no --cluster-name of a sandbox): "
                                                     "pods/exec is not available")
-        return await api_exec.serve_exec(request, namespace, name, pod, self.pod_netns(namespace, name))
+        if not (pod.get("status") or {}).get("podIP"):
+            raise bad_request(f"pod {namespace}/{name} is not running (no pod IP yet)")
+        return await api_exec.serve_exec(request, namespace, name, pod, self.exec_target(pod))
 
     def _bind(self, namespace: str | None, name: str, body: Any, dry_run: bool) -> web.Response:
         """A scheduler's Binding (`pods/NAME/binding` or `bindings`): set spec.nodeName of an unbound pod."""
@@ -496,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="watch events kept for resuming; older resourceVersions get 410 Gone")
     parser.add_argument("--cluster-name", default="propolis-sandbox",
                         help="cluster/context name in the kubeconfig: the sandbox name (pods/exec finds pods by it)")
+    parser.add_argument("--nodes", type=int, default=SandboxConfig.nodes,
+                        help="the sandbox's node count (pods/exec in a hostNetwork pod runs in its node's namespace)")
     parser.add_argument("--data-dir", default=None,
                         help=f"where the store is kept on disk (default RUN_DIR/{DATA_DIR}); a restart resumes it")
     return parser
@@ -509,7 +514,8 @@ async def serve(args: argparse.Namespace) -> None:
     async with ApiServer(run_dir=args.run_dir, host=args.host, port=args.port, service_cidr=args.service_cidr,
                          bookmark_interval=args.bookmark_interval, history_limit=args.history_limit,
                          cluster_name=args.cluster_name, data_dir=args.data_dir or Path(args.run_dir) / DATA_DIR,
-                         pod_netns=SandboxConfig(name=args.cluster_name).pod_netns):
+                         exec_target=functools.partial(api_exec.sandbox_target,
+                                                       SandboxConfig(name=args.cluster_name, nodes=args.nodes))):
         await stop.wait()
 
 

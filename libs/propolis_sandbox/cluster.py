@@ -551,7 +551,7 @@ async def running_pods(api: Api, state: SandboxState) -> list[dict[str, Any]]:
     for pod in body.get("items", []):
         meta = pod.get("metadata", {})
         if pod.get("status", {}).get("podIP") and not meta.get("deletionTimestamp") and \
-                netns_mod.netns_exists(cfg.pod_netns(meta.get("namespace", "default"), meta["name"])):
+                netns_mod.netns_exists(cfg.pod_netns_of(pod)):
             pods.append(pod)
     return sorted(pods, key=lambda p: (p["metadata"].get("namespace", ""), p["metadata"]["name"]))
 

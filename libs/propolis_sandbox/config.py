@@ -37,6 +37,9 @@ UNDERLAY_SUPERNET = ipaddress.IPv4Network("172.30.0.0/16")
 POD_GATEWAY = "169.254.1.1"
 #: Environment variable set on every process a sandbox starts: `down` finds leftovers by it.
 SANDBOX_ENV = "PROPOLIS_SANDBOX"
+#: ... and the pod's uid on every process of a pod (its workload, what `pods/exec` runs): a hostNetwork pod has
+#: no namespace of its own, so its teardown finds its processes by this, not by the node's namespace.
+POD_UID_ENV = "PROPOLIS_POD_UID"
 MAX_NODES = 250
 NETNS_PREFIX = "pp-"
 #: `sandbox up --encryption`: "" = off; IPsec is absent (this kernel has no ESP to test it with).
@@ -197,6 +200,14 @@ class SandboxConfig:
         """The n-th /24 of the cluster CIDR (10.244.n.0/24 with the default)."""
         cluster = ipaddress.IPv4Network(self.cluster_cidr)
         return str(list(cluster.subnets(new_prefix=24))[n]) if cluster.prefixlen < 24 else str(cluster)
+
+    def pod_netns_of(self, pod: dict[str, Any]) -> str:
+        """The network namespace a pod's processes run in: its node's for `spec.hostNetwork` (no pod namespace
+        is made for it, as a runtime makes no sandbox netns), else its own."""
+        spec, meta = pod.get("spec") or {}, pod.get("metadata") or {}
+        if spec.get("hostNetwork"):
+            return self.node_netns(self.node_number(spec.get("nodeName") or ""))
+        return self.pod_netns(meta.get("namespace") or "default", meta.get("name") or "")
 
     def pod_netns(self, namespace: str, pod: str) -> str:
         """`pp-S-<podns>-<pod>`, hashed when the name would get unwieldy (keeps /run/netns readable)."""

@@ -61,7 +61,8 @@ JETSTREAM_READY_TIMEOUT_S = 30.0  # a fresh cluster elects its meta leader first
 def apiserver_command(cfg: SandboxConfig) -> list[str]:
     """The API server writes `<run dir>/kubeconfig` and `<run dir>/apiserver.url` when it listens."""
     return [sys.executable, "-m", "propolis_sandbox.apiserver", "--run-dir", str(cfg.run_dir),
-            "--service-cidr", cfg.service_cidr, "--cluster-name", cfg.name]
+            "--service-cidr", cfg.service_cidr, "--cluster-name", cfg.name,
+            "--nodes", str(cfg.nodes)]
 
 
 def cni_config(cfg: SandboxConfig, node: str, n: int, *, datapath_socket: bool) -> dict[str, Any]:

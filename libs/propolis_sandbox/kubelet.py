@@ -10,6 +10,10 @@ away through CNI DEL — must happen exactly as on a real node. Per pod:
 
 Deletion (a deletionTimestamp, or the object gone) runs the reverse: stop the
 server, CNI DEL, remove the namespace, then finalize (delete with grace 0).
+A `spec.hostNetwork` pod gets neither namespace nor CNI call: its server runs in
+the node's namespace (and, like every pod's, the node's cgroup), its podIP is the
+node's InternalIP, and its teardown stops only its own processes (found by
+`POD_UID_ENV`, never by the node's namespace).
 The loop is level-triggered: a watch event only marks a pod dirty and
 `sync_pod` compares what the API wants with what exists, so restarts adopt
 existing pods (records under /run/propolis/S/<node>/pods/) and failures retry
@@ -38,7 +42,7 @@ from propolis.cni.plugin import host_ifname
 from propolis.errors import TemporaryError, ValidationError
 from propolis_sandbox import cgroups, kube_api
 from propolis_sandbox import netns as netns_mod
-from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig
+from propolis_sandbox.config import POD_UID_ENV, SANDBOX_ENV, SandboxConfig
 from propolis_sandbox.kube_api import PODS
 
 log = logging.getLogger("propolis_sandbox.kubelet")
@@ -106,6 +110,7 @@ class PodRecord:
     echo_pid: int = 0
     ports: dict[str, list[int]] = field(default_factory=dict)
     workload: str = ""  # pod_workload(): "" = the echo server
+    host_network: bool = False  # spec.hostNetwork: `netns` is the node's, `ip` its InternalIP, no CNI
     cni_result: dict[str, Any] = field(default_factory=dict)
     started_at: str = ""
 
@@ -391,6 +396,11 @@ class Kubelet:
         record = PodRecord(namespace=namespace, name=name, uid=uid, container_id=container_id,
                            netns=self.cfg.pod_netns(namespace, name), host_ifname=host_ifname(container_id),
                            started_at=now_rfc3339())
+        tcp, udp = container_ports(obj)
+        record.ports = {"TCP": tcp, "UDP": udp, "GRPC": grpc_ports(obj)}
+        record.workload = pod_workload(obj)
+        if obj.get("spec", {}).get("hostNetwork"):
+            return await self.setup_host_network(key, record)
         if netns_mod.netns_exists(record.netns):  # remains of an interrupted setup: start clean
             try:
                 await self.cni.invoke("DEL", record)
@@ -398,9 +408,6 @@ class Kubelet:
                 log.info("kubelet %s: DEL of interrupted %s/%s: %s", self.node, namespace, name, exc)
             await asyncio.to_thread(netns_mod.terminate, netns_mod.pids_in_netns([record.netns]), timeout=3.0)
             await asyncio.to_thread(netns_mod.delete_netns, record.netns)
-        tcp, udp = container_ports(obj)
-        record.ports = {"TCP": tcp, "UDP": udp, "GRPC": grpc_ports(obj)}
-        record.workload = pod_workload(obj)
         if self.datapath_socket_required and not self.cfg.datapath_socket(self.node).exists():
             raise TemporaryError(f"datapath service socket {self.cfg.datapath_socket(self.node)} not there yet")
         await asyncio.to_thread(netns_mod.create_netns, record.netns)
@@ -420,6 +427,21 @@ class Kubelet:
         log.info("kubelet %s: pod %s/%s up at %s", self.node, namespace, name, record.ip)
         return record
 
+    async def setup_host_network(self, key: tuple[str, str], record: PodRecord) -> PodRecord:
+        """A hostNetwork pod: the node's namespace and InternalIP, no CNI (a real kubelet starts these even
+        before the pod network is ready). The node's resolv.conf is left alone (ClusterFirst on the host
+        network falls back to the node's DNS)."""
+        record.host_network, record.host_ifname = True, ""
+        record.netns, record.ip = self.node_netns, self.cfg.node_ip(self.node_number)
+        # remains of an interrupted setup (a server started, its record not yet written): start clean
+        leftovers = await asyncio.to_thread(netns_mod.pids_with_env, POD_UID_ENV, record.uid)
+        await asyncio.to_thread(netns_mod.terminate, leftovers, timeout=3.0)
+        self.records[key] = record
+        self._save(record)
+        await self._start_echo(key, record)
+        log.info("kubelet %s: hostNetwork pod %s/%s up at %s", self.node, *key, record.ip)
+        return record
+
     async def _start_echo(self, key: tuple[str, str], record: PodRecord) -> None:
         # in the node's cgroup, as kubepods under a node's root: socket LB sees the pods' sockets and leaves
         # them to the per-packet path (another network namespace: hostNamespaceOnly)
@@ -430,7 +452,7 @@ class Kubelet:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=logf, start_new_session=True,
-                env=dict(os.environ, **{SANDBOX_ENV: self.cfg.name}))
+                env=dict(os.environ, **{SANDBOX_ENV: self.cfg.name, POD_UID_ENV: record.uid}))
         assert proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), ECHO_READY_TIMEOUT_S)
@@ -465,17 +487,22 @@ class Kubelet:
         return netns_mod.netns_exec_argv(record.netns, argv)
 
     async def teardown(self, key: tuple[str, str], record: PodRecord | None) -> None:
-        """Stop the server, CNI DEL, remove the namespace; each step tolerates 'already gone'."""
+        """Stop the pod's processes, CNI DEL, remove the namespace; each step tolerates 'already gone'.
+        A hostNetwork pod shares the node's namespace: only its own processes go, the namespace stays."""
         proc = self.echo_procs.pop(key, None)
         pids = [record.echo_pid] if record and record.echo_pid and _pid_alive(record.echo_pid) else []
-        pod_netns = record.netns if record else self.cfg.pod_netns(*key)
-        pids += netns_mod.pids_in_netns([pod_netns])
+        if record is not None:
+            pids += await asyncio.to_thread(netns_mod.pids_with_env, POD_UID_ENV, record.uid)
+        pod_netns = None if record and record.host_network else record.netns if record else self.cfg.pod_netns(*key)
+        if pod_netns is not None:
+            pids += netns_mod.pids_in_netns([pod_netns])
         await asyncio.to_thread(netns_mod.terminate, pids, timeout=3.0)
         if proc is not None:
             await proc.wait()
-        if record is not None:
-            await self.cni.invoke("DEL", record)
-        await asyncio.to_thread(netns_mod.delete_netns, pod_netns)
+        if pod_netns is not None:
+            if record is not None:
+                await self.cni.invoke("DEL", record)
+            await asyncio.to_thread(netns_mod.delete_netns, pod_netns)
         self.records.pop(key, None)
         self._record_path(key).unlink(missing_ok=True)
         log.info("kubelet %s: pod %s/%s torn down", self.node, *key)
