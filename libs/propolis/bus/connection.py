@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError
 
-from propolis.bus import codec, subjects
+from propolis.bus import codec, relay, subjects
 from propolis.bus.kv import Kv
 from propolis.errors import PermanentError, TemporaryError
 
@@ -204,6 +204,7 @@ class Bus:
         except BucketNotFoundError:
             if not create:
                 raise TemporaryError(f"KV bucket {bucket} does not exist yet") from None
+            await self._refuse_bucket_on_relay(bucket)
             cfg = subjects.BUCKETS[bucket]
             config = js_api.KeyValueConfig(bucket=bucket, history=cfg.history, ttl=cfg.ttl_s, replicas=replicas,
                                            direct=True)
@@ -214,6 +215,17 @@ class Bus:
             except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
                 raise TemporaryError(f"create KV bucket {bucket}: {exc}") from exc
         return Kv(self, bucket, store)
+
+    async def _refuse_bucket_on_relay(self, bucket: str) -> None:
+        """A relay holds mirrors of the hub's buckets (`bus/relay.py`): a bucket created there would
+        silently split the cluster's state, so its absence is the relay's mirror not being there yet."""
+        try:
+            domain = (await self.jetstream_info()).domain
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise TemporaryError(f"create KV bucket {bucket}: no JetStream answer: {exc}") from exc
+        if relay.is_relay_domain(domain):
+            raise PermanentError(f"create KV bucket {bucket}: {self.url} is relay {domain!r}, which only "
+                                 "mirrors the hub's buckets (create them on the hub; the relay's mirrors follow)")
 
     async def jetstream_info(self) -> js_api.AccountInfo:
         """This account's JetStream usage (streams, consumers, storage); raises when JetStream is away."""

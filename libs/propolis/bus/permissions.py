@@ -56,14 +56,16 @@ def service_of(user: str) -> tuple[str, str | None]:
     return service, node or None
 
 
-def publish_allow(service: str, node: str = "*") -> list[str]:
+def publish_allow(service: str, node: str = "*", *, kv_prefix: str = "") -> list[str]:
     """The subjects ``service`` (on ``node``) may publish to. A service the ownership table
-    (`subjects.slices`) does not name may read and write nothing, not even its heartbeat."""
+    (`subjects.slices`) does not name may read and write nothing, not even its heartbeat.
+    ``kv_prefix``: what a relay maps KV writes to (`relay.kv_write_prefix`): a server checks
+    permissions on the mapped subject, so a relay's users are allowed the mapped key subjects."""
     sl = subjects.slices(node).get(service)
     allow = list(READER_API)
     if sl is None:
         return allow
-    allow += [f"$KV.{bucket}.{keys}" for bucket, keys in sl.kv_writes]
+    allow += [f"{kv_prefix}$KV.{bucket}.{keys}" for bucket, keys in sl.kv_writes]
     allow += list(sl.publishes)
     return allow
 
@@ -85,17 +87,18 @@ def remote_users(services: list[str]) -> list[str]:
     return [subjects.CLUSTERMESH_REMOTE_USER] if "clustermesh-apiserver" in services else []
 
 
-def server_config(users: dict[str, Credentials], *, admin: Credentials) -> str:
+def server_config(users: dict[str, Credentials], *, admin: Credentials, kv_prefix: str = "") -> str:
     """nats-server config text. ``users`` maps user name (``service``, or ``service@node`` for one
     node's instance, whose per-node slices then name that node) -> credentials. Connections without
-    valid credentials are refused."""
+    valid credentials are refused. ``kv_prefix``: see `publish_allow` (a relay's config)."""
     entries: list[dict[str, object]] = [
         {"user": admin.user, "password": admin.password},  # admin: everything
     ]
     for name, cred in users.items():
         service, node = service_of(name)
         perms = (remote_reader_permissions() if service == subjects.CLUSTERMESH_REMOTE_USER else
-                 {"publish": {"allow": publish_allow(service, node or "*")}, "subscribe": {"allow": [">"]}})
+                 {"publish": {"allow": publish_allow(service, node or "*", kv_prefix=kv_prefix)},
+                  "subscribe": {"allow": [">"]}})
         entries.append({"user": cred.user, "password": cred.password, "permissions": perms})
     # JSON is valid nats-server config syntax.
     return "authorization " + json.dumps({"users": entries}, indent=2) + "\n"
