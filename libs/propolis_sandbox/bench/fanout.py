@@ -141,7 +141,7 @@ async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int,
         return on_msg
 
     policy = DeliverPolicy.NEW if mode == "steady" else DeliverPolicy.LAST_PER_SUBJECT
-    for node in nodes:
+    async def watch(node: int) -> None:
         # one consumer per node even with two filters (NATS 2.10 filter_subjects): the server caps a stream
         # at 1,000 consumers here, so two watches per node would stop a 1,000-node cluster at 500 nodes
         subjects = [f"$KV.{bucket}.{flt}" for flt in _filters(layout, node)]
@@ -149,6 +149,10 @@ async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int,
         await js.subscribe(subjects[0], cb=handler(node), ordered_consumer=True, config=config,
                            deliver_policy=policy, pending_msgs_limit=1_000_000, inactive_threshold=2.0,
                            pending_bytes_limit=512 * 1024 * 1024)
+
+    # all at once, as rebooting nodes do (one after the other, a worker's last consumer was created minutes
+    # after its first while the first ones' deliveries filled its connection)
+    await asyncio.gather(*(watch(node) for node in nodes))
     print("ready", flush=True)
     if mode == "sync":  # done when every node holds every key (or gives up: the missing ones count as failures)
         try:
@@ -312,7 +316,7 @@ async def initial_sync(url: str, server_pid: int, layout: str, keys: int, consum
     workers = Workers(url, layout, consumers, "sync", keys=keys)
     peak, aborted = rss_before, ""
     try:
-        await asyncio.get_running_loop().run_in_executor(None, workers.wait_ready)
+        await asyncio.get_running_loop().run_in_executor(None, workers.wait_ready, SYNC_TIMEOUT_S)
         while any(proc.poll() is None for proc in workers.procs):  # each exits once its nodes hold their keys
             peak = max(peak, rss_mb(server_pid))
             if peak > SYNC_RSS_ABORT_MB:
@@ -365,7 +369,12 @@ async def run(nodes: list[int], rates: list[int], seconds: float, sync_keys: lis
                         nc = await nats.connect(url)
                         await _make_buckets(nc.jetstream())
                         await nc.close()
-                        sync_rows.append(await initial_sync(url, pid, layout, keys, consumers))
+                        try:
+                            sync_rows.append(await initial_sync(url, pid, layout, keys, consumers))
+                        except Exception as exc:  # noqa: BLE001 - an overloaded point is a figure too: marked
+                            sync_rows.append({"part": "initial sync", "layout": layout, "keys": keys,
+                                              "consumers": consumers, "failures": consumers,
+                                              "mark": f"FAILED: {type(exc).__name__}: {exc}"[:120]})
                         print(json.dumps(sync_rows[-1]), file=sys.stderr, flush=True)
         finally:
             await server.stop()
