@@ -64,7 +64,7 @@ def supervisor_alive(state: SandboxState) -> bool:
 def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_cidr: str | None = None,
        services: str = "all", timeout: float = UP_TIMEOUT_S, encryption: str | None = None,
        cluster_id: int = 0, encryption_strict_mode: bool = False,
-       encryption_node_encryption: bool = False, nats_replicas: int = 1) -> SandboxState:
+       encryption_node_encryption: bool = False, nats_replicas: int = 1, nats_relays: int = 0) -> SandboxState:
     """Start sandbox `name` in the background and return its ready state. Idempotent."""
     validate_sandbox_name(name)
     started = time.monotonic()
@@ -86,6 +86,9 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
             if nats_replicas != cfg.nats_replicas:
                 raise ValidationError("nats_replicas", f"sandbox {name!r} is already up with {cfg.nats_replicas} "
                                                        f"NATS servers; `propolis sandbox down --name {name}` first")
+            if nats_relays != cfg.nats_relays:
+                raise ValidationError("nats_relays", f"sandbox {name!r} is already up with {cfg.nats_relays} NATS "
+                                                     f"relays; `propolis sandbox down --name {name}` first")
             return existing
         return _wait_ready(name, timeout)
     if existing is not None or _leftovers_exist(name):
@@ -96,6 +99,7 @@ def up(name: str, *, nodes: int = 2, cluster_cidr: str | None = None, service_ci
         cfg.encryption_strict_mode, cfg.encryption_node_encryption = encryption_strict_mode, encryption_node_encryption
         cfg.cluster_id = cluster_id
         cfg.nats_replicas = nats_replicas
+        cfg.nats_relays = nats_relays
         cfg.__post_init__()  # validates the encryption type, cluster id and NATS replicas
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         SandboxState(config=_config_dict(cfg)).save(cfg.state_path)
@@ -139,6 +143,8 @@ def _config_dict(cfg: SandboxConfig) -> dict[str, Any]:
         out["cluster_id"] = cfg.cluster_id
     if cfg.nats_replicas != 1:  # only when clustered
         out["nats_replicas"] = cfg.nats_replicas
+    if cfg.nats_relays:  # only with a relay tier
+        out["nats_relays"] = cfg.nats_relays
     return out
 
 

@@ -82,6 +82,9 @@ class SandboxConfig:
     #: nats-server processes, and replicas of every KV bucket: 1, or a JetStream cluster of 3 or 5 on loopback
     #: (`sandbox up --nats-replicas 3`, as the chart's nats.replicas)
     nats_replicas: int = 1
+    #: relays (`sandbox up --nats-relays N`, as the chart's nats.relays): leafnode servers holding mirrors of the
+    #: buckets, node n's services connected to relay (n - 1) % N + 1 (`nats_relays.py`); 0 = none
+    nats_relays: int = 0
 
     def __post_init__(self) -> None:
         validate_sandbox_name(self.name)
@@ -89,6 +92,10 @@ class SandboxConfig:
             raise ValidationError("cluster_id", f"must be 1-255 (0 = no Cluster Mesh), got {self.cluster_id}")
         if self.nats_replicas not in (1, 3, 5):
             raise ValidationError("nats_replicas", f"must be 1, 3 or 5 (a JetStream quorum), got {self.nats_replicas}")
+        if not 0 <= self.nats_relays <= self.nodes:
+            raise ValidationError("nats_relays", f"must be 0-{self.nodes} (at most one per node), got {self.nats_relays}")
+        if self.nats_relays and self.nats_replicas != 1:
+            raise ValidationError("nats_relays", "relays run with a single hub server (--nats-replicas 1) for now")
         if self.encryption not in ENCRYPTION_TYPES:
             raise ValidationError("encryption", f"must be one of {', '.join(t or '(none)' for t in ENCRYPTION_TYPES)}, "
                                                 f"got {self.encryption!r}")
@@ -255,6 +262,7 @@ class SandboxState:
     nats_url: str = ""
     nats_pid: int = 0  # the first server's (all of them: nats_servers)
     nats_servers: list[dict[str, Any]] = field(default_factory=list)  # {url, pid, dir} per nats-server
+    nats_relays: list[dict[str, Any]] = field(default_factory=list)  # {url, pid, dir} per relay (nats_relays.py)
     apiserver_url: str = ""
     apiserver_pid: int = 0
     kubeconfig: str = ""

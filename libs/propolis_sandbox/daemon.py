@@ -38,7 +38,7 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 import propolis
-from propolis.bus import permissions, subjects
+from propolis.bus import permissions, relay, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.messages import Heartbeat
 from propolis.errors import TemporaryError
@@ -49,6 +49,7 @@ from propolis_sandbox.config import SANDBOX_ENV, SandboxConfig, SandboxState
 from propolis_sandbox.kube_api import NODES, PODS, SERVICES
 from propolis_sandbox.kubelet import Kubelet, Scheduler
 from propolis_sandbox.nats_cluster import NatsServers
+from propolis_sandbox.nats_relays import NatsRelays
 
 log = logging.getLogger("propolis_sandbox.daemon")
 
@@ -174,6 +175,7 @@ class Supervisor:
         self.cfg = self.state.sandbox()
         self.service_defs: list[SuiteService] = [s for s in selected(services) if s.runs_in(self.cfg)]
         self.nats: NatsServers | None = None
+        self.relays: NatsRelays | None = None  # `sandbox up --nats-relays N`
         self.nats_users: dict[str, permissions.Credentials] = {}  # service user name -> credentials
         self.bus: Bus | None = None
         self.apiserver: SupervisedProcess | None = None
@@ -189,7 +191,7 @@ class Supervisor:
         cfg = self.cfg
         return {
             "sandbox": cfg.name, "node": node, "node_netns": cfg.node_netns(n) if n else "",
-            "kubeconfig": self.state.kubeconfig, "nats_url": self.state.nats_url, "run_dir": str(cfg.run_dir),
+            "kubeconfig": self.state.kubeconfig, "nats_url": self.nats_url(n), "run_dir": str(cfg.run_dir),
             "pin_dir": str(cfg.pin_dir(node)) if node else "", "datapath_socket": str(cfg.datapath_socket(node)) if node else "",
             "apiserver_url": self.state.apiserver_url, "node_ip": cfg.node_ip(n) if n else "",
             "pod_cidr": cfg.pod_cidr(n) if n else "", "cluster_cidr": cfg.cluster_cidr, "service_cidr": cfg.service_cidr,
@@ -197,6 +199,11 @@ class Supervisor:
             "encryption_node_encryption": cfg.encryption_node_encryption,
             "cgroup": str(cgroups.node_cgroup(cfg.name, node)) if n else "",
         }
+
+    def nats_url(self, n: int) -> str:
+        """Where node ``n``'s services connect: its relay with a relay tier, else (and for the cluster-scoped
+        services, ``n`` = 0) the hub."""
+        return self.relays.for_node(n).url if self.relays is not None and n else self.state.nats_url
 
     def save(self, status: str | None = None, error: str = "") -> None:
         if status:
@@ -234,14 +241,23 @@ class Supervisor:
             if svc.name not in subjects.slices():
                 log.warning("%s has no slice in bus/subjects.py: its NATS user may read but write nothing", svc.name)
         self.state.nats_credentials = str(cfg.nats_credentials)
+        hub_config = ""
+        if cfg.nats_relays:
+            self.relays = NatsRelays(cfg.nats_dir, count=cfg.nats_relays, users=self.nats_users, admin=admin,
+                                     log_dir=cfg.log_dir)
+            hub_config = self.relays.hub_config()
         self.nats = NatsServers(cfg.nats_dir, replicas=cfg.nats_replicas, cluster_name=f"propolis-{cfg.name}",
-                                log_dir=cfg.log_dir,
-                                config_text=permissions.server_config(self.nats_users, admin=admin))
+                                log_dir=cfg.log_dir, domain=relay.HUB_DOMAIN if self.relays else None,
+                                config_text=permissions.server_config(self.nats_users, admin=admin) + hub_config)
         self.state.nats_url = await self.nats.start()
         self._record_nats()
         self.bus = self.state.admin_bus(f"sandbox-supervisor@{cfg.name}")
         await self.bus.connect(max_wait=10)
         await self._create_buckets()
+        if self.relays is not None:
+            await self.relays.start()
+            self.state.nats_relays = self.relays.describe()
+            self.tasks.append(asyncio.create_task(self._supervise_relays(), name="supervise-nats-relays"))
         self.save()
         self.tasks.append(asyncio.create_task(self._supervise_nats(), name="supervise-nats"))
 
@@ -310,6 +326,20 @@ class Supervisor:
                     raise TemporaryError(f"JetStream not ready within {JETSTREAM_READY_TIMEOUT_S:g}s: {exc}") from exc
                 log.info("JetStream not ready yet (%s); retrying", exc or type(exc).__name__)
                 await asyncio.sleep(0.5)
+
+    async def _supervise_relays(self) -> None:
+        """The relays' own supervision, and state.json's record of their pids after a restart."""
+        assert self.relays is not None
+        supervise = asyncio.create_task(self.relays.supervise(), name="nats-relays")
+        try:
+            while not supervise.done():
+                await asyncio.sleep(1.0)
+                if self.relays.describe() != self.state.nats_relays:
+                    self.state.nats_relays = self.relays.describe()
+                    self.save()
+            supervise.result()
+        finally:
+            supervise.cancel()
 
     async def _supervise_nats(self) -> None:
         """Restart a dead nats-server on the same ports and JetStream store, as its StatefulSet would:
@@ -497,6 +527,8 @@ class Supervisor:
                 await self.bus.close()
             except Exception:  # noqa: BLE001
                 pass
+        if self.relays is not None:
+            await self.relays.stop()
         if self.nats is not None:
             await self.nats.stop()
 

@@ -49,7 +49,8 @@ def leftovers(name: str) -> dict[str, list[str]]:
 def running_sandbox(*, nodes: int = 2, services: str = "none", name: str | None = None,
                     cluster_cidr: str | None = None, encryption: str | None = None,
                     cluster_id: int = 0, encryption_strict_mode: bool = False,
-                    encryption_node_encryption: bool = False, nats_replicas: int = 1) -> Iterator[SandboxState]:
+                    encryption_node_encryption: bool = False, nats_replicas: int = 1,
+                    nats_relays: int = 0) -> Iterator[SandboxState]:
     """``encryption=None``: a full-suite sandbox (services "all") follows $PROPOLIS_TEST_ENCRYPTION, so CI can
     run every cross-node packet test both ways (`PROPOLIS_TEST_ENCRYPTION=wireguard pytest integration`)."""
     name = name or unique_name()
@@ -60,7 +61,8 @@ def running_sandbox(*, nodes: int = 2, services: str = "none", name: str | None 
     try:
         yield cluster.up(name, nodes=nodes, services=services, cluster_cidr=cluster_cidr, encryption=encryption,
                          cluster_id=cluster_id, encryption_strict_mode=encryption_strict_mode,
-                         encryption_node_encryption=encryption_node_encryption, nats_replicas=nats_replicas)
+                         encryption_node_encryption=encryption_node_encryption, nats_replicas=nats_replicas,
+                         nats_relays=nats_relays)
     finally:
         keep = os.environ.get(KEEP_LOGS_ENV)
         if keep and (RUN_ROOT / name / "logs").is_dir():

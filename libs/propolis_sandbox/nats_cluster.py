@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from propolis.bus import relay
 from propolis.bus.embedded import EmbeddedNats
 
 #: Server limits, the same as the chart's `nats.limits` (helm/propolis/values.yaml). Why: the server's memory
@@ -34,8 +35,11 @@ MAX_MEMORY_STORE = "256MB"
 REPLICA_COUNTS = (1, 3, 5)
 
 
-def limits_config() -> str:
-    """The server-limit lines of a nats-server config (GOMEMLIMIT goes in the environment: `server_env`)."""
+def limits_config(domain: str | None = None) -> str:
+    """The server-limit lines of a nats-server config (GOMEMLIMIT goes in the environment: `server_env`);
+    ``domain``: the JetStream domain, in the same block (a relay tier's hub or relay: `bus/relay.py`)."""
+    if domain:
+        return f"max_pending: {MAX_PENDING}\n" + relay.jetstream_config(domain, max_memory_store=MAX_MEMORY_STORE)
     return f"max_pending: {MAX_PENDING}\njetstream {{\n  max_memory_store: {MAX_MEMORY_STORE}\n}}\n"
 
 
@@ -69,11 +73,12 @@ class NatsServers:
     """The sandbox's nats-server processes: one (``replicas=1``, store in ``run_dir`` as before) or a
     JetStream cluster of ``replicas`` servers named ``<cluster_name>-<n>``."""
 
-    def __init__(self, run_dir: Path, *, replicas: int, config_text: str, cluster_name: str, log_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, replicas: int, config_text: str, cluster_name: str, log_dir: Path,
+                 domain: str | None = None) -> None:
         if replicas not in REPLICA_COUNTS:
             raise ValueError(f"nats replicas: must be one of {REPLICA_COUNTS}, got {replicas}")
         self.replicas = replicas
-        base = config_text + limits_config()
+        base = config_text + limits_config(domain)
         if replicas == 1:
             self.servers = [EmbeddedNats(run_dir, config_text=base, env=server_env(),
                                          log_file=str(log_dir / "nats-server.log"))]

@@ -49,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--nats-replicas", type=int, choices=(1, 3, 5), default=1,
                    help="nats-server processes: 3 or 5 = a JetStream cluster on loopback, every KV bucket "
                         "replicated on each (as the chart's nats.replicas); default %(default)s")
+    p.add_argument("--nats-relays", type=int, default=0,
+                   help="NATS relays: leafnode servers holding mirrors of the KV buckets, node services connected "
+                        "to one (round-robin), cluster services to the hub (as the chart's nats.relays); "
+                        "default %(default)s = none")
     p.set_defaults(func=cmd_up)
 
     p = verbs.add_parser("down", help="stop everything and remove every namespace, veth, pin and run dir")
@@ -159,11 +163,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     state = cluster.up(args.name, nodes=args.nodes, cluster_cidr=args.cluster_cidr, service_cidr=args.service_cidr,
                        services=args.services, timeout=args.timeout, encryption=args.encryption,
                        cluster_id=args.cluster_id, encryption_strict_mode=args.encryption_strict_mode,
-                       encryption_node_encryption=args.encryption_node_encryption, nats_replicas=args.nats_replicas)
+                       encryption_node_encryption=args.encryption_node_encryption, nats_replicas=args.nats_replicas,
+                       nats_relays=args.nats_relays)
     cfg = state.sandbox()
     print(f"sandbox {cfg.name} ready: {cfg.nodes} nodes, cluster CIDR {cfg.cluster_cidr}")
     print(f"kubeconfig: {state.kubeconfig}")
     print(f"NATS: {state.nats_url}")
+    if state.nats_relays:
+        print(f"NATS relays: {', '.join(r['url'] for r in state.nats_relays)}")
     return 0
 
 
