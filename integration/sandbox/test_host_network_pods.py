@@ -2,7 +2,8 @@
 namespace; the pod's processes (its workload, what `pods/exec` runs) live in the node's network namespace and
 cgroup, so they see the node's interfaces and socket LB serves their Service connections; podIP = hostIP = the
 node's InternalIP; deleting the pod stops only its own processes; the pod is no endpoint (no endpoint record,
-no identity, no ipcache row: its address stays the node's, host on its node and remote-node elsewhere).
+no identity, no ipcache row: its address stays the node's, host on its node and remote-node elsewhere, and
+Hubble shows its traffic as the node's).
 
 The pods are in the connectivity test's namespace so the product's kubeconfig client (`connectivity/kube.py`,
 which runs `node:N` probes by exec in such a pod) drives the exec."""
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -123,6 +126,10 @@ async def test_host_network_pod_is_the_node(sandbox):
         assert not [r for r in rows if r.ip == node_ip], rows
         assert pinned_ipcache(n1).get(f"{node_ip}/32") == RESERVED_HOST
         assert pinned_ipcache(n2).get(f"{node_ip}/32") == RESERVED_REMOTE_NODE
+        # ... and Hubble shows its connection to `web` (on node 2) as from the remote node, not a pod
+        from_node = await wait_until(lambda: _flows_from(sandbox, node_ip, "web"), "web's flows from the node")
+        assert all(f["source"]["identity"] == RESERVED_REMOTE_NODE and "pod_name" not in f["source"]
+                   and f["source"]["labels"] == ["reserved:remote-node"] for f in from_node), from_node[0]
 
         # deletion stops its own processes (the workload and a running exec), nothing else of the node
         running_exec = asyncio.create_task(kube.exec(HOST_POD, ["sleep", "120"], timeout=150))
@@ -151,6 +158,15 @@ async def _gone(state, name: str) -> bool:
     async with cluster.Api(state.apiserver_url) as api:
         body = await api.list(KINDS["Pod"], NAMESPACE)
     return name not in {p["metadata"]["name"] for p in body.get("items", [])}
+
+
+async def _flows_from(state, ip: str, pod: str) -> list[dict]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "propolis.cli.main", "observe", "-o", "json", "--to-pod", f"{NAMESPACE}/{pod}",
+        "--last", "500", stdout=asyncio.subprocess.PIPE, env={**os.environ, "PROPOLIS_SANDBOX_NAME": state.config["name"]})
+    out, _ = await proc.communicate()
+    flows = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    return [f for f in flows if (f.get("IP") or {}).get("source") == ip]
 
 
 def _cmdline(pid: int) -> str:
