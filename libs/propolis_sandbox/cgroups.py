@@ -5,10 +5,10 @@ of every process in the cgroup they are attached to and below. On a real node th
 root cgroup; here every process of the machine (every sandbox, every test run) is in the root, so
 each node gets a cgroup of its own, the datapath-writer attaches there (`--cgroup-root`), and
 everything the node runs is started inside it: its suite services, its listeners (10250, 22), its
-pods' workloads (as kubepods sit under a node's root), `sandbox exec node:X` and probes from
-`node:X`. Processes running *in* the node but in another network namespace (the services act on
-the node from the root namespace; pods have their own) are left alone by the programs
-(hostNamespaceOnly), as on a real node.
+pods' workloads and `pods/exec` commands (as kubepods sit under a node's root; a hostNetwork pod's
+in the node's namespace too), `sandbox exec node:X` and probes from `node:X`. Processes running *in*
+the node but in another network namespace (the services act on the node from the root namespace;
+pods have their own) are left alone by the programs (hostNamespaceOnly), as on a real node.
 
 `down` kills whatever is still in a node's cgroup (cgroup.kill) and removes the cgroups.
 """
