@@ -1,7 +1,7 @@
 """The chart's parts that come from the product's tables, and the check that they are current.
 
 `python helm/generate.py` rewrites helm/propolis/crds/ (the cilium.io/v2 CRDs, from the tables below) and
-helm/propolis/files/nats-permissions.json from
+helm/propolis/files/nats-permissions.json (and nats-relay-permissions.json, the relays' users) from
 libs/propolis/bus/permissions.py (one user per service of the suite list, publish rights =
 `publish_allow(service)`; per-node services get the any-node slice, since a chart cannot know its nodes).
 `python helm/generate.py --check` fails when the file is stale or a service of the suite list
@@ -17,22 +17,30 @@ from pathlib import Path
 
 import yaml
 
+from propolis.bus import relay
 from propolis.bus.permissions import publish_allow
 from propolis.suite import SUITE_SERVICES
 
 CHART = Path(__file__).resolve().parent / "propolis"
 PERMISSIONS_FILE = CHART / "files" / "nats-permissions.json"
+#: The same users on a relay (nats.relays): KV writes allowed on the subjects the relay maps them to.
+RELAY_PERMISSIONS_FILE = CHART / "files" / "nats-relay-permissions.json"
 
 
-def nats_permissions() -> dict[str, object]:
+def nats_permissions(kv_prefix: str = "") -> dict[str, object]:
     """What the chart's NATS users Secret is built from (passwords are added at install)."""
     return {"users": [{"user": s.name,
-                       "permissions": {"publish": {"allow": publish_allow(s.name)}, "subscribe": {"allow": [">"]}}}
+                       "permissions": {"publish": {"allow": publish_allow(s.name, kv_prefix=kv_prefix)},
+                                       "subscribe": {"allow": [">"]}}}
                       for s in SUITE_SERVICES]}
 
 
-def render_permissions() -> str:
-    return json.dumps(nats_permissions(), indent=2) + "\n"
+def render_permissions(kv_prefix: str = "") -> str:
+    return json.dumps(nats_permissions(kv_prefix), indent=2) + "\n"
+
+
+def generated_permission_files() -> dict[Path, str]:
+    return {PERMISSIONS_FILE: render_permissions(), RELAY_PERMISSIONS_FILE: render_permissions(relay.KV_WRITE_PREFIX)}
 
 
 # --- cilium.io/v2 CRDs: structural schemas, so the API server checks types, enums and shapes ---------------
@@ -161,8 +169,9 @@ def subchart_definitions() -> dict[str, dict[str, object]]:
 def problems() -> list[str]:
     """Everything that makes the chart disagree with the suite list."""
     found = []
-    if not PERMISSIONS_FILE.exists() or PERMISSIONS_FILE.read_text() != render_permissions():
-        found.append(f"{PERMISSIONS_FILE.relative_to(CHART.parent.parent)} is stale: run `python helm/generate.py`")
+    for path, text in generated_permission_files().items():
+        if not path.exists() or path.read_text() != text:
+            found.append(f"{path.relative_to(CHART.parent.parent)} is stale: run `python helm/generate.py`")
     for name, crd in crds().items():
         path = CHART / "crds" / name
         if not path.exists() or path.read_text() != render_crd(crd):
@@ -198,7 +207,8 @@ def main(argv: list[str]) -> int:
         for p in found:
             print(p, file=sys.stderr)
         return 1 if found else 0
-    PERMISSIONS_FILE.write_text(render_permissions())
+    for path, text in generated_permission_files().items():
+        path.write_text(text)
     for name, crd in crds().items():
         (CHART / "crds" / name).write_text(render_crd(crd))
     print(f"wrote {PERMISSIONS_FILE}")

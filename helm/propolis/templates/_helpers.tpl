@@ -23,6 +23,37 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 
 {{- define "propolis.natsName" -}}{{ .Release.Name }}-nats{{- end }}
 {{- define "propolis.natsAuthSecret" -}}{{ .Release.Name }}-nats-auth{{- end }}
+{{- define "propolis.natsRelayName" -}}{{ .Release.Name }}-nats-relay{{- end }}
+
+{{/* Where the per-node services connect with nats.relays.enabled: the relay Service's ClusterIP (the same
+     environment-variable route, and the same kube-proxy caveat, as propolis.natsUrl). */}}
+{{- define "propolis.natsRelayUrl" -}}
+{{- $host := printf "$(%s_SERVICE_HOST)" (include "propolis.natsRelayName" . | upper | replace "-" "_") -}}
+{{ if .Values.nats.tls.enabled }}tls{{ else }}nats{{ end }}://{{ $host }}:{{ .Values.nats.relays.port }}
+{{- end }}
+
+{{/* The PROPOLIS_NATS_URL of a service: per-node services use a relay when there are relays. */}}
+{{- define "propolis.serviceNatsUrl" -}}
+{{- if and (eq .scope "node") .root.Values.nats.relays.enabled -}}
+{{ include "propolis.natsRelayUrl" .root }}
+{{- else -}}
+{{ include "propolis.natsUrl" .root }}
+{{- end }}
+{{- end }}
+
+{{/* A server's `authorization` block: the admin and one user per service, with the permissions of `file`
+     (files/nats-permissions.json, or files/nats-relay-permissions.json on a relay; helm/generate.py) and
+     `passwords` (propolis.natsPasswords, computed once per render: a second call draws new ones). */}}
+{{- define "propolis.natsAuthorization" -}}
+{{- $passwords := .passwords -}}
+{{- $perms := .root.Files.Get .file | fromJson -}}
+{{- $users := list (dict "user" "admin" "password" $passwords.admin) -}}
+{{- range $perms.users -}}
+{{- $password := get $passwords .user | required (printf "NATS user %s (files/nats-permissions.json) has no subchart charts/%s" .user .user) -}}
+{{- $users = append $users (merge (dict "password" $password) .) -}}
+{{- end -}}
+authorization {{ toPrettyJson (dict "users" $users) | replace "\\u003e" ">" | replace "\\u003c" "<" | replace "\\u0026" "&" }}
+{{- end }}
 
 {{/* Services reach NATS through its ClusterIP, from the service environment variables Kubernetes injects
      (no cluster DNS needed), unless nats.url names an address. Known gap (docs/architecture.md, Delivery):
@@ -54,6 +85,7 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 {{- $out := dict -}}
 {{- $users := list "admin" -}}
 {{- range $sub := .Subcharts }}{{ $users = append $users $sub.Values.name }}{{ end -}}
+{{- if .Values.nats.relays.enabled }}{{ $users = append $users "relay" }}{{ end -}}
 {{- range $user := $users -}}
 {{- $key := printf "password-%s" $user -}}
 {{- $_ := set $out $user (get $data $key | b64dec | default (randAlphaNum 32)) -}}

@@ -12,7 +12,7 @@ import time
 
 from nats.aio.msg import Msg
 
-from propolis.bus import codec, subjects
+from propolis.bus import codec, relay, subjects
 from propolis.bus.connection import Bus
 from propolis.bus.kv import EventType
 from propolis.cli.common import add_sandbox_flag, connect_bus, print_json, resolve_nats
@@ -42,6 +42,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     boot.add_argument("--replicas", type=int, default=1, help="copies of each bucket on a NATS cluster")
     boot.add_argument("--wait", type=float, default=60.0, help="how long to wait for NATS to answer [s]")
     boot.set_defaults(func=bootstrap_cmd)
+
+    mirrors = verbs.add_parser("relay-mirrors", help="keep a NATS relay's mirrors of every KV bucket in place "
+                                                     "(admin credentials; runs until stopped): the chart's relay "
+                                                     "pods run it beside their nats-server")
+    mirrors.add_argument("--wait", type=float, default=60.0, help="how long to wait for the relay to answer [s]")
+    mirrors.add_argument("--interval", type=float, default=relay.MIRROR_CHECK_INTERVAL_S,
+                         help="seconds between two checks of the mirrors (default %(default)s)")
+    mirrors.set_defaults(func=relay_mirrors_cmd)
 
 
 async def tail_cmd(args: argparse.Namespace) -> int:
@@ -83,6 +91,20 @@ async def bootstrap_cmd(args: argparse.Namespace) -> int:
         if bus.is_connected:
             await bus.close()
     print_json({"buckets": sorted(subjects.BUCKETS), "replicas": args.replicas})
+    return 0
+
+
+async def relay_mirrors_cmd(args: argparse.Namespace) -> int:
+    url, user, password = resolve_nats(args)
+    bus = Bus(url, name="propolis-relay-mirrors", user=user, password=password)
+    try:
+        await bus.connect(max_wait=args.wait)
+        await relay.run_mirrors(bus, args.interval)
+    except TemporaryError as exc:
+        raise CliError(f"relay mirrors at {url}: {exc}") from exc
+    finally:
+        if bus.is_connected:
+            await bus.close()
     return 0
 
 
