@@ -152,7 +152,11 @@ async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int,
 
     # all at once, as rebooting nodes do (one after the other, a worker's last consumer was created minutes
     # after its first while the first ones' deliveries filled its connection)
-    await asyncio.gather(*(watch(node) for node in nodes))
+    try:
+        await asyncio.gather(*(watch(node) for node in nodes))
+    except Exception as exc:  # noqa: BLE001 - the driver reports why this worker could not start its consumers
+        print(f"failed: {type(exc).__name__}: {exc}", flush=True)
+        return
     print("ready", flush=True)
     if mode == "sync":  # done when every node holds every key (or gives up: the missing ones count as failures)
         try:
@@ -340,6 +344,26 @@ async def initial_sync(url: str, server_pid: int, layout: str, keys: int, consum
             "mark": aborted or ("" if complete == consumers else "FAILED: not every consumer synced")}
 
 
+async def _sync_point(layout: str, keys: int, consumers: int) -> dict[str, Any]:
+    """One initial-sync point on a server of its own: its RSS peak is this point's, not what an earlier
+    point left in the server's Go heap (which it returns to the OS only slowly)."""
+    import nats
+    with tempfile.TemporaryDirectory(prefix="propolis-fanout-sync-") as tmp:
+        server = EmbeddedNats(Path(tmp))
+        url = await server.start()
+        assert server.proc is not None
+        try:
+            nc = await nats.connect(url)
+            await _make_buckets(nc.jetstream())
+            await nc.close()
+            return await initial_sync(url, server.proc.pid, layout, keys, consumers)
+        except Exception as exc:  # noqa: BLE001 - an overloaded point is a figure too: marked
+            return {"part": "initial sync", "layout": layout, "keys": keys, "consumers": consumers,
+                    "failures": consumers, "mark": f"FAILED: {type(exc).__name__}: {exc}"[:200]}
+        finally:
+            await server.stop()
+
+
 async def run(nodes: list[int], rates: list[int], seconds: float, sync_keys: list[int], sync_consumers: list[int],
               sync_layouts: tuple[str, ...] = LAYOUTS) -> int:
     rows: list[dict[str, Any]] = []
@@ -363,21 +387,13 @@ async def run(nodes: list[int], rates: list[int], seconds: float, sync_keys: lis
                             rows.append({"layout": layout, "nodes": n, "updates_per_s": rate, "failures": 1,
                                          "mark": f"FAILED: {type(exc).__name__}: {exc}"[:120]})
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            for keys in sync_keys:
-                for consumers in sync_consumers:
-                    for layout in sync_layouts:  # side by side, each on a fresh bucket
-                        nc = await nats.connect(url)
-                        await _make_buckets(nc.jetstream())
-                        await nc.close()
-                        try:
-                            sync_rows.append(await initial_sync(url, pid, layout, keys, consumers))
-                        except Exception as exc:  # noqa: BLE001 - an overloaded point is a figure too: marked
-                            sync_rows.append({"part": "initial sync", "layout": layout, "keys": keys,
-                                              "consumers": consumers, "failures": consumers,
-                                              "mark": f"FAILED: {type(exc).__name__}: {exc}"[:120]})
-                        print(json.dumps(sync_rows[-1]), file=sys.stderr, flush=True)
         finally:
             await server.stop()
+    for keys in sync_keys:
+        for consumers in sync_consumers:
+            for layout in sync_layouts:  # side by side
+                sync_rows.append(await _sync_point(layout, keys, consumers))
+                print(json.dumps(sync_rows[-1]), file=sys.stderr, flush=True)
     if sync_rows:
         print_table(sync_rows, ["part", "layout", "keys", "consumers", "deliveries", "complete", "p50_s", "last_s",
                                 "server_rss_before_mb", "server_rss_peak_mb", "server_cpu_s", "us_per_delivery",
