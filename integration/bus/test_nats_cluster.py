@@ -67,6 +67,27 @@ async def stream_current(bus: Bus, stream: str) -> bool:
             and all(peer.current and not peer.offline for peer in group.replicas or []))
 
 
+async def kill_leader(bus: Bus, state: SandboxState, stream: str) -> tuple[int, dict[str, Any]]:
+    """SIGKILL the server leading ``stream``; returns its index and its state.json record."""
+    leader = (await bus.js.stream_info(stream)).cluster.leader
+    index = int(leader.rsplit("-", 1)[1]) - 1  # servers are named <cluster>-<n>
+    victim = fresh_state(state).nats_servers[index]
+    os.kill(victim["pid"], signal.SIGKILL)
+    return index, victim
+
+
+async def rejoined(bus: Bus, state: SandboxState, index: int, victim: dict[str, Any],
+                   buckets: list[str]) -> None:
+    """The supervisor restarted the killed server on its port and it is current again on every bucket."""
+    async def restarted() -> bool:
+        now = fresh_state(state).nats_servers[index]
+        return now["url"] == victim["url"] and now["pid"] != victim["pid"] and alive(now["pid"])
+    await until("the supervisor restarting the killed server on its port", restarted, timeout=30)
+    for bucket in buckets:
+        await until(f"KV_{bucket} current on every server again",
+                    lambda b=bucket: stream_current(bus, f"KV_{b}"), timeout=60)
+
+
 async def until(what: str, predicate: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -140,10 +161,7 @@ async def test_a_server_killed_under_load_loses_nothing_and_rejoins(sandbox: San
             stop = asyncio.Event()
             load = [asyncio.create_task(apply_policies(stop)), asyncio.create_task(put_directly(stop))]
             await asyncio.sleep(LOAD_BEFORE_KILL_S)
-            leader = (await bus.js.stream_info(f"KV_{subjects.K8S_BUCKET}")).cluster.leader
-            index = int(leader.rsplit("-", 1)[1]) - 1  # servers are named <cluster>-<n>
-            victim = sandbox.nats_servers[index]
-            os.kill(victim["pid"], signal.SIGKILL)
+            index, victim = await kill_leader(bus, sandbox, f"KV_{subjects.K8S_BUCKET}")
             killed_at = time.monotonic()
             await asyncio.sleep(LOAD_AFTER_KILL_S)
             stop.set()
@@ -168,13 +186,7 @@ async def test_a_server_killed_under_load_loses_nothing_and_rejoins(sandbox: San
                                        "ingress": [{"fromEndpoints": [sel(app="nobody")]}]})
             assert not await w.step("after the kill", [("a/client", "a/server", 8080, "TCP", NO)], apply=[deny])
 
-        async def restarted() -> bool:
-            now = fresh_state(sandbox).nats_servers[index]
-            return now["url"] == victim["url"] and now["pid"] != victim["pid"] and alive(now["pid"])
-        await until("the supervisor restarting the killed server on its port", restarted, timeout=30)
-        for bucket in [*subjects.BUCKETS, TEST_BUCKET]:
-            await until(f"KV_{bucket} current on every server again",
-                        lambda b=bucket: stream_current(bus, f"KV_{b}"), timeout=60)
+        await rejoined(bus, sandbox, index, victim, [*subjects.BUCKETS, TEST_BUCKET])
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -182,3 +194,18 @@ async def test_a_server_killed_under_load_loses_nothing_and_rejoins(sandbox: San
             await bus.js.delete_key_value(TEST_BUCKET)
         finally:
             await bus.close()
+
+
+async def test_sandbox_wait_rides_out_the_heartbeat_stream_electing_a_leader(sandbox: SandboxState) -> None:
+    """`sandbox wait` right after the heartbeat stream's leader died: its reads time out until the two
+    servers left elect another (Raft, several seconds), and it must read again until its own deadline.
+    It used to end at the first unanswered read, 5 s after the kill ("within 60s: no heartbeats read
+    (nats: timeout)"), which made the test above flaky when the election outlasted its load phase."""
+    bus = sandbox.admin_bus("test-nats-cluster-wait")
+    await bus.connect(max_wait=10)
+    try:
+        index, victim = await kill_leader(bus, sandbox, f"KV_{subjects.HEARTBEATS_BUCKET}")
+        await cluster.wait(sandbox, timeout=60)
+        await rejoined(bus, sandbox, index, victim, list(subjects.BUCKETS))
+    finally:
+        await bus.close()

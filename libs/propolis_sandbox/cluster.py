@@ -596,7 +596,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
     or stuck NATS fails it on time, saying how far each reporter got."""
     from propolis.runtime.heartbeats import is_live, newest, read_heartbeats
 
-    seen: dict[str, Any] = {"target": "?", "progress": {}, "reasons": {}}
+    seen: dict[str, Any] = {"target": "?", "progress": {}, "reasons": {}, "unanswered": ""}
     bus = state.admin_bus("propolis-sandbox-wait")
 
     async def caught_up() -> dict[str, str]:
@@ -606,7 +606,13 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
         await bus.connect(max_wait=timeout)
         while True:
             now = time.time()
-            live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now)]  # a dead instance says nothing
+            try:
+                live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now)]  # a dead instance says nothing
+            except readiness.NATS_UNANSWERED as exc:  # e.g. a stream leader election: read again
+                seen["unanswered"] = str(exc) or type(exc).__name__
+                await asyncio.sleep(0.25)
+                continue
+            seen["unanswered"] = ""
             latest = {(s, n): newest(live, s, n) for s, n in wanted}
             seen["reasons"] = {f"{s}/{n}": "; ".join(c.get("reason", "") for c in hb.components.values()
                                                     if c.get("reason"))
@@ -624,6 +630,8 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
         behind = [k for k, rv in progress.items() if not revision_at_least(rv, seen["target"])]
         detail = (", ".join(f"{k} at {progress[k] or 'nothing'}" + (f" ({reasons[k]})" if reasons.get(k) else "")
                             for k in behind) if progress else f"no heartbeats read ({exc or 'NATS too slow'})")
+        if seen["unanswered"]:
+            detail += f"; NATS did not answer the last heartbeat read: {seen['unanswered']}"
         raise CliError(f"not caught up with resourceVersion {seen['target']} within {timeout:.0f}s: {detail}") from None
     finally:
         await bus.close(timeout=0.5)

@@ -11,8 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 
-from propolis.errors import CliError
+import nats.errors
+
+from propolis.errors import CliError, TemporaryError
 from propolis_sandbox.config import SandboxState
+
+#: What one heartbeat read meets while a NATS cluster has no leader for the heartbeat stream (a server died:
+#: its Raft group elects another after several seconds, more on a loaded machine): JetStream requests time
+#: out. A wait reads again until its own deadline instead of ending at the first unanswered request (that
+#: ended `sandbox wait` 5 s after a server was killed, saying "within 60s: no heartbeats read (nats: timeout)").
+NATS_UNANSWERED = (TimeoutError, TemporaryError, nats.errors.Error)
 
 
 def describe(service: str, node: str, hb: object | None) -> str:
@@ -35,7 +43,11 @@ async def wait_healthy(state: SandboxState, *, timeout: float) -> None:
         await bus.connect(max_wait=timeout)
         while True:
             now = time.time()
-            live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now)]
+            try:
+                live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now)]
+            except NATS_UNANSWERED:
+                await asyncio.sleep(0.25)
+                continue
             latest = {pair: newest(live, *pair) for pair in wanted}
             not_ready.clear()
             not_ready.update({pair: hb for pair, hb in latest.items() if hb is None or hb.health != "ok"})
