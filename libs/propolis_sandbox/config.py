@@ -94,8 +94,6 @@ class SandboxConfig:
             raise ValidationError("nats_replicas", f"must be 1, 3 or 5 (a JetStream quorum), got {self.nats_replicas}")
         if not 0 <= self.nats_relays <= self.nodes:
             raise ValidationError("nats_relays", f"must be 0-{self.nodes} (at most one per node), got {self.nats_relays}")
-        if self.nats_relays and self.nats_replicas != 1:
-            raise ValidationError("nats_relays", "relays run with a single hub server (--nats-replicas 1) for now")
         if self.encryption not in ENCRYPTION_TYPES:
             raise ValidationError("encryption", f"must be one of {', '.join(t or '(none)' for t in ENCRYPTION_TYPES)}, "
                                                 f"got {self.encryption!r}")

@@ -241,14 +241,13 @@ class Supervisor:
             if svc.name not in subjects.slices():
                 log.warning("%s has no slice in bus/subjects.py: its NATS user may read but write nothing", svc.name)
         self.state.nats_credentials = str(cfg.nats_credentials)
-        hub_config = ""
         if cfg.nats_relays:
             self.relays = NatsRelays(cfg.nats_dir, count=cfg.nats_relays, users=self.nats_users, admin=admin,
-                                     log_dir=cfg.log_dir)
-            hub_config = self.relays.hub_config()
+                                     log_dir=cfg.log_dir, hub_servers=cfg.nats_replicas)
         self.nats = NatsServers(cfg.nats_dir, replicas=cfg.nats_replicas, cluster_name=f"propolis-{cfg.name}",
                                 log_dir=cfg.log_dir, domain=relay.HUB_DOMAIN if self.relays else None,
-                                config_text=permissions.server_config(self.nats_users, admin=admin) + hub_config)
+                                server_config=self.relays.hub_config if self.relays else None,
+                                config_text=permissions.server_config(self.nats_users, admin=admin))
         self.state.nats_url = await self.nats.start()
         self._record_nats()
         self.bus = self.state.admin_bus(f"sandbox-supervisor@{cfg.name}")

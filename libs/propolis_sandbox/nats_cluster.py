@@ -16,6 +16,7 @@ import asyncio
 import json
 import secrets
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,16 @@ class NatsServers:
     JetStream cluster of ``replicas`` servers named ``<cluster_name>-<n>``."""
 
     def __init__(self, run_dir: Path, *, replicas: int, config_text: str, cluster_name: str, log_dir: Path,
-                 domain: str | None = None) -> None:
+                 domain: str | None = None, server_config: Callable[[int], str] | None = None) -> None:
+        """``domain``: the JetStream domain; ``server_config(n)``: config of server n (1-based) alone (a relay
+        tier's leafnode listener, one port per server: `nats_relays.py`)."""
         if replicas not in REPLICA_COUNTS:
             raise ValueError(f"nats replicas: must be one of {REPLICA_COUNTS}, got {replicas}")
         self.replicas = replicas
         base = config_text + limits_config(domain)
+        own = [server_config(n) if server_config else "" for n in range(1, replicas + 1)]
         if replicas == 1:
-            self.servers = [EmbeddedNats(run_dir, config_text=base, env=server_env(),
+            self.servers = [EmbeddedNats(run_dir, config_text=base + own[0], env=server_env(),
                                          log_file=str(log_dir / "nats-server.log"))]
             return
         route_ports = free_loopback_ports(replicas)
@@ -88,7 +92,7 @@ class NatsServers:
         self.servers = []
         for n, port in enumerate(route_ports, start=1):
             routes = cluster_config(cluster_name, f"{cluster_name}-{n}", port, route_ports, route_user, route_password)
-            self.servers.append(EmbeddedNats(run_dir / f"nats-{n}", config_text=base + routes, env=server_env(),
+            self.servers.append(EmbeddedNats(run_dir / f"nats-{n}", config_text=base + routes + own[n - 1], env=server_env(),
                                              log_file=str(log_dir / f"nats-server-{n}.log")))
 
     @property

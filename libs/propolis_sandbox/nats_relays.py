@@ -35,13 +35,13 @@ class NatsRelays:
     """``count`` relay servers for one hub; `hub_config` goes into the hub's config before it starts."""
 
     def __init__(self, run_dir: Path, *, count: int, users: dict[str, Credentials], admin: Credentials,
-                 log_dir: Path) -> None:
+                 log_dir: Path, hub_servers: int = 1) -> None:
         if count < 1:
             raise ValueError(f"nats relays: at least 1, got {count}")
         self.admin = admin
         self.leaf = Credentials(relay.LEAFNODE_USER, secrets.token_hex(16))
-        (self.leafnode_port,) = free_loopback_ports(1)
-        hub = [f"127.0.0.1:{self.leafnode_port}"]
+        self.leafnode_ports = free_loopback_ports(hub_servers)  # one per hub server; a relay fails over between them
+        hub = [f"127.0.0.1:{port}" for port in self.leafnode_ports]
         self.servers = [EmbeddedNats(run_dir / relay.relay_domain(n), env=server_env(),
                                      log_file=str(log_dir / f"nats-{relay.relay_domain(n)}.log"),
                                      config_text=relay.relay_config(users, admin=admin, hub_leafnodes=hub, leaf=self.leaf)
@@ -49,9 +49,9 @@ class NatsRelays:
                         for n in range(1, count + 1)]
         self.buses: list[Bus] = []
 
-    def hub_config(self) -> str:
-        """The hub's leafnode listener for these relays."""
-        return relay.hub_leafnode_config(f"127.0.0.1:{self.leafnode_port}", self.leaf)
+    def hub_config(self, n: int) -> str:
+        """Hub server n's (1-based) leafnode listener for these relays."""
+        return relay.hub_leafnode_config(f"127.0.0.1:{self.leafnode_ports[n - 1]}", self.leaf)
 
     def for_node(self, n: int) -> EmbeddedNats:
         """The relay serving node ``n`` (1-based)."""
@@ -67,15 +67,18 @@ class NatsRelays:
             await bus.connect(max_wait=10)
             self.buses.append(bus)
         deadline = time.monotonic() + MIRRORS_READY_TIMEOUT_S
-        for bus in self.buses:
-            while True:
+        for bus in self.buses:  # clients come only once the mirrors caught up: a partial one would prune
+            behind: object = "not ensured yet"
+            while behind:
                 try:
                     await relay.ensure_mirrors(bus)
-                    break
+                    behind = await relay.mirrors_behind(bus)
                 except TemporaryError as exc:  # the leafnode is not connected yet
-                    if time.monotonic() > deadline:
-                        raise TemporaryError(f"relay {bus.url}: mirrors not ready within "
-                                             f"{MIRRORS_READY_TIMEOUT_S:g}s: {exc}") from exc
+                    behind = exc
+                if behind and time.monotonic() > deadline:
+                    raise TemporaryError(f"relay {bus.url}: mirrors not caught up with the hub within "
+                                         f"{MIRRORS_READY_TIMEOUT_S:g}s: {behind}")
+                if behind:
                     await asyncio.sleep(0.1)
 
     async def supervise(self) -> None:

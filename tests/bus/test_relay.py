@@ -106,9 +106,17 @@ class Follower:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def test_relay_mirrors_serve_watch_snapshot_and_writes(hub_and_relay: HubAndRelay) -> None:
+async def test_relay_mirrors_serve_watch_snapshot_and_writes(hub_and_relay: HubAndRelay, tmp_path: Path) -> None:
     env = hub_and_relay
     assert await relay.ensure_mirrors(env.relay_admin) == [], "a second ensure changes nothing"
+    ready = tmp_path / "ready"
+    keeper = asyncio.create_task(relay.run_mirrors(env.relay_admin, 0.1, ready_file=ready), name="test-mirrors")
+
+    async def is_ready() -> bool:
+        return ready.exists()
+    await _until(is_ready, "the relay-mirrors ready file")
+    keeper.cancel()
+    await asyncio.gather(keeper, return_exceptions=True)
     hub_kv = await env.hub_admin.kv(BUCKET)
     service = await _connect(env.relay.url, env.writer, WRITER)
     try:
@@ -155,12 +163,18 @@ async def _absent(kv: Kv, key: str) -> bool:
 
 async def test_relay_never_creates_a_bucket_of_its_own(hub_and_relay: HubAndRelay) -> None:
     env = hub_and_relay
+    await (await env.hub_admin.kv(BUCKET)).put("pods.ns.a", Watermark(1, 0.0))
     await env.relay_admin.js.delete_stream(f"KV_{BUCKET}")
+    assert await relay.mirrors_behind(env.relay_admin) == [BUCKET]
     with pytest.raises(TemporaryError, match="does not exist yet"):
         await env.relay_admin.kv(BUCKET)
     with pytest.raises(PermanentError, match="relay 'relay-1'"):
         await env.relay_admin.kv(BUCKET, create=True)
     assert await relay.ensure_mirrors(env.relay_admin) == [BUCKET]
+
+    async def caught_up() -> bool:
+        return await relay.mirrors_behind(env.relay_admin) == []
+    await _until(caught_up, "the re-made mirror caught up with the hub")
     with pytest.raises(PermanentError, match="not a relay"):
         await relay.ensure_mirrors(env.hub_admin)
 

@@ -44,7 +44,11 @@ def test_no_relays_by_default() -> None:
 
 def test_relays_render_the_relay_users_and_point_node_services_at_them() -> None:
     conf, secret, docs = nats_objects(RELAYS, "nats.relays.replicas=2")
-    assert objects(docs, "Deployment", "propolis-nats-relay")["spec"]["replicas"] == 2
+    deployment = objects(docs, "Deployment", "propolis-nats-relay")
+    assert deployment["spec"]["replicas"] == 2
+    mirrors = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "mirrors")
+    ready_file = mirrors["command"][mirrors["command"].index("--ready-file") + 1]
+    assert mirrors["readinessProbe"]["exec"]["command"] == ["test", "-f", ready_file]  # clients only once caught up
     assert f"domain: {relay.HUB_DOMAIN}" in conf and "leafnodes {" in conf
     relay_conf = objects(docs, "ConfigMap", "propolis-nats-relay")["data"]["nats.conf"]
     assert "mappings " + json.dumps({"$KV.>": f"{relay.KV_WRITE_PREFIX}$KV.>"}) in relay_conf

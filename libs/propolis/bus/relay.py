@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import nats
@@ -54,7 +55,7 @@ LEAFNODE_USER = "relay"
 LEAFNODE_PORT = 7422
 #: How often `run_mirrors` re-checks the mirrors (a bucket the hub created later, a relay restarted
 #: on an empty store).
-MIRROR_CHECK_INTERVAL_S = 10.0
+MIRROR_CHECK_INTERVAL_S = 5.0
 
 
 def relay_domain(index: int) -> str:
@@ -106,7 +107,8 @@ def mirror_config(bucket: str) -> js_api.StreamConfig:
 async def ensure_mirrors(bus: Bus) -> list[str]:
     """Make every bucket's mirror on the relay ``bus`` is connected to (as the admin); idempotent.
     Returns the buckets whose mirror was created or updated. Raises PermanentError when ``bus`` is not
-    on a relay or a stream is in the way, TemporaryError when the hub lacks a bucket or does not answer."""
+    on a relay or a stream is in the way, TemporaryError when the hub lacks a bucket or does not answer
+    (after trying every bucket: one slow answer does not hold the others back)."""
     try:
         domain = (await bus.jetstream_info()).domain
     except (TimeoutError, nats.errors.Error) as exc:
@@ -114,10 +116,15 @@ async def ensure_mirrors(bus: Bus) -> list[str]:
     if not is_relay_domain(domain):
         raise PermanentError(f"relay mirrors: {bus.url} is in JetStream domain {domain!r}, not a relay's "
                              f"({RELAY_DOMAIN_PREFIX}<n>)")
-    changed = []
+    changed, failed = [], []
     for bucket in subjects.BUCKETS:
-        if await ensure_mirror(bus, bucket):
-            changed.append(bucket)
+        try:
+            if await ensure_mirror(bus, bucket):
+                changed.append(bucket)
+        except TemporaryError as exc:
+            failed.append(str(exc))
+    if failed:
+        raise TemporaryError(f"relay at {bus.url}: " + "; ".join(failed))
     return changed
 
 
@@ -132,11 +139,12 @@ async def ensure_mirror(bus: Bus, bucket: str) -> bool:
         except nats.js.errors.NotFoundError:
             raise TemporaryError(f"relay mirror {stream}: the hub has no bucket {bucket} yet") from None
         try:
-            have = (await bus.js.stream_info(stream)).config
+            info = await bus.js.stream_info(stream)
         except nats.js.errors.NotFoundError:
             await bus.js.add_stream(want)
             log.info("relay: mirror %s created", stream)
             return True
+        have = info.config
         mirror = have.mirror
         if mirror is None or mirror.name != stream or mirror.external is None or mirror.external.api != HUB_API:
             raise PermanentError(f"relay mirror {stream}: a stream of that name exists and is not a mirror of "
@@ -157,14 +165,54 @@ async def ensure_mirror(bus: Bus, bucket: str) -> bool:
         raise PermanentError(f"relay mirror {stream}: refused: {exc}") from exc
 
 
-async def run_mirrors(bus: Bus, interval: float = MIRROR_CHECK_INTERVAL_S) -> None:
+async def mirrors_behind(bus: Bus) -> list[str]:
+    """The buckets whose mirror on this relay is behind the hub's stream (missing, or its last sequence
+    below the hub's as asked now; a mirror keeps the hub's sequence numbers): empty when every mirror
+    has caught up.
+
+    Why it matters: a watch started on a mirror still filling sees part of the bucket, and its SYNCED
+    would let a writer prune kernel state the rest of the bucket still wants (a relay whose store was
+    lost, the chart's emptyDir). Clients may use a relay only once this is empty (the sandbox waits for
+    it, the chart's readiness probe asks `propolis bus relay-mirrors` for it)."""
+    behind = []
+    hub = bus.nc.jetstream(domain=HUB_DOMAIN)
+    for bucket in subjects.BUCKETS:
+        stream = f"KV_{bucket}"
+        try:
+            want = (await hub.stream_info(stream)).state.last_seq
+            have = (await bus.js.stream_info(stream)).state.last_seq
+        except nats.js.errors.NotFoundError:
+            behind.append(bucket)
+            continue
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise TemporaryError(f"relay at {bus.url}: mirror {stream}: {exc or type(exc).__name__}") from exc
+        if have < want:
+            behind.append(bucket)
+    return behind
+
+
+async def run_mirrors(bus: Bus, interval: float = MIRROR_CHECK_INTERVAL_S, *, ready_file: Path | None = None) -> None:
     """Keep the relay's mirrors in place for as long as it runs (reconciler-style: ensure, wait, again);
-    a missing hub bucket or an unreachable hub is retried, a stream in the way is logged every round."""
+    a missing hub bucket or an unreachable hub is retried, a stream in the way is logged every round.
+    ``ready_file`` exists while the relay may take clients: from the round its mirrors caught up with the
+    hub (`mirrors_behind`) until one had to be made anew."""
+    ready = False
     while True:
         try:
             changed = await ensure_mirrors(bus)
             if changed:
                 log.info("relay: mirrors ensured (%s)", ", ".join(changed))
+                ready = False
+            if not ready:
+                behind = await mirrors_behind(bus)
+                ready = not behind
+                log.info("relay: mirrors caught up with the hub" if ready else "relay: mirrors behind the hub: %s",
+                         ", ".join(behind))
+            if ready_file is not None:
+                if ready:
+                    ready_file.touch()
+                else:
+                    ready_file.unlink(missing_ok=True)
         except TemporaryError as exc:
             log.warning("%s; retrying in %.0fs", exc, interval)
         except PermanentError as exc:

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 from nats.aio.msg import Msg
 
@@ -49,6 +50,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mirrors.add_argument("--wait", type=float, default=60.0, help="how long to wait for the relay to answer [s]")
     mirrors.add_argument("--interval", type=float, default=relay.MIRROR_CHECK_INTERVAL_S,
                          help="seconds between two checks of the mirrors (default %(default)s)")
+    mirrors.add_argument("--ready-file", type=Path, default=None,
+                         help="a file that exists while every mirror has caught up with the hub (for a readiness "
+                              "probe: clients must not sync from a mirror still filling)")
     mirrors.set_defaults(func=relay_mirrors_cmd)
 
 
@@ -99,7 +103,7 @@ async def relay_mirrors_cmd(args: argparse.Namespace) -> int:
     bus = Bus(url, name="propolis-relay-mirrors", user=user, password=password)
     try:
         await bus.connect(max_wait=args.wait)
-        await relay.run_mirrors(bus, args.interval)
+        await relay.run_mirrors(bus, args.interval, ready_file=args.ready_file)
     except TemporaryError as exc:
         raise CliError(f"relay mirrors at {url}: {exc}") from exc
     finally:
