@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -145,10 +146,22 @@ async def _worker(url: str, layout: str, nodes: list[int], mode: str, keys: int,
         # one consumer per node even with two filters (NATS 2.10 filter_subjects): the server caps a stream
         # at 1,000 consumers here, so two watches per node would stop a 1,000-node cluster at 500 nodes
         subjects = [f"$KV.{bucket}.{flt}" for flt in _filters(layout, node)]
-        config = ConsumerConfig(filter_subjects=subjects) if len(subjects) > 1 else None
-        await js.subscribe(subjects[0], cb=handler(node), ordered_consumer=True, config=config,
-                           deliver_policy=policy, pending_msgs_limit=1_000_000, inactive_threshold=2.0,
-                           pending_bytes_limit=512 * 1024 * 1024)
+        deadline = time.monotonic() + SYNC_TIMEOUT_S
+        while True:
+            # a fresh config each attempt: nats-py writes the deliver inbox into it, and a timed-out attempt's
+            # consumer may exist on the server (until its inactive threshold) delivering to that inbox
+            config = ConsumerConfig(filter_subjects=subjects) if len(subjects) > 1 else None
+            try:
+                await js.subscribe(subjects[0], cb=handler(node), ordered_consumer=True, config=config,
+                                   deliver_policy=policy, pending_msgs_limit=1_000_000, inactive_threshold=2.0,
+                                   pending_bytes_limit=512 * 1024 * 1024)
+                return
+            except (TimeoutError, nats.errors.Error):
+                if time.monotonic() > deadline:
+                    raise
+                # a busy server answers a consumer creation late: try again after a random delay, as the
+                # product's watches do (`Kv.watch`), instead of losing the node
+                await asyncio.sleep(random.uniform(0.0, 0.5))
 
     # all at once, as rebooting nodes do (one after the other, a worker's last consumer was created minutes
     # after its first while the first ones' deliveries filled its connection)
