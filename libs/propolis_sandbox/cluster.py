@@ -594,7 +594,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
 
     ``timeout`` is a hard limit on the whole call (API, NATS connect and every read included), so a slow
     or stuck NATS fails it on time, saying how far each reporter got."""
-    from propolis.runtime.heartbeats import is_live, newest, read_heartbeats
+    from propolis.runtime.heartbeats import READ_UNANSWERED, is_live, newest, read_heartbeats
 
     seen: dict[str, Any] = {"target": "?", "progress": {}, "reasons": {}, "unanswered": ""}
     bus = state.admin_bus("propolis-sandbox-wait")
@@ -608,7 +608,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
             now = time.time()
             try:
                 live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now)]  # a dead instance says nothing
-            except readiness.NATS_UNANSWERED as exc:  # e.g. a stream leader election: read again
+            except READ_UNANSWERED as exc:  # e.g. a stream leader election: read again
                 seen["unanswered"] = str(exc) or type(exc).__name__
                 await asyncio.sleep(0.25)
                 continue

@@ -11,16 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-import nats.errors
-
-from propolis.errors import CliError, TemporaryError
+from propolis.errors import CliError
 from propolis_sandbox.config import SandboxState
-
-#: What one heartbeat read meets while a NATS cluster has no leader for the heartbeat stream (a server died:
-#: its Raft group elects another after several seconds, more on a loaded machine): JetStream requests time
-#: out. A wait reads again until its own deadline instead of ending at the first unanswered request (that
-#: ended `sandbox wait` 5 s after a server was killed, saying "within 60s: no heartbeats read (nats: timeout)").
-NATS_UNANSWERED = (TimeoutError, TemporaryError, nats.errors.Error)
 
 
 def describe(service: str, node: str, hb: object | None) -> str:
@@ -33,7 +25,7 @@ def describe(service: str, node: str, hb: object | None) -> str:
 async def wait_healthy(state: SandboxState, *, timeout: float) -> None:
     """Block until every started service has a live heartbeat saying `ok`; CliError after `timeout`
     (a hard limit, NATS connect included) naming each service that is not healthy and why."""
-    from propolis.runtime.heartbeats import is_live, newest, read_heartbeats
+    from propolis.runtime.heartbeats import READ_UNANSWERED, is_live, newest, read_heartbeats
 
     wanted = sorted({(s["name"], s["node"]) for s in state.services})
     not_ready = {pair: None for pair in wanted}
@@ -45,7 +37,7 @@ async def wait_healthy(state: SandboxState, *, timeout: float) -> None:
             now = time.time()
             try:
                 live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now)]
-            except NATS_UNANSWERED:
+            except READ_UNANSWERED:  # e.g. a stream leader election: read again
                 await asyncio.sleep(0.25)
                 continue
             latest = {pair: newest(live, *pair) for pair in wanted}

@@ -215,7 +215,7 @@ class KubeCluster:
         return {svc["metadata"]["name"]: svc["spec"] for svc in items}
 
     async def wait_enforced(self, *, timeout: float) -> None:
-        from propolis.runtime.heartbeats import is_live, newest, read_heartbeats, revision_at_least
+        from propolis.runtime.heartbeats import READ_UNANSWERED, is_live, newest, read_heartbeats, revision_at_least
         from propolis.suite import SUITE_SERVICES
 
         target = str((await self.request("GET", "/api/v1/namespaces")).get("metadata", {}).get("resourceVersion", ""))
@@ -228,7 +228,12 @@ class KubeCluster:
             await bus.connect(max_wait=timeout)
             while True:
                 now = time.time()
-                live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now) and hb.service in reporting]
+                try:
+                    live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now) and hb.service in reporting]
+                except READ_UNANSWERED as exc:  # e.g. a NATS stream leader election: read again
+                    behind = [f"NATS did not answer a heartbeat read: {exc or type(exc).__name__}"]
+                    await asyncio.sleep(0.25)
+                    continue
                 latest = {(hb.service, hb.node): newest(live, hb.service, hb.node) for hb in live}
                 behind = [f"{s}/{n} at {hb.progress.get('k8s_resource_version') or 'nothing'}"
                           for (s, n), hb in latest.items()

@@ -10,15 +10,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import nats.errors
+
 from propolis.bus import subjects
 from propolis.bus.connection import Bus
 from propolis.bus.messages import Heartbeat
+from propolis.errors import TemporaryError
 from propolis.runtime.settings import CommonSettings
 
 #: Missed beats before an instance is stale: one late beat is noise, three are a dead or hung process.
 STALE_BEATS = 3
 #: The interval of an instance that does not say its own (heartbeat schema 1.0).
 DEFAULT_HEARTBEAT_INTERVAL_S: float = CommonSettings.heartbeat_interval
+#: What one `read_heartbeats` meets while a NATS cluster has no leader for the heartbeat stream (a server died:
+#: its Raft group elects another after several seconds, more on a loaded machine): JetStream requests time out.
+#: A loop waiting for progress reads again until its own deadline instead of ending at the first unanswered read
+#: (that ended `sandbox wait` 5 s after a server was killed, saying "within 60s: no heartbeats read (nats: timeout)").
+READ_UNANSWERED = (TimeoutError, TemporaryError, nats.errors.Error)
 
 
 def stale_after(hb: Heartbeat, override: float | None = None) -> float:
