@@ -32,6 +32,12 @@ from propolis.bus.embedded import EmbeddedNats
 GOMEMLIMIT = "1GiB"
 MAX_PENDING = "32MB"
 MAX_MEMORY_STORE = "256MB"
+#: nats-server 2.15 caps every stream at 1,000 consumers unless told otherwise (`default_max_consumers`), and each
+#: node runs up to five watchers of the k8s bucket (writer, l7 and DNS proxies, hubble, wireguard-keymgr): the
+#: 201st node's services would wait for a consumer forever. The cap stays (it stops runaway consumer leaks), sized
+#: for 5,000 directly connected nodes; the chart's `nats.limits.maxConsumersPerStream` is the same.
+MAX_CONSUMERS_PER_STREAM = 25000
+JETSTREAM_LIMITS = f"{{ default_max_consumers: {MAX_CONSUMERS_PER_STREAM} }}"
 #: Cluster sizes JetStream can keep a quorum with (the chart's nats.replicas allows the same).
 REPLICA_COUNTS = (1, 3, 5)
 
@@ -40,8 +46,10 @@ def limits_config(domain: str | None = None) -> str:
     """The server-limit lines of a nats-server config (GOMEMLIMIT goes in the environment: `server_env`);
     ``domain``: the JetStream domain, in the same block (a relay tier's hub or relay: `bus/relay.py`)."""
     if domain:
-        return f"max_pending: {MAX_PENDING}\n" + relay.jetstream_config(domain, max_memory_store=MAX_MEMORY_STORE)
-    return f"max_pending: {MAX_PENDING}\njetstream {{\n  max_memory_store: {MAX_MEMORY_STORE}\n}}\n"
+        return f"max_pending: {MAX_PENDING}\n" + relay.jetstream_config(domain, max_memory_store=MAX_MEMORY_STORE,
+                                                                         limits=JETSTREAM_LIMITS)
+    return (f"max_pending: {MAX_PENDING}\njetstream {{\n  max_memory_store: {MAX_MEMORY_STORE}\n"
+            f"  limits: {JETSTREAM_LIMITS}\n}}\n")
 
 
 def server_env() -> dict[str, str]:

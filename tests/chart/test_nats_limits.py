@@ -1,6 +1,7 @@
 """The chart's nats-server limits (nats.limits: GOMEMLIMIT, max_pending, JetStream max memory), which keep a
-resync storm (watchers × bucket size of server memory) from growing the server into the OOM killer: rendered
-from the values and in force in the server that runs the rendered configuration."""
+resync storm (watchers × bucket size of server memory) from growing the server into the OOM killer, and the
+consumers a stream may have (nats-server's default of 1,000 stops a cluster at 200 nodes): rendered from the
+values and in force in the server that runs the rendered configuration."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def varz(monitor: int, timeout: float = 10.0) -> dict[str, Any]:
 
 def test_limits_come_from_the_values_and_the_server_enforces_them(tmp_path: Path) -> None:
     conf, secret, docs = nats_objects("nats.replicas=1", "nats.limits.maxPending=16MB",
-                                      "nats.limits.maxMemoryStore=128MB", "nats.limits.goMemLimit=700MiB")
+                                      "nats.limits.maxMemoryStore=128MB", "nats.limits.goMemLimit=700MiB",
+                                      "nats.limits.maxConsumersPerStream=4321")
     env = {e["name"]: e.get("value") for e in nats_container(docs)["env"]}
     assert env["GOMEMLIMIT"] == "700MiB"
     monitor = free_port()
@@ -49,9 +51,11 @@ def test_limits_come_from_the_values_and_the_server_enforces_them(tmp_path: Path
             proc.wait(timeout=10)
     assert info["max_pending"] == 16 * 1024 * 1024
     assert info["jetstream"]["config"]["max_memory"] == 128 * 1024 * 1024
+    assert info["jetstream"]["limits"]["default_max_consumers"] == 4321
 
 
 def test_default_limits_are_set() -> None:
     conf, _, docs = nats_objects()
     assert "max_pending: 32MB" in conf and "max_memory_store: 1GB" in conf
+    assert "limits { default_max_consumers: 25000 }" in conf
     assert any(e["name"] == "GOMEMLIMIT" and e["value"] == "3GiB" for e in nats_container(docs)["env"])
