@@ -23,6 +23,7 @@ import pytest
 from fault_probe import NO, OK, PodDef, Prober, Workload, beat, cnp, netpol, sel, wait_beat
 
 from propolis.runtime.service import FAULT_DIR_ENV
+from propolis.writer.components import RECONCILE_WAIT
 from propolis_sandbox import cluster
 from propolis_sandbox.fixture import running_sandbox
 
@@ -133,8 +134,9 @@ async def test_an_oversized_policy_fails_its_endpoint_and_the_node_keeps_enforci
         assert hb.health == "degraded" and "1 failed endpoint policies" in hb.components["enforcer"]["reason"]
         assert not await w.verify("oversized policy applied: last enforced state kept", server + other)
 
-        async with Prober(w, server) as prober:  # past the old 60 s timeout that killed the recompute loop
-            await asyncio.sleep(75)
+        # past the writer's wait on its reconcilers (once a 60 s timeout that killed the recompute loop)
+        async with Prober(w, server) as prober:
+            await asyncio.sleep(RECONCILE_WAIT + 5)
         assert not prober.failures, "\n".join(prober.failures)
 
         started = time.monotonic()
