@@ -594,7 +594,7 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
 
     ``timeout`` is a hard limit on the whole call (API, NATS connect and every read included), so a slow
     or stuck NATS fails it on time, saying how far each reporter got."""
-    from propolis.runtime.heartbeats import READ_UNANSWERED, is_live, newest, read_heartbeats
+    from propolis.runtime.heartbeats import is_live, newest, read_heartbeats_answered
 
     seen: dict[str, Any] = {"target": "?", "progress": {}, "reasons": {}, "unanswered": ""}
     bus = state.admin_bus("propolis-sandbox-wait")
@@ -605,14 +605,9 @@ async def wait(state: SandboxState, *, timeout: float = 60.0) -> dict[str, str]:
         wanted = expected_reporters(state)
         await bus.connect(max_wait=timeout)
         while True:
+            heartbeats = await read_heartbeats_answered(bus, unanswered=lambda why: seen.update(unanswered=why))
             now = time.time()
-            try:
-                live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now)]  # a dead instance says nothing
-            except READ_UNANSWERED as exc:  # e.g. a stream leader election: read again
-                seen["unanswered"] = str(exc) or type(exc).__name__
-                await asyncio.sleep(0.25)
-                continue
-            seen["unanswered"] = ""
+            live = [hb for hb in heartbeats if is_live(hb, now)]  # a dead instance says nothing
             latest = {(s, n): newest(live, s, n) for s, n in wanted}
             seen["reasons"] = {f"{s}/{n}": "; ".join(c.get("reason", "") for c in hb.components.values()
                                                     if c.get("reason"))

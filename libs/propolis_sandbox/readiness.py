@@ -25,7 +25,7 @@ def describe(service: str, node: str, hb: object | None) -> str:
 async def wait_healthy(state: SandboxState, *, timeout: float) -> None:
     """Block until every started service has a live heartbeat saying `ok`; CliError after `timeout`
     (a hard limit, NATS connect included) naming each service that is not healthy and why."""
-    from propolis.runtime.heartbeats import READ_UNANSWERED, is_live, newest, read_heartbeats
+    from propolis.runtime.heartbeats import is_live, newest, read_heartbeats_answered
 
     wanted = sorted({(s["name"], s["node"]) for s in state.services})
     not_ready = {pair: None for pair in wanted}
@@ -34,12 +34,9 @@ async def wait_healthy(state: SandboxState, *, timeout: float) -> None:
     async def healthy() -> None:
         await bus.connect(max_wait=timeout)
         while True:
+            heartbeats = await read_heartbeats_answered(bus)
             now = time.time()
-            try:
-                live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now)]
-            except READ_UNANSWERED:  # e.g. a stream leader election: read again
-                await asyncio.sleep(0.25)
-                continue
+            live = [hb for hb in heartbeats if is_live(hb, now)]
             latest = {pair: newest(live, *pair) for pair in wanted}
             not_ready.clear()
             not_ready.update({pair: hb for pair, hb in latest.items() if hb is None or hb.health != "ok"})

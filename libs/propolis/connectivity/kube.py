@@ -215,7 +215,7 @@ class KubeCluster:
         return {svc["metadata"]["name"]: svc["spec"] for svc in items}
 
     async def wait_enforced(self, *, timeout: float) -> None:
-        from propolis.runtime.heartbeats import READ_UNANSWERED, is_live, newest, read_heartbeats, revision_at_least
+        from propolis.runtime.heartbeats import is_live, newest, read_heartbeats_answered, revision_at_least
         from propolis.suite import SUITE_SERVICES
 
         target = str((await self.request("GET", "/api/v1/namespaces")).get("metadata", {}).get("resourceVersion", ""))
@@ -223,17 +223,18 @@ class KubeCluster:
         behind: list[str] = ["no heartbeat read yet"]
         bus = Bus(self.bus_url, name="propolis-connectivity-wait", user=self.bus_user, password=self.bus_password)
 
+        def note_unanswered(why: str) -> None:
+            nonlocal behind
+            if why:  # e.g. a NATS stream leader election: read again
+                behind = [f"NATS did not answer a heartbeat read: {why}"]
+
         async def caught_up() -> None:
             nonlocal behind
             await bus.connect(max_wait=timeout)
             while True:
+                heartbeats = await read_heartbeats_answered(bus, unanswered=note_unanswered)
                 now = time.time()
-                try:
-                    live = [hb for hb in await read_heartbeats(bus) if is_live(hb, now) and hb.service in reporting]
-                except READ_UNANSWERED as exc:  # e.g. a NATS stream leader election: read again
-                    behind = [f"NATS did not answer a heartbeat read: {exc or type(exc).__name__}"]
-                    await asyncio.sleep(0.25)
-                    continue
+                live = [hb for hb in heartbeats if is_live(hb, now) and hb.service in reporting]
                 latest = {(hb.service, hb.node): newest(live, hb.service, hb.node) for hb in live}
                 behind = [f"{s}/{n} at {hb.progress.get('k8s_resource_version') or 'nothing'}"
                           for (s, n), hb in latest.items()

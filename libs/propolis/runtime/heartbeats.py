@@ -7,7 +7,8 @@ these same functions, so they never disagree about which instances are up.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import nats.errors
@@ -24,9 +25,8 @@ STALE_BEATS = 3
 DEFAULT_HEARTBEAT_INTERVAL_S: float = CommonSettings.heartbeat_interval
 #: What one `read_heartbeats` meets while a NATS cluster has no leader for the heartbeat stream (a server died:
 #: its Raft group elects another after several seconds, more on a loaded machine): JetStream requests time out.
-#: A loop waiting for progress reads again until its own deadline instead of ending at the first unanswered read
-#: (that ended `sandbox wait` 5 s after a server was killed, saying "within 60s: no heartbeats read (nats: timeout)").
 READ_UNANSWERED = (TimeoutError, TemporaryError, nats.errors.Error)
+READ_AGAIN_AFTER_S = 0.25
 
 
 def stale_after(hb: Heartbeat, override: float | None = None) -> float:
@@ -42,6 +42,25 @@ async def read_heartbeats(bus: Bus, malformed: dict[str, str] | None = None) -> 
     One that does not decode is left out (and named in ``malformed``, key -> why, when given)."""
     kv = await bus.kv(subjects.HEARTBEATS_BUCKET)
     return [e.value for e in (await kv.items(refused=malformed)).values() if isinstance(e.value, Heartbeat)]
+
+
+async def read_heartbeats_answered(bus: Bus, *, unanswered: Callable[[str], None] | None = None) -> list[Heartbeat]:
+    """`read_heartbeats`, read again while NATS does not answer (`READ_UNANSWERED`), for the loops that wait for
+    progress (`sandbox wait/up`, `connectivity test --kubeconfig`): they end at their own deadline (the caller's
+    `asyncio.wait_for`), not at the first unanswered read — that ended `sandbox wait` 5 s after a server was killed,
+    saying "within 60s: no heartbeats read (nats: timeout)". ``unanswered`` hears why a read went unanswered
+    (and "" once one is answered), for the caller's timeout message."""
+    while True:
+        try:
+            heartbeats = await read_heartbeats(bus)
+        except READ_UNANSWERED as exc:
+            if unanswered is not None:
+                unanswered(str(exc) or type(exc).__name__)
+            await asyncio.sleep(READ_AGAIN_AFTER_S)
+            continue
+        if unanswered is not None:
+            unanswered("")
+        return heartbeats
 
 
 def revision_at_least(have: Any, want: str) -> bool:
